@@ -1,0 +1,49 @@
+"""vLLM's view of a BitsMoE checkpoint: the `QuantizationConfig` registered as `bitsmoe`."""
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from bitsmoe_vllm.format import QUANT_METHOD, QuantConfig
+
+
+class BitsMoEConfig(QuantizationConfig):
+    def __init__(self, spec: QuantConfig | None = None):
+        if spec is None:  # vLLM builds the class with no arguments for a checkpoint without quantization_config
+            raise ValueError(
+                "--quantization bitsmoe needs a BitsMoE checkpoint, but config.json has no quantization_config "
+                "with quant_method 'bitsmoe'; create one with bitsmoe-quantize"
+            )
+        super().__init__()
+        self.spec = spec
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "BitsMoEConfig":
+        return cls(QuantConfig.from_dict(config))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, LinearBase):
+            return UnquantizedLinearMethod()  # attention, router and shared experts stay as stored
+        if isinstance(layer, RoutedExperts):
+            raise NotImplementedError(
+                f"{prefix}: serving BitsMoE experts is not implemented yet in this bitsmoe-vllm version "
+                "(the vLLM MoE method is a later milestone)"
+            )
+        return None

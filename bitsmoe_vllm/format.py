@@ -1,0 +1,335 @@
+"""BitsMoE checkpoint format v1: the executable twin of FORMAT.md.
+
+`QuantConfig.from_dict` reads and validates a checkpoint's `quantization_config`;
+`tensor_specs` gives every tensor's name, dtype, shape and tensor-parallel shard dimension;
+`check_tensors` validates a checkpoint's tensors against them. Imports neither vLLM nor offline/.
+"""
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bitsmoe_vllm.packing import SUPPORTED_WIDTHS, WORD_BITS
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "bitsmoe"
+BIT_WIDTHS = (0,) + SUPPORTED_WIDTHS
+PROJECTIONS = ("gate", "up", "down")
+BUDGET_SCOPES = ("all", "factors")
+ACTIVATIONS = ("silu",)
+BASIS_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+CODES_DTYPE, SCALES_DTYPE, BITS_DTYPE = torch.int32, torch.float16, torch.uint8
+SCALE_BITS, BITS_ENTRY_BITS = 16, 8
+BITS_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class ProjectionLayout:
+    """One projection of one MoE layer: basis rank R and, per expert, stored rows and planes."""
+
+    rank: int  # R: rows of the shared basis (gate, up) or its columns (down)
+    rows: tuple[int, ...]  # [E] rank rows with bits > 0
+    planes: tuple[int, ...]  # [E] sum of bits over rank rows
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    module: str  # checkpoint path of the layer's experts, e.g. "model.layers.3.mlp.experts"
+    gate: ProjectionLayout
+    up: ProjectionLayout
+    down: ProjectionLayout
+
+    def projection(self, name: str) -> ProjectionLayout:
+        return getattr(self, name)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    shard_dim: int | None  # dimension split under tensor parallelism; None = replicated
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A checkpoint's `quantization_config` (FORMAT.md, "config.json")."""
+
+    bits: float
+    budget_scope: str
+    achieved_bits: Mapping[str, float]  # {"all": ..., "factors": ...}
+    candidate_bits: tuple[int, ...]
+    group_size: int
+    basis_dtype: str
+    activation: str
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    projection_names: Mapping[str, str]  # "gate"/"up"/"down" -> checkpoint name
+    layers: tuple[LayerLayout, ...]
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
+        r = _Reader(d, "quantization_config")
+        if r.get("quant_method", str) != QUANT_METHOD:
+            raise ValueError(f"quantization_config.quant_method: expected '{QUANT_METHOD}', found {d['quant_method']!r}")
+        version = r.get("format_version", int)
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"quantization_config.format_version: unknown version {version}; this bitsmoe-vllm reads version "
+                f"{FORMAT_VERSION}. Upgrade bitsmoe-vllm or re-export the checkpoint."
+            )
+        names = r.get("projection_names", dict)
+        achieved = r.get("achieved_bits", dict)
+        cfg = cls(
+            bits=float(r.get("bits", (int, float))),
+            budget_scope=r.choice("budget_scope", BUDGET_SCOPES),
+            achieved_bits={k: float(_Reader(achieved, r.path("achieved_bits")).get(k, (int, float))) for k in BUDGET_SCOPES},
+            candidate_bits=tuple(r.int_list("candidate_bits", allowed=BIT_WIDTHS)),
+            group_size=r.positive_int("group_size"),
+            basis_dtype=r.choice("basis_dtype", tuple(BASIS_DTYPES)),
+            activation=r.choice("activation", ACTIVATIONS),
+            hidden_size=r.positive_int("hidden_size"),
+            intermediate_size=r.positive_int("intermediate_size"),
+            num_experts=r.positive_int("num_experts"),
+            projection_names={p: _Reader(names, r.path("projection_names")).get(p, str) for p in PROJECTIONS},
+            layers=tuple(_read_layer(module, layer, r.path(f"layers[{module!r}]")) for module, layer in r.get("layers", dict).items()),
+        )
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "bits": self.bits,
+            "budget_scope": self.budget_scope,
+            "achieved_bits": dict(self.achieved_bits),
+            "candidate_bits": list(self.candidate_bits),
+            "group_size": self.group_size,
+            "basis_dtype": self.basis_dtype,
+            "activation": self.activation,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_experts": self.num_experts,
+            "projection_names": dict(self.projection_names),
+            "layers": {
+                layer.module: {
+                    p: {"rank": pl.rank, "rows": list(pl.rows), "planes": list(pl.planes)}
+                    for p in PROJECTIONS
+                    for pl in [layer.projection(p)]
+                }
+                for layer in self.layers
+            },
+        }
+
+    def validate(self) -> None:
+        """Check the invariants between fields (FORMAT.md, "Invariants"); raise ValueError naming the key."""
+        H, I, G, E = self.hidden_size, self.intermediate_size, self.group_size, self.num_experts
+        if G % WORD_BITS or I % G:
+            raise ValueError(
+                f"quantization_config.group_size: {G} must be a multiple of {WORD_BITS} that divides "
+                f"intermediate_size {I}"
+            )
+        if not self.layers:
+            raise ValueError("quantization_config.layers: no MoE layer listed")
+        positive = [b for b in self.candidate_bits if b > 0]
+        if not positive or len(set(self.candidate_bits)) != len(self.candidate_bits):
+            raise ValueError(
+                f"quantization_config.candidate_bits: expected distinct widths with at least one above 0, "
+                f"found {list(self.candidate_bits)}"
+            )
+        for layer in self.layers:
+            for p in PROJECTIONS:
+                pl, key = layer.projection(p), f"quantization_config.layers[{layer.module!r}].{p}"
+                if not 1 <= pl.rank <= H:
+                    raise ValueError(f"{key}.rank: expected 1..hidden_size ({H}), found {pl.rank}")
+                for field in ("rows", "planes"):
+                    if len(getattr(pl, field)) != E:
+                        raise ValueError(f"{key}.{field}: expected {E} entries (num_experts), found {len(getattr(pl, field))}")
+                for e, (n, planes) in enumerate(zip(pl.rows, pl.planes)):
+                    low, high = n * min(positive, default=0), n * max(positive, default=0)
+                    if not (0 <= n <= pl.rank and low <= planes <= high):
+                        raise ValueError(
+                            f"{key}: expert {e} has rows={n}, planes={planes}; expected 0 <= rows <= rank ({pl.rank}) "
+                            f"and {low} <= planes <= {high} for candidate_bits {list(self.candidate_bits)}"
+                        )
+        measured = stored_bits(self)
+        for scope in BUDGET_SCOPES:
+            if abs(measured[scope] - self.achieved_bits[scope]) > BITS_TOLERANCE:
+                raise ValueError(
+                    f"quantization_config.achieved_bits.{scope}: the layout stores {measured[scope]:.6f} bits per "
+                    f"weight, found {self.achieved_bits[scope]}"
+                )
+        if self.achieved_bits[self.budget_scope] > self.bits + BITS_TOLERANCE:
+            raise ValueError(
+                f"quantization_config.achieved_bits.{self.budget_scope}: {self.achieved_bits[self.budget_scope]:.6f} "
+                f"exceeds the budget bits={self.bits}"
+            )
+
+    def layer(self, module: str) -> LayerLayout:
+        for layer in self.layers:
+            if layer.module == module:
+                return layer
+        raise KeyError(f"no BitsMoE layer '{module}' in quantization_config.layers")
+
+
+def basis_name(module: str, projection: str) -> str:
+    return f"{module}.{projection}_basis"
+
+
+def basis_scale_name(module: str, projection: str) -> str:
+    return f"{module}.{projection}_basis_scale"
+
+
+def expert_tensor_name(module: str, expert: int, checkpoint_projection: str, kind: str) -> str:
+    """checkpoint_projection is the checkpoint's name (projection_names[p]); kind is "codes", "scales" or "bits"."""
+    return f"{module}.{expert}.{checkpoint_projection}.{kind}"
+
+
+def layer_tensor_specs(cfg: QuantConfig, layer: LayerLayout) -> dict[str, TensorSpec]:
+    """Name -> spec of every tensor of one MoE layer, in checkpoint order."""
+    H, I, G = cfg.hidden_size, cfg.intermediate_size, cfg.group_size
+    specs = {}
+    for p in PROJECTIONS:
+        R = layer.projection(p).rank
+        shape = (H, R) if p == "down" else (R, H)
+        specs[basis_name(layer.module, p)] = TensorSpec(shape, BASIS_DTYPES[cfg.basis_dtype], None)
+        if cfg.basis_dtype == "int8":
+            specs[basis_scale_name(layer.module, p)] = TensorSpec((shape[0],), SCALES_DTYPE, None)
+    for e in range(cfg.num_experts):
+        for p in PROJECTIONS:
+            pl, name = layer.projection(p), cfg.projection_names[p]
+            specs[expert_tensor_name(layer.module, e, name, "codes")] = TensorSpec((pl.planes[e], I // WORD_BITS), CODES_DTYPE, 1)
+            specs[expert_tensor_name(layer.module, e, name, "scales")] = TensorSpec((pl.rows[e], I // G), SCALES_DTYPE, 1)
+            specs[expert_tensor_name(layer.module, e, name, "bits")] = TensorSpec((pl.rank,), BITS_DTYPE, None)
+    return specs
+
+
+def tensor_specs(cfg: QuantConfig) -> dict[str, TensorSpec]:
+    return {name: spec for layer in cfg.layers for name, spec in layer_tensor_specs(cfg, layer).items()}
+
+
+def stored_bits(cfg: QuantConfig) -> dict[str, float]:
+    """Stored bits per original routed-expert weight (FORMAT.md, "Budget accounting").
+
+    "factors": factor codes + scales. "all": that + per-rank bit-widths + shared bases (+ their scales).
+    """
+    H, I, G = cfg.hidden_size, cfg.intermediate_size, cfg.group_size
+    basis_bits = 8 if cfg.basis_dtype == "int8" else 16
+    factors = everything = 0
+    for layer in cfg.layers:
+        for p in PROJECTIONS:
+            pl = layer.projection(p)
+            factor_bits = sum(pl.planes) * I + sum(pl.rows) * (I // G) * SCALE_BITS
+            factors += factor_bits
+            everything += factor_bits + cfg.num_experts * pl.rank * BITS_ENTRY_BITS + pl.rank * H * basis_bits
+            if cfg.basis_dtype == "int8":
+                everything += (H if p == "down" else pl.rank) * SCALE_BITS
+    weights = len(cfg.layers) * 3 * cfg.num_experts * I * H
+    return {"all": everything / weights, "factors": factors / weights}
+
+
+def check_tensors(cfg: QuantConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Validate a checkpoint's tensors (name -> tensor) against `cfg`; raise ValueError naming the tensor."""
+    for layer in cfg.layers:
+        check_layer_tensors(cfg, layer, tensors)
+
+
+def check_layer_tensors(cfg: QuantConfig, layer: LayerLayout, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Validate one MoE layer's tensors: presence, dtype, shape, finite values, bit-widths."""
+    specs = layer_tensor_specs(cfg, layer)
+    for name, spec in specs.items():
+        if name not in tensors:
+            raise ValueError(f"missing tensor '{name}' (expected {spec.dtype} {list(spec.shape)})")
+        t = tensors[name]
+        if t.dtype != spec.dtype:
+            raise ValueError(f"tensor '{name}': expected dtype {spec.dtype}, found {t.dtype}")
+        if tuple(t.shape) != spec.shape:
+            raise ValueError(f"tensor '{name}': expected shape {list(spec.shape)}, found {list(t.shape)}")
+        if t.dtype.is_floating_point and not torch.isfinite(t).all():
+            raise ValueError(f"tensor '{name}': holds NaN or Inf")
+    for name in tensors:
+        if name.startswith(layer.module + ".") and name not in specs:
+            raise ValueError(
+                f"unexpected tensor '{name}' among the routed experts of '{layer.module}'; a BitsMoE checkpoint "
+                "stores them only as bases, codes, scales and bits (FORMAT.md)"
+            )
+    for p in PROJECTIONS:
+        pl, name = layer.projection(p), cfg.projection_names[p]
+        for e in range(cfg.num_experts):
+            _check_bits(cfg, expert_tensor_name(layer.module, e, name, "bits"), tensors, pl.rows[e], pl.planes[e])
+
+
+def _check_bits(cfg: QuantConfig, name: str, tensors: Mapping[str, torch.Tensor], rows: int, planes: int) -> None:
+    bits = tensors[name].to(torch.int64)
+    unknown = sorted(set(bits.unique().tolist()) - set(cfg.candidate_bits))
+    if unknown:
+        raise ValueError(f"tensor '{name}': bit-width {unknown[0]} is not in candidate_bits {list(cfg.candidate_bits)}")
+    found_rows, found_planes = int((bits > 0).sum()), int(bits.sum())
+    if (found_rows, found_planes) != (rows, planes):
+        raise ValueError(
+            f"tensor '{name}': holds {found_rows} stored rows and {found_planes} planes, but quantization_config "
+            f"says rows={rows}, planes={planes}"
+        )
+
+
+def _read_layer(module: str, d: Any, where: str) -> LayerLayout:
+    r = _Reader(d, where)
+    projections = {}
+    for p in PROJECTIONS:
+        pr = _Reader(r.get(p, dict), r.path(p))
+        projections[p] = ProjectionLayout(
+            rank=pr.positive_int("rank"), rows=tuple(pr.int_list("rows")), planes=tuple(pr.int_list("planes"))
+        )
+    return LayerLayout(module=module, **projections)
+
+
+class _Reader:
+    """Typed access to one JSON object; every error names the full key path."""
+
+    def __init__(self, d: Any, where: str):
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where}: expected an object, found {type(d).__name__}")
+        self.d, self.where = d, where
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}"
+
+    def get(self, key: str, types: type | tuple[type, ...]) -> Any:
+        if key not in self.d:
+            raise ValueError(f"{self.path(key)}: missing key")
+        value = self.d[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ValueError(f"{self.path(key)}: expected {_type_names(types)}, found {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{self.path(key)}: expected a finite number, found {value!r}")
+        return value
+
+    def positive_int(self, key: str) -> int:
+        value = self.get(key, int)
+        if value <= 0:
+            raise ValueError(f"{self.path(key)}: expected a positive integer, found {value}")
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
+        value = self.get(key, str)
+        if value not in allowed:
+            raise ValueError(f"{self.path(key)}: expected one of {list(allowed)}, found {value!r}")
+        return value
+
+    def int_list(self, key: str, allowed: tuple[int, ...] | None = None) -> list[int]:
+        values = self.get(key, list)
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (allowed is not None and v not in allowed):
+                expected = f"values in {list(allowed)}" if allowed is not None else "non-negative integers"
+                raise ValueError(f"{self.path(key)}: expected {expected}, found {v!r}")
+        return values
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list"}
+    return " or ".join(names.get(t, t.__name__) for t in (types if isinstance(types, tuple) else (types,)))

@@ -1,0 +1,132 @@
+"""The numeric spec of BitsMoE: dequantization and the MoE forward, written from the math.
+
+    z_g = B_g x,  z_u = B_u x                                  (shared bases, once per token)
+    a_e = act(F_g,e^T z_g) * (F_u,e^T z_u)                     (per selected expert, length I)
+    y   = B_d sum_e w_e F_d,e a_e                              (rank-space sum, then the shared basis)
+
+Factors F are rank-major [R, I] (FORMAT.md). Everything is computed in float32 and the result is
+cast to the activation dtype. Slow but plain; it is also the fallback where no compiled kernel exists.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from bitsmoe_vllm import packing
+from bitsmoe_vllm.format import (
+    BITS_DTYPE,
+    PROJECTIONS,
+    QuantConfig,
+    basis_name,
+    basis_scale_name,
+    check_layer_tensors,
+    expert_tensor_name,
+)
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One projection of one MoE layer, all (local) experts concatenated in expert order."""
+
+    codes: torch.Tensor  # [sum_e planes_e, I/32] int32
+    scales: torch.Tensor  # [sum_e rows_e, I/G] float16
+    bits: torch.Tensor  # [E, R] uint8
+
+
+@dataclass(frozen=True)
+class Basis:
+    weight: torch.Tensor  # gate/up [R, H], down [H, R]; float16/bfloat16, or int8 with `scale`
+    scale: torch.Tensor | None = None  # [rows of weight] float16, int8 only
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    gate_basis: Basis
+    up_basis: Basis
+    down_basis: Basis
+    gate: Factors
+    up: Factors
+    down: Factors
+    group_size: int
+
+
+def gather_layer(cfg: QuantConfig, module: str, tensors: Mapping[str, torch.Tensor]) -> MoELayer:
+    """Build a MoELayer from a checkpoint's per-expert tensors (validated first)."""
+    layer = cfg.layer(module)
+    check_layer_tensors(cfg, layer, tensors)
+
+    def cat(p: str, kind: str) -> torch.Tensor:
+        parts = [tensors[expert_tensor_name(layer.module, e, cfg.projection_names[p], kind)] for e in range(cfg.num_experts)]
+        return torch.stack(parts) if kind == "bits" else torch.cat(parts)
+
+    def basis(p: str) -> Basis:
+        scale = tensors[basis_scale_name(module, p)] if cfg.basis_dtype == "int8" else None
+        return Basis(tensors[basis_name(module, p)], scale)
+
+    factors = {p: Factors(cat(p, "codes"), cat(p, "scales"), cat(p, "bits")) for p in PROJECTIONS}
+    return MoELayer(basis("gate"), basis("up"), basis("down"), **factors, group_size=cfg.group_size)
+
+
+def dequantize_basis(basis: Basis) -> torch.Tensor:
+    """The basis in float32; int8 rows are multiplied by their scale."""
+    w = basis.weight.float()
+    return w if basis.scale is None else w * basis.scale.float()[:, None]
+
+
+def expert_offsets(bits: torch.Tensor) -> tuple[list[int], list[int]]:
+    """First plane and first stored row of each expert in Factors.codes / .scales; bits [E, R]."""
+    planes = bits.to(torch.int64).sum(1)
+    rows = (bits > 0).sum(1)
+    zero = torch.zeros(1, dtype=torch.int64, device=bits.device)
+    return torch.cat([zero, planes.cumsum(0)]).tolist(), torch.cat([zero, rows.cumsum(0)]).tolist()
+
+
+def dequantize_factor(codes: torch.Tensor, scales: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    """One expert's factor: codes [planes, I/32] int32, scales [rows, I/G] fp16, bits [R] uint8 -> [R, I] float32.
+
+    Row k with b = bits[k] > 0 owns the next b planes of `codes` and the next row of `scales`;
+    rows with 0 bits are zero.
+    """
+    if bits.dtype != BITS_DTYPE:
+        raise ValueError(f"dequantize_factor: bits must be uint8, found {bits.dtype}")
+    R, I = bits.shape[0], codes.shape[1] * packing.WORD_BITS
+    out = torch.zeros(R, I, dtype=torch.float32, device=codes.device)
+    b = bits.to(torch.int64)
+    stored = b.nonzero().flatten()  # rank indices with bits > 0, ascending
+    widths = b[stored]
+    first_plane = widths.cumsum(0) - widths
+    for width in widths.unique().tolist():
+        sel = (widths == width).nonzero().flatten()  # positions among stored rows
+        planes = codes[first_plane[sel, None] + torch.arange(width, device=codes.device)]  # [n, b, I/32]
+        q = packing.unpack(planes, width, I).float()  # [n, I]
+        out[stored[sel]] = q * scales[sel].float().repeat_interleave(group_size, dim=1)
+    return out
+
+
+def expert_factor(factors: Factors, expert: int, group_size: int) -> torch.Tensor:
+    """Dequantized [R, I] float32 factor of one expert of a concatenated projection."""
+    plane_at, row_at = expert_offsets(factors.bits)
+    codes = factors.codes[plane_at[expert] : plane_at[expert + 1]]
+    scales = factors.scales[row_at[expert] : row_at[expert + 1]]
+    return dequantize_factor(codes, scales, factors.bits[expert], group_size)
+
+
+def moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: MoELayer) -> torch.Tensor:
+    """BitsMoE routed-expert output. x [T, H]; topk_weights [T, K]; topk_ids [T, K] -> [T, H] in x.dtype.
+
+    Expert ids index the layer's experts; negative ids (experts held elsewhere) contribute nothing.
+    Activation: SiLU (the only one format v1 allows).
+    """
+    xf = x.float()
+    z_gate = xf @ dequantize_basis(layer.gate_basis).T  # [T, R_gate]
+    z_up = xf @ dequantize_basis(layer.up_basis).T  # [T, R_up]
+    t = torch.zeros(x.shape[0], layer.down.bits.shape[1], dtype=torch.float32, device=x.device)  # [T, R_down]
+    for e in topk_ids[topk_ids >= 0].unique().tolist():
+        token, slot = (topk_ids == e).nonzero(as_tuple=True)  # [n], [n]
+        gate = z_gate[token] @ expert_factor(layer.gate, e, layer.group_size)  # [n, I]
+        up = z_up[token] @ expert_factor(layer.up, e, layer.group_size)  # [n, I]
+        a = torch.nn.functional.silu(gate) * up  # [n, I]
+        out = a @ expert_factor(layer.down, e, layer.group_size).T  # [n, R_down]
+        t.index_add_(0, token, topk_weights[token, slot].float()[:, None] * out)
+    return (t @ dequantize_basis(layer.down_basis).T).to(x.dtype)  # [T, H]

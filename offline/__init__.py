@@ -1,0 +1,1 @@
+"""The BitsMoE offline quantizer: Hugging Face MoE checkpoint in, FORMAT.md checkpoint out. Never imports vLLM."""

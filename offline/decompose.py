@@ -1,0 +1,36 @@
+"""Shared-basis spectral decomposition of one projection of one MoE layer (DESIGN.md section 2).
+
+Every projection is handled in the orientation W_e [I, H] (gate and up as stored; down transposed):
+the basis V [R, H] is the top-R eigenvectors of sum_e W_e^T W_e (the right singular vectors of
+the stacked [E*I, H] matrix), and expert e's rank-major factor is F_e = V W_e^T [R, I], so that
+W_e = F_e^T V exactly when R = H.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+
+class Decomposition(NamedTuple):
+    basis: torch.Tensor  # [R, H] float32, orthonormal rows (stored as-is for gate/up, transposed for down)
+    factors: torch.Tensor  # [E, R, I] float32, rank-major
+    energy: torch.Tensor  # [R] float64: eigenvalues, i.e. the energy of all experts along each basis row
+
+
+def shared_basis(weights: torch.Tensor, rank: int) -> Decomposition:
+    """Decompose expert weights [E, I, H] (gate/up as stored, down as D_e^T) with shared rank R <= H."""
+    H = weights.shape[-1]
+    if not 1 <= rank <= H:
+        raise ValueError(f"shared_basis: rank must be in 1..{H} (hidden size), got {rank}")
+    gram = torch.zeros(H, H, dtype=torch.float64, device=weights.device)
+    for w in weights:  # one expert at a time: float64 copies of a whole layer would not fit for large models
+        w = w.to(torch.float64)
+        gram += w.T @ w
+    energy, vectors = torch.linalg.eigh(gram)  # ascending
+    energy, vectors = energy.flip(0)[:rank], vectors.flip(1)[:, :rank]  # [R], [H, R]
+    # eigh fixes a vector only up to sign: make each one's largest entry positive so results are reproducible.
+    peak = vectors.abs().argmax(0)
+    vectors = vectors * vectors[peak, torch.arange(rank, device=vectors.device)].sign()
+    basis = vectors.T.float().contiguous()  # [R, H]
+    factors = torch.stack([basis @ w.float().T for w in weights])  # [E, R, I]
+    return Decomposition(basis, factors, energy.clamp_min(0))

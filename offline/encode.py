@@ -1,0 +1,86 @@
+"""Encode one decomposed MoE layer, with a bit-width per rank row, into FORMAT.md tensors."""
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from bitsmoe_vllm import packing
+from bitsmoe_vllm.format import (
+    BITS_DTYPE,
+    PROJECTIONS,
+    LayerLayout,
+    ProjectionLayout,
+    QuantConfig,
+    basis_name,
+    basis_scale_name,
+    expert_tensor_name,
+    stored_bits,
+)
+from offline.decompose import Decomposition
+from offline.rounding import quantize_basis, quantize_rows
+
+
+def encode_factor(factor: torch.Tensor, bits: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """factor [R, I] float, bits [R] -> codes [sum(bits), I/32] int32, scales [count(bits > 0), I/G] float16.
+
+    Rows keep rank order; row k owns bits[k] consecutive planes (the inverse of reference.dequantize_factor).
+    """
+    R, I = factor.shape
+    if I % packing.WORD_BITS:
+        raise ValueError(f"encode_factor: row length {I} is not a multiple of {packing.WORD_BITS}")
+    b = bits.to(torch.int64)
+    stored = b.nonzero().flatten()
+    widths = b[stored]
+    first_plane = widths.cumsum(0) - widths
+    codes = torch.zeros(int(widths.sum()), I // packing.WORD_BITS, dtype=torch.int32, device=factor.device)
+    scales = torch.zeros(len(stored), I // group_size, dtype=torch.float16, device=factor.device)
+    for width in widths.unique().tolist():
+        sel = (widths == width).nonzero().flatten()
+        q, scales[sel] = quantize_rows(factor[stored[sel]], width, group_size)
+        planes = first_plane[sel, None] + torch.arange(width, device=factor.device)  # [n, b]
+        codes[planes.flatten()] = packing.pack(q, width).flatten(0, 1)
+    return codes, scales
+
+
+def encode_layer(
+    module: str,
+    decompositions: Mapping[str, Decomposition],
+    bits: Mapping[str, torch.Tensor],
+    *,
+    group_size: int,
+    basis_dtype: str,
+    projection_names: Mapping[str, str],
+) -> tuple[LayerLayout, dict[str, torch.Tensor]]:
+    """decompositions[p] of projection p; bits[p] [E, R] per-row widths -> (layout, name -> tensor)."""
+    tensors: dict[str, torch.Tensor] = {}
+    layouts = {}
+    for p in PROJECTIONS:
+        dec, widths = decompositions[p], bits[p].to(torch.int64)
+        basis = dec.basis.T if p == "down" else dec.basis  # down stores U_d = V^T [H, R]
+        tensors[basis_name(module, p)], scale = quantize_basis(basis, basis_dtype)
+        if scale is not None:
+            tensors[basis_scale_name(module, p)] = scale
+        for e, factor in enumerate(dec.factors):
+            codes, scales = encode_factor(factor, widths[e], group_size)
+            name = projection_names[p]
+            tensors[expert_tensor_name(module, e, name, "codes")] = codes
+            tensors[expert_tensor_name(module, e, name, "scales")] = scales
+            tensors[expert_tensor_name(module, e, name, "bits")] = widths[e].to(BITS_DTYPE)
+        layouts[p] = ProjectionLayout(
+            rank=dec.basis.shape[0],
+            rows=tuple((widths > 0).sum(1).tolist()),
+            planes=tuple(widths.sum(1).tolist()),
+        )
+    return LayerLayout(module=module, **layouts), tensors
+
+
+def build_quant_config(layers: Sequence[LayerLayout], **fields) -> QuantConfig:
+    """A validated QuantConfig for `layers`, with achieved_bits computed from them (FORMAT.md section 6).
+
+    `fields` are QuantConfig's other fields except achieved_bits.
+    """
+    draft = QuantConfig(layers=tuple(layers), achieved_bits={"all": 0.0, "factors": 0.0}, **fields)
+    cfg = dataclasses.replace(draft, achieved_bits=stored_bits(draft))
+    cfg.validate()
+    return cfg

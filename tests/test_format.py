@@ -1,0 +1,190 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from bitsmoe_vllm.format import QuantConfig, check_tensors, stored_bits, tensor_specs
+from tests.random_layers import MODULE, random_checkpoint
+
+H, I, E, G = 64, 64, 4, 32
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return random_checkpoint(H, I, E, (64, 40, 64), G)
+
+
+@pytest.fixture
+def config_dict(checkpoint):
+    return copy.deepcopy(checkpoint[0].to_dict())
+
+
+def refuse(d, *fragments):
+    with pytest.raises(ValueError) as err:
+        QuantConfig.from_dict(d)
+    for fragment in fragments:
+        assert fragment in str(err.value), f"{fragment!r} not in: {err.value}"
+
+
+def test_dict_round_trip_through_json(checkpoint, config_dict):
+    assert QuantConfig.from_dict(json.loads(json.dumps(config_dict))) == checkpoint[0]
+
+
+def test_unknown_format_version_is_refused(config_dict):
+    config_dict["format_version"] = 2
+    refuse(config_dict, "format_version", "unknown version 2", "reads version 1")
+
+
+def test_other_quant_method_is_refused(config_dict):
+    config_dict["quant_method"] = "gptq"
+    refuse(config_dict, "quant_method", "'bitsmoe'", "'gptq'")
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["format_version", "bits", "budget_scope", "achieved_bits", "candidate_bits", "group_size", "basis_dtype",
+     "activation", "hidden_size", "intermediate_size", "num_experts", "projection_names", "layers"],
+)
+def test_missing_key_is_named(config_dict, key):
+    del config_dict[key]
+    refuse(config_dict, f"quantization_config.{key}: missing key")
+
+
+def test_missing_nested_key_is_named(config_dict):
+    del config_dict["layers"][MODULE]["up"]["planes"]
+    refuse(config_dict, f"quantization_config.layers['{MODULE}'].up.planes: missing key")
+
+
+def test_wrong_type_is_named(config_dict):
+    config_dict["group_size"] = "32"
+    refuse(config_dict, "quantization_config.group_size", "expected an integer", "'32'")
+
+
+def test_bits_outside_the_set_are_refused(config_dict):
+    config_dict["candidate_bits"] = [0, 2, 5]
+    refuse(config_dict, "quantization_config.candidate_bits", "found 5")
+
+
+@pytest.mark.parametrize("group_size", [48, 128])
+def test_group_size_must_be_a_multiple_of_32_dividing_I(config_dict, group_size):
+    config_dict["group_size"] = group_size
+    refuse(config_dict, "quantization_config.group_size", str(group_size), f"intermediate_size {I}")
+
+
+def test_layout_length_must_match_num_experts(config_dict):
+    config_dict["layers"][MODULE]["gate"]["rows"].append(1)
+    refuse(config_dict, f"layers['{MODULE}'].gate.rows", f"expected {E} entries", f"found {E + 1}")
+
+
+def test_rank_above_hidden_size_is_refused(config_dict):
+    config_dict["layers"][MODULE]["down"]["rank"] = H + 1
+    refuse(config_dict, f"layers['{MODULE}'].down.rank", f"found {H + 1}")
+
+
+def test_planes_inconsistent_with_rows_are_refused(config_dict):
+    config_dict["layers"][MODULE]["up"]["planes"][2] = 9 * config_dict["layers"][MODULE]["up"]["rows"][2]
+    refuse(config_dict, f"layers['{MODULE}'].up", "expert 2")
+
+
+def test_achieved_bits_must_match_the_layout(config_dict):
+    config_dict["achieved_bits"]["all"] -= 0.5
+    refuse(config_dict, "achieved_bits.all", "the layout stores")
+
+
+def test_achieved_bits_must_fit_the_budget(config_dict):
+    config_dict["bits"] = 2.0
+    refuse(config_dict, "achieved_bits.all", "exceeds the budget bits=2.0")
+
+
+def test_stored_bits_by_hand():
+    cfg, _ = random_checkpoint(64, 64, 2, (64, 64, 64), 32, widths=(2,))  # every row 2 bits
+    weights = 3 * 2 * 64 * 64
+    factors = 3 * 2 * (64 * 2 * 64 + 64 * 2 * 16)  # codes + one fp16 scale per 32 columns
+    everything = factors + 3 * (2 * 64 * 8 + 64 * 64 * 16)  # + bits tensors + fp16 bases
+    assert stored_bits(cfg) == pytest.approx({"all": everything / weights, "factors": factors / weights})
+    assert stored_bits(cfg)["factors"] == pytest.approx(2.5)
+
+
+def test_tensor_specs_count_and_shard_dims(checkpoint):
+    cfg, tensors = checkpoint
+    specs = tensor_specs(cfg)
+    assert set(specs) == set(tensors) and len(specs) == 3 + 3 * 3 * E
+    assert specs[f"{MODULE}.0.gate_proj.codes"].shard_dim == 1
+    assert specs[f"{MODULE}.0.gate_proj.scales"].shard_dim == 1
+    assert specs[f"{MODULE}.0.gate_proj.bits"].shard_dim is None
+    assert specs[f"{MODULE}.down_basis"].shape == (H, 64) and specs[f"{MODULE}.down_basis"].shard_dim is None
+
+
+def test_valid_tensors_pass(checkpoint):
+    check_tensors(*checkpoint)
+
+
+def refuse_tensors(checkpoint, edit, *fragments):
+    cfg, tensors = checkpoint
+    tensors = dict(tensors)
+    edit(tensors)
+    with pytest.raises(ValueError) as err:
+        check_tensors(cfg, tensors)
+    for fragment in fragments:
+        assert fragment in str(err.value), f"{fragment!r} not in: {err.value}"
+
+
+def test_missing_tensor_is_named(checkpoint):
+    name = f"{MODULE}.3.down_proj.scales"
+    refuse_tensors(checkpoint, lambda t: t.pop(name), f"missing tensor '{name}'", "torch.float16")
+
+
+def test_wrong_shape_is_named(checkpoint):
+    name = f"{MODULE}.1.up_proj.codes"
+
+    def edit(t):
+        t[name] = t[name][:-1]
+
+    expected = list(checkpoint[1][name].shape)
+    found = [expected[0] - 1, expected[1]]
+    refuse_tensors(checkpoint, edit, f"tensor '{name}'", f"expected shape {expected}", f"found {found}")
+
+
+def test_wrong_dtype_is_named(checkpoint):
+    name = f"{MODULE}.gate_basis"
+
+    def edit(t):
+        t[name] = t[name].float()
+
+    refuse_tensors(checkpoint, edit, f"tensor '{name}'", "expected dtype torch.float16", "found torch.float32")
+
+
+def test_bits_outside_the_set_in_a_tensor_are_named(checkpoint):
+    name = f"{MODULE}.2.gate_proj.bits"
+
+    def edit(t):
+        t[name] = t[name].clone()
+        t[name][t[name] == 4] = 5
+
+    refuse_tensors(checkpoint, edit, f"tensor '{name}'", "bit-width 5 is not in candidate_bits")
+
+
+def test_bits_inconsistent_with_the_layout_are_named(checkpoint):
+    name = f"{MODULE}.0.down_proj.bits"
+
+    def edit(t):
+        t[name] = t[name].clone()
+        t[name][t[name] == 2] = 3
+
+    refuse_tensors(checkpoint, edit, f"tensor '{name}'", "quantization_config says")
+
+
+def test_nan_in_a_basis_is_named(checkpoint):
+    name = f"{MODULE}.up_basis"
+
+    def edit(t):
+        t[name] = t[name].clone()
+        t[name][0, 0] = float("nan")
+
+    refuse_tensors(checkpoint, edit, f"tensor '{name}': holds NaN or Inf")
+
+
+def test_left_over_dense_expert_weight_is_named(checkpoint):
+    name = f"{MODULE}.0.gate_proj.weight"
+    refuse_tensors(checkpoint, lambda t: t.update({name: torch.zeros(I, H)}), f"unexpected tensor '{name}'")

@@ -1,0 +1,70 @@
+"""Packaging: entry points, console script, CUDA-free build, and the core importing without vLLM."""
+
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.random_layers import random_checkpoint
+
+REPO = Path(__file__).parent.parent
+CORE_MODULES = ["bitsmoe_vllm.format", "bitsmoe_vllm.packing", "bitsmoe_vllm.reference"]
+OFFLINE_MODULES = ["offline.architectures", "offline.cli", "offline.decompose", "offline.encode", "offline.rounding"]
+
+
+def test_vllm_plugin_entry_point_is_installed():
+    plugins = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="vllm.general_plugins")}
+    assert plugins.get("bitsmoe") == "bitsmoe_vllm.plugin:register"
+
+
+@pytest.mark.parametrize("command", [[str(Path(sys.executable).parent / "bitsmoe-quantize")], [sys.executable, "-m", "offline"]])
+def test_quantizer_command_says_not_yet_and_fails(command):
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert "not implemented yet" in result.stderr
+
+
+def test_core_and_offline_import_without_vllm():
+    hide_vllm = "import sys; sys.modules['vllm'] = None"  # any `import vllm` now raises ImportError
+    imports = "; ".join(f"import {m}" for m in CORE_MODULES + OFFLINE_MODULES)
+    check = "assert not [m for m in sys.modules if m.split('.')[0] == 'vllm' and sys.modules[m] is not None]"
+    result = subprocess.run([sys.executable, "-c", f"{hide_vllm}; {imports}; {check}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_wheel_builds_without_cuda(tmp_path):
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the repository
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "tests"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("bitsmoe_vllm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "bitsmoe_vllm/format.py" in names and "offline/cli.py" in names
+    assert not [n for n in names if n.endswith(".so")]  # no CUDA here: nothing compiled, nothing failed
+    assert not [n for n in names if n.startswith("tests/")]
+
+
+def test_plugin_registers_the_bitsmoe_method():
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    from bitsmoe_vllm.config import BitsMoEConfig
+    from bitsmoe_vllm.plugin import register
+
+    register()
+    register()  # idempotent
+    assert get_quantization_config("bitsmoe") is BitsMoEConfig
+    cfg, _ = random_checkpoint(64, 64, 4, (64, 64, 64), 32)
+    parsed = BitsMoEConfig.from_config(cfg.to_dict())
+    assert parsed.get_name() == "bitsmoe" and parsed.spec == cfg
+    with pytest.raises(ValueError, match="format_version: unknown version 9"):
+        BitsMoEConfig.from_config(cfg.to_dict() | {"format_version": 9})
+    with pytest.raises(ValueError, match="needs a BitsMoE checkpoint"):
+        BitsMoEConfig()

@@ -1,0 +1,107 @@
+"""The reference forward against the dense MoE written from the math, on random packed layers."""
+
+import pytest
+import torch
+
+from bitsmoe_vllm.reference import MoELayer, dequantize_basis, dequantize_factor, expert_factor, gather_layer, moe_forward
+from offline.encode import encode_factor
+from offline.rounding import quantize_rows
+from tests.random_layers import MODULE, random_checkpoint
+from tests.shapes import ACT_DTYPES, LAYERS, TOKENS, WIDTHS
+
+
+def dense_moe(x, topk_weights, topk_ids, layer: MoELayer) -> torch.Tensor:
+    """y = sum_k w_k D_e (silu(G_e x) * U_e x) with G_e = F_g^T B_g, U_e = F_u^T B_u, D_e = B_d F_d."""
+    B_g, B_u, B_d = (dequantize_basis(b) for b in (layer.gate_basis, layer.up_basis, layer.down_basis))
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for w, e in zip(topk_weights[t].tolist(), topk_ids[t].tolist()):
+            if e < 0:
+                continue
+            G, U, D = ((expert_factor(f, e, layer.group_size)) for f in (layer.gate, layer.up, layer.down))
+            G_e, U_e, D_e = (G.T @ B_g).double(), (U.T @ B_u).double(), (B_d @ D).double()
+            xt = x[t].double()
+            y[t] += w * (D_e @ (torch.nn.functional.silu(G_e @ xt) * (U_e @ xt)))
+    return y
+
+
+def routing(T: int, E: int, K: int, seed: int, used_experts: int | None = None):
+    """Top-k ids without repeats from the first `used_experts` experts (the rest get no tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    used = used_experts or E
+    ids = torch.stack([torch.randperm(used, generator=g)[:K] for _ in range(T)])  # [T, K]
+    weights = torch.softmax(torch.randn(T, K, generator=g), dim=-1)  # [T, K]
+    return weights, ids
+
+
+@pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}-K{s[3]}-R{'.'.join(map(str, s[4]))}")
+@pytest.mark.parametrize("T", TOKENS)
+def test_forward_matches_dense_math_with_mixed_widths(shape, T):
+    H, I, E, K, ranks, G = shape
+    cfg, tensors = random_checkpoint(H, I, E, ranks, G, seed=T)
+    layer = gather_layer(cfg, MODULE, tensors)
+    assert set(layer.gate.bits.unique().tolist()) == {0, *WIDTHS}  # every width, 0 included, in one layer
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(1))
+    w, ids = routing(T, E, K, seed=T, used_experts=E - 1)  # the last expert gets no tokens
+    expected = dense_moe(x, w, ids, layer)
+    torch.testing.assert_close(moe_forward(x, w, ids, layer).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+def test_activation_dtypes(dtype):
+    H, I, E, K, ranks, G = LAYERS[1]
+    cfg, tensors = random_checkpoint(H, I, E, ranks, G)
+    layer = gather_layer(cfg, MODULE, tensors)
+    x = torch.randn(17, H).to(dtype)
+    w, ids = routing(17, E, K, seed=0)
+    y = moe_forward(x, w.to(dtype), ids, layer)
+    assert y.dtype == dtype and y.shape == (17, H)
+    expected = dense_moe(x.float(), w.to(dtype).float(), ids, layer).to(dtype)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
+
+
+def test_int8_bases():
+    H, I, E, K, ranks, G = LAYERS[0]
+    cfg, tensors = random_checkpoint(H, I, E, ranks, G, basis_dtype="int8")
+    layer = gather_layer(cfg, MODULE, tensors)
+    assert layer.gate_basis.weight.dtype == torch.int8 and layer.gate_basis.scale.shape == (ranks[0],)
+    x = torch.randn(3, H)
+    w, ids = routing(3, E, K, seed=3)
+    torch.testing.assert_close(moe_forward(x, w, ids, layer).double(), dense_moe(x, w, ids, layer), rtol=1e-4, atol=1e-5)
+
+
+def test_negative_ids_and_unrouted_tokens_contribute_nothing():
+    H, I, E, K, ranks, G = LAYERS[0]
+    cfg, tensors = random_checkpoint(H, I, E, ranks, G)
+    layer = gather_layer(cfg, MODULE, tensors)
+    x = torch.randn(5, H)
+    w, ids = routing(5, E, K, seed=5)
+    ids_ep = ids.clone()
+    ids_ep[:, 1] = -1  # second choice held by another expert-parallel rank
+    ids_ep[4, :] = -1  # a token with no local expert
+    y = moe_forward(x, w, ids_ep, layer)
+    assert torch.equal(y[4], torch.zeros(H))
+    torch.testing.assert_close(y, moe_forward(x, w[:, :1], ids[:, :1], layer).masked_fill(ids_ep[:, :1] < 0, 0))
+
+
+@pytest.mark.parametrize("bits_pattern", [[2, 0, 1, 3], [8, 8, 0, 0], [0, 0, 0, 0], [6, 4, 3, 2, 1, 0, 8]])
+def test_dequantize_factor_follows_the_row_layout(bits_pattern):
+    """Each stored row dequantizes to what rounding that row alone gives (FORMAT.md section 3)."""
+    R, I, G = len(bits_pattern), 96, 32
+    factor = torch.randn(R, I, generator=torch.Generator().manual_seed(R))
+    bits = torch.tensor(bits_pattern, dtype=torch.uint8)
+    codes, scales = encode_factor(factor, bits, G)
+    assert codes.shape == (sum(bits_pattern), I // 32) and scales.shape == (sum(b > 0 for b in bits_pattern), I // G)
+    got = dequantize_factor(codes, scales, bits, G)
+    for k, b in enumerate(bits_pattern):
+        if b == 0:
+            assert torch.equal(got[k], torch.zeros(I))
+        else:
+            q, s = quantize_rows(factor[k : k + 1], b, G)
+            assert torch.equal(got[k], (q.float() * s.float().repeat_interleave(G, 1))[0])
+
+
+def test_dequantize_factor_rejects_non_uint8_bits():
+    with pytest.raises(ValueError, match="bits must be uint8"):
+        dequantize_factor(torch.zeros(2, 1, dtype=torch.int32), torch.zeros(1, 1).half(), torch.tensor([2, 0]), 32)

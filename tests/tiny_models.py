@@ -1,0 +1,95 @@
+"""Tiny random MoE checkpoints of every supported architecture, with a locally trained tokenizer.
+
+No hub access exists on our machines, so everything here is built from scratch:
+`build_tiny_model("mixtral", out_dir)` writes a Hugging Face checkpoint (config, safetensors,
+tokenizer with a chat template) that transformers and vLLM load.
+"""
+
+import builtins
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+ARCHITECTURES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v2")
+HIDDEN, EXPERT_INTERMEDIATE, EXPERTS, TOP_K, LAYERS = 64, 64, 8, 2, 2
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def train_tokenizer(vocab_size: int = 384) -> transformers.PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the docstrings of Python's builtins: deterministic and offline."""
+    corpus = [obj.__doc__ for obj in vars(builtins).values() if isinstance(getattr(obj, "__doc__", None), str)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_config(arch: str, vocab_size: int, eos_token_id: int) -> transformers.PretrainedConfig:
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common, intermediate_size=128, moe_intermediate_size=EXPERT_INTERMEDIATE, num_key_value_heads=2,
+            head_dim=16, num_experts=EXPERTS, num_experts_per_tok=TOP_K, norm_topk_prob=True,
+        )
+    if arch == "mixtral":
+        return transformers.MixtralConfig(
+            **common, intermediate_size=EXPERT_INTERMEDIATE, num_key_value_heads=2,
+            num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
+        )
+    if arch == "olmoe":
+        return transformers.OlmoeConfig(
+            **common, intermediate_size=EXPERT_INTERMEDIATE, num_key_value_heads=4,
+            num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+        )
+    if arch == "deepseek_v2":  # layer 0 dense, layer 1 MoE with a shared expert
+        return transformers.DeepseekV2Config(
+            **common, intermediate_size=128, moe_intermediate_size=EXPERT_INTERMEDIATE, num_key_value_heads=4,
+            n_routed_experts=EXPERTS, n_shared_experts=1, num_experts_per_tok=TOP_K, first_k_dense_replace=1,
+            kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+            topk_method="greedy", routed_scaling_factor=1.0,
+        )
+    raise ValueError(f"unknown tiny architecture {arch!r}; known: {ARCHITECTURES}")
+
+
+def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
+    """Write a random tiny `arch` checkpoint (float32) with its tokenizer to out_dir; return out_dir."""
+    tokenizer = train_tokenizer()
+    config = tiny_config(arch, len(tokenizer), tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # the default init is tiny (std 0.02); larger weights make quantization errors visible
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
