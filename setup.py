@@ -1,6 +1,7 @@
 """bitsmoe-vllm. Compiled kernels are built only where their toolchain is present; a plain install never fails for lack of one."""
 
 import glob
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -34,7 +35,7 @@ setup(
     name="bitsmoe-vllm",
     version="0.1.0",
     description="BitsMoE: spectral-energy-guided mixed-precision quantization of MoE LLMs, served by vLLM",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["bitsmoe_vllm", "bitsmoe_vllm.*", "offline", "offline.*"]),

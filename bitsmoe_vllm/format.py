@@ -34,6 +34,9 @@ class ProjectionLayout:
     rows: tuple[int, ...]  # [E] rank rows with bits > 0
     planes: tuple[int, ...]  # [E] sum of bits over rank rows
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "rows": list(self.rows), "planes": list(self.planes)}
+
 
 @dataclass(frozen=True)
 class LayerLayout:
@@ -82,12 +85,11 @@ class QuantConfig:
                 f"quantization_config.format_version: unknown version {version}; this bitsmoe-vllm reads version "
                 f"{FORMAT_VERSION}. Upgrade bitsmoe-vllm or re-export the checkpoint."
             )
-        names = r.get("projection_names", dict)
-        achieved = r.get("achieved_bits", dict)
+        achieved, names, layers = r.child("achieved_bits"), r.child("projection_names"), r.child("layers")
         cfg = cls(
             bits=float(r.get("bits", (int, float))),
             budget_scope=r.choice("budget_scope", BUDGET_SCOPES),
-            achieved_bits={k: float(_Reader(achieved, r.path("achieved_bits")).get(k, (int, float))) for k in BUDGET_SCOPES},
+            achieved_bits={scope: float(achieved.get(scope, (int, float))) for scope in BUDGET_SCOPES},
             candidate_bits=tuple(r.int_list("candidate_bits", allowed=BIT_WIDTHS)),
             group_size=r.positive_int("group_size"),
             basis_dtype=r.choice("basis_dtype", tuple(BASIS_DTYPES)),
@@ -95,8 +97,8 @@ class QuantConfig:
             hidden_size=r.positive_int("hidden_size"),
             intermediate_size=r.positive_int("intermediate_size"),
             num_experts=r.positive_int("num_experts"),
-            projection_names={p: _Reader(names, r.path("projection_names")).get(p, str) for p in PROJECTIONS},
-            layers=tuple(_read_layer(module, layer, r.path(f"layers[{module!r}]")) for module, layer in r.get("layers", dict).items()),
+            projection_names={p: names.get(p, str) for p in PROJECTIONS},
+            layers=tuple(_read_layer(module, layers.child(module)) for module in layers.d),
         )
         cfg.validate()
         return cfg
@@ -117,46 +119,29 @@ class QuantConfig:
             "num_experts": self.num_experts,
             "projection_names": dict(self.projection_names),
             "layers": {
-                layer.module: {
-                    p: {"rank": pl.rank, "rows": list(pl.rows), "planes": list(pl.planes)}
-                    for p in PROJECTIONS
-                    for pl in [layer.projection(p)]
-                }
-                for layer in self.layers
+                layer.module: {p: layer.projection(p).to_dict() for p in PROJECTIONS} for layer in self.layers
             },
         }
 
     def validate(self) -> None:
-        """Check the invariants between fields (FORMAT.md, "Invariants"); raise ValueError naming the key."""
-        H, I, G, E = self.hidden_size, self.intermediate_size, self.group_size, self.num_experts
+        """Check the invariants between fields (FORMAT.md section 8); raise ValueError naming the key."""
+        G, I = self.group_size, self.intermediate_size
         if G % WORD_BITS or I % G:
             raise ValueError(
                 f"quantization_config.group_size: {G} must be a multiple of {WORD_BITS} that divides "
                 f"intermediate_size {I}"
             )
-        if not self.layers:
-            raise ValueError("quantization_config.layers: no MoE layer listed")
-        positive = [b for b in self.candidate_bits if b > 0]
-        if not positive or len(set(self.candidate_bits)) != len(self.candidate_bits):
+        widths = [b for b in self.candidate_bits if b > 0]
+        if not widths or len(set(self.candidate_bits)) != len(self.candidate_bits):
             raise ValueError(
                 f"quantization_config.candidate_bits: expected distinct widths with at least one above 0, "
                 f"found {list(self.candidate_bits)}"
             )
+        if not self.layers:
+            raise ValueError("quantization_config.layers: no MoE layer listed")
         for layer in self.layers:
             for p in PROJECTIONS:
-                pl, key = layer.projection(p), f"quantization_config.layers[{layer.module!r}].{p}"
-                if not 1 <= pl.rank <= H:
-                    raise ValueError(f"{key}.rank: expected 1..hidden_size ({H}), found {pl.rank}")
-                for field in ("rows", "planes"):
-                    if len(getattr(pl, field)) != E:
-                        raise ValueError(f"{key}.{field}: expected {E} entries (num_experts), found {len(getattr(pl, field))}")
-                for e, (n, planes) in enumerate(zip(pl.rows, pl.planes)):
-                    low, high = n * min(positive, default=0), n * max(positive, default=0)
-                    if not (0 <= n <= pl.rank and low <= planes <= high):
-                        raise ValueError(
-                            f"{key}: expert {e} has rows={n}, planes={planes}; expected 0 <= rows <= rank ({pl.rank}) "
-                            f"and {low} <= planes <= {high} for candidate_bits {list(self.candidate_bits)}"
-                        )
+                self._validate_projection(layer.projection(p), f"quantization_config.layers[{layer.module!r}].{p}", widths)
         measured = stored_bits(self)
         for scope in BUDGET_SCOPES:
             if abs(measured[scope] - self.achieved_bits[scope]) > BITS_TOLERANCE:
@@ -169,6 +154,21 @@ class QuantConfig:
                 f"quantization_config.achieved_bits.{self.budget_scope}: {self.achieved_bits[self.budget_scope]:.6f} "
                 f"exceeds the budget bits={self.bits}"
             )
+
+    def _validate_projection(self, pl: ProjectionLayout, key: str, widths: list[int]) -> None:
+        H, E = self.hidden_size, self.num_experts
+        if not 1 <= pl.rank <= H:
+            raise ValueError(f"{key}.rank: expected 1..hidden_size ({H}), found {pl.rank}")
+        for field, values in (("rows", pl.rows), ("planes", pl.planes)):
+            if len(values) != E:
+                raise ValueError(f"{key}.{field}: expected {E} entries (num_experts), found {len(values)}")
+        for e, (rows, planes) in enumerate(zip(pl.rows, pl.planes)):
+            low, high = rows * min(widths), rows * max(widths)
+            if not (rows <= pl.rank and low <= planes <= high):
+                raise ValueError(
+                    f"{key}: expert {e} has rows={rows}, planes={planes}; expected rows <= rank ({pl.rank}) "
+                    f"and {low} <= planes <= {high} for candidate_bits {list(self.candidate_bits)}"
+                )
 
     def layer(self, module: str) -> LayerLayout:
         for layer in self.layers:
@@ -277,11 +277,10 @@ def _check_bits(cfg: QuantConfig, name: str, tensors: Mapping[str, torch.Tensor]
         )
 
 
-def _read_layer(module: str, d: Any, where: str) -> LayerLayout:
-    r = _Reader(d, where)
+def _read_layer(module: str, r: "_Reader") -> LayerLayout:
     projections = {}
     for p in PROJECTIONS:
-        pr = _Reader(r.get(p, dict), r.path(p))
+        pr = r.child(p)
         projections[p] = ProjectionLayout(
             rank=pr.positive_int("rank"), rows=tuple(pr.int_list("rows")), planes=tuple(pr.int_list("planes"))
         )
@@ -297,7 +296,10 @@ class _Reader:
         self.d, self.where = d, where
 
     def path(self, key: str) -> str:
-        return f"{self.where}.{key}"
+        return f"{self.where}.{key}" if key.isidentifier() else f"{self.where}[{key!r}]"
+
+    def child(self, key: str) -> "_Reader":
+        return _Reader(self.get(key, dict), self.path(key))
 
     def get(self, key: str, types: type | tuple[type, ...]) -> Any:
         if key not in self.d:

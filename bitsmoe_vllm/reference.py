@@ -91,10 +91,15 @@ def dequantize_factor(codes: torch.Tensor, scales: torch.Tensor, bits: torch.Ten
     if bits.dtype != BITS_DTYPE:
         raise ValueError(f"dequantize_factor: bits must be uint8, found {bits.dtype}")
     R, I = bits.shape[0], codes.shape[1] * packing.WORD_BITS
-    out = torch.zeros(R, I, dtype=torch.float32, device=codes.device)
     b = bits.to(torch.int64)
     stored = b.nonzero().flatten()  # rank indices with bits > 0, ascending
     widths = b[stored]
+    if codes.shape[0] != int(widths.sum()) or scales.shape[0] != len(stored):
+        raise ValueError(
+            f"dequantize_factor: bits ask for {int(widths.sum())} planes and {len(stored)} scale rows, "
+            f"found codes {list(codes.shape)} and scales {list(scales.shape)}"
+        )
+    out = torch.zeros(R, I, dtype=torch.float32, device=codes.device)
     first_plane = widths.cumsum(0) - widths
     for width in widths.unique().tolist():
         sel = (widths == width).nonzero().flatten()  # positions among stored rows
@@ -104,9 +109,11 @@ def dequantize_factor(codes: torch.Tensor, scales: torch.Tensor, bits: torch.Ten
     return out
 
 
-def expert_factor(factors: Factors, expert: int, group_size: int) -> torch.Tensor:
-    """Dequantized [R, I] float32 factor of one expert of a concatenated projection."""
-    plane_at, row_at = expert_offsets(factors.bits)
+def expert_factor(
+    factors: Factors, expert: int, group_size: int, offsets: tuple[list[int], list[int]] | None = None
+) -> torch.Tensor:
+    """Dequantized [R, I] float32 factor of one expert; `offsets` = expert_offsets(factors.bits), if at hand."""
+    plane_at, row_at = offsets or expert_offsets(factors.bits)
     codes = factors.codes[plane_at[expert] : plane_at[expert + 1]]
     scales = factors.scales[row_at[expert] : row_at[expert + 1]]
     return dequantize_factor(codes, scales, factors.bits[expert], group_size)
@@ -122,11 +129,15 @@ def moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     z_gate = xf @ dequantize_basis(layer.gate_basis).T  # [T, R_gate]
     z_up = xf @ dequantize_basis(layer.up_basis).T  # [T, R_up]
     t = torch.zeros(x.shape[0], layer.down.bits.shape[1], dtype=torch.float32, device=x.device)  # [T, R_down]
+    factors = {p: getattr(layer, p) for p in PROJECTIONS}
+    offsets = {p: expert_offsets(f.bits) for p, f in factors.items()}
+
+    def factor(p: str, e: int) -> torch.Tensor:
+        return expert_factor(factors[p], e, layer.group_size, offsets[p])  # [R_p, I]
+
     for e in topk_ids[topk_ids >= 0].unique().tolist():
         token, slot = (topk_ids == e).nonzero(as_tuple=True)  # [n], [n]
-        gate = z_gate[token] @ expert_factor(layer.gate, e, layer.group_size)  # [n, I]
-        up = z_up[token] @ expert_factor(layer.up, e, layer.group_size)  # [n, I]
-        a = torch.nn.functional.silu(gate) * up  # [n, I]
-        out = a @ expert_factor(layer.down, e, layer.group_size).T  # [n, R_down]
+        a = torch.nn.functional.silu(z_gate[token] @ factor("gate", e)) * (z_up[token] @ factor("up", e))  # [n, I]
+        out = a @ factor("down", e).T  # [n, R_down]
         t.index_add_(0, token, topk_weights[token, slot].float()[:, None] * out)
     return (t @ dequantize_basis(layer.down_basis).T).to(x.dtype)  # [T, H]

@@ -26,7 +26,7 @@ def encode_factor(factor: torch.Tensor, bits: torch.Tensor, group_size: int) -> 
 
     Rows keep rank order; row k owns bits[k] consecutive planes (the inverse of reference.dequantize_factor).
     """
-    R, I = factor.shape
+    I = factor.shape[1]
     if I % packing.WORD_BITS:
         raise ValueError(f"encode_factor: row length {I} is not a multiple of {packing.WORD_BITS}")
     b = bits.to(torch.int64)

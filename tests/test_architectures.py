@@ -1,5 +1,6 @@
 """A real MoE layer of each tiny architecture, decomposed and encoded, against the transformers module."""
 
+import itertools
 import json
 
 import pytest
@@ -75,7 +76,7 @@ def test_error_grows_as_bits_go_down(arch, tiny_model_dir):
         layer = quantize_layer(model_dir, bits=bits)
         mean_error[bits] = sum(relative_error(model_dir, layer, s) for s in seeds) / len(seeds)
     errors = list(mean_error.values())
-    assert all(a < b for a, b in zip(errors, errors[1:])), f"{arch}: mean relative error by bits {mean_error}"
+    assert all(a < b for a, b in itertools.pairwise(errors)), f"{arch}: mean relative error by bits {mean_error}"
 
 
 def test_rank_truncation_costs_accuracy(tiny_model_dir):

@@ -120,10 +120,15 @@ def test_valid_tensors_pass(checkpoint):
     check_tensors(*checkpoint)
 
 
-def refuse_tensors(checkpoint, edit, *fragments):
+def refuse_tensors(checkpoint, name, change, *fragments):
+    """check_tensors must refuse the checkpoint once tensor `name` is change(tensor) (None: removed)."""
     cfg, tensors = checkpoint
     tensors = dict(tensors)
-    edit(tensors)
+    changed = change(tensors.get(name))
+    if changed is None:
+        del tensors[name]
+    else:
+        tensors[name] = changed
     with pytest.raises(ValueError) as err:
         check_tensors(cfg, tensors)
     for fragment in fragments:
@@ -132,59 +137,36 @@ def refuse_tensors(checkpoint, edit, *fragments):
 
 def test_missing_tensor_is_named(checkpoint):
     name = f"{MODULE}.3.down_proj.scales"
-    refuse_tensors(checkpoint, lambda t: t.pop(name), f"missing tensor '{name}'", "torch.float16")
+    refuse_tensors(checkpoint, name, lambda t: None, f"missing tensor '{name}'", "torch.float16")
 
 
 def test_wrong_shape_is_named(checkpoint):
     name = f"{MODULE}.1.up_proj.codes"
-
-    def edit(t):
-        t[name] = t[name][:-1]
-
     expected = list(checkpoint[1][name].shape)
     found = [expected[0] - 1, expected[1]]
-    refuse_tensors(checkpoint, edit, f"tensor '{name}'", f"expected shape {expected}", f"found {found}")
+    refuse_tensors(checkpoint, name, lambda t: t[:-1], f"tensor '{name}'", f"expected shape {expected}", f"found {found}")
 
 
 def test_wrong_dtype_is_named(checkpoint):
     name = f"{MODULE}.gate_basis"
-
-    def edit(t):
-        t[name] = t[name].float()
-
-    refuse_tensors(checkpoint, edit, f"tensor '{name}'", "expected dtype torch.float16", "found torch.float32")
+    refuse_tensors(checkpoint, name, torch.Tensor.float, f"tensor '{name}'", "expected dtype torch.float16", "found torch.float32")
 
 
 def test_bits_outside_the_set_in_a_tensor_are_named(checkpoint):
     name = f"{MODULE}.2.gate_proj.bits"
-
-    def edit(t):
-        t[name] = t[name].clone()
-        t[name][t[name] == 4] = 5
-
-    refuse_tensors(checkpoint, edit, f"tensor '{name}'", "bit-width 5 is not in candidate_bits")
+    refuse_tensors(checkpoint, name, lambda t: t.masked_fill(t == 4, 5), f"tensor '{name}'", "bit-width 5 is not in candidate_bits")
 
 
 def test_bits_inconsistent_with_the_layout_are_named(checkpoint):
     name = f"{MODULE}.0.down_proj.bits"
-
-    def edit(t):
-        t[name] = t[name].clone()
-        t[name][t[name] == 2] = 3
-
-    refuse_tensors(checkpoint, edit, f"tensor '{name}'", "quantization_config says")
+    refuse_tensors(checkpoint, name, lambda t: t.masked_fill(t == 2, 3), f"tensor '{name}'", "quantization_config says")
 
 
 def test_nan_in_a_basis_is_named(checkpoint):
     name = f"{MODULE}.up_basis"
-
-    def edit(t):
-        t[name] = t[name].clone()
-        t[name][0, 0] = float("nan")
-
-    refuse_tensors(checkpoint, edit, f"tensor '{name}': holds NaN or Inf")
+    refuse_tensors(checkpoint, name, lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), f"tensor '{name}': holds NaN or Inf")
 
 
 def test_left_over_dense_expert_weight_is_named(checkpoint):
     name = f"{MODULE}.0.gate_proj.weight"
-    refuse_tensors(checkpoint, lambda t: t.update({name: torch.zeros(I, H)}), f"unexpected tensor '{name}'")
+    refuse_tensors(checkpoint, name, lambda t: torch.zeros(I, H), f"unexpected tensor '{name}'")

@@ -51,7 +51,19 @@ def test_wheel_builds_without_cuda(tmp_path):
     assert not [n for n in names if n.startswith("tests/")]
 
 
-def test_plugin_registers_the_bitsmoe_method():
+def test_vllm_loads_the_plugin_through_its_entry_point():
+    pytest.importorskip("vllm")
+    code = (
+        "from vllm.plugins import load_general_plugins; load_general_plugins(); "
+        "from vllm.model_executor.layers.quantization import get_quantization_config; "
+        "print(get_quantization_config('bitsmoe').__module__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "bitsmoe_vllm.config"
+
+
+def test_bitsmoe_config_reads_the_format():
     pytest.importorskip("vllm")
     from vllm.model_executor.layers.quantization import get_quantization_config
 

@@ -1,5 +1,7 @@
 """Decomposition and rounding against the math they implement."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -66,7 +68,7 @@ def test_rounding_error_falls_with_bits():
     for bits in WIDTHS:
         codes, scales = quantize_rows(x, bits, 64)
         errors.append(float((codes.float() * scales.float().repeat_interleave(64, 1) - x).pow(2).sum()))
-    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert all(a > b for a, b in itertools.pairwise(errors)), errors
 
 
 def test_one_bit_is_sign_times_mean_magnitude():

@@ -65,7 +65,7 @@ def test_unpack_checks_its_input_shape():
 
 def golden_vectors() -> list[dict]:
     text = (Path(__file__).parent.parent / "FORMAT.md").read_text()
-    block = re.search(r"<!-- golden-vectors -->\s*```json\n(.*?)```", text, re.S)
+    block = re.search(r"<!-- golden-vectors -->\s*```json\n(.*?)```", text, re.DOTALL)
     assert block, "FORMAT.md lost its golden-vectors block"
     return json.loads(block.group(1))
 

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from bitsmoe_vllm.reference import MoELayer, dequantize_basis, dequantize_factor, expert_factor, gather_layer, moe_forward
+from bitsmoe_vllm.reference import (
+    MoELayer,
+    dequantize_basis,
+    dequantize_factor,
+    expert_factor,
+    gather_layer,
+    moe_forward,
+)
 from offline.encode import encode_factor
 from offline.rounding import quantize_rows
 from tests.random_layers import MODULE, random_checkpoint
@@ -105,3 +112,9 @@ def test_dequantize_factor_follows_the_row_layout(bits_pattern):
 def test_dequantize_factor_rejects_non_uint8_bits():
     with pytest.raises(ValueError, match="bits must be uint8"):
         dequantize_factor(torch.zeros(2, 1, dtype=torch.int32), torch.zeros(1, 1).half(), torch.tensor([2, 0]), 32)
+
+
+def test_dequantize_factor_rejects_codes_that_do_not_match_bits():
+    bits = torch.tensor([2, 0, 3], dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"bits ask for 5 planes and 2 scale rows, found codes \[4, 1\]"):
+        dequantize_factor(torch.zeros(4, 1, dtype=torch.int32), torch.zeros(2, 1).half(), bits, 32)
