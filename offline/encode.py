@@ -56,14 +56,13 @@ def encode_layer(
     tensors: dict[str, torch.Tensor] = {}
     layouts = {}
     for p in PROJECTIONS:
-        dec, widths = decompositions[p], bits[p].to(torch.int64)
+        dec, widths, name = decompositions[p], bits[p].to(torch.int64), projection_names[p]
         basis = dec.basis.T if p == "down" else dec.basis  # down stores U_d = V^T [H, R]
         tensors[basis_name(module, p)], scale = quantize_basis(basis, basis_dtype)
         if scale is not None:
             tensors[basis_scale_name(module, p)] = scale
         for e, factor in enumerate(dec.factors):
             codes, scales = encode_factor(factor, widths[e], group_size)
-            name = projection_names[p]
             tensors[expert_tensor_name(module, e, name, "codes")] = codes
             tensors[expert_tensor_name(module, e, name, "scales")] = scales
             tensors[expert_tensor_name(module, e, name, "bits")] = widths[e].to(BITS_DTYPE)
