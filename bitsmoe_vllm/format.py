@@ -213,6 +213,11 @@ def tensor_specs(cfg: QuantConfig) -> dict[str, TensorSpec]:
     return {name: spec for layer in cfg.layers for name, spec in layer_tensor_specs(cfg, layer).items()}
 
 
+def factor_row_bits(width: int, intermediate_size: int, group_size: int) -> int:
+    """Bits one stored factor row of `width` bits costs: its codes and its scales (0 for width 0)."""
+    return width * intermediate_size + (width > 0) * (intermediate_size // group_size) * SCALE_BITS
+
+
 def stored_bits(cfg: QuantConfig) -> dict[str, float]:
     """Stored bits per original routed-expert weight (FORMAT.md, "Budget accounting").
 

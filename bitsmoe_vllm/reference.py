@@ -50,6 +50,16 @@ class MoELayer:
     down: Factors
     group_size: int
 
+    def to(self, device: torch.device) -> "MoELayer":
+        def basis(b: Basis) -> Basis:
+            return Basis(b.weight.to(device), None if b.scale is None else b.scale.to(device))
+
+        def factors(f: Factors) -> Factors:
+            return Factors(f.codes.to(device), f.scales.to(device), f.bits.to(device))
+
+        return MoELayer(basis(self.gate_basis), basis(self.up_basis), basis(self.down_basis),
+                        factors(self.gate), factors(self.up), factors(self.down), self.group_size)  # fmt: skip
+
 
 def gather_layer(cfg: QuantConfig, module: str, tensors: Mapping[str, torch.Tensor]) -> MoELayer:
     """Build a MoELayer from a checkpoint's per-expert tensors (validated first)."""

@@ -13,6 +13,7 @@ class Architecture:
     projection_names: dict[str, str]  # "gate"/"up"/"down" -> checkpoint name
     num_experts_keys: tuple[str, ...]  # config.json keys that may hold E, first found wins
     intermediate_size_key: str  # config.json key of I (per expert)
+    renames: tuple[tuple[str, str], ...] = ()  # (transformers module path part, checkpoint part)
 
     def num_experts(self, config: Mapping[str, Any]) -> int:
         for key in self.num_experts_keys:
@@ -24,6 +25,12 @@ class Architecture:
         if self.intermediate_size_key not in config:
             raise ValueError(f"config.json has no {self.intermediate_size_key!r} (the experts' intermediate size)")
         return config[self.intermediate_size_key]
+
+    def checkpoint_name(self, module_name: str) -> str:
+        """The checkpoint's name of a transformers parameter name."""
+        for ours, theirs in self.renames:
+            module_name = module_name.replace(ours, theirs)
+        return module_name
 
 
 # transformers 5 writes num_local_experts where older Qwen3-MoE checkpoints say num_experts.
@@ -42,6 +49,7 @@ ARCHITECTURES = {
         {"gate": "w1", "up": "w3", "down": "w2"},
         ("num_local_experts",),
         "intermediate_size",
+        renames=((".mlp.", ".block_sparse_moe."),),
     ),
 }
 

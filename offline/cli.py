@@ -1,12 +1,56 @@
-"""`bitsmoe-quantize` / `python -m offline`."""
+"""`bitsmoe-quantize` / `python -m offline`: a Hugging Face MoE checkpoint in, a BitsMoE checkpoint out."""
 
+import argparse
 import sys
+
+from offline.plan import BASIS_DTYPES, Options
+
+
+def parse(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(
+        prog="bitsmoe-quantize",
+        description="Quantize the routed experts of a local Hugging Face MoE checkpoint with BitsMoE (FORMAT.md v1).",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory, or a model id already in the local HF cache")
+    p.add_argument("--out", required=True, help="output directory (written as OUT.partial, moved into place when complete)")
+    p.add_argument("--bits", required=True, type=float, help="budget in bits per routed-expert weight")
+    p.add_argument("--calib", required=True, nargs="+", metavar="FILE", help="calibration text: .txt, .jsonl ('text'), .parquet ('text')")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--budget-scope", choices=["all", "factors"], default="all",
+                   help="what --bits counts: all stored bits of the experts (default), or factor codes and scales only (the paper's)")  # fmt: skip
+    p.add_argument("--basis-dtype", choices=list(BASIS_DTYPES), default="fp16")
+    p.add_argument("--rank", type=int, default=None, help="shared rank R (default: the hidden size)")
+    p.add_argument("--candidate-bits", default="0,1,2,3,4,6,8", help="widths a rank row may get (default 0,1,2,3,4,6,8)")
+    p.add_argument("--unit-rows", type=int, default=32, help="rank rows per allocation unit (default 32)")
+    p.add_argument("--group-size", type=int, default=None, help="columns per scale (default: 128, or the largest of 96/64/32 dividing I)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT.partial")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    a = p.parse_args(argv)
+    try:
+        widths = tuple(int(b) for b in a.candidate_bits.split(","))
+    except ValueError:
+        p.error(f"--candidate-bits {a.candidate_bits!r}: expected comma-separated integers such as 0,1,2,3,4,6,8")
+    for flag, value in (("--calib-tokens", a.calib_tokens), ("--calib-seq-len", a.calib_seq_len)):
+        if value < 1:
+            p.error(f"{flag} {value}: must be positive")
+    return Options(
+        model=a.model, out=a.out, bits=a.bits, calib=tuple(a.calib), calib_tokens=a.calib_tokens,
+        calib_seq_len=a.calib_seq_len, budget_scope=a.budget_scope, basis_dtype=a.basis_dtype, rank=a.rank,
+        candidate_bits=widths, unit_rows=a.unit_rows, group_size=a.group_size, device=a.device, resume=a.resume,
+        overwrite=a.overwrite,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(
-        "bitsmoe-quantize: the quantizer is not implemented yet in this version of bitsmoe-vllm "
-        "(calibration, allocation and export are the next milestone); nothing was written.",
-        file=sys.stderr,
-    )
-    return 2
+    options = parse(argv)
+    from offline.quantize import quantize  # torch and transformers load after the arguments are checked
+
+    try:
+        out = quantize(options)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"bitsmoe-quantize: error: {err}", file=sys.stderr)
+        return 2
+    print(f"bitsmoe-quantize: wrote {out}")
+    return 0

@@ -1,6 +1,8 @@
 import pytest
 
-from tests.tiny_models import build_tiny_model
+from tests.tiny_models import build_tiny_model, corpus
+
+QUANT_SHAPE = {"layers": 4, "experts": 16, "intermediate": 128}  # shared bases ~0.5 bits/weight, as in real MoEs
 
 
 @pytest.fixture(scope="session")
@@ -8,9 +10,18 @@ def tiny_model_dir(tmp_path_factory):
     """arch -> directory of a tiny random checkpoint of that architecture, built once per session."""
     built = {}
 
-    def get(arch: str):
-        if arch not in built:
-            built[arch] = build_tiny_model(arch, tmp_path_factory.mktemp(arch))
-        return built[arch]
+    def get(arch: str, **shape):
+        key = (arch, tuple(sorted(shape.items())))
+        if key not in built:
+            built[key] = build_tiny_model(arch, tmp_path_factory.mktemp(arch), **shape)
+        return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory):
+    """Local English text (Python's builtin docstrings, ~30k characters) for calibration and evaluation."""
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text("\n\n".join(corpus()))
+    return path

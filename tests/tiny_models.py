@@ -21,9 +21,13 @@ CHAT_TEMPLATE = (
 )
 
 
+def corpus() -> list[str]:
+    """Docstrings of Python's builtins: real English-like text that exists on every machine."""
+    return [obj.__doc__ for obj in vars(builtins).values() if isinstance(getattr(obj, "__doc__", None), str)]
+
+
 def train_tokenizer(vocab_size: int = 384) -> transformers.PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the docstrings of Python's builtins: deterministic and offline."""
-    corpus = [obj.__doc__ for obj in vars(builtins).values() if isinstance(getattr(obj, "__doc__", None), str)]
+    """Byte-level BPE trained on corpus(): deterministic and offline."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -33,7 +37,7 @@ def train_tokenizer(vocab_size: int = 384) -> transformers.PreTrainedTokenizerFa
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus, trainer)
+    tok.train_from_iterator(corpus(), trainer)
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|endoftext|>",
@@ -42,11 +46,14 @@ def train_tokenizer(vocab_size: int = 384) -> transformers.PreTrainedTokenizerFa
     )
 
 
-def tiny_config(arch: str, vocab_size: int, eos_token_id: int) -> transformers.PretrainedConfig:
+def tiny_config(
+    arch: str, vocab_size: int, eos_token_id: int, layers: int = LAYERS, experts: int = EXPERTS,
+    intermediate: int = EXPERT_INTERMEDIATE, hidden: int = HIDDEN,
+) -> transformers.PretrainedConfig:
     common = dict(
         vocab_size=vocab_size,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=512,
         bos_token_id=eos_token_id,
@@ -56,33 +63,36 @@ def tiny_config(arch: str, vocab_size: int, eos_token_id: int) -> transformers.P
     )
     if arch == "qwen3_moe":
         return transformers.Qwen3MoeConfig(
-            **common, intermediate_size=128, moe_intermediate_size=EXPERT_INTERMEDIATE, num_key_value_heads=2,
-            head_dim=16, num_experts=EXPERTS, num_experts_per_tok=TOP_K, norm_topk_prob=True,
+            **common, intermediate_size=128, moe_intermediate_size=intermediate, num_key_value_heads=2,
+            head_dim=16, num_experts=experts, num_experts_per_tok=TOP_K, norm_topk_prob=True,
         )
     if arch == "mixtral":
         return transformers.MixtralConfig(
-            **common, intermediate_size=EXPERT_INTERMEDIATE, num_key_value_heads=2,
-            num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
+            **common, intermediate_size=intermediate, num_key_value_heads=2,
+            num_local_experts=experts, num_experts_per_tok=TOP_K,
         )
     if arch == "olmoe":
         return transformers.OlmoeConfig(
-            **common, intermediate_size=EXPERT_INTERMEDIATE, num_key_value_heads=4,
-            num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+            **common, intermediate_size=intermediate, num_key_value_heads=4,
+            num_experts=experts, num_experts_per_tok=TOP_K,
         )
     if arch == "deepseek_v2":  # layer 0 dense, layer 1 MoE with a shared expert
         return transformers.DeepseekV2Config(
-            **common, intermediate_size=128, moe_intermediate_size=EXPERT_INTERMEDIATE, num_key_value_heads=4,
-            n_routed_experts=EXPERTS, n_shared_experts=1, num_experts_per_tok=TOP_K, first_k_dense_replace=1,
+            **common, intermediate_size=128, moe_intermediate_size=intermediate, num_key_value_heads=4,
+            n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=TOP_K, first_k_dense_replace=1,
             kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
             topk_method="greedy", routed_scaling_factor=1.0,
         )
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {ARCHITECTURES}")
 
 
-def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
-    """Write a random tiny `arch` checkpoint (float32) with its tokenizer to out_dir; return out_dir."""
+def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, **shape) -> Path:
+    """Write a random tiny `arch` checkpoint (float32) with its tokenizer to out_dir; return out_dir.
+
+    `shape`: layers, experts, intermediate (per expert), hidden to override the defaults.
+    """
     tokenizer = train_tokenizer()
-    config = tiny_config(arch, len(tokenizer), tokenizer.eos_token_id)
+    config = tiny_config(arch, len(tokenizer), tokenizer.eos_token_id, **shape)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # the default init is tiny (std 0.02); larger weights make quantization errors visible

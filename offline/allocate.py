@@ -1,0 +1,174 @@
+"""Bit allocation: one multiple-choice knapsack over every unit of every layer, solved with HiGHS.
+
+Unit u (a group of rank rows of one expert's factor) takes exactly one option j (a candidate width),
+which stores cost[u, j] bits and adds loss[u, j] to the estimated output error. Minimise the total
+loss with the total cost within the budget.
+
+How: (1) drop dominated options (no cheaper, and no lower loss, than another option of the unit);
+(2) solve the LP relaxation exactly with the greedy over each unit's lower convex hull (the
+multiple-choice knapsack LP); (3) give HiGHS the MIP over the "core": the units whose hull steps lie
+nearest the LP's price of a bit, every other unit fixed at its LP choice, warm-started with the LP
+solution rounded down. The gap is measured against the LP bound of the whole problem, so it is a
+true optimality gap. Small problems are all core, and HiGHS solves them exactly.
+"""
+
+import time
+from dataclasses import dataclass
+
+import highspy
+import numpy as np
+
+CORE_STEPS = 4000  # hull steps on each side of the LP threshold whose units form the core
+
+
+@dataclass(frozen=True)
+class Allocation:
+    choice: np.ndarray  # [U] chosen option per unit
+    loss: float  # total loss of the choice
+    cost: float  # total cost of the choice
+    lp_bound: float  # LP relaxation optimum: no allocation has less loss
+    gap: float  # (loss - lp_bound) / loss
+    core_units: int  # units HiGHS decided; the rest kept their LP choice
+    mip_status: str
+    seconds: float
+
+
+def feasible_range(cost: np.ndarray) -> tuple[float, float]:
+    """Cheapest and dearest total cost: every unit at its cheapest option, every unit at its dearest."""
+    return float(cost.min(1).sum()), float(cost.max(1).sum())
+
+
+def allocate(loss: np.ndarray, cost: np.ndarray, budget: float, *, core_steps: int = CORE_STEPS, time_limit: float = 300.0) -> Allocation:
+    """loss, cost [U, J] float -> the allocation of least loss with sum of cost <= budget."""
+    start = time.perf_counter()
+    loss, cost = np.asarray(loss, dtype=np.float64), np.asarray(cost, dtype=np.float64)
+    low, high = feasible_range(cost)
+    if not low <= budget + 1e-9 * max(1.0, abs(low)):
+        raise ValueError(f"budget {budget:.6g} is below the cheapest allocation {low:.6g}; feasible range [{low:.6g}, {high:.6g}]")
+    keep = undominated(loss, cost)
+    steps, lp_choice, lp_bound, threshold = lp_relaxation(loss, cost, keep, budget)
+    core = core_units(steps, threshold, core_steps, len(loss))
+    choice, status = solve_core(loss, cost, keep, budget, lp_choice, core, time_limit)
+    units = np.arange(len(loss))
+    total_loss, total_cost = float(loss[units, choice].sum()), float(cost[units, choice].sum())
+    gap = (total_loss - lp_bound) / total_loss if total_loss > 0 else 0.0
+    return Allocation(choice, total_loss, total_cost, lp_bound, max(gap, 0.0), int(core.sum()), status, time.perf_counter() - start)
+
+
+def undominated(loss: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """[U, J] bool: options not dominated by another option of the same unit (ties keep the first)."""
+    U, J = loss.shape
+    keep = np.ones((U, J), dtype=bool)
+    for j in range(J):
+        other_cheaper_or_equal = (cost <= cost[:, j : j + 1]) & (loss <= loss[:, j : j + 1])
+        strictly_better = (cost < cost[:, j : j + 1]) | (loss < loss[:, j : j + 1])
+        tie_first = (cost == cost[:, j : j + 1]) & (loss == loss[:, j : j + 1]) & (np.arange(J) < j)
+        keep[:, j] = ~((other_cheaper_or_equal & (strictly_better | tie_first)).any(1))
+    return keep
+
+
+def lp_relaxation(loss, cost, keep, budget):
+    """The exact LP optimum by the greedy over convex-hull steps.
+
+    Returns (steps, lp_choice, lp_bound, threshold): steps is a record array of hull steps sorted by
+    efficiency (loss saved per bit, descending); lp_choice [U] the LP solution with its fractional
+    step rounded down; threshold the position of the first step that does not fit.
+    """
+    U = len(loss)
+    units = np.arange(U)
+    big = np.inf
+    c = np.where(keep, cost, big)
+    current = c.argmin(1)  # cheapest undominated option
+    unit_list, eff_list, dc_list, dl_list, to_list, order_list = [], [], [], [], [], []
+    for order in range(loss.shape[1]):  # at most J - 1 hull steps per unit
+        dc = np.where(keep, cost - cost[units, current][:, None], big)
+        dl = loss[units, current][:, None] - loss  # loss saved
+        eff = np.where((dc > 0) & (dc < big) & (dl > 0), dl / np.where(dc > 0, dc, 1), -1.0)
+        nxt = eff.argmax(1)
+        best = eff[units, nxt]
+        # among equally efficient options take the farthest, so hull steps stay strictly less efficient
+        far = np.where(eff == best[:, None], cost, -big).argmax(1)
+        moving = np.flatnonzero(best > 0)
+        if not len(moving):
+            break
+        target = far[moving]
+        unit_list.append(moving)
+        eff_list.append(best[moving])
+        dc_list.append(cost[moving, target] - cost[moving, current[moving]])
+        dl_list.append(loss[moving, current[moving]] - loss[moving, target])
+        to_list.append(target)
+        order_list.append(np.full(len(moving), order))
+        current = current.copy()
+        current[moving] = target
+    base = np.where(keep, cost, big).argmin(1)
+    columns = (unit_list, eff_list, dc_list, dl_list, to_list, order_list)
+    dtypes = (np.int64, np.float64, np.float64, np.float64, np.int64, np.int64)
+    steps = np.rec.fromarrays(
+        [np.concatenate(a).astype(t) if a else np.zeros(0, t) for a, t in zip(columns, dtypes)],
+        names="unit,eff,dc,dl,to,order",
+    )
+    steps = steps[np.lexsort((steps.order, steps.unit, -steps.eff))]  # efficiency desc; a unit's steps in order
+    room = budget - cost[units, base].sum()
+    fits = np.cumsum(steps.dc) <= room + 1e-9 * max(1.0, abs(budget))
+    threshold = int(fits.sum()) if fits.all() else int(np.argmin(fits))
+    taken = steps[:threshold]
+    last = np.lexsort((taken.order, taken.unit))  # by unit, then step order: each unit's last step ends its run
+    ends = last[np.r_[taken.unit[last][1:] != taken.unit[last][:-1], True]] if len(taken) else last
+    lp_choice = base.copy()
+    lp_choice[taken.unit[ends]] = taken.to[ends]
+    lp_loss = loss[units, lp_choice].sum()
+    if threshold < len(steps):
+        spare = room - taken.dc.sum()
+        lp_loss -= steps.dl[threshold] * spare / steps.dc[threshold]
+    return steps, lp_choice, float(lp_loss), threshold
+
+
+def core_units(steps, threshold: int, core_steps: int, U: int) -> np.ndarray:
+    """[U] bool: units with a hull step within core_steps positions of the LP threshold (all, if few)."""
+    core = np.zeros(U, dtype=bool)
+    if U <= 2 * core_steps:
+        core[:] = True
+    else:
+        core[steps.unit[max(threshold - core_steps, 0) : threshold + core_steps]] = True
+    return core
+
+
+def solve_core(loss, cost, keep, budget, lp_choice, core, time_limit) -> tuple[np.ndarray, str]:
+    """HiGHS MIP over the core units' undominated options; other units keep lp_choice."""
+    units = np.arange(len(loss))
+    core_idx = np.flatnonzero(core)
+    choice = lp_choice.copy()
+    if not len(core_idx):
+        return choice, "no core"
+    fixed_cost = cost[units[~core], lp_choice[~core]].sum()
+    u_of, j_of = np.nonzero(keep[core_idx])  # variables: (position in core, option)
+    c, l = cost[core_idx[u_of], j_of], loss[core_idx[u_of], j_of]
+    scale_c = max(float(c.max()), 1e-30)
+    scale_l = max(float(l.max()), 1e-30)
+    n = len(u_of)
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = n, len(core_idx) + 1
+    lp.col_cost_ = l / scale_l
+    lp.col_lower_, lp.col_upper_ = np.zeros(n), np.ones(n)
+    lp.row_lower_ = np.r_[np.ones(len(core_idx)), -highspy.kHighsInf]
+    lp.row_upper_ = np.r_[np.ones(len(core_idx)), (budget - fixed_cost) / scale_c]
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = np.arange(n + 1) * 2
+    lp.a_matrix_.index_ = np.stack([u_of, np.full(n, len(core_idx))], 1).ravel().astype(np.int32)
+    lp.a_matrix_.value_ = np.stack([np.ones(n), c / scale_c], 1).ravel()
+    lp.integrality_ = [highspy.HighsVarType.kInteger] * n
+    h = highspy.Highs()
+    for option, value in {"output_flag": False, "mip_rel_gap": 1e-3, "time_limit": time_limit, "threads": 2, "random_seed": 0}.items():
+        h.setOptionValue(option, value)
+    h.passModel(lp)
+    start = highspy.HighsSolution()
+    start.col_value = (j_of == lp_choice[core_idx[u_of]]).astype(float).tolist()
+    start.value_valid = True
+    h.setSolution(start)
+    h.run()
+    status = h.modelStatusToString(h.getModelStatus())
+    values = np.asarray(h.getSolution().col_value)
+    if len(values) == n and h.getInfo().primal_solution_status == 2:  # 2: feasible
+        picked = values > 0.5
+        choice[core_idx[u_of[picked]]] = j_of[picked]
+    return choice, status

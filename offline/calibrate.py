@@ -1,0 +1,124 @@
+"""Calibration: local text to token sequences, and the layer-by-layer walk that records what each
+MoE layer's experts receive (inputs, routing) while the hidden states move through the original model.
+"""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm import tqdm
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from offline.modules import load_module, release
+
+
+def read_texts(paths: list[str]) -> list[str]:
+    """Documents from .txt (one per file), .jsonl (field "text" per line) or .parquet (column "text")."""
+    texts = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {path} not found")
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise ValueError(f"{path} line {n}: expected a JSON object with a string field 'text'")
+                    texts.append(record["text"])
+        elif path.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+            table = pq.read_table(path)
+            if "text" not in table.column_names:
+                raise ValueError(f"{path}: no 'text' column (found {table.column_names})")
+            texts.extend(str(t) for t in table.column("text").to_pylist() if t)
+        else:
+            texts.append(path.read_text(encoding="utf-8"))
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"calibration files {paths} hold no text")
+    return texts
+
+
+def token_sequences(tokenizer, texts: list[str], n_tokens: int, seq_len: int) -> torch.Tensor:
+    """[S, seq_len] token ids, S = ceil(n_tokens / seq_len), taken evenly from the documents joined by EOS."""
+    eos = tokenizer.eos_token_id
+    stream = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    S = -(-n_tokens // seq_len)
+    available = len(stream) // seq_len
+    if available < S:
+        raise ValueError(
+            f"the calibration text gives {len(stream)} tokens ({available} sequences of {seq_len}), fewer than "
+            f"--calib-tokens {n_tokens} needs ({S} sequences); pass more text or lower --calib-tokens / --calib-seq-len"
+        )
+    starts = torch.linspace(0, available - 1, S).round().long() * seq_len
+    stream = torch.tensor(stream, dtype=torch.long)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+@dataclass
+class Routed:
+    """What one MoE layer's experts received for every calibration token."""
+
+    x: torch.Tensor  # [N, H] expert input
+    ids: torch.Tensor  # [N, K] selected experts
+    weights: torch.Tensor  # [N, K] routing weights
+
+
+def walk_layers(
+    model: transformers.PreTrainedModel,
+    source,
+    hidden: torch.Tensor,
+    first_layer: int,
+    moe_layers: set[int],
+    device: torch.device,
+    batch: int = 8,
+) -> Iterator[tuple[int, torch.Tensor, Routed | None]]:
+    """From hidden states [S, L, H] entering `first_layer`, yield (layer, hidden after it, Routed or None).
+
+    One decoder layer's weights are in memory at a time.
+    """
+    positions = torch.arange(hidden.shape[1], device=device)[None]  # [1, L]
+    position_embeddings = model.model.rotary_emb(hidden[:1].to(device), positions)
+    sliding = getattr(model.config, "sliding_window", None) is not None
+    make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask  # as the model's forward does
+    layers = model.model.layers
+    for i in tqdm(range(first_layer, len(layers)), desc="calibrate", unit="layer", initial=first_layer, total=len(layers)):
+        layer = load_module(layers[i], f"model.layers.{i}.", source, device)
+        captured: list[tuple] = []
+        hook = layer.mlp.experts.register_forward_pre_hook(lambda _m, args: captured.append(args[:3])) if i in moe_layers else None
+        out = torch.empty_like(hidden)
+        with torch.no_grad():
+            for s in range(0, hidden.shape[0], batch):
+                chunk = hidden[s : s + batch].to(device)
+                mask = make_mask(config=model.config, inputs_embeds=chunk, attention_mask=None, past_key_values=None, position_ids=positions)
+                out[s : s + batch] = layer(
+                    chunk, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings
+                ).cpu()
+        routed = None
+        if hook is not None:
+            hook.remove()
+            routed = Routed(*(torch.cat([c[k].reshape(-1, c[k].shape[-1]) for c in captured]) for k in range(3)))
+        release(layer)
+        hidden = out
+        yield i, hidden, routed
+
+
+def embed(model: transformers.PreTrainedModel, source, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Hidden states [S, L, H] (float32, on the CPU) entering layer 0."""
+    embedding = load_module(model.model.embed_tokens, "model.embed_tokens.", source, device)
+    with torch.no_grad():
+        hidden = embedding(tokens.to(device)).float().cpu()
+    release(embedding)
+    return hidden
+

@@ -1,0 +1,70 @@
+"""The cost model: for each unit (expert, projection, group of rank rows) and candidate width, the
+estimated increase of the MoE layer's squared output error per calibration token, measured by really
+rounding the rows; and the bits the unit stores.
+
+Error of factor entry (k, i) of expert e, to first order, with w the routing weight, D_e the down
+projection, h_g, h_u the gate and up pre-activations and a = silu(h_g) * h_u:
+
+    gate:  delta^2 * E[w^2 z_g,k^2 (silu'(h_g,i) h_u,i)^2] * |D_e[:, i]|^2
+    up:    delta^2 * E[w^2 z_u,k^2 silu(h_g,i)^2]          * |D_e[:, i]|^2
+    down:  delta^2 * E[w^2 a_i^2]                          (the down basis is orthonormal)
+
+(expectations over all calibration tokens, 0 where e is not selected; cross terms dropped). These
+weights are the "importance" [E, R, I]; a row's loss at width b is sum_i (Q_b(f) - f)_i^2 times them,
+and at width 0 the row's full weighted energy.
+"""
+
+import torch
+
+from bitsmoe_vllm.format import factor_row_bits
+from offline.calibrate import Routed
+from offline.rounding import quantize_rows
+
+CHUNK_ENTRIES = 1 << 20  # factor entries rounded at once: bounds the cost model's temporaries
+
+
+def importance(projection: str, routed: Routed, weights: dict[str, torch.Tensor], basis: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """weights[p] [E, I, H] (down as D_e^T), the projection's basis [R, H] -> its importance [E, R, I] (down: [E, 1, I])."""
+    E, I, _ = weights["gate"].shape
+    device = weights["gate"].device
+    out = torch.zeros(E, 1 if projection == "down" else basis.shape[0], I, device=device)
+    x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
+    for e in ids.unique().tolist():
+        token, slot = (ids == e).nonzero(as_tuple=True)
+        xe, w2 = x[token], w[token, slot] ** 2  # [n, H], [n]
+        h_g, h_u = xe @ weights["gate"][e].T, xe @ weights["up"][e].T  # [n, I]
+        sig = torch.sigmoid(h_g)
+        if projection == "down":
+            out[e, 0] = (w2[:, None] * (h_g * sig * h_u) ** 2).sum(0)
+            continue
+        z = xe @ basis.T  # [n, R]
+        sensitivity = (sig * (1 + h_g * (1 - sig)) * h_u) ** 2 if projection == "gate" else (h_g * sig) ** 2  # [n, I]
+        out[e] = ((w2[:, None] * z**2).T @ sensitivity) * (weights["down"][e] ** 2).sum(1)  # times |D_e[:, i]|^2
+    return out / n_tokens
+
+
+def unit_losses(factors: torch.Tensor, weight: torch.Tensor, widths: list[int], unit_rows: int, group_size: int) -> torch.Tensor:
+    """factors [E, R, I], importance [E, R or 1, I] -> loss [E, units, J] float64 for widths[j]."""
+    E, R, I = factors.shape
+    units = -(-R // unit_rows)
+    row_loss = torch.zeros(E, units * unit_rows, len(widths), dtype=torch.float64, device=factors.device)
+    chunk = max(1, CHUNK_ENTRIES // (R * I))
+    for s in range(0, E, chunk):
+        f = factors[s : s + chunk]  # [chunk, R, I]
+        a = weight[s : s + chunk]
+        for j, b in enumerate(widths):
+            if b == 0:
+                err = f**2
+            else:
+                codes, scales = quantize_rows(f.reshape(-1, I), b, group_size)
+                dequant = codes.float() * scales.float().repeat_interleave(group_size, dim=1)
+                err = (dequant.reshape(f.shape) - f) ** 2
+            row_loss[s : s + chunk, :R, j] = (err * a).sum(-1).double()
+    return row_loss.reshape(E, units, unit_rows, len(widths)).sum(2)
+
+
+def unit_costs(rank: int, intermediate_size: int, widths: list[int], unit_rows: int, group_size: int) -> torch.Tensor:
+    """[units, J] bits one expert's unit stores at widths[j]: codes and scales (FORMAT.md section 6)."""
+    rows = torch.tensor([min(unit_rows, rank - start) for start in range(0, rank, unit_rows)], dtype=torch.float64)
+    per_row = torch.tensor([factor_row_bits(b, intermediate_size, group_size) for b in widths], dtype=torch.float64)
+    return rows[:, None] * per_row[None, :]

@@ -1,0 +1,53 @@
+"""The transformers model of a checkpoint, built on the meta device and filled module by module.
+
+Only what a stage needs is ever in memory: `load_module` materializes one module (a decoder layer,
+the embeddings) from the safetensors tensors and `release` returns it to the meta device.
+"""
+
+import torch
+import transformers
+
+from offline.source import SourceCheckpoint
+
+FUSED_EXPERTS = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}  # transformers 5's stacked experts
+
+
+def skeleton(source: SourceCheckpoint, device: torch.device) -> transformers.PreTrainedModel:
+    """The model with every parameter on the meta device; the rotary embedding is real (it has no weights)."""
+    config = dict(source.config)
+    config.pop("quantization_config", None)
+    hf_config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
+    return model
+
+
+def load_module(module: torch.nn.Module, prefix: str, source: SourceCheckpoint, device: torch.device) -> torch.nn.Module:
+    """Give `module` (at path `prefix` in the model) its checkpoint weights, as float32 on `device`."""
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.copy_(checkpoint_tensor(source, prefix + name))
+    return module
+
+
+def release(module: torch.nn.Module) -> None:
+    """Free a module's weights (back to the meta device)."""
+    module.to(torch.device("meta"))
+
+
+def checkpoint_tensor(source: SourceCheckpoint, name: str) -> torch.Tensor:
+    """The checkpoint tensor behind transformers parameter `name`; stacked experts are assembled."""
+    arch = source.architecture
+    module, _, leaf = name.rpartition(".")
+    if module.endswith(".experts") and leaf in FUSED_EXPERTS:
+        experts = arch.checkpoint_name(module + ".")[:-1]
+        E = arch.num_experts(source.config)
+        parts = FUSED_EXPERTS[leaf]
+        return torch.stack(
+            [torch.cat([source.get(f"{experts}.{e}.{arch.projection_names[p]}.weight") for p in parts]) for e in range(E)]
+        )
+    if name == "lm_head.weight" and name not in source.tensors and source.config.get("tie_word_embeddings"):
+        name = "model.embed_tokens.weight"
+    return source.get(arch.checkpoint_name(name))

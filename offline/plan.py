@@ -1,0 +1,141 @@
+"""What a quantization run will do, settled before any heavy work: shapes, units, the budget and
+whether it is feasible."""
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from bitsmoe_vllm.format import BIT_WIDTHS, PROJECTIONS, LayerLayout, ProjectionLayout, QuantConfig, stored_bits
+from offline.cost import unit_costs
+from offline.source import SourceCheckpoint
+
+BASIS_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
+GROUP_SIZES = (128, 96, 64, 32)  # tried in this order when --group-size is not given
+
+
+@dataclass(frozen=True)
+class Options:
+    """The command line of bitsmoe-quantize."""
+
+    model: str
+    out: str
+    bits: float
+    calib: tuple[str, ...]
+    calib_tokens: int = 16384
+    calib_seq_len: int = 512
+    budget_scope: str = "all"
+    basis_dtype: str = "fp16"
+    rank: int | None = None
+    candidate_bits: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8)
+    unit_rows: int = 32
+    group_size: int | None = None
+    device: str = "cpu"
+    resume: bool = False
+    overwrite: bool = False
+
+    def run_identity(self) -> dict:
+        """The options that decide the output; a resumed run must have the same ones."""
+        d = asdict(self)
+        for key in ("resume", "overwrite", "out"):
+            d.pop(key)
+        d["calib"] = [str(Path(p).resolve()) for p in self.calib]
+        return d
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: SourceCheckpoint
+    options: Options
+    moe_layers: tuple[int, ...]
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    rank: int
+    group_size: int
+    widths: tuple[int, ...]
+    unit_cost: torch.Tensor  # [units, J] bits of one expert's unit per width
+    fixed_bits: float  # bits stored whatever the allocation (bases, bits tensors) in the budget's scope
+    total_weights: int  # original routed-expert weights
+    budget_bits: float  # for the factors' codes and scales: what the allocation may spend
+
+    @property
+    def units_per_expert(self) -> int:
+        return self.unit_cost.shape[0]
+
+    @property
+    def units_per_layer(self) -> int:
+        return len(PROJECTIONS) * self.num_experts * self.units_per_expert
+
+    @property
+    def basis_dtype(self) -> str:
+        return BASIS_DTYPES[self.options.basis_dtype]
+
+    def bits_range(self) -> tuple[float, float]:
+        """Feasible --bits in the budget's scope: every unit at its cheapest width, every one at its widest."""
+        per_layer = len(PROJECTIONS) * self.num_experts
+        low = self.unit_cost.min(1).values.sum() * per_layer * len(self.moe_layers)
+        high = self.unit_cost.max(1).values.sum() * per_layer * len(self.moe_layers)
+        return float((low + self.fixed_bits) / self.total_weights), float((high + self.fixed_bits) / self.total_weights)
+
+    def layout(self, layer: int, rows: dict[str, tuple[int, ...]], planes: dict[str, tuple[int, ...]]) -> LayerLayout:
+        module = self.source.architecture.experts_module.format(layer=layer)
+        return LayerLayout(module, **{p: ProjectionLayout(self.rank, rows[p], planes[p]) for p in PROJECTIONS})
+
+    def quant_config(self, layouts: list[LayerLayout], achieved: dict[str, float] | None = None) -> QuantConfig:
+        return QuantConfig(
+            bits=self.options.bits, budget_scope=self.options.budget_scope,
+            achieved_bits=achieved or {"all": 0.0, "factors": 0.0}, candidate_bits=self.widths,
+            group_size=self.group_size, basis_dtype=self.basis_dtype, activation="silu", hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_experts=self.num_experts,
+            projection_names=self.source.architecture.projection_names, layers=tuple(layouts),
+        )  # fmt: skip
+
+
+def make_plan(options: Options) -> Plan:
+    """Check the options against the model and work out the budget; errors say what to change."""
+    source = SourceCheckpoint(options.model)
+    arch, config = source.architecture, source.config
+    moe_layers = tuple(source.moe_layers())
+    if not moe_layers:
+        raise ValueError(f"{source.dir} has no routed experts (looked for {arch.experts_module.format(layer='N')}.0.*): not an MoE model")
+    H, I, E = config["hidden_size"], arch.intermediate_size(config), arch.num_experts(config)
+    rank = options.rank or H
+    if not 1 <= rank <= H:
+        raise ValueError(f"--rank {rank}: must be between 1 and the hidden size {H}")
+    widths = tuple(sorted(set(options.candidate_bits)))
+    if not set(widths) <= set(BIT_WIDTHS) or not any(widths):
+        raise ValueError(f"--candidate-bits {list(options.candidate_bits)}: expected widths from {list(BIT_WIDTHS)}, one above 0")
+    if options.basis_dtype not in BASIS_DTYPES:
+        raise ValueError(f"--basis-dtype {options.basis_dtype}: expected one of {list(BASIS_DTYPES)}")
+    if options.unit_rows < 1:
+        raise ValueError(f"--unit-rows {options.unit_rows}: must be at least 1")
+    group_size = choose_group_size(I, options.group_size)
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: no CUDA device is available to torch {torch.__version__}")
+    plan = Plan(source, options, moe_layers, H, I, E, rank, group_size, widths,
+                unit_cost=unit_costs(rank, I, list(widths), options.unit_rows, group_size),
+                fixed_bits=0.0, total_weights=len(moe_layers) * 3 * E * I * H, budget_bits=0.0)  # fmt: skip
+    empty = tuple([0] * E)
+    nothing_stored = plan.quant_config([plan.layout(i, dict.fromkeys(PROJECTIONS, empty), dict.fromkeys(PROJECTIONS, empty)) for i in moe_layers])
+    fixed = stored_bits(nothing_stored)[options.budget_scope] * plan.total_weights
+    plan = replace(plan, fixed_bits=fixed, budget_bits=options.bits * plan.total_weights - fixed)
+    low, high = plan.bits_range()
+    if not low - 1e-9 <= options.bits <= high + 1e-9:
+        raise ValueError(
+            f"--bits {options.bits} is outside the feasible range [{low:.4f}, {high:.4f}] ({options.budget_scope} bits per "
+            f"routed-expert weight) for this model with rank {rank}, group size {group_size}, {plan.basis_dtype} bases "
+            f"and candidate widths {list(widths)}"
+        )
+    return plan
+
+
+def choose_group_size(intermediate_size: int, requested: int | None) -> int:
+    if requested is not None:
+        if requested % 32 or intermediate_size % requested:
+            raise ValueError(f"--group-size {requested}: must be a multiple of 32 that divides the experts' intermediate size {intermediate_size}")
+        return requested
+    for g in GROUP_SIZES:
+        if intermediate_size % g == 0:
+            return g
+    raise ValueError(f"the experts' intermediate size {intermediate_size} is not a multiple of 32; FORMAT.md v1 cannot store it")

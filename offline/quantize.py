@@ -1,0 +1,163 @@
+"""bitsmoe-quantize, stage by stage: calibrate and cost every MoE layer, allocate bits over all of them,
+export the checkpoint, finish (config, index, files, report, validation, move into place).
+Every stage saves its result in OUT.partial/work, so --resume continues after a crash."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from bitsmoe_vllm.checkpoint import validate_checkpoint
+from bitsmoe_vllm.format import PROJECTIONS, stored_bits
+from offline.allocate import allocate
+from offline.calibrate import embed, read_texts, token_sequences, walk_layers
+from offline.cost import importance, unit_losses
+from offline.decompose import shared_basis
+from offline.encode import encode_layer
+from offline.export import copied_tensors, copy_side_files, shard_files, write_config, write_index, write_shard
+from offline.modules import skeleton
+from offline.plan import Options, Plan, make_plan
+from offline.report import StageTimer, histograms, plot_allocation, write_report
+from offline.rundir import RunDir
+
+
+def quantize(options: Options) -> Path:
+    plan = make_plan(options)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(plan.source.dir)
+    tokens = token_sequences(tokenizer, read_texts(list(options.calib)), options.calib_tokens, options.calib_seq_len)  # [S, L]
+    run = RunDir(Path(options.out), options.run_identity(), options.resume, options.overwrite)
+    timer = StageTimer()
+    with timer("calibrate_and_cost"):
+        losses = calibrate_and_cost(plan, run, tokens)  # [U, J]
+    with timer("allocate"):
+        choice, stats = allocate_bits(plan, run, losses)
+    with timer("export"):
+        files = export_shards(plan, run, row_bits(plan, choice))
+    with timer("finish"):
+        finish(plan, run, choice, losses, stats, files, timer)
+    return run.finish()
+
+
+def expert_weights(plan: Plan, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
+    return {p: w.to(device) for p, w in plan.source.expert_weights(layer).items()}
+
+
+def layer_losses(plan: Plan, layer: int, routed, n_tokens: int, device: torch.device) -> torch.Tensor:
+    """[3 * E * units, J] unit losses of one MoE layer, one projection at a time (to bound memory)."""
+    weights, losses = expert_weights(plan, layer, device), []
+    for p in PROJECTIONS:
+        dec = shared_basis(weights[p], plan.rank)
+        weight = importance(p, routed, weights, dec.basis, n_tokens)
+        loss = unit_losses(dec.factors, weight, list(plan.widths), plan.options.unit_rows, plan.group_size)
+        losses.append(loss.reshape(-1, len(plan.widths)).cpu())
+        del dec, weight
+    return torch.cat(losses)
+
+
+def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> torch.Tensor:
+    """Unit losses [units of all layers, J], layer after layer; each layer's are saved as it completes."""
+    device = torch.device(plan.options.device)
+    pending = [i for i in plan.moe_layers if run.load(f"layer-{i:05d}") is None]
+    if pending:
+        model = skeleton(plan.source, device)
+        saved = run.load("hidden")
+        if saved is not None:
+            hidden, first = saved[0]["hidden"], int(saved[1]["layer"]) + 1
+        else:
+            hidden, first = embed(model, plan.source, tokens, device), 0
+        n_tokens = hidden.shape[0] * hidden.shape[1]
+        for i, hidden, routed in walk_layers(model, plan.source, hidden, first, set(plan.moe_layers), device):
+            if routed is not None:
+                run.save(f"layer-{i:05d}", {"loss": layer_losses(plan, i, routed, n_tokens, device)})
+            run.save("hidden", {"hidden": hidden}, {"layer": str(i)})
+            plan.source.tensors.close()
+            if i >= plan.moe_layers[-1]:
+                break
+    return torch.cat([run.load(f"layer-{i:05d}")[0]["loss"] for i in plan.moe_layers])
+
+
+def allocate_bits(plan: Plan, run: RunDir, losses: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The chosen option (index into plan.widths) of every unit [U]; and the solver's statistics."""
+    saved = run.load("allocation")
+    if saved is None:
+        cost = plan.unit_cost.repeat(len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts, 1)  # [U, J]
+        result = allocate(losses.numpy(), cost.numpy(), plan.budget_bits)
+        stats = {k: v for k, v in dataclasses.asdict(result).items() if k != "choice"}
+        stats |= {"units": len(cost), "unit_rows": plan.options.unit_rows, "budget_bits": plan.budget_bits}
+        run.save("allocation", {"choice": torch.from_numpy(result.choice)}, {"stats": json.dumps(stats)})
+        saved = run.load("allocation")
+    return saved[0]["choice"], json.loads(saved[1]["stats"])
+
+
+def row_bits(plan: Plan, choice: torch.Tensor) -> dict[int, torch.Tensor]:
+    """MoE layer -> the width of every rank row [3, E, R]."""
+    widths = torch.tensor(plan.widths)[choice].reshape(len(plan.moe_layers), len(PROJECTIONS), plan.num_experts, -1)
+    rows = widths.repeat_interleave(plan.options.unit_rows, dim=-1)[..., : plan.rank]
+    return dict(zip(plan.moe_layers, rows))
+
+
+def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> list[str]:
+    """Write each decoder layer's shard (BitsMoE tensors + its other tensors, unchanged) and the rest."""
+    device = torch.device(plan.options.device)
+    arch, n_layers = plan.source.architecture, plan.source.config["num_hidden_layers"]
+    files = shard_files(n_layers)
+    for i in tqdm(range(n_layers + 1), desc="export", unit="shard"):
+        path = run.checkpoint / files[i]
+        if path.is_file():
+            continue
+        if i == n_layers:
+            write_shard(path, copied_tensors(plan.source, None, None))
+            continue
+        module = arch.experts_module.format(layer=i) if i in bits else None
+        tensors = copied_tensors(plan.source, f"model.layers.{i}.", module)
+        if module:
+            weights = expert_weights(plan, i, device)
+            decompositions = {p: shared_basis(weights.pop(p), plan.rank) for p in PROJECTIONS}
+            widths = dict(zip(PROJECTIONS, bits[i]))
+            _, encoded = encode_layer(module, decompositions, widths, group_size=plan.group_size,
+                                      basis_dtype=plan.basis_dtype, projection_names=arch.projection_names)  # fmt: skip
+            tensors |= {name: t.cpu() for name, t in encoded.items()}
+        write_shard(path, tensors)
+        plan.source.tensors.close()
+    return files
+
+
+def finish(plan: Plan, run: RunDir, choice: torch.Tensor, losses: torch.Tensor, stats: dict, files: list[str], timer: StageTimer) -> None:
+    bits = row_bits(plan, choice)
+    layouts = [
+        plan.layout(i, {p: tuple((b[j] > 0).sum(1).tolist()) for j, p in enumerate(PROJECTIONS)},
+                    {p: tuple(b[j].sum(1).tolist()) for j, p in enumerate(PROJECTIONS)})
+        for i, b in bits.items()
+    ]  # fmt: skip
+    draft = plan.quant_config(layouts)
+    cfg = dataclasses.replace(draft, achieved_bits=stored_bits(draft))
+    cfg.validate()
+    write_config(run.checkpoint, plan.source, cfg)
+    write_index(run.checkpoint, files)
+    copied = copy_side_files(plan.source, run.checkpoint)
+    validate_checkpoint(run.checkpoint)
+    plots = plot_allocation(run.checkpoint, bits)
+    chosen = losses.gather(1, choice[:, None]).reshape(len(plan.moe_layers), len(PROJECTIONS), -1).sum(-1)  # [L, 3]
+    write_report(run.checkpoint / "quantization_report.json", {
+        "model": str(plan.source.dir),
+        "options": plan.options.run_identity(),
+        "bits": {"budget": plan.options.bits, "budget_scope": plan.options.budget_scope,
+                 "achieved_all": cfg.achieved_bits["all"], "achieved_factors": cfg.achieved_bits["factors"],
+                 "routed_expert_weights": plan.total_weights, "non_expert_params": non_expert_params(plan)},
+        "allocation": stats,
+        "layers": {
+            layout.module: {p: {"histogram": hist[p], "estimated_loss": float(chosen[k, j])} for j, p in enumerate(PROJECTIONS)}
+            for k, (layout, hist) in enumerate(zip(layouts, histograms(bits, plan.widths).values()))
+        },
+        "stages": timer.stages,
+        "files": copied + plots,
+    })  # fmt: skip
+
+
+def non_expert_params(plan: Plan) -> int:
+    """Parameters BitsMoE leaves as they are (attention, router, shared experts, embeddings...)."""
+    experts = tuple(f"{plan.source.architecture.experts_module.format(layer=i)}." for i in plan.moe_layers)
+    return sum(plan.source.tensors.numel(n) for n in plan.source.tensors if not n.startswith(experts))

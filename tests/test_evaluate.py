@@ -1,0 +1,63 @@
+"""bitsmoe-eval ppl: the two perplexity protocols and loading original and BitsMoE checkpoints."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+
+from offline.evaluate import ReferenceExperts, load_model, main, perplexity
+from offline.plan import Options
+from offline.quantize import quantize
+from tests.conftest import QUANT_SHAPE
+
+
+class Uniform(torch.nn.Module):
+    """Logits 0 everywhere: every token has probability 1/vocab."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, ids):
+        return SimpleNamespace(logits=torch.zeros(*ids.shape, self.vocab))
+
+
+@pytest.mark.parametrize("stride", [None, 1, 7, 32])
+def test_uniform_model_has_perplexity_vocab(stride):
+    assert perplexity(Uniform(50), torch.randint(0, 50, (101,)), seq_len=32, stride=stride) == pytest.approx(50)
+
+
+def test_protocols_against_transformers_loss(tiny_model_dir):
+    model_dir = tiny_model_dir("olmoe")
+    model = load_model(str(model_dir), torch.device("cpu"))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokens = torch.randint(0, 300, (90,))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens[None]).logits, reference(tokens[None]).logits)
+        whole = math.exp(float(reference(tokens[None], labels=tokens[None]).loss))
+        windows = [math.exp(float(reference(w[None], labels=w[None]).loss)) for w in tokens.split(45)]
+    assert perplexity(model, tokens, seq_len=90, stride=None) == pytest.approx(whole, rel=1e-5)
+    assert perplexity(model, tokens, seq_len=45, stride=None) == pytest.approx(math.sqrt(windows[0] * windows[1]), rel=1e-5)
+    assert perplexity(model, tokens, seq_len=45, stride=45) == pytest.approx(perplexity(model, tokens, 45, None), rel=1e-9)
+    assert perplexity(model, tokens, seq_len=200, stride=10) == pytest.approx(whole, rel=1e-5)
+
+
+def test_bitsmoe_checkpoint_runs_the_reference(tiny_model_dir, calib_file, tmp_path, capsys):
+    model_dir = tiny_model_dir("mixtral", **QUANT_SHAPE)
+    out = quantize(Options(model=str(model_dir), out=str(tmp_path / "q"), bits=3.0, calib=(str(calib_file),),
+                           calib_tokens=1024, calib_seq_len=128, unit_rows=8))  # fmt: skip
+    model = load_model(str(out), torch.device("cpu"))
+    assert all(isinstance(layer.mlp.experts, ReferenceExperts) for layer in model.model.layers)
+    assert main(["ppl", "--model", str(out), "--text", str(calib_file), "--seq-len", "128", "--max-tokens", "600"]) == 0
+    quantized = json.loads(capsys.readouterr().out)
+    assert main(["ppl", "--model", str(model_dir), "--text", str(calib_file), "--seq-len", "128", "--max-tokens", "600"]) == 0
+    original = json.loads(capsys.readouterr().out)
+    assert quantized["tokens"] == original["tokens"] == 600 and quantized["sliding"]["stride"] == 512
+    for result in (quantized, original):
+        assert 1 < result["non_overlapping"] < 1e4 and 1 < result["sliding"]["ppl"] < 1e4
+    assert quantized["non_overlapping"] != original["non_overlapping"]

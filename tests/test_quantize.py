@@ -1,0 +1,124 @@
+"""bitsmoe-quantize end to end on every tiny architecture."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bitsmoe_vllm.checkpoint import TensorFiles, load_layer, read_quant_config
+from bitsmoe_vllm.reference import moe_forward
+from offline.calibrate import embed, read_texts, token_sequences, walk_layers
+from offline.modules import load_module, skeleton
+from offline.plan import Options
+from offline.quantize import quantize
+from offline.source import SourceCheckpoint
+from tests.conftest import QUANT_SHAPE
+from tests.tiny_models import ARCHITECTURES
+
+BUDGETS = (2.0, 2.5, 3.0)
+CALIB = {"calib_tokens": 2048, "calib_seq_len": 128, "unit_rows": 8}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model_dir, calib_file, tmp_path_factory):
+    """arch -> (model dir, {bits: BitsMoE checkpoint dir})."""
+    done = {}
+
+    def get(arch):
+        if arch not in done:
+            model = tiny_model_dir(arch, **QUANT_SHAPE)
+            out = tmp_path_factory.mktemp(f"{arch}-q")
+            done[arch] = model, {
+                b: quantize(Options(model=str(model), out=str(out / f"{b}"), bits=b, calib=(str(calib_file),), **CALIB)) for b in BUDGETS
+            }
+        return done[arch]
+
+    return get
+
+
+def expert_bits_on_disk(directory) -> tuple[int, int]:
+    """(bits of every BitsMoE tensor in the safetensors files, original routed-expert weights)."""
+    cfg = read_quant_config(directory)
+    modules = tuple(layer.module + "." for layer in cfg.layers)
+    stored = 0
+    for shard in directory.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            stored += sum(8 * f.get_tensor(n).nbytes for n in f.keys() if n.startswith(modules))
+    return stored, len(cfg.layers) * 3 * cfg.num_experts * cfg.intermediate_size * cfg.hidden_size
+
+
+def layer_errors(model_dir, checkpoint, calib_file) -> dict[int, float]:
+    """MoE layer -> mean squared output error per calibration token, quantized vs original experts."""
+    source, device = SourceCheckpoint(str(model_dir)), torch.device("cpu")
+    from transformers import AutoTokenizer
+
+    tokens = token_sequences(AutoTokenizer.from_pretrained(model_dir), read_texts([str(calib_file)]), 2048, 128)
+    net = skeleton(source, device)
+    cfg, files = read_quant_config(checkpoint), TensorFiles(checkpoint)
+    errors = {}
+    for i, _, routed in walk_layers(net, source, embed(net, source, tokens, device), 0, set(source.moe_layers()), device):
+        if routed is None:
+            continue
+        experts = load_module(skeleton(source, device).model.layers[i].mlp.experts, f"model.layers.{i}.mlp.experts.", source, device)
+        with torch.no_grad():
+            original = experts(routed.x, routed.ids, routed.weights)
+        layer = load_layer(files, cfg, source.architecture.experts_module.format(layer=i))
+        errors[i] = float(((moe_forward(routed.x, routed.weights, routed.ids, layer) - original) ** 2).sum(-1).mean())
+    return errors
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ranks = [torch.tensor(x).argsort().argsort().double() for x in (a, b)]
+    ra, rb = (r - r.mean() for r in ranks)
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_stored_bits_never_exceed_the_budget(arch, quantized):
+    _, checkpoints = quantized(arch)
+    for budget, directory in checkpoints.items():
+        stored, weights = expert_bits_on_disk(directory)
+        cfg = read_quant_config(directory)
+        assert stored / weights <= budget
+        assert stored / weights == pytest.approx(cfg.achieved_bits["all"], abs=1e-9)
+        assert budget - 0.05 < stored / weights  # the allocation uses the budget
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_error_falls_as_bits_rise_and_the_cost_model_ranks_it(arch, quantized, calib_file):
+    model, checkpoints = quantized(arch)
+    estimated, measured, total = [], [], {}
+    for budget, directory in checkpoints.items():
+        errors = layer_errors(model, directory, calib_file)
+        report = json.loads((directory / "quantization_report.json").read_text())
+        for layer, layout in zip(sorted(errors), read_quant_config(directory).layers):
+            estimated.append(sum(p["estimated_loss"] for p in report["layers"][layout.module].values()))
+            measured.append(errors[layer])
+        total[budget] = sum(errors.values())
+    assert total[2.0] > total[2.5] > total[3.0], total
+    assert spearman(estimated, measured) > 0.8, list(zip(estimated, measured))
+
+
+def test_checkpoint_contents(quantized):
+    model, checkpoints = quantized("mixtral")
+    directory = checkpoints[2.5]
+    names = {p.name for p in directory.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+            "quantization_report.json", "bits_heatmap.png", "bits_by_rank.png"} <= names  # fmt: skip
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".tmp"))]
+    assert not (directory.parent / "2.5.partial").exists()
+    config = json.loads((directory / "config.json").read_text())
+    source = SourceCheckpoint(str(model))
+    assert {k: v for k, v in config.items() if k != "quantization_config"} == source.config
+    files = TensorFiles(directory)
+    experts = tuple(f"{source.architecture.experts_module.format(layer=i)}." for i in source.moe_layers())
+    kept = [n for n in source.tensors if not n.startswith(experts)]
+    assert kept and all(torch.equal(files[n], source.get(n)) for n in kept)  # everything else unchanged
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(files)
+    report = json.loads((directory / "quantization_report.json").read_text())
+    assert report["allocation"]["gap"] <= 1e-3 and report["bits"]["achieved_all"] <= 2.5
+    assert set(report["stages"]) == {"calibrate_and_cost", "allocate", "export"}
+    assert math.isfinite(report["allocation"]["lp_bound"])

@@ -1,0 +1,69 @@
+"""bitsmoe-quantize refuses bad input with one line that says what to change."""
+
+import pytest
+
+from offline.cli import main
+from tests.conftest import QUANT_SHAPE
+from tests.tiny_models import train_tokenizer
+
+
+@pytest.fixture
+def run(tiny_model_dir, calib_file, tmp_path, capsys):
+    """run(*extra, model=..., calib=...) -> (exit status, stderr) of bitsmoe-quantize."""
+
+    def go(*extra, model=None, calib=None, out=None):
+        args = ["--model", str(model or tiny_model_dir("olmoe", **QUANT_SHAPE)), "--out", str(out or tmp_path / "out"),
+                "--calib", str(calib or calib_file), "--calib-tokens", "1024", "--calib-seq-len", "128", "--unit-rows", "8"]  # fmt: skip
+        if "--bits" not in extra:
+            args += ["--bits", "2.5"]
+        status = main(args + list(extra))
+        return status, capsys.readouterr().err
+
+    return go
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--bits", "0.3"), "--bits 0.3 is outside the feasible range [0.5625, 8.6875]"),
+        (("--bits", "9"), "--bits 9.0 is outside the feasible range [0.5625, 8.6875]"),
+        (("--rank", "65"), "--rank 65: must be between 1 and the hidden size 64"),
+        (("--group-size", "48"), "--group-size 48: must be a multiple of 32 that divides"),
+        (("--candidate-bits", "0,5"), "--candidate-bits [0, 5]: expected widths from [0, 1, 2, 3, 4, 6, 8]"),
+        (("--calib-tokens", "999999"), "fewer than --calib-tokens 999999 needs"),
+    ],
+)
+def test_bad_options(run, extra, message):
+    status, err = run(*extra)
+    assert status == 2 and message in err, err
+
+
+def test_missing_model_and_calibration(run, tmp_path):
+    status, err = run(model=tmp_path / "nowhere")
+    assert status == 2 and "is neither a directory nor a model id in the local Hugging Face cache" in err
+    status, err = run(calib=tmp_path / "missing.txt")
+    assert status == 2 and f"calibration file {tmp_path / 'missing.txt'} not found" in err
+    (tmp_path / "empty.jsonl").write_text('{"text": " "}\n')
+    status, err = run(calib=tmp_path / "empty.jsonl")
+    assert status == 2 and "hold no text" in err
+
+
+def test_unsupported_or_dense_model(run, tmp_path):
+    import transformers
+
+    tokenizer = train_tokenizer()
+    dense = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4)  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(dense).save_pretrained(tmp_path / "llama")
+    status, err = run(model=tmp_path / "llama")
+    assert status == 2 and "unsupported model_type 'llama'; supported: deepseek_v2, mixtral, olmoe, qwen3_moe" in err
+
+
+def test_existing_output_and_changed_resume(run, tmp_path):
+    (tmp_path / "taken").mkdir()
+    status, err = run(out=tmp_path / "taken")
+    assert status == 2 and "exists; pass --overwrite to replace it" in err
+    (tmp_path / "out.partial" / "work").mkdir(parents=True)
+    (tmp_path / "out.partial" / "work" / "run.json").write_text('{"bits": 3.0}')
+    status, err = run("--resume")
+    assert status == 2 and "was started with other options" in err and "bits: 3.0 then, 2.5 now" in err

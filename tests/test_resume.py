@@ -1,0 +1,64 @@
+"""kill -9 in the middle of bitsmoe-quantize, then --resume: the same checkpoint, byte for byte."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import QUANT_SHAPE
+
+SHAPE = {**QUANT_SHAPE, "layers": 6}
+
+
+def command(model, out, calib_file, *extra):
+    return [sys.executable, "-m", "offline", "--model", str(model), "--out", str(out), "--bits", "2.5",
+            "--calib", str(calib_file), "--calib-tokens", "2048", "--calib-seq-len", "128", "--unit-rows", "8", *extra]  # fmt: skip
+
+
+def kill_when(proc: subprocess.Popen, path_ready, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path_ready():
+        assert proc.poll() is None, "the run ended before the kill point"
+        assert time.monotonic() < deadline, "the kill point never came"
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before the kill point"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def checkpoint_bytes(directory: Path) -> dict[str, bytes]:
+    # the report holds this invocation's wall times; everything else must be identical
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "quantization_report.json"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, calib_file, tmp_path_factory):
+    model = tiny_model_dir("qwen3_moe", **SHAPE)
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    subprocess.run(command(model, out, calib_file), check=True, capture_output=True)
+    return model, checkpoint_bytes(out)
+
+
+@pytest.mark.parametrize("kill_point", ["calibration", "export"])
+def test_resume_after_kill_gives_identical_bytes(kill_point, uninterrupted, calib_file, tmp_path):
+    model, expected = uninterrupted
+
+    out = tmp_path / "killed"
+    work, shards = tmp_path / "killed.partial" / "work", tmp_path / "killed.partial" / "checkpoint"
+    ready = {
+        "calibration": lambda: (work / "layer-00002.safetensors").is_file(),
+        "export": lambda: any(shards.glob("model-00002-*.safetensors")),
+    }[kill_point]
+    kill_when(subprocess.Popen(command(model, out, calib_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), ready)
+    assert not out.exists()  # nothing half-written in place
+
+    refused = subprocess.run(command(model, out, calib_file), capture_output=True, text=True)
+    assert refused.returncode == 2 and "pass --resume to continue it" in refused.stderr
+
+    subprocess.run(command(model, out, calib_file, "--resume"), check=True, capture_output=True)
+    assert checkpoint_bytes(out) == expected
+    assert not (tmp_path / "killed.partial").exists()
