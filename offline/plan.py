@@ -96,6 +96,9 @@ def make_plan(options: Options) -> Plan:
     """Check the options against the model and work out the budget; errors say what to change."""
     source = SourceCheckpoint(options.model)
     arch, config = source.architecture, source.config
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise ValueError(f"{source.dir} is already quantized (quant_method {method!r}); BitsMoE starts from the original weights")
     moe_layers = tuple(source.moe_layers())
     if not moe_layers:
         raise ValueError(f"{source.dir} has no routed experts (looked for {arch.experts_module.format(layer='N')}.0.*): not an MoE model")

@@ -18,7 +18,7 @@ from offline.cost import importance, unit_losses
 from offline.decompose import shared_basis
 from offline.encode import encode_layer
 from offline.export import copied_tensors, copy_side_files, shard_files, write_config, write_index, write_shard
-from offline.modules import skeleton
+from offline.modules import return_freed_memory, skeleton
 from offline.plan import Options, Plan, make_plan
 from offline.report import StageTimer, histograms, plot_allocation, write_report
 from offline.rundir import RunDir
@@ -36,8 +36,7 @@ def quantize(options: Options) -> Path:
         choice, stats = allocate_bits(plan, run, losses)
     with timer("export"):
         files = export_shards(plan, run, row_bits(plan, choice))
-    with timer("finish"):
-        finish(plan, run, choice, losses, stats, files, timer)
+    finish(plan, run, choice, losses, stats, files, timer)
     return run.finish()
 
 
@@ -74,6 +73,7 @@ def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> torch.T
                 run.save(f"layer-{i:05d}", {"loss": layer_losses(plan, i, routed, n_tokens, device)})
             run.save("hidden", {"hidden": hidden}, {"layer": str(i)})
             plan.source.tensors.close()
+            return_freed_memory()
             if i >= plan.moe_layers[-1]:
                 break
     return torch.cat([run.load(f"layer-{i:05d}")[0]["loss"] for i in plan.moe_layers])
@@ -122,10 +122,12 @@ def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> lis
             tensors |= {name: t.cpu() for name, t in encoded.items()}
         write_shard(path, tensors)
         plan.source.tensors.close()
+        return_freed_memory()
     return files
 
 
 def finish(plan: Plan, run: RunDir, choice: torch.Tensor, losses: torch.Tensor, stats: dict, files: list[str], timer: StageTimer) -> None:
+    """config.json, the index, tokenizer and other files, validation by re-reading, the report and plots."""
     bits = row_bits(plan, choice)
     layouts = [
         plan.layout(i, {p: tuple((b[j] > 0).sum(1).tolist()) for j, p in enumerate(PROJECTIONS)},

@@ -32,6 +32,11 @@ def test_uniform_model_has_perplexity_vocab(stride):
     assert perplexity(Uniform(50), torch.randint(0, 50, (101,)), seq_len=32, stride=stride) == pytest.approx(50)
 
 
+def test_stride_longer_than_the_window_is_refused():
+    with pytest.raises(ValueError, match="stride 512 must be between 1 and the window length 256"):
+        perplexity(Uniform(5), torch.zeros(300, dtype=torch.long), seq_len=256, stride=512)
+
+
 def test_protocols_against_transformers_loss(tiny_model_dir):
     model_dir = tiny_model_dir("olmoe")
     model = load_model(str(model_dir), torch.device("cpu"))
@@ -53,11 +58,12 @@ def test_bitsmoe_checkpoint_runs_the_reference(tiny_model_dir, calib_file, tmp_p
                            calib_tokens=1024, calib_seq_len=128, unit_rows=8))  # fmt: skip
     model = load_model(str(out), torch.device("cpu"))
     assert all(isinstance(layer.mlp.experts, ReferenceExperts) for layer in model.model.layers)
-    assert main(["ppl", "--model", str(out), "--text", str(calib_file), "--seq-len", "128", "--max-tokens", "600"]) == 0
+    args = ["--text", str(calib_file), "--seq-len", "128", "--stride", "64", "--max-tokens", "600"]
+    assert main(["ppl", "--model", str(out), *args]) == 0
     quantized = json.loads(capsys.readouterr().out)
-    assert main(["ppl", "--model", str(model_dir), "--text", str(calib_file), "--seq-len", "128", "--max-tokens", "600"]) == 0
+    assert main(["ppl", "--model", str(model_dir), *args]) == 0
     original = json.loads(capsys.readouterr().out)
-    assert quantized["tokens"] == original["tokens"] == 600 and quantized["sliding"]["stride"] == 512
+    assert quantized["tokens"] == original["tokens"] == 600 and quantized["sliding"]["stride"] == 64
     for result in (quantized, original):
         assert 1 < result["non_overlapping"] < 1e4 and 1 < result["sliding"]["ppl"] < 1e4
     assert quantized["non_overlapping"] != original["non_overlapping"]

@@ -67,3 +67,20 @@ def test_existing_output_and_changed_resume(run, tmp_path):
     (tmp_path / "out.partial" / "work" / "run.json").write_text('{"bits": 3.0}')
     status, err = run("--resume")
     assert status == 2 and "was started with other options" in err and "bits: 3.0 then, 2.5 now" in err
+
+
+def test_a_model_id_in_the_local_hub_cache_is_found(tiny_model_dir, tmp_path):
+    """A model already in the Hugging Face cache is read from there with no network access."""
+    import shutil
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--tiny--olmoe" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model_dir("olmoe"), snapshot)
+    (tmp_path / "hub" / "models--tiny--olmoe" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny--olmoe" / "refs" / "main").write_text(snapshot.name)
+    code = "from offline.source import SourceCheckpoint; print(SourceCheckpoint('tiny/olmoe').dir)"
+    env = {"PATH": "", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(snapshot)

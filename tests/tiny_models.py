@@ -103,3 +103,24 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, **shape) -> Path:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write a tiny random MoE checkpoint, and local text to calibrate it with.")
+    p.add_argument("arch", choices=ARCHITECTURES)
+    p.add_argument("out", type=Path)
+    p.add_argument("--layers", type=int, default=LAYERS)
+    p.add_argument("--experts", type=int, default=EXPERTS)
+    p.add_argument("--intermediate", type=int, default=EXPERT_INTERMEDIATE)
+    p.add_argument("--hidden", type=int, default=HIDDEN)
+    p.add_argument("--text", type=Path, help="also write the corpus as plain text here")
+    a = p.parse_args()
+    build_tiny_model(a.arch, a.out, layers=a.layers, experts=a.experts, intermediate=a.intermediate, hidden=a.hidden)
+    if a.text:
+        a.text.write_text("\n\n".join(corpus()))
+
+
+if __name__ == "__main__":
+    main()
