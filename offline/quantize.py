@@ -4,6 +4,7 @@ Every stage saves its result in OUT.partial/work, so --resume continues after a 
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -31,12 +32,12 @@ def quantize(options: Options) -> Path:
     run = RunDir(Path(options.out), options.run_identity(), options.resume, options.overwrite)
     timer = StageTimer()
     with timer("calibrate_and_cost"):
-        losses = calibrate_and_cost(plan, run, tokens)  # [U, J]
+        losses, routed_tokens = calibrate_and_cost(plan, run, tokens)  # [U, J], [L, E]
     with timer("allocate"):
         choice, stats = allocate_bits(plan, run, losses)
     with timer("export"):
         files = export_shards(plan, run, row_bits(plan, choice))
-    finish(plan, run, choice, losses, stats, files, timer)
+    finish(plan, run, choice, losses, routed_tokens, stats, files, timer)
     return run.finish()
 
 
@@ -56,8 +57,9 @@ def layer_losses(plan: Plan, layer: int, routed, n_tokens: int, device: torch.de
     return torch.cat(losses)
 
 
-def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> torch.Tensor:
-    """Unit losses [units of all layers, J], layer after layer; each layer's are saved as it completes."""
+def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit losses [units of all layers, J] and routed tokens per expert [L, E], layer after layer;
+    each layer's are saved as it completes."""
     device = torch.device(plan.options.device)
     pending = [i for i in plan.moe_layers if run.load(f"layer-{i:05d}") is None]
     if pending:
@@ -70,13 +72,20 @@ def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> torch.T
         n_tokens = hidden.shape[0] * hidden.shape[1]
         for i, hidden, routed in walk_layers(model, plan.source, hidden, first, set(plan.moe_layers), device):
             if routed is not None:
-                run.save(f"layer-{i:05d}", {"loss": layer_losses(plan, i, routed, n_tokens, device)})
+                routed_tokens = torch.bincount(routed.ids.flatten().cpu(), minlength=plan.num_experts)  # [E]
+                if (routed_tokens == 0).any():
+                    unused = (routed_tokens == 0).nonzero().flatten().tolist()
+                    print(f"bitsmoe-quantize: warning: layer {i}: experts {unused} got no calibration token; their "
+                          "estimated loss is 0, so they will get 0 bits; pass more calibration text", file=sys.stderr)  # fmt: skip
+                losses = layer_losses(plan, i, routed, n_tokens, device)
+                run.save(f"layer-{i:05d}", {"loss": losses, "routed_tokens": routed_tokens})
             run.save("hidden", {"hidden": hidden}, {"layer": str(i)})
             plan.source.tensors.close()
             return_freed_memory()
             if i >= plan.moe_layers[-1]:
                 break
-    return torch.cat([run.load(f"layer-{i:05d}")[0]["loss"] for i in plan.moe_layers])
+    saved = [run.load(f"layer-{i:05d}")[0] for i in plan.moe_layers]
+    return torch.cat([s["loss"] for s in saved]), torch.stack([s["routed_tokens"] for s in saved])
 
 
 def allocate_bits(plan: Plan, run: RunDir, losses: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -126,7 +135,10 @@ def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> lis
     return files
 
 
-def finish(plan: Plan, run: RunDir, choice: torch.Tensor, losses: torch.Tensor, stats: dict, files: list[str], timer: StageTimer) -> None:
+def finish(
+    plan: Plan, run: RunDir, choice: torch.Tensor, losses: torch.Tensor, routed_tokens: torch.Tensor, stats: dict,
+    files: list[str], timer: StageTimer,
+) -> None:
     """config.json, the index, tokenizer and other files, validation by re-reading, the report and plots."""
     bits = row_bits(plan, choice)
     layouts = [
@@ -151,7 +163,10 @@ def finish(plan: Plan, run: RunDir, choice: torch.Tensor, losses: torch.Tensor, 
                  "routed_expert_weights": plan.total_weights, "non_expert_params": non_expert_params(plan)},
         "allocation": stats,
         "layers": {
-            layout.module: {p: {"histogram": hist[p], "estimated_loss": float(chosen[k, j])} for j, p in enumerate(PROJECTIONS)}
+            layout.module: {
+                **{p: {"histogram": hist[p], "estimated_loss": float(chosen[k, j])} for j, p in enumerate(PROJECTIONS)},
+                "routed_tokens_per_expert": routed_tokens[k].tolist(),
+            }
             for k, (layout, hist) in enumerate(zip(layouts, histograms(bits, plan.widths).values()))
         },
         "stages": timer.stages,

@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 
 from bitsmoe_vllm.checkpoint import TensorFiles, load_layer, read_quant_config
+from bitsmoe_vllm.format import PROJECTIONS
 from bitsmoe_vllm.reference import moe_forward
 from offline.calibrate import embed, read_texts, token_sequences, walk_layers
 from offline.modules import load_module, skeleton
@@ -94,7 +95,7 @@ def test_error_falls_as_bits_rise_and_the_cost_model_ranks_it(arch, quantized, c
         errors = layer_errors(model, directory, calib_file)
         report = json.loads((directory / "quantization_report.json").read_text())
         for layer, layout in zip(sorted(errors), read_quant_config(directory).layers):
-            estimated.append(sum(p["estimated_loss"] for p in report["layers"][layout.module].values()))
+            estimated.append(sum(report["layers"][layout.module][p]["estimated_loss"] for p in PROJECTIONS))
             measured.append(errors[layer])
         total[budget] = sum(errors.values())
     assert total[2.0] > total[2.5] > total[3.0], total
@@ -122,3 +123,5 @@ def test_checkpoint_contents(quantized):
     assert report["allocation"]["gap"] <= 1e-3 and report["bits"]["achieved_all"] <= 2.5
     assert set(report["stages"]) == {"calibrate_and_cost", "allocate", "export"}
     assert math.isfinite(report["allocation"]["lp_bound"])
+    tokens = [layer["routed_tokens_per_expert"] for layer in report["layers"].values()]
+    assert all(len(t) == 16 and sum(t) == 2048 * 2 for t in tokens)  # every calibration token picks top-2
