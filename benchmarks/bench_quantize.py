@@ -8,7 +8,6 @@ model, so the ratio must stay small whatever the number of layers. Writes JSON t
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile

@@ -96,7 +96,7 @@ def walk_layers(
     for i in tqdm(range(first_layer, len(layers)), desc="calibrate", unit="layer", initial=first_layer, total=len(layers)):
         layer = load_module(layers[i], f"model.layers.{i}.", source, device)
         captured: list[tuple] = []
-        hook = layer.mlp.experts.register_forward_pre_hook(lambda _m, args: captured.append(args[:3])) if i in moe_layers else None
+        hook = layer.mlp.experts.register_forward_pre_hook(lambda _m, args, c=captured: c.append(args[:3])) if i in moe_layers else None
         out = torch.empty_like(hidden)
         with torch.no_grad():
             for s in range(0, hidden.shape[0], batch):

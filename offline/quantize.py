@@ -61,8 +61,7 @@ def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> tuple[t
     """Unit losses [units of all layers, J] and routed tokens per expert [L, E], layer after layer;
     each layer's are saved as it completes."""
     device = torch.device(plan.options.device)
-    pending = [i for i in plan.moe_layers if run.load(f"layer-{i:05d}") is None]
-    if pending:
+    if any(run.load(f"layer-{i:05d}") is None for i in plan.moe_layers):
         model = skeleton(plan.source, device)
         saved = run.load("hidden")
         if saved is not None:
@@ -70,7 +69,9 @@ def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> tuple[t
         else:
             hidden, first = embed(model, plan.source, tokens, device), 0
         n_tokens = hidden.shape[0] * hidden.shape[1]
-        for i, hidden, routed in walk_layers(model, plan.source, hidden, first, set(plan.moe_layers), device):
+        walk = walk_layers(model, plan.source, hidden, first, set(plan.moe_layers), device)
+        del hidden  # the walk holds the hidden states; one copy in memory, not two
+        for i, after, routed in walk:
             if routed is not None:
                 routed_tokens = torch.bincount(routed.ids.flatten().cpu(), minlength=plan.num_experts)  # [E]
                 if (routed_tokens == 0).any():
@@ -79,7 +80,7 @@ def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> tuple[t
                           "estimated loss is 0, so they will get 0 bits; pass more calibration text", file=sys.stderr)  # fmt: skip
                 losses = layer_losses(plan, i, routed, n_tokens, device)
                 run.save(f"layer-{i:05d}", {"loss": losses, "routed_tokens": routed_tokens})
-            run.save("hidden", {"hidden": hidden}, {"layer": str(i)})
+            run.save("hidden", {"hidden": after}, {"layer": str(i)})
             plan.source.tensors.close()
             return_freed_memory()
             if i >= plan.moe_layers[-1]:

@@ -18,7 +18,7 @@ def resolve_model_dir(model: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(model, local_files_only=True))
-    except Exception as err:  # the hub library raises several kinds for "not cached"
+    except (ValueError, OSError) as err:  # an invalid id, or one not in the cache
         raise FileNotFoundError(
             f"model {model!r} is neither a directory nor a model id in the local Hugging Face cache ({err.__class__.__name__}); "
             "pass the checkpoint's directory, or download it first"
