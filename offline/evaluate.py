@@ -32,13 +32,12 @@ def load_model(model: str, device: torch.device) -> transformers.PreTrainedModel
     """The causal LM of a checkpoint, float32; a BitsMoE checkpoint's experts run the reference forward."""
     source = SourceCheckpoint(model)
     net = skeleton(source, device)
-    quantized = "quantization_config" in source.config
-    cfg = read_quant_config(source.dir) if quantized else None
-    files = TensorFiles(source.dir) if quantized else None
-    arch = source.architecture
+    cfg = read_quant_config(source.dir) if "quantization_config" in source.config else None
+    quantized = {layout.module for layout in cfg.layers} if cfg else set()
+    files = TensorFiles(source.dir) if cfg else None
     for i, layer in enumerate(net.model.layers):
-        module = arch.experts_module.format(layer=i)
-        if cfg is not None and module in {layer.module for layer in cfg.layers}:
+        module = source.architecture.experts_module.format(layer=i)
+        if module in quantized:
             layer.mlp.experts = ReferenceExperts(load_layer(files, cfg, module).to(device))
         load_module(layer, f"model.layers.{i}.", source, device)
     for prefix, part in (("model.embed_tokens.", net.model.embed_tokens), ("model.norm.", net.model.norm), ("lm_head.", net.lm_head)):
