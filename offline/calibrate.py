@@ -46,14 +46,15 @@ def read_texts(paths: list[str]) -> list[str]:
     return texts
 
 
+def token_stream(tokenizer, texts: list[str]) -> list[int]:
+    """The documents' tokens, each document followed by EOS (when the tokenizer has one)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"] + eos]
+
+
 def token_sequences(tokenizer, texts: list[str], n_tokens: int, seq_len: int) -> torch.Tensor:
-    """[S, seq_len] token ids, S = ceil(n_tokens / seq_len), taken evenly from the documents joined by EOS."""
-    eos = tokenizer.eos_token_id
-    stream = []
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
+    """[S, seq_len] token ids, S = ceil(n_tokens / seq_len), taken evenly from token_stream(texts)."""
+    stream = token_stream(tokenizer, texts)
     S = -(-n_tokens // seq_len)
     available = len(stream) // seq_len
     if available < S:

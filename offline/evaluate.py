@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from bitsmoe_vllm.checkpoint import TensorFiles, load_layer, read_quant_config
 from bitsmoe_vllm.reference import MoELayer, moe_forward
-from offline.calibrate import read_texts
+from offline.calibrate import read_texts, token_stream
 from offline.modules import load_module, skeleton
 from offline.source import SourceCheckpoint, resolve_model_dir
 
@@ -72,10 +72,7 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int, stride: int | None) ->
 
 
 def text_tokens(model_dir, text_files: list[str], max_tokens: int | None) -> torch.Tensor:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    stream = []
-    for text in read_texts(text_files):
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    stream = token_stream(transformers.AutoTokenizer.from_pretrained(model_dir), read_texts(text_files))
     return torch.tensor(stream[:max_tokens] if max_tokens else stream)
 
 

@@ -47,11 +47,6 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_tensors(path, tensors, {"format": "pt"})
 
 
-def shard_names(path: Path) -> list[str]:
-    with safe_open(path, "pt") as f:
-        return list(f.keys())
-
-
 def write_index(directory: Path, files: list[str]) -> None:
     weight_map, total = {}, 0
     for file in files:

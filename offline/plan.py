@@ -60,14 +60,6 @@ class Plan:
     budget_bits: float  # for the factors' codes and scales: what the allocation may spend
 
     @property
-    def units_per_expert(self) -> int:
-        return self.unit_cost.shape[0]
-
-    @property
-    def units_per_layer(self) -> int:
-        return len(PROJECTIONS) * self.num_experts * self.units_per_expert
-
-    @property
     def basis_dtype(self) -> str:
         return BASIS_DTYPES[self.options.basis_dtype]
 
