@@ -8,6 +8,7 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from bitsmoe_vllm.format import QUANT_METHOD, QuantConfig
+from bitsmoe_vllm.moe_method import BitsMoEMoEMethod
 
 
 class BitsMoEConfig(QuantizationConfig):
@@ -42,8 +43,11 @@ class BitsMoEConfig(QuantizationConfig):
         if isinstance(layer, LinearBase):
             return UnquantizedLinearMethod()  # attention, router and shared experts stay as stored
         if isinstance(layer, RoutedExperts):
-            raise NotImplementedError(
-                f"{prefix}: serving BitsMoE experts is not implemented yet in this bitsmoe-vllm version "
-                "(the vLLM MoE method is a later milestone)"
-            )
+            modules = [layout.module for layout in self.spec.layers]
+            if prefix not in modules:
+                raise ValueError(
+                    f"vLLM's MoE layer '{prefix}' is not in the checkpoint's quantization_config.layers "
+                    f"({len(modules)} layers, e.g. '{modules[0]}'); the checkpoint does not match this model"
+                )
+            return BitsMoEMoEMethod(layer.moe_config, self.spec, self.spec.layer(prefix))
         return None

@@ -177,17 +177,18 @@ class QuantConfig:
         raise KeyError(f"no BitsMoE layer '{module}' in quantization_config.layers")
 
 
-def basis_name(module: str, projection: str) -> str:
-    return f"{module}.{projection}_basis"
-
-
-def basis_scale_name(module: str, projection: str) -> str:
-    return f"{module}.{projection}_basis_scale"
-
-
 def expert_tensor_name(module: str, expert: int, checkpoint_projection: str, kind: str) -> str:
     """checkpoint_projection is the checkpoint's name (projection_names[p]); kind is "codes", "scales" or "bits"."""
     return f"{module}.{expert}.{checkpoint_projection}.{kind}"
+
+
+def basis_name(module: str, checkpoint_projection: str) -> str:
+    """A layer's shared basis travels under expert 0's names (FORMAT.md section 3)."""
+    return expert_tensor_name(module, 0, checkpoint_projection, "basis")
+
+
+def basis_scale_name(module: str, checkpoint_projection: str) -> str:
+    return expert_tensor_name(module, 0, checkpoint_projection, "basis_scale")
 
 
 def layer_tensor_specs(cfg: QuantConfig, layer: LayerLayout) -> dict[str, TensorSpec]:
@@ -195,11 +196,11 @@ def layer_tensor_specs(cfg: QuantConfig, layer: LayerLayout) -> dict[str, Tensor
     H, I, G = cfg.hidden_size, cfg.intermediate_size, cfg.group_size
     specs = {}
     for p in PROJECTIONS:
-        R = layer.projection(p).rank
+        R, name = layer.projection(p).rank, cfg.projection_names[p]
         shape = (H, R) if p == "down" else (R, H)
-        specs[basis_name(layer.module, p)] = TensorSpec(shape, BASIS_DTYPES[cfg.basis_dtype], None)
+        specs[basis_name(layer.module, name)] = TensorSpec(shape, BASIS_DTYPES[cfg.basis_dtype], None)
         if cfg.basis_dtype == "int8":
-            specs[basis_scale_name(layer.module, p)] = TensorSpec((shape[0],), SCALES_DTYPE, None)
+            specs[basis_scale_name(layer.module, name)] = TensorSpec((shape[0],), SCALES_DTYPE, None)
     for e in range(cfg.num_experts):
         for p in PROJECTIONS:
             pl, name = layer.projection(p), cfg.projection_names[p]
@@ -266,10 +267,10 @@ def check_layer_tensors(cfg: QuantConfig, layer: LayerLayout, tensors: Mapping[s
     for p in PROJECTIONS:
         pl, name = layer.projection(p), cfg.projection_names[p]
         for e in range(cfg.num_experts):
-            _check_bits(cfg, expert_tensor_name(layer.module, e, name, "bits"), tensors, pl.rows[e], pl.planes[e])
+            check_bits(cfg, expert_tensor_name(layer.module, e, name, "bits"), tensors, pl.rows[e], pl.planes[e])
 
 
-def _check_bits(cfg: QuantConfig, name: str, tensors: Mapping[str, torch.Tensor], rows: int, planes: int) -> None:
+def check_bits(cfg: QuantConfig, name: str, tensors: Mapping[str, torch.Tensor], rows: int, planes: int) -> None:
     bits = tensors[name].to(torch.int64)
     unknown = sorted(set(bits.unique().tolist()) - set(cfg.candidate_bits))
     if unknown:

@@ -71,8 +71,9 @@ def gather_layer(cfg: QuantConfig, module: str, tensors: Mapping[str, torch.Tens
         return torch.stack(parts) if kind == "bits" else torch.cat(parts)
 
     def basis(p: str) -> Basis:
-        scale = tensors[basis_scale_name(module, p)] if cfg.basis_dtype == "int8" else None
-        return Basis(tensors[basis_name(module, p)], scale)
+        name = cfg.projection_names[p]
+        scale = tensors[basis_scale_name(module, name)] if cfg.basis_dtype == "int8" else None
+        return Basis(tensors[basis_name(module, name)], scale)
 
     factors = {p: Factors(cat(p, "codes"), cat(p, "scales"), cat(p, "bits")) for p in PROJECTIONS}
     return MoELayer(basis("gate"), basis("up"), basis("down"), **factors, group_size=cfg.group_size)

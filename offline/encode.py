@@ -58,9 +58,9 @@ def encode_layer(
     for p in PROJECTIONS:
         dec, widths, name = decompositions[p], bits[p].to(torch.int64), projection_names[p]
         basis = dec.basis.T if p == "down" else dec.basis  # down stores U_d = V^T [H, R]
-        tensors[basis_name(module, p)], scale = quantize_basis(basis, basis_dtype)
+        tensors[basis_name(module, name)], scale = quantize_basis(basis, basis_dtype)
         if scale is not None:
-            tensors[basis_scale_name(module, p)] = scale
+            tensors[basis_scale_name(module, name)] = scale
         for e, factor in enumerate(dec.factors):
             codes, scales = encode_factor(factor, widths[e], group_size)
             tensors[expert_tensor_name(module, e, name, "codes")] = codes

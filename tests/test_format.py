@@ -113,7 +113,7 @@ def test_tensor_specs_count_and_shard_dims(checkpoint):
     assert specs[f"{MODULE}.0.gate_proj.codes"].shard_dim == 1
     assert specs[f"{MODULE}.0.gate_proj.scales"].shard_dim == 1
     assert specs[f"{MODULE}.0.gate_proj.bits"].shard_dim is None
-    assert specs[f"{MODULE}.down_basis"].shape == (H, 64) and specs[f"{MODULE}.down_basis"].shard_dim is None
+    assert specs[f"{MODULE}.0.down_proj.basis"].shape == (H, 64) and specs[f"{MODULE}.0.down_proj.basis"].shard_dim is None
 
 
 def test_valid_tensors_pass(checkpoint):
@@ -148,7 +148,7 @@ def test_wrong_shape_is_named(checkpoint):
 
 
 def test_wrong_dtype_is_named(checkpoint):
-    name = f"{MODULE}.gate_basis"
+    name = f"{MODULE}.0.gate_proj.basis"
     refuse_tensors(checkpoint, name, torch.Tensor.float, f"tensor '{name}'", "expected dtype torch.float16", "found torch.float32")
 
 
@@ -163,7 +163,7 @@ def test_bits_inconsistent_with_the_layout_are_named(checkpoint):
 
 
 def test_nan_in_a_basis_is_named(checkpoint):
-    name = f"{MODULE}.up_basis"
+    name = f"{MODULE}.0.up_proj.basis"
     refuse_tensors(checkpoint, name, lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), f"tensor '{name}': holds NaN or Inf")
 
 

@@ -54,7 +54,7 @@ def tiny_config(
         vocab_size=vocab_size,
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=2,  # head size 32: the smallest vLLM's CPU attention supports
         max_position_embeddings=512,
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
@@ -63,8 +63,8 @@ def tiny_config(
     )
     if arch == "qwen3_moe":
         return transformers.Qwen3MoeConfig(
-            **common, intermediate_size=128, moe_intermediate_size=intermediate, num_key_value_heads=2,
-            head_dim=16, num_experts=experts, num_experts_per_tok=TOP_K, norm_topk_prob=True,
+            **common, intermediate_size=128, moe_intermediate_size=intermediate, num_key_value_heads=1,
+            head_dim=32, num_experts=experts, num_experts_per_tok=TOP_K, norm_topk_prob=True,
         )
     if arch == "mixtral":
         return transformers.MixtralConfig(
@@ -73,15 +73,16 @@ def tiny_config(
         )
     if arch == "olmoe":
         return transformers.OlmoeConfig(
-            **common, intermediate_size=intermediate, num_key_value_heads=4,
+            **common, intermediate_size=intermediate, num_key_value_heads=2,
             num_experts=experts, num_experts_per_tok=TOP_K,
         )
-    if arch == "deepseek_v2":  # layer 0 dense, layer 1 MoE with a shared expert
+    if arch == "deepseek_v2":  # layer 0 dense, the others MoE with a shared expert
+        # vLLM's CPU MLA kernel is built for a latent of kv_lora_rank 512 + rope 64 only
         return transformers.DeepseekV2Config(
-            **common, intermediate_size=128, moe_intermediate_size=intermediate, num_key_value_heads=4,
+            **common, intermediate_size=128, moe_intermediate_size=intermediate, num_key_value_heads=2,
             n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=TOP_K, first_k_dense_replace=1,
-            kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-            topk_method="greedy", routed_scaling_factor=1.0,
+            kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32,
+            topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,  # as DeepSeek-V2-Lite
         )
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {ARCHITECTURES}")
 

@@ -1,0 +1,59 @@
+"""`torch.ops.bitsmoe.moe`: the BitsMoE MoE layer as one custom op, and the dispatch behind it.
+
+A custom op with a fake (meta) implementation, so torch.compile (vLLM traces its CPU MoE) treats the
+layer as one opaque call. Today every device runs the reference (`reference.moe_forward`); compiled
+kernels register here under the same name and argument order.
+"""
+
+import torch
+
+from bitsmoe_vllm.reference import Basis, Factors, MoELayer, moe_forward
+
+
+@torch.library.custom_op("bitsmoe::moe", mutates_args=())
+def moe(
+    x: torch.Tensor,  # [T, H]
+    topk_weights: torch.Tensor,  # [T, K]
+    topk_ids: torch.Tensor,  # [T, K] local expert ids, -1 = not here
+    gate_basis: torch.Tensor,  # [R_gate, H]
+    up_basis: torch.Tensor,  # [R_up, H]
+    down_basis: torch.Tensor,  # [H, R_down]
+    gate_basis_scale: torch.Tensor | None,  # [R_gate] for int8 bases
+    up_basis_scale: torch.Tensor | None,
+    down_basis_scale: torch.Tensor | None,
+    gate_codes: torch.Tensor,  # [sum_e planes_e, I/32] int32
+    gate_scales: torch.Tensor,  # [sum_e rows_e, I/G] float16
+    gate_bits: torch.Tensor,  # [E, R_gate] uint8
+    up_codes: torch.Tensor,
+    up_scales: torch.Tensor,
+    up_bits: torch.Tensor,
+    down_codes: torch.Tensor,
+    down_scales: torch.Tensor,
+    down_bits: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """[T, H] routed-expert output in x.dtype (FORMAT.md section 4)."""
+    layer = MoELayer(
+        Basis(gate_basis, gate_basis_scale), Basis(up_basis, up_basis_scale), Basis(down_basis, down_basis_scale),
+        Factors(gate_codes, gate_scales, gate_bits), Factors(up_codes, up_scales, up_bits),
+        Factors(down_codes, down_scales, down_bits), group_size,
+    )  # fmt: skip
+    return moe_forward(x, topk_weights, topk_ids, layer)
+
+
+@moe.register_fake
+def _(x, topk_weights, topk_ids, *layer_tensors_and_group_size):
+    return torch.empty_like(x)
+
+
+def moe_layer(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: MoELayer) -> torch.Tensor:
+    """torch.ops.bitsmoe.moe with the layer's tensors taken from a MoELayer."""
+    return torch.ops.bitsmoe.moe(
+        x, topk_weights, topk_ids,
+        layer.gate_basis.weight, layer.up_basis.weight, layer.down_basis.weight,
+        layer.gate_basis.scale, layer.up_basis.scale, layer.down_basis.scale,
+        layer.gate.codes, layer.gate.scales, layer.gate.bits,
+        layer.up.codes, layer.up.scales, layer.up.bits,
+        layer.down.codes, layer.down.scales, layer.down.bits,
+        layer.group_size,
+    )  # fmt: skip
