@@ -63,7 +63,8 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int, params_dtype, **extra):
         self._refuse_unsupported(layer, hidden_size, intermediate_size_per_partition)
         spec, I_tp = self.spec, intermediate_size_per_partition
-        self.local = [g for g in range(spec.num_experts) if layer._map_global_expert_id_to_local_expert_id(g) >= 0]
+        local_id = {g: layer._map_global_expert_id_to_local_expert_id(g) for g in range(spec.num_experts)}
+        self.local = sorted((g for g, i in local_id.items() if i >= 0), key=local_id.get)  # experts here, in local-id order
         self.regions = self._regions()
         sizes = {"w13": self._totals(("gate", "up")), "w2": self._totals(("down",))}
         R = {p: self.layout.projection(p).rank for p in ("gate", "up", "down")}
@@ -187,7 +188,7 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ValueError(f"BitsMoE checkpoint is missing tensor '{missing[0]}'{more}")
         R = {p: self.layout.projection(p).rank for p in ("gate", "up", "down")}
-        g, u = self.regions["gate"], self.regions["up"]
+        g = self.regions["gate"]
         scale = getattr(layer, "w13_basis_scale", None)
 
         def rows(t, start, n):
@@ -202,7 +203,6 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             Factors(layer.w2_codes, layer.w2_scales, layer.w2_bits),
             self.spec.group_size,
         )
-        del u
 
     def get_fused_moe_quant_config(self, layer):
         return None

@@ -58,11 +58,13 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise ValueError(f"unpack: expected int32 words [..., {bits}, W], got {words.dtype} {list(words.shape)}")
     if words.shape[-1] != words_per_plane(n):
         raise ValueError(f"unpack: {n} codes need {words_per_plane(n)} words per plane, found {words.shape[-1]}")
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    column_bit = torch.arange(WORD_BITS, device=w.device, dtype=torch.int64)
-    plane_bits = (w.unsqueeze(-1) >> column_bit) & 1  # [..., bits, W, 32]
-    plane_weight = (1 << torch.arange(bits, device=w.device, dtype=torch.int64)).view(bits, 1, 1)
-    u = (plane_bits * plane_weight).sum(-3).flatten(-2)[..., :n]  # [..., n]
+    column_bit = torch.arange(WORD_BITS, device=words.device, dtype=torch.int32)
+    # int32 shifts are arithmetic, but "& 1" keeps exactly the bit asked for
+    plane_bits = ((words.unsqueeze(-1) >> column_bit) & 1).to(torch.uint8)  # [..., bits, W, 32]
+    u = plane_bits[..., 0, :, :].clone()
+    for p in range(1, bits):
+        u |= plane_bits[..., p, :, :] << p
+    u = u.flatten(-2)[..., :n].to(torch.int16)  # [..., n] in [0, 2^bits)
     q = 2 * u - 1 if bits == 1 else u - (1 << (bits - 1))
     return q.to(torch.int8)
 

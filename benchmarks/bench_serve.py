@@ -1,0 +1,93 @@
+"""`vllm serve` of a BitsMoE checkpoint against the same model unquantized: startup time, memory of the
+server's processes, single-stream and 8-stream decode tokens/s, measured with the OpenAI client.
+Default vLLM settings (bfloat16, torch.compile); one run each. Writes JSON to benchmarks/results/.
+
+    .venv/bin/python benchmarks/bench_serve.py --hidden 512 --experts 16 --intermediate 512 --layers 4
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+from openai import OpenAI
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import describe  # noqa: E402
+from tests.vllm_server import vllm_server  # noqa: E402
+
+PROMPT = "Return the sum of a start value and an iterable of numbers"
+
+
+def server_rss_mb(url: str) -> float:
+    """Resident memory of the process listening on url's port and all its children (API server, engine, worker)."""
+    port = int(url.rsplit(":", 1)[1])
+    for conn in psutil.net_connections("tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+            root = psutil.Process(conn.pid)
+            return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+    raise RuntimeError(f"no process listens on port {port}")
+
+
+def decode_rate(client: OpenAI, model: str, streams: int, tokens: int, rounds: int) -> float:
+    """Generated tokens per second with `streams` concurrent requests of `tokens` tokens, over `rounds` rounds."""
+
+    def one(_):
+        r = client.completions.create(model=model, prompt=PROMPT, max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True})
+        return r.usage.completion_tokens
+
+    start, total = time.perf_counter(), 0
+    with ThreadPoolExecutor(streams) as pool:
+        for _ in range(rounds):
+            total += sum(pool.map(one, range(streams)))
+    return total / (time.perf_counter() - start)
+
+
+def measure(model: Path, log: Path, tokens: int) -> dict:
+    start = time.perf_counter()
+    with vllm_server(model, "--max-model-len", "512", log=log, timeout=600) as url:
+        startup = time.perf_counter() - start
+        client = OpenAI(base_url=f"{url}/v1", api_key="none")
+        decode_rate(client, str(model), 1, 16, 1)  # warm-up
+        single = decode_rate(client, str(model), 1, tokens, 3)
+        eight = decode_rate(client, str(model), 8, tokens, 2)
+        rss = server_rss_mb(url)
+    return {"startup_seconds": round(startup, 1), "server_rss_mb": round(rss), "tokens_per_s_1_stream": round(single, 1),
+            "tokens_per_s_8_streams": round(eight, 1)}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--arch", default="mixtral")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--intermediate", type=int, default=128)
+    p.add_argument("--bits", type=float, default=2.5)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_cpu.json"))
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model, bitsmoe, text = tmp / "model", tmp / "bitsmoe", tmp / "text.txt"
+        shape = ["--layers", str(a.layers), "--experts", str(a.experts), "--intermediate", str(a.intermediate), "--hidden", str(a.hidden)]
+        subprocess.run([sys.executable, "-m", "tests.tiny_models", a.arch, str(model), *shape, "--text", str(text)], check=True, cwd=REPO, capture_output=True)
+        subprocess.run([sys.executable, "-m", "offline", "--model", str(model), "--out", str(bitsmoe), "--bits", str(a.bits),
+                        "--calib", str(text), "--calib-tokens", "2048", "--calib-seq-len", "128"], check=True, cwd=REPO, capture_output=True)  # fmt: skip
+        size = {name: sum(f.stat().st_size for f in d.glob("*.safetensors")) / 2**20 for name, d in (("unquantized", model), ("bitsmoe", bitsmoe))}
+        runs = {name: measure(d, tmp / f"{name}.log", a.tokens) | {"safetensors_mb": round(size[name], 1)}
+                for name, d in (("unquantized", model), ("bitsmoe", bitsmoe))}  # fmt: skip
+    result = {"machine": describe(), "model": vars(a) | {"out": None}, "runs": runs}
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

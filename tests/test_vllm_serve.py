@@ -1,0 +1,129 @@
+"""`vllm serve` of tiny BitsMoE checkpoints: the OpenAI API, log-probabilities against the same weights
+served unquantized, and refusals of bad checkpoints. Every server is a real process on 127.0.0.1."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from offline.dequantize import dequantize_checkpoint
+from offline.plan import Options
+from offline.quantize import quantize
+from tests.tiny_models import ARCHITECTURES
+from tests.vllm_server import FAST_AND_STRICT, get, post, run_to_exit, stream, vllm_server
+
+pytest.importorskip("vllm")
+
+SHAPE = {"layers": 2, "experts": 16, "intermediate": 128}
+PROMPT = "Return the sum of a start value and an iterable of numbers"
+LOGPROB_TOLERANCE = 1e-3  # float32 everywhere; measured differences are ~2e-6
+EXACT = ["--dtype", "float32", *FAST_AND_STRICT]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_model_dir, calib_file, tmp_path_factory):
+    """arch -> (original, BitsMoE at 3 bits, BitsMoE dequantized to a plain checkpoint)."""
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            original = tiny_model_dir(arch, **SHAPE)
+            root = tmp_path_factory.mktemp(f"{arch}-serve")
+            bitsmoe = quantize(Options(model=str(original), out=str(root / "bitsmoe"), bits=3.0, calib=(str(calib_file),),
+                                       calib_tokens=1024, calib_seq_len=128, unit_rows=8))  # fmt: skip
+            made[arch] = original, bitsmoe, dequantize_checkpoint(bitsmoe, root / "dequantized")
+        return made[arch]
+
+    return get
+
+
+def prompt_logprobs(url: str, model) -> list[float]:
+    body = {"model": str(model), "prompt": PROMPT, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    return post(url, "/v1/completions", body)["choices"][0]["logprobs"]["token_logprobs"][1:]
+
+
+def transformers_logprobs(model_dir) -> list[float]:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+    return logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_openai_api_and_logprobs_match_the_dequantized_weights(arch, checkpoints, tmp_path):
+    original, bitsmoe, dequantized = checkpoints(arch)
+    flag = ["--quantization", "bitsmoe"] if arch in ("mixtral", "deepseek_v2") else []  # the checkpoint names its method
+    with vllm_server(bitsmoe, *EXACT, *flag, log=tmp_path / "bitsmoe.log") as url:
+        assert "quantization=bitsmoe" in (tmp_path / "bitsmoe.log").read_text()
+        assert [m["id"] for m in get(url, "/v1/models")["data"]] == [str(bitsmoe)]
+        body = {"model": str(bitsmoe), "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        completion = post(url, "/v1/completions", body)
+        assert completion["usage"]["completion_tokens"] == 12 and completion["choices"][0]["text"]
+        streamed = "".join(event["choices"][0]["text"] for event in stream(url, "/v1/completions", body))
+        assert streamed == completion["choices"][0]["text"]  # greedy: the same tokens either way
+        chat = post(url, "/v1/chat/completions", {"model": str(bitsmoe), "max_tokens": 8, "temperature": 0,
+                                                  "messages": [{"role": "user", "content": "What does sum do?"}]})  # fmt: skip
+        assert chat["choices"][0]["message"]["role"] == "assistant" and chat["usage"]["completion_tokens"] > 0
+        served = prompt_logprobs(url, bitsmoe)
+    with vllm_server(dequantized, *EXACT, log=tmp_path / "dequantized.log") as url:
+        reference = prompt_logprobs(url, dequantized)
+    assert len(served) == len(reference) > 10
+    assert max(abs(a - b) for a, b in zip(served, reference)) < LOGPROB_TOLERANCE
+    # the comparison has teeth: the original (unquantized) weights give clearly different log-probabilities
+    assert max(abs(a - b) for a, b in zip(served, transformers_logprobs(original))) > 50 * LOGPROB_TOLERANCE
+
+
+def edited_copy(bitsmoe, tmp_path, edit_tensors=None, edit_config=None):
+    copy = tmp_path / "edited"
+    shutil.copytree(bitsmoe, copy)
+    if edit_tensors:
+        shard = sorted(copy.glob("model-00002-*.safetensors"))[0]  # decoder layer 1: MoE in every tiny model
+        tensors = load_file(shard)
+        edit_tensors(tensors)
+        save_file(tensors, shard, metadata={"format": "pt"})
+        index = json.loads((copy / "model.safetensors.index.json").read_text())
+        index["weight_map"] = {n: f for n, f in index["weight_map"].items() if f != shard.name or n in tensors}
+        (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    if edit_config:
+        config = json.loads((copy / "config.json").read_text())
+        edit_config(config)
+        (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def drop(name):
+    return lambda tensors: tensors.pop(name)
+
+
+def shorten(name):
+    return lambda tensors: tensors.update({name: tensors[name][:-1].clone()})
+
+
+MODULE = "model.layers.1.mlp.experts"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing tensor", f"BitsMoE checkpoint is missing tensor '{MODULE}.3.up_proj.scales'"),
+        ("wrong shape", f"tensor '{MODULE}.5.down_proj.codes': expected torch.int32"),
+        ("unknown format version", "quantization_config.format_version: unknown version 2"),
+        ("not a BitsMoE checkpoint", "--quantization bitsmoe needs a BitsMoE checkpoint"),
+    ],
+)
+def test_bad_checkpoints_are_refused_at_load(case, message, checkpoints, tmp_path):
+    original, bitsmoe, _ = checkpoints("qwen3_moe")
+    model, flag = {
+        "missing tensor": (lambda: edited_copy(bitsmoe, tmp_path, drop(f"{MODULE}.3.up_proj.scales")), []),
+        "wrong shape": (lambda: edited_copy(bitsmoe, tmp_path, shorten(f"{MODULE}.5.down_proj.codes")), []),
+        "unknown format version": (lambda: edited_copy(bitsmoe, tmp_path, edit_config=lambda c: c["quantization_config"].update(format_version=2)), []),
+        "not a BitsMoE checkpoint": (lambda: original, ["--quantization", "bitsmoe"]),
+    }[case]
+    status, output = run_to_exit(model(), *EXACT, *flag, log=tmp_path / "refused.log")
+    assert status != 0
+    assert message in output, output[-3000:]
