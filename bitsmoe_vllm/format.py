@@ -267,11 +267,13 @@ def check_layer_tensors(cfg: QuantConfig, layer: LayerLayout, tensors: Mapping[s
     for p in PROJECTIONS:
         pl, name = layer.projection(p), cfg.projection_names[p]
         for e in range(cfg.num_experts):
-            check_bits(cfg, expert_tensor_name(layer.module, e, name, "bits"), tensors, pl.rows[e], pl.planes[e])
+            bits_name = expert_tensor_name(layer.module, e, name, "bits")
+            check_bits(cfg, bits_name, tensors[bits_name], pl.rows[e], pl.planes[e])
 
 
-def check_bits(cfg: QuantConfig, name: str, tensors: Mapping[str, torch.Tensor], rows: int, planes: int) -> None:
-    bits = tensors[name].to(torch.int64)
+def check_bits(cfg: QuantConfig, name: str, bits: torch.Tensor, rows: int, planes: int) -> None:
+    """A bits tensor's widths are candidates and add up to the layout's rows and planes."""
+    bits = bits.to(torch.int64)
     unknown = sorted(set(bits.unique().tolist()) - set(cfg.candidate_bits))
     if unknown:
         raise ValueError(f"tensor '{name}': bit-width {unknown[0]} is not in candidate_bits {list(cfg.candidate_bits)}")

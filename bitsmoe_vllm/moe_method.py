@@ -97,7 +97,8 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
              f"intermediate size {I_tp} x {tp} tensor-parallel ranks in vLLM, {spec.intermediate_size} in the checkpoint"),
             (I_tp % spec.group_size != 0,
              f"each of {tp} tensor-parallel ranks holds {I_tp} of the {spec.intermediate_size} intermediate columns, "
-             f"not a multiple of group_size {spec.group_size}; use a tensor-parallel size that divides {spec.intermediate_size // spec.group_size}"),
+             f"not a multiple of the checkpoint's group_size {spec.group_size}; serve with fewer tensor-parallel ranks "
+             f"or quantize with a --group-size that divides {I_tp}"),
             (self.moe.activation != MoEActivation.SILU, f"activation {self.moe.activation.value}; format v1 has silu only"),
             (self.moe.has_bias, "expert biases, which format v1 cannot store"),
             (layer.apply_router_weight_on_input, "routing weights applied to the input, which BitsMoE does not support"),
@@ -128,8 +129,10 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         """vLLM's per-expert weight loader for parameter kind `kind` (codes, scales, bits, basis, basis_scale)."""
         p = SHARD_PROJECTION[shard_id]
         checkpoint_name = self.checkpoint_name(kind, p, expert_id)
-        self._check(checkpoint_name, loaded_weight)
         region, pl = self.regions[p], self.layout.projection(p)
+        self._check(checkpoint_name, loaded_weight)
+        if kind == "bits":
+            check_bits(self.spec, checkpoint_name, loaded_weight, pl.rows[expert_id], pl.planes[expert_id])
         if kind.startswith("basis"):  # the layer's, whatever experts this rank holds
             target = param.data if p == "down" else param.data[region.rank_at : region.rank_at + pl.rank]
         else:
@@ -165,11 +168,6 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             )
         if t.dtype.is_floating_point and not torch.isfinite(t).all():
             raise ValueError(f"tensor '{name}': holds NaN or Inf")
-        if name.endswith(".bits"):
-            e, _, rest = name.removeprefix(self.layout.module + ".").partition(".")
-            p = next(q for q, n in self.spec.projection_names.items() if rest == f"{n}.bits")
-            pl = self.layout.projection(p)
-            check_bits(self.spec, name, {name: t}, pl.rows[int(e)], pl.planes[int(e)])
 
     def _tp_slice(self, kind: str, t: torch.Tensor) -> torch.Tensor:
         """This rank's columns of a codes or scales tensor (FORMAT.md section 7)."""

