@@ -28,9 +28,9 @@ from bitsmoe_vllm.format import (
     SCALES_DTYPE,
     LayerLayout,
     QuantConfig,
-    check_bits,
     basis_name,
     basis_scale_name,
+    check_bits,
     expert_tensor_name,
     layer_tensor_specs,
 )
@@ -96,9 +96,9 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             (I_tp * tp != spec.intermediate_size,
              f"intermediate size {I_tp} x {tp} tensor-parallel ranks in vLLM, {spec.intermediate_size} in the checkpoint"),
             (I_tp % spec.group_size != 0,
-             f"each of {tp} tensor-parallel ranks holds {I_tp} of the {spec.intermediate_size} intermediate columns, "
-             f"not a multiple of the checkpoint's group_size {spec.group_size}; serve with fewer tensor-parallel ranks "
-             f"or quantize with a --group-size that divides {I_tp}"),
+             (f"each of {tp} tensor-parallel ranks holds {I_tp} of the {spec.intermediate_size} intermediate columns, "
+              f"not a multiple of the checkpoint's group_size {spec.group_size}; serve with fewer tensor-parallel ranks "
+              f"or quantize with a --group-size that divides {I_tp}")),
             (self.moe.activation != MoEActivation.SILU, f"activation {self.moe.activation.value}; format v1 has silu only"),
             (self.moe.has_bias, "expert biases, which format v1 cannot store"),
             (layer.apply_router_weight_on_input, "routing weights applied to the input, which BitsMoE does not support"),

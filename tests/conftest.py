@@ -25,3 +25,16 @@ def calib_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "calib.txt"
     path.write_text("\n\n".join(corpus()))
     return path
+
+
+@pytest.fixture(scope="session")
+def quantize_tiny(calib_file):
+    """quantize_tiny(model, out, bits, **options) -> the BitsMoE directory, with the small calibration tests use."""
+    from offline.plan import Options
+    from offline.quantize import quantize
+
+    def run(model, out, bits: float, calib_tokens: int = 1024, **options):
+        return quantize(Options(model=str(model), out=str(out), bits=bits, calib=(str(calib_file),), calib_tokens=calib_tokens,
+                                calib_seq_len=128, unit_rows=8, **options))  # fmt: skip
+
+    return run

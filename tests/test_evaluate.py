@@ -9,8 +9,6 @@ import torch
 import transformers
 
 from offline.evaluate import ReferenceExperts, load_model, main, perplexity
-from offline.plan import Options
-from offline.quantize import quantize
 from tests.conftest import QUANT_SHAPE
 
 
@@ -52,10 +50,9 @@ def test_protocols_against_transformers_loss(tiny_model_dir):
     assert perplexity(model, tokens, seq_len=200, stride=10) == pytest.approx(whole, rel=1e-5)
 
 
-def test_bitsmoe_checkpoint_runs_the_reference(tiny_model_dir, calib_file, tmp_path, capsys):
+def test_bitsmoe_checkpoint_runs_the_reference(tiny_model_dir, quantize_tiny, calib_file, tmp_path, capsys):
     model_dir = tiny_model_dir("mixtral", **QUANT_SHAPE)
-    out = quantize(Options(model=str(model_dir), out=str(tmp_path / "q"), bits=3.0, calib=(str(calib_file),),
-                           calib_tokens=1024, calib_seq_len=128, unit_rows=8))  # fmt: skip
+    out = quantize_tiny(model_dir, tmp_path / "q", 3.0)
     model = load_model(str(out), torch.device("cpu"))
     assert all(isinstance(layer.mlp.experts, ReferenceExperts) for layer in model.model.layers)
     args = ["--text", str(calib_file), "--seq-len", "128", "--stride", "64", "--max-tokens", "600"]

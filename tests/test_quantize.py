@@ -12,18 +12,15 @@ from bitsmoe_vllm.format import PROJECTIONS
 from bitsmoe_vllm.reference import moe_forward
 from offline.calibrate import embed, read_texts, token_sequences, walk_layers
 from offline.modules import load_module, skeleton
-from offline.plan import Options
-from offline.quantize import quantize
 from offline.source import SourceCheckpoint
 from tests.conftest import QUANT_SHAPE
 from tests.tiny_models import ARCHITECTURES
 
 BUDGETS = (2.0, 2.5, 3.0)
-CALIB = {"calib_tokens": 2048, "calib_seq_len": 128, "unit_rows": 8}
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_model_dir, calib_file, tmp_path_factory):
+def quantized(tiny_model_dir, quantize_tiny, tmp_path_factory):
     """arch -> (model dir, {bits: BitsMoE checkpoint dir})."""
     done = {}
 
@@ -31,9 +28,7 @@ def quantized(tiny_model_dir, calib_file, tmp_path_factory):
         if arch not in done:
             model = tiny_model_dir(arch, **QUANT_SHAPE)
             out = tmp_path_factory.mktemp(f"{arch}-q")
-            done[arch] = model, {
-                b: quantize(Options(model=str(model), out=str(out / f"{b}"), bits=b, calib=(str(calib_file),), **CALIB)) for b in BUDGETS
-            }
+            done[arch] = model, {b: quantize_tiny(model, out / f"{b}", b, calib_tokens=2048) for b in BUDGETS}
         return done[arch]
 
     return get

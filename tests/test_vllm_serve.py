@@ -13,8 +13,6 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from offline.dequantize import dequantize_checkpoint
-from offline.plan import Options
-from offline.quantize import quantize
 from tests.tiny_models import ARCHITECTURES
 from tests.vllm_server import FAST_AND_STRICT, get, post, run_to_exit, server_env, stream, vllm_server
 
@@ -27,7 +25,7 @@ EXACT = ["--dtype", "float32", *FAST_AND_STRICT]
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_model_dir, calib_file, tmp_path_factory):
+def checkpoints(tiny_model_dir, quantize_tiny, tmp_path_factory):
     """arch -> (original, BitsMoE at 3 bits, BitsMoE dequantized to a plain checkpoint)."""
     made = {}
 
@@ -35,8 +33,7 @@ def checkpoints(tiny_model_dir, calib_file, tmp_path_factory):
         if arch not in made:
             original = tiny_model_dir(arch, **SHAPE)
             root = tmp_path_factory.mktemp(f"{arch}-serve")
-            bitsmoe = quantize(Options(model=str(original), out=str(root / "bitsmoe"), bits=3.0, calib=(str(calib_file),),
-                                       calib_tokens=1024, calib_seq_len=128, unit_rows=8))  # fmt: skip
+            bitsmoe = quantize_tiny(original, root / "bitsmoe", 3.0)
             made[arch] = original, bitsmoe, dequantize_checkpoint(bitsmoe, root / "dequantized")
         return made[arch]
 
@@ -105,10 +102,9 @@ def test_offline_llm_api(checkpoints, tmp_path):
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel CPU workers need two cores")
-def test_tensor_parallel_2_matches_the_dequantized_weights(tiny_model_dir, calib_file, tmp_path):
+def test_tensor_parallel_2_matches_the_dequantized_weights(tiny_model_dir, quantize_tiny, tmp_path):
     """Each rank holds half of every factor row (FORMAT.md section 7); the sum over ranks is the whole layer."""
-    bitsmoe = quantize(Options(model=str(tiny_model_dir("mixtral", **SHAPE)), out=str(tmp_path / "bitsmoe"), bits=3.0,
-                               calib=(str(calib_file),), calib_tokens=1024, calib_seq_len=128, unit_rows=8, group_size=32))  # fmt: skip
+    bitsmoe = quantize_tiny(tiny_model_dir("mixtral", **SHAPE), tmp_path / "bitsmoe", 3.0, group_size=32)
     one_core_each = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # vLLM cannot bind two workers to one NUMA node by itself
     with vllm_server(bitsmoe, *EXACT, "--tensor-parallel-size", "2", log=tmp_path / "tp2.log", env=one_core_each) as url:
         served = prompt_logprobs(url, bitsmoe)
@@ -121,7 +117,7 @@ def edited_copy(bitsmoe, tmp_path, edit_tensors=None, edit_config=None):
     copy = tmp_path / "edited"
     shutil.copytree(bitsmoe, copy)
     if edit_tensors:
-        shard = sorted(copy.glob("model-00002-*.safetensors"))[0]  # decoder layer 1: MoE in every tiny model
+        shard = min(copy.glob("model-00002-*.safetensors"))  # decoder layer 1: MoE in every tiny model
         tensors = load_file(shard)
         edit_tensors(tensors)
         save_file(tensors, shard, metadata={"format": "pt"})
