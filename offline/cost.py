@@ -11,14 +11,15 @@ projection, h_g, h_u the gate and up pre-activations and a = silu(h_g) * h_u:
 
 (expectations over all calibration tokens, 0 where e is not selected; cross terms dropped). These
 weights are the "importance" [E, R, I]; a row's loss at width b is sum_i (Q_b(f) - f)_i^2 times them,
-and at width 0 the row's full weighted energy.
+and at width 0 the row's full weighted energy. offline.quantize divides a layer's losses by the median
+squared norm of the residual stream after it, so that losses of different layers are comparable.
 """
 
 import torch
 
 from bitsmoe_vllm.format import factor_row_bits
 from offline.calibrate import Routed
-from offline.rounding import quantize_rows
+from offline.rounding import REFINE_STEPS, quantize_rows
 
 CHUNK_ENTRIES = 1 << 20  # factor entries rounded at once: bounds the cost model's temporaries
 
@@ -43,7 +44,9 @@ def importance(projection: str, routed: Routed, weights: dict[str, torch.Tensor]
     return out / n_tokens
 
 
-def unit_losses(factors: torch.Tensor, weight: torch.Tensor, widths: list[int], unit_rows: int, group_size: int) -> torch.Tensor:
+def unit_losses(
+    factors: torch.Tensor, weight: torch.Tensor, widths: list[int], unit_rows: int, group_size: int, scale_steps: int = REFINE_STEPS
+) -> torch.Tensor:
     """factors [E, R, I], importance [E, R or 1, I] -> loss [E, units, J] float64 for widths[j]."""
     E, R, I = factors.shape
     units = -(-R // unit_rows)
@@ -56,7 +59,7 @@ def unit_losses(factors: torch.Tensor, weight: torch.Tensor, widths: list[int], 
             if b == 0:
                 err = f**2
             else:
-                codes, scales = quantize_rows(f.reshape(-1, I), b, group_size)
+                codes, scales = quantize_rows(f.reshape(-1, I), b, group_size, scale_steps)
                 dequant = codes.float() * scales.float().repeat_interleave(group_size, dim=1)
                 err = (dequant.reshape(f.shape) - f) ** 2
             row_loss[s : s + chunk, :R, j] = (err * a).sum(-1).double()

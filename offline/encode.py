@@ -18,10 +18,10 @@ from bitsmoe_vllm.format import (
     stored_bits,
 )
 from offline.decompose import Decomposition
-from offline.rounding import quantize_basis, quantize_rows
+from offline.rounding import REFINE_STEPS, quantize_basis, quantize_rows
 
 
-def encode_factor(factor: torch.Tensor, bits: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_factor(factor: torch.Tensor, bits: torch.Tensor, group_size: int, scale_steps: int = REFINE_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
     """factor [R, I] float, bits [R] -> codes [sum(bits), I/32] int32, scales [count(bits > 0), I/G] float16.
 
     Rows keep rank order; row k owns bits[k] consecutive planes (the inverse of reference.dequantize_factor).
@@ -37,7 +37,7 @@ def encode_factor(factor: torch.Tensor, bits: torch.Tensor, group_size: int) -> 
     scales = torch.zeros(len(stored), I // group_size, dtype=torch.float16, device=factor.device)
     for width in widths.unique().tolist():
         sel = (widths == width).nonzero().flatten()
-        q, scales[sel] = quantize_rows(factor[stored[sel]], width, group_size)
+        q, scales[sel] = quantize_rows(factor[stored[sel]], width, group_size, scale_steps)
         planes = first_plane[sel, None] + torch.arange(width, device=factor.device)  # [n, b]
         codes[planes.flatten()] = packing.pack(q, width).flatten(0, 1)
     return codes, scales
@@ -51,6 +51,7 @@ def encode_layer(
     group_size: int,
     basis_dtype: str,
     projection_names: Mapping[str, str],
+    scale_steps: int = REFINE_STEPS,
 ) -> tuple[LayerLayout, dict[str, torch.Tensor]]:
     """decompositions[p] of projection p; bits[p] [E, R] per-row widths -> (layout, name -> tensor)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -62,7 +63,7 @@ def encode_layer(
         if scale is not None:
             tensors[basis_scale_name(module, name)] = scale
         for e, factor in enumerate(dec.factors):
-            codes, scales = encode_factor(factor, widths[e], group_size)
+            codes, scales = encode_factor(factor, widths[e], group_size, scale_steps)
             tensors[expert_tensor_name(module, e, name, "codes")] = codes
             tensors[expert_tensor_name(module, e, name, "scales")] = scales
             tensors[expert_tensor_name(module, e, name, "bits")] = widths[e].to(BITS_DTYPE)

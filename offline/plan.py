@@ -8,6 +8,7 @@ import torch
 
 from bitsmoe_vllm.format import BIT_WIDTHS, PROJECTIONS, LayerLayout, ProjectionLayout, QuantConfig, stored_bits
 from offline.cost import unit_costs
+from offline.rounding import REFINE_STEPS
 from offline.source import SourceCheckpoint
 
 BASIS_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
@@ -25,10 +26,12 @@ class Options:
     calib_tokens: int = 16384
     calib_seq_len: int = 512
     budget_scope: str = "all"
+    allocation: str = "global"
     basis_dtype: str = "fp16"
-    rank: int | None = None
+    rank: int | None = None  # None: chosen per run from Plan.rank_candidates
     candidate_bits: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8)
     unit_rows: int = 32
+    scale_steps: int = REFINE_STEPS
     group_size: int | None = None
     device: str = "cpu"
     resume: bool = False
@@ -70,6 +73,24 @@ class Plan:
         high = self.unit_cost.max(1).values.sum() * per_layer * len(self.moe_layers)
         return float((low + self.fixed_bits) / self.total_weights), float((high + self.fixed_bits) / self.total_weights)
 
+    def with_rank(self, rank: int) -> "Plan":
+        """This plan with shared rank `rank`: its unit costs, the bits stored whatever the allocation, the budget."""
+        o = self.options
+        plan = replace(self, rank=rank, unit_cost=unit_costs(rank, self.intermediate_size, list(self.widths), o.unit_rows, self.group_size))
+        empty = tuple([0] * self.num_experts)
+        nothing = plan.quant_config([plan.layout(i, dict.fromkeys(PROJECTIONS, empty), dict.fromkeys(PROJECTIONS, empty)) for i in self.moe_layers])
+        fixed = stored_bits(nothing)[o.budget_scope] * self.total_weights
+        return replace(plan, fixed_bits=fixed, budget_bits=o.bits * self.total_weights - fixed)
+
+    def rank_candidates(self) -> list[int]:
+        """Ranks --rank auto chooses from: up to 16 multiples of --unit-rows, evenly spaced, ending at the hidden
+        size; only the hidden size when 0 bits (dropping a row) is not a candidate width."""
+        H, step = self.hidden_size, self.options.unit_rows
+        if self.options.rank or 0 not in self.widths or step >= H:
+            return [self.options.rank or H]
+        multiples = H // step
+        return sorted({step * max(1, round(multiples * k / 16)) for k in range(1, 17)} | {H})
+
     def layout(self, layer: int, rows: dict[str, tuple[int, ...]], planes: dict[str, tuple[int, ...]]) -> LayerLayout:
         module = self.source.architecture.experts_module.format(layer=layer)
         return LayerLayout(module, **{p: ProjectionLayout(self.rank, rows[p], planes[p]) for p in PROJECTIONS})
@@ -95,7 +116,7 @@ def make_plan(options: Options) -> Plan:
     if not moe_layers:
         raise ValueError(f"{source.dir} has no routed experts (looked for {arch.experts_module.format(layer='N')}.0.*): not an MoE model")
     H, I, E = config["hidden_size"], arch.intermediate_size(config), arch.num_experts(config)
-    rank = options.rank or H
+    rank = options.rank or H  # None (auto): costs are measured at full rank, the rank is chosen at allocation
     if not 1 <= rank <= H:
         raise ValueError(f"--rank {rank}: must be between 1 and the hidden size {H}")
     widths = tuple(sorted(set(options.candidate_bits)))
@@ -103,23 +124,23 @@ def make_plan(options: Options) -> Plan:
         raise ValueError(f"--candidate-bits {list(options.candidate_bits)}: expected widths from {list(BIT_WIDTHS)}, one above 0")
     if options.basis_dtype not in BASIS_DTYPES:
         raise ValueError(f"--basis-dtype {options.basis_dtype}: expected one of {list(BASIS_DTYPES)}")
+    if options.allocation not in ("global", "per-layer"):
+        raise ValueError(f"--allocation {options.allocation}: expected global or per-layer")
+    if options.scale_steps < 0:
+        raise ValueError(f"--scale-steps {options.scale_steps}: must be 0 or more")
     if options.unit_rows < 1:
         raise ValueError(f"--unit-rows {options.unit_rows}: must be at least 1")
     group_size = choose_group_size(I, options.group_size)
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: no CUDA device is available to torch {torch.__version__}")
-    plan = Plan(source, options, moe_layers, H, I, E, rank, group_size, widths,
-                unit_cost=unit_costs(rank, I, list(widths), options.unit_rows, group_size),
-                fixed_bits=0.0, total_weights=len(moe_layers) * 3 * E * I * H, budget_bits=0.0)  # fmt: skip
-    empty = tuple([0] * E)
-    nothing_stored = plan.quant_config([plan.layout(i, dict.fromkeys(PROJECTIONS, empty), dict.fromkeys(PROJECTIONS, empty)) for i in moe_layers])
-    fixed = stored_bits(nothing_stored)[options.budget_scope] * plan.total_weights
-    plan = replace(plan, fixed_bits=fixed, budget_bits=options.bits * plan.total_weights - fixed)
-    low, high = plan.bits_range()
+    plan = Plan(source, options, moe_layers, H, I, E, H, group_size, widths, unit_cost=torch.zeros(0),
+                fixed_bits=0.0, total_weights=len(moe_layers) * 3 * E * I * H, budget_bits=0.0).with_rank(rank)  # fmt: skip
+    low, high = plan.with_rank(min(plan.rank_candidates())).bits_range()[0], plan.bits_range()[1]
     if not low - 1e-9 <= options.bits <= high + 1e-9:
+        ranks = f"rank {rank}" if options.rank else f"ranks {min(plan.rank_candidates())}-{H}"
         raise ValueError(
             f"--bits {options.bits} is outside the feasible range [{low:.4f}, {high:.4f}] ({options.budget_scope} bits per "
-            f"routed-expert weight) for this model with rank {rank}, group size {group_size}, {plan.basis_dtype} bases "
+            f"routed-expert weight) for this model with {ranks}, group size {group_size}, {plan.basis_dtype} bases "
             f"and candidate widths {list(widths)}"
         )
     return plan

@@ -7,13 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from tqdm import tqdm
 
 from bitsmoe_vllm.checkpoint import validate_checkpoint
 from bitsmoe_vllm.format import PROJECTIONS, stored_bits
-from offline.allocate import allocate
+from offline.allocate import Allocation, allocate, lp_bound
 from offline.calibrate import embed, read_texts, token_sequences, walk_layers
 from offline.cost import importance, unit_losses
 from offline.decompose import shared_basis
@@ -32,12 +33,12 @@ def quantize(options: Options) -> Path:
     run = RunDir(Path(options.out), options.run_identity(), options.resume, options.overwrite)
     timer = StageTimer()
     with timer("calibrate_and_cost"):
-        losses, routed_tokens = calibrate_and_cost(plan, run, tokens)  # [U, J], [L, E]
+        losses, routed_tokens, energy = calibrate_and_cost(plan, run, tokens)  # [U, J], [L, E], [L]
     with timer("allocate"):
-        choice, stats = allocate_bits(plan, run, losses)
+        plan, choice, stats = allocate_bits(plan, run, losses)
     with timer("export"):
         files = export_shards(plan, run, row_bits(plan, choice))
-    finish(plan, run, choice, losses, routed_tokens, stats, files, timer)
+    finish(plan, run, choice, losses, routed_tokens, energy, stats, files, timer)
     return run.finish()
 
 
@@ -51,15 +52,22 @@ def layer_losses(plan: Plan, layer: int, routed, n_tokens: int, device: torch.de
     for p in PROJECTIONS:
         dec = shared_basis(weights[p], plan.rank)
         weight = importance(p, routed, weights, dec.basis, n_tokens)
-        loss = unit_losses(dec.factors, weight, list(plan.widths), plan.options.unit_rows, plan.group_size)
+        loss = unit_losses(dec.factors, weight, list(plan.widths), plan.options.unit_rows, plan.group_size, plan.options.scale_steps)
         losses.append(loss.reshape(-1, len(plan.widths)).cpu())
         del dec, weight
     return torch.cat(losses)
 
 
-def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit losses [units of all layers, J] and routed tokens per expert [L, E], layer after layer;
-    each layer's are saved as it completes."""
+def residual_energy(hidden: torch.Tensor) -> float:
+    """Median squared norm per token of the residual stream after a layer [S, L, H]. The next layers read the
+    residual through RMS norms, so an output error matters relative to it: dividing each layer's losses by it
+    makes them comparable across layers for the global budget (the median ignores attention-sink tokens)."""
+    return float(hidden.float().pow(2).sum(-1).median())
+
+
+def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unit losses relative to the residual energy [units of all layers, J], routed tokens per expert [L, E] and
+    the residual energy [L], layer after layer; each layer's are saved as it completes."""
     device = torch.device(plan.options.device)
     if any(run.load(f"layer-{i:05d}") is None for i in plan.moe_layers):
         model = skeleton(plan.source, device)
@@ -78,28 +86,79 @@ def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> tuple[t
                     unused = (routed_tokens == 0).nonzero().flatten().tolist()
                     print(f"bitsmoe-quantize: warning: layer {i}: experts {unused} got no calibration token; their "
                           "estimated loss is 0, so they will get 0 bits; pass more calibration text", file=sys.stderr)  # fmt: skip
-                losses = layer_losses(plan, i, routed, n_tokens, device)
-                run.save(f"layer-{i:05d}", {"loss": losses, "routed_tokens": routed_tokens})
+                energy = residual_energy(after)
+                losses = layer_losses(plan, i, routed, n_tokens, device) / energy
+                run.save(f"layer-{i:05d}", {"loss": losses, "routed_tokens": routed_tokens, "residual_energy": torch.tensor(energy, dtype=torch.float64)})
             run.save("hidden", {"hidden": after}, {"layer": str(i)})
             plan.source.tensors.close()
             return_freed_memory()
             if i >= plan.moe_layers[-1]:
                 break
     saved = [run.load(f"layer-{i:05d}")[0] for i in plan.moe_layers]
-    return torch.cat([s["loss"] for s in saved]), torch.stack([s["routed_tokens"] for s in saved])
+    return torch.cat([s["loss"] for s in saved]), torch.stack([s["routed_tokens"] for s in saved]), torch.stack([s["residual_energy"] for s in saved])
 
 
-def allocate_bits(plan: Plan, run: RunDir, losses: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The chosen option (index into plan.widths) of every unit [U]; and the solver's statistics."""
+def allocate_bits(plan: Plan, run: RunDir, losses: torch.Tensor) -> tuple[Plan, torch.Tensor, dict]:
+    """The plan at its final rank; the chosen option (index into plan.widths) of every unit of the cost
+    measurement [U] (units past the rank at width 0); and the solver's statistics."""
     saved = run.load("allocation")
     if saved is None:
-        cost = plan.unit_cost.repeat(len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts, 1)  # [U, J]
-        result = allocate(losses.numpy(), cost.numpy(), plan.budget_bits)
+        rank, bounds = choose_rank(plan, losses)
+        kept = kept_units(plan, rank)
+        final = plan.with_rank(rank)
+        loss, cost = losses[kept].numpy(), unit_costs_of(plan)[kept].numpy()
+        if plan.options.allocation == "global":
+            result = allocate(loss, cost, final.budget_bits)
+        else:  # the same share of the budget in every layer: one knapsack per layer
+            parts = [allocate(l, c, final.budget_bits / len(plan.moe_layers))
+                     for l, c in zip(np.split(loss, len(plan.moe_layers)), np.split(cost, len(plan.moe_layers)))]  # fmt: skip
+            result = merged(parts)
+        choice = torch.zeros(len(losses), dtype=torch.long)  # plan.widths starts at 0 whenever rows are dropped
+        choice[kept] = torch.from_numpy(result.choice)
         stats = {k: v for k, v in dataclasses.asdict(result).items() if k != "choice"}
-        stats |= {"units": len(cost), "unit_rows": plan.options.unit_rows, "budget_bits": plan.budget_bits}
-        run.save("allocation", {"choice": torch.from_numpy(result.choice)}, {"stats": json.dumps(stats)})
+        stats |= {"units": int(kept.sum()), "unit_rows": plan.options.unit_rows, "budget_bits": final.budget_bits, "rank": rank,
+                  "dropped_rows_loss": float(losses[~kept, 0].sum())}  # fmt: skip
+        stats |= {"rank_lp_bounds": {str(r): b for r, b in bounds.items()}} if bounds else {}
+        run.save("allocation", {"choice": choice}, {"stats": json.dumps(stats)})
         saved = run.load("allocation")
-    return saved[0]["choice"], json.loads(saved[1]["stats"])
+    stats = json.loads(saved[1]["stats"])
+    return plan.with_rank(stats["rank"]), saved[0]["choice"], stats
+
+
+def merged(parts: list[Allocation]) -> Allocation:
+    """Per-layer allocations as one (gap against the sum of the layers' LP bounds)."""
+    loss, bound = sum(a.loss for a in parts), sum(a.lp_bound for a in parts)
+    return Allocation(
+        np.concatenate([a.choice for a in parts]), loss, sum(a.cost for a in parts), bound,
+        max((loss - bound) / loss, 0.0) if loss > 0 else 0.0, sum(a.core_units for a in parts),
+        ",".join(sorted({a.mip_status for a in parts})), sum(a.seconds for a in parts),
+    )  # fmt: skip
+
+
+def unit_costs_of(plan: Plan) -> torch.Tensor:
+    """[U, J] bits of every unit of every layer, projection and expert, per width."""
+    return plan.unit_cost.repeat(len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts, 1)
+
+
+def kept_units(plan: Plan, rank: int) -> torch.Tensor:
+    """[U] bool: the units (of plan's rank) whose rows lie below `rank`."""
+    per_expert = len(plan.unit_cost)
+    first_row = torch.arange(per_expert * len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts) % per_expert * plan.options.unit_rows
+    return first_row < rank
+
+
+def choose_rank(plan: Plan, losses: torch.Tensor) -> tuple[int, dict[int, float]]:
+    """--rank auto: the candidate rank whose allocation has the least loss by the LP bound (rows past the rank
+    lose their whole energy, the bases cost less); the given rank otherwise."""
+    candidates = plan.rank_candidates()
+    if len(candidates) == 1:
+        return candidates[0], {}
+    cost, bounds = unit_costs_of(plan), {}
+    for rank in candidates:
+        kept = kept_units(plan, rank)
+        dropped = float(losses[~kept, 0].sum())
+        bounds[rank] = lp_bound(losses[kept].numpy(), cost[kept].numpy(), plan.with_rank(rank).budget_bits) + dropped
+    return min(bounds, key=lambda r: (bounds[r], r)), bounds
 
 
 def row_bits(plan: Plan, choice: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -128,7 +187,8 @@ def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> lis
             decompositions = {p: shared_basis(weights.pop(p), plan.rank) for p in PROJECTIONS}
             widths = dict(zip(PROJECTIONS, bits[i]))
             _, encoded = encode_layer(module, decompositions, widths, group_size=plan.group_size,
-                                      basis_dtype=plan.basis_dtype, projection_names=arch.projection_names)  # fmt: skip
+                                      basis_dtype=plan.basis_dtype, projection_names=arch.projection_names,
+                                      scale_steps=plan.options.scale_steps)  # fmt: skip
             tensors |= {name: t.cpu() for name, t in encoded.items()}
         write_shard(path, tensors)
         plan.source.tensors.close()
@@ -137,7 +197,7 @@ def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> lis
 
 
 def finish(
-    plan: Plan, run: RunDir, choice: torch.Tensor, losses: torch.Tensor, routed_tokens: torch.Tensor, stats: dict,
+    plan: Plan, run: RunDir, choice: torch.Tensor, losses: torch.Tensor, routed_tokens: torch.Tensor, energy: torch.Tensor, stats: dict,
     files: list[str], timer: StageTimer,
 ) -> None:
     """config.json, the index, tokenizer and other files, validation by re-reading, the report and plots."""
@@ -155,7 +215,8 @@ def finish(
     copied = copy_side_files(plan.source, run.checkpoint)
     validate_checkpoint(run.checkpoint)
     plots = plot_allocation(run.checkpoint, bits)
-    chosen = losses.gather(1, choice[:, None]).reshape(len(plan.moe_layers), len(PROJECTIONS), -1).sum(-1)  # [L, 3]
+    relative = losses.gather(1, choice[:, None]).reshape(len(plan.moe_layers), len(PROJECTIONS), -1).sum(-1)  # [L, 3]
+    chosen = relative * energy[:, None].to(relative.dtype)  # squared output error per token
     write_report(run.checkpoint / "quantization_report.json", {
         "model": str(plan.source.dir),
         "options": plan.options.run_identity(),
@@ -167,6 +228,7 @@ def finish(
             layout.module: {
                 **{p: {"histogram": hist[p], "estimated_loss": float(chosen[k, j])} for j, p in enumerate(PROJECTIONS)},
                 "routed_tokens_per_expert": routed_tokens[k].tolist(),
+                "residual_energy": float(energy[k]),
             }
             for k, (layout, hist) in enumerate(zip(layouts, histograms(bits, plan.widths).values()))
         },

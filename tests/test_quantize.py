@@ -120,3 +120,35 @@ def test_checkpoint_contents(quantized):
     assert math.isfinite(report["allocation"]["lp_bound"])
     tokens = [layer["routed_tokens_per_expert"] for layer in report["layers"].values()]
     assert all(len(t) == 16 and sum(t) == 2048 * 2 for t in tokens)  # every calibration token picks top-2
+
+
+def test_auto_rank_takes_the_best_candidate_and_fits_few_experts(tiny_model_dir, quantize_tiny, tmp_path):
+    """With 2 experts of I 64 (H 64), full-rank float16 bases alone cost 16 * 64 / (2 * 64) = 8 bits per weight:
+    --rank auto must drop rows to fit 2.5 bits, pick the candidate of least LP bound, and store that rank."""
+    model = tiny_model_dir("mixtral", layers=2, experts=2, intermediate=64)
+    out = quantize_tiny(model, tmp_path / "q", 2.5)
+    allocation = json.loads((out / "quantization_report.json").read_text())["allocation"]
+    bounds = {int(r): b for r, b in allocation["rank_lp_bounds"].items()}
+    assert bounds[64] == math.inf and allocation["rank"] < 64
+    assert allocation["rank"] == min(bounds, key=bounds.get)
+    cfg = read_quant_config(out)
+    assert {getattr(layer, p).rank for layer in cfg.layers for p in PROJECTIONS} == {allocation["rank"]}
+    assert cfg.achieved_bits["all"] <= 2.5 + 1e-9
+    stored, weights = expert_bits_on_disk(out)
+    assert stored / weights == pytest.approx(cfg.achieved_bits["all"], rel=1e-9)
+
+
+def test_per_layer_allocation_keeps_every_layer_within_its_share(tiny_model_dir, quantize_tiny, tmp_path):
+    model = tiny_model_dir("qwen3_moe", **QUANT_SHAPE)
+    out = quantize_tiny(model, tmp_path / "q", 2.5, allocation="per-layer", scale_steps=0)
+    report = json.loads((out / "quantization_report.json").read_text())
+    share = report["allocation"]["budget_bits"] / len(report["layers"])
+    cfg = read_quant_config(out)
+    spent = dict.fromkeys((layer.module for layer in cfg.layers), 0)
+    for shard in out.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            for n in f.keys():
+                if n.endswith((".codes", ".scales")):
+                    spent[next(m for m in spent if n.startswith(m + "."))] += 8 * f.get_tensor(n).nbytes
+    assert all(0 < bits <= share + 1e-6 for bits in spent.values()), (spent, share)
+    assert report["options"]["scale_steps"] == 0 and cfg.achieved_bits["all"] <= 2.5 + 1e-9

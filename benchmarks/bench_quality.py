@@ -1,0 +1,161 @@
+"""Quality and quantization speed of BitsMoE against RTN, GPTQ (llmcompressor) and HQQ on a real pretrained MoE
+(SmolLM2-135M MoEfied, benchmarks/make_moe_model.py) with real text (benchmarks/corpus.py), one run per row.
+
+    bash scripts/setup_peers.sh                # the peers' own environment (.venv-peers)
+    .venv/bin/python -m benchmarks.bench_quality [--only NAME ...] [--force]
+
+Builds what is missing under --work (text splits, the MoE model, the calibration tokens), quantizes with every
+method (same model, same calibration tokens, routed experts only), evaluates every result against the
+unquantized MoE (benchmarks/quality_metrics.py) and writes benchmarks/results/quality.{json,md} and the plots.
+Rows already in quality.json are kept unless --force or named by --only.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from benchmarks import machine
+from benchmarks.corpus import write_splits
+from benchmarks.quality_metrics import evaluate, window_log_probs
+from offline.calibrate import read_texts, token_sequences, token_stream
+from offline.evaluate import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+BITSMOE = [str(ROOT / ".venv" / "bin" / "bitsmoe-quantize")]
+PEER_GROUP = 64  # 128 divides neither H = 576 nor I/E = 192
+
+
+def rows() -> list[dict]:
+    """name, family, the command's extra arguments, and what the row is for."""
+    out = [{"name": "unquantized", "family": "unquantized"}]
+    for method in ("rtn", "gptq", "hqq"):
+        out += [{"name": f"{method}-{b}bit", "family": method, "bits": b} for b in (2, 3, 4)]
+    out += [{"name": f"bitsmoe-{b}", "family": "bitsmoe", "bits": b, "args": []} for b in (2.0, 2.5, 3.0, 4.0)]
+    ablations = {  # each against bitsmoe-2.5 (global budget, auto rank, float16 bases, widths 0-8, 32 rows, refined scales)
+        "factors-scope": ["--budget-scope", "factors"],
+        "per-layer": ["--allocation", "per-layer"],
+        "unit-rows-8": ["--unit-rows", "8"],
+        "unit-rows-128": ["--unit-rows", "128"],
+        "int8-basis": ["--basis-dtype", "int8"],
+        "rank-96": ["--rank", "96"],
+        "widths-0248": ["--candidate-bits", "0,2,4,8"],
+        "widths-01234": ["--candidate-bits", "0,1,2,3,4"],
+        "nearest-rounding": ["--scale-steps", "0"],
+    }
+    out += [{"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": v} for k, v in ablations.items()]
+    return out
+
+
+def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run cmd (stdout/stderr to log); wall seconds and peak RSS in MB of its process tree (polled every 0.1 s)."""
+    start, peak = time.time(), 0
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak = max(peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
+    return time.time() - start, peak / 2**20
+
+
+def quantize(row: dict, model: Path, text: dict, calib_file: Path, calib_tokens: int, work: Path) -> dict:
+    out = work / "quantized" / row["name"]
+    log = work / "logs" / f"{row['name']}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if row["family"] in ("rtn", "gptq", "hqq"):
+        cmd = [str(PEERS_PYTHON), "benchmarks/peers.py", row["family"], "--model", str(model), "--bits", str(row["bits"]),
+               "--group-size", str(PEER_GROUP), "--calib", str(calib_file), "--out", str(out)]  # fmt: skip
+    else:
+        cmd = [*BITSMOE, "--model", str(model), "--out", str(out), "--bits", str(row["bits"]), "--calib", str(text["calib"]),
+               "--calib-tokens", str(calib_tokens), "--calib-seq-len", "512", "--overwrite", *row["args"]]  # fmt: skip
+    seconds, rss = run_measured(cmd, log)
+    info = {"quantize_wall_s": round(seconds, 1), "quantize_peak_rss_mb": round(rss)}
+    if row["family"].startswith("bitsmoe"):
+        cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+        info |= {"all_in_bits": cfg["achieved_bits"]["all"], "factor_bits": cfg["achieved_bits"]["factors"]}
+    else:
+        info |= {"all_in_bits": json.loads((out / "peer.json").read_text())["all_in_bits"]}
+    return info | {"checkpoint": out}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work", help="models, text and quantized checkpoints")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=6)
+    p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--only", nargs="*", help="rows to (re)run by name")
+    p.add_argument("--force", action="store_true", help="rerun every row")
+    a = p.parse_args()
+    if not PEERS_PYTHON.exists():
+        raise SystemExit(f"{PEERS_PYTHON} is missing: run `bash scripts/setup_peers.sh` first")
+    torch.manual_seed(0)
+    work = a.work
+    text = {k: work / "text" / f"{k}.jsonl" for k in ("calib", "eval")}
+    if not all(f.is_file() for f in text.values()):
+        write_splits(work / "text")
+    model = work / f"smollm2-moe-e{a.experts}k{a.top_k}"
+    if not model.is_dir():
+        subprocess.run([sys.executable, "-m", "benchmarks.make_moe_model", str(model), "--experts", str(a.experts), "--top-k",
+                        str(a.top_k), "--calib", str(text["calib"]), "--eval", str(text["eval"])], check=True, cwd=ROOT)  # fmt: skip
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+    calib_file = work / f"calib_tokens_{a.calib_tokens}.safetensors"
+    if not calib_file.is_file():
+        save_file({"input_ids": token_sequences(tokenizer, read_texts([str(text["calib"])]), a.calib_tokens, 512)}, calib_file)
+    tokens = torch.tensor(token_stream(tokenizer, read_texts([str(text["eval"])]))[: a.eval_tokens])
+
+    results_file = RESULTS / "quality.json"
+    done = {r["name"]: r for r in json.loads(results_file.read_text())["rows"]} if results_file.is_file() else {}
+    todo = [r for r in rows() if a.force or r["name"] not in done or (a.only and r["name"] in a.only)]
+    if a.only:
+        todo = [r for r in todo if r["name"] in a.only]
+    print(f"{len(todo)} rows to run: {[r['name'] for r in todo]}", flush=True)
+    reference = window_log_probs(load_model(str(model), torch.device("cpu")), tokens) if todo else []
+    for row in todo:
+        print(f"== {row['name']}", flush=True)
+        if row["family"] == "unquantized":
+            info = {"all_in_bits": 16.0, "checkpoint": model}  # the bf16 weights a deployment would serve
+        else:
+            info = quantize(row, model, text, calib_file, a.calib_tokens, work)
+        metrics = evaluate(info.pop("checkpoint"), tokens, reference)
+        done[row["name"]] = {"args": [], **row} | info | metrics
+        write_results(done, a, model)
+        print(json.dumps(done[row["name"]]), flush=True)
+    write_results(done, a, model)
+
+
+def write_results(done: dict, a, model: Path) -> None:
+    from benchmarks.quality_report import write_report
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    order = [r["name"] for r in rows()]
+    ordered = [done[n] for n in order if n in done]
+    info = json.loads((model / "moefication.json").read_text())
+    payload = {
+        "machine": machine.describe(), "model": info, "calib_tokens": a.calib_tokens, "eval_tokens": a.eval_tokens,
+        "peer_group_size": PEER_GROUP, "rows": ordered,
+    }  # fmt: skip
+    tmp = RESULTS / "quality.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(RESULTS / "quality.json")
+    write_report(payload, RESULTS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The quality benchmark's table (quality.md) and plots (quality_ppl.png, quality_time.png) from its rows."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+COLUMNS = ("name", "all-in bits", "ppl (512 windows)", "ppl (stride 512)", "KL", "top-1", "quantize s", "peak RSS MB")
+MARKERS = {"rtn": "s", "gptq": "^", "hqq": "v", "bitsmoe": "o"}
+
+
+def cells(r: dict) -> list[str]:
+    bits = f"{r['all_in_bits']:.3f}" + (f" ({r['factor_bits']:.3f} factors)" if "factor_bits" in r else "")
+    return [
+        r["name"], bits, f"{r['ppl_windows']:.2f}", f"{r['ppl_stride']:.2f}", f"{r['kl']:.4f}", f"{100 * r['top1_agreement']:.1f} %",
+        f"{r['quantize_wall_s']:.0f}" if "quantize_wall_s" in r else "-",
+        f"{r['quantize_peak_rss_mb']}" if "quantize_peak_rss_mb" in r else "-",
+    ]  # fmt: skip
+
+
+def write_report(payload: dict, out: Path) -> None:
+    rows = payload["rows"]
+    m = payload["model"]
+    ppl = m["perplexity_512_windows"]
+    lines = [
+        (
+            f"Model: SmolLM2-135M-Instruct MoEfied into {m['experts']} experts, top-{m['top_k']} (dense perplexity "
+            f"{ppl['dense']:.2f}, MoE {ppl['moe']:.2f} on {m['eval_tokens']} tokens). {payload['calib_tokens']} calibration "
+            f"tokens, {payload['eval_tokens']} evaluation tokens; peers use groups of {payload['peer_group_size']}, "
+            f"asymmetric. Machine: {payload['machine']}."
+        ),
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+        *("| " + " | ".join(cells(r)) + " |" for r in rows),
+    ]
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    base = next((r["ppl_windows"] for r in rows if r["family"] == "unquantized"), None)
+    for family, marker in MARKERS.items():
+        pts = sorted((r["all_in_bits"], r["ppl_windows"]) for r in rows if r["family"] == family)
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, label=family.upper() if family != "bitsmoe" else "BitsMoE")
+    if base:
+        ax.axhline(base, color="gray", ls="--", label="unquantized MoE")
+    ax.set_yscale("log")
+    ax.set_xlabel("all-in bits per routed-expert weight")
+    ax.set_ylabel("perplexity (512-token windows)")
+    ax.set_title("SmolLM2-135M MoE: quality vs bits")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "quality_ppl.png", dpi=110)
+    plt.close(fig)
+
+    timed = [r for r in rows if "quantize_wall_s" in r and r["family"] != "bitsmoe-ablation"]
+    if timed:
+        fig, ax = plt.subplots(figsize=(7, 0.3 * len(timed) + 1.2))
+        ax.barh([r["name"] for r in timed], [r["quantize_wall_s"] for r in timed])
+        ax.invert_yaxis()
+        ax.set_xlabel("quantization wall time, s (whole command)")
+        fig.tight_layout()
+        fig.savefig(out / "quality_time.png", dpi=110)
+        plt.close(fig)

@@ -1,0 +1,73 @@
+"""The quality benchmark's own machinery: MoEfication, the corpus split and the RTN peer, on tiny inputs."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from benchmarks.make_moe_model import balanced_kmeans, moefy
+from benchmarks.peers import rtn
+
+
+@pytest.fixture(scope="module")
+def dense():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_balanced_kmeans_gives_equal_clusters_and_finds_planted_ones():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1)
+    truth = torch.arange(4).repeat_interleave(8)[torch.randperm(32, generator=g)]
+    points = torch.nn.functional.normalize(centers[truth] + 0.05 * torch.randn(32, 16, generator=g), dim=1)
+    assign = balanced_kmeans(points, 4, steps=15)
+    assert torch.bincount(assign, minlength=4).tolist() == [8, 8, 8, 8]
+    # the same partition as the planted one, up to the clusters' names
+    assert len({(int(t), int(a)) for t, a in zip(truth, assign)}) == 4
+
+
+@torch.no_grad()
+def test_moefied_model_with_every_expert_selected_is_the_dense_model(dense):
+    tokens = torch.randint(0, 100, (3, 32), generator=torch.Generator().manual_seed(1))
+    moe = moefy(dense, tokens, experts=4, top_k=4)
+    assert moe.config.num_local_experts == 4 and moe.config.intermediate_size == 32
+    x = torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(2))
+    want, got = dense(x).logits, moe(x).logits
+    assert (got - want).abs().max() < 1e-2 * want.abs().max()  # routing weights are 1/k to 0.1 %
+    sparse = moefy(dense, tokens, experts=4, top_k=2)(x).logits
+    assert (sparse - want).abs().max() > 10 * (got - want).abs().max()  # dropping experts is visible
+
+
+def test_moefy_refuses_bad_shapes(dense):
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="--experts 5 does not divide the FFN width 128"):
+        moefy(dense, tokens, experts=5, top_k=2)
+    with pytest.raises(ValueError, match="--top-k 5 must be between 1 and --experts 4"):
+        moefy(dense, tokens, experts=4, top_k=5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rtn_is_min_max_round_to_nearest_per_group(bits):
+    w = torch.randn(6, 128, generator=torch.Generator().manual_seed(bits))
+    q = rtn(w, bits, 64)
+    for group in q.reshape(6, 2, 64).flatten(0, 1):
+        assert len(group.unique()) <= 2**bits
+    # each value moved at most half a step (plus the float16 rounding of the scale)
+    g = w.reshape(6, 2, 64)
+    step = (g.amax(-1) - g.amin(-1)) / (2**bits - 1)
+    assert ((q.reshape(6, 2, 64) - g).abs() <= step[..., None] * 0.5 * 1.01 + 1e-6).all()
+
+
+def test_corpus_split_is_disjoint_and_deterministic(tmp_path, monkeypatch):
+    from benchmarks import corpus
+
+    articles = {f"Title {i}": {"extract": f"Text of article {i}."} for i in range(300)}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "summaries_en-us.json").write_text(json.dumps(articles))
+    monkeypatch.setattr(corpus, "summaries_file", lambda: tmp_path / "data" / "summaries_en-us.json")
+    a, b = corpus.split_articles(), corpus.split_articles()
+    assert a == b and not set(a["calib"]) & set(a["eval"])
+    assert len(a["calib"]) + len(a["eval"]) == 300 and 10 <= len(a["eval"]) <= 60
