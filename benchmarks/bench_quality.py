@@ -47,7 +47,7 @@ def rows() -> list[dict]:
         "unit-rows-8": ["--unit-rows", "8"],
         "unit-rows-128": ["--unit-rows", "128"],
         "int8-basis": ["--basis-dtype", "int8"],
-        "rank-96": ["--rank", "96"],
+        "rank-128": ["--rank", "128"],
         "widths-0248": ["--candidate-bits", "0,2,4,8"],
         "widths-01234": ["--candidate-bits", "0,1,2,3,4"],
         "nearest-rounding": ["--scale-steps", "0"],
