@@ -55,6 +55,20 @@ def allocate(loss: np.ndarray, cost: np.ndarray, budget: float, *, core_steps: i
     return Allocation(choice, total_loss, total_cost, lp_bound, max(gap, 0.0), int(core.sum()), status, time.perf_counter() - start)
 
 
+def allocate_in_parts(loss: np.ndarray, cost: np.ndarray, budget: float, parts: int) -> Allocation:
+    """`parts` equal consecutive slices of the units, each with budget / parts (one knapsack each), as one
+    allocation; its gap is against the sum of the slices' LP bounds."""
+    if parts == 1:
+        return allocate(loss, cost, budget)
+    runs = [allocate(l, c, budget / parts) for l, c in zip(np.split(loss, parts), np.split(cost, parts))]
+    total, bound = sum(a.loss for a in runs), sum(a.lp_bound for a in runs)
+    return Allocation(
+        np.concatenate([a.choice for a in runs]), total, sum(a.cost for a in runs), bound,
+        max((total - bound) / total, 0.0) if total > 0 else 0.0, sum(a.core_units for a in runs),
+        ",".join(sorted({a.mip_status for a in runs})), sum(a.seconds for a in runs),
+    )  # fmt: skip
+
+
 def lp_bound(loss: np.ndarray, cost: np.ndarray, budget: float) -> float:
     """The LP relaxation's optimum: no allocation within the budget has less loss (inf when none fits)."""
     loss, cost = np.asarray(loss, dtype=np.float64), np.asarray(cost, dtype=np.float64)

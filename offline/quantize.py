@@ -7,14 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from tqdm import tqdm
 
 from bitsmoe_vllm.checkpoint import validate_checkpoint
 from bitsmoe_vllm.format import PROJECTIONS, stored_bits
-from offline.allocate import Allocation, allocate, lp_bound
+from offline.allocate import allocate_in_parts, lp_bound
 from offline.calibrate import embed, read_texts, token_sequences, walk_layers
 from offline.cost import importance, unit_losses
 from offline.decompose import shared_basis
@@ -107,12 +106,8 @@ def allocate_bits(plan: Plan, run: RunDir, losses: torch.Tensor) -> tuple[Plan, 
         kept = kept_units(plan, rank)
         final = plan.with_rank(rank)
         loss, cost = losses[kept].numpy(), unit_costs_of(plan)[kept].numpy()
-        if plan.options.allocation == "global":
-            result = allocate(loss, cost, final.budget_bits)
-        else:  # the same share of the budget in every layer: one knapsack per layer
-            parts = [allocate(l, c, final.budget_bits / len(plan.moe_layers))
-                     for l, c in zip(np.split(loss, len(plan.moe_layers)), np.split(cost, len(plan.moe_layers)))]  # fmt: skip
-            result = merged(parts)
+        parts = 1 if plan.options.allocation == "global" else len(plan.moe_layers)
+        result = allocate_in_parts(loss, cost, final.budget_bits, parts)
         choice = torch.zeros(len(losses), dtype=torch.long)  # plan.widths starts at 0 whenever rows are dropped
         choice[kept] = torch.from_numpy(result.choice)
         stats = {k: v for k, v in dataclasses.asdict(result).items() if k != "choice"}
@@ -123,16 +118,6 @@ def allocate_bits(plan: Plan, run: RunDir, losses: torch.Tensor) -> tuple[Plan, 
         saved = run.load("allocation")
     stats = json.loads(saved[1]["stats"])
     return plan.with_rank(stats["rank"]), saved[0]["choice"], stats
-
-
-def merged(parts: list[Allocation]) -> Allocation:
-    """Per-layer allocations as one (gap against the sum of the layers' LP bounds)."""
-    loss, bound = sum(a.loss for a in parts), sum(a.lp_bound for a in parts)
-    return Allocation(
-        np.concatenate([a.choice for a in parts]), loss, sum(a.cost for a in parts), bound,
-        max((loss - bound) / loss, 0.0) if loss > 0 else 0.0, sum(a.core_units for a in parts),
-        ",".join(sorted({a.mip_status for a in parts})), sum(a.seconds for a in parts),
-    )  # fmt: skip
 
 
 def unit_costs_of(plan: Plan) -> torch.Tensor:
