@@ -12,6 +12,7 @@ Rows already in quality.json are kept unless --force or named by --only.
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -40,19 +41,26 @@ def rows() -> list[dict]:
     out = [{"name": "unquantized", "family": "unquantized"}]
     for method in ("rtn", "gptq", "hqq"):
         out += [{"name": f"{method}-{b}bit", "family": method, "bits": b} for b in (2, 3, 4)]
-    out += [{"name": f"bitsmoe-{b}", "family": "bitsmoe", "bits": b, "args": []} for b in (2.0, 2.5, 3.0, 4.0)]
-    ablations = {  # each against bitsmoe-2.5 (global budget, auto rank, float16 bases, widths 0-8, 32 rows, refined scales)
-        "factors-scope": ["--budget-scope", "factors"],
+    # E * I / H = 2.7 here: a shared basis at full rank would cost 16 / 2.7 = 6 bits per weight, so the main rows use
+    # an identity basis (the quantizer warns without it); the shared-basis rows show what happens otherwise.
+    identity = ["--basis-dtype", "identity"]
+    out += [{"name": f"bitsmoe-{b}", "family": "bitsmoe", "bits": b, "args": identity} for b in (2.0, 2.5, 3.0, 4.0)]
+    ablations = {  # each against bitsmoe-2.5 (identity basis, global budget, widths 0-8, 1 row per unit, refined scales)
         "per-layer": ["--allocation", "per-layer"],
         "unit-rows-8": ["--unit-rows", "8"],
-        "unit-rows-128": ["--unit-rows", "128"],
-        "int8-basis": ["--basis-dtype", "int8"],
-        "rank-128": ["--rank", "128"],
+        "unit-rows-32": ["--unit-rows", "32"],
         "widths-0248": ["--candidate-bits", "0,2,4,8"],
         "widths-01234": ["--candidate-bits", "0,1,2,3,4"],
         "nearest-rounding": ["--scale-steps", "0"],
     }
-    out += [{"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": v} for k, v in ablations.items()]
+    out += [{"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": identity + v} for k, v in ablations.items()]
+    shared = {  # the method's shared basis (auto rank, 32 rows per unit)
+        "shared-basis": [],
+        "shared-basis-int8": ["--basis-dtype", "int8"],
+        "shared-basis-rank-128": ["--rank", "128"],
+        "shared-basis-factors-scope": ["--budget-scope", "factors"],
+    }
+    out += [{"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": v} for k, v in shared.items()]
     return out
 
 
@@ -77,6 +85,7 @@ def quantize(row: dict, model: Path, text: dict, calib_file: Path, calib_tokens:
     out = work / "quantized" / row["name"]
     log = work / "logs" / f"{row['name']}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # a run this script killed earlier
     if row["family"] in ("rtn", "gptq", "hqq"):
         cmd = [str(PEERS_PYTHON), "benchmarks/peers.py", row["family"], "--model", str(model), "--bits", str(row["bits"]),
                "--group-size", str(PEER_GROUP), "--calib", str(calib_file), "--out", str(out)]  # fmt: skip

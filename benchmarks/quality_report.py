@@ -43,7 +43,7 @@ def write_report(payload: dict, out: Path) -> None:
     for family, marker in MARKERS.items():
         pts = sorted((r["all_in_bits"], r["ppl_windows"]) for r in rows if r["family"] == family)
         if pts:
-            ax.plot(*zip(*pts), marker=marker, label=family.upper() if family != "bitsmoe" else "BitsMoE")
+            ax.plot(*zip(*pts), marker=marker, label=family.upper() if family != "bitsmoe" else "BitsMoE (identity basis)")
     if base:
         ax.axhline(base, color="gray", ls="--", label="unquantized MoE")
     ax.set_yscale("log")

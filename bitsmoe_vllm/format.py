@@ -20,7 +20,10 @@ BIT_WIDTHS = (0,) + SUPPORTED_WIDTHS
 PROJECTIONS = ("gate", "up", "down")
 BUDGET_SCOPES = ("all", "factors")
 ACTIVATIONS = ("silu",)
-BASIS_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+# "identity": no basis is stored, B = the identity and every rank is H (for layers where E * I is not much larger
+# than H, a shared basis costs more bits than it saves).
+BASIS_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8, "identity": None}
+BASIS_BITS = {"float16": 16, "bfloat16": 16, "int8": 8, "identity": 0}
 CODES_DTYPE, SCALES_DTYPE, BITS_DTYPE = torch.int32, torch.float16, torch.uint8
 SCALE_BITS, BITS_ENTRY_BITS = 16, 8
 BITS_TOLERANCE = 1e-6
@@ -159,6 +162,8 @@ class QuantConfig:
         H, E = self.hidden_size, self.num_experts
         if not 1 <= pl.rank <= H:
             raise ValueError(f"{key}.rank: expected 1..hidden_size ({H}), found {pl.rank}")
+        if self.basis_dtype == "identity" and pl.rank != H:
+            raise ValueError(f"{key}.rank: an identity basis has rank hidden_size ({H}), found {pl.rank}")
         for field, values in (("rows", pl.rows), ("planes", pl.planes)):
             if len(values) != E:
                 raise ValueError(f"{key}.{field}: expected {E} entries (num_experts), found {len(values)}")
@@ -197,6 +202,8 @@ def layer_tensor_specs(cfg: QuantConfig, layer: LayerLayout) -> dict[str, Tensor
     specs = {}
     for p in PROJECTIONS:
         R, name = layer.projection(p).rank, cfg.projection_names[p]
+        if cfg.basis_dtype == "identity":
+            continue
         shape = (H, R) if p == "down" else (R, H)
         specs[basis_name(layer.module, name)] = TensorSpec(shape, BASIS_DTYPES[cfg.basis_dtype], None)
         if cfg.basis_dtype == "int8":
@@ -225,7 +232,7 @@ def stored_bits(cfg: QuantConfig) -> dict[str, float]:
     "factors": factor codes + scales. "all": that + per-rank bit-widths + shared bases (+ their scales).
     """
     H, I, G = cfg.hidden_size, cfg.intermediate_size, cfg.group_size
-    basis_bits = 8 if cfg.basis_dtype == "int8" else 16
+    basis_bits = BASIS_BITS[cfg.basis_dtype]
     factors = everything = 0
     for layer in cfg.layers:
         for p in PROJECTIONS:

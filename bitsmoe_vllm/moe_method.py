@@ -10,6 +10,7 @@ Parameters of a layer holding experts L (local) with tensor-parallel slice I_tp 
     w13_bits   [|L|, R_gate + R_up] uint8
     w13_basis  [R_gate + R_up, H]  (+ w13_basis_scale [R_gate + R_up] for int8)
     w2_codes, w2_scales, w2_bits [|L|, R_down], w2_basis [H, R_down] (+ w2_basis_scale [H])
+No basis parameters for an identity basis.
 """
 
 from dataclasses import dataclass
@@ -73,12 +74,12 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             "w13_codes": ((sizes["w13"][0], I_tp // WORD_BITS), CODES_DTYPE),
             "w13_scales": ((sizes["w13"][1], I_tp // spec.group_size), SCALES_DTYPE),
             "w13_bits": ((len(self.local), R["gate"] + R["up"]), BITS_DTYPE),
-            "w13_basis": ((R["gate"] + R["up"], hidden_size), basis_dtype),
             "w2_codes": ((sizes["w2"][0], I_tp // WORD_BITS), CODES_DTYPE),
             "w2_scales": ((sizes["w2"][1], I_tp // spec.group_size), SCALES_DTYPE),
             "w2_bits": ((len(self.local), R["down"]), BITS_DTYPE),
-            "w2_basis": ((hidden_size, R["down"]), basis_dtype),
         }
+        if basis_dtype is not None:  # not an identity basis
+            shapes |= {"w13_basis": ((R["gate"] + R["up"], hidden_size), basis_dtype), "w2_basis": ((hidden_size, R["down"]), basis_dtype)}
         if spec.basis_dtype == "int8":
             shapes |= {"w13_basis_scale": ((R["gate"] + R["up"],), SCALES_DTYPE), "w2_basis_scale": ((hidden_size,), SCALES_DTYPE)}
         for name, (shape, dtype) in shapes.items():
@@ -192,10 +193,14 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         def rows(t, start, n):
             return None if t is None else t[start : start + n]
 
+        if self.spec.basis_dtype == "identity":
+            bases = (None, None, None)
+        else:
+            bases = (Basis(layer.w13_basis[: R["gate"]], rows(scale, 0, R["gate"])),
+                     Basis(layer.w13_basis[R["gate"] :], rows(scale, R["gate"], R["up"])),
+                     Basis(layer.w2_basis, getattr(layer, "w2_basis_scale", None)))  # fmt: skip
         self.layer = MoELayer(
-            Basis(layer.w13_basis[: R["gate"]], rows(scale, 0, R["gate"])),
-            Basis(layer.w13_basis[R["gate"] :], rows(scale, R["gate"], R["up"])),
-            Basis(layer.w2_basis, getattr(layer, "w2_basis_scale", None)),
+            *bases,
             Factors(layer.w13_codes[: g.planes], layer.w13_scales[: g.rows], layer.w13_bits[:, : R["gate"]].contiguous()),
             Factors(layer.w13_codes[g.planes :], layer.w13_scales[g.rows :], layer.w13_bits[:, R["gate"] :].contiguous()),
             Factors(layer.w2_codes, layer.w2_scales, layer.w2_bits),

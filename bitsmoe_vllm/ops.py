@@ -15,9 +15,9 @@ def moe(
     x: torch.Tensor,  # [T, H]
     topk_weights: torch.Tensor,  # [T, K]
     topk_ids: torch.Tensor,  # [T, K] local expert ids, -1 = not here
-    gate_basis: torch.Tensor,  # [R_gate, H]
-    up_basis: torch.Tensor,  # [R_up, H]
-    down_basis: torch.Tensor,  # [H, R_down]
+    gate_basis: torch.Tensor | None,  # [R_gate, H]; None: the identity
+    up_basis: torch.Tensor | None,  # [R_up, H]
+    down_basis: torch.Tensor | None,  # [H, R_down]
     gate_basis_scale: torch.Tensor | None,  # [R_gate] for int8 bases
     up_basis_scale: torch.Tensor | None,
     down_basis_scale: torch.Tensor | None,
@@ -34,11 +34,15 @@ def moe(
 ) -> torch.Tensor:
     """[T, H] routed-expert output in x.dtype (FORMAT.md section 4)."""
     layer = MoELayer(
-        Basis(gate_basis, gate_basis_scale), Basis(up_basis, up_basis_scale), Basis(down_basis, down_basis_scale),
+        _basis(gate_basis, gate_basis_scale), _basis(up_basis, up_basis_scale), _basis(down_basis, down_basis_scale),
         Factors(gate_codes, gate_scales, gate_bits), Factors(up_codes, up_scales, up_bits),
         Factors(down_codes, down_scales, down_bits), group_size,
     )  # fmt: skip
     return moe_forward(x, topk_weights, topk_ids, layer)
+
+
+def _basis(weight: torch.Tensor | None, scale: torch.Tensor | None) -> Basis | None:
+    return None if weight is None else Basis(weight, scale)
 
 
 @moe.register_fake
@@ -48,10 +52,10 @@ def _(x, topk_weights, topk_ids, *layer_tensors_and_group_size):
 
 def moe_layer(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: MoELayer) -> torch.Tensor:
     """torch.ops.bitsmoe.moe with the layer's tensors taken from a MoELayer."""
+    bases = (layer.gate_basis, layer.up_basis, layer.down_basis)
     return torch.ops.bitsmoe.moe(
         x, topk_weights, topk_ids,
-        layer.gate_basis.weight, layer.up_basis.weight, layer.down_basis.weight,
-        layer.gate_basis.scale, layer.up_basis.scale, layer.down_basis.scale,
+        *(None if b is None else b.weight for b in bases), *(None if b is None else b.scale for b in bases),
         layer.gate.codes, layer.gate.scales, layer.gate.bits,
         layer.up.codes, layer.up.scales, layer.up.bits,
         layer.down.codes, layer.down.scales, layer.down.bits,

@@ -1,6 +1,6 @@
 """The numeric spec of BitsMoE: dequantization and the MoE forward, written from the math.
 
-    z_g = B_g x,  z_u = B_u x                                  (shared bases, once per token)
+    z_g = B_g x,  z_u = B_u x                                  (shared bases, once per token; B = I if none)
     a_e = act(F_g,e^T z_g) * (F_u,e^T z_u)                     (per selected expert, length I)
     y   = B_d sum_e w_e F_d,e a_e                              (rank-space sum, then the shared basis)
 
@@ -42,16 +42,18 @@ class Basis:
 
 @dataclass(frozen=True)
 class MoELayer:
-    gate_basis: Basis
-    up_basis: Basis
-    down_basis: Basis
+    gate_basis: Basis | None  # None: the identity (basis_dtype "identity"), nothing stored
+    up_basis: Basis | None
+    down_basis: Basis | None
     gate: Factors
     up: Factors
     down: Factors
     group_size: int
 
     def to(self, device: torch.device) -> "MoELayer":
-        def basis(b: Basis) -> Basis:
+        def basis(b: Basis | None) -> Basis | None:
+            if b is None:
+                return None
             return Basis(b.weight.to(device), None if b.scale is None else b.scale.to(device))
 
         def factors(f: Factors) -> Factors:
@@ -70,7 +72,9 @@ def gather_layer(cfg: QuantConfig, module: str, tensors: Mapping[str, torch.Tens
         parts = [tensors[expert_tensor_name(layer.module, e, cfg.projection_names[p], kind)] for e in range(cfg.num_experts)]
         return torch.stack(parts) if kind == "bits" else torch.cat(parts)
 
-    def basis(p: str) -> Basis:
+    def basis(p: str) -> Basis | None:
+        if cfg.basis_dtype == "identity":
+            return None
         name = cfg.projection_names[p]
         scale = tensors[basis_scale_name(module, name)] if cfg.basis_dtype == "int8" else None
         return Basis(tensors[basis_name(module, name)], scale)
@@ -137,8 +141,8 @@ def moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     Activation: SiLU (the only one format v1 allows).
     """
     xf = x.float()
-    z_gate = xf @ dequantize_basis(layer.gate_basis).T  # [T, R_gate]
-    z_up = xf @ dequantize_basis(layer.up_basis).T  # [T, R_up]
+    z_gate = xf if layer.gate_basis is None else xf @ dequantize_basis(layer.gate_basis).T  # [T, R_gate]
+    z_up = xf if layer.up_basis is None else xf @ dequantize_basis(layer.up_basis).T  # [T, R_up]
     t = torch.zeros(x.shape[0], layer.down.bits.shape[1], dtype=torch.float32, device=x.device)  # [T, R_down]
     factors = {p: getattr(layer, p) for p in PROJECTIONS}
     offsets = {p: expert_offsets(f.bits) for p, f in factors.items()}
@@ -151,4 +155,5 @@ def moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
         a = torch.nn.functional.silu(z_gate[token] @ factor("gate", e)) * (z_up[token] @ factor("up", e))  # [n, I]
         out = a @ factor("down", e).T  # [n, R_down]
         t.index_add_(0, token, topk_weights[token, slot].float()[:, None] * out)
-    return (t @ dequantize_basis(layer.down_basis).T).to(x.dtype)  # [T, H]
+    y = t if layer.down_basis is None else t @ dequantize_basis(layer.down_basis).T
+    return y.to(x.dtype)  # [T, H]

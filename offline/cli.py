@@ -21,11 +21,14 @@ def parse(argv: list[str] | None) -> Options:
                    help="what --bits counts: all stored bits of the experts (default), or factor codes and scales only (the paper's)")  # fmt: skip
     p.add_argument("--allocation", choices=["global", "per-layer"], default="global",
                    help="one budget over all MoE layers (default), or the same budget in every layer")  # fmt: skip
-    p.add_argument("--basis-dtype", choices=list(BASIS_DTYPES), default="fp16")
+    p.add_argument("--basis-dtype", choices=list(BASIS_DTYPES), default="fp16",
+                   help="storage of the shared bases (default fp16); identity: no basis, each expert's weights are its "
+                        "factors (for models with E * I not much larger than H, where a basis costs more than it saves)")  # fmt: skip
     p.add_argument("--rank", default="auto",
                    help="shared rank R, or auto (default): the multiple of --unit-rows whose allocation has the least estimated loss")  # fmt: skip
     p.add_argument("--candidate-bits", default="0,1,2,3,4,6,8", help="widths a rank row may get (default 0,1,2,3,4,6,8)")
-    p.add_argument("--unit-rows", type=int, default=32, help="rank rows per allocation unit (default 32)")
+    p.add_argument("--unit-rows", type=int, default=None,
+                   help="rank rows per allocation unit (default 32; 1 with --basis-dtype identity)")  # fmt: skip
     p.add_argument("--scale-steps", type=int, default=Options.scale_steps,
                    help="least-squares steps refining each group's scale (default %(default)s; 0: absmax scale, round to nearest)")  # fmt: skip
     p.add_argument("--group-size", type=int, default=None, help="columns per scale (default: 128, or the largest of 96/64/32 dividing I)")

@@ -10,7 +10,7 @@ projection, h_g, h_u the gate and up pre-activations and a = silu(h_g) * h_u:
     down:  delta^2 * E[w^2 a_i^2]                          (the down basis is orthonormal)
 
 (expectations over all calibration tokens, 0 where e is not selected; cross terms dropped). These
-weights are the "importance" [E, R, I]; a row's loss at width b is sum_i (Q_b(f) - f)_i^2 times them,
+weights are the "importance" [E, R, I] (down: [E, 1, I], the same for every rank row); a row's loss at width b is sum_i (Q_b(f) - f)_i^2 times them,
 and at width 0 the row's full weighted energy. offline.quantize divides a layer's losses by the median
 squared norm of the residual stream after it, so that losses of different layers are comparable.
 """
@@ -24,24 +24,25 @@ from offline.rounding import REFINE_STEPS, quantize_rows
 CHUNK_ENTRIES = 1 << 20  # factor entries rounded at once: bounds the cost model's temporaries
 
 
-def importance(projection: str, routed: Routed, weights: dict[str, torch.Tensor], basis: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """weights[p] [E, I, H] (down as D_e^T), the projection's basis [R, H] -> its importance [E, R, I] (down: [E, 1, I])."""
-    E, I, _ = weights["gate"].shape
+def importance(routed: Routed, weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None], n_tokens: int) -> dict[str, torch.Tensor]:
+    """weights[p] [E, I, H] (down as D_e^T), the gate and up bases [R, H] (None: identity) -> importance per
+    projection: gate and up [E, R, I], down [E, 1, I]. One pass over the experts for all three projections."""
+    E, I, H = weights["gate"].shape
     device = weights["gate"].device
-    out = torch.zeros(E, 1 if projection == "down" else basis.shape[0], I, device=device)
     x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
+    z = {p: x if bases[p] is None else x @ bases[p].T for p in ("gate", "up")}  # [N, R]: once, not once per expert
+    out = {p: torch.zeros(E, z[p].shape[1], I, device=device) for p in z} | {"down": torch.zeros(E, 1, I, device=device)}
     for e in ids.unique().tolist():
         token, slot = (ids == e).nonzero(as_tuple=True)
         xe, w2 = x[token], w[token, slot] ** 2  # [n, H], [n]
         h_g, h_u = xe @ weights["gate"][e].T, xe @ weights["up"][e].T  # [n, I]
         sig = torch.sigmoid(h_g)
-        if projection == "down":
-            out[e, 0] = (w2[:, None] * (h_g * sig * h_u) ** 2).sum(0)
-            continue
-        z = xe @ basis.T  # [n, R]
-        sensitivity = (sig * (1 + h_g * (1 - sig)) * h_u) ** 2 if projection == "gate" else (h_g * sig) ** 2  # [n, I]
-        out[e] = ((w2[:, None] * z**2).T @ sensitivity) * (weights["down"][e] ** 2).sum(1)  # times |D_e[:, i]|^2
-    return out / n_tokens
+        out["down"][e, 0] = (w2[:, None] * (h_g * sig * h_u) ** 2).sum(0)
+        column = (weights["down"][e] ** 2).sum(1)  # |D_e[:, i]|^2
+        sensitivity = {"gate": (sig * (1 + h_g * (1 - sig)) * h_u) ** 2, "up": (h_g * sig) ** 2}  # [n, I]
+        for p, s in sensitivity.items():
+            out[p][e] = ((w2[:, None] * z[p][token] ** 2).T @ s) * column
+    return {p: o / n_tokens for p, o in out.items()}
 
 
 def unit_losses(

@@ -3,7 +3,8 @@
 Every projection is handled in the orientation W_e [I, H] (gate and up as stored; down transposed):
 the basis V [R, H] is the top-R eigenvectors of sum_e W_e^T W_e (the right singular vectors of
 the stacked [E*I, H] matrix), and expert e's rank-major factor is F_e = V W_e^T [R, I], so that
-W_e = F_e^T V exactly when R = H.
+W_e = F_e^T V exactly when R = H. With an identity basis (none stored) V = I: F_e = W_e^T, and rank rows
+are the input channels (gate, up) or output channels (down).
 """
 
 from typing import NamedTuple
@@ -17,8 +18,8 @@ class Decomposition(NamedTuple):
     energy: torch.Tensor  # [R] float64: eigenvalues, i.e. the energy of all experts along each basis row
 
 
-def shared_basis(weights: torch.Tensor, rank: int) -> Decomposition:
-    """Decompose expert weights [E, I, H] (gate/up as stored, down as D_e^T) with shared rank R <= H."""
+def top_basis(weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert weights [E, I, H] -> the shared basis [R, H] float32 (orthonormal rows) and its energy [R] float64."""
     H = weights.shape[-1]
     if not 1 <= rank <= H:
         raise ValueError(f"shared_basis: rank must be in 1..{H} (hidden size), got {rank}")
@@ -31,6 +32,31 @@ def shared_basis(weights: torch.Tensor, rank: int) -> Decomposition:
     # eigh fixes a vector only up to sign: make each one's largest entry positive so results are reproducible.
     peak = vectors.abs().argmax(0)
     vectors = vectors * vectors[peak, torch.arange(rank, device=vectors.device)].sign()
-    basis = vectors.T.float().contiguous()  # [R, H]
-    factors = torch.stack([basis @ w.float().T for w in weights])  # [E, R, I]
-    return Decomposition(basis, factors, energy.clamp_min(0))
+    return vectors.T.float().contiguous(), energy.clamp_min(0)
+
+
+def project(weights: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """Expert factors [E, R, I] = basis W_e^T; None is the identity basis (factors W_e^T [E, H, I])."""
+    if basis is None:
+        return weights.float().transpose(1, 2).contiguous()
+    return torch.stack([basis @ w.float().T for w in weights])
+
+
+def shared_basis(weights: torch.Tensor, rank: int) -> Decomposition:
+    """Decompose expert weights [E, I, H] (gate/up as stored, down as D_e^T) with shared rank R <= H."""
+    basis, energy = top_basis(weights, rank)
+    return Decomposition(basis, project(weights, basis), energy)
+
+
+def basis_of(weights: torch.Tensor, rank: int, basis_dtype: str) -> torch.Tensor | None:
+    """The basis [R, H] `decompose` uses, or None for an identity basis."""
+    return None if basis_dtype == "identity" else top_basis(weights, rank)[0]
+
+
+def decompose(weights: torch.Tensor, rank: int, basis_dtype: str) -> Decomposition:
+    """The shared-basis decomposition at `rank`, or for basis_dtype "identity" the one with V = I (rank H):
+    factors W_e^T [E, H, I], energy per channel."""
+    if basis_dtype != "identity":
+        return shared_basis(weights, rank)
+    factors = project(weights, None)
+    return Decomposition(torch.eye(weights.shape[-1], device=weights.device), factors, factors.double().pow(2).sum((0, 2)))

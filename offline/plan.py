@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from bitsmoe_vllm.format import BIT_WIDTHS, PROJECTIONS, LayerLayout, ProjectionLayout, QuantConfig, stored_bits
+from bitsmoe_vllm.format import BASIS_BITS, BIT_WIDTHS, PROJECTIONS, LayerLayout, ProjectionLayout, QuantConfig, stored_bits
 from offline.cost import unit_costs
 from offline.rounding import REFINE_STEPS
 from offline.source import SourceCheckpoint
 
-BASIS_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
+BASIS_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8", "identity": "identity"}
 GROUP_SIZES = (128, 96, 64, 32)  # tried in this order when --group-size is not given
 
 
@@ -30,7 +30,7 @@ class Options:
     basis_dtype: str = "fp16"
     rank: int | None = None  # None: chosen per run from Plan.rank_candidates
     candidate_bits: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8)
-    unit_rows: int = 32
+    unit_rows: int | None = None  # None: 32 with a shared basis, 1 with an identity basis (Plan.unit_rows)
     scale_steps: int = REFINE_STEPS
     group_size: int | None = None
     device: str = "cpu"
@@ -66,6 +66,16 @@ class Plan:
     def basis_dtype(self) -> str:
         return BASIS_DTYPES[self.options.basis_dtype]
 
+    @property
+    def unit_rows(self) -> int:
+        """Rank rows per allocation unit. A shared basis orders its rows by energy, so neighbours are alike and
+        can share a width; the channels of an identity basis are in no order, so each row is its own unit."""
+        return self.options.unit_rows or (1 if self.basis_dtype == "identity" else 32)
+
+    def full_rank_basis_bits(self) -> float:
+        """Bits per routed-expert weight the three bases would cost at full rank: basis_bits * H / (E * I)."""
+        return BASIS_BITS[self.basis_dtype] * self.hidden_size / (self.num_experts * self.intermediate_size)
+
     def bits_range(self) -> tuple[float, float]:
         """Feasible --bits in the budget's scope: every unit at its cheapest width, every one at its widest."""
         per_layer = len(PROJECTIONS) * self.num_experts
@@ -76,7 +86,7 @@ class Plan:
     def with_rank(self, rank: int) -> "Plan":
         """This plan with shared rank `rank`: its unit costs, the bits stored whatever the allocation, the budget."""
         o = self.options
-        plan = replace(self, rank=rank, unit_cost=unit_costs(rank, self.intermediate_size, list(self.widths), o.unit_rows, self.group_size))
+        plan = replace(self, rank=rank, unit_cost=unit_costs(rank, self.intermediate_size, list(self.widths), self.unit_rows, self.group_size))
         empty = tuple([0] * self.num_experts)
         nothing = plan.quant_config([plan.layout(i, dict.fromkeys(PROJECTIONS, empty), dict.fromkeys(PROJECTIONS, empty)) for i in self.moe_layers])
         fixed = stored_bits(nothing)[o.budget_scope] * self.total_weights
@@ -84,9 +94,9 @@ class Plan:
 
     def rank_candidates(self) -> list[int]:
         """Ranks --rank auto chooses from: up to 16 multiples of --unit-rows, evenly spaced, ending at the hidden
-        size; only the hidden size when 0 bits (dropping a row) is not a candidate width."""
-        H, step = self.hidden_size, self.options.unit_rows
-        if self.options.rank or 0 not in self.widths or step >= H:
+        size; only the hidden size when 0 bits (dropping a row) is not a candidate width or the basis is the identity."""
+        H, step = self.hidden_size, self.unit_rows
+        if self.options.rank or 0 not in self.widths or step >= H or self.basis_dtype == "identity":
             return [self.options.rank or H]
         multiples = H // step
         return sorted({step * max(1, round(multiples * k / 16)) for k in range(1, 17)} | {H})
@@ -124,11 +134,13 @@ def make_plan(options: Options) -> Plan:
         raise ValueError(f"--candidate-bits {list(options.candidate_bits)}: expected widths from {list(BIT_WIDTHS)}, one above 0")
     if options.basis_dtype not in BASIS_DTYPES:
         raise ValueError(f"--basis-dtype {options.basis_dtype}: expected one of {list(BASIS_DTYPES)}")
+    if options.basis_dtype == "identity" and rank != H:
+        raise ValueError(f"--rank {rank}: an identity basis has rank {H} (the hidden size); leave --rank out")
     if options.allocation not in ("global", "per-layer"):
         raise ValueError(f"--allocation {options.allocation}: expected global or per-layer")
     if options.scale_steps < 0:
         raise ValueError(f"--scale-steps {options.scale_steps}: must be 0 or more")
-    if options.unit_rows < 1:
+    if options.unit_rows is not None and options.unit_rows < 1:
         raise ValueError(f"--unit-rows {options.unit_rows}: must be at least 1")
     group_size = choose_group_size(I, options.group_size)
     if options.device == "cuda" and not torch.cuda.is_available():

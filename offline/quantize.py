@@ -16,7 +16,7 @@ from bitsmoe_vllm.format import PROJECTIONS, stored_bits
 from offline.allocate import allocate_in_parts, lp_bound
 from offline.calibrate import embed, read_texts, token_sequences, walk_layers
 from offline.cost import importance, unit_losses
-from offline.decompose import shared_basis
+from offline.decompose import basis_of, decompose, project
 from offline.encode import encode_layer
 from offline.export import copied_tensors, copy_side_files, shard_files, write_config, write_index, write_shard
 from offline.modules import return_freed_memory, skeleton
@@ -27,6 +27,11 @@ from offline.rundir import RunDir
 
 def quantize(options: Options) -> Path:
     plan = make_plan(options)
+    if options.budget_scope == "all" and plan.full_rank_basis_bits() > options.bits / 2:
+        print(f"bitsmoe-quantize: warning: the shared bases would cost {plan.full_rank_basis_bits():.2f} bits per "
+              f"routed-expert weight at full rank ({plan.basis_dtype}, H {plan.hidden_size}, E x I "
+              f"{plan.num_experts} x {plan.intermediate_size}), more than half of --bits {options.bits}; the rank will "
+              "be cut hard. --basis-dtype identity stores no basis.", file=sys.stderr)  # fmt: skip
     tokenizer = transformers.AutoTokenizer.from_pretrained(plan.source.dir)
     tokens = token_sequences(tokenizer, read_texts(list(options.calib)), options.calib_tokens, options.calib_seq_len)  # [S, L]
     run = RunDir(Path(options.out), options.run_identity(), options.resume, options.overwrite)
@@ -46,14 +51,15 @@ def expert_weights(plan: Plan, layer: int, device: torch.device) -> dict[str, to
 
 
 def layer_losses(plan: Plan, layer: int, routed, n_tokens: int, device: torch.device) -> torch.Tensor:
-    """[3 * E * units, J] unit losses of one MoE layer, one projection at a time (to bound memory)."""
-    weights, losses = expert_weights(plan, layer, device), []
+    """[3 * E * units, J] unit losses of one MoE layer; one projection's factors in memory at a time."""
+    weights = expert_weights(plan, layer, device)
+    bases = {p: basis_of(weights[p], plan.rank, plan.basis_dtype) for p in PROJECTIONS}
+    weight, losses = importance(routed, weights, bases, n_tokens), []
     for p in PROJECTIONS:
-        dec = shared_basis(weights[p], plan.rank)
-        weight = importance(p, routed, weights, dec.basis, n_tokens)
-        loss = unit_losses(dec.factors, weight, list(plan.widths), plan.options.unit_rows, plan.group_size, plan.options.scale_steps)
+        factors = project(weights[p], bases[p])
+        loss = unit_losses(factors, weight.pop(p), list(plan.widths), plan.unit_rows, plan.group_size, plan.options.scale_steps)
         losses.append(loss.reshape(-1, len(plan.widths)).cpu())
-        del dec, weight
+        del factors
     return torch.cat(losses)
 
 
@@ -111,7 +117,7 @@ def allocate_bits(plan: Plan, run: RunDir, losses: torch.Tensor) -> tuple[Plan, 
         choice = torch.zeros(len(losses), dtype=torch.long)  # plan.widths starts at 0 whenever rows are dropped
         choice[kept] = torch.from_numpy(result.choice)
         stats = {k: v for k, v in dataclasses.asdict(result).items() if k != "choice"}
-        stats |= {"units": int(kept.sum()), "unit_rows": plan.options.unit_rows, "budget_bits": final.budget_bits, "rank": rank,
+        stats |= {"units": int(kept.sum()), "unit_rows": plan.unit_rows, "budget_bits": final.budget_bits, "rank": rank,
                   "dropped_rows_loss": float(losses[~kept, 0].sum())}  # fmt: skip
         stats |= {"rank_lp_bounds": {str(r): b for r, b in bounds.items()}} if bounds else {}
         run.save("allocation", {"choice": choice}, {"stats": json.dumps(stats)})
@@ -128,7 +134,7 @@ def unit_costs_of(plan: Plan) -> torch.Tensor:
 def kept_units(plan: Plan, rank: int) -> torch.Tensor:
     """[U] bool: the units (of plan's rank) whose rows lie below `rank`."""
     per_expert = len(plan.unit_cost)
-    first_row = torch.arange(per_expert * len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts) % per_expert * plan.options.unit_rows
+    first_row = torch.arange(per_expert * len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts) % per_expert * plan.unit_rows
     return first_row < rank
 
 
@@ -149,7 +155,7 @@ def choose_rank(plan: Plan, losses: torch.Tensor) -> tuple[int, dict[int, float]
 def row_bits(plan: Plan, choice: torch.Tensor) -> dict[int, torch.Tensor]:
     """MoE layer -> the width of every rank row [3, E, R]."""
     widths = torch.tensor(plan.widths)[choice].reshape(len(plan.moe_layers), len(PROJECTIONS), plan.num_experts, -1)
-    rows = widths.repeat_interleave(plan.options.unit_rows, dim=-1)[..., : plan.rank]
+    rows = widths.repeat_interleave(plan.unit_rows, dim=-1)[..., : plan.rank]
     return dict(zip(plan.moe_layers, rows))
 
 
@@ -169,7 +175,7 @@ def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> lis
         tensors = copied_tensors(plan.source, f"model.layers.{i}.", module)
         if module:
             weights = expert_weights(plan, i, device)
-            decompositions = {p: shared_basis(weights.pop(p), plan.rank) for p in PROJECTIONS}
+            decompositions = {p: decompose(weights.pop(p), plan.rank, plan.basis_dtype) for p in PROJECTIONS}
             widths = dict(zip(PROJECTIONS, bits[i]))
             _, encoded = encode_layer(module, decompositions, widths, group_size=plan.group_size,
                                       basis_dtype=plan.basis_dtype, projection_names=arch.projection_names,

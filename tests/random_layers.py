@@ -19,7 +19,10 @@ def random_checkpoint(
     g = torch.Generator().manual_seed(seed)
     decompositions, bits = {}, {}
     for p, R in zip(PROJECTIONS, ranks):
-        basis = torch.linalg.qr(torch.randn(H, R, generator=g)).Q.T.contiguous()  # [R, H], orthonormal rows
+        if basis_dtype == "identity":
+            basis = torch.eye(H)  # R must be H
+        else:
+            basis = torch.linalg.qr(torch.randn(H, R, generator=g)).Q.T.contiguous()  # [R, H], orthonormal rows
         factors = torch.randn(E, R, I, generator=g) / I**0.5  # [E, R, I]
         decompositions[p] = Decomposition(basis, factors, torch.ones(R, dtype=torch.float64))
         choice = torch.randint(0, len(widths), (E, R), generator=g)

@@ -106,6 +106,16 @@ def test_stored_bits_by_hand():
     assert stored_bits(cfg)["factors"] == pytest.approx(2.5)
 
 
+def test_identity_basis_stores_no_basis_and_needs_full_rank():
+    cfg, tensors = random_checkpoint(64, 64, 2, (64, 64, 64), 32, widths=(2,), basis_dtype="identity")
+    assert set(tensor_specs(cfg)) == set(tensors) and len(tensors) == 3 * 3 * 2  # codes, scales, bits only
+    factors = 3 * 2 * (64 * 2 * 64 + 64 * 2 * 16)
+    assert stored_bits(cfg)["all"] == pytest.approx((factors + 3 * 2 * 64 * 8) / (3 * 2 * 64 * 64))  # + bits tensors
+    d = cfg.to_dict()
+    d["layers"][MODULE]["up"]["rank"] = 40
+    refuse(d, f"layers['{MODULE}'].up.rank", "identity basis has rank hidden_size (64)", "found 40")
+
+
 def test_tensor_specs_count_and_shard_dims(checkpoint):
     cfg, tensors = checkpoint
     specs = tensor_specs(cfg)

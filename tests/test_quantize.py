@@ -138,6 +138,22 @@ def test_auto_rank_takes_the_best_candidate_and_fits_few_experts(tiny_model_dir,
     assert stored / weights == pytest.approx(cfg.achieved_bits["all"], rel=1e-9)
 
 
+def test_identity_basis_beats_a_cut_shared_basis_when_experts_are_few(tiny_model_dir, quantize_tiny, calib_file, tmp_path, capsys):
+    """Same model: the shared bases would cost 8 bits per weight at full rank, so at 2.5 bits an identity basis (no
+    basis stored, full rank) must give a smaller measured output error than the cut rank, and the run warns."""
+    model = tiny_model_dir("mixtral", layers=2, experts=2, intermediate=64)
+    shared = quantize_tiny(model, tmp_path / "shared", 2.5)
+    assert "--basis-dtype identity stores no basis" in capsys.readouterr().err
+    identity = quantize_tiny(model, tmp_path / "identity", 2.5, basis_dtype="identity")
+    cfg = read_quant_config(identity)
+    assert cfg.basis_dtype == "identity" and {getattr(layer, p).rank for layer in cfg.layers for p in PROJECTIONS} == {64}
+    assert not [n for n in TensorFiles(identity) if n.endswith(".basis")]
+    stored, weights = expert_bits_on_disk(identity)
+    assert 2.45 < stored / weights <= 2.5
+    errors = {name: sum(layer_errors(model, d, calib_file).values()) for name, d in (("shared", shared), ("identity", identity))}
+    assert errors["identity"] < 0.5 * errors["shared"], errors
+
+
 def test_per_layer_allocation_keeps_every_layer_within_its_share(tiny_model_dir, quantize_tiny, tmp_path):
     model = tiny_model_dir("qwen3_moe", **QUANT_SHAPE)
     out = quantize_tiny(model, tmp_path / "q", 2.5, allocation="per-layer", scale_steps=0)

@@ -29,6 +29,7 @@ def run(tiny_model_dir, calib_file, tmp_path, capsys):
         (("--bits", "0.3", "--rank", "64"), "--bits 0.3 is outside the feasible range [0.5625, 8.6875] (all bits per routed-expert weight) for this model with rank 64"),
         (("--bits", "9"), "--bits 9.0 is outside the feasible range [0.0703, 8.6875]"),
         (("--rank", "65"), "--rank 65: must be between 1 and the hidden size 64"),
+        (("--basis-dtype", "identity", "--rank", "32"), "--rank 32: an identity basis has rank 64 (the hidden size)"),
         (("--group-size", "48"), "--group-size 48: must be a multiple of 32 that divides"),
         (("--candidate-bits", "0,5"), "--candidate-bits [0, 5]: expected widths from [0, 1, 2, 3, 4, 6, 8]"),
         (("--calib-tokens", "999999"), "fewer than --calib-tokens 999999 needs"),

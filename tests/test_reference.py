@@ -19,7 +19,8 @@ from tests.shapes import ACT_DTYPES, LAYERS, TOKENS, WIDTHS
 
 def dense_moe(x, topk_weights, topk_ids, layer: MoELayer) -> torch.Tensor:
     """y = sum_k w_k D_e (silu(G_e x) * U_e x) with G_e = F_g^T B_g, U_e = F_u^T B_u, D_e = B_d F_d."""
-    B_g, B_u, B_d = (dequantize_basis(b) for b in (layer.gate_basis, layer.up_basis, layer.down_basis))
+    H = x.shape[1]
+    B_g, B_u, B_d = (torch.eye(H) if b is None else dequantize_basis(b) for b in (layer.gate_basis, layer.up_basis, layer.down_basis))
     y = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
         for w, e in zip(topk_weights[t].tolist(), topk_ids[t].tolist()):
@@ -75,6 +76,17 @@ def test_int8_bases():
     assert layer.gate_basis.weight.dtype == torch.int8 and layer.gate_basis.scale.shape == (ranks[0],)
     x = torch.randn(3, H)
     w, ids = routing(3, E, K, seed=3)
+    torch.testing.assert_close(moe_forward(x, w, ids, layer).double(), dense_moe(x, w, ids, layer), rtol=1e-4, atol=1e-5)
+
+
+def test_identity_bases():
+    H, I, E, K, _, G = LAYERS[0]
+    cfg, tensors = random_checkpoint(H, I, E, (H, H, H), G, basis_dtype="identity")
+    layer = gather_layer(cfg, MODULE, tensors)
+    assert layer.gate_basis is layer.up_basis is layer.down_basis is None
+    assert not any(name.endswith((".basis", ".basis_scale")) for name in tensors)
+    x = torch.randn(9, H)
+    w, ids = routing(9, E, K, seed=9)
     torch.testing.assert_close(moe_forward(x, w, ids, layer).double(), dense_moe(x, w, ids, layer), rtol=1e-4, atol=1e-5)
 
 

@@ -12,7 +12,7 @@ SHARDS = {"gate": "w1", "up": "w3", "down": "w2"}
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
-@pytest.mark.parametrize("basis_dtype", ["float16", "int8"])
+@pytest.mark.parametrize("basis_dtype", ["float16", "int8", "identity"])
 def test_every_tensor_routes_through_vllms_expert_mapping(model_type, basis_dtype):
     """Per-expert tensors reach their expert; the bases (named as expert 0's) reach the layer's parameters."""
     arch = ARCHITECTURES[model_type]

@@ -113,6 +113,16 @@ def test_tensor_parallel_2_matches_the_dequantized_weights(tiny_model_dir, quant
     assert max(abs(a - b) for a, b in zip(served, reference)) < LOGPROB_TOLERANCE
 
 
+def test_identity_basis_matches_the_dequantized_weights(tiny_model_dir, quantize_tiny, tmp_path):
+    """basis_dtype identity: no basis parameters, z = x and y = t in the op."""
+    bitsmoe = quantize_tiny(tiny_model_dir("qwen3_moe", **SHAPE), tmp_path / "bitsmoe", 3.0, basis_dtype="identity")
+    with vllm_server(bitsmoe, *EXACT, log=tmp_path / "identity.log") as url:
+        served = prompt_logprobs(url, bitsmoe)
+    reference = transformers_logprobs(dequantize_checkpoint(bitsmoe, tmp_path / "dequantized"))
+    assert len(served) == len(reference) > 10
+    assert max(abs(a - b) for a, b in zip(served, reference)) < LOGPROB_TOLERANCE
+
+
 def edited_copy(bitsmoe, tmp_path, edit_tensors=None, edit_config=None):
     copy = tmp_path / "edited"
     shutil.copytree(bitsmoe, copy)
