@@ -21,7 +21,7 @@ from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-from bitsmoe_vllm import ops
+from bitsmoe_vllm import cuda, ops
 from bitsmoe_vllm.format import (
     BASIS_DTYPES,
     BITS_DTYPE,
@@ -60,6 +60,7 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         self.specs = layer_tensor_specs(spec, layout)  # checkpoint name -> unsharded spec
         self.arrived: set[str] = set()
         self.layer: MoELayer | None = None
+        self.kernel: cuda.KernelLayer | None = None  # the layer in the CUDA kernels' layout, when on CUDA
 
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int, params_dtype, **extra):
         self._refuse_unsupported(layer, hidden_size, intermediate_size_per_partition)
@@ -206,6 +207,8 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             Factors(layer.w2_codes, layer.w2_scales, layer.w2_bits),
             self.spec.group_size,
         )
+        if layer.w13_codes.is_cuda and cuda.load_kernels():  # the CUDA kernels' layout, made once
+            self.kernel = cuda.to_kernel_layer(self.layer)
 
     def get_fused_moe_quant_config(self, layer):
         return None
@@ -213,4 +216,4 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         """Routed-expert output [T, H]; shared experts are run by vLLM's runner."""
         ids = topk_ids if layer.expert_map is None else layer.expert_map[topk_ids.long()]
-        return ops.moe_layer(x, topk_weights, ids, self.layer)
+        return ops.moe_layer(x, topk_weights, ids, self.layer, self.kernel)

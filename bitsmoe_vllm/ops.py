@@ -1,13 +1,16 @@
 """`torch.ops.bitsmoe.moe`: the BitsMoE MoE layer as one custom op, and the dispatch behind it.
 
 A custom op with a fake (meta) implementation, so torch.compile (vLLM traces its CPU MoE) treats the
-layer as one opaque call. Today every device runs the reference (`reference.moe_forward`); compiled
-kernels register here under the same name and argument order.
+layer as one opaque call. The op runs the reference (`reference.moe_forward`) on every device; `moe_layer`
+sends a layer already in the CUDA kernels' layout to them instead (bitsmoe_vllm/cuda.py).
 """
 
 import torch
 
+from bitsmoe_vllm.cuda import KernelLayer, moe_forward_cuda
 from bitsmoe_vllm.reference import Basis, Factors, MoELayer, moe_forward
+
+PREFILL_SLOTS_PER_EXPERT = 16  # tensor cores pay once the token choices average this many per expert (to be tuned on a GPU)
 
 
 @torch.library.custom_op("bitsmoe::moe", mutates_args=())
@@ -50,8 +53,15 @@ def _(x, topk_weights, topk_ids, *layer_tensors_and_group_size):
     return torch.empty_like(x)
 
 
-def moe_layer(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: MoELayer) -> torch.Tensor:
-    """torch.ops.bitsmoe.moe with the layer's tensors taken from a MoELayer."""
+def moe_layer(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: MoELayer, kernel: KernelLayer | None = None
+) -> torch.Tensor:
+    """The dispatch: the CUDA kernels when the layer was put in their layout at load (`kernel`, bitsmoe_vllm/cuda.py),
+    else torch.ops.bitsmoe.moe (the reference) with the layer's tensors taken from a MoELayer."""
+    if kernel is not None:
+        many = topk_ids.numel() >= PREFILL_SLOTS_PER_EXPERT * kernel.gate.segs.shape[0]  # a shape, known when tracing
+        path = "prefill" if many and x.dtype in (torch.bfloat16, torch.float16) else "decode"
+        return moe_forward_cuda(x, topk_weights, topk_ids, kernel, path)
     bases = (layer.gate_basis, layer.up_basis, layer.down_basis)
     return torch.ops.bitsmoe.moe(
         x, topk_weights, topk_ids,

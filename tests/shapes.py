@@ -3,6 +3,7 @@
 import torch
 
 TOKENS = (1, 3, 17, 65)  # T
+KERNEL_TOKENS = TOKENS + (222,)  # T for the CUDA kernels: 222 spans several 64-slot prefill tiles
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 WIDTHS = (1, 2, 3, 4, 6, 8)  # every packed code width
 ALLOCATION_WIDTHS = (0,) + WIDTHS  # widths a rank row can get, 0 = dropped
