@@ -2,7 +2,7 @@
 layout. The reference (reference.moe_forward) stays the spec; tests/test_kernels.py holds the two together.
 
     kernel = to_kernel_layer(layer)            # once, at load (repack + float32 bases)
-    y = moe_forward_cuda(x, topk_weights, topk_ids, kernel)
+    y = moe_forward_cuda(x, topk_weights, topk_ids, kernel, "decode")  # or "prefill"; ops.moe_layer chooses
 
 z = B x for gate and up in one GEMM; then either the decode path (few tokens per expert: per (token, expert) the
 gate/up factor products on the packed codes with SiLU, the down factor products in rank space; float32,
@@ -47,8 +47,8 @@ def load_kernels(build: bool = False) -> bool:
     for op in ("moe_decode", "moe_prefill"):  # both return u [T * K, down_rank] float32
 
         @torch.library.register_fake(f"bitsmoe_cuda::{op}")
-        def _(z_g, z_u, ids, *tables_tensors_and_sizes):
-            return z_g.new_empty((ids.numel(), tables_tensors_and_sizes[-2]), dtype=torch.float32)
+        def _(z_g, z_u, ids, *tables_factors_and_sizes):
+            return z_g.new_empty((ids.numel(), tables_factors_and_sizes[-2]), dtype=torch.float32)
 
     _loaded = True
     return True
@@ -112,12 +112,12 @@ def moe_forward_cuda(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
         z = (xf @ layer.gate_up_basis.T).to(z_dtype)  # [T, R_gate + R_up]: one GEMM for both
         z_g, z_u = z[:, : layer.gate.rank].contiguous(), z[:, layer.gate.rank :].contiguous()
     g, u, d = layer.gate, layer.up, layer.down
-    factors = (g.codes, g.scales, g.rows, g.segs, u.codes, u.scales, u.rows, u.segs, d.codes, d.scales, d.rows, d.segs, d.rank, layer.group_size)
+    factors = [getattr(f, n) for f in (g, u, d) for n in ("codes", "scales", "rows", "segs")]
     ids = topk_ids.to(torch.int64).contiguous()
     if path == "decode":
-        out = torch.ops.bitsmoe_cuda.moe_decode(z_g, z_u, ids, *factors)  # [T * K, R_down]
+        out = torch.ops.bitsmoe_cuda.moe_decode(z_g, z_u, ids, factors, d.rank, layer.group_size)  # [T * K, R_down]
     else:
-        out = torch.ops.bitsmoe_cuda.moe_prefill(z_g, z_u, ids, *prefill_tiles(ids, E), *factors)
+        out = torch.ops.bitsmoe_cuda.moe_prefill(z_g, z_u, ids, *prefill_tiles(ids, E), factors, d.rank, layer.group_size)
     t = (out.view(T, K, d.rank) * topk_weights.float()[..., None]).sum(1)  # fixed order: deterministic
     y = t if layer.down_basis is None else t @ layer.down_basis.T
     return y.to(x.dtype)

@@ -10,9 +10,10 @@ projection, h_g, h_u the gate and up pre-activations and a = silu(h_g) * h_u:
     down:  delta^2 * E[w^2 a_i^2]                          (the down basis is orthonormal)
 
 (expectations over all calibration tokens, 0 where e is not selected; cross terms dropped). These
-weights are the "importance" [E, R, I] (down: [E, 1, I], the same for every rank row); a row's loss at width b is sum_i (Q_b(f) - f)_i^2 times them,
-and at width 0 the row's full weighted energy. offline.quantize divides a layer's losses by the median
-squared norm of the residual stream after it, so that losses of different layers are comparable.
+weights are the "importance" [E, R, I] (down: [E, 1, I], the same for every rank row); a row's loss at
+width b is sum_i (Q_b(f) - f)_i^2 times them, and at width 0 the row's full weighted energy.
+offline.quantize divides a layer's losses by the median squared norm of the residual stream after it,
+so that losses of different layers are comparable.
 """
 
 import torch
@@ -24,7 +25,9 @@ from offline.rounding import REFINE_STEPS, quantize_rows
 CHUNK_ENTRIES = 1 << 20  # factor entries rounded at once: bounds the cost model's temporaries
 
 
-def importance(routed: Routed, weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None], n_tokens: int) -> dict[str, torch.Tensor]:
+def importance(
+    routed: Routed, weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None], n_tokens: int
+) -> dict[str, torch.Tensor]:
     """weights[p] [E, I, H] (down as D_e^T), the gate and up bases [R, H] (None: identity) -> importance per
     projection: gate and up [E, R, I], down [E, 1, I]. One pass over the experts for all three projections."""
     E, I, H = weights["gate"].shape

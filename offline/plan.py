@@ -86,7 +86,8 @@ class Plan:
     def with_rank(self, rank: int) -> "Plan":
         """This plan with shared rank `rank`: its unit costs, the bits stored whatever the allocation, the budget."""
         o = self.options
-        plan = replace(self, rank=rank, unit_cost=unit_costs(rank, self.intermediate_size, list(self.widths), self.unit_rows, self.group_size))
+        cost = unit_costs(rank, self.intermediate_size, list(self.widths), self.unit_rows, self.group_size)
+        plan = replace(self, rank=rank, unit_cost=cost)
         empty = tuple([0] * self.num_experts)
         nothing = plan.quant_config([plan.layout(i, dict.fromkeys(PROJECTIONS, empty), dict.fromkeys(PROJECTIONS, empty)) for i in self.moe_layers])
         fixed = stored_bits(nothing)[o.budget_scope] * self.total_weights

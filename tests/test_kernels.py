@@ -132,9 +132,8 @@ def test_opcheck(cuda_ops):
     k = to_kernel_layer(layer_of(LAYERS[1]).to(torch.device("cuda")))
     w, ids = routing(5, E, K, seed=2, used=E)
     z_g, z_u = torch.randn(5, ranks[0], device="cuda"), torch.randn(5, ranks[1], device="cuda")
-    args = (z_g, z_u, ids.cuda(), k.gate.codes, k.gate.scales, k.gate.rows, k.gate.segs, k.up.codes, k.up.scales,
-            k.up.rows, k.up.segs, k.down.codes, k.down.scales, k.down.rows, k.down.segs, k.down.rank, G)  # fmt: skip
+    factors = [getattr(f, n) for f in (k.gate, k.up, k.down) for n in ("codes", "scales", "rows", "segs")]
+    args = (z_g, z_u, ids.cuda(), factors, k.down.rank, G)
     torch.library.opcheck(torch.ops.bitsmoe_cuda.moe_decode.default, args)
-    tables = prefill_tiles(ids.cuda(), E)
-    args = (z_g.bfloat16(), z_u.bfloat16(), ids.cuda(), *tables, *args[3:])
+    args = (z_g.bfloat16(), z_u.bfloat16(), ids.cuda(), *prefill_tiles(ids.cuda(), E), factors, k.down.rank, G)
     torch.library.opcheck(torch.ops.bitsmoe_cuda.moe_prefill.default, args)

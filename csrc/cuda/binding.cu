@@ -28,77 +28,77 @@ bitsmoe::Projection projection(const char* name, const at::Tensor& codes, const 
           segs.data_ptr<int32_t>(), static_cast<int>(rank)};
 }
 
-// z_g [T, R_g], z_u [T, R_u] float32; ids [T, K] int64 (negative: expert held elsewhere) -> u [T * K, R_down] float32.
-at::Tensor moe_decode(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids, const at::Tensor& gate_codes,
-                      const at::Tensor& gate_scales, const at::Tensor& gate_rows, const at::Tensor& gate_segs, const at::Tensor& up_codes,
-                      const at::Tensor& up_scales, const at::Tensor& up_rows, const at::Tensor& up_segs, const at::Tensor& down_codes,
-                      const at::Tensor& down_scales, const at::Tensor& down_rows, const at::Tensor& down_segs, int64_t down_rank,
-                      int64_t group_size) {
-  TORCH_CHECK(z_g.is_cuda() && z_g.scalar_type() == at::kFloat && z_g.dim() == 2 && z_g.is_contiguous(),
-              "z_g: expected contiguous CUDA float32 [T, R_gate], found ", z_g.scalar_type(), " ", z_g.sizes());
-  TORCH_CHECK(z_u.scalar_type() == at::kFloat && z_u.dim() == 2 && z_u.size(0) == z_g.size(0) && z_u.is_contiguous(),
-              "z_u: expected contiguous float32 [", z_g.size(0), ", R_up], found ", z_u.scalar_type(), " ", z_u.sizes());
+struct Layer {
+  bitsmoe::Projection gate, up, down;
+  int64_t I;
+};
+
+// The checks both ops share: z_u and ids against z_g, the three projections, their common I and the group size.
+Layer checked_layer(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids, at::TensorList f, int64_t down_rank,
+                    int64_t group_size) {
+  TORCH_CHECK(f.size() == 12, "factors: expected 12 tensors (codes, scales, rows, segs of gate, up, down), found ", f.size());
+  TORCH_CHECK(z_g.is_cuda() && z_g.dim() == 2 && z_g.is_contiguous(), "z_g: expected a contiguous CUDA [T, R_gate] tensor, found ",
+              z_g.sizes());
+  TORCH_CHECK(z_u.scalar_type() == z_g.scalar_type() && z_u.dim() == 2 && z_u.size(0) == z_g.size(0) && z_u.is_contiguous(),
+              "z_u: expected contiguous ", z_g.scalar_type(), " [", z_g.size(0), ", R_up], found ", z_u.scalar_type(), " ", z_u.sizes());
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == z_g.size(0) && ids.is_contiguous(),
               "topk_ids: expected contiguous int64 [", z_g.size(0), ", K], found ", ids.scalar_type(), " ", ids.sizes());
-  const int64_t experts = gate_segs.size(0), I = gate_codes.size(1) * 32;
+  const int64_t experts = f[3].size(0), I = f[0].size(1) * 32;
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && I % group_size == 0, "group_size ", group_size,
               ": expected a multiple of 32 dividing I = ", I);
-  const auto gate = projection("gate", gate_codes, gate_scales, gate_rows, gate_segs, z_g.size(1), experts);
-  const auto up = projection("up", up_codes, up_scales, up_rows, up_segs, z_u.size(1), experts);
-  const auto down = projection("down", down_codes, down_scales, down_rows, down_segs, down_rank, experts);
-  TORCH_CHECK(up_codes.size(1) * 32 == I && down_codes.size(1) * 32 == I, "codes: gate, up and down must have the same I; found ",
-              I, ", ", up_codes.size(1) * 32, ", ", down_codes.size(1) * 32);
+  TORCH_CHECK(f[4].size(1) * 32 == I && f[8].size(1) * 32 == I, "codes: gate, up and down must have the same I; found ", I, ", ",
+              f[4].size(1) * 32, ", ", f[8].size(1) * 32);
+  return {projection("gate", f[0], f[1], f[2], f[3], z_g.size(1), experts), projection("up", f[4], f[5], f[6], f[7], z_u.size(1), experts),
+          projection("down", f[8], f[9], f[10], f[11], down_rank, experts), I};
+}
 
+// z_g [T, R_g], z_u [T, R_u] float32; ids [T, K] int64 (negative: expert held elsewhere); `factors` the codes, scales,
+// rows and segs of gate, up and down in kernel layout -> u [T * K, R_down] float32.
+at::Tensor moe_decode(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids, at::TensorList factors, int64_t down_rank,
+                      int64_t group_size) {
+  TORCH_CHECK(z_g.scalar_type() == at::kFloat, "z_g: the decode path takes float32, found ", z_g.scalar_type());
+  const Layer l = checked_layer(z_g, z_u, ids, factors, down_rank, group_size);
   const c10::cuda::CUDAGuard guard(z_g.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t slots = ids.numel();
-  auto a = at::empty({slots, I}, z_g.options());
+  auto a = at::empty({slots, l.I}, z_g.options());
   auto u = at::zeros({slots, down_rank}, z_g.options());
   if (slots == 0) return u;
-  const int tiles = static_cast<int>((I / 32 + bitsmoe::kWordsPerTile - 1) / bitsmoe::kWordsPerTile);
+  const int tiles = static_cast<int>((l.I / 32 + bitsmoe::kWordsPerTile - 1) / bitsmoe::kWordsPerTile);
   bitsmoe::gate_up_decode<<<dim3(slots, tiles), dim3(32, bitsmoe::kSplits), 0, stream>>>(
-      gate, up, z_g.data_ptr<float>(), z_u.data_ptr<float>(), ids.data_ptr<int64_t>(), static_cast<int>(ids.size(1)),
-      static_cast<int>(I), static_cast<int>(group_size), a.data_ptr<float>());
+      l.gate, l.up, z_g.data_ptr<float>(), z_u.data_ptr<float>(), ids.data_ptr<int64_t>(), static_cast<int>(ids.size(1)),
+      static_cast<int>(l.I), static_cast<int>(group_size), a.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int row_blocks = 4;  // with 8 warps each: 32 warps per slot over the stored rows of its expert
-  bitsmoe::down_decode<<<dim3(slots, row_blocks), 256, 0, stream>>>(down, a.data_ptr<float>(), ids.data_ptr<int64_t>(),
-                                                                     static_cast<int>(I), static_cast<int>(group_size), u.data_ptr<float>());
+  bitsmoe::down_decode<<<dim3(slots, row_blocks), 256, 0, stream>>>(l.down, a.data_ptr<float>(), ids.data_ptr<int64_t>(),
+                                                                     static_cast<int>(l.I), static_cast<int>(group_size), u.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return u;
 }
 
 template <typename T>
-void launch_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const bitsmoe::Projection& gate, const bitsmoe::Projection& up,
-                    const bitsmoe::Projection& down, const bitsmoe::Tiles& tiles, int64_t n_tiles, int64_t top_k, int64_t I,
-                    int64_t group_size, at::Tensor& a, at::Tensor& u, cudaStream_t stream) {
-  const T* zg = reinterpret_cast<const T*>(z_g.data_ptr());
-  const T* zu = reinterpret_cast<const T*>(z_u.data_ptr());
+void launch_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const Layer& l, const bitsmoe::Tiles& tiles, int64_t n_tiles,
+                    int64_t top_k, int64_t group_size, at::Tensor& a, at::Tensor& u, cudaStream_t stream) {
   T* a_ptr = reinterpret_cast<T*>(a.data_ptr());
-  const int columns = static_cast<int>((I + bitsmoe::kTileN - 1) / bitsmoe::kTileN);
+  const int columns = static_cast<int>((l.I + bitsmoe::kTileN - 1) / bitsmoe::kTileN);
   bitsmoe::gate_up_prefill<T><<<dim3(n_tiles, columns), bitsmoe::kPrefillThreads, 0, stream>>>(
-      gate, up, zg, zu, tiles, static_cast<int>(top_k), static_cast<int>(I), static_cast<int>(group_size), a_ptr);
+      l.gate, l.up, reinterpret_cast<const T*>(z_g.data_ptr()), reinterpret_cast<const T*>(z_u.data_ptr()), tiles,
+      static_cast<int>(top_k), static_cast<int>(l.I), static_cast<int>(group_size), a_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int row_tiles = static_cast<int>((down.rank + bitsmoe::kTileN - 1) / bitsmoe::kTileN);
+  const int row_tiles = (l.down.rank + bitsmoe::kTileN - 1) / bitsmoe::kTileN;
   bitsmoe::down_prefill<T><<<dim3(n_tiles, row_tiles), bitsmoe::kPrefillThreads, 0, stream>>>(
-      down, a_ptr, tiles, static_cast<int>(I), static_cast<int>(group_size), u.data_ptr<float>());
+      l.down, a_ptr, tiles, static_cast<int>(l.I), static_cast<int>(group_size), u.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// z_g [T, R_g], z_u [T, R_u] in bfloat16 or float16; ids [T, K]; the tile tables of bitsmoe_vllm/cuda.py
-// (sorted_slots [T*K], tile_expert / tile_start / tile_count [tiles], int32) -> u [T * K, R_down] float32.
+// As moe_decode, with z in bfloat16 or float16 and the tile tables of bitsmoe_vllm/cuda.py (sorted_slots [T*K],
+// tile_expert / tile_start / tile_count [tiles], int32) -> u [T * K, R_down] float32.
 at::Tensor moe_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids, const at::Tensor& sorted_slots,
-                       const at::Tensor& tile_expert, const at::Tensor& tile_start, const at::Tensor& tile_count,
-                       const at::Tensor& gate_codes, const at::Tensor& gate_scales, const at::Tensor& gate_rows, const at::Tensor& gate_segs,
-                       const at::Tensor& up_codes, const at::Tensor& up_scales, const at::Tensor& up_rows, const at::Tensor& up_segs,
-                       const at::Tensor& down_codes, const at::Tensor& down_scales, const at::Tensor& down_rows, const at::Tensor& down_segs,
+                       const at::Tensor& tile_expert, const at::Tensor& tile_start, const at::Tensor& tile_count, at::TensorList factors,
                        int64_t down_rank, int64_t group_size) {
   const auto dtype = z_g.scalar_type();
-  TORCH_CHECK(z_g.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && z_g.dim() == 2 && z_g.is_contiguous(),
-              "z_g: expected contiguous CUDA bfloat16 or float16 [T, R_gate], found ", dtype, " ", z_g.sizes());
-  TORCH_CHECK(z_u.scalar_type() == dtype && z_u.dim() == 2 && z_u.size(0) == z_g.size(0) && z_u.is_contiguous(),
-              "z_u: expected contiguous ", dtype, " [", z_g.size(0), ", R_up], found ", z_u.scalar_type(), " ", z_u.sizes());
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == z_g.size(0),
-              "topk_ids: expected int64 [", z_g.size(0), ", K], found ", ids.scalar_type(), " ", ids.sizes());
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "z_g: the prefill path takes bfloat16 or float16, found ", dtype);
+  const Layer l = checked_layer(z_g, z_u, ids, factors, down_rank, group_size);
   const int64_t n_tiles = tile_expert.numel();
   for (const auto* t : {&sorted_slots, &tile_expert, &tile_start, &tile_count}) {
     TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous() && t->is_cuda(),
@@ -106,41 +106,29 @@ at::Tensor moe_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const at::T
   }
   TORCH_CHECK(sorted_slots.numel() == ids.numel() && tile_start.numel() == n_tiles && tile_count.numel() == n_tiles,
               "tile tables: sorted_slots must have T*K = ", ids.numel(), " entries and the three tile vectors the same length");
-  const int64_t experts = gate_segs.size(0), I = gate_codes.size(1) * 32;
-  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && I % group_size == 0, "group_size ", group_size,
-              ": expected a multiple of 32 dividing I = ", I);
-  const auto gate = projection("gate", gate_codes, gate_scales, gate_rows, gate_segs, z_g.size(1), experts);
-  const auto up = projection("up", up_codes, up_scales, up_rows, up_segs, z_u.size(1), experts);
-  const auto down = projection("down", down_codes, down_scales, down_rows, down_segs, down_rank, experts);
-  TORCH_CHECK(up_codes.size(1) * 32 == I && down_codes.size(1) * 32 == I, "codes: gate, up and down must have the same I");
-
   const c10::cuda::CUDAGuard guard(z_g.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  auto a = at::empty({ids.numel(), I}, z_g.options());
+  auto a = at::empty({ids.numel(), l.I}, z_g.options());
   auto u = at::zeros({ids.numel(), down_rank}, z_g.options().dtype(at::kFloat));
   if (ids.numel() == 0 || n_tiles == 0) return u;
   const bitsmoe::Tiles tiles{sorted_slots.data_ptr<int32_t>(), tile_expert.data_ptr<int32_t>(), tile_start.data_ptr<int32_t>(),
                              tile_count.data_ptr<int32_t>()};
   if (dtype == at::kBFloat16) {
-    launch_prefill<__nv_bfloat16>(z_g, z_u, gate, up, down, tiles, n_tiles, ids.size(1), I, group_size, a, u, stream);
+    launch_prefill<__nv_bfloat16>(z_g, z_u, l, tiles, n_tiles, ids.size(1), group_size, a, u, stream);
   } else {
-    launch_prefill<__half>(z_g, z_u, gate, up, down, tiles, n_tiles, ids.size(1), I, group_size, a, u, stream);
+    launch_prefill<__half>(z_g, z_u, l, tiles, n_tiles, ids.size(1), group_size, a, u, stream);
   }
   return u;
 }
 
 }  // namespace
 
+// factors: gate, up, down, each as codes, scales, rows, segs (bitsmoe_vllm/kernel_layout.py)
 TORCH_LIBRARY(bitsmoe_cuda, m) {
-  m.def(
-      "moe_decode(Tensor z_g, Tensor z_u, Tensor ids, Tensor gate_codes, Tensor gate_scales, Tensor gate_rows, Tensor gate_segs, "
-      "Tensor up_codes, Tensor up_scales, Tensor up_rows, Tensor up_segs, Tensor down_codes, Tensor down_scales, Tensor down_rows, "
-      "Tensor down_segs, int down_rank, int group_size) -> Tensor");
+  m.def("moe_decode(Tensor z_g, Tensor z_u, Tensor ids, Tensor[] factors, int down_rank, int group_size) -> Tensor");
   m.def(
       "moe_prefill(Tensor z_g, Tensor z_u, Tensor ids, Tensor sorted_slots, Tensor tile_expert, Tensor tile_start, "
-      "Tensor tile_count, Tensor gate_codes, Tensor gate_scales, Tensor gate_rows, Tensor gate_segs, Tensor up_codes, "
-      "Tensor up_scales, Tensor up_rows, Tensor up_segs, Tensor down_codes, Tensor down_scales, Tensor down_rows, "
-      "Tensor down_segs, int down_rank, int group_size) -> Tensor");
+      "Tensor tile_count, Tensor[] factors, int down_rank, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bitsmoe_cuda, CUDA, m) {

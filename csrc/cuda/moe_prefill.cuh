@@ -28,12 +28,6 @@ template <>
 __device__ __forceinline__ __half to_half<__half>(float v) { return __float2half(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 to_half<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 struct StoredRow {  // where stored row j of an expert lives in the kernel layout
   int width;  // 0: past the expert's last stored row
@@ -77,6 +71,19 @@ __device__ __forceinline__ void decode_word(const Projection& p, StoredRow r, in
   }
 }
 
+using Accumulators = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>[2][2];
+
+// Each warp's 32 x 32 quarter of the kTileM x kTileN tile (warps 0-1 the top half, 2-3 the bottom) to C [kTileM][LDC].
+template <int LDC>
+__device__ __forceinline__ void store_quarter(float* C, Accumulators& acc, int warp) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+      nvcuda::wmma::store_matrix_sync(C + ((warp / 2) * 32 + i * 16) * LDC + (warp % 2) * 32 + k * 16, acc[i][k], LDC,
+                                      nvcuda::wmma::mem_row_major);
+}
+
 struct Tiles {
   const int32_t* sorted_slots;  // [slots], grouped by expert
   const int32_t* expert;        // [tiles], -1: unused
@@ -106,7 +113,7 @@ __global__ void __launch_bounds__(kPrefillThreads) gate_up_prefill(Projection ga
     slot_of[m] = slot;
     token_of[m] = slot < 0 ? -1 : slot / top_k;
   }
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  Accumulators acc;
   for (int which = 0; which < 2; ++which) {
     const Projection p = which == 0 ? gate : up;
     const T* z = which == 0 ? z_g : z_u;
@@ -146,12 +153,7 @@ __global__ void __launch_bounds__(kPrefillThreads) gate_up_prefill(Projection ga
         for (int k = 0; k < 2; ++k) wmma::mma_sync(acc[i][k], fa[i], fb[k], acc[i][k]);
       __syncthreads();
     }
-    float* C = which == 0 ? Cg : Cu;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int k = 0; k < 2; ++k)
-        wmma::store_matrix_sync(C + ((warp / 2) * 32 + i * 16) * LDC + (warp % 2) * 32 + k * 16, acc[i][k], LDC, wmma::mem_row_major);
+    store_quarter<LDC>(which == 0 ? Cg : Cu, acc, warp);
   }
   __syncthreads();
   for (int idx = tid; idx < kTileM * kTileN; idx += kPrefillThreads) {
@@ -181,7 +183,7 @@ __global__ void __launch_bounds__(kPrefillThreads) down_prefill(Projection down,
   const int count = tiles.count[blockIdx.x], tid = threadIdx.x, warp = tid / 32;
   const int words_per_row = I / 32, groups_per_row = I / group;
   for (int m = tid; m < kTileM; m += kPrefillThreads) slot_of[m] = m < count ? tiles.sorted_slots[tiles.start[blockIdx.x] + m] : -1;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  Accumulators acc;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -216,11 +218,7 @@ __global__ void __launch_bounds__(kPrefillThreads) down_prefill(Projection down,
     }
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int k = 0; k < 2; ++k)
-      wmma::store_matrix_sync(C + ((warp / 2) * 32 + i * 16) * LDC + (warp % 2) * 32 + k * 16, acc[i][k], LDC, wmma::mem_row_major);
+  store_quarter<LDC>(C, acc, warp);
   __syncthreads();
   for (int idx = tid; idx < kTileM * kTileN; idx += kPrefillThreads) {
     const int m = idx / kTileN, n = idx % kTileN;
