@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.utils import set_weight_attrs
@@ -37,6 +38,8 @@ from bitsmoe_vllm.format import (
 )
 from bitsmoe_vllm.packing import WORD_BITS
 from bitsmoe_vllm.reference import Basis, Factors, MoELayer
+
+logger = init_logger(__name__)
 
 SHARD_PROJECTION = {"w1": "gate", "w3": "up", "w2": "down"}
 PARAM_OF = {"gate": "w13", "up": "w13", "down": "w2"}
@@ -207,8 +210,15 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             Factors(layer.w2_codes, layer.w2_scales, layer.w2_bits),
             self.spec.group_size,
         )
-        if layer.w13_codes.is_cuda and cuda.load_kernels():  # the CUDA kernels' layout, made once
-            self.kernel = cuda.to_kernel_layer(self.layer)
+        if layer.w13_codes.is_cuda:
+            if cuda.load_kernels():  # the CUDA kernels' layout, made once
+                self.kernel = cuda.to_kernel_layer(self.layer)
+            else:
+                logger.warning_once(
+                    "bitsmoe: the CUDA kernels were not built with this install (no bitsmoe_vllm._cuda), so BitsMoE layers "
+                    "run the PyTorch reference on the GPU, which is slow; reinstall bitsmoe-vllm where a CUDA torch and nvcc "
+                    "are both present"
+                )
 
     def get_fused_moe_quant_config(self, layer):
         return None
