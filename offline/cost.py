@@ -30,7 +30,7 @@ def importance(
 ) -> dict[str, torch.Tensor]:
     """weights[p] [E, I, H] (down as D_e^T), the gate and up bases [R, H] (None: identity) -> importance per
     projection: gate and up [E, R, I], down [E, 1, I]. One pass over the experts for all three projections."""
-    E, I, H = weights["gate"].shape
+    E, I, _ = weights["gate"].shape
     device = weights["gate"].device
     x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
     z = {p: x if bases[p] is None else x @ bases[p].T for p in ("gate", "up")}  # [N, R]: once, not once per expert

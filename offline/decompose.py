@@ -13,7 +13,7 @@ import torch
 
 
 class Decomposition(NamedTuple):
-    basis: torch.Tensor  # [R, H] float32, orthonormal rows (stored as-is for gate/up, transposed for down)
+    basis: torch.Tensor | None  # [R, H] float32, orthonormal rows (down stores it transposed); None: identity
     factors: torch.Tensor  # [E, R, I] float32, rank-major
     energy: torch.Tensor  # [R] float64: eigenvalues, i.e. the energy of all experts along each basis row
 
@@ -59,4 +59,4 @@ def decompose(weights: torch.Tensor, rank: int, basis_dtype: str) -> Decompositi
     if basis_dtype != "identity":
         return shared_basis(weights, rank)
     factors = project(weights, None)
-    return Decomposition(torch.eye(weights.shape[-1], device=weights.device), factors, factors.double().pow(2).sum((0, 2)))
+    return Decomposition(None, factors, factors.double().pow(2).sum((0, 2)))

@@ -58,20 +58,21 @@ def encode_layer(
     layouts = {}
     for p in PROJECTIONS:
         dec, widths, name = decompositions[p], bits[p].to(torch.int64), projection_names[p]
-        if basis_dtype != "identity":
+        if (dec.basis is None) != (basis_dtype == "identity"):
+            raise ValueError(f"encode_layer: {module} {p}: basis_dtype {basis_dtype} with a decomposition whose basis is "
+                             f"{'the identity' if dec.basis is None else 'stored'}")  # fmt: skip
+        if dec.basis is not None:
             basis = dec.basis.T if p == "down" else dec.basis  # down stores U_d = V^T [H, R]
             tensors[basis_name(module, name)], scale = quantize_basis(basis, basis_dtype)
             if scale is not None:
                 tensors[basis_scale_name(module, name)] = scale
-        elif not torch.equal(dec.basis, torch.eye(dec.basis.shape[1], device=dec.basis.device)):
-            raise ValueError(f"encode_layer: {module} {p}: basis_dtype identity needs the identity decomposition")
         for e, factor in enumerate(dec.factors):
             codes, scales = encode_factor(factor, widths[e], group_size, scale_steps)
             tensors[expert_tensor_name(module, e, name, "codes")] = codes
             tensors[expert_tensor_name(module, e, name, "scales")] = scales
             tensors[expert_tensor_name(module, e, name, "bits")] = widths[e].to(BITS_DTYPE)
         layouts[p] = ProjectionLayout(
-            rank=dec.basis.shape[0],
+            rank=dec.factors.shape[1],
             rows=tuple((widths > 0).sum(1).tolist()),
             planes=tuple(widths.sum(1).tolist()),
         )

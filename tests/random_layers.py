@@ -20,7 +20,7 @@ def random_checkpoint(
     decompositions, bits = {}, {}
     for p, R in zip(PROJECTIONS, ranks):
         if basis_dtype == "identity":
-            basis = torch.eye(H)  # R must be H
+            basis = None  # R must be H
         else:
             basis = torch.linalg.qr(torch.randn(H, R, generator=g)).Q.T.contiguous()  # [R, H], orthonormal rows
         factors = torch.randn(E, R, I, generator=g) / I**0.5  # [E, R, I]
