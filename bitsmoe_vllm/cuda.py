@@ -1,4 +1,4 @@
-"""The CUDA path of a BitsMoE layer: the kernels of csrc/cuda (torch.ops.bitsmoe_cuda) on the layer in kernel
+"""The CUDA path of a BitsMoE layer: the kernels of csrc/cuda (torch.ops.bitsmoe) on the layer in kernel
 layout. The reference (reference.moe_forward) stays the spec; tests/test_kernels.py holds the two together.
 
     kernel = to_kernel_layer(layer)            # once, at load (repack + float32 bases)
@@ -27,7 +27,7 @@ _loaded = False
 
 
 def load_kernels(build: bool = False) -> bool:
-    """Make torch.ops.bitsmoe_cuda available: the library built at install (bitsmoe_vllm/_cuda*.so), or with
+    """Make torch.ops.bitsmoe available: the library built at install (bitsmoe_vllm/_cuda*.so), or with
     build=True compiled now from csrc/cuda (torch.utils.cpp_extension; for machines without an install build).
     False when neither is at hand."""
     global _loaded
@@ -46,7 +46,7 @@ def load_kernels(build: bool = False) -> bool:
 
     for op in ("moe_decode", "moe_prefill"):  # both return u [T * K, down_rank] float32
 
-        @torch.library.register_fake(f"bitsmoe_cuda::{op}")
+        @torch.library.register_fake(f"bitsmoe::{op}")
         def _(z_g, z_u, ids, *tables_factors_and_sizes):
             return z_g.new_empty((ids.numel(), tables_factors_and_sizes[-2]), dtype=torch.float32)
 
@@ -115,9 +115,9 @@ def moe_forward_cuda(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
     factors = [getattr(f, n) for f in (g, u, d) for n in ("codes", "scales", "rows", "segs")]
     ids = topk_ids.to(torch.int64).contiguous()
     if path == "decode":
-        out = torch.ops.bitsmoe_cuda.moe_decode(z_g, z_u, ids, factors, d.rank, layer.group_size)  # [T * K, R_down]
+        out = torch.ops.bitsmoe.moe_decode(z_g, z_u, ids, factors, d.rank, layer.group_size)  # [T * K, R_down]
     else:
-        out = torch.ops.bitsmoe_cuda.moe_prefill(z_g, z_u, ids, *prefill_tiles(ids, E), factors, d.rank, layer.group_size)
+        out = torch.ops.bitsmoe.moe_prefill(z_g, z_u, ids, *prefill_tiles(ids, E), factors, d.rank, layer.group_size)
     t = (out.view(T, K, d.rank) * topk_weights.float()[..., None]).sum(1)  # fixed order: deterministic
     y = t if layer.down_basis is None else t @ layer.down_basis.T
     return y.to(x.dtype)

@@ -134,6 +134,6 @@ def test_opcheck(cuda_ops):
     z_g, z_u = torch.randn(5, ranks[0], device="cuda"), torch.randn(5, ranks[1], device="cuda")
     factors = [getattr(f, n) for f in (k.gate, k.up, k.down) for n in ("codes", "scales", "rows", "segs")]
     args = (z_g, z_u, ids.cuda(), factors, k.down.rank, G)
-    torch.library.opcheck(torch.ops.bitsmoe_cuda.moe_decode.default, args)
+    torch.library.opcheck(torch.ops.bitsmoe.moe_decode.default, args)
     args = (z_g.bfloat16(), z_u.bfloat16(), ids.cuda(), *prefill_tiles(ids.cuda(), E), factors, k.down.rank, G)
-    torch.library.opcheck(torch.ops.bitsmoe_cuda.moe_prefill.default, args)
+    torch.library.opcheck(torch.ops.bitsmoe.moe_prefill.default, args)

@@ -1,4 +1,4 @@
-// torch.ops.bitsmoe_cuda.moe_decode / moe_prefill: launch the kernels of moe_decode.cuh / moe_prefill.cuh on the
+// torch.ops.bitsmoe.moe_decode / moe_prefill: launch the kernels of moe_decode.cuh / moe_prefill.cuh on the
 // current stream.
 // Shapes and dtypes are checked here, with messages that name them; the kernels trust them.
 #include <ATen/ATen.h>
@@ -123,15 +123,16 @@ at::Tensor moe_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const at::T
 
 }  // namespace
 
-// factors: gate, up, down, each as codes, scales, rows, segs (bitsmoe_vllm/kernel_layout.py)
-TORCH_LIBRARY(bitsmoe_cuda, m) {
+// factors: gate, up, down, each as codes, scales, rows, segs (bitsmoe_vllm/kernel_layout.py). A fragment: the
+// namespace also holds bitsmoe::moe (bitsmoe_vllm/ops.py).
+TORCH_LIBRARY_FRAGMENT(bitsmoe, m) {
   m.def("moe_decode(Tensor z_g, Tensor z_u, Tensor ids, Tensor[] factors, int down_rank, int group_size) -> Tensor");
   m.def(
       "moe_prefill(Tensor z_g, Tensor z_u, Tensor ids, Tensor sorted_slots, Tensor tile_expert, Tensor tile_start, "
       "Tensor tile_count, Tensor[] factors, int down_rank, int group_size) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(bitsmoe_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(bitsmoe, CUDA, m) {
   m.impl("moe_decode", &moe_decode);
   m.impl("moe_prefill", &moe_prefill);
 }
