@@ -1,35 +1,53 @@
 """bitsmoe-vllm. Compiled kernels are built only where their toolchain is present; a plain install never fails for lack of one."""
 
 import glob
+import platform
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 
-def cuda_extensions() -> tuple[list, dict]:
+def cuda_extensions() -> list:
     """The CUDA kernels (csrc/cuda/*.cu), built only with a CUDA torch and a CUDA toolchain."""
     sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     if not sources:
-        return [], {}
+        return []
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
     except ImportError:
         print("bitsmoe-vllm: torch is not importable at build time; skipping the CUDA kernels")
-        return [], {}
+        return []
     if torch.version.cuda is None or CUDA_HOME is None:
         print("bitsmoe-vllm: no CUDA torch or no CUDA toolchain; skipping the CUDA kernels")
-        return [], {}
+        return []
     arch_flags = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
     ext = CUDAExtension(
         "bitsmoe_vllm._cuda",
         sources,
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *arch_flags]},
     )
-    return [ext], {"build_ext": BuildExtension}
+    return [ext]
 
 
-ext_modules, cmdclass = cuda_extensions()
+def cpu_extensions() -> list:
+    """The CPU kernel (csrc/cpu): x86-64 only; AVX-512 or AVX2 is chosen at run time, so no -march flag."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        print(f"bitsmoe-vllm: no CPU kernel for {platform.machine()}; the reference runs there")
+        return []
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        print("bitsmoe-vllm: torch is not importable at build time; skipping the CPU kernel")
+        return []
+    return [CppExtension("bitsmoe_vllm._cpu", sorted(glob.glob("csrc/cpu/*.cpp")), extra_compile_args=["-O3", "-std=c++17", "-fopenmp"], extra_link_args=["-fopenmp"])]
+
+
+ext_modules, cmdclass = cpu_extensions() + cuda_extensions(), {}
+if ext_modules:
+    from torch.utils.cpp_extension import BuildExtension
+
+    cmdclass = {"build_ext": BuildExtension}
 
 setup(
     name="bitsmoe-vllm",

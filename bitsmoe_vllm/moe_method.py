@@ -219,6 +219,11 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
                     "run the PyTorch reference on the GPU, which is slow; reinstall bitsmoe-vllm where a CUDA torch and nvcc "
                     "are both present"
                 )
+        elif layer.w13_codes.device.type == "cpu" and not ops.CPU_KERNEL:
+            logger.warning_once(
+                "bitsmoe: the CPU kernel was not built with this install (no bitsmoe_vllm._cpu), so BitsMoE layers run the "
+                "PyTorch reference, which is slow; reinstall with `pip install --no-build-isolation -e .` on x86-64"
+            )
 
     def get_fused_moe_quant_config(self, layer):
         return None

@@ -1,9 +1,13 @@
 """`torch.ops.bitsmoe.moe`: the BitsMoE MoE layer as one custom op, and the dispatch behind it.
 
 A custom op with a fake (meta) implementation, so torch.compile (vLLM traces its CPU MoE) treats the
-layer as one opaque call. The op runs the reference (`reference.moe_forward`) on every device; `moe_layer`
-sends a layer already in the CUDA kernels' layout to them instead (bitsmoe_vllm/cuda.py).
+layer as one opaque call. On CPU the op runs the C++ kernel of csrc/cpu (registered for the CPU dispatch key
+by the library built at install, bitsmoe_vllm/_cpu*.so; CPU_KERNEL says whether it is loaded); elsewhere, and on
+CPU without that library, the reference (`reference.moe_forward`). `moe_layer` sends a layer already in the CUDA
+kernels' layout to them instead (bitsmoe_vllm/cuda.py).
 """
+
+import importlib.util
 
 import torch
 
@@ -51,6 +55,17 @@ def _basis(weight: torch.Tensor | None, scale: torch.Tensor | None) -> Basis | N
 @moe.register_fake
 def _(x, topk_weights, topk_ids, *layer_tensors_and_group_size):
     return torch.empty_like(x)
+
+
+def _load_cpu_kernel() -> bool:
+    spec = importlib.util.find_spec("bitsmoe_vllm._cpu")
+    if spec is None or not spec.origin:
+        return False
+    torch.ops.load_library(spec.origin)
+    return True
+
+
+CPU_KERNEL = _load_cpu_kernel()
 
 
 def moe_layer(

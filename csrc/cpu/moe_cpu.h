@@ -1,0 +1,66 @@
+// The CPU kernels of a BitsMoE layer (FORMAT.md section 4), one set per instruction set: moe_cpu_impl.h compiled
+// for AVX-512 (moe_cpu_avx512.cpp) and for AVX2 (moe_cpu_avx2.cpp); binding.cpp picks one from the CPU's flags at
+// run time and splits the work across threads. No torch headers: plain pointers and sizes, shapes checked by the
+// binding.
+//
+//   z = B x                              basis_rows     (skipped for identity bases)
+//   h = (F_g^T z_g, F_u^T z_u)           gate_up_part   per (expert, share of the rank rows), on the packed codes
+//   a = silu(h_g) * h_u                  activate       per expert, the shares summed in a fixed order
+//   u = F_d a                            down           per (expert, block of rank rows), on the packed codes
+//   t = sum_k w_k u_k; y = B_d t         in the binding (fixed order), then basis_rows
+#pragma once
+
+#include <cstdint>
+
+namespace bitsmoe::cpu {
+
+// A basis (or any row-major matrix to multiply by): rows [n, in]; float16, bfloat16, int8 with a float16 scale per
+// row, or float32.
+enum class BasisType : int { kFloat16, kBFloat16, kInt8, kFloat32 };
+struct Basis {
+  const void* weight;
+  const uint16_t* scale;  // int8 only: float16 [n]
+  BasisType type;
+  int64_t n, in;
+};
+
+// One projection's factors, all local experts (FORMAT.md): codes [planes, words] bit planes of 32 columns each,
+// scales [stored rows, groups] float16, bits [E, R]. plane_at / row_at [E + 1]: each expert's first plane and first
+// stored row.
+struct Factors {
+  const uint32_t* codes;
+  const uint16_t* scales;
+  const uint8_t* bits;
+  const int64_t* plane_at;
+  const int64_t* row_at;
+  int64_t R, words, groups, group_words;  // words = I / 32, group_words = G / 32
+};
+
+// The tokens one expert serves: n of them, token[j] (row of x) and slot[j] (token * K + choice).
+struct Tokens {
+  const int64_t* token;
+  const int64_t* slot;
+  int64_t n;
+};
+
+struct Kernels {
+  const char* name;
+  // plane_at, row_at [E + 1]: the first plane and first stored row of each expert, from bits [E, R]
+  void (*expert_offsets)(const uint8_t* bits, int64_t E, int64_t R, int64_t* plane_at, int64_t* row_at);
+  // out[t, r] = sum_i B[r, i] x[t, i] for rows r in [r0, r1); x [T, B.in], out [T, B.n] float32
+  void (*basis_rows)(const Basis& b, const float* x, int64_t T, float* out, int64_t r0, int64_t r1);
+  // One expert's pre-activations from part `part` of `parts` equal shares of each factor's rank rows:
+  // h [2, n, I] = (F_g^T z_g, F_u^T z_u) of its tokens, summed over those rows only. z_g [T, g.R], z_u [T, u.R];
+  // scratch: g.groups floats.
+  void (*gate_up_part)(const Factors& g, const Factors& u, int64_t e, const float* z_g, const float* z_u, const Tokens& tk,
+                       int64_t part, int64_t parts, float* h, float* scratch);
+  // a[slot j] = silu(h_g[j]) * h_u[j], the parts of h [parts, 2, n, I] summed in order; a [slots, I]
+  void (*activate)(const float* h, int64_t parts, const Tokens& tk, int64_t I, float* a);
+  // u[slot, r] = sum_c F_d[r, c] a[slot, c] for rank rows r in [r0, r1); u [slots, d.R] (rows with 0 bits untouched)
+  void (*down)(const Factors& d, int64_t e, const float* a, const Tokens& tk, int64_t r0, int64_t r1, float* u);
+};
+
+extern const Kernels kAvx512;
+extern const Kernels kAvx2;
+
+}  // namespace bitsmoe::cpu
