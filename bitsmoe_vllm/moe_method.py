@@ -39,7 +39,7 @@ from bitsmoe_vllm.format import (
 from bitsmoe_vllm.packing import WORD_BITS
 from bitsmoe_vllm.reference import Basis, Factors, MoELayer
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.bitsmoe")  # inside vLLM's logger tree, so its INFO lines reach the server log as vLLM's do
 
 SHARD_PROJECTION = {"w1": "gate", "w3": "up", "w2": "down"}
 PARAM_OF = {"gate": "w13", "up": "w13", "down": "w2"}
@@ -219,7 +219,9 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
                     "run the PyTorch reference on the GPU, which is slow; reinstall bitsmoe-vllm where a CUDA torch and nvcc "
                     "are both present"
                 )
-        elif layer.w13_codes.device.type == "cpu" and not ops.CPU_KERNEL:
+        elif layer.w13_codes.device.type == "cpu" and ops.CPU_KERNEL:
+            logger.info_once("bitsmoe: MoE layers run the CPU kernel (%s)", torch.ops.bitsmoe.cpu_isa())
+        elif layer.w13_codes.device.type == "cpu":
             logger.warning_once(
                 "bitsmoe: the CPU kernel was not built with this install (no bitsmoe_vllm._cpu), so BitsMoE layers run the "
                 "PyTorch reference, which is slow; reinstall with `pip install --no-build-isolation -e .` on x86-64"

@@ -1,4 +1,4 @@
-"""The quality benchmark's own machinery: MoEfication, the corpus split and the RTN peer, on tiny inputs."""
+"""The benchmarks' own machinery on tiny inputs: MoEfication, the corpus split, the RTN peer, the CPU MoE baseline."""
 
 import json
 
@@ -71,3 +71,24 @@ def test_corpus_split_is_disjoint_and_deterministic(tmp_path, monkeypatch):
     a, b = corpus.split_articles(), corpus.split_articles()
     assert a == b and not set(a["calib"]) & set(a["eval"])
     assert len(a["calib"]) + len(a["eval"]) == 300 and 10 <= len(a["eval"]) <= 60
+
+
+def test_cpu_moe_bench_gives_the_bf16_baseline_the_same_layer():
+    """bench_cpu_moe times vLLM's cpu_fused_moe on the BitsMoE layer multiplied out: same outputs up to bf16."""
+    from vllm import _custom_ops as vllm_ops
+
+    from benchmarks.bench_cpu_moe import GROUP, dense_weights, random_basis, random_factors
+    from bitsmoe_vllm import ops
+    from bitsmoe_vllm.reference import MoELayer
+
+    g = torch.Generator().manual_seed(0)
+    H, I, E, K = 64, GROUP, 4, 2
+    layer = MoELayer(*(random_basis(H, H, "int8", g) for _ in range(3)), *(random_factors(E, H, I, (2, 3), g) for _ in range(3)), GROUP)
+    w13, w2 = (vllm_ops.cpu_prepack_moe_weight(w, "vec") for w in dense_weights(layer))
+    x = torch.randn(5, H, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(5)]).to(torch.int32)
+    w = torch.softmax(torch.randn(5, K, generator=g), -1)
+    out = torch.empty_like(x)
+    vllm_ops.cpu_fused_moe(out, x, w13, w2, None, None, w, ids, "silu", "vec")
+    want = ops.moe_layer(x, w, ids, layer).float()
+    assert (out.float() - want).norm() < 1e-2 * want.norm()

@@ -62,6 +62,7 @@ def test_openai_api_and_logprobs_match_the_dequantized_weights(arch, checkpoints
     flag = ["--quantization", "bitsmoe"] if arch in ("mixtral", "deepseek_v2") else []  # the checkpoint names its method
     with vllm_server(bitsmoe, *EXACT, *flag, log=tmp_path / "bitsmoe.log") as url:
         assert "quantization=bitsmoe" in (tmp_path / "bitsmoe.log").read_text()
+        assert "bitsmoe: MoE layers run the CPU kernel" in (tmp_path / "bitsmoe.log").read_text()  # not the reference
         assert [m["id"] for m in get(url, "/v1/models")["data"]] == [str(bitsmoe)]
         body = {"model": str(bitsmoe), "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
         completion = post(url, "/v1/completions", body)

@@ -1,0 +1,196 @@
+"""The CPU MoE layer (csrc/cpu: torch.ops.bitsmoe.moe on CPU) against vLLM's bf16 `cpu_fused_moe` on the same
+weights dequantized, and against the PyTorch reference, on the MoE layer shapes of real models, at 2.0 / 2.5 / 3.0
+factor bits per weight. Writes JSON and a plot to benchmarks/results/.
+
+    .venv/bin/python -m benchmarks.bench_cpu_moe [--tokens 1 4 16 128] [--shapes qwen3-30b-a3b deepseek-v2-lite]
+
+Layers are random (codes, scales, bases; tests/test_cpu_kernel.py checks correctness), full rank (R = H), with
+float16 or int8 bases, group size 128. Widths per rank row: 2.0 bits = every row 2 bits, 2.5 = half 2 and half 3,
+3.0 = every row 3 bits. The bf16 baseline gets the dense experts of the 2.5-bit layer (B^T F per expert, in bf16;
+its time does not depend on the values) and its output is compared with BitsMoE's on that layer. Each timed call
+gets fresh routing and runs after the last-level cache has been flushed, as in decoding a real model, where the
+next layer's weights are not in cache; the median is reported. "Bytes" are what must be read at least once: the
+codes, scales and bit widths of the selected experts, the bases, the activations; the bf16 baseline's are the
+selected experts' dense weights. Copy bandwidth: torch's copy of 256 MiB, bytes read plus written, same threads.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.machine import describe  # noqa: E402
+from bitsmoe_vllm import ops  # noqa: E402
+from bitsmoe_vllm.reference import Basis, Factors, MoELayer, dequantize_basis, expert_factor, moe_forward  # noqa: E402
+
+SHAPES = {  # H, I, E, top-k
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "deepseek-v2-lite": (2048, 1408, 64, 6),
+}
+BITS = {2.0: (2,), 2.5: (2, 3), 3.0: (3,)}  # widths, each on an equal share of the rank rows
+GROUP = 128
+FLUSH = torch.empty(256 * 2**20 // 4)  # 8x this machine's last-level cache
+
+
+def random_factors(E: int, R: int, I: int, widths: tuple[int, ...], g: torch.Generator) -> Factors:
+    bits = torch.tensor(widths).repeat_interleave(R // len(widths) + 1)[:R].to(torch.uint8).expand(E, R).contiguous()
+    planes, rows = int(bits.long().sum()), E * R
+    codes = torch.randint(-(2**31), 2**31 - 1, (planes, I // 32), generator=g, dtype=torch.int32)
+    scales = (torch.rand(rows, I // GROUP, generator=g) * 0.02 + 0.001).half()
+    return Factors(codes, scales, bits)
+
+
+def random_basis(rows: int, cols: int, dtype: str, g: torch.Generator) -> Basis:
+    w = torch.randn(rows, cols, generator=g) / cols**0.5
+    if dtype == "int8":
+        scale = w.abs().amax(1) / 127
+        return Basis((w / scale[:, None]).round().to(torch.int8), scale.half())
+    return Basis(w.half())
+
+
+def factor_bytes(f: Factors, e: int) -> int:
+    b = f.bits[e].long()
+    return int(b.sum()) * f.codes.shape[1] * 4 + int((b > 0).sum()) * f.scales.shape[1] * 2 + b.numel()
+
+
+def dense_weights(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """w13 [E, 2I, H], w2 [E, H, I] in bf16: the layer's experts multiplied out."""
+    B_g, B_u, B_d = (dequantize_basis(b) for b in (layer.gate_basis, layer.up_basis, layer.down_basis))
+    E = layer.gate.bits.shape[0]
+    w13, w2 = [], []
+    for e in range(E):
+        F_g, F_u, F_d = (expert_factor(f, e, layer.group_size) for f in (layer.gate, layer.up, layer.down))
+        w13.append(torch.cat([F_g.T @ B_g, F_u.T @ B_u]).bfloat16())
+        w2.append((B_d @ F_d).bfloat16())
+    return torch.stack(w13), torch.stack(w2)
+
+
+def median_ms(fn, inputs: list, repeats: int) -> float:
+    fn(*inputs[0])  # warm-up
+    times = []
+    for r in range(repeats):
+        FLUSH.add_(1.0)  # evict the weights of the previous call from the caches
+        args = inputs[r % len(inputs)]
+        start = time.perf_counter()
+        fn(*args)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_gbps() -> float:
+    """Bytes read plus written per second by torch's copy of 256 MiB, median of 9."""
+    src, dst = torch.ones(64 * 2**20), torch.zeros(64 * 2**20)
+    times = []
+    for _ in range(9):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def routings(T: int, E: int, K: int, H: int, n: int, g: torch.Generator) -> list:
+    out = []
+    for _ in range(n):
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
+        w = torch.softmax(torch.randn(T, K, generator=g), -1)
+        out.append((torch.randn(T, H, generator=g).bfloat16(), w, ids))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 128])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--bases", nargs="+", default=["float16", "int8"], choices=["float16", "int8"])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--reference-max-tokens", type=int, default=16, help="time the (slow) reference only up to this T")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_moe.json"))
+    a = p.parse_args()
+    if not ops.CPU_KERNEL:
+        raise SystemExit("bench_cpu_moe: the CPU kernel is not built (bitsmoe_vllm/_cpu*.so); run scripts/setup.sh")
+    from vllm import _custom_ops as vllm_ops
+
+    isa = "amx" if torch.cpu._is_amx_tile_supported() else "vec"
+    g = torch.Generator().manual_seed(0)
+    copy = copy_gbps()
+    print(f"{describe()}; {torch.get_num_threads()} threads; copy {copy:.1f} GB/s; kernel {torch.ops.bitsmoe.cpu_isa()}", flush=True)
+    rows, agreement = [], {}
+    for name in a.shapes:
+        H, I, E, K = SHAPES[name]
+        for basis_dtype in a.bases:
+            bases = [random_basis(H, H, basis_dtype, g) for _ in range(3)]
+            basis_bytes = sum(b.weight.numel() * b.weight.element_size() + (0 if b.scale is None else b.scale.numel() * 2) for b in bases)
+            layers = {bits: MoELayer(*bases, *(random_factors(E, H, I, w, g) for _ in range(3)), GROUP) for bits, w in BITS.items()}
+            w13, w2 = dense_weights(layers[2.5])
+            w13, w2 = vllm_ops.cpu_prepack_moe_weight(w13, isa), vllm_ops.cpu_prepack_moe_weight(w2, isa)
+
+            def bf16(x, w, ids):
+                out = torch.empty_like(x)
+                vllm_ops.cpu_fused_moe(out, x, w13, w2, None, None, w, ids, "silu", isa)
+                return out
+
+            x, w, ids = routings(4, E, K, H, 1, g)[0]
+            y_bits, y_bf16 = ops.moe_layer(x, w, ids, layers[2.5]), bf16(x, w, ids)
+            agreement[f"{name}/{basis_dtype}"] = float((y_bits.float() - y_bf16.float()).norm() / y_bits.float().norm())
+            for T in a.tokens:
+                inputs = routings(T, E, K, H, 4, g)
+                selected = statistics.mean(len(ids.unique()) for _, _, ids in inputs)
+                act_bytes = 2 * T * H * 2 + T * K * 8
+                bf16_ms = median_ms(bf16, inputs, a.repeats)
+                bf16_bytes = selected * 3 * I * H * 2 + act_bytes
+                for bits, layer in layers.items():
+                    per_expert = sum(factor_bytes(f, 0) for f in (layer.gate, layer.up, layer.down))
+                    must_read = selected * per_expert + basis_bytes + act_bytes
+                    ms = median_ms(lambda x, w, ids: ops.moe_layer(x, w, ids, layer), inputs, a.repeats)
+                    ref_ms = None
+                    if T <= a.reference_max_tokens:
+                        ref_ms = median_ms(lambda x, w, ids: moe_forward(x, w, ids, layer), inputs, 3)
+                    row = {"shape": name, "H": H, "I": I, "E": E, "top_k": K, "basis_dtype": basis_dtype, "bits": bits, "T": T,
+                           "selected_experts": selected, "bytes_must_read": must_read, "bitsmoe_ms": ms,
+                           "bitsmoe_GBps": must_read / ms / 1e6, "bound_ms": must_read / copy / 1e6, "bf16_ms": bf16_ms,
+                           "bf16_bytes": bf16_bytes, "bf16_GBps": bf16_bytes / bf16_ms / 1e6, "speedup_vs_bf16": bf16_ms / ms,
+                           "reference_ms": ref_ms}  # fmt: skip
+                    rows.append(row)
+                    print(f"{name:17s} {basis_dtype:7s} {bits:.1f} T={T:4d}  bitsmoe {ms:8.2f} ms {row['bitsmoe_GBps']:5.1f} GB/s "
+                          f"(bound {row['bound_ms']:6.2f} ms)  bf16 {bf16_ms:8.2f} ms  x{bf16_ms / ms:4.2f}  "
+                          f"reference {'-' if ref_ms is None else f'{ref_ms:.1f}'} ms", flush=True)  # fmt: skip
+            del w13, w2
+    result = {"machine": describe(), "threads": torch.get_num_threads(), "kernel_isa": torch.ops.bitsmoe.cpu_isa(),
+              "bf16_isa": isa, "copy_GBps": copy, "torch": torch.__version__, "group_size": GROUP,
+              "bf16_vs_bitsmoe_relative_difference": agreement, "rows": rows}  # fmt: skip
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, a.out.with_suffix(".png"))
+
+
+def plot(result: dict, path: Path) -> None:
+    keys = sorted({(r["shape"], r["basis_dtype"]) for r in result["rows"]})
+    cols = min(2, len(keys))
+    fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(6 * cols, 4.5 * -(-len(keys) // cols)), squeeze=False)
+    for ax, (shape, basis) in zip(axes.flat, keys):
+        rows = [r for r in result["rows"] if (r["shape"], r["basis_dtype"]) == (shape, basis)]
+        for bits in BITS:
+            sel = [r for r in rows if r["bits"] == bits]
+            ax.plot([r["T"] for r in sel], [r["bitsmoe_ms"] for r in sel], "o-", label=f"BitsMoE {bits} bits")
+            ax.plot([r["T"] for r in sel], [r["bound_ms"] for r in sel], ":", color=ax.lines[-1].get_color(), label=f"  bandwidth bound {bits}")
+        sel = [r for r in rows if r["bits"] == 2.5]
+        ax.plot([r["T"] for r in sel], [r["bf16_ms"] for r in sel], "s-k", label="vLLM bf16 cpu_fused_moe")
+        ref = [r for r in sel if r["reference_ms"] is not None]
+        ax.plot([r["T"] for r in ref], [r["reference_ms"] for r in ref], "x--", color="grey", label="reference 2.5 bits")
+        ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="MoE layer time (ms)", title=f"{shape}, {basis} bases")
+        ax.grid(True, which="both", alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{result['machine']}, {result['threads']} threads", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
