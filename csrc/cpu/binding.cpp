@@ -64,7 +64,8 @@ BasisArg basis_arg(const char* name, const at::Tensor& weight, const std::option
       b.view.type = BasisType::kInt8;
       TORCH_CHECK(scale.has_value(), "bitsmoe::moe (CPU): ", name, " is int8 but has no scale");
       b.scale = scale->contiguous();
-      check_2d(name, b.scale.unsqueeze(1), at::kHalf, b.weight.size(0), 1);
+      TORCH_CHECK(b.scale.scalar_type() == at::kHalf && b.scale.dim() == 1 && b.scale.size(0) == b.weight.size(0), "bitsmoe::moe (CPU): ",
+                  name, "_scale: expected Half [", b.weight.size(0), "], found ", b.scale.scalar_type(), " ", b.scale.sizes());
       b.view.scale = reinterpret_cast<const uint16_t*>(b.scale.data_ptr<at::Half>());
       break;
     default: TORCH_CHECK(false, "bitsmoe::moe (CPU): ", name, ": expected float16, bfloat16, float32 or int8, found ", b.weight.scalar_type());

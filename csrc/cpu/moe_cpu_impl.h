@@ -227,7 +227,7 @@ void axpy_row(const Factors& f, const uint32_t* planes, const uint16_t* scales, 
     for (int64_t w = g * f.group_words; w < (g + 1) * f.group_words; ++w) {
       uint32_t word[B];
       load_words<B>(planes, f.words, w, word);
-      _Pragma("GCC unroll 4") for (int c = 0; c < 32; c += kLanes) {
+      for (int c = 0; c < 32; c += kLanes) {
         const V q = decode<B>(word, c);
         float* col = acc + 32 * w + c;
         for (int64_t j = 0; j < tk.n; ++j, col += I) vstore(col, vfma(vset(z[tk.token[j] * f.R + k] * s), q, vload(col)));
@@ -250,7 +250,7 @@ void axpy_row_one_token(const Factors& f, const uint32_t* planes, const uint16_t
     for (int64_t w = g * f.group_words; w < (g + 1) * f.group_words; ++w) {
       uint32_t word[B];
       load_words<B>(planes, f.words, w, word);
-      _Pragma("GCC unroll 4") for (int c = 0; c < 32; c += kLanes) {
+      for (int c = 0; c < 32; c += kLanes) {
         V v = vload(acc + 32 * w + c);
         for (int p = 0; p < B; ++p) v = add_where(v, word[p] >> c, step[p]);
         vstore(acc + 32 * w + c, v);
@@ -327,7 +327,7 @@ void dot_row(const Factors& f, const uint32_t* planes, const uint16_t* scales, c
     for (int64_t w = g * f.group_words; w < (g + 1) * f.group_words; ++w) {
       uint32_t word[B];
       load_words<B>(planes, f.words, w, word);
-      _Pragma("GCC unroll 4") for (int c = 0; c < 32; c += kLanes) {
+      for (int c = 0; c < 32; c += kLanes) {
         const V q = decode<B>(word, c);
         const int half_of_word = c * 2 / 32;
         for (int j = 0; j < NB; ++j) acc[j][half_of_word] = vfma(q, vload(a[j] + 32 * w + c), acc[j][half_of_word]);
