@@ -201,6 +201,24 @@ inline void load_words(const uint32_t* planes, int64_t words, int64_t w, uint32_
   for (int p = 0; p < B; ++p) word[p] = planes[p * words + w];
 }
 
+// fn(Width<b>{}) for a row width b known only at run time; Width<B>::kBits gives it back as a constant
+template <int B>
+struct Width {
+  static constexpr int kBits = B;
+};
+
+template <class Fn>
+inline void with_width(int b, Fn fn) {
+  switch (b) {
+    case 1: return fn(Width<1>{});
+    case 2: return fn(Width<2>{});
+    case 3: return fn(Width<3>{});
+    case 4: return fn(Width<4>{});
+    case 6: return fn(Width<6>{});
+    case 8: return fn(Width<8>{});
+  }
+}
+
 // Calls fn(k, b, planes, scales) for each stored row k in [r0, r1) of expert e: its width, plane words and scales.
 template <class Fn>
 void for_stored_rows(const Factors& f, int64_t e, int64_t r0, int64_t r1, Fn fn) {
@@ -268,28 +286,14 @@ void project_rows(const Factors& f, int64_t e, const float* z, const Tokens& tk,
     for (int64_t g = 0; g < f.groups; ++g) offset[g] = 0.f;
     const float* z1 = z + tk.token[0] * f.R;
     for_stored_rows(f, e, r0, r1, [&](int64_t k, int b, const uint32_t* planes, const uint16_t* scales) {
-      switch (b) {
-        case 1: axpy_row_one_token<1>(f, planes, scales, z1[k], acc, offset); break;
-        case 2: axpy_row_one_token<2>(f, planes, scales, z1[k], acc, offset); break;
-        case 3: axpy_row_one_token<3>(f, planes, scales, z1[k], acc, offset); break;
-        case 4: axpy_row_one_token<4>(f, planes, scales, z1[k], acc, offset); break;
-        case 6: axpy_row_one_token<6>(f, planes, scales, z1[k], acc, offset); break;
-        case 8: axpy_row_one_token<8>(f, planes, scales, z1[k], acc, offset); break;
-      }
+      with_width(b, [&](auto w) { axpy_row_one_token<decltype(w)::kBits>(f, planes, scales, z1[k], acc, offset); });
     });
     for (int64_t g = 0; g < f.groups; ++g)
       for (int64_t c = 32 * g * f.group_words; c < 32 * (g + 1) * f.group_words; c += kLanes) vstore(acc + c, vadd(vload(acc + c), vset(offset[g])));
     return;
   }
   for_stored_rows(f, e, r0, r1, [&](int64_t k, int b, const uint32_t* planes, const uint16_t* scales) {
-    switch (b) {
-      case 1: axpy_row<1>(f, planes, scales, z, k, tk, acc); break;
-      case 2: axpy_row<2>(f, planes, scales, z, k, tk, acc); break;
-      case 3: axpy_row<3>(f, planes, scales, z, k, tk, acc); break;
-      case 4: axpy_row<4>(f, planes, scales, z, k, tk, acc); break;
-      case 6: axpy_row<6>(f, planes, scales, z, k, tk, acc); break;
-      case 8: axpy_row<8>(f, planes, scales, z, k, tk, acc); break;
-    }
+    with_width(b, [&](auto w) { axpy_row<decltype(w)::kBits>(f, planes, scales, z, k, tk, acc); });
   });
 }
 
@@ -346,14 +350,7 @@ void dot_rows_of_slots(const Factors& d, const uint32_t* planes, const uint16_t*
   const float* rows[NB];
   float out[NB] = {};
   for (int j = 0; j < NB; ++j) rows[j] = a + slot[j] * I;
-  switch (b) {
-    case 1: dot_row<1, NB>(d, planes, scales, rows, out); break;
-    case 2: dot_row<2, NB>(d, planes, scales, rows, out); break;
-    case 3: dot_row<3, NB>(d, planes, scales, rows, out); break;
-    case 4: dot_row<4, NB>(d, planes, scales, rows, out); break;
-    case 6: dot_row<6, NB>(d, planes, scales, rows, out); break;
-    case 8: dot_row<8, NB>(d, planes, scales, rows, out); break;
-  }
+  with_width(b, [&](auto w) { dot_row<decltype(w)::kBits, NB>(d, planes, scales, rows, out); });
   for (int j = 0; j < NB; ++j) u[slot[j] * d.R + k] = out[j];
 }
 
