@@ -124,10 +124,11 @@ void basis_block(const Basis& b, const float* x, int64_t r, int64_t t, float* ou
   V acc[NR][NT];
   for (int i = 0; i < NR; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j] = vzero();
-  // a row is often one 4 KiB page, where the hardware prefetcher starts over: ask for the next NR rows meanwhile
+  // a row is often one 4 KiB page, where the hardware prefetcher starts over: ask for the rows 4 blocks ahead
+  // meanwhile (measured: 2 blocks ahead or 1 read the bases 5-10 % slower, caches flushed)
   const int64_t row_bytes = b.in * element_bytes(BT);
-  const char* next = static_cast<const char*>(b.weight) + (r + NR) * row_bytes;
-  const bool prefetch = r + 2 * NR <= b.n;
+  const char* next = static_cast<const char*>(b.weight) + (r + 4 * NR) * row_bytes;
+  const bool prefetch = r + 5 * NR <= b.n;
   int64_t c = 0;
   for (; c + kLanes <= b.in; c += kLanes) {
     if (prefetch && c * element_bytes(BT) % 64 == 0)
