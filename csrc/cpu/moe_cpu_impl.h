@@ -16,6 +16,7 @@ using bitsmoe::cpu::Tokens;
 #if BITSMOE_AVX512
 using V = __m512;
 constexpr int kLanes = 16;
+constexpr int kTileTokens = 8;  // tokens whose sums stay in registers (2 vectors per word each)
 inline V vzero() { return _mm512_setzero_ps(); }
 inline V vset(float a) { return _mm512_set1_ps(a); }
 inline V vload(const float* p) { return _mm512_loadu_ps(p); }
@@ -47,6 +48,7 @@ inline V load_i8(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi
 #else
 using V = __m256;
 constexpr int kLanes = 8;
+constexpr int kTileTokens = 2;  // tokens whose sums stay in registers (4 vectors per word each)
 inline V vzero() { return _mm256_setzero_ps(); }
 inline V vset(float a) { return _mm256_set1_ps(a); }
 inline V vload(const float* p) { return _mm256_loadu_ps(p); }
@@ -237,22 +239,31 @@ void for_stored_rows(const Factors& f, int64_t e, int64_t r0, int64_t r1, Fn fn)
   }
 }
 
-// acc[j, :] += z[token j, k] * F[k, :], one stored row k (B bits): decoded once for all n tokens
-template <int B>
-void axpy_row(const Factors& f, const uint32_t* planes, const uint16_t* scales, const float* z, int64_t k, const Tokens& tk, float* acc) {
-  const int64_t I = 32 * f.words;
-  for (int64_t g = 0; g < f.groups; ++g) {
+// acc[j, 32 w : 32 w + 32] = sum over the stored rows k in [r0, r1) of z[token j, k] F[k, 32 w : 32 w + 32] for NT
+// tokens at once: the sums stay in registers across the rows, and each word is decoded once for the NT tokens
+template <int NT>
+void project_word(const Factors& f, int64_t e, int64_t r0, int64_t r1, const float* z, const int64_t* token, int64_t w, float* acc) {
+  constexpr int C = 32 / kLanes;  // vectors per word
+  const int64_t I = 32 * f.words, g = w / f.group_words;
+  V sum[NT][C];
+  for (int j = 0; j < NT; ++j)
+    for (int c = 0; c < C; ++c) sum[j][c] = vzero();
+  for_stored_rows(f, e, r0, r1, [&](int64_t k, int b, const uint32_t* planes, const uint16_t* scales) {
     const float s = half(scales[g]);
-    for (int64_t w = g * f.group_words; w < (g + 1) * f.group_words; ++w) {
+    with_width(b, [&](auto width) {
+      constexpr int B = decltype(width)::kBits;
       uint32_t word[B];
       load_words<B>(planes, f.words, w, word);
-      for (int c = 0; c < 32; c += kLanes) {
-        const V q = decode<B>(word, c);
-        float* col = acc + 32 * w + c;
-        for (int64_t j = 0; j < tk.n; ++j, col += I) vstore(col, vfma(vset(z[tk.token[j] * f.R + k] * s), q, vload(col)));
+      V q[C];
+      for (int c = 0; c < C; ++c) q[c] = decode<B>(word, c * kLanes);
+      for (int j = 0; j < NT; ++j) {
+        const V coef = vset(z[token[j] * f.R + k] * s);
+        for (int c = 0; c < C; ++c) sum[j][c] = vfma(coef, q[c], sum[j][c]);
       }
-    }
-  }
+    });
+  });
+  for (int j = 0; j < NT; ++j)
+    for (int c = 0; c < C; ++c) vstore(acc + j * I + 32 * w + c * kLanes, sum[j][c]);
 }
 
 // acc[:] += z_k * F[k, :] for a single token, one stored row k (B bits). With z_k s fixed per group, each plane p
@@ -280,22 +291,25 @@ void axpy_row_one_token(const Factors& f, const uint32_t* planes, const uint16_t
 
 // acc [n, I] = sum over the stored rows k in part `part` of `parts` of z[token j, k] F_e[k, :]; offset: f.groups floats
 void project_rows(const Factors& f, int64_t e, const float* z, const Tokens& tk, int64_t part, int64_t parts, float* acc, float* offset) {
-  const int64_t size = tk.n * 32 * f.words;
-  for (int64_t i = 0; i < size; i += kLanes) vstore(acc + i, vzero());
-  const int64_t r0 = f.R * part / parts, r1 = f.R * (part + 1) / parts;
-  if (tk.n == 1) {
-    for (int64_t g = 0; g < f.groups; ++g) offset[g] = 0.f;
-    const float* z1 = z + tk.token[0] * f.R;
-    for_stored_rows(f, e, r0, r1, [&](int64_t k, int b, const uint32_t* planes, const uint16_t* scales) {
-      with_width(b, [&](auto w) { axpy_row_one_token<decltype(w)::kBits>(f, planes, scales, z1[k], acc, offset); });
-    });
-    for (int64_t g = 0; g < f.groups; ++g)
-      for (int64_t c = 32 * g * f.group_words; c < 32 * (g + 1) * f.group_words; c += kLanes) vstore(acc + c, vadd(vload(acc + c), vset(offset[g])));
+  const int64_t r0 = f.R * part / parts, r1 = f.R * (part + 1) / parts, I = 32 * f.words;
+  if (tk.n > 1) {  // word by word, up to kTileTokens tokens at a time
+    for (int64_t w = 0; w < f.words; ++w) {
+      int64_t j = 0;
+      for (; j + kTileTokens <= tk.n; j += kTileTokens) project_word<kTileTokens>(f, e, r0, r1, z, tk.token + j, w, acc + j * I);
+      for (; kTileTokens > 4 && j + 4 <= tk.n; j += 4) project_word<4>(f, e, r0, r1, z, tk.token + j, w, acc + j * I);
+      for (; j + 2 <= tk.n; j += 2) project_word<2>(f, e, r0, r1, z, tk.token + j, w, acc + j * I);
+      for (; j < tk.n; ++j) project_word<1>(f, e, r0, r1, z, tk.token + j, w, acc + j * I);
+    }
     return;
   }
+  for (int64_t i = 0; i < I; i += kLanes) vstore(acc + i, vzero());
+  for (int64_t g = 0; g < f.groups; ++g) offset[g] = 0.f;
+  const float* z1 = z + tk.token[0] * f.R;
   for_stored_rows(f, e, r0, r1, [&](int64_t k, int b, const uint32_t* planes, const uint16_t* scales) {
-    with_width(b, [&](auto w) { axpy_row<decltype(w)::kBits>(f, planes, scales, z, k, tk, acc); });
+    with_width(b, [&](auto w) { axpy_row_one_token<decltype(w)::kBits>(f, planes, scales, z1[k], acc, offset); });
   });
+  for (int64_t g = 0; g < f.groups; ++g)
+    for (int64_t c = 32 * g * f.group_words; c < 32 * (g + 1) * f.group_words; c += kLanes) vstore(acc + c, vadd(vload(acc + c), vset(offset[g])));
 }
 
 void gate_up_part(const Factors& g, const Factors& u, int64_t e, const float* z_g, const float* z_u, const Tokens& tk, int64_t part,
