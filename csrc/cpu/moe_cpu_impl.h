@@ -88,7 +88,7 @@ inline float bfloat(uint16_t h) {
   return f;
 }
 
-// e^x for x in [-88, 88] (clamped), Cephes' expf: x = k ln2 + r, e^r by a degree-7 polynomial, 2^k in the exponent
+// e^x for x clamped to [-87, 88], as Cephes' expf: x = k ln2 + r, e^r = 1 + r + r^2 P(r), 2^k in the exponent
 inline V vexp(V x) {
   x = vmin(vmax(x, vset(-87.f)), vset(88.f));
   const V k = vfloor(vfma(x, vset(1.44269504088896341f), vset(0.5f)));
@@ -127,7 +127,7 @@ void basis_block(const Basis& b, const float* x, int64_t r, int64_t t, float* ou
   for (int i = 0; i < NR; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j] = vzero();
   // a row is often one 4 KiB page, where the hardware prefetcher starts over: ask for the rows 4 blocks ahead
-  // meanwhile (measured: 2 blocks ahead or 1 read the bases 5-10 % slower, caches flushed)
+  // meanwhile (three 8 MiB bases, caches flushed: 1.48-1.64 ms with the next block, 1.28-1.38 ms with this)
   const int64_t row_bytes = b.in * element_bytes(BT);
   const char* next = static_cast<const char*>(b.weight) + (r + 4 * NR) * row_bytes;
   const bool prefetch = r + 5 * NR <= b.n;
