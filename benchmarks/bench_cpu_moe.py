@@ -8,10 +8,12 @@ Layers are random (codes, scales, bases; tests/test_cpu_kernel.py checks correct
 float16 or int8 bases, group size 128. Widths per rank row: 2.0 bits = every row 2 bits, 2.5 = half 2 and half 3,
 3.0 = every row 3 bits. The bf16 baseline gets the dense experts of the 2.5-bit layer (B^T F per expert, in bf16;
 its time does not depend on the values) and its output is compared with BitsMoE's on that layer. Each timed call
-gets fresh routing and runs after the last-level cache has been flushed, as in decoding a real model, where the
-next layer's weights are not in cache; the median is reported. "Bytes" are what must be read at least once: the
-codes, scales and bit widths of the selected experts, the bases, the activations; the bf16 baseline's are the
-selected experts' dense weights. Copy bandwidth: torch's copy of 256 MiB, bytes read plus written, same threads.
+gets fresh routing and runs after the last-level cache has been flushed by reading 256 MiB, as in decoding a real
+model, where the next layer's weights are not in cache and the previous layer's fill it (a flush by writing leaves
+dirty lines that each read must first write back: 0.3 ms more per call at T = 1 here); the median is reported.
+"Bytes" are what must be read at least once: the codes, scales and bit widths of the selected experts, the bases,
+the activations; the bf16 baseline's are the selected experts' dense weights. Copy bandwidth: torch's copy of
+256 MiB, bytes read plus written, same threads.
 """
 
 import argparse
@@ -76,7 +78,7 @@ def median_ms(fn, inputs: list, repeats: int) -> float:
     fn(*inputs[0])  # warm-up
     times = []
     for r in range(repeats):
-        FLUSH.add_(1.0)  # evict the weights of the previous call from the caches
+        FLUSH.sum()  # evict the previous call's weights by reading: a cache of clean lines, as after a layer's weights
         args = inputs[r % len(inputs)]
         start = time.perf_counter()
         fn(*args)

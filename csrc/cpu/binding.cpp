@@ -176,12 +176,11 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
                                    std::max(int64_t{1}, std::min(R_g, R_u) / kMinPartRows));
   at::Tensor h = at::empty({start[E] * parts * 2 * I}, xf.options());  // per expert [parts, 2, n, I]
   at::parallel_for(0, used_n * parts, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scratch(g.view.groups);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t e = used[i / parts], part = i % parts;
       const Tokens tk = tokens_of(e);
       float* h_e = h.data_ptr<float>() + start[e] * parts * 2 * I;
-      k.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h_e + part * 2 * tk.n * I, scratch.data());
+      k.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h_e + part * 2 * tk.n * I);
     }
   });
   at::Tensor a = at::empty({T * K, I}, xf.options());

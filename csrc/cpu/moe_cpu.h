@@ -50,10 +50,9 @@ struct Kernels {
   // out[t, r] = sum_i B[r, i] x[t, i] for rows r in [r0, r1); x [T, B.in], out [T, B.n] float32
   void (*basis_rows)(const Basis& b, const float* x, int64_t T, float* out, int64_t r0, int64_t r1);
   // One expert's pre-activations from part `part` of `parts` equal shares of each factor's rank rows:
-  // h [2, n, I] = (F_g^T z_g, F_u^T z_u) of its tokens, summed over those rows only. z_g [T, g.R], z_u [T, u.R];
-  // scratch: g.groups floats.
+  // h [2, n, I] = (F_g^T z_g, F_u^T z_u) of its tokens, summed over those rows only. z_g [T, g.R], z_u [T, u.R].
   void (*gate_up_part)(const Factors& g, const Factors& u, int64_t e, const float* z_g, const float* z_u, const Tokens& tk,
-                       int64_t part, int64_t parts, float* h, float* scratch);
+                       int64_t part, int64_t parts, float* h);
   // a[slot j] = silu(h_g[j]) * h_u[j], the parts of h [parts, 2, n, I] summed in order; a [slots, I]
   void (*activate)(const float* h, int64_t parts, const Tokens& tk, int64_t I, float* a);
   // u[slot, r] = sum_c F_d[r, c] a[slot, c] for rank rows r in [r0, r1); u [slots, d.R] (rows with 0 bits untouched)
