@@ -10,16 +10,18 @@ float16 or int8 bases, group size 128. Widths per rank row: 2.0 bits = every row
 its time does not depend on the values) and its output is compared with BitsMoE's on that layer. Each timed call
 gets fresh routing and runs after the last-level cache has been flushed by reading 256 MiB, as in decoding a real
 model, where the next layer's weights are not in cache and the previous layer's fill it (a flush by writing leaves
-dirty lines that each read must first write back: 0.3 ms more per call at T = 1 here); the median is reported.
-"Bytes" are what must be read at least once: the codes, scales and bit widths of the selected experts, the bases,
-the activations; the bf16 baseline's are the selected experts' dense weights. Copy bandwidth: torch's copy of
-256 MiB, bytes read plus written, same threads.
+dirty lines that each read must first write back: 0.3 ms more per call at T = 1 here). bf16 and the three widths
+take turns call by call (this VM's speed drifts), and the median of each is reported. "Bytes" are what must be
+read at least once: the codes, scales and bit widths of the selected experts, the bases, the activations; the bf16
+baseline's are the selected experts' dense weights. The bound is those bytes at the higher of two measured
+bandwidths, same threads: torch's copy of 256 MiB (bytes read plus written) and its sum of 256 MiB (bytes read).
 """
 
 import argparse
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -74,27 +76,32 @@ def dense_weights(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(w13), torch.stack(w2)
 
 
-def median_ms(fn, inputs: list, repeats: int) -> float:
-    fn(*inputs[0])  # warm-up
-    times = []
+def median_ms(fns: dict, inputs: list, repeats: int) -> dict:
+    """Median ms per call of each function, the functions taking turns (this VM's speed drifts over minutes)."""
+    for fn in fns.values():
+        fn(*inputs[0])  # warm-up
+    times = {name: [] for name in fns}
     for r in range(repeats):
-        FLUSH.sum()  # evict the previous call's weights by reading: a cache of clean lines, as after a layer's weights
-        args = inputs[r % len(inputs)]
-        start = time.perf_counter()
-        fn(*args)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            FLUSH.sum()  # evict the previous call's weights by reading: clean lines, as after a layer's weights
+            start = time.perf_counter()
+            fn(*inputs[r % len(inputs)])
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def copy_gbps() -> float:
-    """Bytes read plus written per second by torch's copy of 256 MiB, median of 9."""
+def bandwidths() -> tuple[float, float]:
+    """GB/s of torch's copy of 256 MiB (bytes read plus written) and of its sum of 256 MiB (bytes read), medians of 9."""
     src, dst = torch.ones(64 * 2**20), torch.zeros(64 * 2**20)
-    times = []
+    copy, read = [], []
     for _ in range(9):
         start = time.perf_counter()
         dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+        copy.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        src.sum()
+        read.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(copy) / 1e9, src.numel() * 4 / statistics.median(read) / 1e9
 
 
 def routings(T: int, E: int, K: int, H: int, n: int, g: torch.Generator) -> list:
@@ -121,8 +128,9 @@ def main() -> None:
 
     isa = "amx" if torch.cpu._is_amx_tile_supported() else "vec"
     g = torch.Generator().manual_seed(0)
-    copy = copy_gbps()
-    print(f"{describe()}; {torch.get_num_threads()} threads; copy {copy:.1f} GB/s; kernel {torch.ops.bitsmoe.cpu_isa()}", flush=True)
+    copy, read = bandwidths()
+    print(f"{describe()}; {torch.get_num_threads()} threads; copy {copy:.1f} GB/s, read {read:.1f} GB/s; "
+          f"kernel {torch.ops.bitsmoe.cpu_isa()}", flush=True)
     rows, agreement = [], {}
     for name in a.shapes:
         H, I, E, K = SHAPES[name]
@@ -145,18 +153,18 @@ def main() -> None:
                 inputs = routings(T, E, K, H, 4, g)
                 selected = statistics.mean(len(ids.unique()) for _, _, ids in inputs)
                 act_bytes = 2 * T * H * 2 + T * K * 8
-                bf16_ms = median_ms(bf16, inputs, a.repeats)
+                ms_of = median_ms({"bf16": bf16, **{bits: partial(ops.moe_layer, layer=layer) for bits, layer in layers.items()}}, inputs, a.repeats)
+                bf16_ms = ms_of["bf16"]
                 bf16_bytes = selected * 3 * I * H * 2 + act_bytes
                 for bits, layer in layers.items():
                     per_expert = sum(factor_bytes(f, 0) for f in (layer.gate, layer.up, layer.down))
                     must_read = selected * per_expert + basis_bytes + act_bytes
-                    ms = median_ms(lambda x, w, ids: ops.moe_layer(x, w, ids, layer), inputs, a.repeats)
-                    ref_ms = None
+                    ms, ref_ms = ms_of[bits], None
                     if T <= a.reference_max_tokens:
-                        ref_ms = median_ms(lambda x, w, ids: moe_forward(x, w, ids, layer), inputs, 3)
+                        ref_ms = median_ms({"reference": partial(moe_forward, layer=layer)}, inputs, 3)["reference"]
                     row = {"shape": name, "H": H, "I": I, "E": E, "top_k": K, "basis_dtype": basis_dtype, "bits": bits, "T": T,
                            "selected_experts": selected, "bytes_must_read": must_read, "bitsmoe_ms": ms,
-                           "bitsmoe_GBps": must_read / ms / 1e6, "bound_ms": must_read / copy / 1e6, "bf16_ms": bf16_ms,
+                           "bitsmoe_GBps": must_read / ms / 1e6, "bound_ms": must_read / max(copy, read) / 1e6, "bf16_ms": bf16_ms,
                            "bf16_bytes": bf16_bytes, "bf16_GBps": bf16_bytes / bf16_ms / 1e6, "speedup_vs_bf16": bf16_ms / ms,
                            "reference_ms": ref_ms}  # fmt: skip
                     rows.append(row)
@@ -165,7 +173,7 @@ def main() -> None:
                           f"reference {'-' if ref_ms is None else f'{ref_ms:.1f}'} ms", flush=True)  # fmt: skip
             del w13, w2
     result = {"machine": describe(), "threads": torch.get_num_threads(), "kernel_isa": torch.ops.bitsmoe.cpu_isa(),
-              "bf16_isa": isa, "copy_GBps": copy, "torch": torch.__version__, "group_size": GROUP,
+              "bf16_isa": isa, "copy_GBps": copy, "read_GBps": read, "torch": torch.__version__, "group_size": GROUP,
               "bf16_vs_bitsmoe_relative_difference": agreement, "rows": rows}  # fmt: skip
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
