@@ -7,16 +7,16 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from bitsmoe_vllm.format import QuantConfig, check_layer_tensors
+from bitsmoe_vllm.format import QuantConfig, check_layer_tensors, tensor_specs
 from bitsmoe_vllm.reference import MoELayer, gather_layer
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 class TensorFiles(Mapping):
-    """name -> tensor over the safetensors files of a directory (through the index when there is one)."""
+    """name -> tensor over the safetensors files of a directory (those its index names, when it has one)."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
@@ -24,19 +24,10 @@ class TensorFiles(Mapping):
         self._open: dict[str, object] = {}
 
     def _index(self) -> dict[str, str]:
-        index = self.dir / WEIGHTS_INDEX
-        if index.is_file():
-            shard_of = json.loads(index.read_text())["weight_map"]
-            for shard in sorted(set(shard_of.values())):
-                if not (self.dir / shard).is_file():
-                    raise FileNotFoundError(f"shard {shard} named in {index} is missing")
-            return shard_of
-        shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
-        if not shards:
-            raise FileNotFoundError(f"no *.safetensors file in {self.dir}")
+        """name -> shard, from the shards themselves (each opened once, so a missing or cut-short one is named now)."""
         shard_of = {}
-        for shard in shards:
-            with safe_open(self.dir / shard, "pt") as f:
+        for shard in shard_files(self.dir):
+            with open_shard(self.dir / shard) as f:
                 shard_of.update(dict.fromkeys(f.keys(), shard))
         return shard_of
 
@@ -45,7 +36,7 @@ class TensorFiles(Mapping):
             raise KeyError(f"tensor {name!r} is not in {self.dir}")
         shard = self.shard_of[name]
         if shard not in self._open:
-            self._open[shard] = safe_open(self.dir / shard, "pt")
+            self._open[shard] = open_shard(self.dir / shard)
         return self._open[shard]
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -68,6 +59,56 @@ class TensorFiles(Mapping):
     def under(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with `prefix`, loaded."""
         return {name: self[name] for name in self.shard_of if name.startswith(prefix)}
+
+
+def shard_files(directory: str | Path) -> list[str]:
+    """The safetensors files of a checkpoint: those its index names (each must exist), else every *.safetensors."""
+    directory = Path(directory)
+    index = directory / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index}: not a safetensors index (expected JSON with a weight_map object: {err})") from None
+        for shard in shards:
+            if not (directory / shard).is_file():
+                raise FileNotFoundError(f"shard {shard} named in {index} is missing; copy or download it again")
+        return shards
+    shards = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no *.safetensors file in {directory}")
+    return shards
+
+
+def open_shard(path: Path):
+    """safe_open(path), with an error that names the file when it is cut short or not safetensors."""
+    try:
+        return safe_open(path, "pt")
+    except SafetensorError as err:
+        size = path.stat().st_size
+        raise ValueError(f"{path} ({size} bytes) is truncated or not a safetensors file ({err}); copy or download it again") from None
+
+
+_DTYPE_OF_HEADER = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8,
+                    "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}  # fmt: skip
+
+
+def check_headers(directory: str | Path, cfg: QuantConfig) -> None:
+    """From the safetensors headers alone (no tensor data read): every shard is present and whole, and every
+    BitsMoE tensor of `cfg` is there with its dtype and shape, and nothing else under its layers."""
+    files = TensorFiles(directory)
+    specs = tensor_specs(cfg)
+    for name, spec in specs.items():
+        if name not in files.shard_of:
+            raise ValueError(f"BitsMoE checkpoint is missing tensor '{name}' (expected {spec.dtype} {list(spec.shape)})")
+        header = files._file(name).get_slice(name)
+        dtype, shape = _DTYPE_OF_HEADER.get(header.get_dtype(), header.get_dtype()), header.get_shape()
+        if dtype != spec.dtype or shape != list(spec.shape):
+            raise ValueError(f"tensor '{name}' in {files.shard_of[name]}: expected {spec.dtype} {list(spec.shape)}, found {dtype} {shape}")
+    modules = tuple(layer.module + "." for layer in cfg.layers)
+    for name in files:
+        if name.startswith(modules) and name not in specs:
+            raise ValueError(f"unexpected tensor '{name}' in {files.shard_of[name]} (FORMAT.md section 3 has no such tensor)")
 
 
 def read_quant_config(directory: str | Path) -> QuantConfig:

@@ -1,5 +1,6 @@
 """vLLM's view of a BitsMoE checkpoint: the `QuantizationConfig` registered as `bitsmoe`."""
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -7,6 +8,7 @@ from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
+from bitsmoe_vllm.checkpoint import check_headers
 from bitsmoe_vllm.format import QUANT_METHOD, QuantConfig
 from bitsmoe_vllm.moe_method import BitsMoEMoEMethod
 
@@ -38,6 +40,16 @@ class BitsMoEConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "BitsMoEConfig":
         return cls(QuantConfig.from_dict(config))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
+        """Before any weight is read (vLLM calls this in the API server): a local checkpoint's shards are all there
+        and whole, and its BitsMoE tensors have the dtypes and shapes of quantization_config, or one ValueError
+        names the file or tensor. The values (NaN, bit widths) are checked as the weights load."""
+        if Path(model_name).is_dir():
+            try:
+                check_headers(model_name, self.spec)
+            except FileNotFoundError as err:  # vLLM prints a ValueError as one line, anything else as a traceback
+                raise ValueError(str(err)) from None
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, LinearBase):

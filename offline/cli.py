@@ -62,5 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"bitsmoe-quantize: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a lost mount: what was done so far stays in OUT.partial
+        print(f"bitsmoe-quantize: error: {err}; the run so far is kept in {options.out}.partial: fix the cause (free "
+              "disk space) and rerun the same command with --resume", file=sys.stderr)  # fmt: skip
+        return 1
     print(f"bitsmoe-quantize: wrote {out}")
     return 0

@@ -7,16 +7,22 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
 def write_atomic(path: Path, write) -> None:
-    """write(tmp_path), then rename: a crash leaves the old file or none, never half of one."""
+    """write(tmp_path), then rename: a crash leaves the old file or none, never half of one. A failed write (a full
+    disk: OSError from Python, SafetensorError from safetensors) removes the temporary file and raises OSError
+    naming the file."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates its files private (0600)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates its files private (0600)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"could not write {path}: {err}") from err
 
 
 _UMASK = os.umask(0)

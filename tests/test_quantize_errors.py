@@ -1,5 +1,7 @@
 """bitsmoe-quantize refuses bad input with one line that says what to change."""
 
+from pathlib import Path
+
 import pytest
 
 from offline.cli import main
@@ -86,3 +88,35 @@ def test_a_model_id_in_the_local_hub_cache_is_found(tiny_model_dir, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(snapshot)
+
+
+def test_full_disk_leaves_no_output_and_resume_completes(run, tmp_path, monkeypatch):
+    """The disk fills while the third shard is written: no OUT, no temporary file, a message naming the file;
+    --resume on a disk with room then completes a valid checkpoint."""
+    from safetensors import SafetensorError
+
+    import offline.rundir
+    from bitsmoe_vllm.checkpoint import validate_checkpoint
+
+    real_save, shards = offline.rundir.save_file, []
+
+    def fills_up(tensors, path, metadata=None):
+        if "checkpoint" in str(path):
+            shards.append(path)
+            if len(shards) == 3:
+                Path(path).write_bytes(b"\0" * 100)  # what a full disk leaves of the file
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(offline.rundir, "save_file", fills_up)
+    status, err = run()
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    assert status == 1, err
+    assert f"could not write {partial / 'checkpoint' / shards[2].name.removesuffix('.tmp')}" in err
+    assert "No space left on device" in err and "rerun the same command with --resume" in err
+    assert not out.exists() and not list(partial.rglob("*.tmp"))
+
+    monkeypatch.setattr(offline.rundir, "save_file", real_save)
+    status, err = run("--resume")
+    assert status == 0, err
+    assert validate_checkpoint(out).num_experts > 0 and not partial.exists()

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,9 +125,11 @@ def test_identity_basis_matches_the_dequantized_weights(tiny_model_dir, quantize
     assert max(abs(a - b) for a, b in zip(served, reference)) < LOGPROB_TOLERANCE
 
 
-def edited_copy(bitsmoe, tmp_path, edit_tensors=None, edit_config=None):
+def edited_copy(bitsmoe, tmp_path, edit_tensors=None, edit_config=None, edit_shard=None):
     copy = tmp_path / "edited"
     shutil.copytree(bitsmoe, copy)
+    if edit_shard:
+        edit_shard(min(copy.glob("model-00002-*.safetensors")))
     if edit_tensors:
         shard = min(copy.glob("model-00002-*.safetensors"))  # decoder layer 1: MoE in every tiny model
         tensors = load_file(shard)
@@ -150,6 +153,14 @@ def shorten(name):
     return lambda tensors: tensors.update({name: tensors[name][:-1].clone()})
 
 
+def poison(name):
+    return lambda tensors: tensors.update({name: tensors[name].index_fill(0, torch.tensor([0]), float("nan"))})
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
 MODULE = "model.layers.1.mlp.experts"
 
 
@@ -157,9 +168,13 @@ MODULE = "model.layers.1.mlp.experts"
     "case, message",
     [
         ("missing tensor", f"BitsMoE checkpoint is missing tensor '{MODULE}.3.up_proj.scales'"),
-        ("wrong shape", f"tensor '{MODULE}.5.down_proj.codes': expected torch.int32"),
+        ("wrong shape", f"tensor '{MODULE}.5.down_proj.codes' in model-00002-of-00003.safetensors: expected torch.int32"),
         ("unknown format version", "quantization_config.format_version: unknown version 2"),
         ("not a BitsMoE checkpoint", "--quantization bitsmoe needs a BitsMoE checkpoint"),
+        ("truncated shard", "model-00002-of-00003.safetensors ("),
+        ("missing shard", "shard model-00002-of-00003.safetensors named in"),
+        ("NaN in a scale", f"tensor '{MODULE}.2.down_proj.scales': holds NaN or Inf"),
+        ("negative rank", f"quantization_config.layers['{MODULE}'].up.rank: expected"),
     ],
 )
 def test_bad_checkpoints_are_refused_at_load(case, message, checkpoints, tmp_path):
@@ -169,6 +184,10 @@ def test_bad_checkpoints_are_refused_at_load(case, message, checkpoints, tmp_pat
         "wrong shape": (lambda: edited_copy(bitsmoe, tmp_path, shorten(f"{MODULE}.5.down_proj.codes")), []),
         "unknown format version": (lambda: edited_copy(bitsmoe, tmp_path, edit_config=lambda c: c["quantization_config"].update(format_version=2)), []),
         "not a BitsMoE checkpoint": (lambda: original, ["--quantization", "bitsmoe"]),
+        "truncated shard": (lambda: edited_copy(bitsmoe, tmp_path, edit_shard=truncate), []),
+        "missing shard": (lambda: edited_copy(bitsmoe, tmp_path, edit_shard=Path.unlink), []),
+        "NaN in a scale": (lambda: edited_copy(bitsmoe, tmp_path, poison(f"{MODULE}.2.down_proj.scales")), []),
+        "negative rank": (lambda: edited_copy(bitsmoe, tmp_path, edit_config=lambda c: c["quantization_config"]["layers"][MODULE]["up"].update(rank=-1)), []),
     }[case]
     status, output = run_to_exit(model(), *EXACT, *flag, log=tmp_path / "refused.log")
     assert status != 0
