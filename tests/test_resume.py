@@ -43,15 +43,17 @@ def uninterrupted(tiny_model_dir, calib_file, tmp_path_factory):
     return model, checkpoint_bytes(out)
 
 
-@pytest.mark.parametrize("kill_point", ["calibration", "export"])
+@pytest.mark.parametrize("kill_point", ["calibration", "allocation", "export", "finish"])
 def test_resume_after_kill_gives_identical_bytes(kill_point, uninterrupted, calib_file, tmp_path):
     model, expected = uninterrupted
 
     out = tmp_path / "killed"
     work, shards = tmp_path / "killed.partial" / "work", tmp_path / "killed.partial" / "checkpoint"
     ready = {
-        "calibration": lambda: (work / "layer-00002.safetensors").is_file(),
-        "export": lambda: any(shards.glob("model-00002-*.safetensors")),
+        "calibration": lambda: (work / "layer-00002.safetensors").is_file(),  # 3 of 6 layers calibrated
+        "allocation": lambda: (work / "allocation.safetensors").is_file(),  # bits chosen, no shard written
+        "export": lambda: any(shards.glob("model-00002-*.safetensors")),  # 2 of 7 shards written
+        "finish": lambda: (shards / "config.json").is_file(),  # all shards and config.json; validation, report, move to come
     }[kill_point]
     kill_when(subprocess.Popen(command(model, out, calib_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), ready)
     assert not out.exists()  # nothing half-written in place

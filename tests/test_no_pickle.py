@@ -1,0 +1,83 @@
+"""No pickle anywhere: checkpoints, work files and reports are safetensors and JSON (and PNG plots); no code of
+ours reads or writes a pickle, and a model stored only as pickles is refused rather than unpickled."""
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from offline.cli import main
+from tests.conftest import QUANT_SHAPE
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCES = [p for d in ("bitsmoe_vllm", "offline", "benchmarks", "tests", "scripts") for p in (REPO / d).rglob("*.py")
+           if p != Path(__file__).resolve()]  # this file writes one pickle, to check that it is refused
+ALLOWED_SUFFIXES = {".safetensors", ".json", ".png", ".jinja", ".txt", ".model"}  # .txt/.model/.jinja: tokenizer files
+PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")  # pickle protocols 2-5; torch.save's zip
+
+
+def calls_and_imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            yield "import", names, node
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            yield "call", [ast.unparse(node.func)], node
+
+
+def test_no_code_of_ours_pickles():
+    assert len(SOURCES) > 40
+    found = []
+    for path in SOURCES:
+        for kind, names, node in calls_and_imports(path):
+            where = f"{path.relative_to(REPO)}:{node.lineno}"
+            if kind == "import" and any(n.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib") for n in names):
+                found.append(f"{where} imports {names}")
+            if kind == "call" and names[0] in ("torch.save", "pickle.dump", "pickle.load", "np.load", "numpy.load"):
+                found.append(f"{where} calls {names[0]}")
+            if kind == "call" and names[0] == "torch.load":
+                weights_only = [k for k in node.keywords if k.arg == "weights_only"]
+                if not weights_only or ast.unparse(weights_only[0].value) != "True":
+                    found.append(f"{where} calls torch.load without weights_only=True")
+    assert not found, found
+
+
+def assert_no_pickles(directory: Path) -> int:
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    for path in files:
+        assert path.suffix in ALLOWED_SUFFIXES, f"{path}: not safetensors, JSON or a plot"
+        with path.open("rb") as f:
+            assert not f.read(4).startswith(PICKLE_MAGIC), f"{path} is a pickle"
+    return len(files)
+
+
+def test_checkpoint_and_work_files_are_safetensors_and_json(tiny_model_dir, calib_file, tmp_path):
+    """A run killed during export leaves its work files; the finished run leaves the checkpoint."""
+    model, out = tiny_model_dir("olmoe", **QUANT_SHAPE), tmp_path / "out"
+    command = [sys.executable, "-m", "offline", "--model", str(model), "--out", str(out), "--bits", "2.5", "--calib", str(calib_file),
+               "--calib-tokens", "1024", "--calib-seq-len", "128", "--unit-rows", "8"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards, deadline = tmp_path / "out.partial" / "checkpoint", time.monotonic() + 300
+    while not any(shards.glob("model-00002-*.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before export"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert assert_no_pickles(tmp_path / "out.partial") >= 4  # run.json, calibration and allocation files, shards
+    subprocess.run([*command, "--resume"], check=True, capture_output=True)
+    assert assert_no_pickles(out) >= 6
+
+
+def test_a_model_stored_as_pickles_is_refused(calib_file, tmp_path, capsys):
+    model = tmp_path / "pickled"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "olmoe", "num_hidden_layers": 1}')
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, model / "pytorch_model.bin")  # what we must not load
+    status = main(["--model", str(model), "--out", str(tmp_path / "out"), "--bits", "2.5", "--calib", str(calib_file)])
+    err = capsys.readouterr().err
+    assert status == 2 and f"no *.safetensors file in {model}" in err, err
