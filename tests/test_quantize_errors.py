@@ -120,3 +120,18 @@ def test_full_disk_leaves_no_output_and_resume_completes(run, tmp_path, monkeypa
     status, err = run("--resume")
     assert status == 0, err
     assert validate_checkpoint(out).num_experts > 0 and not partial.exists()
+
+
+def test_a_supported_family_without_experts_is_not_an_moe(run, tiny_model_dir, tmp_path):
+    """An OLMoE config whose checkpoint holds no routed-expert weights (a dense model saved under an MoE type)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "no-experts"
+    shutil.copytree(tiny_model_dir("olmoe", **QUANT_SHAPE), model)
+    for shard in model.glob("*.safetensors"):
+        save_file({n: t for n, t in load_file(shard).items() if ".mlp.experts." not in n}, shard, metadata={"format": "pt"})
+    (model / "model.safetensors.index.json").unlink(missing_ok=True)
+    status, err = run(model=model)
+    assert status == 2 and f"{model} has no routed experts (looked for model.layers.N.mlp.experts.0.*): not an MoE model" in err, err
