@@ -192,11 +192,17 @@ void expert_offsets(const uint8_t* bits, int64_t E, int64_t R, int64_t* plane_at
   }
 }
 
+// a B-bit code j stands for lowest_code + j: bit p of j adds step_of_plane(p) (1 bit: -1 or 1)
+template <int B>
+constexpr float lowest_code() { return B == 1 ? -1.f : -static_cast<float>(1 << (B - 1)); }
+template <int B>
+constexpr float step_of_plane(int p) { return B == 1 ? 2.f : static_cast<float>(1 << p); }
+
 // columns [c, c + kLanes) of a row whose plane words (one per plane) for these 32 columns are `word`
 template <int B>
 inline V decode(const uint32_t (&word)[B], int c) {
-  V q = vset(B == 1 ? -1.f : -static_cast<float>(1 << (B - 1)));
-  for (int p = 0; p < B; ++p) q = add_where(q, word[p] >> c, vset(B == 1 ? 2.f : static_cast<float>(1 << p)));
+  V q = vset(lowest_code<B>());
+  for (int p = 0; p < B; ++p) q = add_where(q, word[p] >> c, vset(step_of_plane<B>(p)));
   return q;
 }
 
@@ -293,12 +299,11 @@ void add_block_one_token(const Factors& f, const RowBlock& block, const float* z
   float offset = 0.f;
   for_widths(block, [&](auto width, const StoredRow* rows, int n) {
     constexpr int B = decltype(width)::kBits;
-    constexpr float lo = B == 1 ? -1.f : -static_cast<float>(1 << (B - 1));
     for (int r = 0; r < n; ++r) {
       const float s = z[rows[r].k] * half(rows[r].scales[g]);
-      offset += s * lo;
+      offset += s * lowest_code<B>();
       V step[B];
-      for (int p = 0; p < B; ++p) step[p] = vset(s * (B == 1 ? 2.f : static_cast<float>(1 << p)));
+      for (int p = 0; p < B; ++p) step[p] = vset(s * step_of_plane<B>(p));
       for (int w = 0; w < NW; ++w) {
         uint32_t word[B];
         load_words<B>(rows[r].planes, f.words, w0 + w, word);
