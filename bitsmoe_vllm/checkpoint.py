@@ -93,9 +93,10 @@ _DTYPE_OF_HEADER = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.f
                     "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}  # fmt: skip
 
 
-def check_headers(directory: str | Path, cfg: QuantConfig) -> None:
-    """From the safetensors headers alone (no tensor data read): every shard is present and whole, and every
-    BitsMoE tensor of `cfg` is there with its dtype and shape, and nothing else under its layers."""
+def check_files(directory: str | Path, cfg: QuantConfig) -> None:
+    """Before loading: every shard is present and whole; every BitsMoE tensor of `cfg` is there with its dtype and
+    shape (from the safetensors headers), nothing else sits under its layers, and no basis or scale holds NaN or
+    Inf (the only tensors whose data is read here)."""
     files = TensorFiles(directory)
     specs = tensor_specs(cfg)
     for name, spec in specs.items():
@@ -109,6 +110,9 @@ def check_headers(directory: str | Path, cfg: QuantConfig) -> None:
     for name in files:
         if name.startswith(modules) and name not in specs:
             raise ValueError(f"unexpected tensor '{name}' in {files.shard_of[name]} (FORMAT.md section 3 has no such tensor)")
+    for name, spec in specs.items():
+        if spec.dtype.is_floating_point and not torch.isfinite(files[name]).all():
+            raise ValueError(f"tensor '{name}' in {files.shard_of[name]}: holds NaN or Inf")
 
 
 def read_quant_config(directory: str | Path) -> QuantConfig:

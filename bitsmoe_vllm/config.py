@@ -8,7 +8,7 @@ from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from bitsmoe_vllm.checkpoint import check_headers
+from bitsmoe_vllm.checkpoint import check_files
 from bitsmoe_vllm.format import QUANT_METHOD, QuantConfig
 from bitsmoe_vllm.moe_method import BitsMoEMoEMethod
 
@@ -42,13 +42,13 @@ class BitsMoEConfig(QuantizationConfig):
         return cls(QuantConfig.from_dict(config))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
-        """Before any weight is read (vLLM calls this in the API server): a local checkpoint's shards are all there
-        and whole, and its BitsMoE tensors have the dtypes and shapes of quantization_config, or one ValueError
-        names the file or tensor. The values (NaN, bit widths) are checked as the weights load."""
+        """Before any weight is loaded (vLLM calls this in the API server, where a ValueError is one line of output):
+        a local checkpoint's files are checked against quantization_config (`check_files`), so that a damaged one
+        is refused with the file or tensor named, not deep inside a worker."""
         if Path(model_name).is_dir():
             try:
-                check_headers(model_name, self.spec)
-            except FileNotFoundError as err:  # vLLM prints a ValueError as one line, anything else as a traceback
+                check_files(model_name, self.spec)
+            except FileNotFoundError as err:
                 raise ValueError(str(err)) from None
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):

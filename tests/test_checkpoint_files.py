@@ -1,5 +1,5 @@
 """Reading a BitsMoE checkpoint from disk (bitsmoe_vllm/checkpoint.py) when its files are damaged: each
-error names the file or tensor and says what was expected. check_headers is what vLLM runs before loading
+error names the file or tensor and says what was expected. check_files is what vLLM runs before loading
 (tests/test_vllm_serve.py::test_bad_checkpoints_are_refused_at_load)."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bitsmoe_vllm.checkpoint import WEIGHTS_INDEX, TensorFiles, check_headers, validate_checkpoint
+from bitsmoe_vllm.checkpoint import WEIGHTS_INDEX, TensorFiles, check_files, validate_checkpoint
 from tests.random_layers import MODULE, random_checkpoint
 
 CFG, TENSORS = random_checkpoint(64, 64, 4, (64, 40, 64), 32)
@@ -30,7 +30,7 @@ def checkpoint(tmp_path):
 
 def test_an_intact_checkpoint_validates(checkpoint):
     assert validate_checkpoint(checkpoint) == CFG
-    check_headers(checkpoint, CFG)
+    check_files(checkpoint, CFG)
 
 
 @pytest.mark.parametrize("keep", [0, 5, 100, -1])
@@ -38,7 +38,7 @@ def test_a_truncated_shard_is_named(checkpoint, keep):
     path = checkpoint / SHARDS[1]
     data = path.read_bytes()
     path.write_bytes(data[: keep if keep >= 0 else len(data) - 1])
-    for load in (TensorFiles, validate_checkpoint, lambda d: check_headers(d, CFG)):
+    for load in (TensorFiles, validate_checkpoint, lambda d: check_files(d, CFG)):
         with pytest.raises(ValueError) as err:
             load(checkpoint)
         assert str(err.value).startswith(f"{path} ({path.stat().st_size} bytes) is truncated or not a safetensors file")
@@ -47,7 +47,7 @@ def test_a_truncated_shard_is_named(checkpoint, keep):
 
 def test_a_missing_shard_is_named(checkpoint):
     (checkpoint / SHARDS[0]).unlink()
-    for load in (TensorFiles, validate_checkpoint, lambda d: check_headers(d, CFG)):
+    for load in (TensorFiles, validate_checkpoint, lambda d: check_files(d, CFG)):
         with pytest.raises(FileNotFoundError, match=f"shard {SHARDS[0]} named in {checkpoint / WEIGHTS_INDEX} is missing"):
             load(checkpoint)
 
@@ -72,10 +72,10 @@ def edit_second_shard(checkpoint, edit):
     ],
     ids=["missing", "dtype", "shape", "unexpected"],
 )
-def test_headers_name_the_tensor(checkpoint, edit, message):
+def test_file_checks_name_the_tensor(checkpoint, edit, message):
     edit_second_shard(checkpoint, edit)
     with pytest.raises(ValueError) as err:
-        check_headers(checkpoint, CFG)
+        check_files(checkpoint, CFG)
     assert str(err.value).startswith(message), err.value
 
 
@@ -87,12 +87,14 @@ def test_a_broken_index_is_named(checkpoint):
 
 @pytest.mark.parametrize("name, value", [(f"{MODULE}.2.down_proj.scales", float("nan")), (f"{MODULE}.0.gate_proj.basis", float("inf"))])
 def test_nan_or_inf_in_a_scale_or_basis_is_named(checkpoint, name, value):
-    shard = checkpoint / json.loads((checkpoint / WEIGHTS_INDEX).read_text())["weight_map"][name]
-    tensors = load_file(shard)
+    shard = json.loads((checkpoint / WEIGHTS_INDEX).read_text())["weight_map"][name]
+    tensors = load_file(checkpoint / shard)
     tensors[name] = tensors[name].index_fill(0, torch.tensor([0]), value)
-    save_file(tensors, shard, metadata={"format": "pt"})
+    save_file(tensors, checkpoint / shard, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"tensor '{name}': holds NaN or Inf"):
         validate_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match=f"tensor '{name}' in {shard}: holds NaN or Inf"):
+        check_files(checkpoint, CFG)
 
 
 def test_an_unknown_format_version_is_named(checkpoint):

@@ -173,7 +173,7 @@ MODULE = "model.layers.1.mlp.experts"
         ("not a BitsMoE checkpoint", "--quantization bitsmoe needs a BitsMoE checkpoint"),
         ("truncated shard", "model-00002-of-00003.safetensors ("),
         ("missing shard", "shard model-00002-of-00003.safetensors named in"),
-        ("NaN in a scale", f"tensor '{MODULE}.2.down_proj.scales': holds NaN or Inf"),
+        ("NaN in a scale", f"tensor '{MODULE}.2.down_proj.scales' in model-00002-of-00003.safetensors: holds NaN or Inf"),
         ("negative rank", f"quantization_config.layers['{MODULE}'].up.rank: expected"),
     ],
 )
