@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from bitsmoe_vllm.format import QuantConfig, check_layer_tensors, tensor_specs
+from bitsmoe_vllm.format import PROJECTIONS, QuantConfig, check_bits, check_layer_tensors, expert_tensor_name, tensor_specs
 from bitsmoe_vllm.reference import MoELayer, gather_layer
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -95,8 +95,8 @@ _DTYPE_OF_HEADER = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.f
 
 def check_files(directory: str | Path, cfg: QuantConfig) -> None:
     """Before loading: every shard is present and whole; every BitsMoE tensor of `cfg` is there with its dtype and
-    shape (from the safetensors headers), nothing else sits under its layers, and no basis or scale holds NaN or
-    Inf (the only tensors whose data is read here)."""
+    shape (from the safetensors headers), nothing else sits under its layers, no basis or scale holds NaN or Inf,
+    and the bit widths are candidates that add up to the layout (the only tensors whose data is read here)."""
     files = TensorFiles(directory)
     specs = tensor_specs(cfg)
     for name, spec in specs.items():
@@ -113,6 +113,12 @@ def check_files(directory: str | Path, cfg: QuantConfig) -> None:
     for name, spec in specs.items():
         if spec.dtype.is_floating_point and not torch.isfinite(files[name]).all():
             raise ValueError(f"tensor '{name}' in {files.shard_of[name]}: holds NaN or Inf")
+    for layer in cfg.layers:
+        for p in PROJECTIONS:
+            pl = layer.projection(p)
+            for e in range(cfg.num_experts):
+                name = expert_tensor_name(layer.module, e, cfg.projection_names[p], "bits")
+                check_bits(cfg, name, files[name], pl.rows[e], pl.planes[e])
 
 
 def read_quant_config(directory: str | Path) -> QuantConfig:

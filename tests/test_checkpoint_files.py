@@ -69,8 +69,10 @@ def edit_second_shard(checkpoint, edit):
         (lambda t: t.update({f"{MODULE}.3.down_proj.bits": t[f"{MODULE}.3.down_proj.bits"][:-1].clone()}),
          f"tensor '{MODULE}.3.down_proj.bits' in {SHARDS[1]}: expected torch.uint8 [64], found torch.uint8 [63]"),
         (lambda t: t.update({f"{MODULE}.3.down_proj.weight": torch.zeros(2, 2)}), f"unexpected tensor '{MODULE}.3.down_proj.weight' in {SHARDS[1]}"),
+        (lambda t: t.update({f"{MODULE}.2.up_proj.bits": t[f"{MODULE}.2.up_proj.bits"].masked_fill(t[f"{MODULE}.2.up_proj.bits"] == 4, 5)}),
+         f"tensor '{MODULE}.2.up_proj.bits': bit-width 5 is not in candidate_bits [0, 1, 2, 3, 4, 6, 8]"),
     ],
-    ids=["missing", "dtype", "shape", "unexpected"],
+    ids=["missing", "dtype", "shape", "unexpected", "bits"],
 )
 def test_file_checks_name_the_tensor(checkpoint, edit, message):
     edit_second_shard(checkpoint, edit)
