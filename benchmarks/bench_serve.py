@@ -63,6 +63,16 @@ def measure(model: Path, log: Path, tokens: int) -> dict:
             "tokens_per_s_8_streams": round(eight, 1)}  # fmt: skip
 
 
+def build_models(tmp: Path, arch: str, layers: int, hidden: int, experts: int, intermediate: int, bits: float) -> tuple[Path, Path]:
+    """A tiny random model of `arch` in tmp/model and its BitsMoE checkpoint in tmp/bitsmoe (calibrated on local text)."""
+    model, bitsmoe, text = tmp / "model", tmp / "bitsmoe", tmp / "text.txt"
+    shape = ["--layers", str(layers), "--experts", str(experts), "--intermediate", str(intermediate), "--hidden", str(hidden)]
+    subprocess.run([sys.executable, "-m", "tests.tiny_models", arch, str(model), *shape, "--text", str(text)], check=True, cwd=REPO, capture_output=True)
+    subprocess.run([sys.executable, "-m", "offline", "--model", str(model), "--out", str(bitsmoe), "--bits", str(bits),
+                    "--calib", str(text), "--calib-tokens", "2048", "--calib-seq-len", "128"], check=True, cwd=REPO, capture_output=True)  # fmt: skip
+    return model, bitsmoe
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--arch", default="mixtral")
@@ -76,11 +86,7 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, bitsmoe, text = tmp / "model", tmp / "bitsmoe", tmp / "text.txt"
-        shape = ["--layers", str(a.layers), "--experts", str(a.experts), "--intermediate", str(a.intermediate), "--hidden", str(a.hidden)]
-        subprocess.run([sys.executable, "-m", "tests.tiny_models", a.arch, str(model), *shape, "--text", str(text)], check=True, cwd=REPO, capture_output=True)
-        subprocess.run([sys.executable, "-m", "offline", "--model", str(model), "--out", str(bitsmoe), "--bits", str(a.bits),
-                        "--calib", str(text), "--calib-tokens", "2048", "--calib-seq-len", "128"], check=True, cwd=REPO, capture_output=True)  # fmt: skip
+        model, bitsmoe = build_models(tmp, a.arch, a.layers, a.hidden, a.experts, a.intermediate, a.bits)
         size = {name: sum(f.stat().st_size for f in d.glob("*.safetensors")) / 2**20 for name, d in (("unquantized", model), ("bitsmoe", bitsmoe))}
         runs = {name: measure(d, tmp / f"{name}.log", a.tokens) | {"safetensors_mb": round(size[name], 1)}
                 for name, d in (("unquantized", model), ("bitsmoe", bitsmoe))}  # fmt: skip

@@ -9,8 +9,6 @@ on a tiny checkpoint; standalone it quantizes a tiny model, serves it with defau
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -18,6 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.bench_serve import build_models
 from benchmarks.machine import describe
 from tests.vllm_server import get, stream, vllm_server
 
@@ -105,10 +104,7 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, bitsmoe, text = tmp / "model", tmp / "bitsmoe", tmp / "text.txt"
-        subprocess.run([sys.executable, "-m", "tests.tiny_models", "mixtral", str(model), "--experts", "16", "--intermediate", "128", "--text", str(text)], check=True, cwd=REPO, capture_output=True)
-        subprocess.run([sys.executable, "-m", "offline", "--model", str(model), "--out", str(bitsmoe), "--bits", "2.5",
-                        "--calib", str(text), "--calib-tokens", "2048", "--calib-seq-len", "128"], check=True, cwd=REPO, capture_output=True)  # fmt: skip
+        _, bitsmoe = build_models(tmp, "mixtral", layers=2, hidden=64, experts=16, intermediate=128, bits=2.5)
         with vllm_server(bitsmoe, "--max-model-len", "512", log=tmp / "server.log", timeout=600) as url:
             result = run_load(url, str(bitsmoe), a.requests, a.max_tokens)
     result = {"machine": describe(), "model": "tiny Mixtral (H 64, 2 layers, E 16, I 128), BitsMoE 2.5 bits", "vllm_settings": "default, --max-model-len 512", **result}
