@@ -13,6 +13,8 @@ from bitsmoe_vllm.format import PROJECTIONS, QuantConfig, check_bits, check_laye
 from bitsmoe_vllm.reference import MoELayer, gather_layer
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
+_DTYPE_OF_HEADER = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8,
+                    "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}  # fmt: skip
 
 
 class TensorFiles(Mapping):
@@ -42,9 +44,14 @@ class TensorFiles(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._file(name).get_tensor(name)
 
+    def header(self, name: str) -> tuple[torch.dtype | str, list[int]]:
+        """A tensor's dtype (as a safetensors name where torch has none) and shape, from its header (no data read)."""
+        info = self._file(name).get_slice(name)
+        return _DTYPE_OF_HEADER.get(info.get_dtype(), info.get_dtype()), info.get_shape()
+
     def numel(self, name: str) -> int:
         """Element count of a tensor, from its header (no data read)."""
-        return math.prod(self._file(name).get_slice(name).get_shape())
+        return math.prod(self.header(name)[1])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shard_of)
@@ -89,10 +96,6 @@ def open_shard(path: Path):
         raise ValueError(f"{path} ({size} bytes) is truncated or not a safetensors file ({err}); copy or download it again") from None
 
 
-_DTYPE_OF_HEADER = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8,
-                    "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}  # fmt: skip
-
-
 def check_files(directory: str | Path, cfg: QuantConfig) -> None:
     """Before loading: every shard is present and whole; every BitsMoE tensor of `cfg` is there with its dtype and
     shape (from the safetensors headers), nothing else sits under its layers, no basis or scale holds NaN or Inf,
@@ -102,8 +105,7 @@ def check_files(directory: str | Path, cfg: QuantConfig) -> None:
     for name, spec in specs.items():
         if name not in files.shard_of:
             raise ValueError(f"BitsMoE checkpoint is missing tensor '{name}' (expected {spec.dtype} {list(spec.shape)})")
-        header = files._file(name).get_slice(name)
-        dtype, shape = _DTYPE_OF_HEADER.get(header.get_dtype(), header.get_dtype()), header.get_shape()
+        dtype, shape = files.header(name)
         if dtype != spec.dtype or shape != list(spec.shape):
             raise ValueError(f"tensor '{name}' in {files.shard_of[name]}: expected {spec.dtype} {list(spec.shape)}, found {dtype} {shape}")
     modules = tuple(layer.module + "." for layer in cfg.layers)
