@@ -1,6 +1,10 @@
-"""The CPU MoE layer (csrc/cpu: torch.ops.bitsmoe.moe on CPU) against vLLM's bf16 `cpu_fused_moe` on the same
-weights dequantized, and against the PyTorch reference, on the MoE layer shapes of real models, at 2.0 / 2.5 / 3.0
-factor bits per weight. Writes JSON and a plot to benchmarks/results/.
+"""The CPU MoE layer (csrc/cpu) against vLLM's bf16 `cpu_fused_moe` on the same weights dequantized, and against the
+PyTorch reference, on the MoE layer shapes of real models, at 2.0 / 2.5 / 3.0 factor bits per weight. Writes JSON
+and a plot to benchmarks/results/.
+
+BitsMoE is timed as the vLLM method runs it here (`bitsmoe_ms`): the integer path (torch.ops.bitsmoe.moe_int on
+the CPU layout) where the CPU has AVX-512 VNNI, else the float kernels (torch.ops.bitsmoe.moe); the float kernels
+are also timed on their own (`float_kernel_ms`).
 
     .venv/bin/python -m benchmarks.bench_cpu_moe [--tokens 1 4 16 128] [--shapes qwen3-30b-a3b deepseek-v2-lite]
 
@@ -32,6 +36,7 @@ import torch  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
 from bitsmoe_vllm import ops  # noqa: E402
+from bitsmoe_vllm.cpu_layout import to_cpu_layer  # noqa: E402
 from bitsmoe_vllm.reference import Basis, Factors, MoELayer, dequantize_basis, expert_factor, moe_forward  # noqa: E402
 
 SHAPES = {  # H, I, E, top-k
@@ -138,6 +143,8 @@ def main() -> None:
             bases = [random_basis(H, H, basis_dtype, g) for _ in range(3)]
             basis_bytes = sum(b.weight.numel() * b.weight.element_size() + (0 if b.scale is None else b.scale.numel() * 2) for b in bases)
             layers = {bits: MoELayer(*bases, *(random_factors(E, H, I, w, g) for _ in range(3)), GROUP) for bits, w in BITS.items()}
+            int_path = torch.ops.bitsmoe.cpu_isa() == "avx512-vnni"
+            kernels = {bits: to_cpu_layer(layer) if int_path else None for bits, layer in layers.items()}
             w13, w2 = dense_weights(layers[2.5])
             w13, w2 = vllm_ops.cpu_prepack_moe_weight(w13, isa), vllm_ops.cpu_prepack_moe_weight(w2, isa)
 
@@ -147,13 +154,16 @@ def main() -> None:
                 return out
 
             x, w, ids = routings(4, E, K, H, 1, g)[0]
-            y_bits, y_bf16 = ops.moe_layer(x, w, ids, layers[2.5]), bf16(x, w, ids)
+            y_bits, y_bf16 = ops.moe_layer(x, w, ids, layers[2.5], kernels[2.5]), bf16(x, w, ids)
             agreement[f"{name}/{basis_dtype}"] = float((y_bits.float() - y_bf16.float()).norm() / y_bits.float().norm())
             for T in a.tokens:
                 inputs = routings(T, E, K, H, 4, g)
                 selected = statistics.mean(len(ids.unique()) for _, _, ids in inputs)
                 act_bytes = 2 * T * H * 2 + T * K * 8
-                ms_of = median_ms({"bf16": bf16, **{bits: partial(ops.moe_layer, layer=layer) for bits, layer in layers.items()}}, inputs, a.repeats)
+                fns = {"bf16": bf16, **{bits: partial(ops.moe_layer, layer=layer, kernel=kernels[bits]) for bits, layer in layers.items()}}
+                if int_path:
+                    fns |= {("float", bits): partial(ops.moe_layer, layer=layer) for bits, layer in layers.items()}
+                ms_of = median_ms(fns, inputs, a.repeats)
                 bf16_ms = ms_of["bf16"]
                 bf16_bytes = selected * 3 * I * H * 2 + act_bytes
                 for bits, layer in layers.items():
@@ -166,10 +176,10 @@ def main() -> None:
                            "selected_experts": selected, "bytes_must_read": must_read, "bitsmoe_ms": ms,
                            "bitsmoe_GBps": must_read / ms / 1e6, "bound_ms": must_read / max(copy, read) / 1e6, "bf16_ms": bf16_ms,
                            "bf16_bytes": bf16_bytes, "bf16_GBps": bf16_bytes / bf16_ms / 1e6, "speedup_vs_bf16": bf16_ms / ms,
-                           "reference_ms": ref_ms}  # fmt: skip
+                           "float_kernel_ms": ms_of.get(("float", bits), ms), "reference_ms": ref_ms}  # fmt: skip
                     rows.append(row)
                     print(f"{name:17s} {basis_dtype:7s} {bits:.1f} T={T:4d}  bitsmoe {ms:8.2f} ms {row['bitsmoe_GBps']:5.1f} GB/s "
-                          f"(bound {row['bound_ms']:6.2f} ms)  bf16 {bf16_ms:8.2f} ms  x{bf16_ms / ms:4.2f}  "
+                          f"(bound {row['bound_ms']:6.2f} ms, float kernel {row['float_kernel_ms']:6.2f} ms)  bf16 {bf16_ms:8.2f} ms  x{bf16_ms / ms:4.2f}  "
                           f"reference {'-' if ref_ms is None else f'{ref_ms:.1f}'} ms", flush=True)  # fmt: skip
             del w13, w2
     result = {"machine": describe(), "threads": torch.get_num_threads(), "kernel_isa": torch.ops.bitsmoe.cpu_isa(),

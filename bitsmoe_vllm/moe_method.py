@@ -22,7 +22,7 @@ from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-from bitsmoe_vllm import cuda, ops
+from bitsmoe_vllm import cpu_layout, cuda, ops
 from bitsmoe_vllm.format import (
     BASIS_DTYPES,
     BITS_DTYPE,
@@ -63,7 +63,7 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         self.specs = layer_tensor_specs(spec, layout)  # checkpoint name -> unsharded spec
         self.arrived: set[str] = set()
         self.layer: MoELayer | None = None
-        self.kernel: cuda.KernelLayer | None = None  # the layer in the CUDA kernels' layout, when on CUDA
+        self.kernel: cuda.KernelLayer | cpu_layout.CpuLayer | None = None  # the layer in a kernel layout (CUDA, or the CPU integer path)
 
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int, params_dtype, **extra):
         self._refuse_unsupported(layer, hidden_size, intermediate_size_per_partition)
@@ -220,7 +220,13 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
                     "are both present"
                 )
         elif layer.w13_codes.device.type == "cpu" and ops.CPU_KERNEL:
-            logger.info_once("bitsmoe: MoE layers run the CPU kernel (%s)", torch.ops.bitsmoe.cpu_isa())
+            isa = torch.ops.bitsmoe.cpu_isa()
+            if isa == "avx512-vnni":  # the integer path: gate and up in the CPU layout, the canonical copy freed
+                self.kernel = cpu_layout.to_cpu_layer(self.layer)
+                self.layer = self.kernel.layer
+                for name in ("w13_codes", "w13_scales"):
+                    getattr(layer, name).data = getattr(layer, name).data.new_empty(0)
+            logger.info_once("bitsmoe: MoE layers run the CPU kernel (%s)", isa)
         elif layer.w13_codes.device.type == "cpu":
             logger.warning_once(
                 "bitsmoe: the CPU kernel was not built with this install (no bitsmoe_vllm._cpu), so BitsMoE layers run the "

@@ -4,13 +4,16 @@ A custom op with a fake (meta) implementation, so torch.compile (vLLM traces its
 layer as one opaque call. On CPU the op runs the C++ kernel of csrc/cpu (registered for the CPU dispatch key
 by the library built at install, bitsmoe_vllm/_cpu*.so; CPU_KERNEL says whether it is loaded); elsewhere, and on
 CPU without that library, the reference (`reference.moe_forward`). `moe_layer` sends a layer already in the CUDA
-kernels' layout to them instead (bitsmoe_vllm/cuda.py).
+kernels' layout to them instead (bitsmoe_vllm/cuda.py), and one in the CPU layout to the integer path
+(bitsmoe_vllm/cpu_layout.py).
 """
 
 import importlib.util
 
 import torch
 
+from bitsmoe_vllm import cpu_layout
+from bitsmoe_vllm.cpu_layout import CpuLayer, moe_forward_int
 from bitsmoe_vllm.cuda import KernelLayer, moe_forward_cuda
 from bitsmoe_vllm.reference import Basis, Factors, MoELayer, moe_forward
 
@@ -62,6 +65,7 @@ def _load_cpu_kernel() -> bool:
     if spec is None or not spec.origin:
         return False
     torch.ops.load_library(spec.origin)
+    cpu_layout.register_fake()
     return True
 
 
@@ -69,10 +73,17 @@ CPU_KERNEL = _load_cpu_kernel()
 
 
 def moe_layer(
-    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: MoELayer, kernel: KernelLayer | None = None
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    layer: MoELayer,
+    kernel: KernelLayer | CpuLayer | None = None,
 ) -> torch.Tensor:
-    """The dispatch: the CUDA kernels when the layer was put in their layout at load (`kernel`, bitsmoe_vllm/cuda.py),
-    else torch.ops.bitsmoe.moe (the reference) with the layer's tensors taken from a MoELayer."""
+    """The dispatch: the kernels whose layout the layer was put in at load (`kernel`: CUDA, bitsmoe_vllm/cuda.py, or
+    the CPU integer path, bitsmoe_vllm/cpu_layout.py), else torch.ops.bitsmoe.moe (the C++ kernel on CPU, the
+    reference elsewhere) with the layer's tensors taken from a MoELayer."""
+    if isinstance(kernel, CpuLayer):
+        return moe_forward_int(x, topk_weights, topk_ids, kernel)
     if kernel is not None:
         many = topk_ids.numel() >= PREFILL_SLOTS_PER_EXPERT * kernel.gate.segs.shape[0]  # a shape, known when tracing
         path = "prefill" if many and x.dtype in (torch.bfloat16, torch.float16) else "decode"

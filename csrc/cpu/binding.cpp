@@ -2,8 +2,12 @@
 // reference there) on the packed codes, with the kernels of moe_cpu.h for the CPU's instruction set, split across
 // torch's intra-op threads. Also torch.ops.bitsmoe.cpu_isa(): which instruction set a call would use.
 //
-// The instruction set is chosen at every call from the CPU's flags (AVX-512 where present, else AVX2); the
-// environment variable BITSMOE_CPU_ISA=avx2|avx512 forces one (tests run both; a CPU without it is refused).
+// torch.ops.bitsmoe.moe_int: the same layer with gate and up in the CPU layout of bitsmoe_vllm/cpu_layout.py, on
+// the integer kernels (AVX-512 VNNI; moe_cpu.h, "the integer path").
+//
+// The instruction set is chosen at every call from the CPU's flags (AVX-512 where present, else AVX2; the integer
+// path where AVX-512 VNNI and BW are); the environment variable BITSMOE_CPU_ISA=avx512-vnni|avx512|avx2 forces one
+// (tests run each; a CPU without it is refused; avx512 and avx2 turn the integer path off).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,21 +28,41 @@ constexpr int64_t kItemsPerThread = 4;  // gate/up: rank rows split in parts unt
 constexpr int64_t kMinPartRows = 256;   // ... but no part smaller than this
 constexpr int64_t kBlockRows = 64;      // down work item: 64 rank rows for one expert
 
+const char* forced_isa() {
+  const char* isa = std::getenv("BITSMOE_CPU_ISA");
+  return isa != nullptr && *isa != '\0' ? isa : nullptr;
+}
+
+bool has_int_path() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+}
+
+// whether bitsmoe::moe_int may run: the CPU has it, and BITSMOE_CPU_ISA does not force the float kernels
+bool int_path() {
+  const char* forced = forced_isa();
+  return forced == nullptr ? has_int_path() : std::string(forced) == "avx512-vnni";
+}
+
+// the float kernels of bitsmoe::moe
 const Kernels& kernels() {
   const bool avx512 = __builtin_cpu_supports("avx512f");
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  const char* forced = std::getenv("BITSMOE_CPU_ISA");
-  if (forced != nullptr && *forced != '\0') {
+  if (const char* forced = forced_isa()) {
     const std::string isa(forced);
-    TORCH_CHECK(isa == "avx512" || isa == "avx2", "BITSMOE_CPU_ISA=", isa, ": expected avx512 or avx2, or unset to choose from the CPU's flags");
-    TORCH_CHECK(isa == "avx512" ? avx512 : avx2, "BITSMOE_CPU_ISA=", isa, ": this CPU does not support it");
-    return isa == "avx512" ? kAvx512 : kAvx2;
+    TORCH_CHECK(isa == "avx512-vnni" || isa == "avx512" || isa == "avx2", "BITSMOE_CPU_ISA=", isa,
+                ": expected avx512-vnni, avx512 or avx2, or unset to choose from the CPU's flags");
+    TORCH_CHECK(isa == "avx512-vnni" ? has_int_path() : isa == "avx512" ? avx512 : avx2, "BITSMOE_CPU_ISA=", isa, ": this CPU does not support it");
+    return isa == "avx2" ? kAvx2 : kAvx512;
   }
   TORCH_CHECK(avx512 || avx2, "bitsmoe: the CPU kernel needs AVX-512, or AVX2 with FMA and F16C; this CPU has neither");
   return avx512 ? kAvx512 : kAvx2;
 }
 
-std::string cpu_isa() { return kernels().name; }
+// what the vLLM method runs: avx512-vnni (bitsmoe::moe_int on the CPU layout), else avx512 or avx2 (bitsmoe::moe)
+std::string cpu_isa() {
+  const Kernels& k = kernels();  // checks BITSMOE_CPU_ISA
+  return int_path() ? "avx512-vnni" : k.name;
+}
 
 void check_2d(const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t rows, int64_t cols) {
   TORCH_CHECK(t.dim() == 2 && t.scalar_type() == dtype && (rows < 0 || t.size(0) == rows) && (cols < 0 || t.size(1) == cols),
@@ -113,6 +137,72 @@ at::Tensor basis_product(const Kernels& k, const Basis& b, const at::Tensor& x) 
   return out;
 }
 
+// The slots of each expert (ids < 0: held elsewhere, in no list), and the experts with any.
+struct Routing {
+  std::vector<int64_t> start, token, slot, used;
+  Tokens of(int64_t e) const { return Tokens{token.data() + start[e], slot.data() + start[e], start[e + 1] - start[e]}; }
+};
+
+Routing route(const at::Tensor& topk_ids, int64_t E) {
+  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t slots = ids.numel(), K = ids.size(1);
+  Routing r{std::vector<int64_t>(E + 1, 0), std::vector<int64_t>(slots), std::vector<int64_t>(slots), {}};
+  for (int64_t s = 0; s < slots; ++s) {
+    TORCH_CHECK(id[s] < E, "bitsmoe::moe (CPU): topk_ids holds expert ", id[s], " but the layer has ", E, " experts");
+    if (id[s] >= 0) ++r.start[id[s] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) r.start[e + 1] += r.start[e];
+  std::vector<int64_t> fill(r.start.begin(), r.start.end() - 1);
+  for (int64_t s = 0; s < slots; ++s)
+    if (id[s] >= 0) {
+      r.token[fill[id[s]]] = s / K;
+      r.slot[fill[id[s]]++] = s;
+    }
+  for (int64_t e = 0; e < E; ++e)
+    if (r.start[e + 1] > r.start[e]) r.used.push_back(e);
+  return r;
+}
+
+// Checks the arguments both ops share.
+void check_tokens(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids, bool identity,
+                  const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& down_basis, int64_t I, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2, "bitsmoe::moe (CPU): x: expected [T, H], found ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "bitsmoe::moe (CPU): x: expected float32, bfloat16 or float16, found ", x.scalar_type());
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) && topk_weights.sizes() == topk_ids.sizes() && !topk_ids.is_floating_point(),
+              "bitsmoe::moe (CPU): expected integer topk_ids and topk_weights of one shape [", x.size(0), ", K], found ", topk_ids.scalar_type(),
+              " ", topk_ids.sizes(), " and ", topk_weights.sizes());
+  TORCH_CHECK(up_basis.has_value() != identity && down_basis.has_value() != identity,
+              "bitsmoe::moe (CPU): the gate, up and down bases must all be given, or all be None (identity bases)");
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && I > 0 && I % group_size == 0, "bitsmoe::moe (CPU): group_size ", group_size,
+              " must be a positive multiple of 32 that divides I = ", I);
+}
+
+// gate/up work items: each used expert's rank rows in this many parts
+int64_t gate_up_parts(int64_t used, int64_t rows) {
+  return std::clamp((kItemsPerThread * at::get_num_threads() + used - 1) / std::max(used, int64_t{1}), int64_t{1},
+                    std::max(int64_t{1}, rows / kMinPartRows));
+}
+
+// y = B_d (sum over each token's choices of w u), the choices in order; identity: the sum itself
+at::Tensor finish(const Kernels& k, const at::Tensor& u, const at::Tensor& topk_weights, const std::optional<at::Tensor>& down_basis,
+                  const std::optional<at::Tensor>& down_basis_scale, int64_t H, at::ScalarType dtype) {
+  const int64_t T = topk_weights.size(0), K = topk_weights.size(1), R_d = u.size(1);
+  const at::Tensor t = (u.view({T, K, R_d}) * topk_weights.to(at::kFloat).unsqueeze(-1)).sum(1);
+  if (!down_basis.has_value()) return t.to(dtype);
+  return basis_product(k, basis_arg("down_basis", *down_basis, down_basis_scale, H, R_d).view, t.contiguous()).to(dtype);
+}
+
+// z_g, z_u = B_g x, B_u x (x itself for identity bases)
+std::pair<at::Tensor, at::Tensor> shared_projections(const Kernels& k, const at::Tensor& xf, const std::optional<at::Tensor>& gate_basis,
+                                                     const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& gate_basis_scale,
+                                                     const std::optional<at::Tensor>& up_basis_scale) {
+  if (!gate_basis.has_value()) return {xf, xf};
+  return {basis_product(k, basis_arg("gate_basis", *gate_basis, gate_basis_scale, -1, xf.size(1)).view, xf),
+          basis_product(k, basis_arg("up_basis", *up_basis, up_basis_scale, -1, xf.size(1)).view, xf)};
+}
+
 at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids, const std::optional<at::Tensor>& gate_basis,
                const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& down_basis,
                const std::optional<at::Tensor>& gate_basis_scale, const std::optional<at::Tensor>& up_basis_scale,
@@ -120,19 +210,10 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
                const at::Tensor& gate_bits, const at::Tensor& up_codes, const at::Tensor& up_scales, const at::Tensor& up_bits,
                const at::Tensor& down_codes, const at::Tensor& down_scales, const at::Tensor& down_bits, int64_t group_size) {
   const Kernels& k = kernels();
-  TORCH_CHECK(x.dim() == 2, "bitsmoe::moe (CPU): x: expected [T, H], found ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "bitsmoe::moe (CPU): x: expected float32, bfloat16 or float16, found ", x.scalar_type());
-  const int64_t T = x.size(0), H = x.size(1), K = topk_ids.dim() == 2 ? topk_ids.size(1) : -1;
-  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == T && topk_weights.sizes() == topk_ids.sizes() && !topk_ids.is_floating_point(),
-              "bitsmoe::moe (CPU): expected integer topk_ids and topk_weights of one shape [", T, ", K], found ", topk_ids.scalar_type(),
-              " ", topk_ids.sizes(), " and ", topk_weights.sizes());
   const bool identity = !gate_basis.has_value();
-  TORCH_CHECK(up_basis.has_value() != identity && down_basis.has_value() != identity,
-              "bitsmoe::moe (CPU): the gate, up and down bases must all be given, or all be None (identity bases)");
   const int64_t E = gate_bits.size(0), I = gate_codes.dim() == 2 ? gate_codes.size(1) * 32 : -1;
-  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && I > 0 && I % group_size == 0, "bitsmoe::moe (CPU): group_size ", group_size,
-              " must be a positive multiple of 32 that divides I = ", I);
+  check_tokens(x, topk_weights, topk_ids, identity, up_basis, down_basis, I, group_size);
+  const int64_t T = x.size(0), H = x.size(1), K = topk_ids.size(1);
   const int64_t R_g = identity ? H : gate_basis->size(0), R_u = identity ? H : up_basis->size(0);
   const int64_t R_d = identity ? H : down_basis->size(1);
   const FactorsArg g = factors_arg(k, "gate", gate_codes, gate_scales, gate_bits, E, I, group_size);
@@ -142,69 +223,138 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
               ", down ", d.view.R, ") differ from the bases' (", R_g, ", ", R_u, ", ", R_d, ")");
   if (T == 0) return at::empty_like(x);
 
-  // shared projections
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor z_g = xf, z_u = xf;
-  if (!identity) {
-    z_g = basis_product(k, basis_arg("gate_basis", *gate_basis, gate_basis_scale, -1, H).view, xf);
-    z_u = basis_product(k, basis_arg("up_basis", *up_basis, up_basis_scale, -1, H).view, xf);
-  }
-
-  // the slots of each expert (ids < 0: held elsewhere, in no list)
-  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
-  const int64_t* id = ids.data_ptr<int64_t>();
-  std::vector<int64_t> start(E + 1, 0), token(T * K), slot(T * K);
-  for (int64_t s = 0; s < T * K; ++s) {
-    TORCH_CHECK(id[s] < E, "bitsmoe::moe (CPU): topk_ids holds expert ", id[s], " but the layer has ", E, " experts");
-    if (id[s] >= 0) ++start[id[s] + 1];
-  }
-  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t s = 0; s < T * K; ++s)
-    if (id[s] >= 0) {
-      token[fill[id[s]]] = s / K;
-      slot[fill[id[s]]++] = s;
-    }
-  std::vector<int64_t> used;
-  for (int64_t e = 0; e < E; ++e)
-    if (start[e + 1] > start[e]) used.push_back(e);
-  auto tokens_of = [&](int64_t e) { return Tokens{token.data() + start[e], slot.data() + start[e], start[e + 1] - start[e]}; };
+  const auto [z_g, z_u] = shared_projections(k, xf, gate_basis, up_basis, gate_basis_scale, up_basis_scale);
+  const Routing r = route(topk_ids, E);
 
   // h = (F_g^T z_g, F_u^T z_u) per expert in `parts` shares of the rank rows, then a = silu(h_g) * h_u per slot
-  const int64_t used_n = static_cast<int64_t>(used.size());
-  const int64_t parts = std::clamp((kItemsPerThread * at::get_num_threads() + used_n - 1) / std::max(used_n, int64_t{1}), int64_t{1},
-                                   std::max(int64_t{1}, std::min(R_g, R_u) / kMinPartRows));
-  at::Tensor h = at::empty({start[E] * parts * 2 * I}, xf.options());  // per expert [parts, 2, n, I]
+  const int64_t used_n = static_cast<int64_t>(r.used.size()), parts = gate_up_parts(used_n, std::min(R_g, R_u));
+  at::Tensor h = at::empty({r.start[E] * parts * 2 * I}, xf.options());  // per expert [parts, 2, n, I]
   at::parallel_for(0, used_n * parts, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t e = used[i / parts], part = i % parts;
-      const Tokens tk = tokens_of(e);
-      float* h_e = h.data_ptr<float>() + start[e] * parts * 2 * I;
+      const int64_t e = r.used[i / parts], part = i % parts;
+      const Tokens tk = r.of(e);
+      float* h_e = h.data_ptr<float>() + r.start[e] * parts * 2 * I;
       k.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h_e + part * 2 * tk.n * I);
     }
   });
   at::Tensor a = at::empty({T * K, I}, xf.options());
   at::parallel_for(0, used_n, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      k.activate(h.data_ptr<float>() + start[used[i]] * parts * 2 * I, parts, tokens_of(used[i]), I, a.data_ptr<float>());
+    for (int64_t i = i0; i < i1; ++i) k.activate(h.data_ptr<float>() + r.start[r.used[i]] * parts * 2 * I, parts, r.of(r.used[i]), I, a.data_ptr<float>());
   });
   const int64_t row_blocks = (R_d + kBlockRows - 1) / kBlockRows;
   at::Tensor out = at::zeros({T * K, R_d}, xf.options());
   at::parallel_for(0, used_n * row_blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t e = used[i / row_blocks], r0 = (i % row_blocks) * kBlockRows, r1 = std::min(r0 + kBlockRows, R_d);
-      k.down(d.view, e, a.data_ptr<float>(), tokens_of(e), r0, r1, out.data_ptr<float>());
+      const int64_t e = r.used[i / row_blocks], r0 = (i % row_blocks) * kBlockRows, r1 = std::min(r0 + kBlockRows, R_d);
+      k.down(d.view, e, a.data_ptr<float>(), r.of(e), r0, r1, out.data_ptr<float>());
     }
   });
+  return finish(k, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
+}
 
-  // the routing-weighted sum over each token's choices, in choice order; then the down basis
-  const at::Tensor t = (out.view({T, K, R_d}) * topk_weights.to(at::kFloat).unsqueeze(-1)).sum(1);
-  const at::Tensor y = identity ? t : basis_product(k, basis_arg("down_basis", *down_basis, down_basis_scale, H, R_d).view, t.contiguous());
-  return y.to(x.scalar_type());
+// Gate or up factors in the CPU layout (moe_cpu.h, CpuFactors), checked against each other and E, R, I, G.
+struct CpuFactorsArg {
+  CpuFactors view;
+  at::Tensor masks, scales, rows, segs;
+};
+
+CpuFactorsArg cpu_factors_arg(const char* name, const at::Tensor& masks, const at::Tensor& scales, const at::Tensor& rows, const at::Tensor& segs,
+                              int64_t E, int64_t R, int64_t I, int64_t G) {
+  CpuFactorsArg f{{}, masks.contiguous(), scales.contiguous(), rows.contiguous(), segs.contiguous()};
+  const std::string n(name);
+  check_2d((n + "_masks").c_str(), f.masks, at::kLong, -1, I / 16);
+  check_2d((n + "_scales").c_str(), f.scales, at::kHalf, I / G, -1);
+  TORCH_CHECK(f.rows.dim() == 1 && f.rows.scalar_type() == at::kInt && f.rows.size(0) == f.scales.size(1), "bitsmoe::moe_int (CPU): ", n,
+              "_rows: expected Int [", f.scales.size(1), "], found ", f.rows.scalar_type(), " ", f.rows.sizes());
+  TORCH_CHECK(f.segs.dim() == 3 && f.segs.scalar_type() == at::kInt && f.segs.size(0) == E && f.segs.size(1) == 6 && f.segs.size(2) == 3,
+              "bitsmoe::moe_int (CPU): ", n, "_segs: expected Int [", E, ", 6, 3], found ", f.segs.scalar_type(), " ", f.segs.sizes());
+  const int32_t* s = f.segs.data_ptr<int32_t>();
+  constexpr int kClassWidths[] = {8, 6, 4, 3, 2, 1};
+  for (int64_t i = 0; i < E * 6; ++i)
+    TORCH_CHECK(s[3 * i] >= 0 && s[3 * i + 1] >= 0 && s[3 * i + 2] >= 0 && 4 * (s[3 * i] + s[3 * i + 1]) <= f.rows.size(0) &&
+                    s[3 * i + 2] + s[3 * i + 1] * kClassWidths[i % 6] <= f.masks.size(0),
+                "bitsmoe::moe_int (CPU): ", n, "_segs row ", i, " points past ", n, "_rows ", f.rows.sizes(), " or ", n, "_masks ", f.masks.sizes());
+  f.view = {reinterpret_cast<const uint64_t*>(f.masks.data_ptr<int64_t>()),
+            reinterpret_cast<const uint16_t*>(f.scales.data_ptr<at::Half>()),
+            f.rows.data_ptr<int32_t>(),
+            s,
+            R,
+            I / 16,
+            I / G,
+            G / 16,
+            G / 16 % 8 == 0 ? 8 : G / 16 % 4 == 0 ? 4 : 2,
+            f.rows.size(0)};
+  return f;
+}
+
+// torch.ops.bitsmoe.moe_int: the same layer as bitsmoe::moe with gate and up in the CPU layout, on the integer path
+at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids, const std::optional<at::Tensor>& gate_basis,
+                   const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& down_basis,
+                   const std::optional<at::Tensor>& gate_basis_scale, const std::optional<at::Tensor>& up_basis_scale,
+                   const std::optional<at::Tensor>& down_basis_scale, const at::Tensor& gate_masks, const at::Tensor& gate_scales,
+                   const at::Tensor& gate_rows, const at::Tensor& gate_segs, const at::Tensor& up_masks, const at::Tensor& up_scales,
+                   const at::Tensor& up_rows, const at::Tensor& up_segs, const at::Tensor& down_codes, const at::Tensor& down_scales,
+                   const at::Tensor& down_bits, int64_t group_size) {
+  TORCH_CHECK(int_path(), "bitsmoe::moe_int (CPU): needs AVX-512 with VNNI and BW, which this CPU lacks (or BITSMOE_CPU_ISA forces ",
+              "the float kernels); use bitsmoe::moe on the canonical layout");
+  const VnniKernels& v = kAvx512Vnni;
+  const Kernels& k = kAvx512;
+  const bool identity = !gate_basis.has_value();
+  const int64_t E = down_bits.size(0), I = gate_masks.dim() == 2 ? gate_masks.size(1) * 16 : -1;
+  check_tokens(x, topk_weights, topk_ids, identity, up_basis, down_basis, I, group_size);
+  const int64_t T = x.size(0), H = x.size(1), K = topk_ids.size(1);
+  const int64_t R_g = identity ? H : gate_basis->size(0), R_u = identity ? H : up_basis->size(0);
+  const int64_t R_d = identity ? H : down_basis->size(1);
+  const CpuFactorsArg g = cpu_factors_arg("gate", gate_masks, gate_scales, gate_rows, gate_segs, E, R_g, I, group_size);
+  const CpuFactorsArg u = cpu_factors_arg("up", up_masks, up_scales, up_rows, up_segs, E, R_u, I, group_size);
+  const FactorsArg d = factors_arg(k, "down", down_codes, down_scales, down_bits, E, I, group_size);
+  TORCH_CHECK(d.view.R == R_d, "bitsmoe::moe_int (CPU): down factor rank ", d.view.R, " differs from the down basis' ", R_d);
+  if (T == 0) return at::empty_like(x);
+
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const auto [z_g, z_u] = shared_projections(k, xf, gate_basis, up_basis, gate_basis_scale, up_basis_scale);
+  const Routing r = route(topk_ids, E);
+  const int64_t used_n = static_cast<int64_t>(r.used.size()), parts = gate_up_parts(used_n, std::min(R_g, R_u));
+  at::Tensor h = at::empty({r.start[E] * parts * 2 * I}, xf.options());  // per expert [parts, 2, n, I]
+  at::parallel_for(0, used_n * parts, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t e = r.used[i / parts], part = i % parts;
+      const Tokens tk = r.of(e);
+      float* h_e = h.data_ptr<float>() + r.start[e] * parts * 2 * I;
+      v.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h_e + part * 2 * tk.n * I);
+    }
+  });
+  const int64_t groups = I / group_size;
+  at::Tensor a = at::empty({T * K, I}, xf.options()), bytes = at::empty({2, T * K, I}, x.options().dtype(at::kChar));
+  at::Tensor a_scale = at::empty({2, T * K, groups}, xf.options());
+  const QuantizedRows q{bytes[0].data_ptr<int8_t>(), bytes[1].data_ptr<int8_t>(), a_scale[0].data_ptr<float>(), a_scale[1].data_ptr<float>(), I, groups};
+  at::parallel_for(0, used_n, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) v.activate(h.data_ptr<float>() + r.start[r.used[i]] * parts * 2 * I, parts, r.of(r.used[i]), a.data_ptr<float>(), q);
+  });
+  const int64_t row_blocks = (R_d + kBlockRows - 1) / kBlockRows;
+  at::Tensor out = at::zeros({T * K, R_d}, xf.options());
+  at::parallel_for(0, used_n * row_blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t e = r.used[i / row_blocks], r0 = (i % row_blocks) * kBlockRows, r1 = std::min(r0 + kBlockRows, R_d);
+      v.down(d.view, e, q, r.of(e), r0, r1, out.data_ptr<float>());
+    }
+  });
+  return finish(k, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(bitsmoe, m) { m.def("cpu_isa() -> str", &cpu_isa); }
+TORCH_LIBRARY_FRAGMENT(bitsmoe, m) {
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def(
+      "moe_int(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor? gate_basis, Tensor? up_basis, Tensor? down_basis, "
+      "Tensor? gate_basis_scale, Tensor? up_basis_scale, Tensor? down_basis_scale, Tensor gate_masks, Tensor gate_scales, "
+      "Tensor gate_rows, Tensor gate_segs, Tensor up_masks, Tensor up_scales, Tensor up_rows, Tensor up_segs, Tensor down_codes, "
+      "Tensor down_scales, Tensor down_bits, int group_size) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(bitsmoe, CPU, m) { m.impl("moe", &moe); }
+TORCH_LIBRARY_IMPL(bitsmoe, CPU, m) {
+  m.impl("moe", &moe);
+  m.impl("moe_int", &moe_int);
+}

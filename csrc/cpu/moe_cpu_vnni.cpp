@@ -1,0 +1,275 @@
+// The integer kernels of moe_cpu.h ("the integer path") for AVX-512 with VNNI and BW; binding.cpp uses them only
+// where the CPU reports avx512vnni and avx512bw. The float helpers (bases, SiLU, the canonical factor walk) are
+// moe_cpu_impl.h's, compiled here once more.
+//
+// A b-bit code costs b/64 of a masked byte add to decode (64 codes per add, one plane at a time) and 2/64 of a
+// vpdpbusd (hi and lo bytes of the activation): about 1/4 of the float path's b/16 masked multiply-adds.
+// GCC 12 flags its own _mm512_undefined_* inside the intrinsics header (GCC bug 105593)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "moe_cpu.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+#define BITSMOE_AVX512 1
+#include "moe_cpu_impl.h"
+
+namespace {
+
+using bitsmoe::cpu::CpuFactors;
+using bitsmoe::cpu::QuantizedRows;
+
+constexpr float kQMax = 32639.f;  // 256 * 127 + 127: q = 256 hi + lo with hi, lo in [-127, 127]
+constexpr int kGroupsPerBlock = 16;  // 4-row groups rounded with one scale: 64 rank rows
+
+// the 64 offset codes u (bytes) of a B-bit chunk whose plane masks are m: bit p of u is bit p of plane p's mask
+template <int B>
+inline __m512i decode_bytes(const uint64_t (&m)[B]) {
+  __m512i u = _mm512_maskz_mov_epi8(_cvtu64_mask64(m[0]), _mm512_set1_epi8(1));
+#pragma GCC unroll 8
+  for (int p = 1; p < B; ++p) u = _mm512_mask_add_epi8(u, _cvtu64_mask64(m[p]), u, _mm512_set1_epi8(static_cast<char>(1 << p)));
+  return u;
+}
+
+// q = round(v * inv), stored as bytes hi, lo with q = 256 hi + lo (16 values); returns q
+inline __m512i round16(__m512 v, __m512 inv, int8_t* hi, int8_t* lo) {
+  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+  const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtepi32_epi8(h));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, _mm512_slli_epi32(h, 8))));
+  return q;
+}
+
+// 256 hi + lo of two integer sums, as floats
+inline __m512 combine(__m512i hi, __m512i lo) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(256.f), _mm512_cvtepi32_ps(lo)); }
+
+// ---- gate/up: h[j, :] += over a block of 4-row groups of one width, y = z[token j, rank] * scale, rounded ------
+
+// One token's y for a block's rows and one column group: byte r of hi[q] / lo[q] is row 4q + r; offset is the
+// codes' lowest value times the sum of the rounded y (one number for the whole column group)
+struct RoundedRows {
+  int32_t hi[kGroupsPerBlock], lo[kGroupsPerBlock];
+  float scale, offset;
+};
+
+// y'[k] = z[rank of row k] * scale[k, g] * step for the n rows from row0, rounded with one scale
+inline void round_rows(const CpuFactors& f, const float* z, int64_t row0, int n, int64_t g, float step, float lowest, RoundedRows& out) {
+  alignas(64) float y[4 * kGroupsPerBlock];
+  __m512 top = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512i rank = _mm512_maskz_loadu_epi32(m, f.rows + row0 + i);
+    const __m512 zv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rank, z, 4);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, f.scales + g * f.stored_rows + row0 + i));
+    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(zv, s), _mm512_set1_ps(step));
+    _mm512_store_ps(y + i, v);
+    top = _mm512_max_ps(top, _mm512_abs_ps(v));
+  }
+  const float amax = _mm512_reduce_max_ps(top);
+  out.scale = amax / kQMax;
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? kQMax / amax : 0.f);
+  __m512i sum = _mm512_setzero_si512();
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    sum = _mm512_add_epi32(sum, round16(_mm512_maskz_load_ps(m, y + i), inv, reinterpret_cast<int8_t*>(out.hi) + i,
+                                        reinterpret_cast<int8_t*>(out.lo) + i));
+  }
+  out.offset = lowest / step * out.scale * static_cast<float>(_mm512_reduce_add_epi32(sum));
+}
+
+// NT tokens x NC chunks of 16 columns from c0, summed over the block's n groups in registers, then added to h
+template <int B, int NT, int NC>
+inline void add_tile(const CpuFactors& f, const uint64_t* masks, int n, int64_t c0, const RoundedRows* rr, float* const* h) {
+  __m512i hi[NT][NC], lo[NT][NC];
+#pragma GCC unroll 32
+  for (int i = 0; i < NT * NC; ++i) hi[i / NC][i % NC] = lo[i / NC][i % NC] = _mm512_setzero_si512();
+  // the tile holding chunk c0: per group, its tile_chunks chunks' planes one after the other
+  const uint64_t* m = masks + ((c0 / f.tile_chunks) * n * f.tile_chunks + c0 % f.tile_chunks) * B;
+  for (int q = 0; q < n; ++q, m += f.tile_chunks * B) {
+    __m512i yh[NT], yl[NT];
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; ++j) {
+      yh[j] = _mm512_set1_epi32(rr[j].hi[q]);
+      yl[j] = _mm512_set1_epi32(rr[j].lo[q]);
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      uint64_t word[B];
+#pragma GCC unroll 8
+      for (int p = 0; p < B; ++p) word[p] = m[c * B + p];
+      const __m512i u = decode_bytes<B>(word);
+#pragma GCC unroll 4
+      for (int j = 0; j < NT; ++j) {
+        hi[j][c] = _mm512_dpbusd_epi32(hi[j][c], u, yh[j]);
+        lo[j][c] = _mm512_dpbusd_epi32(lo[j][c], u, yl[j]);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < NT * NC; ++i) {
+    const int j = i / NC, c = i % NC;
+    float* out = h[j] + 16 * (c0 + c);
+    const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(rr[j].scale), combine(hi[j][c], lo[j][c]), _mm512_set1_ps(rr[j].offset));
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), v));
+  }
+}
+
+// chunks [c0, c1) of NT tokens: 16 sums per token in registers (8 chunks for one token, 4 for two, 2 for four),
+// never across a tile
+template <int B, int NT>
+inline void add_tiles(const CpuFactors& f, const uint64_t* masks, int n, int64_t c0, int64_t c1, const RoundedRows* rr, float* const* h) {
+  constexpr int kWide = 8 / NT;
+  if (f.tile_chunks % kWide == 0)
+    for (int64_t c = c0; c < c1; c += kWide) add_tile<B, NT, kWide>(f, masks, n, c, rr, h);
+  else
+    for (int64_t c = c0; c < c1; c += 2) add_tile<B, NT, 2>(f, masks, n, c, rr, h);
+}
+
+// the n groups from group0 (width B, their first mask row at `masks`) for every token of the expert
+template <int B>
+void project_block(const CpuFactors& f, const float* z, const Tokens& tk, int64_t group0, int n, const uint64_t* masks, float* acc) {
+  const int64_t I = 16 * f.chunks;
+  const float step = step_of_plane<B>(0), lowest = lowest_code<B>();
+  for (int64_t g = 0; g < f.groups; ++g) {
+    const int64_t c0 = g * f.group_chunks, c1 = c0 + f.group_chunks;
+    for (int64_t j = 0; j < tk.n;) {
+      const int nt = tk.n - j >= 4 ? 4 : tk.n - j >= 2 ? 2 : 1;
+      RoundedRows rr[4];
+      float* h[4];
+      for (int t = 0; t < nt; ++t) {
+        round_rows(f, z + tk.token[j + t] * f.R, 4 * group0, 4 * n, g, step, lowest, rr[t]);
+        h[t] = acc + (j + t) * I;
+      }
+      if (nt == 4) add_tiles<B, 4>(f, masks, n, c0, c1, rr, h);
+      else if (nt == 2) add_tiles<B, 2>(f, masks, n, c0, c1, rr, h);
+      else add_tiles<B, 1>(f, masks, n, c0, c1, rr, h);
+      j += nt;
+    }
+  }
+}
+
+// fn(b, first group, groups, its masks) for the blocks of part `part` of `parts` of expert e's blocks
+template <class Fn>
+void for_blocks(const CpuFactors& f, int64_t e, int64_t part, int64_t parts, Fn fn) {
+  constexpr int kClassWidths[] = {8, 6, 4, 3, 2, 1};  // the classes of segs
+  const int32_t* seg = f.segs + e * 18;
+  int64_t total = 0;
+  for (int c = 0; c < 6; ++c) total += (seg[3 * c + 1] + kGroupsPerBlock - 1) / kGroupsPerBlock;
+  const int64_t first = total * part / parts, last = total * (part + 1) / parts;
+  int64_t block = 0;  // the expert's blocks before this one
+  for (int c = 0; c < 6; ++c)
+    for (int64_t q = 0; q < seg[3 * c + 1]; q += kGroupsPerBlock, ++block)
+      if (block >= first && block < last)
+        fn(kClassWidths[c], seg[3 * c] + q, static_cast<int>(seg[3 * c + 1] - q < kGroupsPerBlock ? seg[3 * c + 1] - q : kGroupsPerBlock),
+           f.masks + (seg[3 * c + 2] + q * kClassWidths[c]) * f.chunks);
+}
+
+void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& tk, int64_t part, int64_t parts, float* acc) {
+  for (int64_t i = 0; i < tk.n * 16 * f.chunks; i += 16) _mm512_storeu_ps(acc + i, _mm512_setzero_ps());
+  for_blocks(f, e, part, parts, [&](int b, int64_t group0, int n, const uint64_t* masks) {
+    with_width(b, [&](auto width) { project_block<decltype(width)::kBits>(f, z, tk, group0, n, masks, acc); });
+  });
+}
+
+void gate_up_part_int(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u, const Tokens& tk, int64_t part,
+                      int64_t parts, float* h) {
+  project_part(g, e, z_g, tk, part, parts, h);
+  project_part(u, e, z_u, tk, part, parts, h + tk.n * 16 * g.chunks);
+}
+
+// ---- a = silu(h_g) * h_u, rounded per (slot, column group) ------------------------------------------------------
+
+void activate_int(const float* h, int64_t parts, const Tokens& tk, float* a, const QuantizedRows& q) {
+  activate(h, parts, tk, q.I, a);
+  const int64_t G = q.I / q.groups;
+  for (int64_t j = 0; j < tk.n; ++j) {
+    const int64_t s = tk.slot[j];
+    for (int64_t g = 0; g < q.groups; ++g) {
+      const float* v = a + s * q.I + g * G;
+      __m512 top = _mm512_setzero_ps();
+      for (int64_t c = 0; c < G; c += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(v + c)));
+      const float amax = _mm512_reduce_max_ps(top);
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? kQMax / amax : 0.f);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t c = 0; c < G; c += 16)
+        sum = _mm512_add_epi32(sum, round16(_mm512_loadu_ps(v + c), inv, q.hi + s * q.I + g * G + c, q.lo + s * q.I + g * G + c));
+      q.scale[s * q.groups + g] = amax / kQMax;
+      q.sum[s * q.groups + g] = amax / kQMax * static_cast<float>(_mm512_reduce_add_epi32(sum));
+    }
+  }
+}
+
+// ---- down: u[slot, k] = F[k, :] . a[slot, :] on the canonical codes and the rounded a ---------------------------
+
+// CW words (32 columns each, 1 or 2) of a's bytes from column 32 w
+template <int CW>
+inline __m512i load_bytes(const int8_t* p) {
+  if constexpr (CW == 2) return _mm512_loadu_si512(p);
+  return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int CW>
+inline uint64_t load_mask(const uint32_t* p) {
+  if constexpr (CW == 1) return *p;
+  uint64_t m;
+  __builtin_memcpy(&m, p, sizeof m);  // two words: columns 32 w to 32 w + 63, little-endian
+  return m;
+}
+
+// NB slots, one stored row of B bits, chunks of CW words (2 where a column group is an even number of words)
+template <int B, int NB, int CW>
+void dot_row_int(const Factors& f, const uint32_t* planes, const uint16_t* scales, const QuantizedRows& a, const int64_t* slot, float (&out)[NB]) {
+  __m512 total[NB];
+  float offset[NB];
+  for (int j = 0; j < NB; ++j) {
+    total[j] = _mm512_setzero_ps();
+    offset[j] = 0.f;
+  }
+  for (int64_t g = 0; g < f.groups; ++g) {
+    __m512i hi[NB], lo[NB];
+    for (int j = 0; j < NB; ++j) hi[j] = lo[j] = _mm512_setzero_si512();
+    for (int64_t w = g * f.group_words; w < (g + 1) * f.group_words; w += CW) {
+      uint64_t m[B];
+      for (int p = 0; p < B; ++p) m[p] = load_mask<CW>(planes + p * f.words + w);
+      const __m512i u = decode_bytes<B>(m);
+      for (int j = 0; j < NB; ++j) {
+        hi[j] = _mm512_dpbusd_epi32(hi[j], u, load_bytes<CW>(a.hi + slot[j] * a.I + 32 * w));
+        lo[j] = _mm512_dpbusd_epi32(lo[j], u, load_bytes<CW>(a.lo + slot[j] * a.I + 32 * w));
+      }
+    }
+    const float s = half(scales[g]);
+    for (int j = 0; j < NB; ++j) {
+      const int64_t at = slot[j] * a.groups + g;
+      total[j] = _mm512_fmadd_ps(_mm512_set1_ps(s * step_of_plane<B>(0) * a.scale[at]), combine(hi[j], lo[j]), total[j]);
+      offset[j] += s * lowest_code<B>() * a.sum[at];
+    }
+  }
+  for (int j = 0; j < NB; ++j) out[j] = _mm512_reduce_add_ps(total[j]) + offset[j];
+}
+
+template <int NB>
+void dot_rows_int(const Factors& d, const uint32_t* planes, const uint16_t* scales, int b, const QuantizedRows& a, const int64_t* slot, int64_t k,
+                  float* u) {
+  float out[NB];
+  with_width(b, [&](auto w) {
+    if (d.group_words % 2 == 0) dot_row_int<decltype(w)::kBits, NB, 2>(d, planes, scales, a, slot, out);
+    else dot_row_int<decltype(w)::kBits, NB, 1>(d, planes, scales, a, slot, out);
+  });
+  for (int j = 0; j < NB; ++j) u[slot[j] * d.R + k] = out[j];
+}
+
+void down_int(const Factors& d, int64_t e, const QuantizedRows& a, const Tokens& tk, int64_t r0, int64_t r1, float* u) {
+  for_stored_rows(d, e, r0, r1, [&](int64_t k, int b, const uint32_t* planes, const uint16_t* scales) {
+    int64_t j = 0;
+    for (; j + 4 <= tk.n; j += 4) dot_rows_int<4>(d, planes, scales, b, a, tk.slot + j, k, u);
+    for (; j + 2 <= tk.n; j += 2) dot_rows_int<2>(d, planes, scales, b, a, tk.slot + j, k, u);
+    for (; j < tk.n; ++j) dot_rows_int<1>(d, planes, scales, b, a, tk.slot + j, k, u);
+  });
+}
+
+}  // namespace
+
+const bitsmoe::cpu::VnniKernels bitsmoe::cpu::kAvx512Vnni = {"avx512-vnni", &basis_rows, &gate_up_part_int, &activate_int, &down_int};

@@ -1,0 +1,143 @@
+"""The CPU integer path (torch.ops.bitsmoe.moe_int on the CPU layout of bitsmoe_vllm/cpu_layout.py, AVX-512 VNNI)
+against the reference, and the CPU layout against FORMAT.md read literally. Skipped on CPUs without AVX-512 VNNI."""
+
+import pytest
+import torch
+
+from bitsmoe_vllm import ops
+from bitsmoe_vllm.cpu_layout import GROUPS_PER_BLOCK, tile_chunks, to_cpu_factors, to_cpu_layer
+from bitsmoe_vllm.kernel_layout import CLASS_WIDTHS
+from bitsmoe_vllm.reference import expert_factor, moe_forward
+from tests.shapes import LAYERS, TOKENS, WIDTHS
+from tests.test_cpu_kernel import layer_of, relative_error
+from tests.test_reference import routing
+
+HAS_VNNI = all(flag in open("/proc/cpuinfo").read() for flag in ("avx512_vnni", "avx512bw"))
+
+# The kernel rounds activations to 16-bit integers (one scale per 64 rank rows and column group for gate/up, per
+# slot and column group for down): about 2^-16 of the largest value each; 16-bit outputs add their own rounding.
+TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+@pytest.fixture
+def int_path(monkeypatch):
+    assert ops.CPU_KERNEL, "bitsmoe_vllm/_cpu*.so is not built: run `pip install --no-build-isolation -e .` (scripts/setup.sh does)"
+    if not HAS_VNNI:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    monkeypatch.setenv("BITSMOE_CPU_ISA", "avx512-vnni")
+    assert torch.ops.bitsmoe.cpu_isa() == "avx512-vnni"
+
+
+def dense_from_cpu_layout(cpu, E: int, R: int, I: int, G: int) -> torch.Tensor:
+    """[E, R, I] factors read back from CpuFactors bit by bit, as moe_cpu.h describes the layout."""
+    F, masks, tile = torch.zeros(E, R, I), cpu.masks.flatten(), tile_chunks(G)
+    bit = torch.arange(64)
+    for e in range(E):
+        for c, b in enumerate(CLASS_WIDTHS):
+            first, n, mask_row = cpu.segs[e, c].tolist()
+            for q in range(n):
+                block, place = divmod(q, GROUPS_PER_BLOCK)
+                in_block = min(GROUPS_PER_BLOCK, n - block * GROUPS_PER_BLOCK)
+                base = (mask_row + block * GROUPS_PER_BLOCK * b) * (I // 16)
+                u = torch.zeros(4, I, dtype=torch.int64)  # the group's 4 rows' offset codes
+                for chunk in range(I // 16):
+                    t, in_tile = divmod(chunk, tile)
+                    for p in range(b):
+                        word = masks[base + ((t * in_block + place) * tile + in_tile) * b + p]
+                        u[:, 16 * chunk : 16 * chunk + 16] += (((word >> bit) & 1).reshape(16, 4).T) << p
+                for r in range(4):
+                    row = 4 * (first + q) + r
+                    code = 2 * u[r] - 1 if b == 1 else u[r] - 2 ** (b - 1)
+                    F[e, cpu.rows[row]] += code * cpu.scales[:, row].float().repeat_interleave(G)
+    return F
+
+
+@pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-G{s[5]}")
+def test_cpu_layout_holds_the_canonical_factors(shape):
+    H, I, E, K, ranks, G = shape
+    layer = layer_of(shape)
+    for f, R in ((layer.gate, ranks[0]), (layer.up, ranks[1])):
+        cpu = to_cpu_factors(f, G)
+        expected = torch.stack([expert_factor(f, e, G) for e in range(E)])
+        assert torch.equal(dense_from_cpu_layout(cpu, E, R, I, G), expected)
+        assert cpu.rows.shape[0] % 4 == 0 and cpu.scales.shape == (I // G, cpu.rows.shape[0])
+
+
+@pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}")
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int_path_matches_reference_mixed_widths(int_path, shape, T, dtype):
+    H, I, E, K, _, _ = shape
+    layer = layer_of(shape, seed=T)
+    w, ids = routing(T, E, K, seed=T, used_experts=E - 1)  # the last expert gets no tokens
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(dtype)
+    y = ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer))
+    assert y.dtype == dtype and y.shape == (T, H)
+    assert relative_error(y, moe_forward(x.float(), w, ids, layer)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("basis_dtype", ["float16", "bfloat16", "int8", "identity"])
+def test_int_path_every_width_and_basis(int_path, width, basis_dtype):
+    H, I, E, K, _, _ = LAYERS[1]
+    layer = layer_of(LAYERS[1], widths=(width,), basis_dtype=basis_dtype, seed=width)
+    w, ids = routing(17, E, K, seed=width)
+    ids[3, 1] = -1  # a choice held by another expert-parallel rank
+    x = torch.randn(17, H, generator=torch.Generator().manual_seed(width))
+    y = ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer))
+    assert relative_error(y, moe_forward(x, w, ids, layer)) < TOLERANCE[torch.float32]
+
+
+def test_int_path_no_tokens_gives_zeros_and_reruns_are_identical(int_path):
+    H, I, E, K, _, _ = LAYERS[0]
+    layer = layer_of(LAYERS[0])
+    cpu = to_cpu_layer(layer)
+    x = torch.randn(65, H)
+    w, ids = routing(65, E, K, seed=1)
+    first = ops.moe_layer(x, w, ids, layer, cpu)
+    assert torch.equal(first, ops.moe_layer(x, w, ids, layer, cpu))
+    assert torch.equal(ops.moe_layer(x, w, torch.full_like(ids, -1), layer, cpu), torch.zeros_like(x))
+    assert ops.moe_layer(x[:0], w[:0], ids[:0], layer, cpu).shape == (0, H)
+
+
+def int_args(cpu, x, w, ids):
+    layer, bases = cpu.layer, (cpu.layer.gate_basis, cpu.layer.up_basis, cpu.layer.down_basis)
+    return (x, w, ids, *(b.weight for b in bases), *(b.scale for b in bases),
+            *(getattr(f, n) for f in (cpu.gate, cpu.up) for n in ("masks", "scales", "rows", "segs")),
+            layer.down.codes, layer.down.scales, layer.down.bits, layer.group_size)  # fmt: skip
+
+
+def test_int_path_opcheck(int_path):
+    H, I, E, K, _, _ = LAYERS[1]
+    cpu = to_cpu_layer(layer_of(LAYERS[1], basis_dtype="int8"))
+    w, ids = routing(5, E, K, seed=2)
+    torch.library.opcheck(torch.ops.bitsmoe.moe_int.default, int_args(cpu, torch.randn(5, H), w, ids))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.__setitem__(13, a[13][:, :-1]), r"up_masks: expected Long \[\*, 6\], found Long \[\d+, 5\]"),
+        (lambda a: a.__setitem__(12, a[12][:-1]), r"gate_segs: expected Int \[5, 6, 3\], found Int \[4, 6, 3\]"),
+        (lambda a: a.__setitem__(16, a[16].index_fill(2, torch.tensor(1), 10**6)), r"up_segs row 0 points past up_rows \[\d+\] or up_masks"),
+        (lambda a: a.__setitem__(15, a[15][:4]), r"up_rows: expected Int \[\d+\], found Int \[4\]"),
+    ],
+    ids=["masks", "segs", "segs-past", "rows"],
+)
+def test_int_path_refuses_bad_layouts_with_their_shapes(int_path, change, message):
+    H, I, E, K, _, _ = LAYERS[1]
+    w, ids = routing(3, E, K, seed=0)
+    args = list(int_args(to_cpu_layer(layer_of(LAYERS[1])), torch.randn(3, H), w, ids))
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.bitsmoe.moe_int(*args)
+
+
+def test_int_path_is_refused_when_the_float_kernels_are_forced(int_path, monkeypatch):
+    H, I, E, K, _, _ = LAYERS[0]
+    cpu = to_cpu_layer(layer_of(LAYERS[0]))
+    w, ids = routing(2, E, K, seed=0)
+    monkeypatch.setenv("BITSMOE_CPU_ISA", "avx512")
+    assert torch.ops.bitsmoe.cpu_isa() == "avx512"
+    with pytest.raises(RuntimeError, match="needs AVX-512 with VNNI and BW, which this CPU lacks"):
+        ops.moe_layer(torch.randn(2, H), w, ids, cpu.layer, cpu)
