@@ -56,7 +56,7 @@ def tile_chunks(group_size: int) -> int:
 
 def to_cpu_factors(f: Factors, group_size: int) -> CpuFactors:
     """Canonical Factors (one projection, all local experts, on the CPU) -> CpuFactors."""
-    tile_chunks_ = tile_chunks(group_size)
+    width = tile_chunks(group_size)
     k = repack(f)  # stored rows grouped by (expert, class); segs [E, 6, 3]: first row, rows, first plane
     E, words = f.bits.shape[0], f.codes.shape[1]
     seg_row, counts, seg_plane = (k.segs[..., i].flatten().long() for i in range(3))
@@ -87,8 +87,8 @@ def to_cpu_factors(f: Factors, group_size: int) -> CpuFactors:
         block, in_block = q // GROUPS_PER_BLOCK, torch.clamp(groups[s] - q // GROUPS_PER_BLOCK * GROUPS_PER_BLOCK, max=GROUPS_PER_BLOCK)
         start = (mask_first[s] + block * GROUPS_PER_BLOCK * b) * 2 * words
         chunk, plane = torch.arange(2 * words)[None, None, :], torch.arange(b)[None, :, None]
-        tile, in_tile = chunk // tile_chunks_, chunk % tile_chunks_
-        place = ((tile * in_block[:, None, None] + (q % GROUPS_PER_BLOCK)[:, None, None]) * tile_chunks_ + in_tile) * b + plane
+        tile, in_tile = chunk // width, chunk % width
+        place = ((tile * in_block[:, None, None] + (q % GROUPS_PER_BLOCK)[:, None, None]) * width + in_tile) * b + plane
         where = start[:, None, None] + place
         masks[where.flatten()] = group_masks.flatten()
     segs = torch.stack([group_first, groups, mask_first], 1).reshape(E, len(CLASS_WIDTHS), 3).to(torch.int32)
