@@ -203,6 +203,35 @@ std::pair<at::Tensor, at::Tensor> shared_projections(const Kernels& k, const at:
           basis_product(k, basis_arg("up_basis", *up_basis, up_basis_scale, -1, xf.size(1)).view, xf)};
 }
 
+// The three parallel loops both ops run, over the experts with tokens: gate_up(e, tokens, part, h) writes one part's
+// pre-activations [2, n, I] (each expert's rank rows in `parts` shares); activate(h of e [parts, 2, n, I], tokens)
+// turns them into the slots' inputs to down; down(e, tokens, r0, r1, u) writes u [slots, R_d] for rank rows
+// [r0, r1). Returns u.
+template <class GateUp, class Activate, class Down>
+at::Tensor run_experts(const Routing& r, int64_t parts, int64_t I, int64_t R_d, int64_t slots, GateUp gate_up, Activate activate, Down down) {
+  const int64_t used_n = static_cast<int64_t>(r.used.size());
+  at::Tensor h = at::empty({r.start.back() * parts * 2 * I}, at::kFloat);  // per expert [parts, 2, n, I]
+  at::parallel_for(0, used_n * parts, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t e = r.used[i / parts], part = i % parts;
+      const Tokens tk = r.of(e);
+      gate_up(e, tk, part, h.data_ptr<float>() + r.start[e] * parts * 2 * I + part * 2 * tk.n * I);
+    }
+  });
+  at::parallel_for(0, used_n, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) activate(h.data_ptr<float>() + r.start[r.used[i]] * parts * 2 * I, r.of(r.used[i]));
+  });
+  const int64_t row_blocks = (R_d + kBlockRows - 1) / kBlockRows;
+  at::Tensor u = at::zeros({slots, R_d}, at::kFloat);
+  at::parallel_for(0, used_n * row_blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t e = r.used[i / row_blocks], r0 = (i % row_blocks) * kBlockRows;
+      down(e, r.of(e), r0, std::min(r0 + kBlockRows, R_d), u.data_ptr<float>());
+    }
+  });
+  return u;
+}
+
 at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids, const std::optional<at::Tensor>& gate_basis,
                const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& down_basis,
                const std::optional<at::Tensor>& gate_basis_scale, const std::optional<at::Tensor>& up_basis_scale,
@@ -227,29 +256,16 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
   const auto [z_g, z_u] = shared_projections(k, xf, gate_basis, up_basis, gate_basis_scale, up_basis_scale);
   const Routing r = route(topk_ids, E);
 
-  // h = (F_g^T z_g, F_u^T z_u) per expert in `parts` shares of the rank rows, then a = silu(h_g) * h_u per slot
-  const int64_t used_n = static_cast<int64_t>(r.used.size()), parts = gate_up_parts(used_n, std::min(R_g, R_u));
-  at::Tensor h = at::empty({r.start[E] * parts * 2 * I}, xf.options());  // per expert [parts, 2, n, I]
-  at::parallel_for(0, used_n * parts, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t e = r.used[i / parts], part = i % parts;
-      const Tokens tk = r.of(e);
-      float* h_e = h.data_ptr<float>() + r.start[e] * parts * 2 * I;
-      k.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h_e + part * 2 * tk.n * I);
-    }
-  });
-  at::Tensor a = at::empty({T * K, I}, xf.options());
-  at::parallel_for(0, used_n, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) k.activate(h.data_ptr<float>() + r.start[r.used[i]] * parts * 2 * I, parts, r.of(r.used[i]), I, a.data_ptr<float>());
-  });
-  const int64_t row_blocks = (R_d + kBlockRows - 1) / kBlockRows;
-  at::Tensor out = at::zeros({T * K, R_d}, xf.options());
-  at::parallel_for(0, used_n * row_blocks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t e = r.used[i / row_blocks], r0 = (i % row_blocks) * kBlockRows, r1 = std::min(r0 + kBlockRows, R_d);
-      k.down(d.view, e, a.data_ptr<float>(), r.of(e), r0, r1, out.data_ptr<float>());
-    }
-  });
+  // h = (F_g^T z_g, F_u^T z_u), a = silu(h_g) * h_u per slot, u = F_d a
+  const int64_t parts = gate_up_parts(static_cast<int64_t>(r.used.size()), std::min(R_g, R_u));
+  const at::Tensor a = at::empty({T * K, I}, xf.options());
+  const at::Tensor out = run_experts(
+      r, parts, I, R_d, T * K,
+      [&](int64_t e, const Tokens& tk, int64_t part, float* h) {
+        k.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h);
+      },
+      [&](const float* h, const Tokens& tk) { k.activate(h, parts, tk, I, a.data_ptr<float>()); },
+      [&](int64_t e, const Tokens& tk, int64_t r0, int64_t r1, float* dst) { k.down(d.view, e, a.data_ptr<float>(), tk, r0, r1, dst); });
   return finish(k, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
 }
 
@@ -315,31 +331,17 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const auto [z_g, z_u] = shared_projections(k, xf, gate_basis, up_basis, gate_basis_scale, up_basis_scale);
   const Routing r = route(topk_ids, E);
-  const int64_t used_n = static_cast<int64_t>(r.used.size()), parts = gate_up_parts(used_n, std::min(R_g, R_u));
-  at::Tensor h = at::empty({r.start[E] * parts * 2 * I}, xf.options());  // per expert [parts, 2, n, I]
-  at::parallel_for(0, used_n * parts, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t e = r.used[i / parts], part = i % parts;
-      const Tokens tk = r.of(e);
-      float* h_e = h.data_ptr<float>() + r.start[e] * parts * 2 * I;
-      v.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h_e + part * 2 * tk.n * I);
-    }
-  });
-  const int64_t groups = I / group_size;
-  at::Tensor a = at::empty({T * K, I}, xf.options()), bytes = at::empty({2, T * K, I}, x.options().dtype(at::kChar));
-  at::Tensor a_scale = at::empty({2, T * K, groups}, xf.options());
+  const int64_t parts = gate_up_parts(static_cast<int64_t>(r.used.size()), std::min(R_g, R_u)), groups = I / group_size;
+  const at::Tensor a = at::empty({T * K, I}, xf.options()), bytes = at::empty({2, T * K, I}, x.options().dtype(at::kChar));
+  const at::Tensor a_scale = at::empty({2, T * K, groups}, xf.options());
   const QuantizedRows q{bytes[0].data_ptr<int8_t>(), bytes[1].data_ptr<int8_t>(), a_scale[0].data_ptr<float>(), a_scale[1].data_ptr<float>(), I, groups};
-  at::parallel_for(0, used_n, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) v.activate(h.data_ptr<float>() + r.start[r.used[i]] * parts * 2 * I, parts, r.of(r.used[i]), a.data_ptr<float>(), q);
-  });
-  const int64_t row_blocks = (R_d + kBlockRows - 1) / kBlockRows;
-  at::Tensor out = at::zeros({T * K, R_d}, xf.options());
-  at::parallel_for(0, used_n * row_blocks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t e = r.used[i / row_blocks], r0 = (i % row_blocks) * kBlockRows, r1 = std::min(r0 + kBlockRows, R_d);
-      v.down(d.view, e, q, r.of(e), r0, r1, out.data_ptr<float>());
-    }
-  });
+  const at::Tensor out = run_experts(
+      r, parts, I, R_d, T * K,
+      [&](int64_t e, const Tokens& tk, int64_t part, float* h) {
+        v.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h);
+      },
+      [&](const float* h, const Tokens& tk) { v.activate(h, parts, tk, a.data_ptr<float>(), q); },
+      [&](int64_t e, const Tokens& tk, int64_t r0, int64_t r1, float* dst) { v.down(d.view, e, q, tk, r0, r1, dst); });
   return finish(k, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
 }
 
