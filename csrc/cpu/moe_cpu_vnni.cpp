@@ -55,16 +55,22 @@ struct RoundedRows {
   float scale, offset;
 };
 
-// y'[k] = z[rank of row k] * scale[k, g] * step for the n rows from row0, rounded with one scale
-inline void round_rows(const CpuFactors& f, const float* z, int64_t row0, int n, int64_t g, float step, float lowest, RoundedRows& out) {
+// z[rank of row k] for the n rows from row0 (once per block and token: the column groups share it)
+inline void gather_rows(const CpuFactors& f, const float* z, int64_t row0, int n, float* zr) {
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_store_ps(zr + i, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_maskz_loadu_epi32(m, f.rows + row0 + i), z, 4));
+  }
+}
+
+// y'[k] = zr[k] * scale[k, g] * step for the n rows from row0, rounded with one scale
+inline void round_rows(const CpuFactors& f, const float* zr, int64_t row0, int n, int64_t g, float step, float lowest, RoundedRows& out) {
   alignas(64) float y[4 * kGroupsPerBlock];
   __m512 top = _mm512_setzero_ps();
   for (int i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512i rank = _mm512_maskz_loadu_epi32(m, f.rows + row0 + i);
-    const __m512 zv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rank, z, 4);
     const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, f.scales + g * f.stored_rows + row0 + i));
-    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(zv, s), _mm512_set1_ps(step));
+    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_load_ps(m, zr + i), s), _mm512_set1_ps(step));
     _mm512_store_ps(y + i, v);
     top = _mm512_max_ps(top, _mm512_abs_ps(v));
   }
@@ -133,21 +139,23 @@ template <int B>
 void project_block(const CpuFactors& f, const float* z, const Tokens& tk, int64_t group0, int n, const uint64_t* masks, float* acc) {
   const int64_t I = 16 * f.chunks;
   const float step = step_of_plane<B>(0), lowest = lowest_code<B>();
-  for (int64_t g = 0; g < f.groups; ++g) {
-    const int64_t c0 = g * f.group_chunks, c1 = c0 + f.group_chunks;
-    for (int64_t j = 0; j < tk.n;) {
-      const int nt = tk.n - j >= 4 ? 4 : tk.n - j >= 2 ? 2 : 1;
+  for (int64_t j = 0; j < tk.n;) {
+    const int nt = tk.n - j >= 4 ? 4 : tk.n - j >= 2 ? 2 : 1;
+    alignas(64) float zr[4][4 * kGroupsPerBlock];
+    float* h[4];
+    for (int t = 0; t < nt; ++t) {
+      gather_rows(f, z + tk.token[j + t] * f.R, 4 * group0, 4 * n, zr[t]);
+      h[t] = acc + (j + t) * I;
+    }
+    for (int64_t g = 0; g < f.groups; ++g) {
+      const int64_t c0 = g * f.group_chunks, c1 = c0 + f.group_chunks;
       RoundedRows rr[4];
-      float* h[4];
-      for (int t = 0; t < nt; ++t) {
-        round_rows(f, z + tk.token[j + t] * f.R, 4 * group0, 4 * n, g, step, lowest, rr[t]);
-        h[t] = acc + (j + t) * I;
-      }
+      for (int t = 0; t < nt; ++t) round_rows(f, zr[t], 4 * group0, 4 * n, g, step, lowest, rr[t]);
       if (nt == 4) add_tiles<B, 4>(f, masks, n, c0, c1, rr, h);
       else if (nt == 2) add_tiles<B, 2>(f, masks, n, c0, c1, rr, h);
       else add_tiles<B, 1>(f, masks, n, c0, c1, rr, h);
-      j += nt;
     }
+    j += nt;
   }
 }
 
