@@ -1,18 +1,23 @@
 """The CPU integer path of a BitsMoE layer: `torch.ops.bitsmoe.moe_int` (csrc/cpu/moe_cpu_vnni.cpp, AVX-512 VNNI)
-on gate and up factors put once, at load, in the CPU layout; down stays canonical. The reference
-(reference.moe_forward) stays the spec; tests/test_cpu_kernel.py holds the two together.
+on the factors put once, at load, in the CPU layout. The reference (reference.moe_forward) stays the spec;
+tests/test_cpu_int_path.py holds the two together.
 
     cpu = to_cpu_layer(layer)                         # once, at load
     y = moe_forward_int(x, topk_weights, topk_ids, cpu)
 
 The layout (csrc/cpu/moe_cpu.h, CpuFactors): each expert's stored rows grouped by width class, widest first
-(kernel_layout.repack), each class padded with zero rows to a multiple of 4; per 4-row group and plane, one 64-bit
-mask per 16 columns whose bit 4j + r is the plane's bit of column j of the group's row r, so that decoding a mask
-gives the bytes one vpdpbusd multiplies by four rows' activations. The groups of a class are taken 16 at a time
-(a block), and a block's masks are ordered [tile, group, chunk in the tile, plane], a tile being 8 chunks (128
-columns; 4 or 2 where a column group is narrower), so that the kernel reads a tile front to back. Scales are stored column-group major.
+(kernel_layout.repack), each class padded with rows of rank -1 and scale 0 to a multiple of the group size; one 64-bit
+mask per group, plane and few columns, so that decoding a mask gives the 64 code bytes one vpdpbusd multiplies.
+- gate and up (`to_cpu_factors`): 4-row groups, a mask per 16 columns whose bit 4j + r is the plane's bit of column j
+  of the group's row r (four rows' activations make one int32 to broadcast). The groups of a class are taken 16 at a
+  time (a block), and a block's masks are ordered [tile, group, chunk in the tile, plane], a tile being 8 chunks (128
+  columns; 4 or 2 where a column group is narrower), so that the kernel reads a tile front to back.
+- down (`to_cpu_down`): 16-row groups, a mask per 4 columns whose bit 4i + c is the plane's bit of column c of the
+  group's row i (four columns' activations make one int32; the 16 rows' sums are the 16 lanes), a group's masks
+  ordered [chunk, plane].
+Scales are stored column-group major, [I/G, rows].
 
-Numerics: the kernel rounds activations to 16-bit integers (the gate/up inputs z * scale per 64 rows and column
+Numerics: the kernel rounds activations to 16-bit integers (the gate/up inputs z * scale per 128 rows and column
 group, the down input a per slot and column group), so it matches the float32 reference to about 1e-5 relative.
 """
 
@@ -20,25 +25,73 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bitsmoe_vllm.kernel_layout import CLASS_WIDTHS, repack
+from bitsmoe_vllm.kernel_layout import CLASS_WIDTHS, KernelFactors, repack
 from bitsmoe_vllm.reference import Factors, MoELayer
 
-GROUPS_PER_BLOCK = 16  # 4-row groups whose activations share a rounding scale (csrc/cpu/moe_cpu_vnni.cpp)
+GROUPS_PER_BLOCK = 32  # gate/up 4-row groups whose activations share a rounding scale (csrc/cpu/moe_cpu_vnni.cpp)
+DOWN_GROUP_ROWS = 16  # rows of a down group: the 16 int32 lanes of a vector
+DOWN_BATCH_GROUPS = 256  # down groups converted at a time (bounds the transient int64 copies)
 
 
 @dataclass(frozen=True)
 class CpuFactors:
-    masks: torch.Tensor  # [mask rows, I/16] int64
+    masks: torch.Tensor  # [mask rows, I/16 (gate, up) or I/4 (down)] int64
     scales: torch.Tensor  # [I/G, rows] float16
-    rows: torch.Tensor  # [rows] int32, each row's rank index (0 for padding)
-    segs: torch.Tensor  # [E, 6, 3] int32: per (expert, class) first 4-row group, groups, first mask row
+    rows: torch.Tensor  # [rows] int32, each row's rank index (-1 for padding)
+    segs: torch.Tensor  # [E, 6, 3] int32: per (expert, class) first group, groups, first mask row
 
 
 @dataclass(frozen=True)
 class CpuLayer:
-    layer: MoELayer  # bases and down as loaded; gate and up empty (they are in `gate`, `up`)
+    layer: MoELayer  # bases as loaded; the factors empty (they are in `gate`, `up`, `down`)
     gate: CpuFactors
     up: CpuFactors
+    down: CpuFactors
+
+
+@dataclass(frozen=True)
+class _Padded:
+    """The stored rows of a repacked projection, each (expert, class) padded to a multiple of the group size."""
+
+    seg: torch.Tensor  # [rows] each padded row's (expert, class) index
+    local: torch.Tensor  # [rows] its index inside its (expert, class)
+    stored: torch.Tensor  # [rows] bool: a stored row, not padding
+    groups: torch.Tensor  # [E * 6] groups per (expert, class)
+    mask_first: torch.Tensor  # [E * 6] first mask row
+    rows: torch.Tensor  # [rows] int32 rank index, -1 for padding
+    scales: torch.Tensor  # [I/G, rows] float16, 0 for padding
+    segs: torch.Tensor  # [E, 6, 3] int32
+
+
+def _pad(f: Factors, group_rows: int) -> tuple[KernelFactors, torch.Tensor, _Padded]:
+    """f repacked, each (expert, class)'s first plane in it, and its rows padded to groups of group_rows."""
+    k = repack(f)  # stored rows grouped by (expert, class); segs [E, 6, 3]: first row, rows, first plane
+    E = f.bits.shape[0]
+    seg_row, counts, seg_plane = (k.segs[..., i].flatten().long() for i in range(3))
+    groups = (counts + group_rows - 1) // group_rows
+    planes = groups * torch.tensor(CLASS_WIDTHS).repeat(E)  # mask rows per (expert, class)
+    group_first, mask_first = groups.cumsum(0) - groups, planes.cumsum(0) - planes
+    seg = torch.arange(E * len(CLASS_WIDTHS)).repeat_interleave(group_rows * groups)
+    local = torch.arange(len(seg)) - group_rows * group_first[seg]
+    stored = local < counts[seg]
+    source = seg_row[seg] + local
+    rows = torch.full((len(seg),), -1, dtype=torch.int32)
+    rows[stored] = k.rows[source[stored]]
+    scales = torch.zeros(len(seg), f.scales.shape[1], dtype=torch.float16)
+    scales[stored] = k.scales[source[stored]]
+    segs = torch.stack([group_first, groups, mask_first], 1).reshape(E, len(CLASS_WIDTHS), 3).to(torch.int32).contiguous()
+    return k, seg_plane, _Padded(seg, local, stored, groups, mask_first, rows, scales.T.contiguous(), segs)
+
+
+def _class_codes(k: KernelFactors, seg_plane: torch.Tensor, pad: _Padded, c: int, b: int) -> tuple[torch.Tensor, ...]:
+    """The padded rows of class c (width b): their codes [rows, b, I/32] as int64 (0 for padding), (expert, class)
+    indices and indices inside it."""
+    mine = pad.seg % len(CLASS_WIDTHS) == c
+    planes = seg_plane[pad.seg[mine]] + pad.local[mine] * b  # first plane in k.codes of each padded row of the class
+    codes = torch.zeros(int(mine.sum()), b, k.codes.shape[1], dtype=torch.int64)
+    ok = pad.stored[mine]
+    codes[ok] = k.codes[planes[ok, None] + torch.arange(b)].to(torch.int64) & 0xFFFFFFFF
+    return codes, pad.seg[mine], pad.local[mine]
 
 
 def _spread(x: torch.Tensor) -> torch.Tensor:
@@ -55,63 +108,66 @@ def tile_chunks(group_size: int) -> int:
 
 
 def to_cpu_factors(f: Factors, group_size: int) -> CpuFactors:
-    """Canonical Factors (one projection, all local experts, on the CPU) -> CpuFactors."""
+    """Canonical gate or up Factors (one projection, all local experts, on the CPU) -> CpuFactors (4-row groups)."""
     width = tile_chunks(group_size)
-    k = repack(f)  # stored rows grouped by (expert, class); segs [E, 6, 3]: first row, rows, first plane
-    E, words = f.bits.shape[0], f.codes.shape[1]
-    seg_row, counts, seg_plane = (k.segs[..., i].flatten().long() for i in range(3))
-    groups = (counts + 3) // 4
-    widths = torch.tensor(CLASS_WIDTHS).repeat(E)
-    group_first, mask_first = groups.cumsum(0) - groups, (groups * widths).cumsum(0) - groups * widths
-    seg = torch.arange(E * len(CLASS_WIDTHS)).repeat_interleave(4 * groups)  # each padded row's (expert, class)
-    local = torch.arange(len(seg)) - 4 * group_first[seg]
-    stored = local < counts[seg]
-    source = seg_row[seg] + local  # its row in k, where stored
-    rows = torch.zeros(len(seg), dtype=torch.int32)
-    rows[stored] = k.rows[source[stored]]
-    scales = torch.zeros(len(seg), f.scales.shape[1], dtype=torch.float16)
-    scales[stored] = k.scales[source[stored]]
-    masks = torch.zeros(int((groups * widths).sum()) * 2 * words, dtype=torch.int64)
+    k, seg_plane, pad = _pad(f, 4)
+    words = f.codes.shape[1]
+    masks = torch.zeros(int(pad.mask_first[-1] + pad.groups[-1] * CLASS_WIDTHS[-1]) * 2 * words, dtype=torch.int64)
     for c, b in enumerate(CLASS_WIDTHS):
-        mine = seg % len(CLASS_WIDTHS) == c
-        if not mine.any():
+        codes, seg, local = _class_codes(k, seg_plane, pad, c, b)
+        if len(codes) == 0:
             continue
-        planes = seg_plane[seg[mine]] + local[mine] * b  # first plane in k.codes of each padded row of the class
-        codes = torch.zeros(int(mine.sum()), b, words, dtype=torch.int64)
-        ok = stored[mine]
-        codes[ok] = k.codes[planes[ok, None] + torch.arange(b)].to(torch.int64) & 0xFFFFFFFF
         halves = torch.stack([codes & 0xFFFF, codes >> 16], -1).reshape(-1, 4, b, 2 * words)  # 16 columns each
         group_masks = sum(_spread(halves[:, r]) << r for r in range(4))  # [groups, b, I/16]
         # each group's place: its block of 16 in its (expert, class), then [tile, group in block, chunk in tile, plane]
-        s, q = seg[mine][::4], local[mine][::4] // 4
-        block, in_block = q // GROUPS_PER_BLOCK, torch.clamp(groups[s] - q // GROUPS_PER_BLOCK * GROUPS_PER_BLOCK, max=GROUPS_PER_BLOCK)
-        start = (mask_first[s] + block * GROUPS_PER_BLOCK * b) * 2 * words
+        s, q = seg[::4], local[::4] // 4
+        block = q // GROUPS_PER_BLOCK
+        in_block = torch.clamp(pad.groups[s] - block * GROUPS_PER_BLOCK, max=GROUPS_PER_BLOCK)
+        start = (pad.mask_first[s] + block * GROUPS_PER_BLOCK * b) * 2 * words
         chunk, plane = torch.arange(2 * words)[None, None, :], torch.arange(b)[None, :, None]
         tile, in_tile = chunk // width, chunk % width
         place = ((tile * in_block[:, None, None] + (q % GROUPS_PER_BLOCK)[:, None, None]) * width + in_tile) * b + plane
-        where = start[:, None, None] + place
-        masks[where.flatten()] = group_masks.flatten()
-    segs = torch.stack([group_first, groups, mask_first], 1).reshape(E, len(CLASS_WIDTHS), 3).to(torch.int32)
-    return CpuFactors(masks.reshape(-1, 2 * words), scales.T.contiguous(), rows, segs.contiguous())
+        masks[(start[:, None, None] + place).flatten()] = group_masks.flatten()
+    return CpuFactors(masks.reshape(-1, 2 * words), pad.scales, pad.rows, pad.segs)
+
+
+def to_cpu_down(f: Factors) -> CpuFactors:
+    """Canonical down Factors (all local experts, on the CPU) -> CpuFactors (16-row groups, masks of 4 columns)."""
+    k, seg_plane, pad = _pad(f, DOWN_GROUP_ROWS)
+    chunks = f.codes.shape[1] * 8
+    masks = torch.zeros(int(pad.mask_first[-1] + pad.groups[-1] * CLASS_WIDTHS[-1]) * chunks, dtype=torch.int64)
+    nibble, lane = 4 * torch.arange(8), 4 * torch.arange(DOWN_GROUP_ROWS)
+    for c, b in enumerate(CLASS_WIDTHS):
+        codes, seg, local = _class_codes(k, seg_plane, pad, c, b)
+        codes = codes.reshape(-1, DOWN_GROUP_ROWS, b, f.codes.shape[1])
+        seg, q = seg[::DOWN_GROUP_ROWS], local[::DOWN_GROUP_ROWS] // DOWN_GROUP_ROWS
+        for g0 in range(0, len(codes), DOWN_BATCH_GROUPS):
+            part = codes[g0 : g0 + DOWN_BATCH_GROUPS]
+            columns = ((part[..., None] >> nibble) & 0xF).reshape(len(part), DOWN_GROUP_ROWS, b, chunks)  # 4 columns each
+            group_masks = (columns << lane[None, :, None, None]).sum(1)  # [groups, b, I/4]; lanes do not overlap
+            start = (pad.mask_first[seg[g0 : g0 + DOWN_BATCH_GROUPS]] + q[g0 : g0 + DOWN_BATCH_GROUPS] * b) * chunks
+            where = start[:, None] + torch.arange(b * chunks)  # a group's masks: [chunk, plane]
+            masks[where.flatten()] = group_masks.transpose(1, 2).flatten()
+    return CpuFactors(masks.reshape(-1, chunks), pad.scales, pad.rows, pad.segs)
 
 
 def to_cpu_layer(layer: MoELayer) -> CpuLayer:
-    """The layer with gate and up in the CPU layout; it holds no reference to the canonical gate and up."""
-    gate, up = to_cpu_factors(layer.gate, layer.group_size), to_cpu_factors(layer.up, layer.group_size)
+    """The layer with its factors in the CPU layout; it holds no reference to the canonical factors."""
+    gate, up, down = to_cpu_factors(layer.gate, layer.group_size), to_cpu_factors(layer.up, layer.group_size), to_cpu_down(layer.down)
     empty = Factors(layer.gate.codes[:0].clone(), layer.gate.scales[:0].clone(), layer.gate.bits[:, :0].clone())
-    return CpuLayer(replace(layer, gate=empty, up=empty), gate, up)
+    return CpuLayer(replace(layer, gate=empty, up=empty, down=empty), gate, up, down)
 
 
 def moe_forward_int(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, cpu: CpuLayer) -> torch.Tensor:
     """[T, H] routed-expert output in x.dtype, as reference.moe_forward, on the integer path."""
-    layer, bases = cpu.layer, (cpu.layer.gate_basis, cpu.layer.up_basis, cpu.layer.down_basis)
+    bases = (cpu.layer.gate_basis, cpu.layer.up_basis, cpu.layer.down_basis)
     return torch.ops.bitsmoe.moe_int(
         x, topk_weights, topk_ids,
         *(None if b is None else b.weight for b in bases), *(None if b is None else b.scale for b in bases),
         cpu.gate.masks, cpu.gate.scales, cpu.gate.rows, cpu.gate.segs,
         cpu.up.masks, cpu.up.scales, cpu.up.rows, cpu.up.segs,
-        layer.down.codes, layer.down.scales, layer.down.bits,
-        layer.group_size,
+        cpu.down.masks, cpu.down.scales, cpu.down.rows, cpu.down.segs,
+        cpu.layer.group_size,
     )  # fmt: skip
 
 

@@ -221,10 +221,10 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
                 )
         elif layer.w13_codes.device.type == "cpu" and ops.CPU_KERNEL:
             isa = torch.ops.bitsmoe.cpu_isa()
-            if isa == "avx512-vnni":  # the integer path: gate and up in the CPU layout, the canonical copy freed
+            if isa == "avx512-vnni":  # the integer path: the factors in the CPU layout, the canonical copy freed
                 self.kernel = cpu_layout.to_cpu_layer(self.layer)
                 self.layer = self.kernel.layer
-                for name in ("w13_codes", "w13_scales"):
+                for name in ("w13_codes", "w13_scales", "w2_codes", "w2_scales"):
                     getattr(layer, name).data = getattr(layer, name).data.new_empty(0)
             logger.info_once("bitsmoe: MoE layers run the CPU kernel (%s)", isa)
         elif layer.w13_codes.device.type == "cpu":

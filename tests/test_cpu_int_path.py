@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bitsmoe_vllm import ops
-from bitsmoe_vllm.cpu_layout import GROUPS_PER_BLOCK, tile_chunks, to_cpu_factors, to_cpu_layer
+from bitsmoe_vllm.cpu_layout import DOWN_GROUP_ROWS, GROUPS_PER_BLOCK, tile_chunks, to_cpu_down, to_cpu_factors, to_cpu_layer
 from bitsmoe_vllm.kernel_layout import CLASS_WIDTHS
 from bitsmoe_vllm.reference import expert_factor, moe_forward
 from tests.shapes import LAYERS, TOKENS, WIDTHS
@@ -14,7 +14,7 @@ from tests.test_reference import routing
 
 HAS_VNNI = all(flag in open("/proc/cpuinfo").read() for flag in ("avx512_vnni", "avx512bw"))
 
-# The kernel rounds activations to 16-bit integers (one scale per 64 rank rows and column group for gate/up, per
+# The kernel rounds activations to 16-bit integers (one scale per 128 rank rows and column group for gate/up, per
 # slot and column group for down): about 2^-16 of the largest value each; 16-bit outputs add their own rounding.
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
@@ -28,8 +28,18 @@ def int_path(monkeypatch):
     assert torch.ops.bitsmoe.cpu_isa() == "avx512-vnni"
 
 
+def add_rows(F: torch.Tensor, cpu, e: int, row0: int, u: torch.Tensor, b: int, G: int) -> None:
+    """F[e, rank] += the stored rows from row0 of the layout whose offset codes are u [rows, I] (padding skipped)."""
+    code = 2 * u - 1 if b == 1 else u - 2 ** (b - 1)
+    for r in range(len(u)):
+        if cpu.rows[row0 + r] >= 0:
+            F[e, cpu.rows[row0 + r]] += code[r] * cpu.scales[:, row0 + r].float().repeat_interleave(G)
+        else:
+            assert not cpu.scales[:, row0 + r].any() and not u[r].any(), "padding rows have scale 0 and no codes"
+
+
 def dense_from_cpu_layout(cpu, E: int, R: int, I: int, G: int) -> torch.Tensor:
-    """[E, R, I] factors read back from CpuFactors bit by bit, as moe_cpu.h describes the layout."""
+    """[E, R, I] gate or up factors read back from CpuFactors bit by bit, as moe_cpu.h describes the layout."""
     F, masks, tile = torch.zeros(E, R, I), cpu.masks.flatten(), tile_chunks(G)
     bit = torch.arange(64)
     for e in range(E):
@@ -45,10 +55,22 @@ def dense_from_cpu_layout(cpu, E: int, R: int, I: int, G: int) -> torch.Tensor:
                     for p in range(b):
                         word = masks[base + ((t * in_block + place) * tile + in_tile) * b + p]
                         u[:, 16 * chunk : 16 * chunk + 16] += (((word >> bit) & 1).reshape(16, 4).T) << p
-                for r in range(4):
-                    row = 4 * (first + q) + r
-                    code = 2 * u[r] - 1 if b == 1 else u[r] - 2 ** (b - 1)
-                    F[e, cpu.rows[row]] += code * cpu.scales[:, row].float().repeat_interleave(G)
+                add_rows(F, cpu, e, 4 * (first + q), u, b, G)
+    return F
+
+
+def dense_from_cpu_down(cpu, E: int, R: int, I: int, G: int) -> torch.Tensor:
+    """[E, R, I] down factors read back from CpuFactors (16-row groups, masks of 4 columns) as moe_cpu.h describes."""
+    F, masks = torch.zeros(E, R, I), cpu.masks.flatten()
+    bit = torch.arange(64)
+    for e in range(E):
+        for c, b in enumerate(CLASS_WIDTHS):
+            first, n, mask_row = cpu.segs[e, c].tolist()
+            for q in range(n):
+                words = masks[(mask_row + q * b) * (I // 4) :][: I // 4 * b].reshape(I // 4, b)  # [chunk, plane]
+                planes = ((words[..., None] >> bit) & 1).reshape(I // 4, b, DOWN_GROUP_ROWS, 4)  # bit 4i + c: row i, column c
+                u = sum(planes[:, p] << p for p in range(b)).permute(1, 0, 2).reshape(DOWN_GROUP_ROWS, I)
+                add_rows(F, cpu, e, DOWN_GROUP_ROWS * (first + q), u, b, G)
     return F
 
 
@@ -56,11 +78,15 @@ def dense_from_cpu_layout(cpu, E: int, R: int, I: int, G: int) -> torch.Tensor:
 def test_cpu_layout_holds_the_canonical_factors(shape):
     H, I, E, K, ranks, G = shape
     layer = layer_of(shape)
-    for f, R in ((layer.gate, ranks[0]), (layer.up, ranks[1])):
-        cpu = to_cpu_factors(f, G)
+    for f, R, to_cpu, read_back, group_rows in (
+        (layer.gate, ranks[0], lambda f: to_cpu_factors(f, G), dense_from_cpu_layout, 4),
+        (layer.up, ranks[1], lambda f: to_cpu_factors(f, G), dense_from_cpu_layout, 4),
+        (layer.down, ranks[2], to_cpu_down, dense_from_cpu_down, DOWN_GROUP_ROWS),
+    ):
+        cpu = to_cpu(f)
         expected = torch.stack([expert_factor(f, e, G) for e in range(E)])
-        assert torch.equal(dense_from_cpu_layout(cpu, E, R, I, G), expected)
-        assert cpu.rows.shape[0] % 4 == 0 and cpu.scales.shape == (I // G, cpu.rows.shape[0])
+        assert torch.equal(read_back(cpu, E, R, I, G), expected)
+        assert cpu.rows.shape[0] % group_rows == 0 and cpu.scales.shape == (I // G, cpu.rows.shape[0])
 
 
 @pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}")
@@ -101,10 +127,10 @@ def test_int_path_no_tokens_gives_zeros_and_reruns_are_identical(int_path):
 
 
 def int_args(cpu, x, w, ids):
-    layer, bases = cpu.layer, (cpu.layer.gate_basis, cpu.layer.up_basis, cpu.layer.down_basis)
+    bases = (cpu.layer.gate_basis, cpu.layer.up_basis, cpu.layer.down_basis)
     return (x, w, ids, *(b.weight for b in bases), *(b.scale for b in bases),
-            *(getattr(f, n) for f in (cpu.gate, cpu.up) for n in ("masks", "scales", "rows", "segs")),
-            layer.down.codes, layer.down.scales, layer.down.bits, layer.group_size)  # fmt: skip
+            *(getattr(f, n) for f in (cpu.gate, cpu.up, cpu.down) for n in ("masks", "scales", "rows", "segs")),
+            cpu.layer.group_size)  # fmt: skip
 
 
 def test_int_path_opcheck(int_path):
@@ -121,8 +147,11 @@ def test_int_path_opcheck(int_path):
         (lambda a: a.__setitem__(12, a[12][:-1]), r"gate_segs: expected Int \[5, 6, 3\], found Int \[4, 6, 3\]"),
         (lambda a: a.__setitem__(16, a[16].index_fill(2, torch.tensor(1), 10**6)), r"up_segs row 0 points past up_rows \[\d+\] or up_masks"),
         (lambda a: a.__setitem__(15, a[15][:4]), r"up_rows: expected Int \[\d+\], found Int \[4\]"),
+        (lambda a: a.__setitem__(17, a[17][:, :-1]), r"down_masks: expected Long \[\*, 24\], found Long \[\d+, 23\]"),
+        (lambda a: a.__setitem__(18, a[18][:-1]), r"down_scales: expected Half \[3, \*\], found Half \[2, \d+\]"),
+        (lambda a: a.__setitem__(20, a[20].index_fill(2, torch.tensor(0), 10**6)), r"down_segs row \d+ points past down_rows \[\d+\] or down_masks"),
     ],
-    ids=["masks", "segs", "segs-past", "rows"],
+    ids=["masks", "segs", "segs-past", "rows", "down-masks", "down-scales", "down-segs-past"],
 )
 def test_int_path_refuses_bad_layouts_with_their_shapes(int_path, change, message):
     H, I, E, K, _, _ = LAYERS[1]

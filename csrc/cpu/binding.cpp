@@ -2,7 +2,7 @@
 // reference there) on the packed codes, with the kernels of moe_cpu.h for the CPU's instruction set, split across
 // torch's intra-op threads. Also torch.ops.bitsmoe.cpu_isa(): which instruction set a call would use.
 //
-// torch.ops.bitsmoe.moe_int: the same layer with gate and up in the CPU layout of bitsmoe_vllm/cpu_layout.py, on
+// torch.ops.bitsmoe.moe_int: the same layer with its factors in the CPU layout of bitsmoe_vllm/cpu_layout.py, on
 // the integer kernels (AVX-512 VNNI; moe_cpu.h, "the integer path").
 //
 // The instruction set is chosen at every call from the CPU's flags (AVX-512 where present, else AVX2; the integer
@@ -205,8 +205,8 @@ std::pair<at::Tensor, at::Tensor> shared_projections(const Kernels& k, const at:
 
 // The three parallel loops both ops run, over the experts with tokens: gate_up(e, tokens, part, h) writes one part's
 // pre-activations [2, n, I] (each expert's rank rows in `parts` shares); activate(h of e [parts, 2, n, I], tokens)
-// turns them into the slots' inputs to down; down(e, tokens, r0, r1, u) writes u [slots, R_d] for rank rows
-// [r0, r1). Returns u.
+// turns them into the slots' inputs to down; down(e, tokens, part, parts, u) writes u [slots, R_d] for one of the
+// expert's R_d / 64 shares of rank rows. Returns u.
 template <class GateUp, class Activate, class Down>
 at::Tensor run_experts(const Routing& r, int64_t parts, int64_t I, int64_t R_d, int64_t slots, GateUp gate_up, Activate activate, Down down) {
   const int64_t used_n = static_cast<int64_t>(r.used.size());
@@ -224,10 +224,7 @@ at::Tensor run_experts(const Routing& r, int64_t parts, int64_t I, int64_t R_d, 
   const int64_t row_blocks = (R_d + kBlockRows - 1) / kBlockRows;
   at::Tensor u = at::zeros({slots, R_d}, at::kFloat);
   at::parallel_for(0, used_n * row_blocks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t e = r.used[i / row_blocks], r0 = (i % row_blocks) * kBlockRows;
-      down(e, r.of(e), r0, std::min(r0 + kBlockRows, R_d), u.data_ptr<float>());
-    }
+    for (int64_t i = i0; i < i1; ++i) down(r.used[i / row_blocks], r.of(r.used[i / row_blocks]), i % row_blocks, row_blocks, u.data_ptr<float>());
   });
   return u;
 }
@@ -265,21 +262,25 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
         k.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h);
       },
       [&](const float* h, const Tokens& tk) { k.activate(h, parts, tk, I, a.data_ptr<float>()); },
-      [&](int64_t e, const Tokens& tk, int64_t r0, int64_t r1, float* dst) { k.down(d.view, e, a.data_ptr<float>(), tk, r0, r1, dst); });
+      [&](int64_t e, const Tokens& tk, int64_t part, int64_t parts, float* dst) {
+        k.down(d.view, e, a.data_ptr<float>(), tk, R_d * part / parts, R_d * (part + 1) / parts, dst);
+      });
   return finish(k, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
 }
 
-// Gate or up factors in the CPU layout (moe_cpu.h, CpuFactors), checked against each other and E, R, I, G.
+// Factors in the CPU layout (moe_cpu.h, CpuFactors) with groups of group_rows rows (gate and up 4, down 16),
+// checked against each other and E, R, I, G.
 struct CpuFactorsArg {
   CpuFactors view;
   at::Tensor masks, scales, rows, segs;
 };
 
 CpuFactorsArg cpu_factors_arg(const char* name, const at::Tensor& masks, const at::Tensor& scales, const at::Tensor& rows, const at::Tensor& segs,
-                              int64_t E, int64_t R, int64_t I, int64_t G) {
+                              int64_t group_rows, int64_t E, int64_t R, int64_t I, int64_t G) {
   CpuFactorsArg f{{}, masks.contiguous(), scales.contiguous(), rows.contiguous(), segs.contiguous()};
   const std::string n(name);
-  check_2d((n + "_masks").c_str(), f.masks, at::kLong, -1, I / 16);
+  const int64_t chunk_columns = 64 / group_rows;  // a mask holds group_rows x chunk_columns codes
+  check_2d((n + "_masks").c_str(), f.masks, at::kLong, -1, I / chunk_columns);
   check_2d((n + "_scales").c_str(), f.scales, at::kHalf, I / G, -1);
   TORCH_CHECK(f.rows.dim() == 1 && f.rows.scalar_type() == at::kInt && f.rows.size(0) == f.scales.size(1), "bitsmoe::moe_int (CPU): ", n,
               "_rows: expected Int [", f.scales.size(1), "], found ", f.rows.scalar_type(), " ", f.rows.sizes());
@@ -288,7 +289,7 @@ CpuFactorsArg cpu_factors_arg(const char* name, const at::Tensor& masks, const a
   const int32_t* s = f.segs.data_ptr<int32_t>();
   constexpr int kClassWidths[] = {8, 6, 4, 3, 2, 1};
   for (int64_t i = 0; i < E * 6; ++i)
-    TORCH_CHECK(s[3 * i] >= 0 && s[3 * i + 1] >= 0 && s[3 * i + 2] >= 0 && 4 * (s[3 * i] + s[3 * i + 1]) <= f.rows.size(0) &&
+    TORCH_CHECK(s[3 * i] >= 0 && s[3 * i + 1] >= 0 && s[3 * i + 2] >= 0 && group_rows * (s[3 * i] + s[3 * i + 1]) <= f.rows.size(0) &&
                     s[3 * i + 2] + s[3 * i + 1] * kClassWidths[i % 6] <= f.masks.size(0),
                 "bitsmoe::moe_int (CPU): ", n, "_segs row ", i, " points past ", n, "_rows ", f.rows.sizes(), " or ", n, "_masks ", f.masks.sizes());
   f.view = {reinterpret_cast<const uint64_t*>(f.masks.data_ptr<int64_t>()),
@@ -296,36 +297,35 @@ CpuFactorsArg cpu_factors_arg(const char* name, const at::Tensor& masks, const a
             f.rows.data_ptr<int32_t>(),
             s,
             R,
-            I / 16,
+            I / chunk_columns,
             I / G,
-            G / 16,
+            G / chunk_columns,
             G / 16 % 8 == 0 ? 8 : G / 16 % 4 == 0 ? 4 : 2,
             f.rows.size(0)};
   return f;
 }
 
-// torch.ops.bitsmoe.moe_int: the same layer as bitsmoe::moe with gate and up in the CPU layout, on the integer path
+// torch.ops.bitsmoe.moe_int: the same layer as bitsmoe::moe with its factors in the CPU layout, on the integer path
 at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids, const std::optional<at::Tensor>& gate_basis,
                    const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& down_basis,
                    const std::optional<at::Tensor>& gate_basis_scale, const std::optional<at::Tensor>& up_basis_scale,
                    const std::optional<at::Tensor>& down_basis_scale, const at::Tensor& gate_masks, const at::Tensor& gate_scales,
                    const at::Tensor& gate_rows, const at::Tensor& gate_segs, const at::Tensor& up_masks, const at::Tensor& up_scales,
-                   const at::Tensor& up_rows, const at::Tensor& up_segs, const at::Tensor& down_codes, const at::Tensor& down_scales,
-                   const at::Tensor& down_bits, int64_t group_size) {
+                   const at::Tensor& up_rows, const at::Tensor& up_segs, const at::Tensor& down_masks, const at::Tensor& down_scales,
+                   const at::Tensor& down_rows, const at::Tensor& down_segs, int64_t group_size) {
   TORCH_CHECK(int_path(), "bitsmoe::moe_int (CPU): needs AVX-512 with VNNI and BW, which this CPU lacks (or BITSMOE_CPU_ISA forces ",
               "the float kernels); use bitsmoe::moe on the canonical layout");
   const VnniKernels& v = kAvx512Vnni;
   const Kernels& k = kAvx512;
   const bool identity = !gate_basis.has_value();
-  const int64_t E = down_bits.size(0), I = gate_masks.dim() == 2 ? gate_masks.size(1) * 16 : -1;
+  const int64_t E = down_segs.dim() == 3 ? down_segs.size(0) : -1, I = gate_masks.dim() == 2 ? gate_masks.size(1) * 16 : -1;
   check_tokens(x, topk_weights, topk_ids, identity, up_basis, down_basis, I, group_size);
   const int64_t T = x.size(0), H = x.size(1), K = topk_ids.size(1);
   const int64_t R_g = identity ? H : gate_basis->size(0), R_u = identity ? H : up_basis->size(0);
   const int64_t R_d = identity ? H : down_basis->size(1);
-  const CpuFactorsArg g = cpu_factors_arg("gate", gate_masks, gate_scales, gate_rows, gate_segs, E, R_g, I, group_size);
-  const CpuFactorsArg u = cpu_factors_arg("up", up_masks, up_scales, up_rows, up_segs, E, R_u, I, group_size);
-  const FactorsArg d = factors_arg(k, "down", down_codes, down_scales, down_bits, E, I, group_size);
-  TORCH_CHECK(d.view.R == R_d, "bitsmoe::moe_int (CPU): down factor rank ", d.view.R, " differs from the down basis' ", R_d);
+  const CpuFactorsArg g = cpu_factors_arg("gate", gate_masks, gate_scales, gate_rows, gate_segs, 4, E, R_g, I, group_size);
+  const CpuFactorsArg u = cpu_factors_arg("up", up_masks, up_scales, up_rows, up_segs, 4, E, R_u, I, group_size);
+  const CpuFactorsArg d = cpu_factors_arg("down", down_masks, down_scales, down_rows, down_segs, 16, E, R_d, I, group_size);
   if (T == 0) return at::empty_like(x);
 
   const at::Tensor xf = x.to(at::kFloat).contiguous();
@@ -341,7 +341,7 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
         v.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h);
       },
       [&](const float* h, const Tokens& tk) { v.activate(h, parts, tk, a.data_ptr<float>(), q); },
-      [&](int64_t e, const Tokens& tk, int64_t r0, int64_t r1, float* dst) { v.down(d.view, e, q, tk, r0, r1, dst); });
+      [&](int64_t e, const Tokens& tk, int64_t part, int64_t parts, float* dst) { v.down(d.view, e, q, tk, part, parts, dst); });
   return finish(k, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
 }
 
@@ -352,8 +352,8 @@ TORCH_LIBRARY_FRAGMENT(bitsmoe, m) {
   m.def(
       "moe_int(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor? gate_basis, Tensor? up_basis, Tensor? down_basis, "
       "Tensor? gate_basis_scale, Tensor? up_basis_scale, Tensor? down_basis_scale, Tensor gate_masks, Tensor gate_scales, "
-      "Tensor gate_rows, Tensor gate_segs, Tensor up_masks, Tensor up_scales, Tensor up_rows, Tensor up_segs, Tensor down_codes, "
-      "Tensor down_scales, Tensor down_bits, int group_size) -> Tensor");
+      "Tensor gate_rows, Tensor gate_segs, Tensor up_masks, Tensor up_scales, Tensor up_rows, Tensor up_segs, Tensor down_masks, "
+      "Tensor down_scales, Tensor down_rows, Tensor down_segs, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bitsmoe, CPU, m) {

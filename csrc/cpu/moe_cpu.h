@@ -64,23 +64,27 @@ extern const Kernels kAvx2;
 
 // ---- the integer path (AVX-512 VNNI), on the CPU layout of bitsmoe_vllm/cpu_layout.py ----------------------------
 //
-// Activations are rounded to 16-bit integers, q = 256 hi + lo with hi and lo signed bytes, one scale per (64 rank
+// Activations are rounded to 16-bit integers, q = 256 hi + lo with hi and lo signed bytes, one scale per (128 rank
 // rows, column group) for gate/up and per (slot, column group) for down; codes are decoded to bytes, and each
 // vpdpbusd adds 64 code x byte products (once for hi, once for lo).
 
-// Gate or up factors in the CPU layout: each expert's stored rows grouped by width (8, 6, 4, 3, 2, 1 bits), each
-// class padded to a multiple of 4 rows (padding rows have scale 0). masks: per 4-row group, plane and chunk c of 16
-// columns, one uint64 whose bit 4j + r is that plane's bit of column 16c + j of the group's row r; a class's groups
-// are taken 16 at a time (a block, the last one shorter), a block's masks ordered [tile, group, chunk in the tile,
-// plane], a tile being tile_chunks chunks (8, 4 or 2: the most that divides a column group). scales
-// [I/G, rows] float16 (column-group major), rows [rows] int32: each row's rank index. segs [E, 6, 3] int32: for each
-// (expert, width class) its first 4-row group, number of groups and first mask row (I/16 masks make a row).
+// Factors in the CPU layout: each expert's stored rows grouped by width (8, 6, 4, 3, 2, 1 bits), each class padded
+// to a multiple of the group size with rows of rank -1 and scale 0; per group, plane and chunk of columns, one
+// uint64 mask. scales [I/G, rows] float16 (column-group major), rows [rows] int32: each row's rank index (-1 for
+// padding). segs [E, 6, 3] int32: for each (expert, width class) its first group, number of groups and first mask
+// row (`chunks` masks make a row).
+// - gate and up: 4-row groups, chunks of 16 columns; bit 4j + r of a mask is its plane's bit of column 16c + j of
+//   the group's row r. A class's groups are taken 16 at a time (a block, the last one shorter), a block's masks
+//   ordered [tile, group, chunk in the tile, plane], a tile being tile_chunks chunks (8, 4 or 2: the most that
+//   divides a column group).
+// - down: 16-row groups, chunks of 4 columns; bit 4i + c of a mask is its plane's bit of column 4m + c of the
+//   group's row i; a group's masks ordered [chunk, plane].
 struct CpuFactors {
   const uint64_t* masks;
   const uint16_t* scales;
   const int32_t* rows;
   const int32_t* segs;
-  int64_t R, chunks, groups, group_chunks, tile_chunks, stored_rows;  // chunks = I / 16, groups = I / G, stored_rows = rows' length
+  int64_t R, chunks, groups, group_chunks, tile_chunks, stored_rows;  // chunks per row of masks, groups = I/G, stored_rows = rows' length
 };
 
 // Activations a [slots, I] as 16-bit integers: hi, lo [slots, I] int8; per (slot, column group) its scale and the
@@ -101,8 +105,8 @@ struct VnniKernels {
                        int64_t part, int64_t parts, float* h);
   // As Kernels::activate into a [slots, I] (float32), then those rows rounded to 16-bit integers into q
   void (*activate)(const float* h, int64_t parts, const Tokens& tk, float* a, const QuantizedRows& q);
-  // As Kernels::down, on the rounded activations
-  void (*down)(const Factors& d, int64_t e, const QuantizedRows& a, const Tokens& tk, int64_t r0, int64_t r1, float* u);
+  // As Kernels::down on the rounded activations, for part `part` of `parts` equal shares of expert e's 16-row groups
+  void (*down)(const CpuFactors& d, int64_t e, const QuantizedRows& a, const Tokens& tk, int64_t part, int64_t parts, float* u);
 };
 
 extern const VnniKernels kAvx512Vnni;

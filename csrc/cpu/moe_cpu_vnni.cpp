@@ -23,7 +23,7 @@ using bitsmoe::cpu::CpuFactors;
 using bitsmoe::cpu::QuantizedRows;
 
 constexpr float kQMax = 32639.f;  // 256 * 127 + 127: q = 256 hi + lo with hi, lo in [-127, 127]
-constexpr int kGroupsPerBlock = 16;  // 4-row groups rounded with one scale: 64 rank rows
+constexpr int kGroupsPerBlock = 32;  // 4-row groups rounded with one scale: 128 rank rows
 
 // the 64 offset codes u (bytes) of a B-bit chunk whose plane masks are m: bit p of u is bit p of plane p's mask
 template <int B>
@@ -55,11 +55,13 @@ struct RoundedRows {
   float scale, offset;
 };
 
-// z[rank of row k] for the n rows from row0 (once per block and token: the column groups share it)
+// z[rank of row k] (0 for padding) for the n rows from row0 (once per block and token: the column groups share it)
 inline void gather_rows(const CpuFactors& f, const float* z, int64_t row0, int n, float* zr) {
   for (int i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-    _mm512_store_ps(zr + i, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_maskz_loadu_epi32(m, f.rows + row0 + i), z, 4));
+    const __m512i rank = _mm512_maskz_loadu_epi32(m, f.rows + row0 + i);
+    const __mmask16 stored = _mm512_mask_cmpge_epi32_mask(m, rank, _mm512_setzero_si512());  // padding rows have rank -1
+    _mm512_store_ps(zr + i, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), stored, rank, z, 4));
   }
 }
 
@@ -159,25 +161,26 @@ void project_block(const CpuFactors& f, const float* z, const Tokens& tk, int64_
   }
 }
 
-// fn(b, first group, groups, its masks) for the blocks of part `part` of `parts` of expert e's blocks
+// fn(b, first group, groups, their masks) for the blocks of part `part` of `parts` of expert e's groups, a block
+// being `per_block` groups of one width class (the last of a class shorter)
 template <class Fn>
-void for_blocks(const CpuFactors& f, int64_t e, int64_t part, int64_t parts, Fn fn) {
+void for_groups(const CpuFactors& f, int64_t e, int64_t part, int64_t parts, int per_block, Fn fn) {
   constexpr int kClassWidths[] = {8, 6, 4, 3, 2, 1};  // the classes of segs
   const int32_t* seg = f.segs + e * 18;
   int64_t total = 0;
-  for (int c = 0; c < 6; ++c) total += (seg[3 * c + 1] + kGroupsPerBlock - 1) / kGroupsPerBlock;
+  for (int c = 0; c < 6; ++c) total += (seg[3 * c + 1] + per_block - 1) / per_block;
   const int64_t first = total * part / parts, last = total * (part + 1) / parts;
   int64_t block = 0;  // the expert's blocks before this one
   for (int c = 0; c < 6; ++c)
-    for (int64_t q = 0; q < seg[3 * c + 1]; q += kGroupsPerBlock, ++block)
+    for (int64_t q = 0; q < seg[3 * c + 1]; q += per_block, ++block)
       if (block >= first && block < last)
-        fn(kClassWidths[c], seg[3 * c] + q, static_cast<int>(seg[3 * c + 1] - q < kGroupsPerBlock ? seg[3 * c + 1] - q : kGroupsPerBlock),
+        fn(kClassWidths[c], seg[3 * c] + q, static_cast<int>(seg[3 * c + 1] - q < per_block ? seg[3 * c + 1] - q : per_block),
            f.masks + (seg[3 * c + 2] + q * kClassWidths[c]) * f.chunks);
 }
 
 void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& tk, int64_t part, int64_t parts, float* acc) {
   for (int64_t i = 0; i < tk.n * 16 * f.chunks; i += 16) _mm512_storeu_ps(acc + i, _mm512_setzero_ps());
-  for_blocks(f, e, part, parts, [&](int b, int64_t group0, int n, const uint64_t* masks) {
+  for_groups(f, e, part, parts, kGroupsPerBlock, [&](int b, int64_t group0, int n, const uint64_t* masks) {
     with_width(b, [&](auto width) { project_block<decltype(width)::kBits>(f, z, tk, group0, n, masks, acc); });
   });
 }
@@ -210,71 +213,72 @@ void activate_int(const float* h, int64_t parts, const Tokens& tk, float* a, con
   }
 }
 
-// ---- down: u[slot, k] = F[k, :] . a[slot, :] on the canonical codes and the rounded a ---------------------------
+// ---- down: u[slot, k] = F[k, :] . a[slot, :] on the CPU layout, 16 rows (the 16 lanes) at a time --------------
 
-// CW words (32 columns each, 1 or 2) of a's bytes from column 32 w
-template <int CW>
-inline __m512i load_bytes(const int8_t* p) {
-  if constexpr (CW == 2) return _mm512_loadu_si512(p);
-  return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+// a's hi or lo bytes of columns 4m to 4m + 3, one int32 broadcast to every lane
+inline __m512i four_columns(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return _mm512_set1_epi32(v);
 }
 
-template <int CW>
-inline uint64_t load_mask(const uint32_t* p) {
-  if constexpr (CW == 1) return *p;
-  uint64_t m;
-  __builtin_memcpy(&m, p, sizeof m);  // two words: columns 32 w to 32 w + 63, little-endian
-  return m;
-}
-
-// NB slots, one stored row of B bits, chunks of CW words (2 where a column group is an even number of words)
-template <int B, int NB, int CW>
-void dot_row_int(const Factors& f, const uint32_t* planes, const uint16_t* scales, const QuantizedRows& a, const int64_t* slot, float (&out)[NB]) {
-  __m512 total[NB];
-  float offset[NB];
-  for (int j = 0; j < NB; ++j) {
-    total[j] = _mm512_setzero_ps();
-    offset[j] = 0.f;
-  }
-  for (int64_t g = 0; g < f.groups; ++g) {
-    __m512i hi[NB], lo[NB];
-    for (int j = 0; j < NB; ++j) hi[j] = lo[j] = _mm512_setzero_si512();
-    for (int64_t w = g * f.group_words; w < (g + 1) * f.group_words; w += CW) {
-      uint64_t m[B];
-      for (int p = 0; p < B; ++p) m[p] = load_mask<CW>(planes + p * f.words + w);
-      const __m512i u = decode_bytes<B>(m);
-      for (int j = 0; j < NB; ++j) {
-        hi[j] = _mm512_dpbusd_epi32(hi[j], u, load_bytes<CW>(a.hi + slot[j] * a.I + 32 * w));
-        lo[j] = _mm512_dpbusd_epi32(lo[j], u, load_bytes<CW>(a.lo + slot[j] * a.I + 32 * w));
+// One 16-row group of width B (its masks [chunk of 4 columns, plane] at `masks`, its rows from row0) for NT slots.
+// Each slot's sums run in 4 / NT chains (chunks taken in turn) so that consecutive vpdpbusd do not wait on each other.
+template <int B, int NT>
+void down_group(const CpuFactors& d, const uint64_t* masks, int64_t row0, const QuantizedRows& a, const int64_t* slot, float* u) {
+  constexpr int P = 4 / NT;
+  const int64_t I = a.I;
+  __m512 total[NT];
+  for (int j = 0; j < NT; ++j) total[j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < d.groups; ++g) {
+    __m512i hi[NT][P], lo[NT][P];
+#pragma GCC unroll 8
+    for (int i = 0; i < NT * P; ++i) hi[i / P][i % P] = lo[i / P][i % P] = _mm512_setzero_si512();
+    for (int64_t m = g * d.group_chunks; m < (g + 1) * d.group_chunks; m += P) {
+#pragma GCC unroll 4
+      for (int c = 0; c < P; ++c) {
+        uint64_t word[B];
+#pragma GCC unroll 8
+        for (int p = 0; p < B; ++p) word[p] = masks[(m + c) * B + p];
+        const __m512i codes = decode_bytes<B>(word);
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; ++j) {
+          hi[j][c] = _mm512_dpbusd_epi32(hi[j][c], codes, four_columns(a.hi + slot[j] * I + 4 * (m + c)));
+          lo[j][c] = _mm512_dpbusd_epi32(lo[j][c], codes, four_columns(a.lo + slot[j] * I + 4 * (m + c)));
+        }
       }
     }
-    const float s = half(scales[g]);
-    for (int j = 0; j < NB; ++j) {
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.scales + g * d.stored_rows + row0)));
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; ++j) {
+      __m512i h = hi[j][0], l = lo[j][0];
+      for (int c = 1; c < P; ++c) {
+        h = _mm512_add_epi32(h, hi[j][c]);
+        l = _mm512_add_epi32(l, lo[j][c]);
+      }
       const int64_t at = slot[j] * a.groups + g;
-      total[j] = _mm512_fmadd_ps(_mm512_set1_ps(s * step_of_plane<B>(0) * a.scale[at]), combine(hi[j], lo[j]), total[j]);
-      offset[j] += s * lowest_code<B>() * a.sum[at];
+      const __m512 offset = _mm512_fmadd_ps(s, _mm512_set1_ps(lowest_code<B>() * a.sum[at]), total[j]);
+      total[j] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(step_of_plane<B>(0) * a.scale[at])), combine(h, l), offset);
     }
   }
-  for (int j = 0; j < NB; ++j) out[j] = _mm512_reduce_add_ps(total[j]) + offset[j];
+  const __m512i rank = _mm512_loadu_si512(d.rows + row0);
+  const __mmask16 stored = _mm512_cmpge_epi32_mask(rank, _mm512_setzero_si512());  // padding rows have rank -1
+  for (int j = 0; j < NT; ++j) _mm512_mask_i32scatter_ps(u + slot[j] * d.R, stored, rank, total[j], 4);
 }
 
-template <int NB>
-void dot_rows_int(const Factors& d, const uint32_t* planes, const uint16_t* scales, int b, const QuantizedRows& a, const int64_t* slot, int64_t k,
-                  float* u) {
-  float out[NB];
-  with_width(b, [&](auto w) {
-    if (d.group_words % 2 == 0) dot_row_int<decltype(w)::kBits, NB, 2>(d, planes, scales, a, slot, out);
-    else dot_row_int<decltype(w)::kBits, NB, 1>(d, planes, scales, a, slot, out);
-  });
-  for (int j = 0; j < NB; ++j) u[slot[j] * d.R + k] = out[j];
-}
-
-void down_int(const Factors& d, int64_t e, const QuantizedRows& a, const Tokens& tk, int64_t r0, int64_t r1, float* u) {
-  for_stored_rows(d, e, r0, r1, [&](int64_t k, int b, const uint32_t* planes, const uint16_t* scales) {
-    int64_t j = 0;
-    for (; j + 4 <= tk.n; j += 4) dot_rows_int<4>(d, planes, scales, b, a, tk.slot + j, k, u);
-    for (; j + 2 <= tk.n; j += 2) dot_rows_int<2>(d, planes, scales, b, a, tk.slot + j, k, u);
-    for (; j < tk.n; ++j) dot_rows_int<1>(d, planes, scales, b, a, tk.slot + j, k, u);
+// the 16-row groups in part `part` of `parts` of expert e's, for every slot of the expert
+void down_int(const CpuFactors& d, int64_t e, const QuantizedRows& a, const Tokens& tk, int64_t part, int64_t parts, float* u) {
+  for_groups(d, e, part, parts, 1, [&](int b, int64_t group0, int n, const uint64_t* masks) {
+    for (int q = 0; q < n; ++q)
+      with_width(b, [&](auto width) {
+        constexpr int B = decltype(width)::kBits;
+        const uint64_t* m = masks + q * B * d.chunks;
+        const int64_t row0 = 16 * (group0 + q);
+        int64_t j = 0;
+        for (; j + 4 <= tk.n; j += 4) down_group<B, 4>(d, m, row0, a, tk.slot + j, u);
+        for (; j + 2 <= tk.n; j += 2) down_group<B, 2>(d, m, row0, a, tk.slot + j, u);
+        for (; j < tk.n; ++j) down_group<B, 1>(d, m, row0, a, tk.slot + j, u);
+      });
   });
 }
 
