@@ -1,5 +1,5 @@
 // The integer kernels of moe_cpu.h ("the integer path") for AVX-512 with VNNI and BW; binding.cpp uses them only
-// where the CPU reports avx512vnni and avx512bw. The float helpers (bases, SiLU, the canonical factor walk) are
+// where the CPU reports avx512vnni and avx512bw. The float helpers (bases, SiLU, width dispatch) are
 // moe_cpu_impl.h's, compiled here once more.
 //
 // A b-bit code costs b/64 of a masked byte add to decode (64 codes per add, one plane at a time) and 2/64 of a
