@@ -205,7 +205,7 @@ std::pair<at::Tensor, at::Tensor> shared_projections(const Kernels& k, const at:
 
 // The three parallel loops both ops run, over the experts with tokens: gate_up(e, tokens, part, h) writes one part's
 // pre-activations [2, n, I] (each expert's rank rows in `parts` shares); activate(h of e [parts, 2, n, I], tokens)
-// turns them into the slots' inputs to down; down(e, tokens, part, parts, u) writes u [slots, R_d] for one of the
+// turns them into the slots' inputs to down; down(e, tokens, share, shares, u) writes u [slots, R_d] for one of the
 // expert's R_d / 64 shares of rank rows. Returns u.
 template <class GateUp, class Activate, class Down>
 at::Tensor run_experts(const Routing& r, int64_t parts, int64_t I, int64_t R_d, int64_t slots, GateUp gate_up, Activate activate, Down down) {
@@ -262,8 +262,8 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
         k.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h);
       },
       [&](const float* h, const Tokens& tk) { k.activate(h, parts, tk, I, a.data_ptr<float>()); },
-      [&](int64_t e, const Tokens& tk, int64_t part, int64_t parts, float* dst) {
-        k.down(d.view, e, a.data_ptr<float>(), tk, R_d * part / parts, R_d * (part + 1) / parts, dst);
+      [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) {
+        k.down(d.view, e, a.data_ptr<float>(), tk, R_d * share / shares, R_d * (share + 1) / shares, dst);
       });
   return finish(k, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
 }
@@ -341,7 +341,7 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
         v.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h);
       },
       [&](const float* h, const Tokens& tk) { v.activate(h, parts, tk, a.data_ptr<float>(), q); },
-      [&](int64_t e, const Tokens& tk, int64_t part, int64_t parts, float* dst) { v.down(d.view, e, q, tk, part, parts, dst); });
+      [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) { v.down(d.view, e, q, tk, share, shares, dst); });
   return finish(k, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
 }
 
