@@ -9,16 +9,18 @@ The layout (csrc/cpu/moe_cpu.h, CpuFactors): each expert's stored rows grouped b
 (kernel_layout.repack), each class padded with rows of rank -1 and scale 0 to a multiple of the group size; one 64-bit
 mask per group, plane and few columns, so that decoding a mask gives the 64 code bytes one vpdpbusd multiplies.
 - gate and up (`to_cpu_factors`): 4-row groups, a mask per 16 columns whose bit 4j + r is the plane's bit of column j
-  of the group's row r (four rows' activations make one int32 to broadcast). The groups of a class are taken 16 at a
+  of the group's row r (four rows' activations make one int32 to broadcast). The groups of a class are taken 32 at a
   time (a block), and a block's masks are ordered [tile, group, chunk in the tile, plane], a tile being 8 chunks (128
   columns; 4 or 2 where a column group is narrower), so that the kernel reads a tile front to back.
 - down (`to_cpu_down`): 16-row groups, a mask per 4 columns whose bit 4i + c is the plane's bit of column c of the
   group's row i (four columns' activations make one int32; the 16 rows' sums are the 16 lanes), a group's masks
   ordered [chunk, plane].
+The masks end with at least 64 bytes of zeros (whole rows): the kernel reads a chunk's planes as one 64-byte load.
 Scales are stored column-group major, [I/G, rows].
 
 Numerics: the kernel rounds activations to 16-bit integers (the gate/up inputs z * scale per 128 rows and column
-group, the down input a per slot and column group), so it matches the float32 reference to about 1e-5 relative.
+group, the down input a per slot and column group, the input of an int8 basis per token), so it matches the float32
+reference to about 1e-5 relative.
 """
 
 from dataclasses import dataclass, replace
@@ -102,6 +104,13 @@ def _spread(x: torch.Tensor) -> torch.Tensor:
     return (x | (x << 3)) & 0x1111111111111111
 
 
+def _zero_masks(pad: _Padded, words: int) -> torch.Tensor:
+    """Zeros for the masks of every group, rows of `words` words, then whole rows of zeros holding at least 64 bytes:
+    the kernel reads a chunk's planes as 64 bytes."""
+    rows = int(pad.mask_first[-1] + pad.groups[-1] * CLASS_WIDTHS[-1])
+    return torch.zeros((rows + -(-8 // words)) * words, dtype=torch.int64)
+
+
 def tile_chunks(group_size: int) -> int:
     """Chunks of 16 columns in a tile: 8, 4 or 2, the most that divides a column group."""
     return next(t for t in (8, 4, 2) if group_size // 16 % t == 0)
@@ -112,7 +121,7 @@ def to_cpu_factors(f: Factors, group_size: int) -> CpuFactors:
     width = tile_chunks(group_size)
     k, seg_plane, pad = _pad(f, 4)
     words = f.codes.shape[1]
-    masks = torch.zeros(int(pad.mask_first[-1] + pad.groups[-1] * CLASS_WIDTHS[-1]) * 2 * words, dtype=torch.int64)
+    masks = _zero_masks(pad, 2 * words)
     for c, b in enumerate(CLASS_WIDTHS):
         codes, seg, local = _class_codes(k, seg_plane, pad, c, b)
         if len(codes) == 0:
@@ -135,7 +144,7 @@ def to_cpu_down(f: Factors) -> CpuFactors:
     """Canonical down Factors (all local experts, on the CPU) -> CpuFactors (16-row groups, masks of 4 columns)."""
     k, seg_plane, pad = _pad(f, DOWN_GROUP_ROWS)
     chunks = f.codes.shape[1] * 8
-    masks = torch.zeros(int(pad.mask_first[-1] + pad.groups[-1] * CLASS_WIDTHS[-1]) * chunks, dtype=torch.int64)
+    masks = _zero_masks(pad, chunks)
     nibble, lane = 4 * torch.arange(8), 4 * torch.arange(DOWN_GROUP_ROWS)
     for c, b in enumerate(CLASS_WIDTHS):
         codes, seg, local = _class_codes(k, seg_plane, pad, c, b)

@@ -1,5 +1,5 @@
 """The CPU integer path (torch.ops.bitsmoe.moe_int on the CPU layout of bitsmoe_vllm/cpu_layout.py, AVX-512 VNNI)
-against the reference, and the CPU layout against FORMAT.md read literally. Skipped on CPUs without AVX-512 VNNI."""
+against the reference, and the CPU layout against FORMAT.md read literally. Skipped on CPUs without AVX-512 VNNI, BW, VBMI and GFNI."""
 
 import pytest
 import torch
@@ -12,18 +12,19 @@ from tests.shapes import LAYERS, TOKENS, WIDTHS
 from tests.test_cpu_kernel import layer_of, relative_error
 from tests.test_reference import routing
 
-HAS_VNNI = all(flag in open("/proc/cpuinfo").read() for flag in ("avx512_vnni", "avx512bw"))
+HAS_INT_PATH = all(flag in open("/proc/cpuinfo").read() for flag in ("avx512_vnni", "avx512bw", "avx512vbmi", "gfni"))
 
 # The kernel rounds activations to 16-bit integers (one scale per 128 rank rows and column group for gate/up, per
-# slot and column group for down): about 2^-16 of the largest value each; 16-bit outputs add their own rounding.
+# slot and column group for down, per token for int8 bases): about 2^-16 of the largest value each; 16-bit outputs
+# add their own rounding.
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
 @pytest.fixture
 def int_path(monkeypatch):
     assert ops.CPU_KERNEL, "bitsmoe_vllm/_cpu*.so is not built: run `pip install --no-build-isolation -e .` (scripts/setup.sh does)"
-    if not HAS_VNNI:
-        pytest.skip("this CPU has no AVX-512 VNNI")
+    if not HAS_INT_PATH:
+        pytest.skip("this CPU lacks one of AVX-512 VNNI, BW, VBMI and GFNI")
     monkeypatch.setenv("BITSMOE_CPU_ISA", "avx512-vnni")
     assert torch.ops.bitsmoe.cpu_isa() == "avx512-vnni"
 
@@ -87,6 +88,7 @@ def test_cpu_layout_holds_the_canonical_factors(shape):
         expected = torch.stack([expert_factor(f, e, G) for e in range(E)])
         assert torch.equal(read_back(cpu, E, R, I, G), expected)
         assert cpu.rows.shape[0] % group_rows == 0 and cpu.scales.shape == (I // G, cpu.rows.shape[0])
+        assert not cpu.masks.flatten()[-8:].any(), "the masks end with 64 bytes of zeros (the kernel reads 64 bytes a chunk)"
 
 
 @pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}")
@@ -100,6 +102,18 @@ def test_int_path_matches_reference_mixed_widths(int_path, shape, T, dtype):
     y = ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer))
     assert y.dtype == dtype and y.shape == (T, H)
     assert relative_error(y, moe_forward(x.float(), w, ids, layer)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}")
+@pytest.mark.parametrize("T", TOKENS)
+def test_int_path_int8_bases_on_rounded_tokens(int_path, shape, T):
+    """int8 bases multiply each token rounded to 16 bits with one scale: here one channel 20x the others sets it"""
+    H, I, E, K, _, _ = shape
+    layer = layer_of(shape, basis_dtype="int8", seed=T)
+    w, ids = routing(T, E, K, seed=T)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
+    x[:, 1] *= 20
+    assert relative_error(ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer)), moe_forward(x, w, ids, layer)) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -147,11 +161,12 @@ def test_int_path_opcheck(int_path):
         (lambda a: a.__setitem__(12, a[12][:-1]), r"gate_segs: expected Int \[5, 6, 3\], found Int \[4, 6, 3\]"),
         (lambda a: a.__setitem__(16, a[16].index_fill(2, torch.tensor(1), 10**6)), r"up_segs row 0 points past up_rows \[\d+\] or up_masks"),
         (lambda a: a.__setitem__(15, a[15][:4]), r"up_rows: expected Int \[\d+\], found Int \[4\]"),
+        (lambda a: a.__setitem__(9, a[9][:-2]), r"gate_segs row \d+ points past .* gate_masks \[\d+, 6\] \(whose last 64 bytes must be padding\)"),
         (lambda a: a.__setitem__(17, a[17][:, :-1]), r"down_masks: expected Long \[\*, 24\], found Long \[\d+, 23\]"),
         (lambda a: a.__setitem__(18, a[18][:-1]), r"down_scales: expected Half \[3, \*\], found Half \[2, \d+\]"),
         (lambda a: a.__setitem__(20, a[20].index_fill(2, torch.tensor(0), 10**6)), r"down_segs row \d+ points past down_rows \[\d+\] or down_masks"),
     ],
-    ids=["masks", "segs", "segs-past", "rows", "down-masks", "down-scales", "down-segs-past"],
+    ids=["masks", "segs", "segs-past", "rows", "masks-unpadded", "down-masks", "down-scales", "down-segs-past"],
 )
 def test_int_path_refuses_bad_layouts_with_their_shapes(int_path, change, message):
     H, I, E, K, _, _ = LAYERS[1]
@@ -168,5 +183,5 @@ def test_int_path_is_refused_when_the_float_kernels_are_forced(int_path, monkeyp
     w, ids = routing(2, E, K, seed=0)
     monkeypatch.setenv("BITSMOE_CPU_ISA", "avx512")
     assert torch.ops.bitsmoe.cpu_isa() == "avx512"
-    with pytest.raises(RuntimeError, match="needs AVX-512 with VNNI and BW, which this CPU lacks"):
+    with pytest.raises(RuntimeError, match="needs AVX-512 with VNNI, BW, VBMI and GFNI, which this CPU lacks"):
         ops.moe_layer(torch.randn(2, H), w, ids, cpu.layer, cpu)

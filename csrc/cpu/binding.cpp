@@ -6,8 +6,8 @@
 // the integer kernels (AVX-512 VNNI; moe_cpu.h, "the integer path").
 //
 // The instruction set is chosen at every call from the CPU's flags (AVX-512 where present, else AVX2; the integer
-// path where AVX-512 VNNI and BW are); the environment variable BITSMOE_CPU_ISA=avx512-vnni|avx512|avx2 forces one
-// (tests run each; a CPU without it is refused; avx512 and avx2 turn the integer path off).
+// path where AVX-512 VNNI, BW, VBMI and GFNI are); the environment variable BITSMOE_CPU_ISA=avx512-vnni|avx512|avx2
+// forces one (tests run each; a CPU without it is refused; avx512 and avx2 turn the integer path off).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,7 +34,8 @@ const char* forced_isa() {
 }
 
 bool has_int_path() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni");
 }
 
 // whether bitsmoe::moe_int may run: the CPU has it, and BITSMOE_CPU_ISA does not force the float kernels
@@ -137,6 +138,19 @@ at::Tensor basis_product(const Kernels& k, const Basis& b, const at::Tensor& x) 
   return out;
 }
 
+// As basis_product on the integer path: an int8 basis multiplies x rounded to 16 bits per row (moe_cpu.h), others
+// as floats
+at::Tensor basis_product_int(const VnniKernels& v, const Kernels& k, const Basis& b, const at::Tensor& x) {
+  if (b.type != BasisType::kInt8) return basis_product(k, b, x);
+  const int64_t T = x.size(0);
+  const at::Tensor bytes = at::empty({2, T, b.in}, x.options().dtype(at::kChar)), scale = at::empty({2, T}, x.options());
+  const QuantizedRows q{bytes[0].data_ptr<int8_t>(), bytes[1].data_ptr<int8_t>(), scale[0].data_ptr<float>(), scale[1].data_ptr<float>(), b.in, 1};
+  v.round(x.data_ptr<float>(), T, q);
+  at::Tensor out = at::empty({T, b.n}, x.options());
+  at::parallel_for(0, b.n, 16, [&](int64_t r0, int64_t r1) { v.int8_rows(b, q, T, out.data_ptr<float>(), r0, r1); });
+  return out;
+}
+
 // The slots of each expert (ids < 0: held elsewhere, in no list), and the experts with any.
 struct Routing {
   std::vector<int64_t> start, token, slot, used;
@@ -185,22 +199,25 @@ int64_t gate_up_parts(int64_t used, int64_t rows) {
                     std::max(int64_t{1}, rows / kMinPartRows));
 }
 
-// y = B_d (sum over each token's choices of w u), the choices in order; identity: the sum itself
-at::Tensor finish(const Kernels& k, const at::Tensor& u, const at::Tensor& topk_weights, const std::optional<at::Tensor>& down_basis,
+// y = B_d (sum over each token's choices of w u), the choices in order; identity: the sum itself. product(basis, x)
+// is the op's basis product (basis_product or basis_product_int).
+template <class Product>
+at::Tensor finish(Product product, const at::Tensor& u, const at::Tensor& topk_weights, const std::optional<at::Tensor>& down_basis,
                   const std::optional<at::Tensor>& down_basis_scale, int64_t H, at::ScalarType dtype) {
   const int64_t T = topk_weights.size(0), K = topk_weights.size(1), R_d = u.size(1);
   const at::Tensor t = (u.view({T, K, R_d}) * topk_weights.to(at::kFloat).unsqueeze(-1)).sum(1);
   if (!down_basis.has_value()) return t.to(dtype);
-  return basis_product(k, basis_arg("down_basis", *down_basis, down_basis_scale, H, R_d).view, t.contiguous()).to(dtype);
+  return product(basis_arg("down_basis", *down_basis, down_basis_scale, H, R_d).view, t.contiguous()).to(dtype);
 }
 
 // z_g, z_u = B_g x, B_u x (x itself for identity bases)
-std::pair<at::Tensor, at::Tensor> shared_projections(const Kernels& k, const at::Tensor& xf, const std::optional<at::Tensor>& gate_basis,
+template <class Product>
+std::pair<at::Tensor, at::Tensor> shared_projections(Product product, const at::Tensor& xf, const std::optional<at::Tensor>& gate_basis,
                                                      const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& gate_basis_scale,
                                                      const std::optional<at::Tensor>& up_basis_scale) {
   if (!gate_basis.has_value()) return {xf, xf};
-  return {basis_product(k, basis_arg("gate_basis", *gate_basis, gate_basis_scale, -1, xf.size(1)).view, xf),
-          basis_product(k, basis_arg("up_basis", *up_basis, up_basis_scale, -1, xf.size(1)).view, xf)};
+  return {product(basis_arg("gate_basis", *gate_basis, gate_basis_scale, -1, xf.size(1)).view, xf),
+          product(basis_arg("up_basis", *up_basis, up_basis_scale, -1, xf.size(1)).view, xf)};
 }
 
 // The three parallel loops both ops run, over the experts with tokens: gate_up(e, tokens, part, h) writes one part's
@@ -250,7 +267,8 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
   if (T == 0) return at::empty_like(x);
 
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const auto [z_g, z_u] = shared_projections(k, xf, gate_basis, up_basis, gate_basis_scale, up_basis_scale);
+  const auto product = [&](const Basis& b, const at::Tensor& in) { return basis_product(k, b, in); };
+  const auto [z_g, z_u] = shared_projections(product, xf, gate_basis, up_basis, gate_basis_scale, up_basis_scale);
   const Routing r = route(topk_ids, E);
 
   // h = (F_g^T z_g, F_u^T z_u), a = silu(h_g) * h_u per slot, u = F_d a
@@ -265,7 +283,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
       [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) {
         k.down(d.view, e, a.data_ptr<float>(), tk, R_d * share / shares, R_d * (share + 1) / shares, dst);
       });
-  return finish(k, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
+  return finish(product, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
 }
 
 // Factors in the CPU layout (moe_cpu.h, CpuFactors) with groups of group_rows rows (gate and up 4, down 16),
@@ -288,10 +306,12 @@ CpuFactorsArg cpu_factors_arg(const char* name, const at::Tensor& masks, const a
               "bitsmoe::moe_int (CPU): ", n, "_segs: expected Int [", E, ", 6, 3], found ", f.segs.scalar_type(), " ", f.segs.sizes());
   const int32_t* s = f.segs.data_ptr<int32_t>();
   constexpr int kClassWidths[] = {8, 6, 4, 3, 2, 1};
+  const int64_t words = f.masks.size(1);  // the kernels read 64 bytes (8 words) from a chunk's first plane
   for (int64_t i = 0; i < E * 6; ++i)
     TORCH_CHECK(s[3 * i] >= 0 && s[3 * i + 1] >= 0 && s[3 * i + 2] >= 0 && group_rows * (s[3 * i] + s[3 * i + 1]) <= f.rows.size(0) &&
-                    s[3 * i + 2] + s[3 * i + 1] * kClassWidths[i % 6] <= f.masks.size(0),
-                "bitsmoe::moe_int (CPU): ", n, "_segs row ", i, " points past ", n, "_rows ", f.rows.sizes(), " or ", n, "_masks ", f.masks.sizes());
+                    (s[3 * i + 2] + s[3 * i + 1] * kClassWidths[i % 6]) * words + 8 <= f.masks.numel(),
+                "bitsmoe::moe_int (CPU): ", n, "_segs row ", i, " points past ", n, "_rows ", f.rows.sizes(), " or ", n, "_masks ", f.masks.sizes(),
+                " (whose last 64 bytes must be padding)");
   f.view = {reinterpret_cast<const uint64_t*>(f.masks.data_ptr<int64_t>()),
             reinterpret_cast<const uint16_t*>(f.scales.data_ptr<at::Half>()),
             f.rows.data_ptr<int32_t>(),
@@ -313,7 +333,7 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
                    const at::Tensor& gate_rows, const at::Tensor& gate_segs, const at::Tensor& up_masks, const at::Tensor& up_scales,
                    const at::Tensor& up_rows, const at::Tensor& up_segs, const at::Tensor& down_masks, const at::Tensor& down_scales,
                    const at::Tensor& down_rows, const at::Tensor& down_segs, int64_t group_size) {
-  TORCH_CHECK(int_path(), "bitsmoe::moe_int (CPU): needs AVX-512 with VNNI and BW, which this CPU lacks (or BITSMOE_CPU_ISA forces ",
+  TORCH_CHECK(int_path(), "bitsmoe::moe_int (CPU): needs AVX-512 with VNNI, BW, VBMI and GFNI, which this CPU lacks (or BITSMOE_CPU_ISA forces ",
               "the float kernels); use bitsmoe::moe on the canonical layout");
   const VnniKernels& v = kAvx512Vnni;
   const Kernels& k = kAvx512;
@@ -329,7 +349,8 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
   if (T == 0) return at::empty_like(x);
 
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const auto [z_g, z_u] = shared_projections(k, xf, gate_basis, up_basis, gate_basis_scale, up_basis_scale);
+  const auto product = [&](const Basis& b, const at::Tensor& in) { return basis_product_int(v, k, b, in); };
+  const auto [z_g, z_u] = shared_projections(product, xf, gate_basis, up_basis, gate_basis_scale, up_basis_scale);
   const Routing r = route(topk_ids, E);
   const int64_t parts = gate_up_parts(static_cast<int64_t>(r.used.size()), std::min(R_g, R_u)), groups = I / group_size;
   const at::Tensor a = at::empty({T * K, I}, xf.options()), bytes = at::empty({2, T * K, I}, x.options().dtype(at::kChar));
@@ -342,7 +363,7 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
       },
       [&](const float* h, const Tokens& tk) { v.activate(h, parts, tk, a.data_ptr<float>(), q); },
       [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) { v.down(d.view, e, q, tk, share, shares, dst); });
-  return finish(k, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
+  return finish(product, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
 }
 
 }  // namespace

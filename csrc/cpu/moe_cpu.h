@@ -62,19 +62,21 @@ struct Kernels {
 extern const Kernels kAvx512;
 extern const Kernels kAvx2;
 
-// ---- the integer path (AVX-512 VNNI), on the CPU layout of bitsmoe_vllm/cpu_layout.py ----------------------------
+// ---- the integer path (AVX-512 VNNI, BW, VBMI, GFNI), on the CPU layout of bitsmoe_vllm/cpu_layout.py -------------
 //
 // Activations are rounded to 16-bit integers, q = 256 hi + lo with hi and lo signed bytes, one scale per (128 rank
-// rows, column group) for gate/up and per (slot, column group) for down; codes are decoded to bytes, and each
-// vpdpbusd adds 64 code x byte products (once for hi, once for lo).
+// rows, column group) for gate/up, per (slot, column group) for down and per token for int8 bases; codes are decoded
+// to bytes (int8 bases: their sign bit flipped), and each vpdpbusd adds 64 code x byte products (once for hi, once
+// for lo).
 
 // Factors in the CPU layout: each expert's stored rows grouped by width (8, 6, 4, 3, 2, 1 bits), each class padded
 // to a multiple of the group size with rows of rank -1 and scale 0; per group, plane and chunk of columns, one
 // uint64 mask. scales [I/G, rows] float16 (column-group major), rows [rows] int32: each row's rank index (-1 for
 // padding). segs [E, 6, 3] int32: for each (expert, width class) its first group, number of groups and first mask
-// row (`chunks` masks make a row).
+// row (`chunks` masks make a row). The masks end with at least 64 bytes of zeros: a chunk's planes are read as one
+// 64-byte load.
 // - gate and up: 4-row groups, chunks of 16 columns; bit 4j + r of a mask is its plane's bit of column 16c + j of
-//   the group's row r. A class's groups are taken 16 at a time (a block, the last one shorter), a block's masks
+//   the group's row r. A class's groups are taken 32 at a time (a block, the last one shorter), a block's masks
 //   ordered [tile, group, chunk in the tile, plane], a tile being tile_chunks chunks (8, 4 or 2: the most that
 //   divides a column group).
 // - down: 16-row groups, chunks of 4 columns; bit 4i + c of a mask is its plane's bit of column 4m + c of the
@@ -87,8 +89,8 @@ struct CpuFactors {
   int64_t R, chunks, groups, group_chunks, tile_chunks, stored_rows;  // chunks per row of masks, groups = I/G, stored_rows = rows' length
 };
 
-// Activations a [slots, I] as 16-bit integers: hi, lo [slots, I] int8; per (slot, column group) its scale and the
-// sum of its values as rounded (scale * sum of q), [slots, I/G] float32.
+// Rows of activations [rows, I] as 16-bit integers: hi, lo [rows, I] int8; per (row, column group) its scale and the
+// sum of its values as rounded (scale * sum of q), [rows, groups] float32.
 struct QuantizedRows {
   int8_t* hi;
   int8_t* lo;
@@ -99,7 +101,10 @@ struct QuantizedRows {
 
 struct VnniKernels {
   const char* name;
-  void (*basis_rows)(const Basis& b, const float* x, int64_t T, float* out, int64_t r0, int64_t r1);
+  // x [rows, q.I] rounded into q, one scale per (row, column group)
+  void (*round)(const float* x, int64_t rows, const QuantizedRows& q);
+  // As Kernels::basis_rows for an int8 basis, on x [T, b.in] rounded by `round` with one group per row
+  void (*int8_rows)(const Basis& b, const QuantizedRows& x, int64_t T, float* out, int64_t r0, int64_t r1);
   // As Kernels::gate_up_part, on the CPU layout; a part is a share of each expert's 4-row groups.
   void (*gate_up_part)(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u, const Tokens& tk,
                        int64_t part, int64_t parts, float* h);

@@ -1,9 +1,9 @@
-// The integer kernels of moe_cpu.h ("the integer path") for AVX-512 with VNNI and BW; binding.cpp uses them only
-// where the CPU reports avx512vnni and avx512bw. The float helpers (bases, SiLU, width dispatch) are
+// The integer kernels of moe_cpu.h ("the integer path") for AVX-512 with VNNI, BW, VBMI and GFNI; binding.cpp uses
+// them only where the CPU reports all four. The float helpers (float bases, SiLU, width dispatch) are
 // moe_cpu_impl.h's, compiled here once more.
 //
-// A b-bit code costs b/64 of a masked byte add to decode (64 codes per add, one plane at a time) and 2/64 of a
-// vpdpbusd (hi and lo bytes of the activation): about 1/4 of the float path's b/16 masked multiply-adds.
+// 64 codes of any width cost 3 instructions to decode (a load, a byte permute, a bit transpose) and 2 vpdpbusd (hi
+// and lo bytes of the activation), where the float path spends b/16 masked multiply-adds per code.
 // GCC 12 flags its own _mm512_undefined_* inside the intrinsics header (GCC bug 105593)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -13,7 +13,7 @@
 
 #include "moe_cpu.h"
 
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,avx2,fma,f16c")
 #define BITSMOE_AVX512 1
 #include "moe_cpu_impl.h"
 
@@ -25,22 +25,54 @@ using bitsmoe::cpu::QuantizedRows;
 constexpr float kQMax = 32639.f;  // 256 * 127 + 127: q = 256 hi + lo with hi, lo in [-127, 127]
 constexpr int kGroupsPerBlock = 32;  // 4-row groups rounded with one scale: 128 rank rows
 
-// the 64 offset codes u (bytes) of a B-bit chunk whose plane masks are m: bit p of u is bit p of plane p's mask
-template <int B>
-inline __m512i decode_bytes(const uint64_t (&m)[B]) {
-  __m512i u = _mm512_maskz_mov_epi8(_cvtu64_mask64(m[0]), _mm512_set1_epi8(1));
-#pragma GCC unroll 8
-  for (int p = 1; p < B; ++p) u = _mm512_mask_add_epi8(u, _cvtu64_mask64(m[p]), u, _mm512_set1_epi8(static_cast<char>(1 << p)));
-  return u;
+// acc + the products of u's unsigned bytes and s's signed bytes, four to a lane (vpdpbusd). In assembly: around the
+// intrinsic, GCC 12 copies the accumulator to another register and back (4 moves per vpdpbusd in project_block)
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
 }
 
-// q = round(v * inv), stored as bytes hi, lo with q = 256 hi + lo (16 values); returns q
-inline __m512i round16(__m512 v, __m512 inv, int8_t* hi, int8_t* lo) {
+// the 64 offset codes (bytes) of a B-bit chunk whose B plane masks start at m: byte n has plane p's bit n as its bit
+// p. vpermb puts byte k of plane p at byte 7 - p of qword k (zeros above plane B - 1), and gf2p8affineqb, with those
+// qwords as its 8 x 8 bit matrices and 1 << j as byte j, transposes each. 3 instructions for any width (masked adds
+// took 2 per plane: at 2 bits 1.23 against 1.03 ns per 64 codes, at 3 bits 1.61 against 1.04, in L1). Reads 64
+// bytes from m, which the layout allows (its masks end with 64 bytes of zeros); a masked load takes 1.6 ns instead.
+constexpr long long transposed_qword(int k) { return 0x0008101820283038ll + k * 0x0101010101010101ll; }  // byte 7 - p: 8p + k
+template <int B>
+inline __m512i decode_bytes(const uint64_t* m) {
+  constexpr uint64_t kPlanes = 0x0101010101010101ull * ((0xFF00u >> B) & 0xFF);  // bytes 7 - p for p < B
+  const __m512i index = _mm512_set_epi64(transposed_qword(7), transposed_qword(6), transposed_qword(5), transposed_qword(4),
+                                         transposed_qword(3), transposed_qword(2), transposed_qword(1), transposed_qword(0));
+  const __m512i planes = _mm512_maskz_permutexvar_epi8(kPlanes, index, _mm512_loadu_si512(m));
+  return _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64(0x8040201008040201ll), planes, 0);
+}
+
+// the first n (at most 16) lanes
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+
+// q = round(v * inv), stored as bytes hi, lo with q = 256 hi + lo (the lanes of m); returns q
+inline __m512i round16(__m512 v, __m512 inv, __mmask16 m, int8_t* hi, int8_t* lo) {
   const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
   const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtepi32_epi8(h));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, _mm512_slli_epi32(h, 8))));
+  _mm512_mask_cvtepi32_storeu_epi8(hi, m, h);
+  _mm512_mask_cvtepi32_storeu_epi8(lo, m, _mm512_sub_epi32(q, _mm512_slli_epi32(h, 8)));
   return q;
+}
+
+// v [n] rounded to 16-bit integers with one scale into hi, lo [n]; *scale = amax / kQMax, and *sum = *scale * (the
+// sum of q), what the rounded values add up to
+inline void round_values(const float* v, int64_t n, int8_t* hi, int8_t* lo, float* scale, float* sum) {
+  __m512 top = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(n - i), v + i)));
+  const float amax = _mm512_reduce_max_ps(top);
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? kQMax / amax : 0.f);
+  __m512i q = _mm512_setzero_si512();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = first_lanes(n - i);
+    q = _mm512_add_epi32(q, round16(_mm512_maskz_loadu_ps(m, v + i), inv, m, hi + i, lo + i));
+  }
+  *scale = amax / kQMax;
+  *sum = amax / kQMax * static_cast<float>(_mm512_reduce_add_epi32(q));
 }
 
 // 256 hi + lo of two integer sums, as floats
@@ -58,7 +90,7 @@ struct RoundedRows {
 // z[rank of row k] (0 for padding) for the n rows from row0 (once per block and token: the column groups share it)
 inline void gather_rows(const CpuFactors& f, const float* z, int64_t row0, int n, float* zr) {
   for (int i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = first_lanes(n - i);
     const __m512i rank = _mm512_maskz_loadu_epi32(m, f.rows + row0 + i);
     const __mmask16 stored = _mm512_mask_cmpge_epi32_mask(m, rank, _mm512_setzero_si512());  // padding rows have rank -1
     _mm512_store_ps(zr + i, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), stored, rank, z, 4));
@@ -70,7 +102,7 @@ inline void round_rows(const CpuFactors& f, const float* zr, int64_t row0, int n
   alignas(64) float y[4 * kGroupsPerBlock];
   __m512 top = _mm512_setzero_ps();
   for (int i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = first_lanes(n - i);
     const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, f.scales + g * f.stored_rows + row0 + i));
     const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_load_ps(m, zr + i), s), _mm512_set1_ps(step));
     _mm512_store_ps(y + i, v);
@@ -81,8 +113,8 @@ inline void round_rows(const CpuFactors& f, const float* zr, int64_t row0, int n
   const __m512 inv = _mm512_set1_ps(amax > 0.f ? kQMax / amax : 0.f);
   __m512i sum = _mm512_setzero_si512();
   for (int i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-    sum = _mm512_add_epi32(sum, round16(_mm512_maskz_load_ps(m, y + i), inv, reinterpret_cast<int8_t*>(out.hi) + i,
+    const __mmask16 m = first_lanes(n - i);
+    sum = _mm512_add_epi32(sum, round16(_mm512_maskz_load_ps(m, y + i), inv, m, reinterpret_cast<int8_t*>(out.hi) + i,
                                         reinterpret_cast<int8_t*>(out.lo) + i));
   }
   out.offset = lowest / step * out.scale * static_cast<float>(_mm512_reduce_add_epi32(sum));
@@ -105,14 +137,11 @@ inline void add_tile(const CpuFactors& f, const uint64_t* masks, int n, int64_t 
     }
 #pragma GCC unroll 8
     for (int c = 0; c < NC; ++c) {
-      uint64_t word[B];
-#pragma GCC unroll 8
-      for (int p = 0; p < B; ++p) word[p] = m[c * B + p];
-      const __m512i u = decode_bytes<B>(word);
+      const __m512i u = decode_bytes<B>(m + c * B);
 #pragma GCC unroll 4
       for (int j = 0; j < NT; ++j) {
-        hi[j][c] = _mm512_dpbusd_epi32(hi[j][c], u, yh[j]);
-        lo[j][c] = _mm512_dpbusd_epi32(lo[j][c], u, yl[j]);
+        hi[j][c] = dpbusd(hi[j][c], u, yh[j]);
+        lo[j][c] = dpbusd(lo[j][c], u, yl[j]);
       }
     }
   }
@@ -193,24 +222,76 @@ void gate_up_part_int(const CpuFactors& g, const CpuFactors& u, int64_t e, const
 
 // ---- a = silu(h_g) * h_u, rounded per (slot, column group) ------------------------------------------------------
 
+// rows [row0, row0 + rows) of x [*, q.I], each column group rounded with a scale of its own into q
+void round_groups(const float* x, int64_t row0, int64_t rows, const QuantizedRows& q) {
+  const int64_t G = q.I / q.groups;
+  for (int64_t s = row0; s < row0 + rows; ++s)
+    for (int64_t g = 0; g < q.groups; ++g) {
+      const int64_t at = s * q.I + g * G;
+      round_values(x + at, G, q.hi + at, q.lo + at, q.scale + s * q.groups + g, q.sum + s * q.groups + g);
+    }
+}
+
+void round_int(const float* x, int64_t rows, const QuantizedRows& q) { round_groups(x, 0, rows, q); }
+
 void activate_int(const float* h, int64_t parts, const Tokens& tk, float* a, const QuantizedRows& q) {
   activate(h, parts, tk, q.I, a);
-  const int64_t G = q.I / q.groups;
-  for (int64_t j = 0; j < tk.n; ++j) {
-    const int64_t s = tk.slot[j];
-    for (int64_t g = 0; g < q.groups; ++g) {
-      const float* v = a + s * q.I + g * G;
-      __m512 top = _mm512_setzero_ps();
-      for (int64_t c = 0; c < G; c += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(v + c)));
-      const float amax = _mm512_reduce_max_ps(top);
-      const __m512 inv = _mm512_set1_ps(amax > 0.f ? kQMax / amax : 0.f);
-      __m512i sum = _mm512_setzero_si512();
-      for (int64_t c = 0; c < G; c += 16)
-        sum = _mm512_add_epi32(sum, round16(_mm512_loadu_ps(v + c), inv, q.hi + s * q.I + g * G + c, q.lo + s * q.I + g * G + c));
-      q.scale[s * q.groups + g] = amax / kQMax;
-      q.sum[s * q.groups + g] = amax / kQMax * static_cast<float>(_mm512_reduce_add_epi32(sum));
+  for (int64_t j = 0; j < tk.n; ++j) round_groups(a, tk.slot[j], 1, q);
+}
+
+// ---- int8 bases: out[t, r] = scale_r * sum_i W[r, i] x[t, i], x rounded to 16 bits per row -----------------------
+
+// W + 128 (the sign bit flipped) is vpdpbusd's unsigned operand and x's bytes the signed one: the 128 added to every
+// weight adds 128 * (sum of x as rounded) to every row, x.sum, taken off at the end.
+template <int NR, int NT>
+void int8_block(const Basis& b, const QuantizedRows& x, int64_t r, int64_t t, float* out) {
+  __m512i hi[NR][NT], lo[NR][NT];
+#pragma GCC unroll 8
+  for (int i = 0; i < NR * NT; ++i) hi[i / NT][i % NT] = lo[i / NT][i % NT] = _mm512_setzero_si512();
+  const int8_t* w = static_cast<const int8_t*>(b.weight) + r * b.in;
+  const int8_t* xhi = x.hi + t * x.I;
+  const int8_t* xlo = x.lo + t * x.I;
+  const bool prefetch = r + 5 * NR <= b.n;  // the rows 4 blocks ahead into L2, as basis_block
+  for (int64_t c = 0; c < b.in; c += 64) {
+    const __mmask64 m = b.in - c >= 64 ? ~0ull : (1ull << (b.in - c)) - 1;
+    if (prefetch)
+#pragma GCC unroll 4
+      for (int i = 0; i < NR; ++i) _mm_prefetch(reinterpret_cast<const char*>(w + (4 * NR + i) * b.in + c), _MM_HINT_T2);
+    __m512i xh[NT], xl[NT];
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; ++j) {
+      xh[j] = _mm512_maskz_loadu_epi8(m, xhi + j * x.I + c);
+      xl[j] = _mm512_maskz_loadu_epi8(m, xlo + j * x.I + c);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; ++i) {
+      const __m512i wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + i * b.in + c), _mm512_set1_epi8(-128));
+#pragma GCC unroll 4
+      for (int j = 0; j < NT; ++j) {
+        hi[i][j] = dpbusd(hi[i][j], wu, xh[j]);
+        lo[i][j] = dpbusd(lo[i][j], wu, xl[j]);
+      }
     }
   }
+#pragma GCC unroll 4
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; ++j) {
+      const float sum = x.scale[t + j] * _mm512_reduce_add_ps(combine(hi[i][j], lo[i][j])) - 128.f * x.sum[t + j];
+      out[(t + j) * b.n + r + i] = half(b.scale[r + i]) * sum;
+    }
+}
+
+// x: rounded by round_int with one group per row
+void int8_rows(const Basis& b, const QuantizedRows& x, int64_t T, float* out, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    int64_t t = 0;
+    for (; t + 2 <= T; t += 2) int8_block<4, 2>(b, x, r, t, out);
+    if (t < T) int8_block<4, 1>(b, x, r, t, out);
+  }
+  for (; r < r1; ++r)
+    for (int64_t t = 0; t < T; ++t) int8_block<1, 1>(b, x, r, t, out);
 }
 
 // ---- down: u[slot, k] = F[k, :] . a[slot, :] on the CPU layout, 16 rows (the 16 lanes) at a time --------------
@@ -237,14 +318,11 @@ void down_group(const CpuFactors& d, const uint64_t* masks, int64_t row0, const 
     for (int64_t m = g * d.group_chunks; m < (g + 1) * d.group_chunks; m += P) {
 #pragma GCC unroll 4
       for (int c = 0; c < P; ++c) {
-        uint64_t word[B];
-#pragma GCC unroll 8
-        for (int p = 0; p < B; ++p) word[p] = masks[(m + c) * B + p];
-        const __m512i codes = decode_bytes<B>(word);
+        const __m512i codes = decode_bytes<B>(masks + (m + c) * B);
 #pragma GCC unroll 4
         for (int j = 0; j < NT; ++j) {
-          hi[j][c] = _mm512_dpbusd_epi32(hi[j][c], codes, four_columns(a.hi + slot[j] * I + 4 * (m + c)));
-          lo[j][c] = _mm512_dpbusd_epi32(lo[j][c], codes, four_columns(a.lo + slot[j] * I + 4 * (m + c)));
+          hi[j][c] = dpbusd(hi[j][c], codes, four_columns(a.hi + slot[j] * I + 4 * (m + c)));
+          lo[j][c] = dpbusd(lo[j][c], codes, four_columns(a.lo + slot[j] * I + 4 * (m + c)));
         }
       }
     }
@@ -284,4 +362,4 @@ void down_int(const CpuFactors& d, int64_t e, const QuantizedRows& a, const Toke
 
 }  // namespace
 
-const bitsmoe::cpu::VnniKernels bitsmoe::cpu::kAvx512Vnni = {"avx512-vnni", &basis_rows, &gate_up_part_int, &activate_int, &down_int};
+const bitsmoe::cpu::VnniKernels bitsmoe::cpu::kAvx512Vnni = {"avx512-vnni", &round_int, &int8_rows, &gate_up_part_int, &activate_int, &down_int};
