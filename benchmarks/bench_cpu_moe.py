@@ -12,13 +12,18 @@ Layers are random (codes, scales, bases; tests/test_cpu_kernel.py checks correct
 float16 or int8 bases, group size 128. Widths per rank row: 2.0 bits = every row 2 bits, 2.5 = half 2 and half 3,
 3.0 = every row 3 bits. The bf16 baseline gets the dense experts of the 2.5-bit layer (B^T F per expert, in bf16;
 its time does not depend on the values) and its output is compared with BitsMoE's on that layer. Each timed call
-gets fresh routing and runs after the last-level cache has been flushed by reading 256 MiB, as in decoding a real
-model, where the next layer's weights are not in cache and the previous layer's fill it (a flush by writing leaves
-dirty lines that each read must first write back: 0.3 ms more per call at T = 1 here). bf16 and the three widths
-take turns call by call (this VM's speed drifts), and the median of each is reported. "Bytes" are what must be
+gets fresh routing and runs after the last-level cache has been flushed by reading 256 MiB (written once at the start:
+a never-written buffer reads as the one zero page, which evicts nothing, and runs before 2026-11-23 flushed that
+way), as in decoding a real model, where the next layer's weights are not in cache and the other layers' fill it.
+bf16 and the three widths take turns call by call (this VM's speed drifts), and the median of each is reported. "Bytes" are what must be
 read at least once: the codes, scales and bit widths of the selected experts, the bases, the activations; the bf16
-baseline's are the selected experts' dense weights. The bound is those bytes at the higher of two measured
-bandwidths, same threads: torch's copy of 256 MiB (bytes read plus written) and its sum of 256 MiB (bytes read).
+baseline's are the selected experts' dense weights. The bound is those bytes at the read bandwidth of the same
+minutes: the flush before each call is torch's sum of 256 MiB (same threads), timed, and the median over the calls of
+one T is that row's `read_GBps` (it moved between 30 and 64 GB/s from run to run here). torch's copy of 256 MiB
+(bytes read plus written) and its sum, measured once at the start, are printed beside it.
+Both sides' weights are on huge pages: to_cpu_layer puts the integer path's there, and this script copies the bf16
+baseline's there too (torch.ops.bitsmoe.huge_page_copy), although vLLM serving bf16 leaves them on 4 KiB pages
+(unless started with THP_MEM_ALLOC_ENABLE=1); the float kernels read the canonical tensors, on 4 KiB pages.
 """
 
 import argparse
@@ -45,7 +50,7 @@ SHAPES = {  # H, I, E, top-k
 }
 BITS = {2.0: (2,), 2.5: (2, 3), 3.0: (3,)}  # widths, each on an equal share of the rank rows
 GROUP = 128
-FLUSH = torch.empty(256 * 2**20 // 4)  # 8x this machine's last-level cache
+FLUSH = torch.ones(256 * 2**20 // 4)  # 8x this machine's last-level cache, written (see above)
 
 
 def random_factors(E: int, R: int, I: int, widths: tuple[int, ...], g: torch.Generator) -> Factors:
@@ -81,18 +86,21 @@ def dense_weights(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(w13), torch.stack(w2)
 
 
-def median_ms(fns: dict, inputs: list, repeats: int) -> dict:
-    """Median ms per call of each function, the functions taking turns (this VM's speed drifts over minutes)."""
+def median_ms(fns: dict, inputs: list, repeats: int) -> tuple[dict, float]:
+    """Median ms per call of each function, the functions taking turns (this VM's speed drifts over minutes), and the
+    GB/s of the flushes before the calls (torch's sum of 256 MiB: the read bandwidth of the same minutes), median."""
     for fn in fns.values():
         fn(*inputs[0])  # warm-up
-    times = {name: [] for name in fns}
+    times, flushes = {name: [] for name in fns}, []
     for r in range(repeats):
         for name, fn in fns.items():
+            start = time.perf_counter()
             FLUSH.sum()  # evict the previous call's weights by reading: clean lines, as after a layer's weights
+            flushes.append(time.perf_counter() - start)
             start = time.perf_counter()
             fn(*inputs[r % len(inputs)])
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}, FLUSH.numel() * 4 / statistics.median(flushes) / 1e9
 
 
 def bandwidths() -> tuple[float, float]:
@@ -140,8 +148,7 @@ def main() -> None:
     for name in a.shapes:
         H, I, E, K = SHAPES[name]
         for basis_dtype in a.bases:
-            # bases of its own for each layer: this CPU's last-level cache keeps part of what a flush by reading should
-            # evict, and bases shared by the widths' layers were found in it by the next call (0.2-0.3 ms less)
+            # bases of its own for each layer, as in a model
             layers = {bits: MoELayer(*(random_basis(H, H, basis_dtype, g) for _ in range(3)), *(random_factors(E, H, I, w, g) for _ in range(3)), GROUP)
                       for bits, w in BITS.items()}  # fmt: skip
             bases = (layers[2.5].gate_basis, layers[2.5].up_basis, layers[2.5].down_basis)
@@ -149,7 +156,7 @@ def main() -> None:
             int_path = torch.ops.bitsmoe.cpu_isa() == "avx512-vnni"
             kernels = {bits: to_cpu_layer(layer) if int_path else None for bits, layer in layers.items()}
             w13, w2 = dense_weights(layers[2.5])
-            w13, w2 = vllm_ops.cpu_prepack_moe_weight(w13, isa), vllm_ops.cpu_prepack_moe_weight(w2, isa)
+            w13, w2 = (torch.ops.bitsmoe.huge_page_copy(vllm_ops.cpu_prepack_moe_weight(w, isa)) for w in (w13, w2))
 
             def bf16(x, w, ids):
                 out = torch.empty_like(x)
@@ -166,7 +173,7 @@ def main() -> None:
                 fns = {"bf16": bf16, **{bits: partial(ops.moe_layer, layer=layer, kernel=kernels[bits]) for bits, layer in layers.items()}}
                 if int_path:
                     fns |= {("float", bits): partial(ops.moe_layer, layer=layer) for bits, layer in layers.items()}
-                ms_of = median_ms(fns, inputs, a.repeats)
+                ms_of, read_now = median_ms(fns, inputs, a.repeats)
                 bf16_ms = ms_of["bf16"]
                 bf16_bytes = selected * 3 * I * H * 2 + act_bytes
                 for bits, layer in layers.items():
@@ -174,15 +181,15 @@ def main() -> None:
                     must_read = selected * per_expert + basis_bytes + act_bytes
                     ms, ref_ms = ms_of[bits], None
                     if T <= a.reference_max_tokens:
-                        ref_ms = median_ms({"reference": partial(moe_forward, layer=layer)}, inputs, 3)["reference"]
+                        ref_ms = median_ms({"reference": partial(moe_forward, layer=layer)}, inputs, 3)[0]["reference"]
                     row = {"shape": name, "H": H, "I": I, "E": E, "top_k": K, "basis_dtype": basis_dtype, "bits": bits, "T": T,
                            "selected_experts": selected, "bytes_must_read": must_read, "bitsmoe_ms": ms,
-                           "bitsmoe_GBps": must_read / ms / 1e6, "bound_ms": must_read / max(copy, read) / 1e6, "bf16_ms": bf16_ms,
+                           "bitsmoe_GBps": must_read / ms / 1e6, "read_GBps": read_now, "bound_ms": must_read / read_now / 1e6, "bf16_ms": bf16_ms,
                            "bf16_bytes": bf16_bytes, "bf16_GBps": bf16_bytes / bf16_ms / 1e6, "speedup_vs_bf16": bf16_ms / ms,
                            "float_kernel_ms": ms_of.get(("float", bits), ms), "reference_ms": ref_ms}  # fmt: skip
                     rows.append(row)
                     print(f"{name:17s} {basis_dtype:7s} {bits:.1f} T={T:4d}  bitsmoe {ms:8.2f} ms {row['bitsmoe_GBps']:5.1f} GB/s "
-                          f"(bound {row['bound_ms']:6.2f} ms, float kernel {row['float_kernel_ms']:6.2f} ms)  bf16 {bf16_ms:8.2f} ms  x{bf16_ms / ms:4.2f}  "
+                          f"(bound {row['bound_ms']:6.2f} ms at {read_now:4.1f} GB/s, float kernel {row['float_kernel_ms']:6.2f} ms)  bf16 {bf16_ms:8.2f} ms  x{bf16_ms / ms:4.2f}  "
                           f"reference {'-' if ref_ms is None else f'{ref_ms:.1f}'} ms", flush=True)  # fmt: skip
             del w13, w2
     result = {"machine": describe(), "threads": torch.get_num_threads(), "kernel_isa": torch.ops.bitsmoe.cpu_isa(),

@@ -16,7 +16,8 @@ mask per group, plane and few columns, so that decoding a mask gives the 64 code
   group's row i (four columns' activations make one int32; the 16 rows' sums are the 16 lanes), a group's masks
   ordered [chunk, plane].
 The masks end with at least 64 bytes of zeros (whole rows): the kernel reads a chunk's planes as one 64-byte load.
-Scales are stored column-group major, [I/G, rows].
+Scales are stored column-group major, [I/G, rows]. The masks, scales and bases are copied onto huge pages
+(csrc/cpu/huge_pages.cpp).
 
 Numerics: the kernel rounds activations to 16-bit integers (the gate/up inputs z * scale per 128 rows and column
 group, the down input a per slot and column group, the input of an int8 basis per token), so it matches the float32
@@ -161,10 +162,14 @@ def to_cpu_down(f: Factors) -> CpuFactors:
 
 
 def to_cpu_layer(layer: MoELayer) -> CpuLayer:
-    """The layer with its factors in the CPU layout; it holds no reference to the canonical factors."""
-    gate, up, down = to_cpu_factors(layer.gate, layer.group_size), to_cpu_factors(layer.up, layer.group_size), to_cpu_down(layer.down)
+    """The layer with its factors in the CPU layout, and they and the bases on huge pages (csrc/cpu/huge_pages.cpp);
+    it holds no reference to the canonical factors or bases."""
+    huge = torch.ops.bitsmoe.huge_page_copy
+    gate, up, down = (replace(f, masks=huge(f.masks), scales=huge(f.scales))
+                      for f in (to_cpu_factors(layer.gate, layer.group_size), to_cpu_factors(layer.up, layer.group_size), to_cpu_down(layer.down)))  # fmt: skip
+    g, u, d = (None if b is None else replace(b, weight=huge(b.weight)) for b in (layer.gate_basis, layer.up_basis, layer.down_basis))
     empty = Factors(layer.gate.codes[:0].clone(), layer.gate.scales[:0].clone(), layer.gate.bits[:, :0].clone())
-    return CpuLayer(replace(layer, gate=empty, up=empty, down=empty), gate, up, down)
+    return CpuLayer(replace(layer, gate_basis=g, up_basis=u, down_basis=d, gate=empty, up=empty, down=empty), gate, up, down)
 
 
 def moe_forward_int(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, cpu: CpuLayer) -> torch.Tensor:

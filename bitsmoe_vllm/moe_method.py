@@ -221,11 +221,12 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
                 )
         elif layer.w13_codes.device.type == "cpu" and ops.CPU_KERNEL:
             isa = torch.ops.bitsmoe.cpu_isa()
-            if isa == "avx512-vnni":  # the integer path: the factors in the CPU layout, the canonical copy freed
+            if isa == "avx512-vnni":  # the integer path: the CPU layout, on huge pages; the loaded tensors freed
                 self.kernel = cpu_layout.to_cpu_layer(self.layer)
                 self.layer = self.kernel.layer
-                for name in ("w13_codes", "w13_scales", "w2_codes", "w2_scales"):
-                    getattr(layer, name).data = getattr(layer, name).data.new_empty(0)
+                for name in ("w13_codes", "w13_scales", "w2_codes", "w2_scales", "w13_basis", "w2_basis"):
+                    if hasattr(layer, name):  # no bases with basis_dtype identity
+                        getattr(layer, name).data = getattr(layer, name).data.new_empty(0)
             logger.info_once("bitsmoe: MoE layers run the CPU kernel (%s)", isa)
         elif layer.w13_codes.device.type == "cpu":
             logger.warning_once(
