@@ -16,8 +16,11 @@ mask per group, plane and few columns, so that decoding a mask gives the 64 code
   group's row i (four columns' activations make one int32; the 16 rows' sums are the 16 lanes), a group's masks
   ordered [chunk, plane].
 The masks end with at least 64 bytes of zeros (whole rows): the kernel reads a chunk's planes as one 64-byte load.
-Scales are stored column-group major, [I/G, rows]. The masks, scales and bases are copied onto huge pages
-(csrc/cpu/huge_pages.cpp).
+Scales are stored column-group major, [I/G, rows].
+- bases (`to_cpu_basis`): same shape, the rows in blocks of 4 (the last one n % 4 rows), a block stored one 64-column
+  chunk after the other (the last one what is left), a chunk the block's rows one after the other: the 4 rows a
+  thread multiplies at once are one stream (row-major, they are 4 streams a row apart).
+The masks, scales and bases are copied onto huge pages (csrc/cpu/huge_pages.cpp).
 
 Numerics: the kernel rounds activations to 16-bit integers (the gate/up inputs z * scale per 128 rows and column
 group, the down input a per slot and column group, the input of an int8 basis per token), so it matches the float32
@@ -29,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from bitsmoe_vllm.kernel_layout import CLASS_WIDTHS, KernelFactors, repack
-from bitsmoe_vllm.reference import Factors, MoELayer
+from bitsmoe_vllm.reference import Basis, Factors, MoELayer
 
 GROUPS_PER_BLOCK = 32  # gate/up 4-row groups whose activations share a rounding scale (csrc/cpu/moe_cpu_vnni.cpp)
 DOWN_GROUP_ROWS = 16  # rows of a down group: the 16 int32 lanes of a vector
@@ -46,7 +49,7 @@ class CpuFactors:
 
 @dataclass(frozen=True)
 class CpuLayer:
-    layer: MoELayer  # bases as loaded; the factors empty (they are in `gate`, `up`, `down`)
+    layer: MoELayer  # bases in the CPU basis layout; the factors empty (they are in `gate`, `up`, `down`)
     gate: CpuFactors
     up: CpuFactors
     down: CpuFactors
@@ -161,13 +164,28 @@ def to_cpu_down(f: Factors) -> CpuFactors:
     return CpuFactors(masks.reshape(-1, chunks), pad.scales, pad.rows, pad.segs)
 
 
+def _blocks(w: torch.Tensor, m: int) -> torch.Tensor:
+    """w [blocks * m, in] in the CPU basis layout, blocks of m rows."""
+    full = w.shape[1] // 64 * 64
+    b = w.reshape(-1, m, w.shape[1])
+    chunks = b[..., :full].reshape(len(b), m, full // 64, 64).transpose(1, 2)  # [block, chunk, row, column]
+    return torch.cat([chunks.reshape(len(b), -1), b[..., full:].reshape(len(b), -1)], 1).reshape(w.shape)
+
+
+def to_cpu_basis(basis: Basis) -> Basis:
+    """The basis with its weight in the CPU basis layout (module docstring, csrc/cpu/moe_cpu.h), on huge pages."""
+    w, whole = basis.weight, len(basis.weight) // 4 * 4
+    tiled = torch.cat([_blocks(w[:whole], 4), _blocks(w[whole:], len(w) - whole) if whole < len(w) else w[:0]])
+    return replace(basis, weight=torch.ops.bitsmoe.huge_page_copy(tiled))
+
+
 def to_cpu_layer(layer: MoELayer) -> CpuLayer:
     """The layer with its factors in the CPU layout, and they and the bases on huge pages (csrc/cpu/huge_pages.cpp);
     it holds no reference to the canonical factors or bases."""
     huge = torch.ops.bitsmoe.huge_page_copy
     gate, up, down = (replace(f, masks=huge(f.masks), scales=huge(f.scales))
                       for f in (to_cpu_factors(layer.gate, layer.group_size), to_cpu_factors(layer.up, layer.group_size), to_cpu_down(layer.down)))  # fmt: skip
-    g, u, d = (None if b is None else replace(b, weight=huge(b.weight)) for b in (layer.gate_basis, layer.up_basis, layer.down_basis))
+    g, u, d = (None if b is None else to_cpu_basis(b) for b in (layer.gate_basis, layer.up_basis, layer.down_basis))
     empty = Factors(layer.gate.codes[:0].clone(), layer.gate.scales[:0].clone(), layer.gate.bits[:, :0].clone())
     return CpuLayer(replace(layer, gate_basis=g, up_basis=u, down_basis=d, gate=empty, up=empty, down=empty), gate, up, down)
 

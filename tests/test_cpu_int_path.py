@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bitsmoe_vllm import ops
-from bitsmoe_vllm.cpu_layout import DOWN_GROUP_ROWS, GROUPS_PER_BLOCK, tile_chunks, to_cpu_down, to_cpu_factors, to_cpu_layer
+from bitsmoe_vllm.cpu_layout import DOWN_GROUP_ROWS, GROUPS_PER_BLOCK, tile_chunks, to_cpu_basis, to_cpu_down, to_cpu_factors, to_cpu_layer
 from bitsmoe_vllm.kernel_layout import CLASS_WIDTHS
 from bitsmoe_vllm.reference import expert_factor, moe_forward
 from tests.shapes import LAYERS, TOKENS, WIDTHS
@@ -75,6 +75,29 @@ def dense_from_cpu_down(cpu, E: int, R: int, I: int, G: int) -> torch.Tensor:
     return F
 
 
+def dense_from_cpu_basis(weight: torch.Tensor) -> torch.Tensor:
+    """The row-major [n, in] matrix of a weight in the CPU basis layout, read in order as moe_cpu.h describes it."""
+    n, k = weight.shape
+    flat, dense, at = weight.flatten(), torch.empty_like(weight), 0
+    for first in range(0, n, 4):  # blocks of 4 rows, the last one what is left
+        for c0 in range(0, k, 64):  # chunks of 64 columns, the last one what is left
+            for row in range(first, min(first + 4, n)):
+                dense[row, c0 : c0 + 64] = flat[at : at + min(64, k - c0)]
+                at += min(64, k - c0)
+    assert at == flat.numel()
+    return dense
+
+
+@pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-R{s[4]}")
+@pytest.mark.parametrize("basis_dtype", ["float16", "int8"])
+def test_cpu_basis_layout_holds_the_bases(shape, basis_dtype):
+    layer = layer_of(shape, basis_dtype=basis_dtype)
+    for basis in (layer.gate_basis, layer.up_basis, layer.down_basis):  # rows not a multiple of 4, columns not of 64
+        cpu = to_cpu_basis(basis)
+        assert cpu.weight.shape == basis.weight.shape and torch.equal(dense_from_cpu_basis(cpu.weight), basis.weight)
+        assert cpu.scale is basis.scale
+
+
 @pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-G{s[5]}")
 def test_cpu_layout_holds_the_canonical_factors(shape):
     H, I, E, K, ranks, G = shape
@@ -126,6 +149,15 @@ def test_int_path_every_width_and_basis(int_path, width, basis_dtype):
     x = torch.randn(17, H, generator=torch.Generator().manual_seed(width))
     y = ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer))
     assert relative_error(y, moe_forward(x, w, ids, layer)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("basis_dtype", ["float16", "int8"])
+def test_int_path_bases_with_partial_blocks_and_chunks(int_path, basis_dtype):
+    shape = (136, 64, 4, 2, (30, 17, 134), 32)  # gate/up rows 30, 17 (blocks of 4: 2, 1 left), 136 / 134 columns (64 + 64 + 8 / 6)
+    layer = layer_of(shape, basis_dtype=basis_dtype)
+    w, ids = routing(5, 4, 2, seed=3)
+    x = torch.randn(5, 136, generator=torch.Generator().manual_seed(3))
+    assert relative_error(ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer)), moe_forward(x, w, ids, layer)) < TOLERANCE[torch.float32]
 
 
 def test_int_path_no_tokens_gives_zeros_and_reruns_are_identical(int_path):

@@ -10,6 +10,7 @@
 // forces one (tests run each; a CPU without it is refused; avx512 and avx2 turn the integer path off).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -77,7 +78,8 @@ struct BasisArg {
   at::Tensor weight, scale;
 };
 
-BasisArg basis_arg(const char* name, const at::Tensor& weight, const std::optional<at::Tensor>& scale, int64_t rows, int64_t in) {
+// tiled: in the CPU basis layout (moe_cpu.h)
+BasisArg basis_arg(const char* name, const at::Tensor& weight, const std::optional<at::Tensor>& scale, int64_t rows, int64_t in, bool tiled) {
   BasisArg b{{}, weight.contiguous(), {}};
   TORCH_CHECK(b.weight.dim() == 2 && (rows < 0 || b.weight.size(0) == rows) && b.weight.size(1) == in, "bitsmoe::moe (CPU): ", name,
               ": expected [", rows < 0 ? std::string("*") : std::to_string(rows), ", ", in, "], found ", b.weight.sizes());
@@ -98,32 +100,41 @@ BasisArg basis_arg(const char* name, const at::Tensor& weight, const std::option
   b.view.weight = b.weight.data_ptr();
   b.view.n = b.weight.size(0);
   b.view.in = in;
+  b.view.tiled = tiled;
   return b;
 }
+
+// Scratch memory of a call, from torch's CPU allocator but through no operator: a cold operator call (code and
+// tables out of cache after the weights streamed through) costs ~20 us, and a layer at T = 1 takes ~1 ms
+template <class T>
+struct Scratch {
+  c10::DataPtr data;
+  explicit Scratch(int64_t n) : data(c10::GetCPUAllocator()->allocate(std::max<int64_t>(n, 1) * sizeof(T))) {}
+  T* get() const { return static_cast<T*>(data.get()); }
+};
 
 // One projection's factors, the tensors behind them, and each expert's first plane and stored row.
 struct FactorsArg {
   Factors view;
-  at::Tensor codes, scales, bits, plane_at, row_at;
+  at::Tensor codes, scales, bits;
+  std::vector<int64_t> plane_at, row_at;
 };
 
 FactorsArg factors_arg(const Kernels& k, const char* name, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bits, int64_t E, int64_t I,
                        int64_t G) {
-  FactorsArg f{{}, codes.contiguous(), scales.contiguous(), bits.contiguous(), {}, {}};
+  FactorsArg f{{}, codes.contiguous(), scales.contiguous(), bits.contiguous(), std::vector<int64_t>(E + 1), std::vector<int64_t>(E + 1)};
   check_2d((std::string(name) + "_bits").c_str(), f.bits, at::kByte, E, -1);
   check_2d((std::string(name) + "_codes").c_str(), f.codes, at::kInt, -1, I / 32);
   check_2d((std::string(name) + "_scales").c_str(), f.scales, at::kHalf, -1, I / G);
-  f.plane_at = at::empty({E + 1}, at::kLong);
-  f.row_at = at::empty({E + 1}, at::kLong);
-  k.expert_offsets(f.bits.data_ptr<uint8_t>(), E, f.bits.size(1), f.plane_at.data_ptr<int64_t>(), f.row_at.data_ptr<int64_t>());
-  const int64_t planes = f.plane_at.data_ptr<int64_t>()[E], rows = f.row_at.data_ptr<int64_t>()[E];
+  k.expert_offsets(f.bits.data_ptr<uint8_t>(), E, f.bits.size(1), f.plane_at.data(), f.row_at.data());
+  const int64_t planes = f.plane_at[E], rows = f.row_at[E];
   TORCH_CHECK(f.codes.size(0) == planes && f.scales.size(0) == rows, "bitsmoe::moe (CPU): ", name, "_bits ask for ", planes, " planes and ", rows,
               " scale rows, found ", name, "_codes ", f.codes.sizes(), " and ", name, "_scales ", f.scales.sizes());
   f.view = {reinterpret_cast<const uint32_t*>(f.codes.data_ptr<int32_t>()),
             reinterpret_cast<const uint16_t*>(f.scales.data_ptr<at::Half>()),
             f.bits.data_ptr<uint8_t>(),
-            f.plane_at.data_ptr<int64_t>(),
-            f.row_at.data_ptr<int64_t>(),
+            f.plane_at.data(),
+            f.row_at.data(),
             f.bits.size(1),
             I / 32,
             I / G,
@@ -131,24 +142,26 @@ FactorsArg factors_arg(const Kernels& k, const char* name, const at::Tensor& cod
   return f;
 }
 
-// out [T, b.n] = x [T, b.in] @ b^T, rows split across threads
-at::Tensor basis_product(const Kernels& k, const Basis& b, const at::Tensor& x) {
-  at::Tensor out = at::empty({x.size(0), b.n}, x.options());
-  at::parallel_for(0, b.n, 16, [&](int64_t r0, int64_t r1) { k.basis_rows(b, x.data_ptr<float>(), x.size(0), out.data_ptr<float>(), r0, r1); });
-  return out;
+// fn(r0, r1) over b's rows split across threads in whole blocks of 4 (r0 a multiple of 4)
+template <class Fn>
+void for_row_blocks(const Basis& b, Fn fn) {
+  at::parallel_for(0, (b.n + 3) / 4, 4, [&](int64_t b0, int64_t b1) { fn(4 * b0, std::min(4 * b1, b.n)); });
+}
+
+// out [T, b.n] = x [T, b.in] @ b^T
+void basis_product(const Kernels& k, const Basis& b, const float* x, int64_t T, float* out) {
+  for_row_blocks(b, [&](int64_t r0, int64_t r1) { k.basis_rows(b, x, T, out, r0, r1); });
 }
 
 // As basis_product on the integer path: an int8 basis multiplies x rounded to 16 bits per row (moe_cpu.h), others
 // as floats
-at::Tensor basis_product_int(const VnniKernels& v, const Kernels& k, const Basis& b, const at::Tensor& x) {
-  if (b.type != BasisType::kInt8) return basis_product(k, b, x);
-  const int64_t T = x.size(0);
-  const at::Tensor bytes = at::empty({2, T, b.in}, x.options().dtype(at::kChar)), scale = at::empty({2, T}, x.options());
-  const QuantizedRows q{bytes[0].data_ptr<int8_t>(), bytes[1].data_ptr<int8_t>(), scale[0].data_ptr<float>(), scale[1].data_ptr<float>(), b.in, 1};
-  v.round(x.data_ptr<float>(), T, q);
-  at::Tensor out = at::empty({T, b.n}, x.options());
-  at::parallel_for(0, b.n, 16, [&](int64_t r0, int64_t r1) { v.int8_rows(b, q, T, out.data_ptr<float>(), r0, r1); });
-  return out;
+void basis_product_int(const VnniKernels& v, const Kernels& k, const Basis& b, const float* x, int64_t T, float* out) {
+  if (b.type != BasisType::kInt8) return basis_product(k, b, x, T, out);
+  const Scratch<int8_t> bytes(2 * T * b.in);
+  const Scratch<float> scale(2 * T);
+  const QuantizedRows q{bytes.get(), bytes.get() + T * b.in, scale.get(), scale.get() + T, b.in, 1};
+  v.round(x, T, q);
+  for_row_blocks(b, [&](int64_t r0, int64_t r1) { v.int8_rows(b, q, T, out, r0, r1); });
 }
 
 // The slots of each expert (ids < 0: held elsewhere, in no list), and the experts with any.
@@ -157,10 +170,8 @@ struct Routing {
   Tokens of(int64_t e) const { return Tokens{token.data() + start[e], slot.data() + start[e], start[e + 1] - start[e]}; }
 };
 
-Routing route(const at::Tensor& topk_ids, int64_t E) {
-  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const int64_t slots = ids.numel(), K = ids.size(1);
+template <class Id>
+Routing route(const Id* id, int64_t slots, int64_t K, int64_t E) {
   Routing r{std::vector<int64_t>(E + 1, 0), std::vector<int64_t>(slots), std::vector<int64_t>(slots), {}};
   for (int64_t s = 0; s < slots; ++s) {
     TORCH_CHECK(id[s] < E, "bitsmoe::moe (CPU): topk_ids holds expert ", id[s], " but the layer has ", E, " experts");
@@ -178,6 +189,12 @@ Routing route(const at::Tensor& topk_ids, int64_t E) {
   return r;
 }
 
+Routing route(const at::Tensor& topk_ids, int64_t E) {
+  const at::Tensor ids = topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong ? topk_ids.contiguous() : topk_ids.to(at::kLong);
+  if (ids.scalar_type() == at::kInt) return route(ids.data_ptr<int32_t>(), ids.numel(), ids.size(1), E);
+  return route(ids.data_ptr<int64_t>(), ids.numel(), ids.size(1), E);
+}
+
 // Checks the arguments both ops share.
 void check_tokens(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids, bool identity,
                   const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& down_basis, int64_t I, int64_t group_size) {
@@ -193,57 +210,83 @@ void check_tokens(const at::Tensor& x, const at::Tensor& topk_weights, const at:
               " must be a positive multiple of 32 that divides I = ", I);
 }
 
+// x [T, H] as float32: x itself, or a converted copy in `copy`
+const float* as_float(const at::Tensor& x, Scratch<float>& copy) {
+  if (x.scalar_type() == at::kFloat && x.is_contiguous()) return x.data_ptr<float>();
+  const at::Tensor c = x.contiguous();
+  const int64_t n = c.numel();
+  copy = Scratch<float>(n);
+  if (c.scalar_type() == at::kBFloat16) std::copy_n(c.data_ptr<at::BFloat16>(), n, copy.get());
+  else if (c.scalar_type() == at::kHalf) std::copy_n(c.data_ptr<at::Half>(), n, copy.get());
+  else std::copy_n(c.data_ptr<float>(), n, copy.get());
+  return copy.get();
+}
+
 // gate/up work items: each used expert's rank rows in this many parts
 int64_t gate_up_parts(int64_t used, int64_t rows) {
   return std::clamp((kItemsPerThread * at::get_num_threads() + used - 1) / std::max(used, int64_t{1}), int64_t{1},
                     std::max(int64_t{1}, rows / kMinPartRows));
 }
 
-// y = B_d (sum over each token's choices of w u), the choices in order; identity: the sum itself. product(basis, x)
-// is the op's basis product (basis_product or basis_product_int).
+// y = B_d (sum over each token's choices of w u), the choices in order; identity: the sum itself. product(basis, x,
+// T, out) is the op's basis product (basis_product or basis_product_int), on bases tiled or not.
 template <class Product>
-at::Tensor finish(Product product, const at::Tensor& u, const at::Tensor& topk_weights, const std::optional<at::Tensor>& down_basis,
-                  const std::optional<at::Tensor>& down_basis_scale, int64_t H, at::ScalarType dtype) {
-  const int64_t T = topk_weights.size(0), K = topk_weights.size(1), R_d = u.size(1);
-  const at::Tensor t = (u.view({T, K, R_d}) * topk_weights.to(at::kFloat).unsqueeze(-1)).sum(1);
-  if (!down_basis.has_value()) return t.to(dtype);
-  return product(basis_arg("down_basis", *down_basis, down_basis_scale, H, R_d).view, t.contiguous()).to(dtype);
+at::Tensor finish(Product product, bool tiled, const float* u, int64_t R_d, const at::Tensor& topk_weights, const std::optional<at::Tensor>& down_basis,
+                  const std::optional<at::Tensor>& down_basis_scale, int64_t H, const at::Tensor& x) {
+  const int64_t T = topk_weights.size(0), K = topk_weights.size(1);
+  const at::Tensor w32 = topk_weights.scalar_type() == at::kFloat ? topk_weights.contiguous() : topk_weights.to(at::kFloat).contiguous();
+  const float* w = w32.data_ptr<float>();
+  const Scratch<float> t(T * R_d);
+  for (int64_t j = 0; j < T; ++j) {
+    float* tj = t.get() + j * R_d;
+    for (int64_t r = 0; r < R_d; ++r) tj[r] = w[j * K] * u[j * K * R_d + r];
+    for (int64_t k = 1; k < K; ++k)
+      for (int64_t r = 0; r < R_d; ++r) tj[r] += w[j * K + k] * u[(j * K + k) * R_d + r];
+  }
+  at::Tensor y = at::empty({T, H}, x.options());
+  Scratch<float> y32(x.scalar_type() == at::kFloat ? 0 : T * H);
+  float* out = x.scalar_type() == at::kFloat ? y.data_ptr<float>() : y32.get();
+  if (down_basis.has_value()) product(basis_arg("down_basis", *down_basis, down_basis_scale, H, R_d, tiled).view, t.get(), T, out);
+  else std::copy_n(t.get(), T * H, out);
+  if (x.scalar_type() == at::kBFloat16) std::copy_n(out, T * H, y.data_ptr<at::BFloat16>());
+  else if (x.scalar_type() == at::kHalf) std::copy_n(out, T * H, y.data_ptr<at::Half>());
+  return y;
 }
 
-// z_g, z_u = B_g x, B_u x (x itself for identity bases)
+// z_g, z_u = B_g x, B_u x into z_g [T, R_g], z_u [T, R_u] (x itself for identity bases: returns x, x)
 template <class Product>
-std::pair<at::Tensor, at::Tensor> shared_projections(Product product, const at::Tensor& xf, const std::optional<at::Tensor>& gate_basis,
-                                                     const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& gate_basis_scale,
-                                                     const std::optional<at::Tensor>& up_basis_scale) {
+std::pair<const float*, const float*> shared_projections(Product product, bool tiled, const float* xf, int64_t T, int64_t H, const std::optional<at::Tensor>& gate_basis,
+                                                         const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& gate_basis_scale,
+                                                         const std::optional<at::Tensor>& up_basis_scale, float* z_g, float* z_u) {
   if (!gate_basis.has_value()) return {xf, xf};
-  return {product(basis_arg("gate_basis", *gate_basis, gate_basis_scale, -1, xf.size(1)).view, xf),
-          product(basis_arg("up_basis", *up_basis, up_basis_scale, -1, xf.size(1)).view, xf)};
+  product(basis_arg("gate_basis", *gate_basis, gate_basis_scale, -1, H, tiled).view, xf, T, z_g);
+  product(basis_arg("up_basis", *up_basis, up_basis_scale, -1, H, tiled).view, xf, T, z_u);
+  return {z_g, z_u};
 }
 
 // The three parallel loops both ops run, over the experts with tokens: gate_up(e, tokens, part, h) writes one part's
 // pre-activations [2, n, I] (each expert's rank rows in `parts` shares); activate(h of e [parts, 2, n, I], tokens)
 // turns them into the slots' inputs to down; down(e, tokens, share, shares, u) writes u [slots, R_d] for one of the
-// expert's R_d / 64 shares of rank rows. Returns u.
+// expert's R_d / 64 shares of rank rows. Fills u.
 template <class GateUp, class Activate, class Down>
-at::Tensor run_experts(const Routing& r, int64_t parts, int64_t I, int64_t R_d, int64_t slots, GateUp gate_up, Activate activate, Down down) {
+void run_experts(const Routing& r, int64_t parts, int64_t I, int64_t R_d, int64_t slots, float* u, GateUp gate_up, Activate activate, Down down) {
   const int64_t used_n = static_cast<int64_t>(r.used.size());
-  at::Tensor h = at::empty({r.start.back() * parts * 2 * I}, at::kFloat);  // per expert [parts, 2, n, I]
+  const Scratch<float> h(r.start.back() * parts * 2 * I);  // per expert [parts, 2, n, I]
   at::parallel_for(0, used_n * parts, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t e = r.used[i / parts], part = i % parts;
       const Tokens tk = r.of(e);
-      gate_up(e, tk, part, h.data_ptr<float>() + r.start[e] * parts * 2 * I + part * 2 * tk.n * I);
+      gate_up(e, tk, part, h.get() + r.start[e] * parts * 2 * I + part * 2 * tk.n * I);
     }
   });
   at::parallel_for(0, used_n, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) activate(h.data_ptr<float>() + r.start[r.used[i]] * parts * 2 * I, r.of(r.used[i]));
+    for (int64_t i = i0; i < i1; ++i) activate(h.get() + r.start[r.used[i]] * parts * 2 * I, r.of(r.used[i]));
   });
   const int64_t row_blocks = (R_d + kBlockRows - 1) / kBlockRows;
-  at::Tensor u = at::zeros({slots, R_d}, at::kFloat);
+  std::fill_n(u, slots * R_d, 0.f);
   at::parallel_for(0, used_n * row_blocks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) down(r.used[i / row_blocks], r.of(r.used[i / row_blocks]), i % row_blocks, row_blocks, u.data_ptr<float>());
+    for (int64_t i = i0; i < i1; ++i) down(r.used[i / row_blocks], r.of(r.used[i / row_blocks]), i % row_blocks, row_blocks, u);
   });
-  return u;
 }
 
 at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids, const std::optional<at::Tensor>& gate_basis,
@@ -266,24 +309,24 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
               ", down ", d.view.R, ") differ from the bases' (", R_g, ", ", R_u, ", ", R_d, ")");
   if (T == 0) return at::empty_like(x);
 
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const auto product = [&](const Basis& b, const at::Tensor& in) { return basis_product(k, b, in); };
-  const auto [z_g, z_u] = shared_projections(product, xf, gate_basis, up_basis, gate_basis_scale, up_basis_scale);
+  Scratch<float> x_copy(0);
+  const float* xf = as_float(x, x_copy);
+  const auto product = [&](const Basis& b, const float* in, int64_t rows, float* out) { basis_product(k, b, in, rows, out); };
+  const Scratch<float> z_gate(identity ? 0 : T * R_g), z_up(identity ? 0 : T * R_u);
+  const auto [z_g, z_u] = shared_projections(product, false, xf, T, H, gate_basis, up_basis, gate_basis_scale, up_basis_scale, z_gate.get(), z_up.get());
   const Routing r = route(topk_ids, E);
 
   // h = (F_g^T z_g, F_u^T z_u), a = silu(h_g) * h_u per slot, u = F_d a
   const int64_t parts = gate_up_parts(static_cast<int64_t>(r.used.size()), std::min(R_g, R_u));
-  const at::Tensor a = at::empty({T * K, I}, xf.options());
-  const at::Tensor out = run_experts(
-      r, parts, I, R_d, T * K,
-      [&](int64_t e, const Tokens& tk, int64_t part, float* h) {
-        k.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h);
-      },
-      [&](const float* h, const Tokens& tk) { k.activate(h, parts, tk, I, a.data_ptr<float>()); },
+  const Scratch<float> a(T * K * I), out(T * K * R_d);
+  run_experts(
+      r, parts, I, R_d, T * K, out.get(),
+      [&](int64_t e, const Tokens& tk, int64_t part, float* h) { k.gate_up_part(g.view, u.view, e, z_g, z_u, tk, part, parts, h); },
+      [&](const float* h, const Tokens& tk) { k.activate(h, parts, tk, I, a.get()); },
       [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) {
-        k.down(d.view, e, a.data_ptr<float>(), tk, R_d * share / shares, R_d * (share + 1) / shares, dst);
+        k.down(d.view, e, a.get(), tk, R_d * share / shares, R_d * (share + 1) / shares, dst);
       });
-  return finish(product, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
+  return finish(product, false, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x);
 }
 
 // Factors in the CPU layout (moe_cpu.h, CpuFactors) with groups of group_rows rows (gate and up 4, down 16),
@@ -348,22 +391,22 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
   const CpuFactorsArg d = cpu_factors_arg("down", down_masks, down_scales, down_rows, down_segs, 16, E, R_d, I, group_size);
   if (T == 0) return at::empty_like(x);
 
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const auto product = [&](const Basis& b, const at::Tensor& in) { return basis_product_int(v, k, b, in); };
-  const auto [z_g, z_u] = shared_projections(product, xf, gate_basis, up_basis, gate_basis_scale, up_basis_scale);
+  Scratch<float> x_copy(0);
+  const float* xf = as_float(x, x_copy);
+  const auto product = [&](const Basis& b, const float* in, int64_t rows, float* out) { basis_product_int(v, k, b, in, rows, out); };
+  const Scratch<float> z_gate(identity ? 0 : T * R_g), z_up(identity ? 0 : T * R_u);
+  const auto [z_g, z_u] = shared_projections(product, true, xf, T, H, gate_basis, up_basis, gate_basis_scale, up_basis_scale, z_gate.get(), z_up.get());
   const Routing r = route(topk_ids, E);
   const int64_t parts = gate_up_parts(static_cast<int64_t>(r.used.size()), std::min(R_g, R_u)), groups = I / group_size;
-  const at::Tensor a = at::empty({T * K, I}, xf.options()), bytes = at::empty({2, T * K, I}, x.options().dtype(at::kChar));
-  const at::Tensor a_scale = at::empty({2, T * K, groups}, xf.options());
-  const QuantizedRows q{bytes[0].data_ptr<int8_t>(), bytes[1].data_ptr<int8_t>(), a_scale[0].data_ptr<float>(), a_scale[1].data_ptr<float>(), I, groups};
-  const at::Tensor out = run_experts(
-      r, parts, I, R_d, T * K,
-      [&](int64_t e, const Tokens& tk, int64_t part, float* h) {
-        v.gate_up_part(g.view, u.view, e, z_g.data_ptr<float>(), z_u.data_ptr<float>(), tk, part, parts, h);
-      },
-      [&](const float* h, const Tokens& tk) { v.activate(h, parts, tk, a.data_ptr<float>(), q); },
+  const Scratch<float> a(T * K * I), a_scale(2 * T * K * groups), out(T * K * R_d);
+  const Scratch<int8_t> bytes(2 * T * K * I);
+  const QuantizedRows q{bytes.get(), bytes.get() + T * K * I, a_scale.get(), a_scale.get() + T * K * groups, I, groups};
+  run_experts(
+      r, parts, I, R_d, T * K, out.get(),
+      [&](int64_t e, const Tokens& tk, int64_t part, float* h) { v.gate_up_part(g.view, u.view, e, z_g, z_u, tk, part, parts, h); },
+      [&](const float* h, const Tokens& tk) { v.activate(h, parts, tk, a.get(), q); },
       [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) { v.down(d.view, e, q, tk, share, shares, dst); });
-  return finish(product, out, topk_weights, down_basis, down_basis_scale, H, x.scalar_type());
+  return finish(product, true, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x);
 }
 
 }  // namespace

@@ -243,21 +243,19 @@ void activate_int(const float* h, int64_t parts, const Tokens& tk, float* a, con
 // ---- int8 bases: out[t, r] = scale_r * sum_i W[r, i] x[t, i], x rounded to 16 bits per row -----------------------
 
 // W + 128 (the sign bit flipped) is vpdpbusd's unsigned operand and x's bytes the signed one: the 128 added to every
-// weight adds 128 * (sum of x as rounded) to every row, x.sum, taken off at the end.
+// weight adds 128 * (sum of x as rounded) to every row, x.sum, taken off at the end. b is tiled (moe_cpu.h).
 template <int NR, int NT>
 void int8_block(const Basis& b, const QuantizedRows& x, int64_t r, int64_t t, float* out) {
   __m512i hi[NR][NT], lo[NR][NT];
 #pragma GCC unroll 8
   for (int i = 0; i < NR * NT; ++i) hi[i / NT][i % NT] = lo[i / NT][i % NT] = _mm512_setzero_si512();
-  const int8_t* w = static_cast<const int8_t*>(b.weight) + r * b.in;
+  const RowAt row = row_at(b, r);  // NR rows: a whole block, or one row
   const int8_t* xhi = x.hi + t * x.I;
   const int8_t* xlo = x.lo + t * x.I;
-  const bool prefetch = r + 5 * NR <= b.n;  // the rows 4 blocks ahead into L2, as basis_block
   for (int64_t c = 0; c < b.in; c += 64) {
-    const __mmask64 m = b.in - c >= 64 ? ~0ull : (1ull << (b.in - c)) - 1;
-    if (prefetch)
-#pragma GCC unroll 4
-      for (int i = 0; i < NR; ++i) _mm_prefetch(reinterpret_cast<const char*>(w + (4 * NR + i) * b.in + c), _MM_HINT_T2);
+    const int64_t width = chunk_width(b, c);
+    const __mmask64 m = width == 64 ? ~0ull : (1ull << width) - 1;
+    const int8_t* w = static_cast<const int8_t*>(b.weight) + element_at(b, row, c);  // row i: w + i * width
     __m512i xh[NT], xl[NT];
 #pragma GCC unroll 4
     for (int j = 0; j < NT; ++j) {
@@ -266,7 +264,7 @@ void int8_block(const Basis& b, const QuantizedRows& x, int64_t r, int64_t t, fl
     }
 #pragma GCC unroll 4
     for (int i = 0; i < NR; ++i) {
-      const __m512i wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + i * b.in + c), _mm512_set1_epi8(-128));
+      const __m512i wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + i * width), _mm512_set1_epi8(-128));
 #pragma GCC unroll 4
       for (int j = 0; j < NT; ++j) {
         hi[i][j] = dpbusd(hi[i][j], wu, xh[j]);
