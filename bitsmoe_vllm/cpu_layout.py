@@ -17,9 +17,10 @@ mask per group, plane and few columns, so that decoding a mask gives the 64 code
   ordered [chunk, plane].
 The masks end with at least 64 bytes of zeros (whole rows): the kernel reads a chunk's planes as one 64-byte load.
 Scales are stored column-group major, [I/G, rows].
-- bases (`to_cpu_basis`): same shape, the rows in blocks of 4 (the last one n % 4 rows), a block stored one 64-column
-  chunk after the other (the last one what is left), a chunk the block's rows one after the other: the 4 rows a
-  thread multiplies at once are one stream (row-major, they are 4 streams a row apart).
+- int8 bases (`to_cpu_basis`): same shape, the rows in blocks of 4 (the last one n % 4 rows), a block stored one
+  64-column chunk after the other (the last one what is left), a chunk the block's rows one after the other: the 4
+  rows a thread multiplies at once are one stream (row-major, 4 streams a row apart, which read slower:
+  benchmarks/basis_read_micro.cpp). Float bases stay row-major (tiled, no faster there).
 The masks, scales and bases are copied onto huge pages (csrc/cpu/huge_pages.cpp).
 
 Numerics: the kernel rounds activations to 16-bit integers (the gate/up inputs z * scale per 128 rows and column
@@ -49,7 +50,7 @@ class CpuFactors:
 
 @dataclass(frozen=True)
 class CpuLayer:
-    layer: MoELayer  # bases in the CPU basis layout; the factors empty (they are in `gate`, `up`, `down`)
+    layer: MoELayer  # bases as to_cpu_basis leaves them; the factors empty (they are in `gate`, `up`, `down`)
     gate: CpuFactors
     up: CpuFactors
     down: CpuFactors
@@ -173,10 +174,11 @@ def _blocks(w: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def to_cpu_basis(basis: Basis) -> Basis:
-    """The basis with its weight in the CPU basis layout (module docstring, csrc/cpu/moe_cpu.h), on huge pages."""
+    """The basis on huge pages, an int8 one in the CPU basis layout (module docstring, csrc/cpu/moe_cpu.h)."""
     w, whole = basis.weight, len(basis.weight) // 4 * 4
-    tiled = torch.cat([_blocks(w[:whole], 4), _blocks(w[whole:], len(w) - whole) if whole < len(w) else w[:0]])
-    return replace(basis, weight=torch.ops.bitsmoe.huge_page_copy(tiled))
+    if w.dtype == torch.int8:
+        w = torch.cat([_blocks(w[:whole], 4), _blocks(w[whole:], len(w) - whole) if whole < len(w) else w[:0]])
+    return replace(basis, weight=torch.ops.bitsmoe.huge_page_copy(w))
 
 
 def to_cpu_layer(layer: MoELayer) -> CpuLayer:

@@ -78,8 +78,7 @@ struct BasisArg {
   at::Tensor weight, scale;
 };
 
-// tiled: in the CPU basis layout (moe_cpu.h)
-BasisArg basis_arg(const char* name, const at::Tensor& weight, const std::optional<at::Tensor>& scale, int64_t rows, int64_t in, bool tiled) {
+BasisArg basis_arg(const char* name, const at::Tensor& weight, const std::optional<at::Tensor>& scale, int64_t rows, int64_t in) {
   BasisArg b{{}, weight.contiguous(), {}};
   TORCH_CHECK(b.weight.dim() == 2 && (rows < 0 || b.weight.size(0) == rows) && b.weight.size(1) == in, "bitsmoe::moe (CPU): ", name,
               ": expected [", rows < 0 ? std::string("*") : std::to_string(rows), ", ", in, "], found ", b.weight.sizes());
@@ -100,7 +99,6 @@ BasisArg basis_arg(const char* name, const at::Tensor& weight, const std::option
   b.view.weight = b.weight.data_ptr();
   b.view.n = b.weight.size(0);
   b.view.in = in;
-  b.view.tiled = tiled;
   return b;
 }
 
@@ -229,9 +227,9 @@ int64_t gate_up_parts(int64_t used, int64_t rows) {
 }
 
 // y = B_d (sum over each token's choices of w u), the choices in order; identity: the sum itself. product(basis, x,
-// T, out) is the op's basis product (basis_product or basis_product_int), on bases tiled or not.
+// T, out) is the op's basis product (basis_product or basis_product_int).
 template <class Product>
-at::Tensor finish(Product product, bool tiled, const float* u, int64_t R_d, const at::Tensor& topk_weights, const std::optional<at::Tensor>& down_basis,
+at::Tensor finish(Product product, const float* u, int64_t R_d, const at::Tensor& topk_weights, const std::optional<at::Tensor>& down_basis,
                   const std::optional<at::Tensor>& down_basis_scale, int64_t H, const at::Tensor& x) {
   const int64_t T = topk_weights.size(0), K = topk_weights.size(1);
   const at::Tensor w32 = topk_weights.scalar_type() == at::kFloat ? topk_weights.contiguous() : topk_weights.to(at::kFloat).contiguous();
@@ -246,7 +244,7 @@ at::Tensor finish(Product product, bool tiled, const float* u, int64_t R_d, cons
   at::Tensor y = at::empty({T, H}, x.options());
   Scratch<float> y32(x.scalar_type() == at::kFloat ? 0 : T * H);
   float* out = x.scalar_type() == at::kFloat ? y.data_ptr<float>() : y32.get();
-  if (down_basis.has_value()) product(basis_arg("down_basis", *down_basis, down_basis_scale, H, R_d, tiled).view, t.get(), T, out);
+  if (down_basis.has_value()) product(basis_arg("down_basis", *down_basis, down_basis_scale, H, R_d).view, t.get(), T, out);
   else std::copy_n(t.get(), T * H, out);
   if (x.scalar_type() == at::kBFloat16) std::copy_n(out, T * H, y.data_ptr<at::BFloat16>());
   else if (x.scalar_type() == at::kHalf) std::copy_n(out, T * H, y.data_ptr<at::Half>());
@@ -255,12 +253,12 @@ at::Tensor finish(Product product, bool tiled, const float* u, int64_t R_d, cons
 
 // z_g, z_u = B_g x, B_u x into z_g [T, R_g], z_u [T, R_u] (x itself for identity bases: returns x, x)
 template <class Product>
-std::pair<const float*, const float*> shared_projections(Product product, bool tiled, const float* xf, int64_t T, int64_t H, const std::optional<at::Tensor>& gate_basis,
+std::pair<const float*, const float*> shared_projections(Product product, const float* xf, int64_t T, int64_t H, const std::optional<at::Tensor>& gate_basis,
                                                          const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& gate_basis_scale,
                                                          const std::optional<at::Tensor>& up_basis_scale, float* z_g, float* z_u) {
   if (!gate_basis.has_value()) return {xf, xf};
-  product(basis_arg("gate_basis", *gate_basis, gate_basis_scale, -1, H, tiled).view, xf, T, z_g);
-  product(basis_arg("up_basis", *up_basis, up_basis_scale, -1, H, tiled).view, xf, T, z_u);
+  product(basis_arg("gate_basis", *gate_basis, gate_basis_scale, -1, H).view, xf, T, z_g);
+  product(basis_arg("up_basis", *up_basis, up_basis_scale, -1, H).view, xf, T, z_u);
   return {z_g, z_u};
 }
 
@@ -313,7 +311,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
   const float* xf = as_float(x, x_copy);
   const auto product = [&](const Basis& b, const float* in, int64_t rows, float* out) { basis_product(k, b, in, rows, out); };
   const Scratch<float> z_gate(identity ? 0 : T * R_g), z_up(identity ? 0 : T * R_u);
-  const auto [z_g, z_u] = shared_projections(product, false, xf, T, H, gate_basis, up_basis, gate_basis_scale, up_basis_scale, z_gate.get(), z_up.get());
+  const auto [z_g, z_u] = shared_projections(product, xf, T, H, gate_basis, up_basis, gate_basis_scale, up_basis_scale, z_gate.get(), z_up.get());
   const Routing r = route(topk_ids, E);
 
   // h = (F_g^T z_g, F_u^T z_u), a = silu(h_g) * h_u per slot, u = F_d a
@@ -326,7 +324,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
       [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) {
         k.down(d.view, e, a.get(), tk, R_d * share / shares, R_d * (share + 1) / shares, dst);
       });
-  return finish(product, false, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x);
+  return finish(product, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x);
 }
 
 // Factors in the CPU layout (moe_cpu.h, CpuFactors) with groups of group_rows rows (gate and up 4, down 16),
@@ -395,7 +393,7 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
   const float* xf = as_float(x, x_copy);
   const auto product = [&](const Basis& b, const float* in, int64_t rows, float* out) { basis_product_int(v, k, b, in, rows, out); };
   const Scratch<float> z_gate(identity ? 0 : T * R_g), z_up(identity ? 0 : T * R_u);
-  const auto [z_g, z_u] = shared_projections(product, true, xf, T, H, gate_basis, up_basis, gate_basis_scale, up_basis_scale, z_gate.get(), z_up.get());
+  const auto [z_g, z_u] = shared_projections(product, xf, T, H, gate_basis, up_basis, gate_basis_scale, up_basis_scale, z_gate.get(), z_up.get());
   const Routing r = route(topk_ids, E);
   const int64_t parts = gate_up_parts(static_cast<int64_t>(r.used.size()), std::min(R_g, R_u)), groups = I / group_size;
   const Scratch<float> a(T * K * I), a_scale(2 * T * K * groups), out(T * K * R_d);
@@ -406,7 +404,7 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
       [&](int64_t e, const Tokens& tk, int64_t part, float* h) { v.gate_up_part(g.view, u.view, e, z_g, z_u, tk, part, parts, h); },
       [&](const float* h, const Tokens& tk) { v.activate(h, parts, tk, a.get(), q); },
       [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) { v.down(d.view, e, q, tk, share, shares, dst); });
-  return finish(product, true, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x);
+  return finish(product, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x);
 }
 
 }  // namespace

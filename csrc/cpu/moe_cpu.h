@@ -14,34 +14,15 @@
 
 namespace bitsmoe::cpu {
 
-// A basis (or any matrix to multiply by) [n, in]: float16, bfloat16, int8 with a float16 scale per row, or float32.
-// Row-major, or tiled (the CPU basis layout of bitsmoe_vllm/cpu_layout.py): the rows in blocks of 4 (the last one
-// n % 4 rows if that is not 0), a block stored one 64-column chunk after the other (the last one the in % 64 columns
-// left, if any), each chunk the block's rows one after the other, so that a thread reads its rows front to back.
+// A basis (or any row-major matrix to multiply by): rows [n, in]; float16, bfloat16, int8 with a float16 scale per
+// row, or float32.
 enum class BasisType : int { kFloat16, kBFloat16, kInt8, kFloat32 };
 struct Basis {
   const void* weight;
   const uint16_t* scale;  // int8 only: float16 [n]
   BasisType type;
   int64_t n, in;
-  bool tiled;
 };
-
-// A row's place: row k of the block of m rows from row `first` (row-major: every row its own block of 1)
-struct RowAt {
-  int64_t first, m, k;
-};
-inline RowAt row_at(const Basis& b, int64_t r) {
-  const int64_t first = b.tiled ? r / 4 * 4 : r;
-  return {first, b.tiled ? (b.n - first < 4 ? b.n - first : 4) : 1, r - first};
-}
-// the columns of the chunk from column c0 (a multiple of 64)
-inline int64_t chunk_width(const Basis& b, int64_t c0) { return b.in - c0 < 64 ? b.in - c0 : 64; }
-// where element i of the row is in b.weight
-inline int64_t element_at(const Basis& b, const RowAt& row, int64_t i) {
-  const int64_t c0 = i / 64 * 64;
-  return row.first * b.in + c0 * row.m + row.k * chunk_width(b, c0) + i % 64;
-}
 
 // One projection's factors, all local experts (FORMAT.md): codes [planes, words] bit planes of 32 columns each,
 // scales [stored rows, groups] float16, bits [E, R]. plane_at / row_at [E + 1]: each expert's first plane and first
@@ -122,7 +103,9 @@ struct VnniKernels {
   const char* name;
   // x [rows, q.I] rounded into q, one scale per (row, column group)
   void (*round)(const float* x, int64_t rows, const QuantizedRows& q);
-  // As Kernels::basis_rows for an int8 basis, on x [T, b.in] rounded by `round` with one group per row
+  // As Kernels::basis_rows for an int8 basis in the CPU basis layout of bitsmoe_vllm/cpu_layout.py (the rows in
+  // blocks of 4, each block stored one 64-column chunk after the other, each chunk the block's rows side by side), on
+  // x [T, b.in] rounded by `round` with one group per row; r0 a multiple of 4
   void (*int8_rows)(const Basis& b, const QuantizedRows& x, int64_t T, float* out, int64_t r0, int64_t r1);
   // As Kernels::gate_up_part, on the CPU layout; a part is a share of each expert's 4-row groups.
   void (*gate_up_part)(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u, const Tokens& tk,

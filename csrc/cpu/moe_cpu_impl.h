@@ -10,10 +10,6 @@ namespace {
 
 using bitsmoe::cpu::Basis;
 using bitsmoe::cpu::BasisType;
-using bitsmoe::cpu::chunk_width;
-using bitsmoe::cpu::element_at;
-using bitsmoe::cpu::row_at;
-using bitsmoe::cpu::RowAt;
 using bitsmoe::cpu::Factors;
 using bitsmoe::cpu::Tokens;
 
@@ -110,60 +106,52 @@ inline V vexp(V x) {
 constexpr int64_t element_bytes(BasisType t) { return t == BasisType::kInt8 ? 1 : t == BasisType::kFloat32 ? 4 : 2; }
 
 template <BasisType BT>
-inline V load_chunk(const Basis& b, int64_t at) {
-  if constexpr (BT == BasisType::kFloat16) return load_f16(static_cast<const uint16_t*>(b.weight) + at);
-  if constexpr (BT == BasisType::kBFloat16) return load_bf16(static_cast<const uint16_t*>(b.weight) + at);
-  if constexpr (BT == BasisType::kInt8) return load_i8(static_cast<const int8_t*>(b.weight) + at);
-  if constexpr (BT == BasisType::kFloat32) return vload(static_cast<const float*>(b.weight) + at);
+inline V load_chunk(const Basis& b, int64_t r, int64_t i) {
+  if constexpr (BT == BasisType::kFloat16) return load_f16(static_cast<const uint16_t*>(b.weight) + r * b.in + i);
+  if constexpr (BT == BasisType::kBFloat16) return load_bf16(static_cast<const uint16_t*>(b.weight) + r * b.in + i);
+  if constexpr (BT == BasisType::kInt8) return load_i8(static_cast<const int8_t*>(b.weight) + r * b.in + i);
+  if constexpr (BT == BasisType::kFloat32) return vload(static_cast<const float*>(b.weight) + r * b.in + i);
 }
 
 template <BasisType BT>
-inline float load_one(const Basis& b, int64_t at) {
-  if constexpr (BT == BasisType::kFloat16) return half(static_cast<const uint16_t*>(b.weight)[at]);
-  if constexpr (BT == BasisType::kBFloat16) return bfloat(static_cast<const uint16_t*>(b.weight)[at]);
-  if constexpr (BT == BasisType::kInt8) return static_cast<const int8_t*>(b.weight)[at];
-  if constexpr (BT == BasisType::kFloat32) return static_cast<const float*>(b.weight)[at];
+inline float load_one(const Basis& b, int64_t r, int64_t i) {
+  if constexpr (BT == BasisType::kFloat16) return half(static_cast<const uint16_t*>(b.weight)[r * b.in + i]);
+  if constexpr (BT == BasisType::kBFloat16) return bfloat(static_cast<const uint16_t*>(b.weight)[r * b.in + i]);
+  if constexpr (BT == BasisType::kInt8) return static_cast<const int8_t*>(b.weight)[r * b.in + i];
+  if constexpr (BT == BasisType::kFloat32) return static_cast<const float*>(b.weight)[r * b.in + i];
 }
 
 // out[t, r] for NR rows from r and NT tokens from t: each weight chunk is read once for NT tokens
 template <BasisType BT, int NR, int NT>
 void basis_block(const Basis& b, const float* x, int64_t r, int64_t t, float* out) {
   V acc[NR][NT];
-  float tail[NR][NT] = {};  // the columns past the last whole vector
-  RowAt row[NR];
-  for (int i = 0; i < NR; ++i) {
-    row[i] = row_at(b, r + i);
+  for (int i = 0; i < NR; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j] = vzero();
-  }
-  // Row-major, a row is often one 4 KiB page, where the hardware prefetcher starts over: ask for the rows 4 blocks
-  // ahead meanwhile (three 8 MiB bases, caches flushed: 1.48-1.64 ms with the next block, 1.28-1.38 ms with this),
-  // into L2 only (Zen 4, gate + up float16 bases in the integer path after a flush and a matmul: 0.59-0.68 ms, against
-  // 0.72-0.85 ms into L1). Tiled, a block of rows is one stream and needs none.
+  // a row is often one 4 KiB page, where the hardware prefetcher starts over: ask for the rows 4 blocks ahead
+  // meanwhile (three 8 MiB bases, caches flushed: 1.48-1.64 ms with the next block, 1.28-1.38 ms with this), into L2
+  // only (Zen 4, gate + up float16 bases in the integer path after a flush and a matmul: 0.59-0.68 ms, against
+  // 0.72-0.85 ms into L1)
   const int64_t row_bytes = b.in * element_bytes(BT);
   const char* next = static_cast<const char*>(b.weight) + (r + 4 * NR) * row_bytes;
-  const bool prefetch = !b.tiled && r + 5 * NR <= b.n;
-  for (int64_t c0 = 0; c0 < b.in; c0 += 64) {  // a chunk (moe_cpu.h): its columns of a row are side by side
-    const int64_t width = chunk_width(b, c0);
-    int64_t at[NR];
-    for (int i = 0; i < NR; ++i) at[i] = element_at(b, row[i], c0);
-    int64_t c = 0;
-    for (; c + kLanes <= width; c += kLanes) {
-      if (prefetch && (c0 + c) * element_bytes(BT) % 64 == 0)
-        for (int i = 0; i < NR; ++i) _mm_prefetch(next + i * row_bytes + (c0 + c) * element_bytes(BT), _MM_HINT_T2);
-      V w[NR];
-      for (int i = 0; i < NR; ++i) w[i] = load_chunk<BT>(b, at[i] + c);
-      for (int j = 0; j < NT; ++j) {
-        const V xv = vload(x + (t + j) * b.in + c0 + c);
-        for (int i = 0; i < NR; ++i) acc[i][j] = vfma(w[i], xv, acc[i][j]);
-      }
+  const bool prefetch = r + 5 * NR <= b.n;
+  int64_t c = 0;
+  for (; c + kLanes <= b.in; c += kLanes) {
+    if (prefetch && c * element_bytes(BT) % 64 == 0)
+      for (int i = 0; i < NR; ++i) _mm_prefetch(next + i * row_bytes + c * element_bytes(BT), _MM_HINT_T2);
+    V w[NR];
+    for (int i = 0; i < NR; ++i) w[i] = load_chunk<BT>(b, r + i, c);
+    for (int j = 0; j < NT; ++j) {
+      const V xv = vload(x + (t + j) * b.in + c);
+      for (int i = 0; i < NR; ++i) acc[i][j] = vfma(w[i], xv, acc[i][j]);
     }
-    for (; c < width; ++c)
-      for (int i = 0; i < NR; ++i)
-        for (int j = 0; j < NT; ++j) tail[i][j] += load_one<BT>(b, at[i] + c) * x[(t + j) * b.in + c0 + c];
   }
   for (int i = 0; i < NR; ++i) {
     const float scale = BT == BasisType::kInt8 ? half(b.scale[r + i]) : 1.f;
-    for (int j = 0; j < NT; ++j) out[(t + j) * b.n + r + i] = (vsum(acc[i][j]) + tail[i][j]) * scale;
+    for (int j = 0; j < NT; ++j) {
+      float sum = vsum(acc[i][j]);
+      for (int64_t cc = c; cc < b.in; ++cc) sum += load_one<BT>(b, r + i, cc) * x[(t + j) * b.in + cc];
+      out[(t + j) * b.n + r + i] = sum * scale;
+    }
   }
 }
 

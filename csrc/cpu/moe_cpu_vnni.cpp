@@ -9,6 +9,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "moe_cpu.h"
@@ -242,8 +243,22 @@ void activate_int(const float* h, int64_t parts, const Tokens& tk, float* a, con
 
 // ---- int8 bases: out[t, r] = scale_r * sum_i W[r, i] x[t, i], x rounded to 16 bits per row -----------------------
 
+// Where an int8 basis's row r is in the CPU basis layout: row r - first of the block of m rows from row `first`
+// (the last block n % 4 rows if that is not 0); in the chunk of columns c0 to c0 + 63 (the last one what is left)
+// of that block, at first * in + c0 * m + (r - first) * (the chunk's columns)
+struct RowAt {
+  int64_t first, m, k;
+};
+inline RowAt row_at(const Basis& b, int64_t r) {
+  const int64_t first = r / 4 * 4;
+  return {first, std::min<int64_t>(4, b.n - first), r - first};
+}
+inline int64_t chunk_width(const Basis& b, int64_t c0) { return std::min<int64_t>(64, b.in - c0); }
+inline int64_t chunk_at(const Basis& b, const RowAt& row, int64_t c0) { return row.first * b.in + c0 * row.m + row.k * chunk_width(b, c0); }
+
 // W + 128 (the sign bit flipped) is vpdpbusd's unsigned operand and x's bytes the signed one: the 128 added to every
-// weight adds 128 * (sum of x as rounded) to every row, x.sum, taken off at the end. b is tiled (moe_cpu.h).
+// weight adds 128 * (sum of x as rounded) to every row, x.sum, taken off at the end. Tiled, a block's rows are one
+// stream (row-major they were 4 streams a row apart, the rows ahead prefetched: benchmarks/basis_read_micro.cpp).
 template <int NR, int NT>
 void int8_block(const Basis& b, const QuantizedRows& x, int64_t r, int64_t t, float* out) {
   __m512i hi[NR][NT], lo[NR][NT];
@@ -255,7 +270,7 @@ void int8_block(const Basis& b, const QuantizedRows& x, int64_t r, int64_t t, fl
   for (int64_t c = 0; c < b.in; c += 64) {
     const int64_t width = chunk_width(b, c);
     const __mmask64 m = width == 64 ? ~0ull : (1ull << width) - 1;
-    const int8_t* w = static_cast<const int8_t*>(b.weight) + element_at(b, row, c);  // row i: w + i * width
+    const int8_t* w = static_cast<const int8_t*>(b.weight) + chunk_at(b, row, c);  // row i: w + i * width
     __m512i xh[NT], xl[NT];
 #pragma GCC unroll 4
     for (int j = 0; j < NT; ++j) {
