@@ -12,15 +12,15 @@ Layers are random (codes, scales, bases; tests/test_cpu_kernel.py checks correct
 float16 or int8 bases, group size 128. Widths per rank row: 2.0 bits = every row 2 bits, 2.5 = half 2 and half 3,
 3.0 = every row 3 bits. The bf16 baseline gets the dense experts of the 2.5-bit layer (B^T F per expert, in bf16;
 its time does not depend on the values) and its output is compared with BitsMoE's on that layer. Each timed call
-gets fresh routing and runs after the last-level cache has been flushed by reading 256 MiB (written once at the start:
-a never-written buffer reads as the one zero page, which evicts nothing, and runs before 2026-11-23 flushed that
-way), as in decoding a real model, where the next layer's weights are not in cache and the other layers' fill it.
-bf16 and the three widths take turns call by call (this VM's speed drifts), and the median of each is reported. "Bytes" are what must be
-read at least once: the codes, scales and bit widths of the selected experts, the bases, the activations; the bf16
-baseline's are the selected experts' dense weights. The bound is those bytes at the read bandwidth of the same
-minutes: the flush before each call is torch's sum of 256 MiB (same threads), timed, and the median over the calls of
-one T is that row's `read_GBps` (it moved between 30 and 64 GB/s from run to run here). torch's copy of 256 MiB
-(bytes read plus written) and its sum, measured once at the start, are printed beside it.
+gets fresh routing and runs after the last-level cache has been flushed by reading 256 MiB (written once at the
+start: a never-written buffer reads as the one zero page, which evicts nothing, and runs before 2026-11-23 flushed
+that way), as in decoding a real model, where the next layer's weights are not in cache and the other layers' fill
+it. bf16 and the three widths take turns call by call (this VM's speed drifts), and the median of each is reported.
+"Bytes" are what must be read at least once: the codes, scales and bit widths of the selected experts, the bases,
+the activations; the bf16 baseline's are the selected experts' dense weights. The bound is those bytes at the read
+bandwidth of the same minutes: the flush before each call is torch's sum of 256 MiB (same threads), timed, and the
+median over the calls of one T is that row's `read_GBps` (it moved between 30 and 64 GB/s from run to run here).
+torch's copy of 256 MiB (bytes read plus written) and its sum, measured once at the start, are printed beside it.
 Both sides' weights are on huge pages: to_cpu_layer puts the integer path's there, and this script copies the bf16
 baseline's there too (torch.ops.bitsmoe.huge_page_copy), although vLLM serving bf16 leaves them on 4 KiB pages
 (unless started with THP_MEM_ALLOC_ENABLE=1); the float kernels read the canonical tensors, on 4 KiB pages.
