@@ -17,7 +17,8 @@ start: a never-written buffer reads as the one zero page, which evicts nothing, 
 that way), as in decoding a real model, where the next layer's weights are not in cache and the other layers' fill
 it. bf16 and the three widths take turns call by call (this VM's speed drifts), and the median of each is reported.
 "Bytes" are what must be read at least once: the codes, scales and bit widths of the selected experts, the bases,
-the activations; the bf16 baseline's are the selected experts' dense weights. The bound is those bytes at the read
+the activations; the bf16 baseline's are the selected experts' dense weights, and their ratio (`bytes_ratio_vs_bf16`)
+is the most BitsMoE can gain over bf16 when both read at the same rate. The bound is those bytes at the read
 bandwidth of the same minutes: the flush before each call is torch's sum of 256 MiB (same threads), timed, and the
 median over the calls of one T is that row's `read_GBps` (it moved between 30 and 64 GB/s from run to run here).
 torch's copy of 256 MiB (bytes read plus written) and its sum, measured once at the start, are printed beside it.
@@ -131,7 +132,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 128])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--bases", nargs="+", default=["float16", "int8"], choices=["float16", "int8"])
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--reference-max-tokens", type=int, default=16, help="time the (slow) reference only up to this T")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_moe.json"))
     a = p.parse_args()
@@ -186,10 +187,12 @@ def main() -> None:
                            "selected_experts": selected, "bytes_must_read": must_read, "bitsmoe_ms": ms,
                            "bitsmoe_GBps": must_read / ms / 1e6, "read_GBps": read_now, "bound_ms": must_read / read_now / 1e6, "bf16_ms": bf16_ms,
                            "bf16_bytes": bf16_bytes, "bf16_GBps": bf16_bytes / bf16_ms / 1e6, "speedup_vs_bf16": bf16_ms / ms,
+                           "bytes_ratio_vs_bf16": bf16_bytes / must_read,
                            "float_kernel_ms": ms_of.get(("float", bits), ms), "reference_ms": ref_ms}  # fmt: skip
                     rows.append(row)
                     print(f"{name:17s} {basis_dtype:7s} {bits:.1f} T={T:4d}  bitsmoe {ms:8.2f} ms {row['bitsmoe_GBps']:5.1f} GB/s "
-                          f"(bound {row['bound_ms']:6.2f} ms at {read_now:4.1f} GB/s, float kernel {row['float_kernel_ms']:6.2f} ms)  bf16 {bf16_ms:8.2f} ms  x{bf16_ms / ms:4.2f}  "
+                          f"(bound {row['bound_ms']:6.2f} ms at {read_now:4.1f} GB/s, float kernel {row['float_kernel_ms']:6.2f} ms)  bf16 {bf16_ms:8.2f} ms  x{bf16_ms / ms:4.2f} "
+                          f"(bytes x{bf16_bytes / must_read:4.2f})  "
                           f"reference {'-' if ref_ms is None else f'{ref_ms:.1f}'} ms", flush=True)  # fmt: skip
             del w13, w2
     result = {"machine": describe(), "threads": torch.get_num_threads(), "kernel_isa": torch.ops.bitsmoe.cpu_isa(),

@@ -1,12 +1,19 @@
 """`vllm serve` of a BitsMoE checkpoint against the same model unquantized: startup time, memory of the
 server's processes, single-stream and 8-stream decode tokens/s, measured with the OpenAI client.
-Default vLLM settings (bfloat16, torch.compile); one run each. Writes JSON to benchmarks/results/.
+Default vLLM settings (bfloat16, torch.compile). The two servers take turns, `--pairs` times (this VM's speed
+drifts over minutes); the JSON has every run, the medians and each pair's ratio. Writes JSON to
+benchmarks/results/.
+
+Each of the 8 streams has a prompt of its own: with one prompt for all, greedy decoding gives 8 copies of one
+sequence, every token of a step picks the same experts, and the 8-stream figure measures 2 experts per layer
+(runs before 2026-11-23 did that).
 
     .venv/bin/python benchmarks/bench_serve.py --hidden 512 --experts 16 --intermediate 512 --layers 4
 """
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,7 +30,16 @@ sys.path.insert(0, str(REPO))
 from benchmarks.machine import describe  # noqa: E402
 from tests.vllm_server import vllm_server  # noqa: E402
 
-PROMPT = "Return the sum of a start value and an iterable of numbers"
+PROMPTS = [  # one per stream
+    "Return the sum of a start value and an iterable of numbers",
+    "The river rose through the night and by morning",
+    "def parse_header(line):",
+    "Three reasons the bridge was closed last winter:",
+    "In 1848 the first telegraph line across the valley",
+    "SELECT name, count(*) FROM orders GROUP BY",
+    "She opened the letter, read the first line, and",
+    "Chapter 4. Measuring heat flow in thin films",
+]
 
 
 def server_rss_mb(url: str) -> float:
@@ -39,8 +55,8 @@ def server_rss_mb(url: str) -> float:
 def decode_rate(client: OpenAI, model: str, streams: int, tokens: int, rounds: int) -> float:
     """Generated tokens per second with `streams` concurrent requests of `tokens` tokens, over `rounds` rounds."""
 
-    def one(_):
-        r = client.completions.create(model=model, prompt=PROMPT, max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True})
+    def one(stream):
+        r = client.completions.create(model=model, prompt=PROMPTS[stream], max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True})
         return r.usage.completion_tokens
 
     start, total = time.perf_counter(), 0
@@ -82,15 +98,22 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=128)
     p.add_argument("--bits", type=float, default=2.5)
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--pairs", type=int, default=3, help="runs of each server, taking turns")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_cpu.json"))
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model, bitsmoe = build_models(tmp, a.arch, a.layers, a.hidden, a.experts, a.intermediate, a.bits)
         size = {name: sum(f.stat().st_size for f in d.glob("*.safetensors")) / 2**20 for name, d in (("unquantized", model), ("bitsmoe", bitsmoe))}
-        runs = {name: measure(d, tmp / f"{name}.log", a.tokens) | {"safetensors_mb": round(size[name], 1)}
-                for name, d in (("unquantized", model), ("bitsmoe", bitsmoe))}  # fmt: skip
-    result = {"machine": describe(), "model": vars(a) | {"out": None}, "runs": runs}
+        runs = {"unquantized": [], "bitsmoe": []}
+        for pair in range(a.pairs):
+            for name, d in (("unquantized", model), ("bitsmoe", bitsmoe)):
+                runs[name].append(measure(d, tmp / f"{name}.log", a.tokens) | {"safetensors_mb": round(size[name], 1)})
+                print(pair, name, runs[name][-1], flush=True)
+    rates = ("tokens_per_s_1_stream", "tokens_per_s_8_streams")
+    median = {name: {k: statistics.median(r[k] for r in rs) for k in rates} for name, rs in runs.items()}
+    ratios = [{k: round(b[k] / u[k], 2) for k in rates} for u, b in zip(runs["unquantized"], runs["bitsmoe"])]
+    result = {"machine": describe(), "model": vars(a) | {"out": None}, "median": median, "bitsmoe_over_unquantized": ratios, "runs": runs}
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

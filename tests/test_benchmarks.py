@@ -92,3 +92,21 @@ def test_cpu_moe_bench_gives_the_bf16_baseline_the_same_layer():
     vllm_ops.cpu_fused_moe(out, x, w13, w2, None, None, w, ids, "silu", "vec")
     want = ops.moe_layer(x, w, ids, layer).float()
     assert (out.float() - want).norm() < 1e-2 * want.norm()
+
+
+def test_serve_bench_gives_each_stream_a_prompt_of_its_own():
+    """With one prompt for all, greedy decoding makes 8 copies of one sequence and every token of a step picks the
+    same experts: the 8-stream figure would measure 2 experts per layer."""
+    from types import SimpleNamespace
+
+    from benchmarks.bench_serve import decode_rate
+
+    prompts = []
+
+    def create(**kw):
+        prompts.append(kw["prompt"])
+        return SimpleNamespace(usage=SimpleNamespace(completion_tokens=kw["max_tokens"]))
+
+    client = SimpleNamespace(completions=SimpleNamespace(create=create))
+    assert decode_rate(client, "m", streams=8, tokens=5, rounds=2) > 0
+    assert len(prompts) == 16 and len(set(prompts)) == 8
