@@ -53,7 +53,8 @@ def server_rss_mb(url: str) -> float:
 
 
 def decode_rate(client: OpenAI, model: str, streams: int, tokens: int, rounds: int) -> float:
-    """Generated tokens per second with `streams` concurrent requests of `tokens` tokens, over `rounds` rounds."""
+    """Generated tokens per second with `streams` concurrent requests of `tokens` tokens (stream i prompted with
+    PROMPTS[i]), over `rounds` rounds."""
 
     def one(stream):
         r = client.completions.create(model=model, prompt=PROMPTS[stream], max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True})

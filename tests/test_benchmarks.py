@@ -1,4 +1,5 @@
-"""The benchmarks' own machinery on tiny inputs: MoEfication, the corpus split, the RTN peer, the CPU MoE baseline."""
+"""The benchmarks' own machinery on tiny inputs: MoEfication, the corpus split, the RTN peer, the CPU MoE baseline, the serving
+benchmark's prompts."""
 
 import json
 
