@@ -104,11 +104,11 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, bitsmoe = build_models(tmp, a.arch, a.layers, a.hidden, a.experts, a.intermediate, a.bits)
-        size = {name: sum(f.stat().st_size for f in d.glob("*.safetensors")) / 2**20 for name, d in (("unquantized", model), ("bitsmoe", bitsmoe))}
-        runs = {"unquantized": [], "bitsmoe": []}
+        servers = dict(zip(("unquantized", "bitsmoe"), build_models(tmp, a.arch, a.layers, a.hidden, a.experts, a.intermediate, a.bits)))
+        size = {name: sum(f.stat().st_size for f in d.glob("*.safetensors")) / 2**20 for name, d in servers.items()}
+        runs = {name: [] for name in servers}
         for pair in range(a.pairs):
-            for name, d in (("unquantized", model), ("bitsmoe", bitsmoe)):
+            for name, d in servers.items():
                 runs[name].append(measure(d, tmp / f"{name}.log", a.tokens) | {"safetensors_mb": round(size[name], 1)})
                 print(pair, name, runs[name][-1], flush=True)
     rates = ("tokens_per_s_1_stream", "tokens_per_s_8_streams")
