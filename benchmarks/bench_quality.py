@@ -54,11 +54,13 @@ def rows() -> list[dict]:
         "nearest-rounding": ["--scale-steps", "0"],
     }
     out += [{"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": identity + v} for k, v in ablations.items()]
+    fp16, int8 = ["--basis-dtype", "fp16"], ["--basis-dtype", "int8"]
     shared = {  # the method's shared basis (auto rank, 32 rows per unit)
-        "shared-basis": [],
-        "shared-basis-int8": ["--basis-dtype", "int8"],
-        "shared-basis-rank-128": ["--rank", "128"],
-        "shared-basis-factors-scope": ["--budget-scope", "factors"],
+        "shared-basis": fp16,
+        "shared-basis-int8": int8,
+        "shared-basis-rank-128": fp16 + ["--rank", "128"],
+        "shared-basis-factors-scope": fp16 + ["--budget-scope", "factors"],
+        "shared-basis-int8-factors-scope": int8 + ["--budget-scope", "factors"],
     }
     out += [{"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": v} for k, v in shared.items()]
     return out

@@ -106,6 +106,7 @@ def main() -> None:
         tmp = Path(tmp)
         servers = dict(zip(("unquantized", "bitsmoe"), build_models(tmp, a.arch, a.layers, a.hidden, a.experts, a.intermediate, a.bits)))
         size = {name: sum(f.stat().st_size for f in d.glob("*.safetensors")) / 2**20 for name, d in servers.items()}
+        quantization = json.loads((servers["bitsmoe"] / "config.json").read_text())["quantization_config"]
         runs = {name: [] for name in servers}
         for pair in range(a.pairs):
             for name, d in servers.items():
@@ -114,7 +115,9 @@ def main() -> None:
     rates = ("tokens_per_s_1_stream", "tokens_per_s_8_streams")
     median = {name: {k: statistics.median(r[k] for r in rs) for k in rates} for name, rs in runs.items()}
     ratios = [{k: round(b[k] / u[k], 2) for k in rates} for u, b in zip(runs["unquantized"], runs["bitsmoe"])]
-    result = {"machine": describe(), "model": vars(a) | {"out": None}, "median": median, "bitsmoe_over_unquantized": ratios, "runs": runs}
+    bases_and_bits = {k: quantization[k] for k in ("basis_dtype", "achieved_bits")}
+    result = {"machine": describe(), "model": vars(a) | {"out": None} | bases_and_bits, "median": median,
+              "bitsmoe_over_unquantized": ratios, "runs": runs}
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -27,7 +27,7 @@ class Options:
     calib_seq_len: int = 512
     budget_scope: str = "all"
     allocation: str = "global"
-    basis_dtype: str = "fp16"
+    basis_dtype: str = "int8"
     rank: int | None = None  # None: chosen per run from Plan.rank_candidates
     candidate_bits: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8)
     unit_rows: int | None = None  # None: 32 with a shared basis, 1 with an identity basis (Plan.unit_rows)

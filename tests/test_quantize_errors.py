@@ -27,9 +27,9 @@ def run(tiny_model_dir, calib_file, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (("--bits", "0.05"), "--bits 0.05 is outside the feasible range [0.0703, 8.6875] (all bits per routed-expert weight) for this model with ranks 8-64"),
-        (("--bits", "0.3", "--rank", "64"), "--bits 0.3 is outside the feasible range [0.5625, 8.6875] (all bits per routed-expert weight) for this model with rank 64"),
-        (("--bits", "9"), "--bits 9.0 is outside the feasible range [0.0703, 8.6875]"),
+        (("--bits", "0.03"), "--bits 0.03 is outside the feasible range [0.0423, 8.4453] (all bits per routed-expert weight) for this model with ranks 8-64"),
+        (("--bits", "0.3", "--rank", "64"), "--bits 0.3 is outside the feasible range [0.3203, 8.4453] (all bits per routed-expert weight) for this model with rank 64"),
+        (("--bits", "9"), "--bits 9.0 is outside the feasible range [0.0423, 8.4453]"),
         (("--rank", "65"), "--rank 65: must be between 1 and the hidden size 64"),
         (("--basis-dtype", "identity", "--rank", "32"), "--rank 32: an identity basis has rank 64 (the hidden size)"),
         (("--group-size", "48"), "--group-size 48: must be a multiple of 32 that divides"),
