@@ -131,7 +131,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 128])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--bases", nargs="+", default=["float16", "int8"], choices=["float16", "int8"])
+    p.add_argument("--bases", nargs="+", default=["int8", "float16"], choices=["float16", "int8"])
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--reference-max-tokens", type=int, default=16, help="time the (slow) reference only up to this T")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_moe.json"))
