@@ -22,8 +22,8 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument("--allocation", choices=["global", "per-layer"], default="global",
                    help="one budget over all MoE layers (default), or the same budget in every layer")  # fmt: skip
     p.add_argument("--basis-dtype", choices=list(BASIS_DTYPES), default="int8",
-                   help="storage of the shared bases (default int8, one scale per row; it cost no measurable quality "
-                        "against fp16 and is half the bytes); identity: no basis, each expert's weights are its "
+                   help="storage of the shared bases (default int8, one scale per row: half the bytes of fp16, the same "
+                        "quality in benchmarks/results/quality.md); identity: no basis, each expert's weights are its "
                         "factors (for models with E * I not much larger than H, where a basis costs more than it saves)")  # fmt: skip
     p.add_argument("--rank", default="auto",
                    help="shared rank R, or auto (default): the multiple of --unit-rows whose allocation has the least estimated loss")  # fmt: skip
