@@ -28,7 +28,7 @@ group, the down input a per slot and column group, the input of an int8 basis pe
 reference to about 1e-5 relative.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -54,6 +54,15 @@ class CpuLayer:
     gate: CpuFactors
     up: CpuFactors
     down: CpuFactors
+    op_args: tuple = field(init=False, repr=False)  # moe_int's arguments after x, topk_weights and topk_ids
+
+    def __post_init__(self):
+        # Gathered once: per call they cost 0.02-0.05 ms of a 1.1-1.2 ms cold call on Qwen3-30B-A3B's shape.
+        bases = (self.layer.gate_basis, self.layer.up_basis, self.layer.down_basis)
+        factors = (t for f in (self.gate, self.up, self.down) for t in (f.masks, f.scales, f.rows, f.segs))
+        args = (*(None if b is None else b.weight for b in bases), *(None if b is None else b.scale for b in bases),
+                *factors, self.layer.group_size)  # fmt: skip
+        object.__setattr__(self, "op_args", args)
 
 
 @dataclass(frozen=True)
@@ -194,15 +203,7 @@ def to_cpu_layer(layer: MoELayer) -> CpuLayer:
 
 def moe_forward_int(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, cpu: CpuLayer) -> torch.Tensor:
     """[T, H] routed-expert output in x.dtype, as reference.moe_forward, on the integer path."""
-    bases = (cpu.layer.gate_basis, cpu.layer.up_basis, cpu.layer.down_basis)
-    return torch.ops.bitsmoe.moe_int(
-        x, topk_weights, topk_ids,
-        *(None if b is None else b.weight for b in bases), *(None if b is None else b.scale for b in bases),
-        cpu.gate.masks, cpu.gate.scales, cpu.gate.rows, cpu.gate.segs,
-        cpu.up.masks, cpu.up.scales, cpu.up.rows, cpu.up.segs,
-        cpu.down.masks, cpu.down.scales, cpu.down.rows, cpu.down.segs,
-        cpu.layer.group_size,
-    )  # fmt: skip
+    return torch.ops.bitsmoe.moe_int.default(x, topk_weights, topk_ids, *cpu.op_args)
 
 
 def register_fake() -> None:
