@@ -20,23 +20,48 @@ from tests.vllm_server import FAST_AND_STRICT, get, post, run_to_exit, server_en
 pytest.importorskip("vllm")
 
 SHAPE = {"layers": 2, "experts": 16, "intermediate": 128}
+BITS = 2.0  # the lower the bits, the further the quantized model from the original: the comparisons' teeth
 PROMPT = "Return the sum of a start value and an iterable of numbers"
 LOGPROB_TOLERANCE = 1e-3  # float32 everywhere; measured differences are ~2e-6
+# vLLM's AMX MLA backend, its choice on CPUs with AMX, refuses float32 weights; the reference MLA backend serves
+# float32 on every CPU. The bf16 test below runs the default backend.
+MLA = {"deepseek_v2"}
 EXACT = ["--dtype", "float32", *FAST_AND_STRICT]
+
+
+def serve_args(arch: str, dtype: str) -> list[str]:
+    if dtype == "float32":
+        return [*EXACT, "--attention-backend", "CPU_MLA"] if arch in MLA else EXACT
+    return ["--dtype", dtype, *FAST_AND_STRICT]
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_model_dir, quantize_tiny, tmp_path_factory):
-    """arch -> (original, BitsMoE at 3 bits, BitsMoE dequantized to a plain checkpoint)."""
+    """arch -> {"original", "bitsmoe" (BITS, int8 bases), "dequantized" (BitsMoE's weights as a plain checkpoint)}."""
     made = {}
 
     def get(arch):
         if arch not in made:
             original = tiny_model_dir(arch, **SHAPE)
             root = tmp_path_factory.mktemp(f"{arch}-serve")
-            bitsmoe = quantize_tiny(original, root / "bitsmoe", 3.0)
-            made[arch] = original, bitsmoe, dequantize_checkpoint(bitsmoe, root / "dequantized")
+            bitsmoe = quantize_tiny(original, root / "bitsmoe", BITS, basis_dtype="int8")  # the shared basis, served
+            made[arch] = {"original": original, "bitsmoe": bitsmoe, "dequantized": dequantize_checkpoint(bitsmoe, root / "dequantized")}
         return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def served_logprobs(checkpoints, tmp_path_factory):
+    """(arch, checkpoint, dtype) -> prompt_logprobs of `vllm serve`, each served once per module."""
+    served = {}
+
+    def get(arch, which, dtype):
+        if (arch, which, dtype) not in served:
+            model = checkpoints(arch)[which]
+            with vllm_server(model, *serve_args(arch, dtype), log=tmp_path_factory.mktemp("serve") / f"{which}.log") as url:
+                served[arch, which, dtype] = prompt_logprobs(url, model)
+        return served[arch, which, dtype]
 
     return get
 
@@ -46,6 +71,11 @@ def prompt_logprobs(url: str, model) -> list[float]:
     body = {"model": str(model), "prompt": PROMPT, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
     response = post(url, "/v1/completions", body)
     return response["choices"][0]["logprobs"]["token_logprobs"][1 : response["usage"]["prompt_tokens"]]
+
+
+def max_difference(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) > 10
+    return max(abs(x - y) for x, y in zip(a, b))
 
 
 def transformers_logprobs(model_dir) -> list[float]:
@@ -58,10 +88,10 @@ def transformers_logprobs(model_dir) -> list[float]:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_openai_api_and_logprobs_match_the_dequantized_weights(arch, checkpoints, tmp_path):
-    original, bitsmoe, dequantized = checkpoints(arch)
+def test_openai_api_and_logprobs_match_the_dequantized_weights(arch, checkpoints, served_logprobs, tmp_path):
+    bitsmoe = checkpoints(arch)["bitsmoe"]
     flag = ["--quantization", "bitsmoe"] if arch in ("mixtral", "deepseek_v2") else []  # the checkpoint names its method
-    with vllm_server(bitsmoe, *EXACT, *flag, log=tmp_path / "bitsmoe.log") as url:
+    with vllm_server(bitsmoe, *serve_args(arch, "float32"), *flag, log=tmp_path / "bitsmoe.log") as url:
         assert "quantization=bitsmoe" in (tmp_path / "bitsmoe.log").read_text()
         assert "bitsmoe: MoE layers run the CPU kernel" in (tmp_path / "bitsmoe.log").read_text()  # not the reference
         assert [m["id"] for m in get(url, "/v1/models")["data"]] == [str(bitsmoe)]
@@ -70,16 +100,35 @@ def test_openai_api_and_logprobs_match_the_dequantized_weights(arch, checkpoints
         assert completion["usage"]["completion_tokens"] == 12 and completion["choices"][0]["text"]
         streamed = "".join(event["choices"][0]["text"] for event in stream(url, "/v1/completions", body))
         assert streamed == completion["choices"][0]["text"]  # greedy: the same tokens either way
-        chat = post(url, "/v1/chat/completions", {"model": str(bitsmoe), "max_tokens": 8, "temperature": 0,
-                                                  "messages": [{"role": "user", "content": "What does sum do?"}]})  # fmt: skip
+        messages = [{"role": "user", "content": "What does sum do?"}]
+        chat = post(url, "/v1/chat/completions", {"model": str(bitsmoe), "max_tokens": 8, "temperature": 0, "messages": messages})
         assert chat["choices"][0]["message"]["role"] == "assistant" and chat["usage"]["completion_tokens"] > 0
         served = prompt_logprobs(url, bitsmoe)
-    with vllm_server(dequantized, *EXACT, log=tmp_path / "dequantized.log") as url:
-        reference = prompt_logprobs(url, dequantized)
-    assert len(served) == len(reference) > 10
-    assert max(abs(a - b) for a, b in zip(served, reference)) < LOGPROB_TOLERANCE
-    # the comparison has teeth: the original (unquantized) weights give clearly different log-probabilities
-    assert max(abs(a - b) for a, b in zip(served, transformers_logprobs(original))) > 50 * LOGPROB_TOLERANCE
+    assert max_difference(served, served_logprobs(arch, "dequantized", "float32")) < LOGPROB_TOLERANCE
+    # the comparison has teeth: the original (unquantized) weights, served the same way, are clearly different
+    assert max_difference(served, served_logprobs(arch, "original", "float32")) > 50 * LOGPROB_TOLERANCE
+
+
+@pytest.mark.parametrize("arch", sorted(MLA))
+def test_bf16_logprobs_match_the_dequantized_weights_within_bf16s_own_error(arch, served_logprobs):
+    """In bf16, on the default attention backend (AMX MLA where the CPU has AMX). The tolerance is what bf16 itself
+    does to the dequantized model (its bf16 log-probabilities against its float32 ones): BitsMoE in bf16 must be
+    that close to the dequantized model in bf16, and the original weights clearly further away."""
+    served = served_logprobs(arch, "bitsmoe", "bfloat16")
+    tolerance = max_difference(served_logprobs(arch, "dequantized", "bfloat16"), served_logprobs(arch, "dequantized", "float32"))
+    assert 0 < tolerance < 0.1  # bf16 changes the model a little, not a lot
+    assert max_difference(served, served_logprobs(arch, "dequantized", "bfloat16")) < tolerance
+    assert max_difference(served, served_logprobs(arch, "original", "float32")) > 4 * tolerance
+
+
+def test_a_failed_start_shows_the_workers_error(checkpoints, tmp_path):
+    """The worker's exception, not the engine's report that a worker died."""
+    bitsmoe = checkpoints("qwen3_moe")["bitsmoe"]
+    no_room = {"VLLM_CPU_KVCACHE_SPACE": "100000"}
+    with pytest.raises(RuntimeError) as failed, vllm_server(bitsmoe, *FAST_AND_STRICT, log=tmp_path / "failed.log", env=no_room):
+        pass
+    assert "ERROR lines of Worker" in str(failed.value)
+    assert "ValueError: Available memory on node 0" in str(failed.value) and "100000.0 GiB" in str(failed.value)
 
 
 LLM_SCRIPT = """
@@ -94,7 +143,7 @@ if __name__ == "__main__":  # vLLM's CPU workers start with spawn
 
 
 def test_offline_llm_api(checkpoints, tmp_path):
-    _, bitsmoe, _ = checkpoints("olmoe")
+    bitsmoe = checkpoints("olmoe")["bitsmoe"]
     script = tmp_path / "llm.py"
     script.write_text(LLM_SCRIPT)
     result = subprocess.run([sys.executable, str(script), str(bitsmoe), PROMPT], capture_output=True, text=True,
@@ -106,13 +155,12 @@ def test_offline_llm_api(checkpoints, tmp_path):
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel CPU workers need two cores")
 def test_tensor_parallel_2_matches_the_dequantized_weights(tiny_model_dir, quantize_tiny, tmp_path):
     """Each rank holds half of every factor row (FORMAT.md section 7); the sum over ranks is the whole layer."""
-    bitsmoe = quantize_tiny(tiny_model_dir("mixtral", **SHAPE), tmp_path / "bitsmoe", 3.0, group_size=32)
+    bitsmoe = quantize_tiny(tiny_model_dir("mixtral", **SHAPE), tmp_path / "bitsmoe", 3.0, group_size=32, basis_dtype="int8")
     one_core_each = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # vLLM cannot bind two workers to one NUMA node by itself
     with vllm_server(bitsmoe, *EXACT, "--tensor-parallel-size", "2", log=tmp_path / "tp2.log", env=one_core_each) as url:
         served = prompt_logprobs(url, bitsmoe)
     reference = transformers_logprobs(dequantize_checkpoint(bitsmoe, tmp_path / "dequantized"))
-    assert len(served) == len(reference) > 10
-    assert max(abs(a - b) for a, b in zip(served, reference)) < LOGPROB_TOLERANCE
+    assert max_difference(served, reference) < LOGPROB_TOLERANCE
 
 
 def test_identity_basis_matches_the_dequantized_weights(tiny_model_dir, quantize_tiny, tmp_path):
@@ -121,8 +169,7 @@ def test_identity_basis_matches_the_dequantized_weights(tiny_model_dir, quantize
     with vllm_server(bitsmoe, *EXACT, log=tmp_path / "identity.log") as url:
         served = prompt_logprobs(url, bitsmoe)
     reference = transformers_logprobs(dequantize_checkpoint(bitsmoe, tmp_path / "dequantized"))
-    assert len(served) == len(reference) > 10
-    assert max(abs(a - b) for a, b in zip(served, reference)) < LOGPROB_TOLERANCE
+    assert max_difference(served, reference) < LOGPROB_TOLERANCE
 
 
 def edited_copy(bitsmoe, tmp_path, edit_tensors=None, edit_config=None, edit_shard=None):
@@ -178,7 +225,7 @@ MODULE = "model.layers.1.mlp.experts"
     ],
 )
 def test_bad_checkpoints_are_refused_at_load(case, message, checkpoints, tmp_path):
-    original, bitsmoe, _ = checkpoints("qwen3_moe")
+    original, bitsmoe = checkpoints("qwen3_moe")["original"], checkpoints("qwen3_moe")["bitsmoe"]
     model, flag = {
         "missing tensor": (lambda: edited_copy(bitsmoe, tmp_path, drop(f"{MODULE}.3.up_proj.scales")), []),
         "wrong shape": (lambda: edited_copy(bitsmoe, tmp_path, shorten(f"{MODULE}.5.down_proj.codes")), []),

