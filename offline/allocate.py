@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import highspy
 import numpy as np
+from highspy._core import _Highs
 
 CORE_STEPS = 4000  # hull steps on each side of the LP threshold whose units form the core
 
@@ -179,7 +180,9 @@ def solve_core(loss, cost, keep, budget, lp_choice, core, time_limit) -> tuple[n
     lp.a_matrix_.index_ = np.stack([u_of, np.full(n, len(core_idx))], 1).ravel().astype(np.int32)
     lp.a_matrix_.value_ = np.stack([np.ones(n), c / scale_c], 1).ravel()
     lp.integrality_ = [highspy.HighsVarType.kInteger] * n
-    h = highspy.Highs()
+    # highspy.Highs() enables its callbacks on construction, a call that prints HiGHS's banner before any option
+    # can be set; the core class takes output_flag first.
+    h = _Highs()
     for option, value in {"output_flag": False, "mip_rel_gap": 1e-3, "time_limit": time_limit, "threads": 2, "random_seed": 0}.items():
         h.setOptionValue(option, value)
     h.passModel(lp)

@@ -52,17 +52,18 @@ def token_stream(tokenizer, texts: list[str]) -> list[int]:
     return [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"] + eos]
 
 
-def token_sequences(tokenizer, texts: list[str], n_tokens: int, seq_len: int) -> torch.Tensor:
-    """[S, seq_len] token ids, S = ceil(n_tokens / seq_len), taken evenly from token_stream(texts)."""
+def token_sequences(tokenizer, texts: list[str], n_tokens: int, seq_len: int, held_out: int = 0) -> torch.Tensor:
+    """[S + held_out, seq_len] token ids, S = ceil(n_tokens / seq_len), taken evenly from token_stream(texts)."""
     stream = token_stream(tokenizer, texts)
     S = -(-n_tokens // seq_len)
     available = len(stream) // seq_len
-    if available < S:
+    if available < S + held_out:
+        also = f" and {held_out} held out to check the result" if held_out else ""
         raise ValueError(
             f"the calibration text gives {len(stream)} tokens ({available} sequences of {seq_len}), fewer than "
-            f"--calib-tokens {n_tokens} needs ({S} sequences); pass more text or lower --calib-tokens / --calib-seq-len"
+            f"--calib-tokens {n_tokens} needs ({S} sequences{also}); pass more text or lower --calib-tokens / --calib-seq-len"
         )
-    starts = torch.linspace(0, available - 1, S).round().long() * seq_len
+    starts = torch.linspace(0, available - 1, S + held_out).round().long() * seq_len
     stream = torch.tensor(stream, dtype=torch.long)
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 

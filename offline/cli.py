@@ -1,9 +1,12 @@
 """`bitsmoe-quantize` / `python -m offline`: a Hugging Face MoE checkpoint in, a BitsMoE checkpoint out."""
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
 
-from offline.plan import BASIS_DTYPES, Options
+from offline.plan import AUTO_BASES, BASIS_DTYPES, Options
 
 
 def parse(argv: list[str] | None) -> Options:
@@ -21,10 +24,10 @@ def parse(argv: list[str] | None) -> Options:
                    help="what --bits counts: all stored bits of the experts (default), or factor codes and scales only (the paper's)")  # fmt: skip
     p.add_argument("--allocation", choices=["global", "per-layer"], default="global",
                    help="one budget over all MoE layers (default), or the same budget in every layer")  # fmt: skip
-    p.add_argument("--basis-dtype", choices=list(BASIS_DTYPES), default="int8",
-                   help="storage of the shared bases (default int8, one scale per row: half the bytes of fp16, the same "
-                        "quality in benchmarks/results/quality.md); identity: no basis, each expert's weights are its "
-                        "factors (for models with E * I not much larger than H, where a basis costs more than it saves)")  # fmt: skip
+    p.add_argument("--basis-dtype", choices=["auto", *BASIS_DTYPES], default="auto",
+                   help=f"the basis: auto (default) takes whichever of {', '.join(AUTO_BASES)} has the least estimated "
+                        "loss at this budget; int8 (one scale per row), fp16 or bf16: a shared basis stored so; identity: "
+                        "no basis, each expert's weights are its factors")  # fmt: skip
     p.add_argument("--rank", default="auto",
                    help="shared rank R, or auto (default): the multiple of --unit-rows whose allocation has the least estimated loss")  # fmt: skip
     p.add_argument("--candidate-bits", default="0,1,2,3,4,6,8", help="widths a rank row may get (default 0,1,2,3,4,6,8)")
@@ -36,6 +39,8 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT.partial")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--allow-high-error", action="store_true",
+                   help="write the checkpoint even when a layer's error on held-out tokens marks a broken model")  # fmt: skip
     a = p.parse_args(argv)
     try:
         widths = tuple(int(b) for b in a.candidate_bits.split(","))
@@ -51,15 +56,21 @@ def parse(argv: list[str] | None) -> Options:
         calib_seq_len=a.calib_seq_len, budget_scope=a.budget_scope, allocation=a.allocation, basis_dtype=a.basis_dtype,
         rank=None if a.rank == "auto" else int(a.rank), candidate_bits=widths, unit_rows=a.unit_rows,
         scale_steps=a.scale_steps, group_size=a.group_size, device=a.device, resume=a.resume, overwrite=a.overwrite,
+        allow_high_error=a.allow_high_error,
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     options = parse(argv)
+    start = time.monotonic()
+    from offline.guard import QualityError
     from offline.quantize import quantize  # torch and transformers load after the arguments are checked
 
     try:
         out = quantize(options)
+    except QualityError as err:
+        print(f"bitsmoe-quantize: error: {err}", file=sys.stderr)
+        return 3
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"bitsmoe-quantize: error: {err}", file=sys.stderr)
         return 2
@@ -67,5 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bitsmoe-quantize: error: {err}; the run so far is kept in {options.out}.partial: fix the cause (free "
               "disk space) and rerun the same command with --resume", file=sys.stderr)  # fmt: skip
         return 1
-    print(f"bitsmoe-quantize: wrote {out}")
+    print(summary(out, time.monotonic() - start))
     return 0
+
+
+def summary(out: Path, seconds: float) -> str:
+    """One line: where, bits all-in, the basis, sizes of the weights before and after, the worst layer, the time."""
+    r = json.loads((out / "quantization_report.json").read_text())
+    worst = max(r["layers"], key=lambda m: r["layers"][m]["relative_error"])
+    before, after = (sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) / 1e6 for d in (r["model"], out))
+    return (
+        f"bitsmoe-quantize: wrote {out}: {r['bits']['achieved_all']:.3f} bits per routed-expert weight all-in, "
+        f"{r['basis']['dtype']} basis of rank {r['basis']['rank']}; weights {before:,.1f} MB -> {after:,.1f} MB; worst "
+        f"layer error {r['layers'][worst]['relative_error']:.3f} ({worst}); {seconds:.0f} s"
+    )

@@ -23,13 +23,20 @@ from offline.calibrate import Routed
 from offline.rounding import REFINE_STEPS, quantize_rows
 
 CHUNK_ENTRIES = 1 << 20  # factor entries rounded at once: bounds the cost model's temporaries
+PRIOR_TOKENS = 16  # an expert with fewer calibration tokens gets a prior from the layer's tokens (importance)
+PRIOR_SAMPLE = 4096  # layer tokens the prior is computed from
 
 
 def importance(
     routed: Routed, weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None], n_tokens: int
 ) -> dict[str, torch.Tensor]:
     """weights[p] [E, I, H] (down as D_e^T), the gate and up bases [R, H] (None: identity) -> importance per
-    projection: gate and up [E, R, I], down [E, 1, I]. One pass over the experts for all three projections."""
+    projection: gate and up [E, R, I], down [E, 1, I]. One pass over the experts for all three projections.
+
+    An expert that received fewer than PRIOR_TOKENS calibration tokens also gets, in proportion to the shortfall,
+    a prior: its own weights applied to the layer's tokens, as if it received its balanced share (N K / E) of them
+    with the layer's mean squared routing weight. Without it an expert no calibration token reached would cost
+    nothing at any width, and get 0 bits."""
     E, I, _ = weights["gate"].shape
     device = weights["gate"].device
     x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
@@ -37,15 +44,28 @@ def importance(
     out = {p: torch.zeros(E, z[p].shape[1], I, device=device) for p in z} | {"down": torch.zeros(E, 1, I, device=device)}
     for e in ids.unique().tolist():
         token, slot = (ids == e).nonzero(as_tuple=True)
-        xe, w2 = x[token], w[token, slot] ** 2  # [n, H], [n]
-        h_g, h_u = xe @ weights["gate"][e].T, xe @ weights["up"][e].T  # [n, I]
-        sig = torch.sigmoid(h_g)
-        out["down"][e, 0] = (w2[:, None] * (h_g * sig * h_u) ** 2).sum(0)
-        column = (weights["down"][e] ** 2).sum(1)  # |D_e[:, i]|^2
-        sensitivity = {"gate": (sig * (1 + h_g * (1 - sig)) * h_u) ** 2, "up": (h_g * sig) ** 2}  # [n, I]
-        for p, s in sensitivity.items():
-            out[p][e] = ((w2[:, None] * z[p][token] ** 2).T @ s) * column
+        for p, v in expert_statistics(weights, e, x[token], {q: z[q][token] for q in z}, w[token, slot] ** 2).items():
+            out[p][e] += v
+    counts = torch.bincount(ids.flatten(), minlength=E)
+    sample = slice(0, PRIOR_SAMPLE)
+    for e in (counts < PRIOR_TOKENS).nonzero().flatten().tolist():
+        w2 = torch.full((len(x[sample]),), float((w**2).mean()), device=device)
+        share = (1 - int(counts[e]) / PRIOR_TOKENS) * len(x) * ids.shape[1] / E / len(x[sample])
+        for p, v in expert_statistics(weights, e, x[sample], {q: z[q][sample] for q in z}, w2).items():
+            out[p][e] += share * v
     return {p: o / n_tokens for p, o in out.items()}
+
+
+def expert_statistics(
+    weights: dict[str, torch.Tensor], e: int, xe: torch.Tensor, ze: dict[str, torch.Tensor], w2: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Expert e's summed importance over tokens xe [n, H] (their z [n, R]) with squared routing weights w2 [n]."""
+    h_g, h_u = xe @ weights["gate"][e].T, xe @ weights["up"][e].T  # [n, I]
+    sig = torch.sigmoid(h_g)
+    column = (weights["down"][e] ** 2).sum(1)  # |D_e[:, i]|^2
+    sensitivity = {"gate": (sig * (1 + h_g * (1 - sig)) * h_u) ** 2, "up": (h_g * sig) ** 2}  # [n, I]
+    out = {p: ((w2[:, None] * ze[p] ** 2).T @ s) * column for p, s in sensitivity.items()}
+    return out | {"down": (w2[:, None] * (h_g * sig * h_u) ** 2).sum(0)[None]}
 
 
 def unit_losses(

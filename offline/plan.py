@@ -6,12 +6,21 @@ from pathlib import Path
 
 import torch
 
-from bitsmoe_vllm.format import BASIS_BITS, BIT_WIDTHS, PROJECTIONS, LayerLayout, ProjectionLayout, QuantConfig, stored_bits
+from bitsmoe_vllm.format import (
+    BASIS_BITS,
+    BIT_WIDTHS,
+    PROJECTIONS,
+    LayerLayout,
+    ProjectionLayout,
+    QuantConfig,
+    stored_bits,
+)
 from offline.cost import unit_costs
 from offline.rounding import REFINE_STEPS
 from offline.source import SourceCheckpoint
 
 BASIS_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8", "identity": "identity"}
+AUTO_BASES = ("int8", "fp16", "identity")  # what --basis-dtype auto chooses from (bf16 rounds the basis coarser than fp16)
 GROUP_SIZES = (128, 96, 64, 32)  # tried in this order when --group-size is not given
 
 
@@ -27,10 +36,11 @@ class Options:
     calib_seq_len: int = 512
     budget_scope: str = "all"
     allocation: str = "global"
-    basis_dtype: str = "int8"
+    basis_dtype: str = "auto"  # or a key of BASIS_DTYPES
     rank: int | None = None  # None: chosen per run from Plan.rank_candidates
     candidate_bits: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8)
     unit_rows: int | None = None  # None: 32 with a shared basis, 1 with an identity basis (Plan.unit_rows)
+    allow_high_error: bool = False  # write the checkpoint even when a layer's measured error marks a broken model
     scale_steps: int = REFINE_STEPS
     group_size: int | None = None
     device: str = "cpu"
@@ -40,7 +50,7 @@ class Options:
     def run_identity(self) -> dict:
         """The options that decide the output; a resumed run must have the same ones."""
         d = asdict(self)
-        for key in ("resume", "overwrite", "out"):
+        for key in ("resume", "overwrite", "out", "allow_high_error"):
             d.pop(key)
         d["calib"] = [str(Path(p).resolve()) for p in self.calib]
         return d
@@ -50,6 +60,7 @@ class Options:
 class Plan:
     source: SourceCheckpoint
     options: Options
+    basis: str  # the basis this plan stores: a key of BASIS_DTYPES
     moe_layers: tuple[int, ...]
     hidden_size: int
     intermediate_size: int
@@ -64,17 +75,36 @@ class Plan:
 
     @property
     def basis_dtype(self) -> str:
-        return BASIS_DTYPES[self.options.basis_dtype]
+        return BASIS_DTYPES[self.basis]
+
+    @property
+    def factor_kind(self) -> str:
+        """"identity" or "shared": the factors' cost measurements, which every shared basis dtype has in common."""
+        return "identity" if self.basis == "identity" else "shared"
+
+    def basis_candidates(self) -> tuple[str, ...]:
+        """The bases --basis-dtype allows; an identity basis has full rank, so not with a lower --rank."""
+        if self.options.basis_dtype != "auto":
+            return (self.options.basis_dtype,)
+        return tuple(b for b in AUTO_BASES if b != "identity" or self.options.rank in (None, self.hidden_size))
+
+    def with_basis(self, basis: str) -> "Plan":
+        """This plan storing `basis`, at --rank or full rank (--rank auto chooses at allocation)."""
+        return replace(self, basis=basis).with_rank(self.options.rank or self.hidden_size)
 
     @property
     def unit_rows(self) -> int:
         """Rank rows per allocation unit. A shared basis orders its rows by energy, so neighbours are alike and
         can share a width; the channels of an identity basis are in no order, so each row is its own unit."""
-        return self.options.unit_rows or (1 if self.basis_dtype == "identity" else 32)
+        return self.options.unit_rows or (1 if self.basis == "identity" else 32)
 
     def full_rank_basis_bits(self) -> float:
         """Bits per routed-expert weight the three bases would cost at full rank: basis_bits * H / (E * I)."""
         return BASIS_BITS[self.basis_dtype] * self.hidden_size / (self.num_experts * self.intermediate_size)
+
+    def feasible_bits(self) -> tuple[float, float]:
+        """The feasible --bits over every rank this plan may choose."""
+        return self.with_rank(min(self.rank_candidates())).bits_range()[0], self.bits_range()[1]
 
     def bits_range(self) -> tuple[float, float]:
         """Feasible --bits in the budget's scope: every unit at its cheapest width, every one at its widest."""
@@ -133,8 +163,8 @@ def make_plan(options: Options) -> Plan:
     widths = tuple(sorted(set(options.candidate_bits)))
     if not set(widths) <= set(BIT_WIDTHS) or not any(widths):
         raise ValueError(f"--candidate-bits {list(options.candidate_bits)}: expected widths from {list(BIT_WIDTHS)}, one above 0")
-    if options.basis_dtype not in BASIS_DTYPES:
-        raise ValueError(f"--basis-dtype {options.basis_dtype}: expected one of {list(BASIS_DTYPES)}")
+    if options.basis_dtype not in ("auto", *BASIS_DTYPES):
+        raise ValueError(f"--basis-dtype {options.basis_dtype}: expected one of {['auto', *BASIS_DTYPES]}")
     if options.basis_dtype == "identity" and rank != H:
         raise ValueError(f"--rank {rank}: an identity basis has rank {H} (the hidden size); leave --rank out")
     if options.allocation not in ("global", "per-layer"):
@@ -146,14 +176,17 @@ def make_plan(options: Options) -> Plan:
     group_size = choose_group_size(I, options.group_size)
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: no CUDA device is available to torch {torch.__version__}")
-    plan = Plan(source, options, moe_layers, H, I, E, H, group_size, widths, unit_cost=torch.zeros(0),
-                fixed_bits=0.0, total_weights=len(moe_layers) * 3 * E * I * H, budget_bits=0.0).with_rank(rank)  # fmt: skip
-    low, high = plan.with_rank(min(plan.rank_candidates())).bits_range()[0], plan.bits_range()[1]
+    first = "int8" if options.basis_dtype == "auto" else options.basis_dtype
+    plan = Plan(source, options, first, moe_layers, H, I, E, H, group_size, widths, unit_cost=torch.zeros(0), fixed_bits=0.0,
+                total_weights=len(moe_layers) * 3 * E * I * H, budget_bits=0.0).with_rank(rank)  # fmt: skip
+    ranges = {basis: plan.with_basis(basis).feasible_bits() for basis in plan.basis_candidates()}
+    low, high = min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
     if not low - 1e-9 <= options.bits <= high + 1e-9:
         ranks = f"rank {rank}" if options.rank else f"ranks {min(plan.rank_candidates())}-{H}"
+        bases = " or ".join(f"{BASIS_DTYPES[b]}" for b in ranges)
         raise ValueError(
             f"--bits {options.bits} is outside the feasible range [{low:.4f}, {high:.4f}] ({options.budget_scope} bits per "
-            f"routed-expert weight) for this model with {ranks}, group size {group_size}, {plan.basis_dtype} bases "
+            f"routed-expert weight) for this model with {ranks}, group size {group_size}, {bases} bases "
             f"and candidate widths {list(widths)}"
         )
     return plan

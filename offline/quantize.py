@@ -1,6 +1,7 @@
-"""bitsmoe-quantize, stage by stage: calibrate and cost every MoE layer, allocate bits over all of them,
-export the checkpoint, finish (config, index, files, report, validation, move into place).
-Every stage saves its result in OUT.partial/work, so --resume continues after a crash."""
+"""bitsmoe-quantize, stage by stage: calibrate and cost every MoE layer, choose the basis and allocate bits over all
+of them, export the checkpoint (config, index, files, validation), check every layer's error on held-out tokens,
+write the report and move the checkpoint into place. Every stage saves its result in OUT.partial/work, so --resume
+continues after a crash."""
 
 import dataclasses
 import json
@@ -12,13 +13,14 @@ import transformers
 from tqdm import tqdm
 
 from bitsmoe_vllm.checkpoint import validate_checkpoint
-from bitsmoe_vllm.format import PROJECTIONS, stored_bits
-from offline.allocate import allocate_in_parts, lp_bound
-from offline.calibrate import embed, read_texts, token_sequences, walk_layers
-from offline.cost import importance, unit_losses
-from offline.decompose import basis_of, decompose, project
+from bitsmoe_vllm.format import PROJECTIONS, QuantConfig, stored_bits
+from offline import guard, selection
+from offline.allocate import allocate_in_parts
+from offline.calibrate import Routed, embed, read_texts, token_sequences, walk_layers
+from offline.decompose import decompose
 from offline.encode import encode_layer
 from offline.export import copied_tensors, copy_side_files, shard_files, write_config, write_index, write_shard
+from offline.layer_cost import layer_costs, residual_energy
 from offline.modules import return_freed_memory, skeleton
 from offline.plan import Options, Plan, make_plan
 from offline.report import StageTimer, histograms, plot_allocation, write_report
@@ -27,52 +29,49 @@ from offline.rundir import RunDir
 
 def quantize(options: Options) -> Path:
     plan = make_plan(options)
-    if options.budget_scope == "all" and plan.full_rank_basis_bits() > options.bits / 2:
+    explicit_shared = options.basis_dtype not in ("auto", "identity")
+    if explicit_shared and options.budget_scope == "all" and plan.full_rank_basis_bits() > options.bits / 2:
         print(f"bitsmoe-quantize: warning: the shared bases would cost {plan.full_rank_basis_bits():.2f} bits per "
               f"routed-expert weight at full rank ({plan.basis_dtype}, H {plan.hidden_size}, E x I "
               f"{plan.num_experts} x {plan.intermediate_size}), more than half of --bits {options.bits}; the rank will "
-              "be cut hard. --basis-dtype identity stores no basis.", file=sys.stderr)  # fmt: skip
+              "be cut hard. --basis-dtype auto chooses between shared and identity bases.", file=sys.stderr)  # fmt: skip
     tokenizer = transformers.AutoTokenizer.from_pretrained(plan.source.dir)
-    tokens = token_sequences(tokenizer, read_texts(list(options.calib)), options.calib_tokens, options.calib_seq_len)  # [S, L]
+    held_out = guard.held_out_count(-(-options.calib_tokens // options.calib_seq_len))
+    tokens = token_sequences(tokenizer, read_texts(list(options.calib)), options.calib_tokens, options.calib_seq_len, held_out)  # [S, L]
+    held = guard.held_out_mask(len(tokens), held_out)  # [S]
     run = RunDir(Path(options.out), options.run_identity(), options.resume, options.overwrite)
     timer = StageTimer()
     with timer("calibrate_and_cost"):
-        losses, routed_tokens, energy = calibrate_and_cost(plan, run, tokens)  # [U, J], [L, E], [L]
+        costs, routed_tokens, energy = calibrate_and_cost(plan, run, tokens, held)  # {name: [U, J] or [U]}, [L, E], [L]
     with timer("allocate"):
-        plan, choice, stats = allocate_bits(plan, run, losses)
+        plan, choice, stats = allocate_bits(plan, run, costs)
     with timer("export"):
         files = export_shards(plan, run, row_bits(plan, choice))
-    finish(plan, run, choice, losses, routed_tokens, energy, stats, files, timer)
+    cfg, written = write_checkpoint(plan, run, choice, files)
+    with timer("check"):
+        errors = guard.relative_errors(run.checkpoint, {m: run.load(f"held-out-{i:05d}")[0] for i, m in module_of(plan).items()})
+    losses = costs[f"loss-{plan.factor_kind}"]
+    summary = report(plan, cfg, choice, losses, routed_tokens, energy, stats, errors, timer)
+    write_report(run.checkpoint / "quantization_report.json", summary | {"files": written})
+    if not options.allow_high_error:
+        try:
+            guard.check(errors, options.bits, plan.basis)
+        except guard.QualityError:
+            run.discard()
+            raise
     return run.finish()
 
 
-def expert_weights(plan: Plan, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
-    return {p: w.to(device) for p, w in plan.source.expert_weights(layer).items()}
+def module_of(plan: Plan) -> dict[int, str]:
+    return {i: plan.source.architecture.experts_module.format(layer=i) for i in plan.moe_layers}
 
 
-def layer_losses(plan: Plan, layer: int, routed, n_tokens: int, device: torch.device) -> torch.Tensor:
-    """[3 * E * units, J] unit losses of one MoE layer; one projection's factors in memory at a time."""
-    weights = expert_weights(plan, layer, device)
-    bases = {p: basis_of(weights[p], plan.rank, plan.basis_dtype) for p in PROJECTIONS}
-    weight, losses = importance(routed, weights, bases, n_tokens), []
-    for p in PROJECTIONS:
-        factors = project(weights[p], bases[p])
-        loss = unit_losses(factors, weight.pop(p), list(plan.widths), plan.unit_rows, plan.group_size, plan.options.scale_steps)
-        losses.append(loss.reshape(-1, len(plan.widths)).cpu())
-        del factors
-    return torch.cat(losses)
-
-
-def residual_energy(hidden: torch.Tensor) -> float:
-    """Median squared norm per token of the residual stream after a layer [S, L, H]. The next layers read the
-    residual through RMS norms, so an output error matters relative to it: dividing each layer's losses by it
-    makes them comparable across layers for the global budget (the median ignores attention-sink tokens)."""
-    return float(hidden.float().pow(2).sum(-1).median())
-
-
-def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unit losses relative to the residual energy [units of all layers, J], routed tokens per expert [L, E] and
-    the residual energy [L], layer after layer; each layer's are saved as it completes."""
+def calibrate_and_cost(
+    plan: Plan, run: RunDir, tokens: torch.Tensor, held: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Costs of every MoE layer (offline.layer_cost.layer_costs, concatenated over the layers), routed tokens per
+    expert [L, E] and the residual energy [L], layer after layer from the sequences `tokens` [S, L] not `held` [S];
+    each layer's are saved as it completes, with the held-out sequences' record for the quality guard."""
     device = torch.device(plan.options.device)
     if any(run.load(f"layer-{i:05d}") is None for i in plan.moe_layers):
         model = skeleton(plan.source, device)
@@ -81,75 +80,59 @@ def calibrate_and_cost(plan: Plan, run: RunDir, tokens: torch.Tensor) -> tuple[t
             hidden, first = saved[0]["hidden"], int(saved[1]["layer"]) + 1
         else:
             hidden, first = embed(model, plan.source, tokens, device), 0
-        n_tokens = hidden.shape[0] * hidden.shape[1]
+        calib_tokens = int((~held).sum()) * tokens.shape[1]
         walk = walk_layers(model, plan.source, hidden, first, set(plan.moe_layers), device)
         del hidden  # the walk holds the hidden states; one copy in memory, not two
         for i, after, routed in walk:
             if routed is not None:
-                routed_tokens = torch.bincount(routed.ids.flatten().cpu(), minlength=plan.num_experts)  # [E]
+                token_held = held.repeat_interleave(tokens.shape[1]).to(routed.x.device)  # routed rows are sequence-major
+                calib, held_out = (Routed(routed.x[m], routed.ids[m], routed.weights[m]) for m in (~token_held, token_held))
+                routed_tokens = torch.bincount(calib.ids.flatten().cpu(), minlength=plan.num_experts)  # [E]
                 if (routed_tokens == 0).any():
                     unused = (routed_tokens == 0).nonzero().flatten().tolist()
-                    print(f"bitsmoe-quantize: warning: layer {i}: experts {unused} got no calibration token; their "
-                          "estimated loss is 0, so they will get 0 bits; pass more calibration text", file=sys.stderr)  # fmt: skip
-                energy = residual_energy(after)
-                losses = layer_losses(plan, i, routed, n_tokens, device) / energy
-                run.save(f"layer-{i:05d}", {"loss": losses, "routed_tokens": routed_tokens, "residual_energy": torch.tensor(energy, dtype=torch.float64)})
+                    print(f"bitsmoe-quantize: warning: layer {i}: experts {unused} got no calibration token; their costs "
+                          "come from the layer's tokens (a prior); pass more calibration text to measure them", file=sys.stderr)  # fmt: skip
+                energy = residual_energy(after[~held])
+                weights = expert_weights(plan, i, device)
+                costs = {k: v / energy for k, v in layer_costs(plan, weights, calib, calib_tokens).items()}
+                run.save(f"held-out-{i:05d}", {k: v.cpu() for k, v in guard.held_out_record(weights, held_out).items()})
+                del weights
+                run.save(f"layer-{i:05d}", costs | {"routed_tokens": routed_tokens, "residual_energy": torch.tensor(energy, dtype=torch.float64)})
             run.save("hidden", {"hidden": after}, {"layer": str(i)})
             plan.source.tensors.close()
             return_freed_memory()
             if i >= plan.moe_layers[-1]:
                 break
     saved = [run.load(f"layer-{i:05d}")[0] for i in plan.moe_layers]
-    return torch.cat([s["loss"] for s in saved]), torch.stack([s["routed_tokens"] for s in saved]), torch.stack([s["residual_energy"] for s in saved])
+    costs = {k: torch.cat([s[k] for s in saved]) for k in saved[0] if k.startswith(("loss-", "basis_loss-"))}
+    return costs, torch.stack([s["routed_tokens"] for s in saved]), torch.stack([s["residual_energy"] for s in saved])
 
 
-def allocate_bits(plan: Plan, run: RunDir, losses: torch.Tensor) -> tuple[Plan, torch.Tensor, dict]:
-    """The plan at its final rank; the chosen option (index into plan.widths) of every unit of the cost
-    measurement [U] (units past the rank at width 0); and the solver's statistics."""
+def expert_weights(plan: Plan, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
+    return {p: w.to(device) for p, w in plan.source.expert_weights(layer).items()}
+
+
+def allocate_bits(plan: Plan, run: RunDir, costs: dict[str, torch.Tensor]) -> tuple[Plan, torch.Tensor, dict]:
+    """The plan at its final basis and rank; the chosen option (index into plan.widths) of every unit of that
+    basis's cost measurement [U] (units past the rank at width 0); and the solver's statistics."""
     saved = run.load("allocation")
     if saved is None:
-        rank, bounds = choose_rank(plan, losses)
-        kept = kept_units(plan, rank)
-        final = plan.with_rank(rank)
-        loss, cost = losses[kept].numpy(), unit_costs_of(plan)[kept].numpy()
+        full, choice_info = selection.choose(plan, costs)
+        losses, rank = costs[f"loss-{full.factor_kind}"], choice_info["rank"]
+        kept = selection.kept_units(full, rank)
+        final = full.with_rank(rank)
+        loss, cost = losses[kept].numpy(), selection.unit_costs_of(full)[kept].numpy()
         parts = 1 if plan.options.allocation == "global" else len(plan.moe_layers)
         result = allocate_in_parts(loss, cost, final.budget_bits, parts)
         choice = torch.zeros(len(losses), dtype=torch.long)  # plan.widths starts at 0 whenever rows are dropped
         choice[kept] = torch.from_numpy(result.choice)
         stats = {k: v for k, v in dataclasses.asdict(result).items() if k != "choice"}
-        stats |= {"units": int(kept.sum()), "unit_rows": plan.unit_rows, "budget_bits": final.budget_bits, "rank": rank,
-                  "dropped_rows_loss": float(losses[~kept, 0].sum())}  # fmt: skip
-        stats |= {"rank_lp_bounds": {str(r): b for r, b in bounds.items()}} if bounds else {}
+        stats |= {"units": int(kept.sum()), "unit_rows": full.unit_rows, "budget_bits": final.budget_bits,
+                  "dropped_rows_loss": float(losses[~kept, 0].sum())} | choice_info  # fmt: skip
         run.save("allocation", {"choice": choice}, {"stats": json.dumps(stats)})
         saved = run.load("allocation")
     stats = json.loads(saved[1]["stats"])
-    return plan.with_rank(stats["rank"]), saved[0]["choice"], stats
-
-
-def unit_costs_of(plan: Plan) -> torch.Tensor:
-    """[U, J] bits of every unit of every layer, projection and expert, per width."""
-    return plan.unit_cost.repeat(len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts, 1)
-
-
-def kept_units(plan: Plan, rank: int) -> torch.Tensor:
-    """[U] bool: the units (of plan's rank) whose rows lie below `rank`."""
-    per_expert = len(plan.unit_cost)
-    first_row = torch.arange(per_expert * len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts) % per_expert * plan.unit_rows
-    return first_row < rank
-
-
-def choose_rank(plan: Plan, losses: torch.Tensor) -> tuple[int, dict[int, float]]:
-    """--rank auto: the candidate rank whose allocation has the least loss by the LP bound (rows past the rank
-    lose their whole energy, the bases cost less); the given rank otherwise."""
-    candidates = plan.rank_candidates()
-    if len(candidates) == 1:
-        return candidates[0], {}
-    cost, bounds = unit_costs_of(plan), {}
-    for rank in candidates:
-        kept = kept_units(plan, rank)
-        dropped = float(losses[~kept, 0].sum())
-        bounds[rank] = lp_bound(losses[kept].numpy(), cost[kept].numpy(), plan.with_rank(rank).budget_bits) + dropped
-    return min(bounds, key=lambda r: (bounds[r], r)), bounds
+    return plan.with_basis(stats["basis"]).with_rank(stats["rank"]), saved[0]["choice"], stats
 
 
 def row_bits(plan: Plan, choice: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -187,16 +170,13 @@ def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> lis
     return files
 
 
-def finish(
-    plan: Plan, run: RunDir, choice: torch.Tensor, losses: torch.Tensor, routed_tokens: torch.Tensor, energy: torch.Tensor, stats: dict,
-    files: list[str], timer: StageTimer,
-) -> None:
-    """config.json, the index, tokenizer and other files, validation by re-reading, the report and plots."""
-    bits = row_bits(plan, choice)
+def write_checkpoint(plan: Plan, run: RunDir, choice: torch.Tensor, files: list[str]) -> tuple[QuantConfig, list[str]]:
+    """config.json, the index, tokenizer and other files, validation by re-reading, and the plots; the config and
+    the files written besides the weights."""
     layouts = [
         plan.layout(i, {p: tuple((b[j] > 0).sum(1).tolist()) for j, p in enumerate(PROJECTIONS)},
                     {p: tuple(b[j].sum(1).tolist()) for j, p in enumerate(PROJECTIONS)})
-        for i, b in bits.items()
+        for i, b in row_bits(plan, choice).items()
     ]  # fmt: skip
     draft = plan.quant_config(layouts)
     cfg = dataclasses.replace(draft, achieved_bits=stored_bits(draft))
@@ -205,27 +185,37 @@ def finish(
     write_index(run.checkpoint, files)
     copied = copy_side_files(plan.source, run.checkpoint)
     validate_checkpoint(run.checkpoint)
-    plots = plot_allocation(run.checkpoint, bits)
+    return cfg, copied + plot_allocation(run.checkpoint, row_bits(plan, choice))
+
+
+def report(
+    plan: Plan, cfg: QuantConfig, choice: torch.Tensor, losses: torch.Tensor, routed_tokens: torch.Tensor, energy: torch.Tensor, stats: dict,
+    errors: dict[str, float], timer: StageTimer,
+) -> dict:
+    """quantization_report.json: what was chosen, at what estimated and measured error, in what time."""
+    bits = row_bits(plan, choice)
     relative = losses.gather(1, choice[:, None]).reshape(len(plan.moe_layers), len(PROJECTIONS), -1).sum(-1)  # [L, 3]
     chosen = relative * energy[:, None].to(relative.dtype)  # squared output error per token
-    write_report(run.checkpoint / "quantization_report.json", {
+    return {
         "model": str(plan.source.dir),
         "options": plan.options.run_identity(),
         "bits": {"budget": plan.options.bits, "budget_scope": plan.options.budget_scope,
                  "achieved_all": cfg.achieved_bits["all"], "achieved_factors": cfg.achieved_bits["factors"],
                  "routed_expert_weights": plan.total_weights, "non_expert_params": non_expert_params(plan)},
+        "basis": {"dtype": plan.basis_dtype, "rank": plan.rank},
         "allocation": stats,
         "layers": {
-            layout.module: {
+            module: {
                 **{p: {"histogram": hist[p], "estimated_loss": float(chosen[k, j])} for j, p in enumerate(PROJECTIONS)},
+                "relative_error": errors[module],
                 "routed_tokens_per_expert": routed_tokens[k].tolist(),
                 "residual_energy": float(energy[k]),
             }
-            for k, (layout, hist) in enumerate(zip(layouts, histograms(bits, plan.widths).values()))
+            for k, (module, hist) in enumerate(zip(module_of(plan).values(), histograms(bits, plan.widths).values()))
         },
+        "worst_relative_error": max(errors.values()),
         "stages": timer.stages,
-        "files": copied + plots,
-    })  # fmt: skip
+    }  # fmt: skip
 
 
 def non_expert_params(plan: Plan) -> int:

@@ -67,6 +67,10 @@ class RunDir:
         with safe_open(path, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
+    def discard(self) -> None:
+        """Remove OUT.partial: the run is not to be resumed (its checkpoint was refused)."""
+        shutil.rmtree(self.partial)
+
     def finish(self) -> Path:
         """Move the finished checkpoint to OUT (replacing it under --overwrite) and drop the work files."""
         if self.out.exists():

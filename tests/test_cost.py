@@ -48,3 +48,18 @@ def test_unit_losses_at_zero_bits_are_the_weighted_energy_and_fall_with_width():
     assert loss.shape == (2, 2, 4)
     torch.testing.assert_close(loss[..., 0], (factors**2 * weight).reshape(2, 2, 4, 64).sum((2, 3)).double())
     assert (loss[..., :-1] > loss[..., 1:]).all()
+
+
+def test_an_expert_no_calibration_token_reached_gets_the_layers_prior():
+    """As if it received its balanced share (N K / E) of the layer's tokens at the mean squared routing weight."""
+    g = torch.Generator().manual_seed(2)
+    weights = {p: torch.randn(E, I, H, generator=g) / H**0.5 for p in ("gate", "up", "down")}
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(N)])  # expert E - 1 never selected
+    routed = Routed(torch.randn(N, H, generator=g), ids, torch.rand(N, K, generator=g))
+    bases = {p: top_basis(weights[p], H)[0] for p in weights}
+    got = importance(routed, weights, bases, n_tokens=N)
+    everyone = Routed(routed.x, torch.full((N, 1), E - 1), torch.full((N, 1), float(routed.weights.pow(2).mean().sqrt())))
+    want = importance(everyone, weights, bases, n_tokens=N)
+    for p in got:
+        assert float(got[p][E - 1].min()) >= 0 and float(got[p][E - 1].sum()) > 0
+        torch.testing.assert_close(got[p][E - 1], want[p][E - 1] * K / E)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -116,19 +117,19 @@ def test_checkpoint_contents(quantized):
     assert set(index["weight_map"]) == set(files)
     report = json.loads((directory / "quantization_report.json").read_text())
     assert report["allocation"]["gap"] <= 1e-3 and report["bits"]["achieved_all"] <= 2.5
-    assert set(report["stages"]) == {"calibrate_and_cost", "allocate", "export"}
+    assert set(report["stages"]) == {"calibrate_and_cost", "allocate", "export", "check"}
     assert math.isfinite(report["allocation"]["lp_bound"])
     tokens = [layer["routed_tokens_per_expert"] for layer in report["layers"].values()]
     assert all(len(t) == 16 and sum(t) == 2048 * 2 for t in tokens)  # every calibration token picks top-2
 
 
 def test_auto_rank_takes_the_best_candidate_and_fits_few_experts(tiny_model_dir, quantize_tiny, tmp_path):
-    """With 2 experts of I 64 (H 64), full-rank float16 bases alone cost 16 * 64 / (2 * 64) = 8 bits per weight:
-    --rank auto must drop rows to fit 2.5 bits, pick the candidate of least LP bound, and store that rank."""
+    """With 2 experts of I 64 (H 64), full-rank int8 bases alone cost 8 * 64 / (2 * 64) = 4 bits per weight:
+    --rank auto must drop rows to fit 2.5 bits, pick the candidate of least estimated loss, and store that rank."""
     model = tiny_model_dir("mixtral", layers=2, experts=2, intermediate=64)
-    out = quantize_tiny(model, tmp_path / "q", 2.5)
+    out = quantize_tiny(model, tmp_path / "q", 2.5, basis_dtype="int8", allow_high_error=True)  # the guard refuses it
     allocation = json.loads((out / "quantization_report.json").read_text())["allocation"]
-    bounds = {int(r): b for r, b in allocation["rank_lp_bounds"].items()}
+    bounds = {int(r): b for r, b in allocation["rank_estimates"].items()}
     assert bounds[64] == math.inf and allocation["rank"] < 64
     assert allocation["rank"] == min(bounds, key=bounds.get)
     cfg = read_quant_config(out)
@@ -138,13 +139,14 @@ def test_auto_rank_takes_the_best_candidate_and_fits_few_experts(tiny_model_dir,
     assert stored / weights == pytest.approx(cfg.achieved_bits["all"], rel=1e-9)
 
 
-def test_identity_basis_beats_a_cut_shared_basis_when_experts_are_few(tiny_model_dir, quantize_tiny, calib_file, tmp_path, capsys):
-    """Same model: the shared bases would cost 8 bits per weight at full rank, so at 2.5 bits an identity basis (no
-    basis stored, full rank) must give a smaller measured output error than the cut rank, and the run warns."""
+def test_auto_basis_takes_the_identity_when_a_shared_basis_must_be_cut(tiny_model_dir, quantize_tiny, calib_file, tmp_path, capsys):
+    """Same model: the shared bases would cost 4 bits per weight at full rank, so at 2.5 bits an identity basis (no
+    basis stored, full rank) gives a smaller measured output error than the cut rank; --basis-dtype auto (the
+    default) takes it, and an explicit shared basis warns."""
     model = tiny_model_dir("mixtral", layers=2, experts=2, intermediate=64)
-    shared = quantize_tiny(model, tmp_path / "shared", 2.5)
-    assert "--basis-dtype identity stores no basis" in capsys.readouterr().err
-    identity = quantize_tiny(model, tmp_path / "identity", 2.5, basis_dtype="identity")
+    shared = quantize_tiny(model, tmp_path / "shared", 2.5, basis_dtype="int8", allow_high_error=True)
+    assert "--basis-dtype auto chooses between shared and identity bases" in capsys.readouterr().err
+    identity = quantize_tiny(model, tmp_path / "identity", 2.5)
     cfg = read_quant_config(identity)
     assert cfg.basis_dtype == "identity" and {getattr(layer, p).rank for layer in cfg.layers for p in PROJECTIONS} == {64}
     assert not [n for n in TensorFiles(identity) if n.endswith(".basis")]
@@ -152,6 +154,35 @@ def test_identity_basis_beats_a_cut_shared_basis_when_experts_are_few(tiny_model
     assert 2.45 < stored / weights <= 2.5
     errors = {name: sum(layer_errors(model, d, calib_file).values()) for name, d in (("shared", shared), ("identity", identity))}
     assert errors["identity"] < 0.5 * errors["shared"], errors
+
+
+def test_auto_basis_takes_a_shared_basis_when_the_experts_share_few_directions(tiny_model_dir, quantize_tiny, calib_file, tmp_path):
+    """Experts whose weights all lie in the same 16 of 64 input (gate, up) and output (down) directions: a shared
+    basis of rank 16 holds them exactly and spends the budget on 16 rows, the identity on 64 channels."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "low-rank"
+    shutil.copytree(tiny_model_dir("qwen3_moe", **QUANT_SHAPE), model)
+    g = torch.Generator().manual_seed(0)
+    for shard in model.glob("*.safetensors"):
+        tensors = load_file(shard)
+        directions = {}
+        for name, t in tensors.items():
+            if ".mlp.experts." in name:
+                kind, layer = name.rsplit(".", 2)[-2], name.split(".mlp.")[0]
+                down = kind == "down_proj"
+                shared = directions.setdefault((layer, down), torch.linalg.qr(torch.randn(64, 16, generator=g))[0])  # [H, 16]
+                own = torch.randn(t.shape[1 if down else 0], 16, generator=g) / 2  # [I, 16]
+                tensors[name] = (shared @ own.T) if down else (own @ shared.T)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    auto = quantize_tiny(model, tmp_path / "auto", 2.5)
+    identity = quantize_tiny(model, tmp_path / "identity", 2.5, basis_dtype="identity")
+    report = json.loads((auto / "quantization_report.json").read_text())
+    assert read_quant_config(auto).basis_dtype in ("int8", "float16") and report["basis"]["rank"] < 64, report["basis"]
+    estimated = report["allocation"]["estimated_loss"]
+    assert estimated[report["allocation"]["basis"]] == min(estimated.values()) < estimated["identity"]
+    errors = {name: sum(layer_errors(model, d, calib_file).values()) for name, d in (("auto", auto), ("identity", identity))}
+    assert errors["auto"] < 0.5 * errors["identity"], errors
 
 
 def test_per_layer_allocation_keeps_every_layer_within_its_share(tiny_model_dir, quantize_tiny, tmp_path):

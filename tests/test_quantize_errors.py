@@ -1,25 +1,27 @@
-"""bitsmoe-quantize refuses bad input with one line that says what to change."""
+"""bitsmoe-quantize refuses bad input, and a broken result, with one line that says what to change."""
 
+import json
 from pathlib import Path
 
 import pytest
 
 from offline.cli import main
 from tests.conftest import QUANT_SHAPE
-from tests.tiny_models import train_tokenizer
+from tests.tiny_models import ARCHITECTURES, train_tokenizer
 
 
 @pytest.fixture
 def run(tiny_model_dir, calib_file, tmp_path, capsys):
     """run(*extra, model=..., calib=...) -> (exit status, stderr) of bitsmoe-quantize."""
 
-    def go(*extra, model=None, calib=None, out=None):
+    def go(*extra, model=None, calib=None, out=None, stdout=False):
         args = ["--model", str(model or tiny_model_dir("olmoe", **QUANT_SHAPE)), "--out", str(out or tmp_path / "out"),
                 "--calib", str(calib or calib_file), "--calib-tokens", "1024", "--calib-seq-len", "128", "--unit-rows", "8"]  # fmt: skip
         if "--bits" not in extra:
             args += ["--bits", "2.5"]
         status = main(args + list(extra))
-        return status, capsys.readouterr().err
+        captured = capsys.readouterr()
+        return (status, captured.err, captured.out) if stdout else (status, captured.err)
 
     return go
 
@@ -27,9 +29,9 @@ def run(tiny_model_dir, calib_file, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (("--bits", "0.03"), "--bits 0.03 is outside the feasible range [0.0423, 8.4453] (all bits per routed-expert weight) for this model with ranks 8-64"),
-        (("--bits", "0.3", "--rank", "64"), "--bits 0.3 is outside the feasible range [0.3203, 8.4453] (all bits per routed-expert weight) for this model with rank 64"),
-        (("--bits", "9"), "--bits 9.0 is outside the feasible range [0.0423, 8.4453]"),
+        (("--bits", "0.03", "--basis-dtype", "int8"), "--bits 0.03 is outside the feasible range [0.0423, 8.4453] (all bits per routed-expert weight) for this model with ranks 8-64, group size 128, int8 bases"),
+        (("--bits", "0.3", "--rank", "64", "--basis-dtype", "int8"), "--bits 0.3 is outside the feasible range [0.3203, 8.4453] (all bits per routed-expert weight) for this model with rank 64"),
+        (("--bits", "9"), "--bits 9.0 is outside the feasible range [0.0423, 8.6875] (all bits per routed-expert weight) for this model with ranks 8-64, group size 128, int8 or float16 or identity bases"),
         (("--rank", "65"), "--rank 65: must be between 1 and the hidden size 64"),
         (("--basis-dtype", "identity", "--rank", "32"), "--rank 32: an identity basis has rank 64 (the hidden size)"),
         (("--group-size", "48"), "--group-size 48: must be a multiple of 32 that divides"),
@@ -135,3 +137,34 @@ def test_a_supported_family_without_experts_is_not_an_moe(run, tiny_model_dir, t
     (model / "model.safetensors.index.json").unlink(missing_ok=True)
     status, err = run(model=model)
     assert status == 2 and f"{model} has no routed experts (looked for model.layers.N.mlp.experts.0.*): not an MoE model" in err, err
+
+
+def test_a_broken_result_is_refused_with_one_line_and_nothing_written(run, tmp_path):
+    """0.3 bits with no basis drops most channels: the guard measures the layers on held-out tokens and refuses."""
+    status, err = run("--bits", "0.3", "--basis-dtype", "identity")
+    lines = [line for line in err.splitlines() if line.startswith("bitsmoe-quantize:")]
+    assert status == 3 and len(lines) == 1, err
+    assert "has a relative output error of" in lines[0] and "on held-out calibration tokens (broken at 0.9)" in lines[0]
+    assert "raise --bits above 0.3, try a shared basis (--basis-dtype int8), or pass --allow-high-error" in lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+    status, err, out = run("--bits", "0.3", "--basis-dtype", "identity", "--allow-high-error", stdout=True)
+    assert status == 0, err
+    report = json.loads((tmp_path / "out" / "quantization_report.json").read_text())
+    assert report["worst_relative_error"] >= 0.9
+    assert f"worst layer error {report['worst_relative_error']:.3f}" in out
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_defaults_at_2_5_bits_pass_the_guard_and_summarise_in_one_line(arch, tiny_model_dir, calib_file, tmp_path, capsys):
+    """--bits 2.5 and no other option but a smaller calibration (the tiny models' text is short)."""
+    args = ["--model", str(tiny_model_dir(arch, **QUANT_SHAPE)), "--out", str(tmp_path / "out"), "--bits", "2.5", "--calib",
+            str(calib_file), "--calib-tokens", "2048", "--calib-seq-len", "256"]  # fmt: skip
+    status = main(args)
+    err, out = capsys.readouterr()[::-1]
+    assert status == 0, err
+    report = json.loads((tmp_path / "out" / "quantization_report.json").read_text())
+    assert report["worst_relative_error"] < 0.9 and report["basis"]["dtype"] in ("int8", "float16", "identity")
+    [summary] = out.strip().splitlines()
+    assert summary.startswith(f"bitsmoe-quantize: wrote {tmp_path / 'out'}: {report['bits']['achieved_all']:.3f} bits per routed-expert weight")
+    assert f"{report['basis']['dtype']} basis of rank {report['basis']['rank']}" in summary and "MB ->" in summary

@@ -1,0 +1,67 @@
+"""What one MoE layer's calibration yields for the allocation: the unit losses of its factors for every kind of
+basis the run may choose (shared, identity), and for each shared basis dtype the estimated loss of rounding the
+basis itself, all relative to the residual energy after the layer (offline.cost has the model behind them)."""
+
+import torch
+
+from bitsmoe_vllm.format import PROJECTIONS
+from bitsmoe_vllm.reference import Basis, dequantize_basis
+from offline.calibrate import Routed
+from offline.cost import importance, unit_losses
+from offline.decompose import basis_of, project
+from offline.plan import BASIS_DTYPES, Plan
+from offline.rounding import quantize_basis
+
+
+def residual_energy(hidden: torch.Tensor) -> float:
+    """Median squared norm per token of the residual stream after a layer [S, L, H]. The next layers read the
+    residual through RMS norms, so an output error matters relative to it: dividing each layer's losses by it
+    makes them comparable across layers for the global budget (the median ignores attention-sink tokens)."""
+    return float(hidden.float().pow(2).sum(-1).median())
+
+
+def layer_costs(plan: Plan, weights: dict[str, torch.Tensor], routed: Routed, n_tokens: int) -> dict[str, torch.Tensor]:
+    """ "loss-{kind}" [3 * E * units, J] for each factor kind of plan.basis_candidates(), and "basis_loss-{basis}"
+    [3 * E * units] for each shared basis among them; one projection's factors in memory at a time."""
+    out = {}
+    for kind in sorted({plan.with_basis(b).factor_kind for b in plan.basis_candidates()}):
+        p_plan = plan.with_basis("identity" if kind == "identity" else "int8")
+        bases = {
+            p: basis_of(weights[p], p_plan.rank if kind == "shared" else plan.hidden_size, p_plan.basis_dtype)
+            for p in PROJECTIONS
+        }
+        shared = [b for b in plan.basis_candidates() if b != "identity"] if kind == "shared" else []
+        weight, losses = importance(routed, weights, bases, n_tokens), {"loss": [], **{b: [] for b in shared}}
+        for p in PROJECTIONS:
+            factors, w = project(weights[p], bases[p]), weight.pop(p)
+            losses["loss"].append(
+                unit_losses(factors, w, list(plan.widths), p_plan.unit_rows, plan.group_size, plan.options.scale_steps)
+            )
+            if shared:
+                row_energy = unit_losses(factors, w, [0], 1, plan.group_size)[
+                    ..., 0
+                ]  # [E, R]: each row's loss when dropped
+                for basis in shared:
+                    ratio = rounding_ratio(bases[p], basis, p, routed.x)  # [R]
+                    per_unit = (
+                        (row_energy * ratio.double()).reshape(len(factors), -1, p_plan.unit_rows).sum(-1)
+                    )  # [E, units]
+                    losses[basis].append(per_unit)
+            del factors
+        out[f"loss-{kind}"] = torch.cat([loss.reshape(-1, len(plan.widths)).cpu() for loss in losses.pop("loss")])
+        out |= {f"basis_loss-{b}": torch.cat([loss.flatten().cpu() for loss in v]) for b, v in losses.items()}
+    return out
+
+
+def rounding_ratio(basis: torch.Tensor, name: str, projection: str, x: torch.Tensor) -> torch.Tensor:
+    """[R]: the output error of storing `basis` [R, H] as BASIS_DTYPES[name], per row, relative to the row's whole
+    contribution (what dropping it costs). The gate and up bases act on the inputs: E[(e_k x)^2] / E[(v_k x)^2] over
+    the calibration inputs x [N, H]; the down basis writes the output: |e_k|^2 (its columns have unit norm)."""
+    dtype = BASIS_DTYPES[name]
+    stored = basis.T if projection == "down" else basis  # as offline.encode stores it
+    rounded = dequantize_basis(Basis(*quantize_basis(stored, dtype)))
+    error = (rounded.T if projection == "down" else rounded) - basis  # [R, H]
+    if projection == "down":
+        return error.pow(2).sum(1)
+    x = x.to(basis.device).float()
+    return (x @ error.T).pow(2).mean(0) / (x @ basis.T).pow(2).mean(0).clamp_min(1e-30)

@@ -1,0 +1,55 @@
+"""Which basis and shared rank a run stores: of the candidates (--basis-dtype, --rank), the one whose allocation has
+the least estimated loss by the LP bound, counting the rows past the rank (their whole energy) and the rounding of
+the basis itself. A basis's bits come out of the same budget, so a shared basis that costs more than it saves
+(few, narrow experts: E * I not much larger than H) loses to the identity here."""
+
+import torch
+
+from bitsmoe_vllm.format import PROJECTIONS
+from offline.allocate import lp_bound
+from offline.plan import Plan
+
+
+def unit_costs_of(plan: Plan) -> torch.Tensor:
+    """[U, J] bits of every unit of every layer, projection and expert, per width."""
+    return plan.unit_cost.repeat(len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts, 1)
+
+
+def kept_units(plan: Plan, rank: int) -> torch.Tensor:
+    """[U] bool: the units (of plan's rank) whose rows lie below `rank`."""
+    per_expert = len(plan.unit_cost)
+    first_row = (
+        torch.arange(per_expert * len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts)
+        % per_expert
+        * plan.unit_rows
+    )
+    return first_row < rank
+
+
+def estimated_loss(plan: Plan, losses: torch.Tensor, basis_loss: torch.Tensor | None, rank: int) -> float:
+    """The least loss an allocation at `rank` can have: the LP bound over the kept units, plus the energy of the
+    dropped rows and the basis's rounding loss over the kept ones."""
+    kept = kept_units(plan, rank)
+    bound = lp_bound(losses[kept].numpy(), unit_costs_of(plan)[kept].numpy(), plan.with_rank(rank).budget_bits)
+    rounding = float(basis_loss[kept].sum()) if basis_loss is not None else 0.0
+    return bound + float(losses[~kept, 0].sum()) + rounding
+
+
+def choose(plan: Plan, costs: dict[str, torch.Tensor]) -> tuple[Plan, dict]:
+    """The plan at the chosen basis (full rank: its units are those of the costs) and what the choice saw:
+    {"basis", "rank", "estimated_loss": {basis: least over its ranks}, "rank_estimates": {rank: loss} of the chosen}."""
+    best, estimates = {}, {}
+    for basis in plan.basis_candidates():
+        candidate = plan.with_basis(basis)
+        losses, basis_loss = costs[f"loss-{candidate.factor_kind}"], costs.get(f"basis_loss-{basis}")
+        by_rank = {rank: estimated_loss(candidate, losses, basis_loss, rank) for rank in candidate.rank_candidates()}
+        best[basis] = min(by_rank, key=lambda r: (by_rank[r], r))
+        estimates[basis] = by_rank
+    basis = min(best, key=lambda b: estimates[b][best[b]])
+    info = {
+        "basis": basis,
+        "rank": best[basis],
+        "estimated_loss": {b: estimates[b][best[b]] for b in best},
+        "rank_estimates": {str(r): v for r, v in estimates[basis].items()},
+    }
+    return plan.with_basis(basis), info
