@@ -1,13 +1,17 @@
-"""Quality and quantization speed of BitsMoE against RTN, GPTQ (llmcompressor) and HQQ on a real pretrained MoE
-(SmolLM2-135M MoEfied, benchmarks/make_moe_model.py) with real text (benchmarks/corpus.py), one run per row.
+"""Quality and quantization speed of BitsMoE against RTN, GPTQ (llmcompressor) and HQQ on a real MoE with real text
+(benchmarks/corpus.py), one run per row. Two models:
+
+- smollm2-moe: SmolLM2-135M MoEfied into 8 experts, top-6 (benchmarks/make_moe_model.py), Wikipedia summaries;
+- trained-moe: the Qwen3-MoE trained from scratch (benchmarks/train_moe.py, its committed weights), 32 experts of
+  I 128 on H 256, top-4, the calibration and evaluation splits of its training corpus.
 
     bash scripts/setup_peers.sh                # the peers' own environment (.venv-peers)
-    .venv/bin/python -m benchmarks.bench_quality [--only NAME ...] [--force]
+    .venv/bin/python -m benchmarks.bench_quality [--model trained-moe] [--only NAME ...] [--force]
 
-Builds what is missing under --work (text splits, the MoE model, the calibration tokens), quantizes with every
+Builds what is missing under --work (text splits, the MoEfied model, the calibration tokens), quantizes with every
 method (same model, same calibration tokens, routed experts only), evaluates every result against the
-unquantized MoE (benchmarks/quality_metrics.py) and writes benchmarks/results/quality.{json,md} and the plots.
-Rows already in quality.json are kept unless --force or named by --only.
+unquantized MoE (benchmarks/quality_metrics.py) and writes benchmarks/results/quality[_trained_moe].{json,md} and
+the plots. Rows already in the JSON are kept unless --force or named by --only.
 """
 
 import argparse
@@ -33,10 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 BITSMOE = [str(ROOT / ".venv" / "bin" / "bitsmoe-quantize")]
-PEER_GROUP = 64  # 128 divides neither H = 576 nor I/E = 192
+MODELS = {  # peers' group size: the usual 128 where it divides H and I; SmolLM2's H 576 and I/E 192 need 64
+    "smollm2-moe": {"group": 64, "results": "quality"},
+    "trained-moe": {"group": 128, "results": "quality_trained_moe"},
+}
 
 
-def rows() -> list[dict]:
+def rows(model: str) -> list[dict]:
     """name, family, the command's extra arguments, and what the row is for."""
     out = [{"name": "unquantized", "family": "unquantized"}]
     for method in ("rtn", "gptq", "hqq"):
@@ -63,6 +70,10 @@ def rows() -> list[dict]:
         "shared-basis-int8-factors-scope": int8 + ["--budget-scope", "factors"],
     }
     out += [{"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": v} for k, v in shared.items()]
+    if model == "trained-moe":  # the paper's claim: a shared basis against none, each at its best rank
+        for basis in ("int8", "identity"):
+            args = ["--basis-dtype", basis]
+            out += [{"name": f"bitsmoe-{b}-{basis}", "family": f"bitsmoe-{basis}", "bits": b, "args": args} for b in (2.0, 2.5, 3.0)]
     return out
 
 
@@ -83,14 +94,14 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
     return time.time() - start, peak / 2**20
 
 
-def quantize(row: dict, model: Path, text: dict, calib_file: Path, calib_tokens: int, work: Path) -> dict:
-    out = work / "quantized" / row["name"]
-    log = work / "logs" / f"{row['name']}.log"
+def quantize(row: dict, model: Path, text: dict, calib_file: Path, calib_tokens: int, work: Path, group: int) -> dict:
+    out = work / "quantized" / model.name / row["name"]
+    log = work / "logs" / model.name / f"{row['name']}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # a run this script killed earlier
     if row["family"] in ("rtn", "gptq", "hqq"):
         cmd = [str(PEERS_PYTHON), "benchmarks/peers.py", row["family"], "--model", str(model), "--bits", str(row["bits"]),
-               "--group-size", str(PEER_GROUP), "--calib", str(calib_file), "--out", str(out)]  # fmt: skip
+               "--group-size", str(group), "--calib", str(calib_file), "--out", str(out)]  # fmt: skip
     else:
         cmd = [*BITSMOE, "--model", str(model), "--out", str(out), "--bits", str(row["bits"]), "--calib", str(text["calib"]),
                "--calib-tokens", str(calib_tokens), "--calib-seq-len", "512", "--overwrite", "--allow-high-error", *row["args"]]  # fmt: skip
@@ -106,11 +117,41 @@ def quantize(row: dict, model: Path, text: dict, calib_file: Path, calib_tokens:
     return info | {"checkpoint": out}
 
 
+def prepare(name: str, work: Path, a) -> tuple[Path, dict[str, Path], str]:
+    """The model's directory, its calibration and evaluation text, and one line that describes it."""
+    if name == "trained-moe":
+        model = ROOT / "benchmarks" / "models" / "trained-moe"
+        text = {k: work / "text-mixed" / f"{k}.jsonl" for k in ("calib", "eval")}
+        if not all(f.is_file() for f in text.values()):
+            write_splits(work / "text-mixed", mixed=True)
+        t = json.loads((model / "training.json").read_text())
+        c = t["config"]
+        return model, text, (
+            f"A Qwen3-MoE trained from scratch (benchmarks/train_moe.py): H {c['hidden_size']}, {c['num_hidden_layers']} "
+            f"layers, {c['num_experts']} experts of I {c['moe_intermediate_size']}, top-{c['num_experts_per_tok']}, "
+            f"{t['tokens_seen'] / 1e6:.1f} M training tokens; perplexity {t['ppl_windows_512']:.2f} on its evaluation split"
+        )
+    text = {k: work / "text" / f"{k}.jsonl" for k in ("calib", "eval")}
+    if not all(f.is_file() for f in text.values()):
+        write_splits(work / "text")
+    model = work / f"smollm2-moe-e{a.experts}k{a.top_k}"
+    if not model.is_dir():
+        subprocess.run([sys.executable, "-m", "benchmarks.make_moe_model", str(model), "--experts", str(a.experts), "--top-k",
+                        str(a.top_k), "--calib", str(text["calib"]), "--eval", str(text["eval"])], check=True, cwd=ROOT)  # fmt: skip
+    m = json.loads((model / "moefication.json").read_text())
+    ppl = m["perplexity_512_windows"]
+    return model, text, (
+        f"SmolLM2-135M-Instruct MoEfied into {m['experts']} experts, top-{m['top_k']} (dense perplexity {ppl['dense']:.2f}, "
+        f"MoE {ppl['moe']:.2f} on {m['eval_tokens']} tokens)"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=list(MODELS), default="smollm2-moe")
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work", help="models, text and quantized checkpoints")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=6)
+    p.add_argument("--experts", type=int, default=8, help="smollm2-moe: experts of the MoEfication")
+    p.add_argument("--top-k", type=int, default=6, help="smollm2-moe: experts per token")
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--only", nargs="*", help="rows to (re)run by name")
@@ -119,55 +160,47 @@ def main() -> None:
     if not PEERS_PYTHON.exists():
         raise SystemExit(f"{PEERS_PYTHON} is missing: run `bash scripts/setup_peers.sh` first")
     torch.manual_seed(0)
-    work = a.work
-    text = {k: work / "text" / f"{k}.jsonl" for k in ("calib", "eval")}
-    if not all(f.is_file() for f in text.values()):
-        write_splits(work / "text")
-    model = work / f"smollm2-moe-e{a.experts}k{a.top_k}"
-    if not model.is_dir():
-        subprocess.run([sys.executable, "-m", "benchmarks.make_moe_model", str(model), "--experts", str(a.experts), "--top-k",
-                        str(a.top_k), "--calib", str(text["calib"]), "--eval", str(text["eval"])], check=True, cwd=ROOT)  # fmt: skip
+    work, group = a.work, MODELS[a.model]["group"]
+    model, text, description = prepare(a.model, work, a)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
-    calib_file = work / f"calib_tokens_{a.calib_tokens}.safetensors"
+    calib_file = work / f"calib_tokens_{model.name}_{a.calib_tokens}.safetensors"
     if not calib_file.is_file():
         save_file({"input_ids": token_sequences(tokenizer, read_texts([str(text["calib"])]), a.calib_tokens, 512)}, calib_file)
     tokens = torch.tensor(token_stream(tokenizer, read_texts([str(text["eval"])]))[: a.eval_tokens])
 
-    results_file = RESULTS / "quality.json"
+    results_file = RESULTS / f"{MODELS[a.model]['results']}.json"
     done = {r["name"]: r for r in json.loads(results_file.read_text())["rows"]} if results_file.is_file() else {}
-    todo = [r for r in rows() if a.force or r["name"] not in done or (a.only and r["name"] in a.only)]
+    todo = [r for r in rows(a.model) if a.force or r["name"] not in done or (a.only and r["name"] in a.only)]
     if a.only:
         todo = [r for r in todo if r["name"] in a.only]
     print(f"{len(todo)} rows to run: {[r['name'] for r in todo]}", flush=True)
     reference = window_log_probs(load_model(str(model), torch.device("cpu")), tokens) if todo else []
+    header = {"title": a.model, "machine": machine.describe(), "model": description, "calib_tokens": a.calib_tokens}
+    header |= {"eval_tokens": len(tokens), "peer_group_size": group}
     for row in todo:
         print(f"== {row['name']}", flush=True)
         if row["family"] == "unquantized":
             info = {"all_in_bits": 16.0, "checkpoint": model}  # the bf16 weights a deployment would serve
         else:
-            info = quantize(row, model, text, calib_file, a.calib_tokens, work)
+            info = quantize(row, model, text, calib_file, a.calib_tokens, work, group)
         metrics = evaluate(info.pop("checkpoint"), tokens, reference)
         done[row["name"]] = {"args": [], **row} | info | metrics
-        write_results(done, a, model)
+        write_results(done, header, a.model)
         print(json.dumps(done[row["name"]]), flush=True)
-    write_results(done, a, model)
+    write_results(done, header, a.model)
 
 
-def write_results(done: dict, a, model: Path) -> None:
+def write_results(done: dict, header: dict, model: str) -> None:
     from benchmarks.quality_report import write_report
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    order = [r["name"] for r in rows()]
-    ordered = [done[n] for n in order if n in done]
-    info = json.loads((model / "moefication.json").read_text())
-    payload = {
-        "machine": machine.describe(), "model": info, "calib_tokens": a.calib_tokens, "eval_tokens": a.eval_tokens,
-        "peer_group_size": PEER_GROUP, "rows": ordered,
-    }  # fmt: skip
-    tmp = RESULTS / "quality.json.tmp"
+    order = [r["name"] for r in rows(model)]
+    payload = header | {"rows": [done[n] for n in order if n in done]}
+    name = MODELS[model]["results"]
+    tmp = RESULTS / f"{name}.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(RESULTS / "quality.json")
-    write_report(payload, RESULTS)
+    tmp.replace(RESULTS / f"{name}.json")
+    write_report(payload, RESULTS, name)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The quantizers people use today, applied to the routed experts of a Mixtral-architecture checkpoint, for
-the quality benchmark. Runs in the peers' own environment (`bash scripts/setup_peers.sh`: llmcompressor, hqq,
+"""The quantizers people use today, applied to the routed experts of a Mixtral- or Qwen3-MoE-architecture
+checkpoint, for the quality benchmark. Runs in the peers' own environment (`bash scripts/setup_peers.sh`: llmcompressor, hqq,
 auto-round pin versions of their own), not in bitsmoe-vllm's.
 
 Every method quantizes exactly the routed experts' w1/w2/w3 (asymmetric integer codes, groups of
@@ -21,15 +21,24 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight")
-LINEARIZED = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # llmcompressor's names -> Mixtral's
+EXPERT = re.compile(r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
+MIXTRAL = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # llmcompressor's names -> Mixtral's
 
 
 def expert_names(state: dict) -> list[str]:
     names = [n for n in state if EXPERT.fullmatch(n)]
     if not names:
-        raise ValueError("no Mixtral routed-expert weights (model.layers.L.block_sparse_moe.experts.E.w1.weight) in the checkpoint")
+        raise ValueError(
+            "no routed-expert weights (model.layers.L.block_sparse_moe.experts.E.w1.weight or "
+            "model.layers.L.mlp.experts.E.gate_proj.weight) in the checkpoint"
+        )
     return names
+
+
+def checkpoint_name(layer: str, expert: str, projection: str, names: set[str]) -> str:
+    """The checkpoint's name of llmcompressor's linearised expert projection (gate_proj, up_proj, down_proj)."""
+    mixtral = f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{MIXTRAL[projection]}.weight"
+    return mixtral if mixtral in names else f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
 
 
 def rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -51,8 +60,9 @@ def hqq(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return Quantizer.dequantize(q.float(), meta).reshape(w.shape)
 
 
-def gptq(model_dir: Path, calib: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor]:
-    """GPTQ through llmcompressor (sequential pipeline, experts linearised by load_quantizable_moe)."""
+def gptq(model_dir: Path, calib: torch.Tensor, bits: int, group: int, names: set[str]) -> dict[str, torch.Tensor]:
+    """GPTQ through llmcompressor (sequential pipeline, experts linearised by load_quantizable_moe), tuned as its
+    users tune it: activation order (static groups) and scales by an MSE search over clipping ranges."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modeling.moe.linearize import load_quantizable_moe
@@ -62,6 +72,7 @@ def gptq(model_dir: Path, calib: torch.Tensor, bits: int, group: int) -> dict[st
     with load_quantizable_moe():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     weights = {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group", "group_size": group}
+    weights |= {"actorder": "static", "observer": "mse"}
     recipe = GPTQModifier(
         config_groups={"experts": {"targets": [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"], "weights": weights}},
         ignore=["lm_head"],
@@ -72,7 +83,7 @@ def gptq(model_dir: Path, calib: torch.Tensor, bits: int, group: int) -> dict[st
     for name, module in model.named_modules():
         m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)", name)
         if m:
-            out[f"model.layers.{m[1]}.block_sparse_moe.experts.{m[2]}.{LINEARIZED[m[3]]}.weight"] = module.weight.detach().float().clone()
+            out[checkpoint_name(m[1], m[2], m[3], names)] = module.weight.detach().float().clone()
     return out
 
 
@@ -102,7 +113,7 @@ def main() -> None:
     if a.method == "gptq":
         if a.calib is None:
             raise SystemExit("peers: gptq needs --calib")
-        new = gptq(a.model, load_file(a.calib)["input_ids"], a.bits, a.group_size)
+        new = gptq(a.model, load_file(a.calib)["input_ids"], a.bits, a.group_size, set(names))
         if sorted(new) != sorted(names):
             raise SystemExit(f"peers: llmcompressor returned {len(new)} expert weights, the checkpoint has {len(names)}")
     else:

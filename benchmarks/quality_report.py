@@ -1,4 +1,4 @@
-"""The quality benchmark's table (quality.md) and plots (quality_ppl.png, quality_time.png) from its rows."""
+"""The quality benchmark's table (NAME.md) and plots (NAME_ppl.png, NAME_time.png) from its rows."""
 
 from pathlib import Path
 
@@ -8,7 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 COLUMNS = ("name", "all-in bits", "ppl (512 windows)", "ppl (stride 512)", "KL", "top-1", "quantize s", "peak RSS MB")
-MARKERS = {"rtn": "s", "gptq": "^", "hqq": "v", "bitsmoe": "o"}
+MARKERS = {"rtn": "s", "gptq": "^", "hqq": "v", "bitsmoe": "o", "bitsmoe-int8": "D", "bitsmoe-identity": "x"}
+LABELS = {"bitsmoe": "BitsMoE (defaults)", "bitsmoe-int8": "BitsMoE, shared int8 basis", "bitsmoe-identity": "BitsMoE, identity basis"}
 
 
 def cells(r: dict) -> list[str]:
@@ -20,39 +21,35 @@ def cells(r: dict) -> list[str]:
     ]  # fmt: skip
 
 
-def write_report(payload: dict, out: Path) -> None:
+def write_report(payload: dict, out: Path, name: str) -> None:
     rows = payload["rows"]
-    m = payload["model"]
-    ppl = m["perplexity_512_windows"]
     lines = [
         (
-            f"Model: SmolLM2-135M-Instruct MoEfied into {m['experts']} experts, top-{m['top_k']} (dense perplexity "
-            f"{ppl['dense']:.2f}, MoE {ppl['moe']:.2f} on {m['eval_tokens']} tokens). {payload['calib_tokens']} calibration "
-            f"tokens, {payload['eval_tokens']} evaluation tokens; peers use groups of {payload['peer_group_size']}, "
-            f"asymmetric. Machine: {payload['machine']}."
+            f"Model: {payload['model']}. {payload['calib_tokens']} calibration tokens, {payload['eval_tokens']} evaluation "
+            f"tokens; peers use groups of {payload['peer_group_size']}, asymmetric. Machine: {payload['machine']}."
         ),
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
         *("| " + " | ".join(cells(r)) + " |" for r in rows),
     ]
-    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     base = next((r["ppl_windows"] for r in rows if r["family"] == "unquantized"), None)
     for family, marker in MARKERS.items():
         pts = sorted((r["all_in_bits"], r["ppl_windows"]) for r in rows if r["family"] == family)
         if pts:
-            ax.plot(*zip(*pts), marker=marker, label=family.upper() if family != "bitsmoe" else "BitsMoE (identity basis)")
+            ax.plot(*zip(*pts), marker=marker, label=LABELS.get(family, family.upper()))
     if base:
         ax.axhline(base, color="gray", ls="--", label="unquantized MoE")
     ax.set_yscale("log")
     ax.set_xlabel("all-in bits per routed-expert weight")
     ax.set_ylabel("perplexity (512-token windows)")
-    ax.set_title("SmolLM2-135M MoE: quality vs bits")
+    ax.set_title(f"{payload['title']}: quality against bits")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "quality_ppl.png", dpi=110)
+    fig.savefig(out / f"{name}_ppl.png", dpi=110)
     plt.close(fig)
 
     timed = [r for r in rows if "quantize_wall_s" in r and r["family"] != "bitsmoe-ablation"]
@@ -62,5 +59,5 @@ def write_report(payload: dict, out: Path) -> None:
         ax.invert_yaxis()
         ax.set_xlabel("quantization wall time, s (whole command)")
         fig.tight_layout()
-        fig.savefig(out / "quality_time.png", dpi=110)
+        fig.savefig(out / f"{name}_time.png", dpi=110)
         plt.close(fig)

@@ -74,6 +74,30 @@ def test_corpus_split_is_disjoint_and_deterministic(tmp_path, monkeypatch):
     assert len(a["calib"]) + len(a["eval"]) == 300 and 10 <= len(a["eval"]) <= 60
 
 
+def test_training_corpus_splits_whole_documents_three_ways(tmp_path, monkeypatch):
+    """Addresses, chapters, Bible chapters and articles each land whole in one of train / calib / eval."""
+    from benchmarks import corpus
+
+    for name in ("sotu", "moby"):
+        (tmp_path / name).mkdir()
+        for i in range(100):
+            (tmp_path / name / f"{name}_{i}.txt").write_text(f"{name} document {i}.")
+            (tmp_path / name / f"{name}_{i}.json").write_text("{}")  # the same text as JSON: not read
+    verses = [{"book": f"Book{b}", "chapter": c, "text": f"Verse {v} of {b}:{c}."} for b in range(5) for c in range(20) for v in range(3)]
+    (tmp_path / "kjv.jsonl").write_text("".join(json.dumps(v) + "\n" for v in verses))
+    articles = {f"Title {i}": {"extract": f"Text of article {i}."} for i in range(300)}
+    (tmp_path / "wiki.json").write_text(json.dumps(articles))
+    sources = {"sotu": tmp_path / "sotu", "moby": tmp_path / "moby", "kjv": tmp_path / "kjv.jsonl"}
+    monkeypatch.setattr(corpus, "fetch_packages", lambda cache: sources)
+    monkeypatch.setattr(corpus, "summaries_file", lambda: tmp_path / "wiki.json")
+    a, b = corpus.split_mixed(tmp_path), corpus.split_mixed(tmp_path)
+    assert a == b
+    every = [t for part in a.values() for t in part]
+    assert len(every) == len(set(every)) == 100 + 100 + 100 + 300  # each document once, in one split
+    assert "Verse 0 of 3:7. Verse 1 of 3:7. Verse 2 of 3:7." in every  # a Bible chapter is one document
+    assert len(a["train"]) > 3 * (len(a["calib"]) + len(a["eval"])) and min(len(a["calib"]), len(a["eval"])) > 20
+
+
 def test_cpu_moe_bench_gives_the_bf16_baseline_the_same_layer():
     """bench_cpu_moe times vLLM's cpu_fused_moe on the BitsMoE layer multiplied out: same outputs up to bf16."""
     from vllm import _custom_ops as vllm_ops

@@ -220,7 +220,7 @@ MODULE = "model.layers.1.mlp.experts"
         ("not a BitsMoE checkpoint", "--quantization bitsmoe needs a BitsMoE checkpoint"),
         ("truncated shard", "model-00002-of-00003.safetensors ("),
         ("missing shard", "shard model-00002-of-00003.safetensors named in"),
-        ("NaN in a scale", f"tensor '{MODULE}.2.down_proj.scales' in model-00002-of-00003.safetensors: holds NaN or Inf"),
+        ("NaN in a scale", f"tensor '{MODULE}.0.down_proj.basis_scale' in model-00002-of-00003.safetensors: holds NaN or Inf"),
         ("negative rank", f"quantization_config.layers['{MODULE}'].up.rank: expected"),
     ],
 )
@@ -233,7 +233,7 @@ def test_bad_checkpoints_are_refused_at_load(case, message, checkpoints, tmp_pat
         "not a BitsMoE checkpoint": (lambda: original, ["--quantization", "bitsmoe"]),
         "truncated shard": (lambda: edited_copy(bitsmoe, tmp_path, edit_shard=truncate), []),
         "missing shard": (lambda: edited_copy(bitsmoe, tmp_path, edit_shard=Path.unlink), []),
-        "NaN in a scale": (lambda: edited_copy(bitsmoe, tmp_path, poison(f"{MODULE}.2.down_proj.scales")), []),
+        "NaN in a scale": (lambda: edited_copy(bitsmoe, tmp_path, poison(f"{MODULE}.0.down_proj.basis_scale")), []),
         "negative rank": (lambda: edited_copy(bitsmoe, tmp_path, edit_config=lambda c: c["quantization_config"]["layers"][MODULE]["up"].update(rank=-1)), []),
     }[case]
     status, output = run_to_exit(model(), *EXACT, *flag, log=tmp_path / "refused.log")
