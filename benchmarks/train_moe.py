@@ -4,9 +4,9 @@ wide experts (E * I / H = 16), so the experts of a layer hold far more rows than
 Text: benchmarks/corpus.py's training corpus (State of the Union addresses, Moby Dick, the King James Bible,
 Wikipedia summaries), split by whole documents; the model sees only the training split. A byte-level BPE
 tokenizer is trained on the training split. Training is deterministic (fixed seeds, a fixed order of the
-windows, float32) and resumable: WORK/checkpoint.safetensors is written atomically every --save-every steps, and the same
-command continues from it. At the end the weights are written as bf16 safetensors to OUT with the tokenizer,
-and OUT/training.json holds the perplexity on the evaluation split and the routing balance per layer.
+windows, float32) and resumable: WORK/checkpoint.safetensors is written atomically every --save-every steps, and
+the same command continues from it. At the end the weights are written as bf16 safetensors to OUT with the
+tokenizer, and OUT/training.json holds the perplexity on the evaluation split and the routing balance per layer.
 
     python -m benchmarks.train_moe [--out benchmarks/models/trained-moe] [--work benchmarks/work/train_moe]
 """
@@ -119,7 +119,8 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
 def save_checkpoint(path: Path, model, optimizer, step: int) -> None:
     """Model and optimizer state as safetensors (nothing pickled), written atomically."""
     state = optimizer.state_dict()
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embeddings
+    # lm_head.weight is the embeddings' tensor (tied): safetensors stores a tensor once
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     tensors |= {f"optimizer.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
     save_tensors(path, tensors, {"step": str(step), "param_groups": json.dumps(state["param_groups"])})
 

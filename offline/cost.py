@@ -41,7 +41,8 @@ def importance(
     device = weights["gate"].device
     x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
     z = {p: x if bases[p] is None else x @ bases[p].T for p in ("gate", "up")}  # [N, R]: once, not once per expert
-    out = {p: torch.zeros(E, z[p].shape[1], I, device=device) for p in z} | {"down": torch.zeros(E, 1, I, device=device)}
+    out = {p: torch.zeros(E, z[p].shape[1], I, device=device) for p in z}
+    out["down"] = torch.zeros(E, 1, I, device=device)
     for e in ids.unique().tolist():
         token, slot = (ids == e).nonzero(as_tuple=True)
         for p, v in expert_statistics(weights, e, x[token], {q: z[q][token] for q in z}, w[token, slot] ** 2).items():

@@ -21,31 +21,23 @@ def residual_energy(hidden: torch.Tensor) -> float:
 
 
 def layer_costs(plan: Plan, weights: dict[str, torch.Tensor], routed: Routed, n_tokens: int) -> dict[str, torch.Tensor]:
-    """ "loss-{kind}" [3 * E * units, J] for each factor kind of plan.basis_candidates(), and "basis_loss-{basis}"
-    [3 * E * units] for each shared basis among them; one projection's factors in memory at a time."""
+    """The costs of each factor kind of plan.basis_candidates(): "loss-{kind}" [3 * E * units, J], and for each shared
+    basis among them "basis_loss-{basis}" [3 * E * units]; one projection's factors in memory at a time."""
     out = {}
     for kind in sorted({plan.with_basis(b).factor_kind for b in plan.basis_candidates()}):
         p_plan = plan.with_basis("identity" if kind == "identity" else "int8")
-        bases = {
-            p: basis_of(weights[p], p_plan.rank if kind == "shared" else plan.hidden_size, p_plan.basis_dtype)
-            for p in PROJECTIONS
-        }
+        bases = {p: basis_of(weights[p], p_plan.rank, p_plan.basis_dtype) for p in PROJECTIONS}
         shared = [b for b in plan.basis_candidates() if b != "identity"] if kind == "shared" else []
         weight, losses = importance(routed, weights, bases, n_tokens), {"loss": [], **{b: [] for b in shared}}
         for p in PROJECTIONS:
             factors, w = project(weights[p], bases[p]), weight.pop(p)
-            losses["loss"].append(
-                unit_losses(factors, w, list(plan.widths), p_plan.unit_rows, plan.group_size, plan.options.scale_steps)
-            )
+            widths, rows = list(plan.widths), p_plan.unit_rows
+            losses["loss"].append(unit_losses(factors, w, widths, rows, plan.group_size, plan.options.scale_steps))
             if shared:
-                row_energy = unit_losses(factors, w, [0], 1, plan.group_size)[
-                    ..., 0
-                ]  # [E, R]: each row's loss when dropped
+                dropped = unit_losses(factors, w, [0], 1, plan.group_size)[..., 0]  # [E, R]: each row's whole loss
                 for basis in shared:
                     ratio = rounding_ratio(bases[p], basis, p, routed.x)  # [R]
-                    per_unit = (
-                        (row_energy * ratio.double()).reshape(len(factors), -1, p_plan.unit_rows).sum(-1)
-                    )  # [E, units]
+                    per_unit = (dropped * ratio.double()).reshape(len(factors), -1, rows).sum(-1)  # [E, units]
                     losses[basis].append(per_unit)
             del factors
         out[f"loss-{kind}"] = torch.cat([loss.reshape(-1, len(plan.widths)).cpu() for loss in losses.pop("loss")])

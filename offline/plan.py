@@ -20,7 +20,8 @@ from offline.rounding import REFINE_STEPS
 from offline.source import SourceCheckpoint
 
 BASIS_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8", "identity": "identity"}
-AUTO_BASES = ("int8", "fp16", "identity")  # what --basis-dtype auto chooses from (bf16 rounds the basis coarser than fp16)
+# what --basis-dtype auto chooses from (bf16 rounds a basis, whose entries are below 1, coarser than fp16)
+AUTO_BASES = ("int8", "fp16", "identity")
 GROUP_SIZES = (128, 96, 64, 32)  # tried in this order when --group-size is not given
 
 

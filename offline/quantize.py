@@ -36,8 +36,9 @@ def quantize(options: Options) -> Path:
               f"{plan.num_experts} x {plan.intermediate_size}), more than half of --bits {options.bits}; the rank will "
               "be cut hard. --basis-dtype auto chooses between shared and identity bases.", file=sys.stderr)  # fmt: skip
     tokenizer = transformers.AutoTokenizer.from_pretrained(plan.source.dir)
+    texts = read_texts(list(options.calib))
     held_out = guard.held_out_count(-(-options.calib_tokens // options.calib_seq_len))
-    tokens = token_sequences(tokenizer, read_texts(list(options.calib)), options.calib_tokens, options.calib_seq_len, held_out)  # [S, L]
+    tokens = token_sequences(tokenizer, texts, options.calib_tokens, options.calib_seq_len, held_out)  # [S, L]
     held = guard.held_out_mask(len(tokens), held_out)  # [S]
     run = RunDir(Path(options.out), options.run_identity(), options.resume, options.overwrite)
     timer = StageTimer()
@@ -49,7 +50,8 @@ def quantize(options: Options) -> Path:
         files = export_shards(plan, run, row_bits(plan, choice))
     cfg, written = write_checkpoint(plan, run, choice, files)
     with timer("check"):
-        errors = guard.relative_errors(run.checkpoint, {m: run.load(f"held-out-{i:05d}")[0] for i, m in module_of(plan).items()})
+        records = {module: run.load(f"held-out-{i:05d}")[0] for i, module in module_of(plan).items()}
+        errors = guard.relative_errors(run.checkpoint, records)
     losses = costs[f"loss-{plan.factor_kind}"]
     summary = report(plan, cfg, choice, losses, routed_tokens, energy, stats, errors, timer)
     write_report(run.checkpoint / "quantization_report.json", summary | {"files": written})
@@ -85,19 +87,22 @@ def calibrate_and_cost(
         del hidden  # the walk holds the hidden states; one copy in memory, not two
         for i, after, routed in walk:
             if routed is not None:
-                token_held = held.repeat_interleave(tokens.shape[1]).to(routed.x.device)  # routed rows are sequence-major
+                # routed rows are sequence-major: a sequence's tokens are consecutive
+                token_held = held.repeat_interleave(tokens.shape[1]).to(routed.x.device)
                 calib, held_out = (Routed(routed.x[m], routed.ids[m], routed.weights[m]) for m in (~token_held, token_held))
                 routed_tokens = torch.bincount(calib.ids.flatten().cpu(), minlength=plan.num_experts)  # [E]
                 if (routed_tokens == 0).any():
                     unused = (routed_tokens == 0).nonzero().flatten().tolist()
-                    print(f"bitsmoe-quantize: warning: layer {i}: experts {unused} got no calibration token; their costs "
-                          "come from the layer's tokens (a prior); pass more calibration text to measure them", file=sys.stderr)  # fmt: skip
+                    warning = (f"bitsmoe-quantize: warning: layer {i}: experts {unused} got no calibration token; their costs "
+                               "come from the layer's tokens (a prior); pass more calibration text to measure them")
+                    print(warning, file=sys.stderr)
                 energy = residual_energy(after[~held])
                 weights = expert_weights(plan, i, device)
                 costs = {k: v / energy for k, v in layer_costs(plan, weights, calib, calib_tokens).items()}
                 run.save(f"held-out-{i:05d}", {k: v.cpu() for k, v in guard.held_out_record(weights, held_out).items()})
                 del weights
-                run.save(f"layer-{i:05d}", costs | {"routed_tokens": routed_tokens, "residual_energy": torch.tensor(energy, dtype=torch.float64)})
+                costs |= {"routed_tokens": routed_tokens, "residual_energy": torch.tensor(energy, dtype=torch.float64)}
+                run.save(f"layer-{i:05d}", costs)
             run.save("hidden", {"hidden": after}, {"layer": str(i)})
             plan.source.tensors.close()
             return_freed_memory()
