@@ -35,6 +35,9 @@ def parse(argv: list[str] | None) -> Options:
                    help="rank rows per allocation unit (default 32; 1 with --basis-dtype identity)")  # fmt: skip
     p.add_argument("--scale-steps", type=int, default=Options.scale_steps,
                    help="least-squares steps refining each group's scale (default %(default)s; 0: absmax scale, round to nearest)")  # fmt: skip
+    p.add_argument("--rounding", choices=["gptq", "nearest"], default=Options.rounding,
+                   help="gptq (default): rounding errors fed back into the entries not yet rounded, on each expert's "
+                        "calibration tokens; nearest: every row rounded on its own")  # fmt: skip
     p.add_argument("--group-size", type=int, default=None, help="columns per scale (default: 128, or the largest of 96/64/32 dividing I)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT.partial")
@@ -55,7 +58,7 @@ def parse(argv: list[str] | None) -> Options:
         model=a.model, out=a.out, bits=a.bits, calib=tuple(a.calib), calib_tokens=a.calib_tokens,
         calib_seq_len=a.calib_seq_len, budget_scope=a.budget_scope, allocation=a.allocation, basis_dtype=a.basis_dtype,
         rank=None if a.rank == "auto" else int(a.rank), candidate_bits=widths, unit_rows=a.unit_rows,
-        scale_steps=a.scale_steps, group_size=a.group_size, device=a.device, resume=a.resume, overwrite=a.overwrite,
+        scale_steps=a.scale_steps, rounding=a.rounding, group_size=a.group_size, device=a.device, resume=a.resume, overwrite=a.overwrite,
         allow_high_error=a.allow_high_error,
     )  # fmt: skip
 

@@ -18,13 +18,16 @@ from bitsmoe_vllm.format import (
     stored_bits,
 )
 from offline.decompose import Decomposition
-from offline.rounding import REFINE_STEPS, quantize_basis, quantize_rows
+from offline.rounding import REFINE_STEPS, codes_for, quantize_basis, quantize_rows
 
 
-def encode_factor(factor: torch.Tensor, bits: torch.Tensor, group_size: int, scale_steps: int = REFINE_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_factor(
+    factor: torch.Tensor, bits: torch.Tensor, group_size: int, scale_steps: int = REFINE_STEPS, row_scales: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """factor [R, I] float, bits [R] -> codes [sum(bits), I/32] int32, scales [count(bits > 0), I/G] float16.
 
     Rows keep rank order; row k owns bits[k] consecutive planes (the inverse of reference.dequantize_factor).
+    row_scales [R, I/G]: the scales rows were already rounded with (offline.gptq), else fitted here.
     """
     I = factor.shape[1]
     if I % packing.WORD_BITS:
@@ -37,7 +40,11 @@ def encode_factor(factor: torch.Tensor, bits: torch.Tensor, group_size: int, sca
     scales = torch.zeros(len(stored), I // group_size, dtype=torch.float16, device=factor.device)
     for width in widths.unique().tolist():
         sel = (widths == width).nonzero().flatten()
-        q, scales[sel] = quantize_rows(factor[stored[sel]], width, group_size, scale_steps)
+        if row_scales is None:
+            q, scales[sel] = quantize_rows(factor[stored[sel]], width, group_size, scale_steps)
+        else:
+            scales[sel] = row_scales[stored[sel]].half()
+            q = codes_for(factor[stored[sel]], width, scales[sel], group_size)
         planes = first_plane[sel, None] + torch.arange(width, device=factor.device)  # [n, b]
         codes[planes.flatten()] = packing.pack(q, width).flatten(0, 1)
     return codes, scales
@@ -52,8 +59,10 @@ def encode_layer(
     basis_dtype: str,
     projection_names: Mapping[str, str],
     scale_steps: int = REFINE_STEPS,
+    scales: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[LayerLayout, dict[str, torch.Tensor]]:
-    """decompositions[p] of projection p; bits[p] [E, R] per-row widths -> (layout, name -> tensor)."""
+    """decompositions[p] of projection p; bits[p] [E, R] per-row widths -> (layout, name -> tensor). scales[p]
+    [E, R, I/G]: the factors are already rounded with these (offline.gptq)."""
     tensors: dict[str, torch.Tensor] = {}
     layouts = {}
     for p in PROJECTIONS:
@@ -67,9 +76,10 @@ def encode_layer(
             if scale is not None:
                 tensors[basis_scale_name(module, name)] = scale
         for e, factor in enumerate(dec.factors):
-            codes, scales = encode_factor(factor, widths[e], group_size, scale_steps)
+            given = None if scales is None else scales[p][e]
+            codes, row_scales = encode_factor(factor, widths[e], group_size, scale_steps, given)
             tensors[expert_tensor_name(module, e, name, "codes")] = codes
-            tensors[expert_tensor_name(module, e, name, "scales")] = scales
+            tensors[expert_tensor_name(module, e, name, "scales")] = row_scales
             tensors[expert_tensor_name(module, e, name, "bits")] = widths[e].to(BITS_DTYPE)
         layouts[p] = ProjectionLayout(
             rank=dec.factors.shape[1],

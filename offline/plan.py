@@ -43,6 +43,7 @@ class Options:
     unit_rows: int | None = None  # None: 32 with a shared basis, 1 with an identity basis (Plan.unit_rows)
     allow_high_error: bool = False  # write the checkpoint even when a layer's measured error marks a broken model
     scale_steps: int = REFINE_STEPS
+    rounding: str = "gptq"  # or "nearest": each factor row rounded on its own (offline.gptq)
     group_size: int | None = None
     device: str = "cpu"
     resume: bool = False

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from bitsmoe_vllm.checkpoint import validate_checkpoint
 from bitsmoe_vllm.format import PROJECTIONS, QuantConfig, stored_bits
-from offline import guard, selection
+from offline import gptq, guard, selection
 from offline.allocate import allocate_in_parts
 from offline.calibrate import Routed, embed, read_texts, token_sequences, walk_layers
 from offline.decompose import decompose
@@ -100,6 +100,8 @@ def calibrate_and_cost(
                 weights = expert_weights(plan, i, device)
                 costs = {k: v / energy for k, v in layer_costs(plan, weights, calib, calib_tokens).items()}
                 run.save(f"held-out-{i:05d}", {k: v.cpu() for k, v in guard.held_out_record(weights, held_out).items()})
+                if plan.options.rounding == "gptq":  # bf16: the Hessians need no more, and a big model's are GBs
+                    run.save(f"routed-{i:05d}", {"x": calib.x.bfloat16().cpu(), "ids": calib.ids.cpu(), "weights": calib.weights.cpu()})
                 del weights
                 costs |= {"routed_tokens": routed_tokens, "residual_energy": torch.tensor(energy, dtype=torch.float64)}
                 run.save(f"layer-{i:05d}", costs)
@@ -163,16 +165,33 @@ def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> lis
         tensors = copied_tensors(plan.source, f"model.layers.{i}.", module)
         if module:
             weights = expert_weights(plan, i, device)
-            decompositions = {p: decompose(weights.pop(p), plan.rank, plan.basis_dtype) for p in PROJECTIONS}
+            decompositions = {p: decompose(weights[p], plan.rank, plan.basis_dtype) for p in PROJECTIONS}
             widths = dict(zip(PROJECTIONS, bits[i]))
+            scales = None
+            if plan.options.rounding == "gptq":
+                decompositions, scales = feedback_rounding(plan, run, i, weights, decompositions, widths)
+            del weights
             _, encoded = encode_layer(module, decompositions, widths, group_size=plan.group_size,
                                       basis_dtype=plan.basis_dtype, projection_names=arch.projection_names,
-                                      scale_steps=plan.options.scale_steps)  # fmt: skip
+                                      scale_steps=plan.options.scale_steps, scales=scales)  # fmt: skip
             tensors |= {name: t.cpu() for name, t in encoded.items()}
         write_shard(path, tensors)
         plan.source.tensors.close()
         return_freed_memory()
     return files
+
+
+def feedback_rounding(plan: Plan, run: RunDir, layer: int, weights: dict, decompositions: dict, widths: dict) -> tuple[dict, dict]:
+    """The layer's factors rounded with error feedback on its calibration tokens (offline.gptq), and their scales."""
+    device = torch.device(plan.options.device)
+    saved = run.load(f"routed-{layer:05d}")[0]
+    routed = Routed(saved["x"].to(device).float(), saved["ids"].to(device), saved["weights"].to(device))
+    hessians = gptq.hessians(routed, weights, {p: decompositions[p].basis for p in ("gate", "up")})
+    rounded, scales = {}, {}
+    for p, dec in decompositions.items():
+        factors, scales[p] = gptq.round_factors(p, dec.factors, widths[p].to(device), hessians[p], plan.group_size, plan.options.scale_steps)
+        rounded[p] = dec._replace(factors=factors)
+    return rounded, scales
 
 
 def write_checkpoint(plan: Plan, run: RunDir, choice: torch.Tensor, files: list[str]) -> tuple[QuantConfig, list[str]]:

@@ -37,6 +37,37 @@ def quantize_rows(rows: torch.Tensor, bits: int, group_size: int, steps: int = R
     return codes.reshape(N, I).to(torch.int8), best_scale.squeeze(-1).half()
 
 
+def quantize_mixed_rows(rows: torch.Tensor, bits: torch.Tensor, group_size: int, steps: int = REFINE_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows with a width per row, bits [N] in 1..8, in one pass (offline.gptq rounds a coordinate of every
+    expert at once): the same codes and scales as quantize_rows on each width's rows."""
+    N, I = rows.shape
+    x = rows.float().reshape(N, I // group_size, group_size)
+    b = bits.to(device=rows.device, dtype=torch.int64)[:, None, None]
+    sign = b == 1
+    lo, hi = -(1 << (b - 1)), torch.where(sign, 1, (1 << (b - 1)) - 1)
+    scale = _fp16(torch.where(sign, x.abs().mean(-1, keepdim=True), x.abs().amax(-1, keepdim=True) / hi))
+    signs = torch.where(x >= 0, 1.0, -1.0)
+    best_scale, best_err = scale, torch.full_like(scale, float("inf"))
+    for _ in range(steps + 1):
+        codes = torch.where(sign, signs, _round(x, scale, lo, hi))
+        err = ((codes * scale - x) ** 2).sum(-1, keepdim=True)
+        better = (err < best_err) & ~sign | torch.isinf(best_err) & sign
+        best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
+        qq = (codes * codes).sum(-1, keepdim=True)
+        scale = _fp16(torch.where(qq > 0, (codes * x).sum(-1, keepdim=True) / qq.clamp_min(1), scale))
+    codes = torch.where(sign, signs, _round(x, best_scale, lo, hi))
+    return codes.reshape(N, I).to(torch.int8), best_scale.squeeze(-1).half()
+
+
+def codes_for(rows: torch.Tensor, bits: int, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The codes [N, I] int8 of rows [N, I] at given scales [N, I/G] (rows already on that grid give theirs back)."""
+    N, I = rows.shape
+    x, scale = rows.float().reshape(N, I // group_size, group_size), scales.float()[..., None]
+    if bits == 1:
+        return torch.where(x >= 0, 1, -1).reshape(N, I).to(torch.int8)
+    return _round(x, scale, *code_range(bits)).reshape(N, I).to(torch.int8)
+
+
 def quantize_basis(basis: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Store a float basis as `dtype` ("float16", "bfloat16", "int8"); int8 gets one float16 scale per row."""
     if dtype in ("float16", "bfloat16"):

@@ -8,7 +8,7 @@ import torch
 from bitsmoe_vllm.packing import code_range
 from offline.decompose import shared_basis
 from offline.encode import encode_factor
-from offline.rounding import quantize_basis, quantize_rows
+from offline.rounding import quantize_basis, quantize_mixed_rows, quantize_rows
 from tests.shapes import WIDTHS
 
 
@@ -81,6 +81,17 @@ def test_one_bit_is_sign_times_mean_magnitude():
 def test_zero_rows_give_zero_codes_and_scales():
     codes, scales = quantize_rows(torch.zeros(2, 64), 3, 32)
     assert not codes.any() and not scales.any()
+
+
+def test_rows_of_mixed_widths_round_as_each_width_alone():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 128, generator=g) * torch.rand(40, 1, generator=g) * 3
+    x[5] = 0
+    bits = torch.tensor(WIDTHS)[torch.randint(0, len(WIDTHS), (40,), generator=g)]
+    codes, scales = quantize_mixed_rows(x, bits, 32)
+    for b in bits.unique().tolist():
+        want_codes, want_scales = quantize_rows(x[bits == b], b, 32)
+        assert torch.equal(codes[bits == b], want_codes) and torch.equal(scales[bits == b], want_scales)
 
 
 def test_int8_basis_round_trip():

@@ -168,3 +168,19 @@ def test_defaults_at_2_5_bits_pass_the_guard_and_summarise_in_one_line(arch, tin
     [summary] = out.strip().splitlines()
     assert summary.startswith(f"bitsmoe-quantize: wrote {tmp_path / 'out'}: {report['bits']['achieved_all']:.3f} bits per routed-expert weight")
     assert f"{report['basis']['dtype']} basis of rank {report['basis']['rank']}" in summary and "MB ->" in summary
+
+
+TRAINED_MOE = Path(__file__).resolve().parent.parent / "benchmarks" / "models" / "trained-moe"
+
+
+def test_the_committed_trained_moe_at_2_5_bits_passes_the_guard(calib_file, tmp_path, capsys):
+    """The trained Qwen3-MoE (32 experts of I 128 on H 256, benchmarks/train_moe.py) is the model of the shared basis's
+    regime: --bits 2.5 with default options, calibrated on other English text than it was trained on, must pass."""
+    args = ["--model", str(TRAINED_MOE), "--out", str(tmp_path / "out"), "--bits", "2.5", "--calib", str(calib_file),
+            "--calib-tokens", "4096", "--calib-seq-len", "256"]  # fmt: skip
+    status = main(args)
+    err = capsys.readouterr().err
+    assert status == 0, err
+    report = json.loads((tmp_path / "out" / "quantization_report.json").read_text())
+    assert len(report["layers"]) == 6 and report["worst_relative_error"] < 0.9
+    assert abs(report["bits"]["achieved_all"] - 2.5) < 0.01

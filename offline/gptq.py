@@ -1,0 +1,150 @@
+"""Error feedback while rounding the factors (GPTQ, Frantar et al. 2022), in rank space, expert by expert.
+
+Rounding the factors' entries one input coordinate after the other, each rounding error is compensated by the
+entries not yet rounded, so that the expert's output on its calibration tokens changes as little as possible:
+with H the Hessian of the coordinate's inputs (sum over the tokens routed to the expert of w^2 u u^T, w the routing
+weight) and U the upper Cholesky factor of H^-1, rounding input coordinate i with error d updates every later
+coordinate j by -d U[i, j] / U[i, i]. The widths stay those the allocation chose; only the values rounded change.
+
+Every projection in the orientation of offline.decompose, factor F_e [R, I]:
+- gate, up: W_e = F_e^T V, inputs z = V x: the coordinates are the rank rows; each row is rounded with its own width
+  and its group scales (along I) fitted to the row as updated by the rows before it (offline.rounding.quantize_rows);
+- down: D_e^T = F_e^T V, inputs a = silu(x W_g^T) * (x W_u^T) [I]: the coordinates are the columns of F_e; the
+  group scales of every row are fitted to the factor before any rounding (GPTQ's static groups), then the columns
+  are rounded in order with the width of their row.
+An expert no calibration token reached has H = 0 and is rounded to nearest.
+
+Order: GPTQ's error goes only to the coordinates rounded after it, so the coarsest go first: the rank rows by
+ascending width (the dropped rows, width 0, first, the widest rows absorbing their error), ties and the down
+projection's columns by descending H_ii (GPTQ's activation order).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from bitsmoe_vllm.packing import SUPPORTED_WIDTHS, code_range
+from offline.calibrate import Routed
+from offline.rounding import quantize_mixed_rows, quantize_rows
+
+DAMP = 0.01  # of the mean diagonal, added to H (GPTQ's default)
+BLOCK = 128  # coordinates per block of updates deferred into one matrix product
+
+
+def hessians(routed: Routed, weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """Per projection, [E, n, n] float32: the Hessian of its rank-space inputs (gate, up: z = V x, n = R) or of the
+    down projection's inputs (n = I), over each expert's routed tokens with squared routing weights."""
+    E, device = weights["gate"].shape[0], weights["gate"].device
+    x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
+    sizes = {p: x.shape[1] if bases[p] is None else bases[p].shape[0] for p in ("gate", "up")} | {"down": weights["down"].shape[1]}
+    out = {p: torch.zeros(E, n, n, device=x.device) for p, n in sizes.items()}
+    for e in ids.unique().tolist():
+        token, slot = (ids == e).nonzero(as_tuple=True)
+        xe, w2 = x[token], w[token, slot] ** 2
+        for p in ("gate", "up"):
+            ze = xe if bases[p] is None else xe @ bases[p].T
+            out[p][e] = (ze * w2[:, None]).T @ ze
+        a = F.silu(xe @ weights["gate"][e].T) * (xe @ weights["up"][e].T)
+        out["down"][e] = (a * w2[:, None]).T @ a
+    return out
+
+
+def round_factors(
+    projection: str, factors: torch.Tensor, bits: torch.Tensor, hessian: torch.Tensor, group_size: int, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """factors [E, R, I], bits [E, R], hessian [E, n, n] -> the rounded factors [E, R, I] (codes times scales) and
+    their scales [E, R, I/G] (0 for rows of width 0)."""
+    E, R, I = factors.shape
+    busiest = hessian.diagonal(dim1=1, dim2=2).argsort(dim=1, descending=True, stable=True)  # [E, n]
+    if projection != "down":
+        order = busiest.gather(1, bits.gather(1, busiest).argsort(dim=1, stable=True))  # by width, then by H_ii
+        rounded, scales = _round_rank_rows(take(factors, order, 1), bits.gather(1, order), take(take(hessian, order, 1), order, 2), group_size, steps)
+        return put(rounded, order, 1), put(scales, order, 1)
+    order = busiest
+    rounded, scales = _round_columns(take(factors, order, 2), bits, take(take(hessian, order, 1), order, 2), group_size, steps, order)
+    return put(rounded, order, 2), scales
+
+
+def take(t: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tensor:
+    """t [E, ...] with dimension dim reordered per expert by order [E, n]."""
+    return t.gather(dim, _index(t, order, dim))
+
+
+def put(t: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of take."""
+    return torch.empty_like(t).scatter_(dim, _index(t, order, dim), t)
+
+
+def _index(t: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = [order.shape[0] if d == 0 else order.shape[1] if d == dim else 1 for d in range(t.dim())]
+    return order.view(shape).expand_as(t)
+
+
+def _round_rank_rows(factors: torch.Tensor, bits: torch.Tensor, hessian: torch.Tensor, group_size: int, steps: int):
+    """round_factors of gate and up, the rank rows in the order to round them."""
+    E, R, I = factors.shape
+    scales = torch.zeros(E, R, I // group_size, device=factors.device)
+
+    def rows(k: int, f: torch.Tensor) -> torch.Tensor:  # f [E, I]: rank row k of every expert
+        q = torch.zeros_like(f)
+        sel = (bits[:, k] > 0).nonzero().flatten()
+        if len(sel):
+            codes, s = quantize_mixed_rows(f[sel], bits[sel, k], group_size, steps)
+            scales[sel, k] = s.float()
+            q[sel] = codes.float() * s.float().repeat_interleave(group_size, dim=1)
+        return q
+
+    rounded = feedback(factors.transpose(1, 2), inverse_cholesky(hessian), rows).transpose(1, 2)
+    return rounded.contiguous(), scales
+
+
+def _round_columns(factors: torch.Tensor, bits: torch.Tensor, hessian: torch.Tensor, group_size: int, steps: int, order: torch.Tensor):
+    """round_factors of down, the columns (and the Hessian) in the order order [E, I] to round them; the group scales
+    are fitted to the columns in place, before any rounding."""
+    E, R, I = factors.shape
+    scales = torch.zeros(E, R, I // group_size, device=factors.device)
+    in_place = put(factors, order, 2)
+    for b in bits.unique().tolist():
+        if b:
+            e, k = (bits == b).nonzero(as_tuple=True)
+            scales[e, k] = quantize_rows(in_place[e, k], b, group_size, steps)[1].float()
+    step = take(scales.repeat_interleave(group_size, dim=2), order, 2)  # [E, R, I]: each column's scale, in order
+    lo, hi = zip(*(code_range(b) if b in SUPPORTED_WIDTHS else (0, 0) for b in range(9)))
+    lo, hi = (torch.tensor(v, dtype=torch.float32, device=bits.device)[bits.long()] for v in (lo, hi))
+
+    def columns(i: int, f: torch.Tensor) -> torch.Tensor:  # f [E, R]: column i of every expert
+        s = step[:, :, i]
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        codes = torch.where(bits == 1, torch.where(f >= 0, 1.0, -1.0), (f / safe).round().clamp(lo, hi))
+        return torch.where(s > 0, codes * s, torch.zeros_like(f))
+
+    return feedback(factors, inverse_cholesky(hessian), columns), scales
+
+
+def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
+    """[E, n, n] -> the upper Cholesky factor of (H + damping)^-1; a coordinate no token excited gets H_ii = 1."""
+    h = hessian.double().clone()
+    diag = h.diagonal(dim1=1, dim2=2)
+    dead = diag <= 0
+    diag[dead] = 1.0
+    diag += DAMP * diag.mean(1, keepdim=True)
+    lower = torch.linalg.cholesky(h)
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+
+
+def feedback(w: torch.Tensor, u: torch.Tensor, quantize) -> torch.Tensor:
+    """GPTQ over the last dimension of w [E, rows, n] with u [E, n, n]; quantize(i, column [E, rows]) rounds
+    coordinate i. Returns the rounded w."""
+    w = w.clone()
+    out = torch.zeros_like(w)
+    n = w.shape[2]
+    for start in range(0, n, BLOCK):
+        end = min(start + BLOCK, n)
+        err = torch.zeros(w.shape[0], w.shape[1], end - start, device=w.device)
+        for i in range(start, end):
+            q = quantize(i, w[:, :, i])
+            out[:, :, i] = q
+            d = (w[:, :, i] - q) / u[:, i, i, None]
+            w[:, :, i + 1 : end] -= d[:, :, None] * u[:, None, i, i + 1 : end]
+            err[:, :, i - start] = d
+        w[:, :, end:] -= err @ u[:, start:end, end:]
+    return out

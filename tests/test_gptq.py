@@ -1,0 +1,94 @@
+"""Error feedback (offline.gptq) against the math: no tokens is rounding to nearest, the second coordinate absorbs
+the first one's error as the least-squares solution says, and the expected output error falls."""
+
+import pytest
+import torch
+
+from offline import gptq
+from offline.calibrate import Routed
+from offline.rounding import quantize_rows
+
+G = 32
+
+
+def nearest(factors: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(factors)
+    for e in range(factors.shape[0]):
+        for k in range(factors.shape[1]):
+            if bits[e, k]:
+                codes, scales = quantize_rows(factors[e, k][None], int(bits[e, k]), G)
+                out[e, k] = (codes.float() * scales.float().repeat_interleave(G, dim=1))[0]
+    return out
+
+
+def output_error(projection: str, delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """sum_e of the squared output error on the Hessian's tokens: the coordinates are rank rows (gate, up) or columns."""
+    d = delta if projection == "down" else delta.transpose(1, 2)
+    return float(torch.einsum("eri,eij,erj->", d, hessian, d))
+
+
+@pytest.mark.parametrize("projection", ["gate", "down"])
+def test_without_tokens_it_is_rounding_to_nearest(projection):
+    torch.manual_seed(0)
+    factors, bits = torch.randn(3, 8, 64), torch.randint(0, 5, (3, 8))
+    rounded, scales = gptq.round_factors(projection, factors, bits, torch.zeros(3, *(2 * (64 if projection == "down" else 8,))), G, 8)
+    torch.testing.assert_close(rounded, nearest(factors, bits), rtol=0, atol=0)
+    assert (scales[bits == 0] == 0).all() and (scales[bits > 0] > 0).all()
+
+
+def test_the_next_rank_row_absorbs_the_error_by_least_squares():
+    """Two rank rows (gate/up): after row 0 is rounded with error d, the output error d H00 d + 2 d H01 x + x H11 x over
+    row 1's change x is least at x = -d H01 / H11 (H damped as GPTQ damps it), and row 1 is then rounded from there."""
+    torch.manual_seed(1)
+    factors, bits = torch.randn(1, 2, 64), torch.tensor([[2, 3]])
+    u = torch.randn(500, 2) @ torch.tensor([[1.0, 0.8], [0.0, 0.6]])
+    hessian = (u.T @ u)[None]
+    rounded, _ = gptq.round_factors("gate", factors, bits, hessian, G, 8)
+    d = rounded[0, 0] - factors[0, 0]
+    h = hessian[0] + gptq.DAMP * hessian[0].diagonal().mean() * torch.eye(2)
+    moved = factors[0, 1] - d * h[0, 1] / h[1, 1]
+    torch.testing.assert_close(rounded[0, 1], nearest(moved[None, None], bits[:, 1:])[0, 0], rtol=0, atol=1e-6)
+
+
+def test_a_dropped_rank_row_goes_first_and_the_wider_row_absorbs_it():
+    """Row 1 has width 0, so it is rounded first whatever its rank: its whole value d = F[1] is the error, and row 0
+    is rounded from F[0] + d H10 / H00."""
+    torch.manual_seed(4)
+    factors, bits = torch.randn(1, 2, 64), torch.tensor([[3, 0]])
+    u = torch.randn(500, 2) @ torch.tensor([[1.0, 0.7], [0.0, 0.7]])
+    hessian = (u.T @ u)[None]
+    rounded, _ = gptq.round_factors("up", factors, bits, hessian, G, 8)
+    h = hessian[0] + gptq.DAMP * hessian[0].diagonal().mean() * torch.eye(2)
+    moved = factors[0, 0] + factors[0, 1] * h[1, 0] / h[0, 0]
+    assert (rounded[0, 1] == 0).all()
+    torch.testing.assert_close(rounded[0, 0], nearest(moved[None, None], bits[:, :1])[0, 0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("projection", ["gate", "up", "down"])
+def test_correlated_inputs_cost_less_than_rounding_to_nearest(projection):
+    torch.manual_seed(2)
+    E, R, I = 4, 48, 96
+    n = I if projection == "down" else R
+    u = torch.randn(4000, n) @ torch.randn(n, n)
+    hessian = torch.stack([(u[e::E].T @ u[e::E]) for e in range(E)])
+    factors, bits = torch.randn(E, R, I), torch.randint(1, 5, (E, R))
+    bits[:, -4:] = 0  # dropped rows: their whole energy is an error to compensate
+    rounded, _ = gptq.round_factors(projection, factors, bits, hessian, G, 8)
+    assert output_error(projection, rounded - factors, hessian) < 0.9 * output_error(projection, nearest(factors, bits) - factors, hessian)
+
+
+def test_hessians_are_the_routed_tokens_second_moments_in_rank_space():
+    torch.manual_seed(3)
+    E, H, I, N = 3, 16, 32, 50
+    x, ids, w = torch.randn(N, H), torch.randint(0, E, (N, 2)), torch.rand(N, 2)
+    ids[:, 1] = (ids[:, 0] + 1) % E
+    weights = {p: torch.randn(E, I, H) for p in ("gate", "up", "down")}
+    basis = torch.linalg.qr(torch.randn(H, H))[0][:8]  # [R, H]
+    got = gptq.hessians(Routed(x, ids, w), weights, {"gate": basis, "up": None})
+    for e in range(E):
+        token, slot = (ids == e).nonzero(as_tuple=True)
+        xe, w2 = x[token], w[token, slot] ** 2
+        a = torch.nn.functional.silu(xe @ weights["gate"][e].T) * (xe @ weights["up"][e].T)
+        want = {"gate": (xe @ basis.T).T @ torch.diag(w2) @ (xe @ basis.T), "up": xe.T @ torch.diag(w2) @ xe, "down": a.T @ torch.diag(w2) @ a}
+        for p, m in want.items():
+            torch.testing.assert_close(got[p][e], m, rtol=1e-4, atol=1e-4)
