@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 BITSMOE = [str(ROOT / ".venv" / "bin" / "bitsmoe-quantize")]
+PEERS = ("rtn", "gptq", "hqq", "autoround")
+AUTOROUND_ITERS = 50  # a quarter of its default 200 tuning iterations per block, affordable on 2 cores
 MODELS = {  # peers' group size: the usual 128 where it divides H and I; SmolLM2's H 576 and I/E 192 need 64
     "smollm2-moe": {"group": 64, "results": "quality"},
     "trained-moe": {"group": 128, "results": "quality_trained_moe"},
@@ -46,12 +48,22 @@ MODELS = {  # peers' group size: the usual 128 where it divides H and I; SmolLM2
 def rows(model: str) -> list[dict]:
     """name, family, the command's extra arguments, and what the row is for."""
     out = [{"name": "unquantized", "family": "unquantized"}]
-    for method in ("rtn", "gptq", "hqq"):
+    for method in PEERS:
         out += [{"name": f"{method}-{b}bit", "family": method, "bits": b} for b in (2, 3, 4)]
-    # The main rows run the defaults. E * I / H = 2.7 here: a shared basis at full rank would cost 16 / 2.7 = 6 bits per
-    # weight, so --basis-dtype auto takes the identity; the shared-basis rows show what happens otherwise.
+    # The main rows run the defaults (--basis-dtype auto chooses the basis), at round budgets and at each peer's all-in
+    # bits: b + (16-bit scale + b-bit zero) / group, HQQ's zero a 16-bit float.
+    group = MODELS[model]["group"]
+    peers = {b + (16 + z) / group for b in (2, 3, 4) for z in (b, 16)}  # exact: group is a power of two
+    out += [{"name": f"bitsmoe-{b}", "family": "bitsmoe", "bits": b, "args": []} for b in sorted({2.0, 2.5, 3.0, 4.0} | peers)]
+    if model == "trained-moe":  # the paper's claim: a shared basis against none, each at its best rank
+        for basis in ("int8", "identity"):
+            args = ["--basis-dtype", basis]
+            out += [{"name": f"bitsmoe-{b}-{basis}", "family": f"bitsmoe-{basis}", "bits": b, "args": args} for b in (2.0, 2.5, 3.0)]
+        nearest = ["--rounding", "nearest"]  # the ablation of the error feedback
+        return out + [{"name": f"bitsmoe-{b}-nearest", "family": "bitsmoe-nearest", "bits": b, "args": nearest} for b in (2.0, 2.5, 3.0)]
+    # E * I / H = 2.7 here: a shared basis at full rank would cost 16 / 2.7 = 6 bits per weight, so auto takes the
+    # identity; the shared-basis rows show what happens otherwise.
     identity = ["--basis-dtype", "identity"]
-    out += [{"name": f"bitsmoe-{b}", "family": "bitsmoe", "bits": b, "args": []} for b in (2.0, 2.5, 3.0, 4.0)]
     ablations = {  # each against bitsmoe-2.5 (identity basis, global budget, widths 0-8, 1 row per unit, refined scales)
         "per-layer": ["--allocation", "per-layer"],
         "unit-rows-8": ["--unit-rows", "8"],
@@ -70,10 +82,6 @@ def rows(model: str) -> list[dict]:
         "shared-basis-int8-factors-scope": int8 + ["--budget-scope", "factors"],
     }
     out += [{"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": v} for k, v in shared.items()]
-    if model == "trained-moe":  # the paper's claim: a shared basis against none, each at its best rank
-        for basis in ("int8", "identity"):
-            args = ["--basis-dtype", basis]
-            out += [{"name": f"bitsmoe-{b}-{basis}", "family": f"bitsmoe-{basis}", "bits": b, "args": args} for b in (2.0, 2.5, 3.0)]
     return out
 
 
@@ -99,9 +107,11 @@ def quantize(row: dict, model: Path, text: dict, calib_file: Path, calib_tokens:
     log = work / "logs" / model.name / f"{row['name']}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # a run this script killed earlier
-    if row["family"] in ("rtn", "gptq", "hqq"):
+    if row["family"] in PEERS:
         cmd = [str(PEERS_PYTHON), "benchmarks/peers.py", row["family"], "--model", str(model), "--bits", str(row["bits"]),
                "--group-size", str(group), "--calib", str(calib_file), "--out", str(out)]  # fmt: skip
+        if row["family"] == "autoround":
+            cmd += ["--iters", str(AUTOROUND_ITERS)]
     else:
         cmd = [*BITSMOE, "--model", str(model), "--out", str(out), "--bits", str(row["bits"]), "--calib", str(text["calib"]),
                "--calib-tokens", str(calib_tokens), "--calib-seq-len", "512", "--overwrite", "--allow-high-error", *row["args"]]  # fmt: skip

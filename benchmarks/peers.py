@@ -1,6 +1,8 @@
 """The quantizers people use today, applied to the routed experts of a Mixtral- or Qwen3-MoE-architecture
 checkpoint, for the quality benchmark. Runs in the peers' own environment (`bash scripts/setup_peers.sh`: llmcompressor, hqq,
-auto-round pin versions of their own), not in bitsmoe-vllm's.
+auto-round pin versions of their own), not in bitsmoe-vllm's. The methods: rtn (round to nearest, min-max per group),
+hqq (half-quadratic, no data), gptq (llmcompressor, calibrated) and autoround (Intel's AutoRound, SignRound tuning of
+the rounding and clipping against each block's output, calibrated; --iters iterations per block).
 
 Every method quantizes exactly the routed experts' w1/w2/w3 (asymmetric integer codes, groups of
 --group-size along the input dimension) and leaves attention, router, embeddings and norms untouched. The
@@ -9,6 +11,7 @@ with), so one evaluator measures every method the same way, plus peer.json with 
 codes + a 16-bit scale per group + the zero point (b bits when integer, 16 when a float).
 
     python benchmarks/peers.py gptq --model MOE --bits 3 --group-size 64 --calib calib_tokens.safetensors --out OUT
+    python benchmarks/peers.py autoround --model MOE --bits 3 --group-size 64 --calib calib_tokens.safetensors --out OUT
 """
 
 import argparse
@@ -87,17 +90,62 @@ def gptq(model_dir: Path, calib: torch.Tensor, bits: int, group: int, names: set
     return out
 
 
+def autoround(
+    model_dir: Path, calib: torch.Tensor, bits: int, group: int, names: set[str], iters: int
+) -> dict[str, torch.Tensor]:
+    """AutoRound (SignRound: signed-gradient descent on each weight's rounding offset and each group's min/max
+    clipping, block by block, minimising the block's output error on the calibration data) as its users run it: its
+    own defaults (batch 8, learning rate 1/iters, the best-loss parameters kept, each block tuned on the quantized
+    blocks' outputs, float16 scales, integer zero points of `bits` bits) with `iters` iterations per block (its default
+    200; fewer on CPU). Affordable on CPU: float32 (no bf16 autocast) and no torch.compile, whose compile time dwarfs
+    the tuning of a small model. AutoRound unfuses transformers 5's 3-D experts itself (its Qwen3-MoE block patch,
+    its linear_loop experts for Mixtral); a layer_config keeps every linear layer but the routed experts' in 16 bits."""
+    import os
+    import tempfile
+
+    from auto_round import AutoRound
+    from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
+    from auto_round.schemes import QuantizationScheme
+
+    scheme = {"bits": bits, "group_size": group, "sym": False, "data_type": "int", "act_bits": 16}
+    keep = {"bits": 16, "act_bits": 16, "data_type": "float", "act_data_type": "float"}
+    not_expert = r"^(?!.*mlp.experts.\d+.(gate|up|down)_proj$).*"  # AutoRound escapes the bare dots itself
+    data = [{"input_ids": s[None], "attention_mask": torch.ones_like(s[None])} for s in calib]  # not pile-10k
+    with tempfile.TemporaryDirectory(prefix="autoround_") as work:  # its scratch space, else ./ar_work_space
+        os.environ["AR_WORK_SPACE"] = work
+        ar = AutoRound(
+            str(model_dir), scheme=QuantizationScheme.from_dict(scheme), layer_config={not_expert: keep},
+            alg_configs=SignRoundConfig(iters=iters), dataset=data, nsamples=len(calib), seqlen=calib.shape[1],
+            device_map="cpu", amp=False, enable_torch_compile=False, low_cpu_mem_usage=False,
+        )
+        model, _ = ar.quantize()  # exports no format, so it leaves the fake-quantized weights in the model
+    out, quantized = {}, set()
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "bits", None), int) and module.bits <= 8:
+            quantized.add(name)
+        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)", name)
+        if m:
+            codes = name in quantized and module.zp.min() >= 0 and module.zp.max() < 2**bits
+            if not codes or module.scale.dtype != torch.float16:
+                raise SystemExit(f"peers: AutoRound did not give {name} {bits}-bit zero points and float16 scales")
+            out[checkpoint_name(m[1], m[2], m[3], names)] = module.weight.detach().float().clone()
+    if len(quantized) != len(out):
+        raise SystemExit(f"peers: AutoRound quantized layers other than the routed experts: {sorted(quantized)[:8]}")
+    return out
+
+
 def zero_bits(method: str, bits: int) -> int:
     return 16 if method == "hqq" else bits
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("method", choices=["rtn", "hqq", "gptq"])
+    p.add_argument("method", choices=["rtn", "hqq", "gptq", "autoround"])
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--bits", required=True, type=int)
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--calib", type=Path, help="safetensors file with 'input_ids' [sequences, length] (gptq)")
+    p.add_argument("--calib", type=Path, help="safetensors file with 'input_ids' [sequences, length] (gptq, autoround)")
+    p.add_argument("--iters", type=int, default=200, help="autoround's tuning iterations per block (its default 200)")
     p.add_argument("--out", required=True, type=Path)
     a = p.parse_args()
     torch.manual_seed(0)
@@ -110,12 +158,16 @@ def main() -> None:
         if state[n].shape[1] % a.group_size:
             raise SystemExit(f"peers: --group-size {a.group_size} does not divide the input dimension of {n} {tuple(state[n].shape)}")
     start = time.time()
-    if a.method == "gptq":
+    if a.method in ("gptq", "autoround"):
         if a.calib is None:
-            raise SystemExit("peers: gptq needs --calib")
-        new = gptq(a.model, load_file(a.calib)["input_ids"], a.bits, a.group_size, set(names))
+            raise SystemExit(f"peers: {a.method} needs --calib")
+        calib = load_file(a.calib)["input_ids"]
+        if a.method == "gptq":
+            new = gptq(a.model, calib, a.bits, a.group_size, set(names))
+        else:
+            new = autoround(a.model, calib, a.bits, a.group_size, set(names), a.iters)
         if sorted(new) != sorted(names):
-            raise SystemExit(f"peers: llmcompressor returned {len(new)} expert weights, the checkpoint has {len(names)}")
+            raise SystemExit(f"peers: {a.method} returned {len(new)} expert weights, the checkpoint has {len(names)}")
     else:
         fn = rtn if a.method == "rtn" else hqq
         new = {n: fn(state[n], a.bits, a.group_size) for n in names}
@@ -129,6 +181,8 @@ def main() -> None:
     weights = sum(state[n].numel() for n in names)
     all_in = a.bits + (16 + zero_bits(a.method, a.bits)) / a.group_size
     info = {"method": a.method, "bits": a.bits, "group_size": a.group_size, "all_in_bits": all_in, "expert_weights": weights, "quantize_seconds": round(seconds, 2)}
+    if a.method == "autoround":  # fewer iterations than its default are part of the label
+        info["iters"] = a.iters
     (partial / "peer.json").write_text(json.dumps(info, indent=1) + "\n")
     shutil.rmtree(a.out, ignore_errors=True)
     partial.rename(a.out)

@@ -8,17 +8,41 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 COLUMNS = ("name", "all-in bits", "ppl (512 windows)", "ppl (stride 512)", "KL", "top-1", "quantize s", "peak RSS MB")
-MARKERS = {"rtn": "s", "gptq": "^", "hqq": "v", "bitsmoe": "o", "bitsmoe-int8": "D", "bitsmoe-identity": "x"}
-LABELS = {"bitsmoe": "BitsMoE (defaults)", "bitsmoe-int8": "BitsMoE, shared int8 basis", "bitsmoe-identity": "BitsMoE, identity basis"}
+MARKERS = {"rtn": "s", "gptq": "^", "hqq": "v", "autoround": "P", "bitsmoe": "o", "bitsmoe-int8": "D", "bitsmoe-identity": "x", "bitsmoe-nearest": "*"}
+LABELS = {"autoround": "AutoRound (50 iterations)", "bitsmoe": "BitsMoE (defaults)", "bitsmoe-int8": "BitsMoE, shared int8 basis", "bitsmoe-identity": "BitsMoE, identity basis",
+          "bitsmoe-nearest": "BitsMoE, round to nearest"}
 
 
 def cells(r: dict) -> list[str]:
     bits = f"{r['all_in_bits']:.3f}" + (f" ({r['factor_bits']:.3f} factors)" if "factor_bits" in r else "")
     return [
-        r["name"], bits, f"{r['ppl_windows']:.2f}", f"{r['ppl_stride']:.2f}", f"{r['kl']:.4f}", f"{100 * r['top1_agreement']:.1f} %",
+        r["name"], bits, f"{r['ppl_windows']:.2f}", f"{r['ppl_stride']:.2f}", f"{r['kl']:.3g}", f"{100 * r['top1_agreement']:.1f} %",
         f"{r['quantize_wall_s']:.0f}" if "quantize_wall_s" in r else "-",
         f"{r['quantize_peak_rss_mb']}" if "quantize_peak_rss_mb" in r else "-",
     ]  # fmt: skip
+
+
+MEASURES = {"ppl_windows": "ppl (windows)", "ppl_stride": "ppl (stride)", "kl": "KL"}
+
+
+def head_to_head(rows: list[dict]) -> list[str]:
+    """Each peer's row against BitsMoE with default options at the same all-in bits: which is lower, per measure."""
+    ours = {r["bits"]: r for r in rows if r["family"] == "bitsmoe"}
+    lines = []
+    for peer in rows:
+        r = None if peer["family"] == "unquantized" or "factor_bits" in peer else ours.get(peer["all_in_bits"])
+        if r is None:
+            continue
+        wins = [label for k, label in MEASURES.items() if r[k] < peer[k]]
+        verdict = "BitsMoE lower on all three" if len(wins) == 3 else "BitsMoE lower on " + (", ".join(wins) or "none")
+        lines.append(
+            f"| {peer['name']} | {peer['all_in_bits']:.3f} | {peer['ppl_windows']:.2f} / {r['ppl_windows']:.2f} | "
+            f"{peer['ppl_stride']:.2f} / {r['ppl_stride']:.2f} | {peer['kl']:.3g} / {r['kl']:.3g} | {verdict} |"
+        )
+    if not lines:
+        return []
+    header = "| peer | all-in bits | ppl (512 windows), peer / BitsMoE | ppl (stride 512) | KL | |"
+    return ["", "BitsMoE with default options at each peer's all-in bits:", "", header, "|---|---|---|---|---|---|", *lines]
 
 
 def write_report(payload: dict, out: Path, name: str) -> None:
@@ -32,22 +56,26 @@ def write_report(payload: dict, out: Path, name: str) -> None:
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
         *("| " + " | ".join(cells(r)) + " |" for r in rows),
+        *head_to_head(rows),
     ]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, kl) = plt.subplots(1, 2, figsize=(12, 4.5))
     base = next((r["ppl_windows"] for r in rows if r["family"] == "unquantized"), None)
     for family, marker in MARKERS.items():
-        pts = sorted((r["all_in_bits"], r["ppl_windows"]) for r in rows if r["family"] == family)
+        pts = sorted((r["all_in_bits"], r["ppl_windows"], r["kl"]) for r in rows if r["family"] == family)
         if pts:
-            ax.plot(*zip(*pts), marker=marker, label=LABELS.get(family, family.upper()))
+            bits, ppl, div = zip(*pts)
+            ax.plot(bits, ppl, marker=marker, label=LABELS.get(family, family.upper()))
+            kl.plot(bits, div, marker=marker, label=LABELS.get(family, family.upper()))
     if base:
         ax.axhline(base, color="gray", ls="--", label="unquantized MoE")
-    ax.set_yscale("log")
-    ax.set_xlabel("all-in bits per routed-expert weight")
-    ax.set_ylabel("perplexity (512-token windows)")
-    ax.set_title(f"{payload['title']}: quality against bits")
-    ax.legend()
+    for a, label in ((ax, "perplexity (512-token windows)"), (kl, "KL(unquantized || quantized), nats per token")):
+        a.set_yscale("log")
+        a.set_xlabel("all-in bits per routed-expert weight")
+        a.set_ylabel(label)
+    fig.suptitle(f"{payload['title']}: quality against bits")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / f"{name}_ppl.png", dpi=110)
     plt.close(fig)
