@@ -64,13 +64,15 @@ def rows(model: str) -> list[dict]:
     # E * I / H = 2.7 here: a shared basis at full rank would cost 16 / 2.7 = 6 bits per weight, so auto takes the
     # identity; the shared-basis rows show what happens otherwise.
     identity = ["--basis-dtype", "identity"]
-    ablations = {  # each against bitsmoe-2.5 (identity basis, global budget, widths 0-8, 1 row per unit, refined scales)
+    ablations = {  # each against bitsmoe-2.5 (identity basis, global budget, widths 0-8, 1 row per unit, refined scales,
+        # error feedback)
         "per-layer": ["--allocation", "per-layer"],
         "unit-rows-8": ["--unit-rows", "8"],
         "unit-rows-32": ["--unit-rows", "32"],
         "widths-0248": ["--candidate-bits", "0,2,4,8"],
         "widths-01234": ["--candidate-bits", "0,1,2,3,4"],
-        "nearest-rounding": ["--scale-steps", "0"],
+        "absmax-scales": ["--scale-steps", "0"],
+        "nearest-rounding": ["--rounding", "nearest"],
     }
     out += [{"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": identity + v} for k, v in ablations.items()]
     fp16, int8 = ["--basis-dtype", "fp16"], ["--basis-dtype", "int8"]

@@ -34,7 +34,7 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument("--unit-rows", type=int, default=None,
                    help="rank rows per allocation unit (default 32; 1 with --basis-dtype identity)")  # fmt: skip
     p.add_argument("--scale-steps", type=int, default=Options.scale_steps,
-                   help="least-squares steps refining each group's scale (default %(default)s; 0: absmax scale, round to nearest)")  # fmt: skip
+                   help="least-squares steps refining each group's scale (default %(default)s; 0: absmax scales)")  # fmt: skip
     p.add_argument("--rounding", choices=["gptq", "nearest"], default=Options.rounding,
                    help="gptq (default): rounding errors fed back into the entries not yet rounded, on each expert's "
                         "calibration tokens; nearest: every row rounded on its own")  # fmt: skip
