@@ -22,7 +22,10 @@ EVAL = "benchmarks/work/text-mixed/eval.jsonl"  # written by bench_quality --mod
 @torch.no_grad()
 def window_nll(checkpoint: str, tokens: torch.Tensor) -> torch.Tensor:
     model = load_model(checkpoint, torch.device("cpu"))
-    out = [-torch.log_softmax(model(w[None]).logits[0, :-1].float(), -1).gather(1, w[1:, None]).sum() for w in windows(tokens)]
+    out = [
+        -torch.log_softmax(model(w[None]).logits[0, :-1].float(), -1).gather(1, w[1:, None]).sum()
+        for w in windows(tokens)
+    ]
     return torch.stack(out).double()
 
 
@@ -42,7 +45,10 @@ def main() -> None:
     nll = {}
     for c in checkpoints:
         nll[c] = window_nll(c, tokens)
-        print(f"{c}: perplexity {math.exp(nll[c].sum() / count):.3f}, increase {mean_and_error(nll[c] - base, per)}", flush=True)
+        print(
+            f"{c}: perplexity {math.exp(nll[c].sum() / count):.3f}, increase {mean_and_error(nll[c] - base, per)}",
+            flush=True,
+        )
     for i, a in enumerate(checkpoints):
         for b in checkpoints[i + 1 :]:
             print(f"{a} - {b}: {mean_and_error(nll[a] - nll[b], per)}", flush=True)

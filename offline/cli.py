@@ -35,9 +35,13 @@ def parse(argv: list[str] | None) -> Options:
                    help="rank rows per allocation unit (default 32; 1 with --basis-dtype identity)")  # fmt: skip
     p.add_argument("--scale-steps", type=int, default=Options.scale_steps,
                    help="least-squares steps refining each group's scale (default %(default)s; 0: absmax scales)")  # fmt: skip
-    p.add_argument("--rounding", choices=["gptq", "nearest"], default=Options.rounding,
-                   help="gptq (default): rounding errors fed back into the entries not yet rounded, on each expert's "
-                        "calibration tokens; nearest: every row rounded on its own")  # fmt: skip
+    p.add_argument(
+        "--rounding",
+        choices=["gptq", "nearest"],
+        default=Options.rounding,
+        help="gptq (default): rounding errors fed back into the entries not yet rounded, on each expert's "
+        "calibration tokens; nearest: every row rounded on its own",
+    )
     p.add_argument("--group-size", type=int, default=None, help="columns per scale (default: 128, or the largest of 96/64/32 dividing I)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT.partial")

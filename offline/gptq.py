@@ -30,12 +30,16 @@ DAMP = 0.01  # of the mean diagonal, added to H (GPTQ's default)
 BLOCK = 128  # coordinates per block of updates deferred into one matrix product
 
 
-def hessians(routed: Routed, weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+def hessians(
+    routed: Routed, weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None]
+) -> dict[str, torch.Tensor]:
     """Per projection, [E, n, n] float32: the Hessian of its rank-space inputs (gate, up: z = V x, n = R) or of the
     down projection's inputs (n = I), over each expert's routed tokens with squared routing weights."""
     E, device = weights["gate"].shape[0], weights["gate"].device
     x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
-    sizes = {p: x.shape[1] if bases[p] is None else bases[p].shape[0] for p in ("gate", "up")} | {"down": weights["down"].shape[1]}
+    sizes = {p: x.shape[1] if bases[p] is None else bases[p].shape[0] for p in ("gate", "up")} | {
+        "down": weights["down"].shape[1]
+    }
     out = {p: torch.zeros(E, n, n, device=x.device) for p, n in sizes.items()}
     for e in ids.unique().tolist():
         token, slot = (ids == e).nonzero(as_tuple=True)
@@ -53,14 +57,17 @@ def round_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """factors [E, R, I], bits [E, R], hessian [E, n, n] -> the rounded factors [E, R, I] (codes times scales) and
     their scales [E, R, I/G] (0 for rows of width 0)."""
-    E, R, I = factors.shape
     busiest = hessian.diagonal(dim1=1, dim2=2).argsort(dim=1, descending=True, stable=True)  # [E, n]
     if projection != "down":
         order = busiest.gather(1, bits.gather(1, busiest).argsort(dim=1, stable=True))  # by width, then by H_ii
-        rounded, scales = _round_rank_rows(take(factors, order, 1), bits.gather(1, order), take(take(hessian, order, 1), order, 2), group_size, steps)
+        rounded, scales = _round_rank_rows(
+            take(factors, order, 1), bits.gather(1, order), take(take(hessian, order, 1), order, 2), group_size, steps
+        )
         return put(rounded, order, 1), put(scales, order, 1)
     order = busiest
-    rounded, scales = _round_columns(take(factors, order, 2), bits, take(take(hessian, order, 1), order, 2), group_size, steps, order)
+    rounded, scales = _round_columns(
+        take(factors, order, 2), bits, take(take(hessian, order, 1), order, 2), group_size, steps, order
+    )
     return put(rounded, order, 2), scales
 
 
@@ -97,7 +104,9 @@ def _round_rank_rows(factors: torch.Tensor, bits: torch.Tensor, hessian: torch.T
     return rounded.contiguous(), scales
 
 
-def _round_columns(factors: torch.Tensor, bits: torch.Tensor, hessian: torch.Tensor, group_size: int, steps: int, order: torch.Tensor):
+def _round_columns(
+    factors: torch.Tensor, bits: torch.Tensor, hessian: torch.Tensor, group_size: int, steps: int, order: torch.Tensor
+):
     """round_factors of down, the columns (and the Hessian) in the order order [E, I] to round them; the group scales
     are fitted to the columns in place, before any rounding."""
     E, R, I = factors.shape

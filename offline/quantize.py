@@ -183,13 +183,14 @@ def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> lis
 
 def feedback_rounding(plan: Plan, run: RunDir, layer: int, weights: dict, decompositions: dict, widths: dict) -> tuple[dict, dict]:
     """The layer's factors rounded with error feedback on its calibration tokens (offline.gptq), and their scales."""
-    device = torch.device(plan.options.device)
-    saved = run.load(f"routed-{layer:05d}")[0]
-    routed = Routed(saved["x"].to(device).float(), saved["ids"].to(device), saved["weights"].to(device))
+    saved = run.load(f"routed-{layer:05d}")[0]  # gptq.hessians moves them to the weights' device, in float32
+    routed = Routed(saved["x"], saved["ids"], saved["weights"])
     hessians = gptq.hessians(routed, weights, {p: decompositions[p].basis for p in ("gate", "up")})
     rounded, scales = {}, {}
     for p, dec in decompositions.items():
-        factors, scales[p] = gptq.round_factors(p, dec.factors, widths[p].to(device), hessians[p], plan.group_size, plan.options.scale_steps)
+        factors, scales[p] = gptq.round_factors(
+            p, dec.factors, widths[p].to(dec.factors.device), hessians[p], plan.group_size, plan.options.scale_steps
+        )
         rounded[p] = dec._replace(factors=factors)
     return rounded, scales
 

@@ -31,7 +31,9 @@ def output_error(projection: str, delta: torch.Tensor, hessian: torch.Tensor) ->
 def test_without_tokens_it_is_rounding_to_nearest(projection):
     torch.manual_seed(0)
     factors, bits = torch.randn(3, 8, 64), torch.randint(0, 5, (3, 8))
-    rounded, scales = gptq.round_factors(projection, factors, bits, torch.zeros(3, *(2 * (64 if projection == "down" else 8,))), G, 8)
+    rounded, scales = gptq.round_factors(
+        projection, factors, bits, torch.zeros(3, *(2 * (64 if projection == "down" else 8,))), G, 8
+    )
     torch.testing.assert_close(rounded, nearest(factors, bits), rtol=0, atol=0)
     assert (scales[bits == 0] == 0).all() and (scales[bits > 0] > 0).all()
 
@@ -74,7 +76,9 @@ def test_correlated_inputs_cost_less_than_rounding_to_nearest(projection):
     factors, bits = torch.randn(E, R, I), torch.randint(1, 5, (E, R))
     bits[:, -4:] = 0  # dropped rows: their whole energy is an error to compensate
     rounded, _ = gptq.round_factors(projection, factors, bits, hessian, G, 8)
-    assert output_error(projection, rounded - factors, hessian) < 0.9 * output_error(projection, nearest(factors, bits) - factors, hessian)
+    assert output_error(projection, rounded - factors, hessian) < 0.9 * output_error(
+        projection, nearest(factors, bits) - factors, hessian
+    )
 
 
 def test_hessians_are_the_routed_tokens_second_moments_in_rank_space():
@@ -89,6 +93,10 @@ def test_hessians_are_the_routed_tokens_second_moments_in_rank_space():
         token, slot = (ids == e).nonzero(as_tuple=True)
         xe, w2 = x[token], w[token, slot] ** 2
         a = torch.nn.functional.silu(xe @ weights["gate"][e].T) * (xe @ weights["up"][e].T)
-        want = {"gate": (xe @ basis.T).T @ torch.diag(w2) @ (xe @ basis.T), "up": xe.T @ torch.diag(w2) @ xe, "down": a.T @ torch.diag(w2) @ a}
+        want = {
+            "gate": (xe @ basis.T).T @ torch.diag(w2) @ (xe @ basis.T),
+            "up": xe.T @ torch.diag(w2) @ xe,
+            "down": a.T @ torch.diag(w2) @ a,
+        }
         for p, m in want.items():
             torch.testing.assert_close(got[p][e], m, rtol=1e-4, atol=1e-4)

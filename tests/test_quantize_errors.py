@@ -176,8 +176,8 @@ TRAINED_MOE = Path(__file__).resolve().parent.parent / "benchmarks" / "models" /
 def test_the_committed_trained_moe_at_2_5_bits_passes_the_guard(calib_file, tmp_path, capsys):
     """The trained Qwen3-MoE (32 experts of I 128 on H 256, benchmarks/train_moe.py) is the model of the shared basis's
     regime: --bits 2.5 with default options, calibrated on other English text than it was trained on, must pass."""
-    args = ["--model", str(TRAINED_MOE), "--out", str(tmp_path / "out"), "--bits", "2.5", "--calib", str(calib_file),
-            "--calib-tokens", "4096", "--calib-seq-len", "256"]  # fmt: skip
+    args = ["--model", str(TRAINED_MOE), "--out", str(tmp_path / "out"), "--bits", "2.5", "--calib", str(calib_file)]
+    args += ["--calib-tokens", "4096", "--calib-seq-len", "256"]
     status = main(args)
     err = capsys.readouterr().err
     assert status == 0, err
