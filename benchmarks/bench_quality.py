@@ -54,13 +54,21 @@ def rows(model: str) -> list[dict]:
     # bits: b + (16-bit scale + b-bit zero) / group, HQQ's zero a 16-bit float.
     group = MODELS[model]["group"]
     peers = {b + (16 + z) / group for b in (2, 3, 4) for z in (b, 16)}  # exact: group is a power of two
-    out += [{"name": f"bitsmoe-{b}", "family": "bitsmoe", "bits": b, "args": []} for b in sorted({2.0, 2.5, 3.0, 4.0} | peers)]
-    if model == "trained-moe":  # the paper's claim: a shared basis against none, each at its best rank
-        for basis in ("int8", "identity"):
-            args = ["--basis-dtype", basis]
-            out += [{"name": f"bitsmoe-{b}-{basis}", "family": f"bitsmoe-{basis}", "bits": b, "args": args} for b in (2.0, 2.5, 3.0)]
+    out += [
+        {"name": f"bitsmoe-{b}", "family": "bitsmoe", "bits": b, "args": []}
+        for b in sorted({2.0, 2.5, 3.0, 4.0} | peers)
+    ]
+    if model == "trained-moe":  # the paper's claim: the defaults (a shared int8 basis here) against the identity basis
+        identity = ["--basis-dtype", "identity"]
+        out += [
+            {"name": f"bitsmoe-{b}-identity", "family": "bitsmoe-identity", "bits": b, "args": identity}
+            for b in (2.0, 2.5, 3.0)
+        ]
         nearest = ["--rounding", "nearest"]  # the ablation of the error feedback
-        return out + [{"name": f"bitsmoe-{b}-nearest", "family": "bitsmoe-nearest", "bits": b, "args": nearest} for b in (2.0, 2.5, 3.0)]
+        return out + [
+            {"name": f"bitsmoe-{b}-nearest", "family": "bitsmoe-nearest", "bits": b, "args": nearest}
+            for b in (2.0, 2.5, 3.0)
+        ]
     # E * I / H = 2.7 here: a shared basis at full rank would cost 16 / 2.7 = 6 bits per weight, so auto takes the
     # identity; the shared-basis rows show what happens otherwise.
     identity = ["--basis-dtype", "identity"]
@@ -74,7 +82,10 @@ def rows(model: str) -> list[dict]:
         "absmax-scales": ["--scale-steps", "0"],
         "nearest-rounding": ["--rounding", "nearest"],
     }
-    out += [{"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": identity + v} for k, v in ablations.items()]
+    out += [
+        {"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": identity + v}
+        for k, v in ablations.items()
+    ]
     fp16, int8 = ["--basis-dtype", "fp16"], ["--basis-dtype", "int8"]
     shared = {  # the method's shared basis (auto rank, 32 rows per unit)
         "shared-basis": fp16,
@@ -83,7 +94,9 @@ def rows(model: str) -> list[dict]:
         "shared-basis-factors-scope": fp16 + ["--budget-scope", "factors"],
         "shared-basis-int8-factors-scope": int8 + ["--budget-scope", "factors"],
     }
-    out += [{"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": v} for k, v in shared.items()]
+    out += [
+        {"name": f"bitsmoe-2.5-{k}", "family": "bitsmoe-ablation", "bits": 2.5, "args": v} for k, v in shared.items()
+    ]
     return out
 
 
@@ -138,10 +151,14 @@ def prepare(name: str, work: Path, a) -> tuple[Path, dict[str, Path], str]:
             write_splits(work / "text-mixed", mixed=True)
         t = json.loads((model / "training.json").read_text())
         c = t["config"]
-        return model, text, (
-            f"A Qwen3-MoE trained from scratch (benchmarks/train_moe.py): H {c['hidden_size']}, {c['num_hidden_layers']} "
-            f"layers, {c['num_experts']} experts of I {c['moe_intermediate_size']}, top-{c['num_experts_per_tok']}, "
-            f"{t['tokens_seen'] / 1e6:.1f} M training tokens; perplexity {t['ppl_windows_512']:.2f} on its evaluation split"
+        return (
+            model,
+            text,
+            (
+                f"A Qwen3-MoE trained from scratch (benchmarks/train_moe.py): H {c['hidden_size']}, {c['num_hidden_layers']} "
+                f"layers, {c['num_experts']} experts of I {c['moe_intermediate_size']}, top-{c['num_experts_per_tok']}, "
+                f"{t['tokens_seen'] / 1e6:.1f} M training tokens; perplexity {t['ppl_windows_512']:.2f} on its evaluation split"
+            ),
         )
     text = {k: work / "text" / f"{k}.jsonl" for k in ("calib", "eval")}
     if not all(f.is_file() for f in text.values()):
@@ -152,16 +169,22 @@ def prepare(name: str, work: Path, a) -> tuple[Path, dict[str, Path], str]:
                         str(a.top_k), "--calib", str(text["calib"]), "--eval", str(text["eval"])], check=True, cwd=ROOT)  # fmt: skip
     m = json.loads((model / "moefication.json").read_text())
     ppl = m["perplexity_512_windows"]
-    return model, text, (
-        f"SmolLM2-135M-Instruct MoEfied into {m['experts']} experts, top-{m['top_k']} (dense perplexity {ppl['dense']:.2f}, "
-        f"MoE {ppl['moe']:.2f} on {m['eval_tokens']} tokens)"
+    return (
+        model,
+        text,
+        (
+            f"SmolLM2-135M-Instruct MoEfied into {m['experts']} experts, top-{m['top_k']} (dense perplexity {ppl['dense']:.2f}, "
+            f"MoE {ppl['moe']:.2f} on {m['eval_tokens']} tokens)"
+        ),
     )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=list(MODELS), default="smollm2-moe")
-    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work", help="models, text and quantized checkpoints")
+    p.add_argument(
+        "--work", type=Path, default=ROOT / "benchmarks" / "work", help="models, text and quantized checkpoints"
+    )
     p.add_argument("--experts", type=int, default=8, help="smollm2-moe: experts of the MoEfication")
     p.add_argument("--top-k", type=int, default=6, help="smollm2-moe: experts per token")
     p.add_argument("--calib-tokens", type=int, default=16384)
@@ -177,7 +200,9 @@ def main() -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
     calib_file = work / f"calib_tokens_{model.name}_{a.calib_tokens}.safetensors"
     if not calib_file.is_file():
-        save_file({"input_ids": token_sequences(tokenizer, read_texts([str(text["calib"])]), a.calib_tokens, 512)}, calib_file)
+        save_file(
+            {"input_ids": token_sequences(tokenizer, read_texts([str(text["calib"])]), a.calib_tokens, 512)}, calib_file
+        )
     tokens = torch.tensor(token_stream(tokenizer, read_texts([str(text["eval"])]))[: a.eval_tokens])
 
     results_file = RESULTS / f"{MODELS[a.model]['results']}.json"
@@ -196,16 +221,20 @@ def main() -> None:
         else:
             info = quantize(row, model, text, calib_file, a.calib_tokens, work, group)
         metrics = evaluate(info.pop("checkpoint"), tokens, reference)
-        done[row["name"]] = {"args": [], **row} | info | metrics
-        write_results(done, header, a.model)
-        print(json.dumps(done[row["name"]]), flush=True)
-    write_results(done, header, a.model)
+        result = {"args": [], **row} | info | metrics
+        write_results({row["name"]: result}, header, a.model)
+        print(json.dumps(result), flush=True)
+    write_results({}, header, a.model)
 
 
-def write_results(done: dict, header: dict, model: str) -> None:
+def write_results(new: dict, header: dict, model: str) -> None:
+    """Merge the rows just measured into the results file as it is now (another run may have added rows since)."""
     from benchmarks.quality_report import write_report
 
     RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{MODELS[model]['results']}.json"
+    done = {r["name"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    done |= new
     order = [r["name"] for r in rows(model)]
     payload = header | {"rows": [done[n] for n in order if n in done]}
     name = MODELS[model]["results"]

@@ -8,9 +8,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 COLUMNS = ("name", "all-in bits", "ppl (512 windows)", "ppl (stride 512)", "KL", "top-1", "quantize s", "peak RSS MB")
-MARKERS = {"rtn": "s", "gptq": "^", "hqq": "v", "autoround": "P", "bitsmoe": "o", "bitsmoe-int8": "D", "bitsmoe-identity": "x", "bitsmoe-nearest": "*"}
-LABELS = {"autoround": "AutoRound (50 iterations)", "bitsmoe": "BitsMoE (defaults)", "bitsmoe-int8": "BitsMoE, shared int8 basis", "bitsmoe-identity": "BitsMoE, identity basis",
-          "bitsmoe-nearest": "BitsMoE, round to nearest"}
+MARKERS = {
+    "rtn": "s",
+    "gptq": "^",
+    "hqq": "v",
+    "autoround": "P",
+    "bitsmoe": "o",
+    "bitsmoe-identity": "x",
+    "bitsmoe-nearest": "*",
+}
+LABELS = {
+    "autoround": "AutoRound (50 iterations)",
+    "bitsmoe": "BitsMoE (defaults)",
+    "bitsmoe-identity": "BitsMoE, identity basis",
+    "bitsmoe-nearest": "BitsMoE, round to nearest",
+}
 
 
 def cells(r: dict) -> list[str]:
@@ -42,7 +54,14 @@ def head_to_head(rows: list[dict]) -> list[str]:
     if not lines:
         return []
     header = "| peer | all-in bits | ppl (512 windows), peer / BitsMoE | ppl (stride 512) | KL | |"
-    return ["", "BitsMoE with default options at each peer's all-in bits:", "", header, "|---|---|---|---|---|---|", *lines]
+    return [
+        "",
+        "BitsMoE with default options at each peer's all-in bits:",
+        "",
+        header,
+        "|---|---|---|---|---|---|",
+        *lines,
+    ]
 
 
 def write_report(payload: dict, out: Path, name: str) -> None:

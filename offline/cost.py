@@ -13,7 +13,9 @@ projection, h_g, h_u the gate and up pre-activations and a = silu(h_g) * h_u:
 weights are the "importance" [E, R, I] (down: [E, 1, I], the same for every rank row); a row's loss at
 width b is sum_i (Q_b(f) - f)_i^2 times them, and at width 0 the row's full weighted energy.
 offline.quantize divides a layer's losses by the median squared norm of the residual stream after it,
-so that losses of different layers are comparable.
+so that losses of different layers are comparable. With error feedback (offline.gptq) offline.layer_cost
+multiplies the importance by the share of each coordinate's loss that the feedback leaves
+(offline.gptq.compensation).
 """
 
 import torch
@@ -70,16 +72,23 @@ def expert_statistics(
 
 
 def unit_losses(
-    factors: torch.Tensor, weight: torch.Tensor, widths: list[int], unit_rows: int, group_size: int, scale_steps: int = REFINE_STEPS
+    factors: torch.Tensor,
+    weight: torch.Tensor,
+    widths: list[int],
+    unit_rows: int,
+    group_size: int,
+    scale_steps: int = REFINE_STEPS,
 ) -> torch.Tensor:
-    """factors [E, R, I], importance [E, R or 1, I] -> loss [E, units, J] float64 for widths[j]."""
+    """factors [E, R, I], importance [E, R or 1, I] -> loss [E, units, J] float64 for widths[j]; several importances
+    [V, E, R or 1, I] (the rounding done once for all) -> [V, E, units, J]."""
     E, R, I = factors.shape
     units = -(-R // unit_rows)
-    row_loss = torch.zeros(E, units * unit_rows, len(widths), dtype=torch.float64, device=factors.device)
+    lead = weight.shape[:-3]
+    row_loss = torch.zeros(*lead, E, units * unit_rows, len(widths), dtype=torch.float64, device=factors.device)
     chunk = max(1, CHUNK_ENTRIES // (R * I))
     for s in range(0, E, chunk):
         f = factors[s : s + chunk]  # [chunk, R, I]
-        a = weight[s : s + chunk]
+        a = weight[..., s : s + chunk, :, :]
         for j, b in enumerate(widths):
             if b == 0:
                 err = f**2
@@ -87,8 +96,8 @@ def unit_losses(
                 codes, scales = quantize_rows(f.reshape(-1, I), b, group_size, scale_steps)
                 dequant = codes.float() * scales.float().repeat_interleave(group_size, dim=1)
                 err = (dequant.reshape(f.shape) - f) ** 2
-            row_loss[s : s + chunk, :R, j] = (err * a).sum(-1).double()
-    return row_loss.reshape(E, units, unit_rows, len(widths)).sum(2)
+            row_loss[..., s : s + chunk, :R, j] = (err * a).sum(-1).double()
+    return row_loss.reshape(*lead, E, units, unit_rows, len(widths)).sum(-2)
 
 
 def unit_costs(rank: int, intermediate_size: int, widths: list[int], unit_rows: int, group_size: int) -> torch.Tensor:

@@ -129,14 +129,35 @@ def _round_columns(
     return feedback(factors, inverse_cholesky(hessian), columns), scales
 
 
-def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
-    """[E, n, n] -> the upper Cholesky factor of (H + damping)^-1; a coordinate no token excited gets H_ii = 1."""
+def compensation(projection: str, hessian: torch.Tensor) -> torch.Tensor:
+    """[E, n]: the share of each coordinate's rounding loss that the error feedback leaves, for the cost model.
+    Rounding coordinate i after those before it in the order costs d^2 / U_ii^2 (the damped H's Schur complement of
+    the coordinates not yet rounded, U_ii^-2 <= H_ii) against d^2 H_ii rounded to nearest. The order is
+    round_factors': the down projection's columns by descending H_ii; the rank rows by ascending width, which the
+    allocation has not chosen yet, so ascending H_ii stands in for it (the rows that matter least get the widths
+    that drop or coarsen them, and go first)."""
+    h = damped(hessian)
+    diag = h.diagonal(dim1=1, dim2=2)
+    order = diag.argsort(dim=1, descending=projection == "down", stable=True)
+    u = torch.linalg.cholesky(
+        torch.cholesky_inverse(torch.linalg.cholesky(take(take(h, order, 1), order, 2))), upper=True
+    )
+    share = 1 / (u.diagonal(dim1=1, dim2=2) ** 2 * take(diag, order, 1))
+    return put(share.clamp(max=1), order, 1).float()
+
+
+def damped(hessian: torch.Tensor) -> torch.Tensor:
+    """[E, n, n] float64 H + DAMP * mean(H_ii) I; a coordinate no token excited gets H_ii = 1."""
     h = hessian.double().clone()
     diag = h.diagonal(dim1=1, dim2=2)
-    dead = diag <= 0
-    diag[dead] = 1.0
+    diag[diag <= 0] = 1.0
     diag += DAMP * diag.mean(1, keepdim=True)
-    lower = torch.linalg.cholesky(h)
+    return h
+
+
+def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
+    """[E, n, n] -> the upper Cholesky factor of the damped H's inverse."""
+    lower = torch.linalg.cholesky(damped(hessian))
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
 
 

@@ -89,19 +89,26 @@ def calibrate_and_cost(
             if routed is not None:
                 # routed rows are sequence-major: a sequence's tokens are consecutive
                 token_held = held.repeat_interleave(tokens.shape[1]).to(routed.x.device)
-                calib, held_out = (Routed(routed.x[m], routed.ids[m], routed.weights[m]) for m in (~token_held, token_held))
+                calib, held_out = (
+                    Routed(routed.x[m], routed.ids[m], routed.weights[m]) for m in (~token_held, token_held)
+                )
                 routed_tokens = torch.bincount(calib.ids.flatten().cpu(), minlength=plan.num_experts)  # [E]
                 if (routed_tokens == 0).any():
                     unused = (routed_tokens == 0).nonzero().flatten().tolist()
-                    warning = (f"bitsmoe-quantize: warning: layer {i}: experts {unused} got no calibration token; their costs "
-                               "come from the layer's tokens (a prior); pass more calibration text to measure them")
+                    warning = (
+                        f"bitsmoe-quantize: warning: layer {i}: experts {unused} got no calibration token; their costs "
+                        "come from the layer's tokens (a prior); pass more calibration text to measure them"
+                    )
                     print(warning, file=sys.stderr)
                 energy = residual_energy(after[~held])
                 weights = expert_weights(plan, i, device)
                 costs = {k: v / energy for k, v in layer_costs(plan, weights, calib, calib_tokens).items()}
                 run.save(f"held-out-{i:05d}", {k: v.cpu() for k, v in guard.held_out_record(weights, held_out).items()})
                 if plan.options.rounding == "gptq":  # bf16: the Hessians need no more, and a big model's are GBs
-                    run.save(f"routed-{i:05d}", {"x": calib.x.bfloat16().cpu(), "ids": calib.ids.cpu(), "weights": calib.weights.cpu()})
+                    run.save(
+                        f"routed-{i:05d}",
+                        {"x": calib.x.bfloat16().cpu(), "ids": calib.ids.cpu(), "weights": calib.weights.cpu()},
+                    )
                 del weights
                 costs |= {"routed_tokens": routed_tokens, "residual_energy": torch.tensor(energy, dtype=torch.float64)}
                 run.save(f"layer-{i:05d}", costs)
@@ -111,7 +118,11 @@ def calibrate_and_cost(
             if i >= plan.moe_layers[-1]:
                 break
     saved = [run.load(f"layer-{i:05d}")[0] for i in plan.moe_layers]
-    costs = {k: torch.cat([s[k] for s in saved]) for k in saved[0] if k.startswith(("loss-", "basis_loss-"))}
+    costs = {
+        k: torch.cat([s[k] for s in saved])
+        for k in saved[0]
+        if k.startswith(("loss-", "nearest-", "dropped-", "basis_loss-"))
+    }
     return costs, torch.stack([s["routed_tokens"] for s in saved]), torch.stack([s["residual_energy"] for s in saved])
 
 
@@ -135,7 +146,7 @@ def allocate_bits(plan: Plan, run: RunDir, costs: dict[str, torch.Tensor]) -> tu
         choice[kept] = torch.from_numpy(result.choice)
         stats = {k: v for k, v in dataclasses.asdict(result).items() if k != "choice"}
         stats |= {"units": int(kept.sum()), "unit_rows": full.unit_rows, "budget_bits": final.budget_bits,
-                  "dropped_rows_loss": float(losses[~kept, 0].sum())} | choice_info  # fmt: skip
+                  "dropped_rows_loss": float(costs[f"dropped-{full.factor_kind}"][~kept].sum())} | choice_info  # fmt: skip
         run.save("allocation", {"choice": choice}, {"stats": json.dumps(stats)})
         saved = run.load("allocation")
     stats = json.loads(saved[1]["stats"])
@@ -181,7 +192,9 @@ def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> lis
     return files
 
 
-def feedback_rounding(plan: Plan, run: RunDir, layer: int, weights: dict, decompositions: dict, widths: dict) -> tuple[dict, dict]:
+def feedback_rounding(
+    plan: Plan, run: RunDir, layer: int, weights: dict, decompositions: dict, widths: dict
+) -> tuple[dict, dict]:
     """The layer's factors rounded with error feedback on its calibration tokens (offline.gptq), and their scales."""
     saved = run.load(f"routed-{layer:05d}")[0]  # gptq.hessians moves them to the weights' device, in float32
     routed = Routed(saved["x"], saved["ids"], saved["weights"])
@@ -214,8 +227,15 @@ def write_checkpoint(plan: Plan, run: RunDir, choice: torch.Tensor, files: list[
 
 
 def report(
-    plan: Plan, cfg: QuantConfig, choice: torch.Tensor, losses: torch.Tensor, routed_tokens: torch.Tensor, energy: torch.Tensor, stats: dict,
-    errors: dict[str, float], timer: StageTimer,
+    plan: Plan,
+    cfg: QuantConfig,
+    choice: torch.Tensor,
+    losses: torch.Tensor,
+    routed_tokens: torch.Tensor,
+    energy: torch.Tensor,
+    stats: dict,
+    errors: dict[str, float],
+    timer: StageTimer,
 ) -> dict:
     """quantization_report.json: what was chosen, at what estimated and measured error, in what time."""
     bits = row_bits(plan, choice)

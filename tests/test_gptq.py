@@ -100,3 +100,23 @@ def test_hessians_are_the_routed_tokens_second_moments_in_rank_space():
         }
         for p, m in want.items():
             torch.testing.assert_close(got[p][e], m, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("projection", ["up", "down"])
+def test_compensation_is_the_schur_complement_of_the_coordinates_rounded_later(projection):
+    """The share of coordinate i's loss the feedback leaves: (H_ii - H_iF H_FF^-1 H_Fi) / H_ii over the coordinates F
+    rounded after it (H damped), in the cost model's order: rank rows by ascending H_ii, down columns descending."""
+    torch.manual_seed(5)
+    n = 6
+    u = torch.randn(300, n) @ torch.randn(n, n)
+    hessian = torch.stack([u.T @ u, torch.diag(torch.rand(n) + 0.5)]).double()
+    got = gptq.compensation(projection, hessian)
+    for e in range(2):
+        h = hessian[e] + gptq.DAMP * hessian[e].diagonal().mean() * torch.eye(n, dtype=torch.float64)
+        order = h.diagonal().argsort(descending=projection == "down").tolist()
+        for pos, i in enumerate(order):
+            later = order[pos + 1 :]
+            schur = h[i, i] - h[i, later] @ torch.linalg.solve(h[later][:, later], h[later, i]) if later else h[i, i]
+            assert got[e, i].item() == pytest.approx(float(schur / h[i, i]), rel=1e-4)
+    assert (got[1] == 1).all()  # uncorrelated coordinates: nothing to compensate with
+    assert got[0].min() < 0.5  # correlated ones: the first rounded keeps only a part of its loss
