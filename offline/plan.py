@@ -19,6 +19,8 @@ from offline.cost import unit_costs
 from offline.rounding import REFINE_STEPS
 from offline.source import SourceCheckpoint
 
+RUN_FORMAT = 2  # 2: the costs carry "dropped-*" and "nearest-*" (the cost model counting the error feedback)
+
 BASIS_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8", "identity": "identity"}
 # what --basis-dtype auto chooses from (bf16 rounds a basis, whose entries are below 1, coarser than fp16)
 AUTO_BASES = ("int8", "fp16", "identity")
@@ -55,6 +57,7 @@ class Options:
         for key in ("resume", "overwrite", "out", "allow_high_error"):
             d.pop(key)
         d["calib"] = [str(Path(p).resolve()) for p in self.calib]
+        d["run_format"] = RUN_FORMAT  # what a run directory holds changes with the code, not only with the options
         return d
 
 
