@@ -24,23 +24,19 @@ def residual_energy(hidden: torch.Tensor) -> float:
 def layer_costs(plan: Plan, weights: dict[str, torch.Tensor], routed: Routed, n_tokens: int) -> dict[str, torch.Tensor]:
     """The costs of each factor kind of plan.basis_candidates(): "loss-{kind}" [3 * E * units, J] (with --rounding
     gptq, times the share of each coordinate's loss the error feedback leaves, offline.gptq.compensation, and the
-    loss rounded to nearest as "nearest-{kind}"), "dropped-{kind}" [3 * E * units] the whole loss of a unit past the
-    rank, and for each shared basis among them "basis_loss-{basis}" [3 * E * units]; one projection's factors in
-    memory at a time."""
+    loss rounded to nearest as "nearest-{kind}"), and for each shared basis among them "basis_loss-{basis}"
+    [3 * E * units]; one projection's factors in memory at a time."""
     out = {}
     for kind in sorted({plan.with_basis(b).factor_kind for b in plan.basis_candidates()}):
         p_plan = plan.with_basis("identity" if kind == "identity" else "int8")
         bases = {p: basis_of(weights[p], p_plan.rank, p_plan.basis_dtype) for p in PROJECTIONS}
         shared = [b for b in plan.basis_candidates() if b != "identity"] if kind == "shared" else []
         weight = importance(routed, weights, bases, n_tokens)
-        losses = {"loss": [], "nearest": [], "dropped": [], **{b: [] for b in shared}}
+        losses = {"loss": [], "nearest": [], **{b: [] for b in shared}}
         hessians = gptq.hessians(routed, weights, bases) if plan.options.rounding == "gptq" else {}
         for p in PROJECTIONS:
             factors, w = project(weights[p], bases[p]), weight.pop(p)
             widths, rows = list(plan.widths), p_plan.unit_rows
-            dropped = unit_losses(factors, w, [0], 1, plan.group_size)[..., 0]  # [E, R]: each row's whole loss
-            # rows past the rank are not in the basis the feedback works in: nothing compensates them
-            losses["dropped"].append(dropped.reshape(len(factors), -1, rows).sum(-1))
             if p in hessians:  # the rounding at every width done once for both importances
                 share = gptq.compensation(p, hessians.pop(p))
                 both = torch.stack([w * (share[:, None, :] if p == "down" else share[:, :, None]), w])
@@ -50,13 +46,13 @@ def layer_costs(plan: Plan, weights: dict[str, torch.Tensor], routed: Routed, n_
                 loss = unit_losses(factors, w, widths, rows, plan.group_size, plan.options.scale_steps)
             losses["loss"].append(loss)
             if shared:
+                dropped = unit_losses(factors, w, [0], 1, plan.group_size)[..., 0]  # [E, R]: each row's whole loss
                 for basis in shared:
                     ratio = rounding_ratio(bases[p], basis, p, routed.x)  # [R]
                     per_unit = (dropped * ratio.double()).reshape(len(factors), -1, rows).sum(-1)  # [E, units]
                     losses[basis].append(per_unit)
             del factors
         out[f"loss-{kind}"] = torch.cat([loss.reshape(-1, len(plan.widths)).cpu() for loss in losses.pop("loss")])
-        out[f"dropped-{kind}"] = torch.cat([loss.flatten().cpu() for loss in losses.pop("dropped")])
         if nearest := losses.pop("nearest"):
             out[f"nearest-{kind}"] = torch.cat([loss.reshape(-1, len(plan.widths)).cpu() for loss in nearest])
         out |= {f"basis_loss-{b}": torch.cat([loss.flatten().cpu() for loss in v]) for b, v in losses.items()}

@@ -119,9 +119,7 @@ def calibrate_and_cost(
                 break
     saved = [run.load(f"layer-{i:05d}")[0] for i in plan.moe_layers]
     costs = {
-        k: torch.cat([s[k] for s in saved])
-        for k in saved[0]
-        if k.startswith(("loss-", "nearest-", "dropped-", "basis_loss-"))
+        k: torch.cat([s[k] for s in saved]) for k in saved[0] if k.startswith(("loss-", "nearest-", "basis_loss-"))
     }
     return costs, torch.stack([s["routed_tokens"] for s in saved]), torch.stack([s["residual_energy"] for s in saved])
 
@@ -146,7 +144,7 @@ def allocate_bits(plan: Plan, run: RunDir, costs: dict[str, torch.Tensor]) -> tu
         choice[kept] = torch.from_numpy(result.choice)
         stats = {k: v for k, v in dataclasses.asdict(result).items() if k != "choice"}
         stats |= {"units": int(kept.sum()), "unit_rows": full.unit_rows, "budget_bits": final.budget_bits,
-                  "dropped_rows_loss": float(costs[f"dropped-{full.factor_kind}"][~kept].sum())} | choice_info  # fmt: skip
+                  "dropped_rows_loss": float(selection.dropped_loss(costs, full.factor_kind)[~kept].sum())} | choice_info  # fmt: skip
         run.save("allocation", {"choice": choice}, {"stats": json.dumps(stats)})
         saved = run.load("allocation")
     stats = json.loads(saved[1]["stats"])

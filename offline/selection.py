@@ -26,6 +26,12 @@ def kept_units(plan: Plan, rank: int) -> torch.Tensor:
     return first_row < rank
 
 
+def dropped_loss(costs: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """[U]: the whole loss of each unit, what it costs past the rank (width 0, the first of plan.widths whenever rows
+    are dropped). Rounded to nearest: rows past the rank are not in the basis the error feedback works in."""
+    return costs.get(f"nearest-{kind}", costs[f"loss-{kind}"])[:, 0]
+
+
 def estimated_loss(
     plan: Plan, losses: torch.Tensor, dropped: torch.Tensor, basis_loss: torch.Tensor | None, rank: int
 ) -> float:
@@ -44,7 +50,7 @@ def choose(plan: Plan, costs: dict[str, torch.Tensor]) -> tuple[Plan, dict]:
     for basis in plan.basis_candidates():
         candidate = plan.with_basis(basis)
         kind = candidate.factor_kind
-        losses, dropped, basis_loss = costs[f"loss-{kind}"], costs[f"dropped-{kind}"], costs.get(f"basis_loss-{basis}")
+        losses, dropped, basis_loss = costs[f"loss-{kind}"], dropped_loss(costs, kind), costs.get(f"basis_loss-{basis}")
         by_rank = {
             rank: estimated_loss(candidate, losses, dropped, basis_loss, rank) for rank in candidate.rank_candidates()
         }
