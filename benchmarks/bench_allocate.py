@@ -11,12 +11,27 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import describe  # noqa: E402
-from offline.allocate import allocate  # noqa: E402
-from tests.test_allocate import qwen3_30b_instance  # noqa: E402
+from bitsmoe_vllm.offline.allocate import allocate  # noqa: E402
+
+
+def qwen3_30b_instance(unit_rows: int, seed: int = 0):
+    """48 layers x 3 projections x 128 experts x 2048 ranks in units of unit_rows, widths 0..8, I 768, G 128."""
+    rng = np.random.default_rng(seed)
+    widths = np.array([0, 1, 2, 3, 4, 6, 8])
+    per_expert = 2048 // unit_rows
+    U = 48 * 3 * 128 * per_expert
+    cost = np.broadcast_to(unit_rows * (widths * 768 + (widths > 0) * 6 * 16), (U, len(widths))).astype(float)
+    energy = rng.lognormal(0, 1, U) * np.exp(-4 * np.tile(np.arange(per_expert), U // per_expert) / per_expert)
+    relative = np.array([1.0, 0.36, 0.12, 0.035, 0.0095, 0.0006, 0.00004])  # error of rounding at each width
+    loss = energy[:, None] * relative * rng.uniform(0.7, 1.3, (U, len(widths)))
+    loss[:, 0] = energy
+    return loss, cost, 2.5 * 48 * 3 * 128 * 2048 * 768
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ import transformers
 
 from benchmarks import machine
 from benchmarks.quality_metrics import windows
-from offline.calibrate import read_texts, token_stream
-from offline.evaluate import load_model
+from bitsmoe_vllm.offline.calibrate import read_texts, token_stream
+from bitsmoe_vllm.offline.evaluate import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = {  # name -> bitsmoe-quantize options beyond the model, text and calibration size

@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 from benchmarks import machine
 from benchmarks.corpus import write_splits
 from benchmarks.quality_metrics import evaluate, window_log_probs
-from offline.calibrate import read_texts, token_sequences, token_stream
-from offline.evaluate import load_model
+from bitsmoe_vllm.offline.calibrate import read_texts, token_sequences, token_stream
+from bitsmoe_vllm.offline.evaluate import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

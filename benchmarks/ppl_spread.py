@@ -12,8 +12,8 @@ import torch
 import transformers
 
 from benchmarks.quality_metrics import windows
-from offline.calibrate import read_texts, token_stream
-from offline.evaluate import load_model
+from bitsmoe_vllm.offline.calibrate import read_texts, token_stream
+from bitsmoe_vllm.offline.evaluate import load_model
 
 MODEL = "benchmarks/models/trained-moe"
 EVAL = "benchmarks/work/text-mixed/eval.jsonl"  # written by bench_quality --model trained-moe

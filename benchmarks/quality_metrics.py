@@ -14,7 +14,7 @@ import math
 import torch
 from tqdm import tqdm
 
-from offline.evaluate import load_model, perplexity
+from bitsmoe_vllm.offline.evaluate import load_model, perplexity
 
 WINDOW, STRIDE_WINDOW, STRIDE = 512, 1024, 512
 

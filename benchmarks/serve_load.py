@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.bench_serve import build_models
 from benchmarks.machine import describe
-from tests.vllm_server import get, stream, vllm_server
+from bitsmoe_vllm.local_server import get, stream, vllm_server
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Return the sum of a start value and an iterable of numbers"

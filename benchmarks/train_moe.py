@@ -26,9 +26,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from benchmarks import machine
 from benchmarks.corpus import write_splits
-from offline.calibrate import read_texts, token_stream
-from offline.evaluate import perplexity
-from offline.rundir import save_tensors
+from bitsmoe_vllm.offline.calibrate import read_texts, token_stream
+from bitsmoe_vllm.offline.evaluate import perplexity
+from bitsmoe_vllm.offline.rundir import save_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

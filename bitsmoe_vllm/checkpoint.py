@@ -9,7 +9,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from bitsmoe_vllm.format import PROJECTIONS, QuantConfig, check_bits, check_layer_tensors, expert_tensor_name, tensor_specs
+from bitsmoe_vllm.format import (
+    PROJECTIONS,
+    QuantConfig,
+    check_bits,
+    check_layer_tensors,
+    expert_tensor_name,
+    tensor_specs,
+)
 from bitsmoe_vllm.reference import MoELayer, gather_layer
 
 WEIGHTS_INDEX = "model.safetensors.index.json"

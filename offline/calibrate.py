@@ -12,7 +12,7 @@ import transformers
 from tqdm import tqdm
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from offline.modules import load_module, release
+from .modules import load_module, release
 
 
 def read_texts(paths: list[str]) -> list[str]:

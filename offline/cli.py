@@ -1,4 +1,4 @@
-"""`bitsmoe-quantize` / `python -m offline`: a Hugging Face MoE checkpoint in, a BitsMoE checkpoint out."""
+"""`bitsmoe-quantize` / `python -m bitsmoe_vllm.offline`: a Hugging Face MoE checkpoint in, a BitsMoE checkpoint out."""
 
 import argparse
 import json
@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from offline.plan import AUTO_BASES, BASIS_DTYPES, Options
+from .plan import AUTO_BASES, BASIS_DTYPES, Options
 
 
 def parse(argv: list[str] | None) -> Options:
@@ -70,8 +70,8 @@ def parse(argv: list[str] | None) -> Options:
 def main(argv: list[str] | None = None) -> int:
     options = parse(argv)
     start = time.monotonic()
-    from offline.guard import QualityError
-    from offline.quantize import quantize  # torch and transformers load after the arguments are checked
+    from .guard import QualityError
+    from .quantize import quantize  # torch and transformers load after the arguments are checked
 
     try:
         out = quantize(options)

@@ -21,8 +21,9 @@ multiplies the importance by the share of each coordinate's loss that the feedba
 import torch
 
 from bitsmoe_vllm.format import factor_row_bits
-from offline.calibrate import Routed
-from offline.rounding import REFINE_STEPS, quantize_rows
+
+from .calibrate import Routed
+from .rounding import REFINE_STEPS, quantize_rows
 
 CHUNK_ENTRIES = 1 << 20  # factor entries rounded at once: bounds the cost model's temporaries
 PRIOR_TOKENS = 16  # an expert with fewer calibration tokens gets a prior from the layer's tokens (importance)

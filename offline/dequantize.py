@@ -3,7 +3,7 @@ are exactly what the BitsMoE layer computes (W_gate = F_gate^T B_gate, W_up = F_
 W_down = B_down F_down, from reference.py). Serving it unquantized must give the BitsMoE checkpoint's
 outputs, which is how the vLLM method is checked; it also lets any tool evaluate a BitsMoE model.
 
-    python -m offline.dequantize BITSMOE_DIR OUT_DIR
+    python -m bitsmoe_vllm.offline.dequantize BITSMOE_DIR OUT_DIR
 """
 
 import json
@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 
 from bitsmoe_vllm.checkpoint import TensorFiles, load_layer, read_quant_config
 from bitsmoe_vllm.reference import dequantize_basis, expert_factor
-from offline.export import copy_side_files
-from offline.source import SourceCheckpoint
+
+from .export import copy_side_files
+from .source import SourceCheckpoint
 
 
 def dequantize_checkpoint(bitsmoe_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -47,5 +48,5 @@ def dequantize_checkpoint(bitsmoe_dir: str | Path, out_dir: str | Path, dtype: t
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m offline.dequantize BITSMOE_DIR OUT_DIR")
+        raise SystemExit("usage: python -m bitsmoe_vllm.offline.dequantize BITSMOE_DIR OUT_DIR")
     print(dequantize_checkpoint(sys.argv[1], sys.argv[2]))

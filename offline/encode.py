@@ -17,8 +17,9 @@ from bitsmoe_vllm.format import (
     expert_tensor_name,
     stored_bits,
 )
-from offline.decompose import Decomposition
-from offline.rounding import REFINE_STEPS, codes_for, quantize_basis, quantize_rows
+
+from .decompose import Decomposition
+from .rounding import REFINE_STEPS, codes_for, quantize_basis, quantize_rows
 
 
 def encode_factor(

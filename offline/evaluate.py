@@ -12,9 +12,10 @@ from tqdm import tqdm
 
 from bitsmoe_vllm.checkpoint import TensorFiles, load_layer, read_quant_config
 from bitsmoe_vllm.reference import MoELayer, moe_forward
-from offline.calibrate import read_texts, token_stream
-from offline.modules import load_module, skeleton
-from offline.source import SourceCheckpoint, resolve_model_dir
+
+from .calibrate import read_texts, token_stream
+from .modules import load_module, skeleton
+from .source import SourceCheckpoint, resolve_model_dir
 
 
 class ReferenceExperts(torch.nn.Module):

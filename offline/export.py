@@ -10,8 +10,9 @@ from safetensors import safe_open
 
 from bitsmoe_vllm.checkpoint import WEIGHTS_INDEX
 from bitsmoe_vllm.format import QuantConfig
-from offline.rundir import save_tensors, write_atomic
-from offline.source import SourceCheckpoint
+
+from .rundir import save_tensors, write_atomic
+from .source import SourceCheckpoint
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".tmp")
 NOT_COPIED = {"config.json", WEIGHTS_INDEX, "pytorch_model.bin.index.json", "quantization_report.json"}

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from bitsmoe_vllm.packing import SUPPORTED_WIDTHS, code_range
-from offline.calibrate import Routed
-from offline.rounding import quantize_mixed_rows, quantize_rows
+
+from .calibrate import Routed
+from .rounding import quantize_mixed_rows, quantize_rows
 
 DAMP = 0.01  # of the mean diagonal, added to H (GPTQ's default)
 BLOCK = 128  # coordinates per block of updates deferred into one matrix product

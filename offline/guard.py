@@ -11,7 +11,8 @@ import torch
 
 from bitsmoe_vllm.checkpoint import TensorFiles, load_layer, read_quant_config
 from bitsmoe_vllm.reference import moe_forward
-from offline.calibrate import Routed
+
+from .calibrate import Routed
 
 MAX_RELATIVE_ERROR = 0.9
 HELD_OUT_SHARE = 8  # one held-out sequence per 8 calibration sequences, at least one

@@ -6,12 +6,13 @@ import torch
 
 from bitsmoe_vllm.format import PROJECTIONS
 from bitsmoe_vllm.reference import Basis, dequantize_basis
-from offline import gptq
-from offline.calibrate import Routed
-from offline.cost import importance, unit_losses
-from offline.decompose import basis_of, project
-from offline.plan import BASIS_DTYPES, Plan
-from offline.rounding import quantize_basis
+
+from . import gptq
+from .calibrate import Routed
+from .cost import importance, unit_losses
+from .decompose import basis_of, project
+from .plan import BASIS_DTYPES, Plan
+from .rounding import quantize_basis
 
 
 def residual_energy(hidden: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ import ctypes
 import torch
 import transformers
 
-from offline.source import SourceCheckpoint
+from .source import SourceCheckpoint
 
 FUSED_EXPERTS = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}  # transformers 5's stacked experts
 

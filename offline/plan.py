@@ -15,9 +15,10 @@ from bitsmoe_vllm.format import (
     QuantConfig,
     stored_bits,
 )
-from offline.cost import unit_costs
-from offline.rounding import REFINE_STEPS
-from offline.source import SourceCheckpoint
+
+from .cost import unit_costs
+from .rounding import REFINE_STEPS
+from .source import SourceCheckpoint
 
 RUN_FORMAT = 2  # 2: the costs carry "nearest-*" (the cost model counting the error feedback)
 

@@ -14,17 +14,18 @@ from tqdm import tqdm
 
 from bitsmoe_vllm.checkpoint import validate_checkpoint
 from bitsmoe_vllm.format import PROJECTIONS, QuantConfig, stored_bits
-from offline import gptq, guard, selection
-from offline.allocate import allocate_in_parts
-from offline.calibrate import Routed, embed, read_texts, token_sequences, walk_layers
-from offline.decompose import decompose
-from offline.encode import encode_layer
-from offline.export import copied_tensors, copy_side_files, shard_files, write_config, write_index, write_shard
-from offline.layer_cost import layer_costs, residual_energy
-from offline.modules import return_freed_memory, skeleton
-from offline.plan import Options, Plan, make_plan
-from offline.report import StageTimer, histograms, plot_allocation, write_report
-from offline.rundir import RunDir
+
+from . import gptq, guard, selection
+from .allocate import allocate_in_parts
+from .calibrate import Routed, embed, read_texts, token_sequences, walk_layers
+from .decompose import decompose
+from .encode import encode_layer
+from .export import copied_tensors, copy_side_files, shard_files, write_config, write_index, write_shard
+from .layer_cost import layer_costs, residual_energy
+from .modules import return_freed_memory, skeleton
+from .plan import Options, Plan, make_plan
+from .report import StageTimer, histograms, plot_allocation, write_report
+from .rundir import RunDir
 
 
 def quantize(options: Options) -> Path:

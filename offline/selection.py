@@ -6,8 +6,9 @@ the basis itself. A basis's bits come out of the same budget, so a shared basis 
 import torch
 
 from bitsmoe_vllm.format import PROJECTIONS
-from offline.allocate import lp_bound
-from offline.plan import Plan
+
+from .allocate import lp_bound
+from .plan import Plan
 
 
 def unit_costs_of(plan: Plan) -> torch.Tensor:

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from bitsmoe_vllm.checkpoint import TensorFiles
-from offline.architectures import Architecture, architecture
+
+from .architectures import Architecture, architecture
 
 
 def resolve_model_dir(model: str) -> Path:

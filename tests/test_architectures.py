@@ -9,11 +9,11 @@ import transformers
 from safetensors.torch import load_file
 
 from bitsmoe_vllm.format import PROJECTIONS, QuantConfig
+from bitsmoe_vllm.offline.architectures import architecture
+from bitsmoe_vllm.offline.decompose import shared_basis
+from bitsmoe_vllm.offline.demo import ARCHITECTURES, LAYERS, TOP_K
+from bitsmoe_vllm.offline.encode import build_quant_config, encode_layer
 from bitsmoe_vllm.reference import gather_layer, moe_forward
-from offline.architectures import architecture
-from offline.decompose import shared_basis
-from offline.encode import build_quant_config, encode_layer
-from tests.tiny_models import ARCHITECTURES, LAYERS, TOP_K
 
 MOE_LAYER = LAYERS - 1  # the last layer is MoE in every tiny model (DeepSeek-V2's first one is dense)
 

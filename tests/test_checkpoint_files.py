@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bitsmoe_vllm.checkpoint import WEIGHTS_INDEX, TensorFiles, check_files, validate_checkpoint
-from tests.random_layers import MODULE, random_checkpoint
+from tests.helpers import MODULE, random_checkpoint
 
 CFG, TENSORS = random_checkpoint(64, 64, 4, (64, 40, 64), 32)
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")

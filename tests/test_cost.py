@@ -4,9 +4,9 @@ output per unit change of that entry (first order), summed over the tokens route
 import pytest
 import torch
 
-from offline.calibrate import Routed
-from offline.cost import importance, unit_losses
-from offline.decompose import project, top_basis
+from bitsmoe_vllm.offline.calibrate import Routed
+from bitsmoe_vllm.offline.cost import importance, unit_losses
+from bitsmoe_vllm.offline.decompose import project, top_basis
 
 E, I, H, N, K = 4, 32, 24, 40, 2
 

@@ -5,12 +5,18 @@ import pytest
 import torch
 
 from bitsmoe_vllm import ops
-from bitsmoe_vllm.cpu_layout import DOWN_GROUP_ROWS, GROUPS_PER_BLOCK, tile_chunks, to_cpu_basis, to_cpu_down, to_cpu_factors, to_cpu_layer
+from bitsmoe_vllm.cpu_layout import (
+    DOWN_GROUP_ROWS,
+    GROUPS_PER_BLOCK,
+    tile_chunks,
+    to_cpu_basis,
+    to_cpu_down,
+    to_cpu_factors,
+    to_cpu_layer,
+)
 from bitsmoe_vllm.kernel_layout import CLASS_WIDTHS
 from bitsmoe_vllm.reference import expert_factor, moe_forward
-from tests.shapes import LAYERS, TOKENS, WIDTHS
-from tests.test_cpu_kernel import layer_of, relative_error
-from tests.test_reference import routing
+from tests.helpers import LAYERS, TOKENS, WIDTHS, dense_from_cpu_basis, layer_of, relative_error, routing
 
 HAS_INT_PATH = all(flag in open("/proc/cpuinfo").read() for flag in ("avx512_vnni", "avx512bw", "avx512vbmi", "gfni"))
 
@@ -75,17 +81,6 @@ def dense_from_cpu_down(cpu, E: int, R: int, I: int, G: int) -> torch.Tensor:
     return F
 
 
-def dense_from_cpu_basis(weight: torch.Tensor) -> torch.Tensor:
-    """The row-major [n, in] matrix of an int8 basis in the CPU basis layout, read in order as moe_cpu.h describes it."""
-    n, k = weight.shape
-    flat, dense, at = weight.flatten(), torch.empty_like(weight), 0
-    for first in range(0, n, 4):  # blocks of 4 rows, the last one what is left
-        for c0 in range(0, k, 64):  # chunks of 64 columns, the last one what is left
-            for row in range(first, min(first + 4, n)):
-                dense[row, c0 : c0 + 64] = flat[at : at + min(64, k - c0)]
-                at += min(64, k - c0)
-    assert at == flat.numel()
-    return dense
 
 
 @pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-R{s[4]}")

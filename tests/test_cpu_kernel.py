@@ -5,10 +5,8 @@ import pytest
 import torch
 
 from bitsmoe_vllm import ops
-from bitsmoe_vllm.reference import gather_layer, moe_forward
-from tests.random_layers import MODULE, random_checkpoint
-from tests.shapes import LAYERS, TOKENS, WIDTHS
-from tests.test_reference import routing
+from bitsmoe_vllm.reference import moe_forward
+from tests.helpers import LAYERS, TOKENS, WIDTHS, layer_of, relative_error, routing
 
 ISAS = ["avx2", "avx512"]
 
@@ -23,15 +21,8 @@ def isa(request, monkeypatch):
     return request.param
 
 
-def layer_of(shape, widths=(0,) + WIDTHS, basis_dtype="float16", seed=0):
-    H, I, E, K, ranks, G = shape
-    ranks = (H, H, H) if basis_dtype == "identity" else ranks
-    cfg, tensors = random_checkpoint(H, I, E, ranks, G, widths=widths, basis_dtype=basis_dtype, seed=seed)
-    return gather_layer(cfg, MODULE, tensors)
 
 
-def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref.double()).norm() / ref.double().norm())
 
 
 # float32 activations: only the summation order differs; 16-bit ones: both round the same float32 result once

@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
-from offline.evaluate import ReferenceExperts, load_model, main, perplexity
-from tests.conftest import QUANT_SHAPE
+from bitsmoe_vllm.offline.evaluate import ReferenceExperts, load_model, main, perplexity
+from tests.helpers import QUANT_SHAPE
 
 
 class Uniform(torch.nn.Module):

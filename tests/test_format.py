@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bitsmoe_vllm.format import QuantConfig, check_tensors, stored_bits, tensor_specs
-from tests.random_layers import MODULE, random_checkpoint
+from tests.helpers import MODULE, random_checkpoint
 
 H, I, E, G = 64, 64, 4, 32
 

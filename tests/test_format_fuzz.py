@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bitsmoe_vllm.format import QuantConfig, check_tensors
-from tests.random_layers import random_checkpoint
+from tests.helpers import random_checkpoint
 
 CHECKPOINT = random_checkpoint(64, 64, 4, (64, 40, 64), 32)
 CONFIG = CHECKPOINT[0].to_dict()

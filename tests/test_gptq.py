@@ -4,9 +4,9 @@ the first one's error as the least-squares solution says, and the expected outpu
 import pytest
 import torch
 
-from offline import gptq
-from offline.calibrate import Routed
-from offline.rounding import quantize_rows
+from bitsmoe_vllm.offline import gptq
+from bitsmoe_vllm.offline.calibrate import Routed
+from bitsmoe_vllm.offline.rounding import quantize_rows
 
 G = 32
 

@@ -8,8 +8,7 @@ import torch
 
 from bitsmoe_vllm import ops
 from bitsmoe_vllm.cpu_layout import to_cpu_layer
-from tests.test_cpu_int_path import dense_from_cpu_basis
-from tests.test_cpu_kernel import layer_of
+from tests.helpers import dense_from_cpu_basis, layer_of
 
 HUGE = 2**21
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")

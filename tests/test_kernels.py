@@ -7,8 +7,7 @@ import torch
 from bitsmoe_vllm.cuda import TILE_M, prefill_tiles
 from bitsmoe_vllm.kernel_layout import repack, repack_reference
 from bitsmoe_vllm.reference import gather_layer, moe_forward
-from tests.random_layers import MODULE, random_checkpoint
-from tests.shapes import KERNEL_TOKENS, LAYERS, WIDTHS
+from tests.helpers import KERNEL_TOKENS, LAYERS, MODULE, WIDTHS, random_checkpoint
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device: the kernels are only compiled here (tests/test_kernel_build.py)")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from offline.cli import main
-from tests.conftest import QUANT_SHAPE
+from bitsmoe_vllm.offline.cli import main
+from tests.helpers import QUANT_SHAPE
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = [p for d in ("bitsmoe_vllm", "offline", "benchmarks", "tests", "scripts") for p in (REPO / d).rglob("*.py")
@@ -59,7 +59,7 @@ def assert_no_pickles(directory: Path) -> int:
 def test_checkpoint_and_work_files_are_safetensors_and_json(tiny_model_dir, calib_file, tmp_path):
     """A run killed during export leaves its work files; the finished run leaves the checkpoint."""
     model, out = tiny_model_dir("olmoe", **QUANT_SHAPE), tmp_path / "out"
-    command = [sys.executable, "-m", "offline", "--model", str(model), "--out", str(out), "--bits", "2.5", "--calib", str(calib_file),
+    command = [sys.executable, "-m", "bitsmoe_vllm.offline", "--model", str(model), "--out", str(out), "--bits", "2.5", "--calib", str(calib_file),
                "--calib-tokens", "1024", "--calib-seq-len", "128", "--unit-rows", "8"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards, deadline = tmp_path / "out.partial" / "checkpoint", time.monotonic() + 300

@@ -5,11 +5,11 @@ import itertools
 import pytest
 import torch
 
+from bitsmoe_vllm.offline.decompose import shared_basis
+from bitsmoe_vllm.offline.encode import encode_factor
+from bitsmoe_vllm.offline.rounding import quantize_basis, quantize_mixed_rows, quantize_rows
 from bitsmoe_vllm.packing import code_range
-from offline.decompose import shared_basis
-from offline.encode import encode_factor
-from offline.rounding import quantize_basis, quantize_mixed_rows, quantize_rows
-from tests.shapes import WIDTHS
+from tests.helpers import WIDTHS
 
 
 def expert_stack(E=5, I=24, H=16, seed=0):

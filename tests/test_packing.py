@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitsmoe_vllm.packing import code_range, pack, unpack, words_per_plane
-from tests.shapes import PACK_LENGTHS, WIDTHS
+from tests.helpers import PACK_LENGTHS, WIDTHS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

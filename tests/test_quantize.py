@@ -10,12 +10,12 @@ from safetensors import safe_open
 
 from bitsmoe_vllm.checkpoint import TensorFiles, load_layer, read_quant_config
 from bitsmoe_vllm.format import PROJECTIONS
+from bitsmoe_vllm.offline.calibrate import embed, read_texts, token_sequences, walk_layers
+from bitsmoe_vllm.offline.demo import ARCHITECTURES
+from bitsmoe_vllm.offline.modules import load_module, skeleton
+from bitsmoe_vllm.offline.source import SourceCheckpoint
 from bitsmoe_vllm.reference import moe_forward
-from offline.calibrate import embed, read_texts, token_sequences, walk_layers
-from offline.modules import load_module, skeleton
-from offline.source import SourceCheckpoint
-from tests.conftest import QUANT_SHAPE
-from tests.tiny_models import ARCHITECTURES
+from tests.helpers import QUANT_SHAPE
 
 BUDGETS = (2.0, 2.5, 3.0)
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from offline.cli import main
-from tests.conftest import QUANT_SHAPE
-from tests.tiny_models import ARCHITECTURES, train_tokenizer
+from bitsmoe_vllm.offline.cli import main
+from bitsmoe_vllm.offline.demo import ARCHITECTURES, train_tokenizer
+from tests.helpers import QUANT_SHAPE
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_a_model_id_in_the_local_hub_cache_is_found(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir("olmoe"), snapshot)
     (tmp_path / "hub" / "models--tiny--olmoe" / "refs").mkdir()
     (tmp_path / "hub" / "models--tiny--olmoe" / "refs" / "main").write_text(snapshot.name)
-    code = "from offline.source import SourceCheckpoint; print(SourceCheckpoint('tiny/olmoe').dir)"
+    code = "from bitsmoe_vllm.offline.source import SourceCheckpoint; print(SourceCheckpoint('tiny/olmoe').dir)"
     env = {"PATH": "", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
@@ -97,10 +97,10 @@ def test_full_disk_leaves_no_output_and_resume_completes(run, tmp_path, monkeypa
     --resume on a disk with room then completes a valid checkpoint."""
     from safetensors import SafetensorError
 
-    import offline.rundir
     from bitsmoe_vllm.checkpoint import validate_checkpoint
+    from bitsmoe_vllm.offline import rundir
 
-    real_save, shards = offline.rundir.save_file, []
+    real_save, shards = rundir.save_file, []
 
     def fills_up(tensors, path, metadata=None):
         if "checkpoint" in str(path):
@@ -110,7 +110,7 @@ def test_full_disk_leaves_no_output_and_resume_completes(run, tmp_path, monkeypa
                 raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(offline.rundir, "save_file", fills_up)
+    monkeypatch.setattr(rundir, "save_file", fills_up)
     status, err = run()
     out, partial = tmp_path / "out", tmp_path / "out.partial"
     assert status == 1, err
@@ -118,7 +118,7 @@ def test_full_disk_leaves_no_output_and_resume_completes(run, tmp_path, monkeypa
     assert "No space left on device" in err and "rerun the same command with --resume" in err
     assert not out.exists() and not list(partial.rglob("*.tmp"))
 
-    monkeypatch.setattr(offline.rundir, "save_file", real_save)
+    monkeypatch.setattr(rundir, "save_file", real_save)
     status, err = run("--resume")
     assert status == 0, err
     assert validate_checkpoint(out).num_experts > 0 and not partial.exists()

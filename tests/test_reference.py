@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from bitsmoe_vllm.offline.encode import encode_factor
+from bitsmoe_vllm.offline.rounding import quantize_rows
 from bitsmoe_vllm.reference import (
     MoELayer,
     dequantize_basis,
@@ -11,10 +13,7 @@ from bitsmoe_vllm.reference import (
     gather_layer,
     moe_forward,
 )
-from offline.encode import encode_factor
-from offline.rounding import quantize_rows
-from tests.random_layers import MODULE, random_checkpoint
-from tests.shapes import ACT_DTYPES, LAYERS, TOKENS, WIDTHS
+from tests.helpers import ACT_DTYPES, LAYERS, MODULE, TOKENS, WIDTHS, random_checkpoint, routing
 
 
 def dense_moe(x, topk_weights, topk_ids, layer: MoELayer) -> torch.Tensor:
@@ -33,13 +32,6 @@ def dense_moe(x, topk_weights, topk_ids, layer: MoELayer) -> torch.Tensor:
     return y
 
 
-def routing(T: int, E: int, K: int, seed: int, used_experts: int | None = None):
-    """Top-k ids without repeats from the first `used_experts` experts (the rest get no tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    used = used_experts or E
-    ids = torch.stack([torch.randperm(used, generator=g)[:K] for _ in range(T)])  # [T, K]
-    weights = torch.softmax(torch.randn(T, K, generator=g), dim=-1)  # [T, K]
-    return weights, ids
 
 
 @pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}-K{s[3]}-R{'.'.join(map(str, s[4]))}")

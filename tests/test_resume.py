@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUANT_SHAPE
+from tests.helpers import QUANT_SHAPE
 
 SHAPE = {**QUANT_SHAPE, "layers": 6}
 
 
 def command(model, out, calib_file, *extra):
-    return [sys.executable, "-m", "offline", "--model", str(model), "--out", str(out), "--bits", "2.5",
+    return [sys.executable, "-m", "bitsmoe_vllm.offline", "--model", str(model), "--out", str(out), "--bits", "2.5",
             "--calib", str(calib_file), "--calib-tokens", "2048", "--calib-seq-len", "128", "--unit-rows", "8", *extra]  # fmt: skip
 
 

@@ -3,8 +3,8 @@
 import pytest
 
 from bitsmoe_vllm.format import tensor_specs
-from offline.architectures import ARCHITECTURES
-from tests.random_layers import random_checkpoint
+from bitsmoe_vllm.offline.architectures import ARCHITECTURES
+from tests.helpers import random_checkpoint
 
 vllm_moe = pytest.importorskip("vllm.model_executor.layers.fused_moe.routed_experts")
 

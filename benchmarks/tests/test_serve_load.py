@@ -5,7 +5,7 @@ malformed one gets its 4xx, and the server still answers afterwards."""
 import pytest
 
 from benchmarks.serve_load import run_load
-from tests.vllm_server import FAST_AND_STRICT, vllm_server
+from bitsmoe_vllm.local_server import FAST_AND_STRICT, vllm_server
 
 pytest.importorskip("vllm")
 

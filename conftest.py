@@ -1,8 +1,8 @@
+"""Fixtures of the tests in tests/ and benchmarks/tests/: tiny checkpoints, local text, a quantize call."""
+
 import pytest
 
-from tests.tiny_models import build_tiny_model, corpus
-
-QUANT_SHAPE = {"layers": 4, "experts": 16, "intermediate": 128}  # shared bases ~0.5 bits/weight, as in real MoEs
+from bitsmoe_vllm.offline.demo import build_tiny_model, corpus
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +30,8 @@ def calib_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def quantize_tiny(calib_file):
     """quantize_tiny(model, out, bits, **options) -> the BitsMoE directory, with the small calibration tests use."""
-    from offline.plan import Options
-    from offline.quantize import quantize
+    from bitsmoe_vllm.offline.plan import Options
+    from bitsmoe_vllm.offline.quantize import quantize
 
     def run(model, out, bits: float, calib_tokens: int = 1024, **options):
         return quantize(Options(model=str(model), out=str(out), bits=bits, calib=(str(calib_file),), calib_tokens=calib_tokens,

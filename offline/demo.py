@@ -1,8 +1,7 @@
-"""Tiny random MoE checkpoints of every supported architecture, with a locally trained tokenizer.
+"""`bitsmoe-demo-model`: a tiny random MoE checkpoint of a supported architecture, with a locally trained tokenizer.
 
-No hub access exists on our machines, so everything here is built from scratch:
-`build_tiny_model("mixtral", out_dir)` writes a Hugging Face checkpoint (config, safetensors,
-tokenizer with a chat template) that transformers and vLLM load.
+Built from scratch, with no hub access: `build_tiny_model("mixtral", out_dir)` writes a Hugging Face checkpoint
+(config, safetensors, tokenizer with a chat template) that transformers and vLLM load. The tests build theirs here too.
 """
 
 import builtins
@@ -109,18 +108,23 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, **shape) -> Path:
 def main() -> None:
     import argparse
 
-    p = argparse.ArgumentParser(description="Write a tiny random MoE checkpoint, and local text to calibrate it with.")
-    p.add_argument("arch", choices=ARCHITECTURES)
-    p.add_argument("out", type=Path)
-    p.add_argument("--layers", type=int, default=LAYERS)
-    p.add_argument("--experts", type=int, default=EXPERTS)
-    p.add_argument("--intermediate", type=int, default=EXPERT_INTERMEDIATE)
+    p = argparse.ArgumentParser(
+        prog="bitsmoe-demo-model",
+        description="Write a tiny random MoE checkpoint to try bitsmoe-quantize and vllm serve on, and local text to "
+        "calibrate it with. The default shape (16 experts of I 128 over H 64) is one where a shared basis pays.",
+    )
+    p.add_argument("out", type=Path, help="directory to write the checkpoint to")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="qwen3_moe")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--intermediate", type=int, default=128, help="each expert's intermediate size")
     p.add_argument("--hidden", type=int, default=HIDDEN)
-    p.add_argument("--text", type=Path, help="also write the corpus as plain text here")
+    p.add_argument("--text", type=Path, help="also write English text (Python's docstrings) here, for --calib")
     a = p.parse_args()
     build_tiny_model(a.arch, a.out, layers=a.layers, experts=a.experts, intermediate=a.intermediate, hidden=a.hidden)
     if a.text:
         a.text.write_text("\n\n".join(corpus()))
+    print(f"wrote a {a.layers}-layer {a.arch} with {a.experts} experts to {a.out}" + (f", text to {a.text}" if a.text else ""))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""What several test modules share: the one table of test shapes (awkward sizes on purpose, STYLE.md rule 6), random
+BitsMoE layers (orthonormal bases, random factors, random per-row widths), routings, and error measures."""
+
+import torch
+
+from bitsmoe_vllm.format import PROJECTIONS, QuantConfig
+from bitsmoe_vllm.offline.architectures import STANDARD_NAMES
+from bitsmoe_vllm.offline.decompose import Decomposition
+from bitsmoe_vllm.offline.encode import build_quant_config, encode_layer
+from bitsmoe_vllm.reference import gather_layer
+
+TOKENS = (1, 3, 17, 65)  # T
+KERNEL_TOKENS = TOKENS + (222,)  # T for the CUDA kernels: 222 spans several 64-slot prefill tiles
+ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+WIDTHS = (1, 2, 3, 4, 6, 8)  # every packed code width
+ALLOCATION_WIDTHS = (0,) + WIDTHS  # widths a rank row can get, 0 = dropped
+PACK_LENGTHS = (1, 5, 31, 32, 33, 37, 64, 100)  # codes per row, odd ones included
+# (H, I, E, K, R per projection, G): a square one, a rank-truncated one, one with H not a multiple of 32
+LAYERS = (
+    (64, 64, 8, 2, (64, 64, 64), 32),
+    (48, 96, 5, 3, (17, 30, 48), 32),
+    (72, 128, 4, 2, (40, 72, 9), 64),
+)
+QUANT_SHAPE = {"layers": 4, "experts": 16, "intermediate": 128}  # shared bases ~0.5 bits/weight, as in real MoEs
+
+MODULE = "model.layers.0.mlp.experts"
+
+
+def random_checkpoint(
+    H: int, I: int, E: int, ranks: tuple[int, int, int], G: int, *, widths=ALLOCATION_WIDTHS,
+    basis_dtype: str = "float16", seed: int = 0, module: str = MODULE, names: dict[str, str] = STANDARD_NAMES,
+) -> tuple[QuantConfig, dict[str, torch.Tensor]]:
+    """A one-layer checkpoint (config, name -> tensor) with every width of `widths` in use."""
+    g = torch.Generator().manual_seed(seed)
+    decompositions, bits = {}, {}
+    for p, R in zip(PROJECTIONS, ranks):
+        if basis_dtype == "identity":
+            basis = None  # R must be H
+        else:
+            basis = torch.linalg.qr(torch.randn(H, R, generator=g)).Q.T.contiguous()  # [R, H], orthonormal rows
+        factors = torch.randn(E, R, I, generator=g) / I**0.5  # [E, R, I]
+        decompositions[p] = Decomposition(basis, factors, torch.ones(R, dtype=torch.float64))
+        choice = torch.randint(0, len(widths), (E, R), generator=g)
+        bits[p] = torch.tensor(widths)[choice]  # [E, R]
+    layout, tensors = encode_layer(
+        module, decompositions, bits, group_size=G, basis_dtype=basis_dtype, projection_names=names
+    )
+    cfg = build_quant_config(
+        [layout], bits=16.0, budget_scope="all", candidate_bits=tuple(sorted(set(widths) | {0})), group_size=G,
+        basis_dtype=basis_dtype, activation="silu", hidden_size=H, intermediate_size=I, num_experts=E,
+        projection_names=names,
+    )
+    return cfg, tensors
+
+
+def routing(T: int, E: int, K: int, seed: int, used_experts: int | None = None):
+    """Top-k ids without repeats from the first `used_experts` experts (the rest get no tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    used = used_experts or E
+    ids = torch.stack([torch.randperm(used, generator=g)[:K] for _ in range(T)])  # [T, K]
+    weights = torch.softmax(torch.randn(T, K, generator=g), dim=-1)  # [T, K]
+    return weights, ids
+
+
+def layer_of(shape, widths=(0,) + WIDTHS, basis_dtype="float16", seed=0):
+    H, I, E, K, ranks, G = shape
+    ranks = (H, H, H) if basis_dtype == "identity" else ranks
+    cfg, tensors = random_checkpoint(H, I, E, ranks, G, widths=widths, basis_dtype=basis_dtype, seed=seed)
+    return gather_layer(cfg, MODULE, tensors)
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+def dense_from_cpu_basis(weight: torch.Tensor) -> torch.Tensor:
+    """The row-major [n, in] matrix of an int8 basis in the CPU basis layout, read in order as moe_cpu.h describes it."""
+    n, k = weight.shape
+    flat, dense, at = weight.flatten(), torch.empty_like(weight), 0
+    for first in range(0, n, 4):  # blocks of 4 rows, the last one what is left
+        for c0 in range(0, k, 64):  # chunks of 64 columns, the last one what is left
+            for row in range(first, min(first + 4, n)):
+                dense[row, c0 : c0 + 64] = flat[at : at + min(64, k - c0)]
+                at += min(64, k - c0)
+    assert at == flat.numel()
+    return dense
