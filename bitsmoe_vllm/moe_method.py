@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-from bitsmoe_vllm import cpu_layout, cuda, ops
+from bitsmoe_vllm import backend, ops
 from bitsmoe_vllm.format import (
     BASIS_DTYPES,
     BITS_DTYPE,
@@ -38,8 +37,6 @@ from bitsmoe_vllm.format import (
 )
 from bitsmoe_vllm.packing import WORD_BITS
 from bitsmoe_vllm.reference import Basis, Factors, MoELayer
-
-logger = init_logger("vllm.bitsmoe")  # inside vLLM's logger tree, so its INFO lines reach the server log as vLLM's do
 
 SHARD_PROJECTION = {"w1": "gate", "w3": "up", "w2": "down"}
 PARAM_OF = {"gate": "w13", "up": "w13", "down": "w2"}
@@ -63,7 +60,7 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         self.specs = layer_tensor_specs(spec, layout)  # checkpoint name -> unsharded spec
         self.arrived: set[str] = set()
         self.layer: MoELayer | None = None
-        self.kernel: cuda.KernelLayer | cpu_layout.CpuLayer | None = None  # the layer in a kernel layout (CUDA, or the CPU integer path)
+        self.kernel: ops.Kernel = None  # what the backend oracle chose at load (bitsmoe_vllm/backend.py)
 
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int, params_dtype, **extra):
         self._refuse_unsupported(layer, hidden_size, intermediate_size_per_partition)
@@ -210,29 +207,12 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             Factors(layer.w2_codes, layer.w2_scales, layer.w2_bits),
             self.spec.group_size,
         )
-        if layer.w13_codes.is_cuda:
-            if cuda.load_kernels():  # the CUDA kernels' layout, made once
-                self.kernel = cuda.to_kernel_layer(self.layer)
-            else:
-                logger.warning_once(
-                    "bitsmoe: the CUDA kernels were not built with this install (no bitsmoe_vllm._cuda), so BitsMoE layers "
-                    "run the PyTorch reference on the GPU, which is slow; reinstall bitsmoe-vllm where a CUDA torch and nvcc "
-                    "are both present"
-                )
-        elif layer.w13_codes.device.type == "cpu" and ops.CPU_KERNEL:
-            isa = torch.ops.bitsmoe.cpu_isa()
-            if isa == "avx512-vnni":  # the integer path: the CPU layout, on huge pages; the loaded tensors freed
-                self.kernel = cpu_layout.to_cpu_layer(self.layer)
-                self.layer = self.kernel.layer
-                for name in ("w13_codes", "w13_scales", "w2_codes", "w2_scales", "w13_basis", "w2_basis"):
-                    if hasattr(layer, name):  # no bases with basis_dtype identity
-                        getattr(layer, name).data = getattr(layer, name).data.new_empty(0)
-            logger.info_once("bitsmoe: MoE layers run the CPU kernel (%s)", isa)
-        elif layer.w13_codes.device.type == "cpu":
-            logger.warning_once(
-                "bitsmoe: the CPU kernel was not built with this install (no bitsmoe_vllm._cpu), so BitsMoE layers run the "
-                "PyTorch reference, which is slow; reinstall with `pip install --no-build-isolation -e .` on x86-64"
-            )
+        self.kernel, choice = backend.prepare(self.layer, self.layout.module)
+        if choice.backend is backend.Backend.CPU_INT:  # the factors and int8 bases now live in the CPU layout
+            self.layer = None
+            for name in ("w13_codes", "w13_scales", "w2_codes", "w2_scales", "w13_basis", "w2_basis"):
+                if hasattr(layer, name):  # no bases with basis_dtype identity
+                    getattr(layer, name).data = getattr(layer, name).data.new_empty(0)
 
     def get_fused_moe_quant_config(self, layer):
         return None

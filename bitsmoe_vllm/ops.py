@@ -1,11 +1,11 @@
-"""`torch.ops.bitsmoe.moe`: the BitsMoE MoE layer as one custom op, and the dispatch behind it.
+"""`torch.ops.bitsmoe.moe`: the BitsMoE MoE layer as one custom op, and `moe_layer`, the call that runs the
+implementation the backend oracle (bitsmoe_vllm/backend.py) chose at load.
 
-A custom op with a fake (meta) implementation, so torch.compile (vLLM traces its CPU MoE) treats the
-layer as one opaque call. On CPU the op runs the C++ kernel of csrc/cpu (registered for the CPU dispatch key
-by the library built at install, bitsmoe_vllm/_cpu*.so; CPU_KERNEL says whether it is loaded); elsewhere, and on
-CPU without that library, the reference (`reference.moe_forward`). `moe_layer` sends a layer already in the CUDA
-kernels' layout to them instead (bitsmoe_vllm/cuda.py), and one in the CPU layout to the integer path
-(bitsmoe_vllm/cpu_layout.py).
+Custom ops with a fake (meta) implementation, so torch.compile (vLLM traces its CPU MoE) treats the layer as one
+opaque call. On CPU `bitsmoe::moe` runs the C++ float kernel of csrc/cpu (registered for the CPU dispatch key by the
+library built at install, bitsmoe_vllm/_cpu*.so; CPU_KERNEL says whether it is loaded); elsewhere, and on CPU without
+that library, the reference (`reference.moe_forward`). `bitsmoe::moe_reference` is the reference on every device,
+where the oracle found a kernel wrong.
 """
 
 import importlib.util
@@ -20,8 +20,7 @@ from bitsmoe_vllm.reference import Basis, Factors, MoELayer, moe_forward
 PREFILL_SLOTS_PER_EXPERT = 16  # tensor cores pay once the token choices average this many per expert (to be tuned on a GPU)
 
 
-@torch.library.custom_op("bitsmoe::moe", mutates_args=())
-def moe(
+def _moe(
     x: torch.Tensor,  # [T, H]
     topk_weights: torch.Tensor,  # [T, K]
     topk_ids: torch.Tensor,  # [T, K] local expert ids, -1 = not here
@@ -51,11 +50,16 @@ def moe(
     return moe_forward(x, topk_weights, topk_ids, layer)
 
 
+moe = torch.library.custom_op("bitsmoe::moe", _moe, mutates_args=())
+moe_reference = torch.library.custom_op("bitsmoe::moe_reference", _moe, mutates_args=())  # no kernel overrides it
+
+
 def _basis(weight: torch.Tensor | None, scale: torch.Tensor | None) -> Basis | None:
     return None if weight is None else Basis(weight, scale)
 
 
 @moe.register_fake
+@moe_reference.register_fake
 def _(x, topk_weights, topk_ids, *layer_tensors_and_group_size):
     return torch.empty_like(x)
 
@@ -72,24 +76,28 @@ def _load_cpu_kernel() -> bool:
 CPU_KERNEL = _load_cpu_kernel()
 
 
+class Reference:
+    """moe_layer's `kernel` for the reference, also on a device that has a compiled kernel for bitsmoe::moe."""
+
+
+REFERENCE = Reference()
+Kernel = KernelLayer | CpuLayer | Reference | None  # None: bitsmoe::moe (the C++ float kernel on CPU)
+
+
 def moe_layer(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    layer: MoELayer,
-    kernel: KernelLayer | CpuLayer | None = None,
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: MoELayer | None, kernel: Kernel = None
 ) -> torch.Tensor:
-    """The dispatch: the kernels whose layout the layer was put in at load (`kernel`: CUDA, bitsmoe_vllm/cuda.py, or
-    the CPU integer path, bitsmoe_vllm/cpu_layout.py), else torch.ops.bitsmoe.moe (the C++ kernel on CPU, the
-    reference elsewhere) with the layer's tensors taken from a MoELayer."""
+    """[T, H] routed-expert output: the CUDA kernels or the CPU integer path on the layer in their layout (`kernel`,
+    made at load; `layer` unused), else bitsmoe::moe, or bitsmoe::moe_reference for REFERENCE, on `layer`."""
     if isinstance(kernel, CpuLayer):
         return moe_forward_int(x, topk_weights, topk_ids, kernel)
-    if kernel is not None:
+    if isinstance(kernel, KernelLayer):
         many = topk_ids.numel() >= PREFILL_SLOTS_PER_EXPERT * kernel.gate.segs.shape[0]  # a shape, known when tracing
         path = "prefill" if many and x.dtype in (torch.bfloat16, torch.float16) else "decode"
         return moe_forward_cuda(x, topk_weights, topk_ids, kernel, path)
+    op = torch.ops.bitsmoe.moe_reference if isinstance(kernel, Reference) else torch.ops.bitsmoe.moe
     bases = (layer.gate_basis, layer.up_basis, layer.down_basis)
-    return torch.ops.bitsmoe.moe(
+    return op(
         x, topk_weights, topk_ids,
         *(None if b is None else b.weight for b in bases), *(None if b is None else b.scale for b in bases),
         layer.gate.codes, layer.gate.scales, layer.gate.bits,
