@@ -35,7 +35,7 @@ import torch
 from bitsmoe_vllm.kernel_layout import CLASS_WIDTHS, KernelFactors, repack
 from bitsmoe_vllm.reference import Basis, Factors, MoELayer
 
-GROUPS_PER_BLOCK = 32  # gate/up 4-row groups whose activations share a rounding scale (csrc/cpu/moe_cpu_vnni.cpp)
+GROUPS_PER_BLOCK = 32  # gate/up 4-row groups whose activations share a rounding scale (csrc/cpu/moe_cpu.h)
 DOWN_GROUP_ROWS = 16  # rows of a down group: the 16 int32 lanes of a vector
 DOWN_BATCH_GROUPS = 256  # down groups converted at a time (bounds the transient int64 copies)
 
@@ -206,9 +206,12 @@ def moe_forward_int(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
     return torch.ops.bitsmoe.moe_int.default(x, topk_weights, topk_ids, *cpu.op_args)
 
 
-def register_fake() -> None:
-    """The meta implementation torch.compile traces (once the library defining the op is loaded)."""
-
-    @torch.library.register_fake("bitsmoe::moe_int")
-    def _(x, topk_weights, topk_ids, *layer_tensors_and_group_size):
-        return torch.empty_like(x)
+def check_constants() -> None:
+    """Refuse a kernel library whose layout constants differ from the ones this module writes the layout with."""
+    kernel, ours = list(torch.ops.bitsmoe.cpu_layout_constants()), [GROUPS_PER_BLOCK, DOWN_GROUP_ROWS, *CLASS_WIDTHS]
+    if kernel != ours:
+        raise RuntimeError(
+            f"bitsmoe: the CPU kernel library (bitsmoe_vllm/_cpu) has the layout constants {kernel} (groups per block, "
+            f"down group rows, width classes) and bitsmoe_vllm/cpu_layout.py writes {ours}: reinstall bitsmoe-vllm "
+            "(`pip install --no-build-isolation -e .`) so that both come from one source tree"
+        )

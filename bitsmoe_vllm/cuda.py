@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from bitsmoe_vllm import library  # noqa: F401 (the ops declared before the kernels load)
 from bitsmoe_vllm.kernel_layout import KernelFactors, repack
 from bitsmoe_vllm.reference import MoELayer, dequantize_basis
 
@@ -44,12 +45,11 @@ def load_kernels(build: bool = False) -> bool:
     else:
         return False
 
-    for op in ("moe_decode", "moe_prefill"):  # both return u [T * K, down_rank] float32
-
-        @torch.library.register_fake(f"bitsmoe::{op}")
-        def _(z_g, z_u, ids, *tables_factors_and_sizes):
-            return z_g.new_empty((ids.numel(), tables_factors_and_sizes[-2]), dtype=torch.float32)
-
+    if list(torch.ops.bitsmoe.cuda_layout_constants()) != [TILE_M]:
+        raise RuntimeError(
+            f"bitsmoe: the CUDA kernel library has the layout constants {list(torch.ops.bitsmoe.cuda_layout_constants())} "
+            f"(slots per prefill tile) and bitsmoe_vllm/cuda.py writes [{TILE_M}]: reinstall bitsmoe-vllm"
+        )
     _loaded = True
     return True
 

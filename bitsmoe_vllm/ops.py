@@ -1,8 +1,8 @@
 """`torch.ops.bitsmoe.moe`: the BitsMoE MoE layer as one custom op, and `moe_layer`, the call that runs the
 implementation the backend oracle (bitsmoe_vllm/backend.py) chose at load.
 
-Custom ops with a fake (meta) implementation, so torch.compile (vLLM traces its CPU MoE) treats the layer as one
-opaque call. On CPU `bitsmoe::moe` runs the C++ float kernel of csrc/cpu (registered for the CPU dispatch key by the
+Ops of the bitsmoe library (schemas and fakes in library.py), so torch.compile (vLLM traces its CPU MoE) treats the
+layer as one opaque call. On CPU `bitsmoe::moe` runs the C++ float kernel of csrc/cpu (registered for the CPU dispatch key by the
 library built at install, bitsmoe_vllm/_cpu*.so; CPU_KERNEL says whether it is loaded); elsewhere, and on CPU without
 that library, the reference (`reference.moe_forward`). `bitsmoe::moe_reference` is the reference on every device,
 where the oracle found a kernel wrong.
@@ -12,7 +12,7 @@ import importlib.util
 
 import torch
 
-from bitsmoe_vllm import cpu_layout
+from bitsmoe_vllm import cpu_layout, library  # noqa: F401 (library: the ops declared before any kernel loads)
 from bitsmoe_vllm.cpu_layout import CpuLayer, moe_forward_int
 from bitsmoe_vllm.cuda import KernelLayer, moe_forward_cuda
 from bitsmoe_vllm.reference import Basis, Factors, MoELayer, moe_forward
@@ -50,18 +50,13 @@ def _moe(
     return moe_forward(x, topk_weights, topk_ids, layer)
 
 
-moe = torch.library.custom_op("bitsmoe::moe", _moe, mutates_args=())
-moe_reference = torch.library.custom_op("bitsmoe::moe_reference", _moe, mutates_args=())  # no kernel overrides it
+# The reference for every device; the CPU kernel library registers bitsmoe::moe for CPU over it, none moe_reference.
+torch.library.register_kernel("bitsmoe::moe", None, _moe)
+torch.library.register_kernel("bitsmoe::moe_reference", None, _moe)
 
 
 def _basis(weight: torch.Tensor | None, scale: torch.Tensor | None) -> Basis | None:
     return None if weight is None else Basis(weight, scale)
-
-
-@moe.register_fake
-@moe_reference.register_fake
-def _(x, topk_weights, topk_ids, *layer_tensors_and_group_size):
-    return torch.empty_like(x)
 
 
 def _load_cpu_kernel() -> bool:
@@ -69,7 +64,7 @@ def _load_cpu_kernel() -> bool:
     if spec is None or not spec.origin:
         return False
     torch.ops.load_library(spec.origin)
-    cpu_layout.register_fake()
+    cpu_layout.check_constants()
     return True
 
 

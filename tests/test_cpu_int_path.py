@@ -4,7 +4,7 @@ against the reference, and the CPU layout against FORMAT.md read literally. Skip
 import pytest
 import torch
 
-from bitsmoe_vllm import ops
+from bitsmoe_vllm import cpu_layout, ops
 from bitsmoe_vllm.cpu_layout import (
     DOWN_GROUP_ROWS,
     GROUPS_PER_BLOCK,
@@ -213,3 +213,11 @@ def test_int_path_is_refused_when_the_float_kernels_are_forced(int_path, monkeyp
     assert torch.ops.bitsmoe.cpu_isa() == "avx512"
     with pytest.raises(RuntimeError, match="needs AVX-512 with VNNI, BW, VBMI and GFNI, which this CPU lacks"):
         ops.moe_layer(torch.randn(2, H), w, ids, cpu.layer, cpu)
+
+
+def test_a_kernel_library_with_other_layout_constants_is_refused(monkeypatch):
+    assert ops.CPU_KERNEL
+    cpu_layout.check_constants()  # this install: one source tree
+    monkeypatch.setattr(cpu_layout, "GROUPS_PER_BLOCK", 16)
+    with pytest.raises(RuntimeError, match=r"layout constants \[32, 16, 8, 6, 4, 3, 2, 1\] .* writes \[16, 16, 8, 6"):
+        cpu_layout.check_constants()

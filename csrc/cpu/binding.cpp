@@ -61,6 +61,13 @@ const Kernels& kernels() {
 }
 
 // what the vLLM method runs: avx512-vnni (bitsmoe::moe_int on the CPU layout), else avx512 or avx2 (bitsmoe::moe)
+std::vector<int64_t> cpu_layout_constants() {
+  using namespace bitsmoe::cpu;
+  std::vector<int64_t> c{kGroupsPerBlock, kDownGroupRows};
+  c.insert(c.end(), std::begin(kClassWidths), std::end(kClassWidths));
+  return c;
+}
+
 std::string cpu_isa() {
   const Kernels& k = kernels();  // checks BITSMOE_CPU_ISA
   return int_path() ? "avx512-vnni" : k.name;
@@ -346,7 +353,6 @@ CpuFactorsArg cpu_factors_arg(const char* name, const at::Tensor& masks, const a
   TORCH_CHECK(f.segs.dim() == 3 && f.segs.scalar_type() == at::kInt && f.segs.size(0) == E && f.segs.size(1) == 6 && f.segs.size(2) == 3,
               "bitsmoe::moe_int (CPU): ", n, "_segs: expected Int [", E, ", 6, 3], found ", f.segs.scalar_type(), " ", f.segs.sizes());
   const int32_t* s = f.segs.data_ptr<int32_t>();
-  constexpr int kClassWidths[] = {8, 6, 4, 3, 2, 1};
   const int64_t words = f.masks.size(1);  // the kernels read 64 bytes (8 words) from a chunk's first plane
   for (int64_t i = 0; i < E * 6; ++i)
     TORCH_CHECK(s[3 * i] >= 0 && s[3 * i + 1] >= 0 && s[3 * i + 2] >= 0 && group_rows * (s[3 * i] + s[3 * i + 1]) <= f.rows.size(0) &&
@@ -409,13 +415,10 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(bitsmoe, m) {
-  m.def("cpu_isa() -> str", &cpu_isa);
-  m.def(
-      "moe_int(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor? gate_basis, Tensor? up_basis, Tensor? down_basis, "
-      "Tensor? gate_basis_scale, Tensor? up_basis_scale, Tensor? down_basis_scale, Tensor gate_masks, Tensor gate_scales, "
-      "Tensor gate_rows, Tensor gate_segs, Tensor up_masks, Tensor up_scales, Tensor up_rows, Tensor up_segs, Tensor down_masks, "
-      "Tensor down_scales, Tensor down_rows, Tensor down_segs, int group_size) -> Tensor");
+// The schemas and fakes are declared in bitsmoe_vllm/library.py, imported before this library is loaded.
+TORCH_LIBRARY_IMPL(bitsmoe, CompositeExplicitAutograd, m) {  // no tensor arguments: any device
+  m.impl("cpu_isa", &cpu_isa);
+  m.impl("cpu_layout_constants", &cpu_layout_constants);
 }
 
 TORCH_LIBRARY_IMPL(bitsmoe, CPU, m) {

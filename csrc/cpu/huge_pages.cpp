@@ -43,6 +43,5 @@ at::Tensor huge_page_copy(const at::Tensor& t) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(bitsmoe, m) { m.def("huge_page_copy(Tensor t) -> Tensor"); }
-
+// The schema is declared in bitsmoe_vllm/library.py.
 TORCH_LIBRARY_IMPL(bitsmoe, CPU, m) { m.impl("huge_page_copy", &huge_page_copy); }

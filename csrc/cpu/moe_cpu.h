@@ -14,6 +14,12 @@
 
 namespace bitsmoe::cpu {
 
+// The CPU layout's constants, defined once for the kernels; bitsmoe_vllm/cpu_layout.py, which writes the layout,
+// compares its own with these (torch.ops.bitsmoe.cpu_layout_constants) when the library is loaded.
+constexpr int kClassWidths[] = {8, 6, 4, 3, 2, 1};  // the width classes of a CpuFactors' segs, widest first
+constexpr int kGroupsPerBlock = 32;                 // gate/up 4-row groups rounded with one scale: 128 rank rows
+constexpr int kDownGroupRows = 16;                  // rows of a down group: the 16 int32 lanes of a vector
+
 // A basis (or any row-major matrix to multiply by): rows [n, in]; float16, bfloat16, int8 with a float16 scale per
 // row, or float32.
 enum class BasisType : int { kFloat16, kBFloat16, kInt8, kFloat32 };

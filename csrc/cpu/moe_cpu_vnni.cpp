@@ -9,7 +9,6 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cmath>
 
 #include "moe_cpu.h"
@@ -21,10 +20,11 @@
 namespace {
 
 using bitsmoe::cpu::CpuFactors;
+using bitsmoe::cpu::kClassWidths;
+using bitsmoe::cpu::kGroupsPerBlock;
 using bitsmoe::cpu::QuantizedRows;
 
 constexpr float kQMax = 32639.f;  // 256 * 127 + 127: q = 256 hi + lo with hi, lo in [-127, 127]
-constexpr int kGroupsPerBlock = 32;  // 4-row groups rounded with one scale: 128 rank rows
 
 // acc + the products of u's unsigned bytes and s's signed bytes, four to a lane (vpdpbusd). In assembly: around the
 // intrinsic, GCC 12 copies the accumulator to another register and back (4 moves per vpdpbusd in project_block)
@@ -196,7 +196,6 @@ void project_block(const CpuFactors& f, const float* z, const Tokens& tk, int64_
 // being `per_block` groups of one width class (the last of a class shorter)
 template <class Fn>
 void for_groups(const CpuFactors& f, int64_t e, int64_t part, int64_t parts, int per_block, Fn fn) {
-  constexpr int kClassWidths[] = {8, 6, 4, 3, 2, 1};  // the classes of segs
   const int32_t* seg = f.segs + e * 18;
   int64_t total = 0;
   for (int c = 0; c < 6; ++c) total += (seg[3 * c + 1] + per_block - 1) / per_block;
@@ -251,9 +250,9 @@ struct RowAt {
 };
 inline RowAt row_at(const Basis& b, int64_t r) {
   const int64_t first = r / 4 * 4;
-  return {first, std::min<int64_t>(4, b.n - first), r - first};
+  return {first, b.n - first < 4 ? b.n - first : 4, r - first};
 }
-inline int64_t chunk_width(const Basis& b, int64_t c0) { return std::min<int64_t>(64, b.in - c0); }
+inline int64_t chunk_width(const Basis& b, int64_t c0) { return b.in - c0 < 64 ? b.in - c0 : 64; }
 inline int64_t chunk_at(const Basis& b, const RowAt& row, int64_t c0) { return row.first * b.in + c0 * row.m + row.k * chunk_width(b, c0); }
 
 // W + 128 (the sign bit flipped) is vpdpbusd's unsigned operand and x's bytes the signed one: the 128 added to every

@@ -123,13 +123,9 @@ at::Tensor moe_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const at::T
 
 }  // namespace
 
-// factors: gate, up, down, each as codes, scales, rows, segs (bitsmoe_vllm/kernel_layout.py). A fragment: the
-// namespace also holds bitsmoe::moe (bitsmoe_vllm/ops.py).
-TORCH_LIBRARY_FRAGMENT(bitsmoe, m) {
-  m.def("moe_decode(Tensor z_g, Tensor z_u, Tensor ids, Tensor[] factors, int down_rank, int group_size) -> Tensor");
-  m.def(
-      "moe_prefill(Tensor z_g, Tensor z_u, Tensor ids, Tensor sorted_slots, Tensor tile_expert, Tensor tile_start, "
-      "Tensor tile_count, Tensor[] factors, int down_rank, int group_size) -> Tensor");
+// The schemas and fakes are declared in bitsmoe_vllm/library.py, imported before this library is loaded.
+TORCH_LIBRARY_IMPL(bitsmoe, CompositeExplicitAutograd, m) {  // what bitsmoe_vllm/cuda.py checks its layout against
+  m.impl("cuda_layout_constants", [] { return std::vector<int64_t>{bitsmoe::kTileM}; });
 }
 
 TORCH_LIBRARY_IMPL(bitsmoe, CUDA, m) {
