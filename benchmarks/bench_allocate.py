@@ -44,11 +44,18 @@ def main() -> None:
         loss, cost, budget = qwen3_30b_instance(unit_rows=rows)
         start = time.perf_counter()
         result = allocate(loss, cost, budget)
-        runs.append({
-            "unit_rows": rows, "units": len(loss), "options_per_unit": loss.shape[1],
-            "wall_seconds": round(time.perf_counter() - start, 2), "gap": result.gap, "core_units": result.core_units,
-            "mip_status": result.mip_status, "budget_used": result.cost / budget,
-        })  # fmt: skip
+        runs.append(
+            {
+                "unit_rows": rows,
+                "units": len(loss),
+                "options_per_unit": loss.shape[1],
+                "wall_seconds": round(time.perf_counter() - start, 2),
+                "gap": result.gap,
+                "core_units": result.core_units,
+                "mip_status": result.mip_status,
+                "budget_used": result.cost / budget,
+            }
+        )
         print(json.dumps(runs[-1]))
     Path(a.out).write_text(json.dumps({"machine": describe(), "runs": runs}, indent=2) + "\n")
 

@@ -101,11 +101,14 @@ def median_ms(fns: dict, inputs: list, repeats: int) -> tuple[dict, float]:
             start = time.perf_counter()
             fn(*inputs[r % len(inputs)])
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}, FLUSH.numel() * 4 / statistics.median(flushes) / 1e9
+    return {name: statistics.median(t) for name, t in times.items()}, FLUSH.numel() * 4 / statistics.median(
+        flushes
+    ) / 1e9
 
 
 def bandwidths() -> tuple[float, float]:
-    """GB/s of torch's copy of 256 MiB (bytes read plus written) and of its sum of 256 MiB (bytes read), medians of 9."""
+    """GB/s of torch's copy of 256 MiB (bytes read plus written) and of its sum of 256 MiB (bytes read), medians
+    of 9."""
     src, dst = torch.ones(64 * 2**20), torch.zeros(64 * 2**20)
     copy, read = [], []
     for _ in range(9):
@@ -143,23 +146,35 @@ def main() -> None:
     isa = "amx" if torch.cpu._is_amx_tile_supported() else "vec"
     g = torch.Generator().manual_seed(0)
     copy, read = bandwidths()
-    print(f"{describe()}; {torch.get_num_threads()} threads; copy {copy:.1f} GB/s, read {read:.1f} GB/s; "
-          f"kernel {torch.ops.bitsmoe.cpu_isa()}", flush=True)
+    print(
+        f"{describe()}; {torch.get_num_threads()} threads; copy {copy:.1f} GB/s, read {read:.1f} GB/s; "
+        f"kernel {torch.ops.bitsmoe.cpu_isa()}",
+        flush=True,
+    )
     rows, agreement = [], {}
     for name in a.shapes:
         H, I, E, K = SHAPES[name]
         for basis_dtype in a.bases:
             # bases of its own for each layer, as in a model
-            layers = {bits: MoELayer(*(random_basis(H, H, basis_dtype, g) for _ in range(3)), *(random_factors(E, H, I, w, g) for _ in range(3)), GROUP)
-                      for bits, w in BITS.items()}  # fmt: skip
+            layers = {
+                bits: MoELayer(
+                    *(random_basis(H, H, basis_dtype, g) for _ in range(3)),
+                    *(random_factors(E, H, I, w, g) for _ in range(3)),
+                    GROUP,
+                )
+                for bits, w in BITS.items()
+            }
             bases = (layers[2.5].gate_basis, layers[2.5].up_basis, layers[2.5].down_basis)
-            basis_bytes = sum(b.weight.numel() * b.weight.element_size() + (0 if b.scale is None else b.scale.numel() * 2) for b in bases)
+            basis_bytes = sum(
+                b.weight.numel() * b.weight.element_size() + (0 if b.scale is None else b.scale.numel() * 2)
+                for b in bases
+            )
             int_path = torch.ops.bitsmoe.cpu_isa() == "avx512-vnni"
             kernels = {bits: to_cpu_layer(layer) if int_path else None for bits, layer in layers.items()}
             w13, w2 = dense_weights(layers[2.5])
             w13, w2 = (torch.ops.bitsmoe.huge_page_copy(vllm_ops.cpu_prepack_moe_weight(w, isa)) for w in (w13, w2))
 
-            def bf16(x, w, ids):
+            def bf16(x, w, ids, w13=w13, w2=w2):
                 out = torch.empty_like(x)
                 vllm_ops.cpu_fused_moe(out, x, w13, w2, None, None, w, ids, "silu", isa)
                 return out
@@ -171,7 +186,13 @@ def main() -> None:
                 inputs = routings(T, E, K, H, 4, g)
                 selected = statistics.mean(len(ids.unique()) for _, _, ids in inputs)
                 act_bytes = 2 * T * H * 2 + T * K * 8
-                fns = {"bf16": bf16, **{bits: partial(ops.moe_layer, layer=layer, kernel=kernels[bits]) for bits, layer in layers.items()}}
+                fns = {
+                    "bf16": bf16,
+                    **{
+                        bits: partial(ops.moe_layer, layer=layer, kernel=kernels[bits])
+                        for bits, layer in layers.items()
+                    },
+                }
                 if int_path:
                     fns |= {("float", bits): partial(ops.moe_layer, layer=layer) for bits, layer in layers.items()}
                 ms_of, read_now = median_ms(fns, inputs, a.repeats)
@@ -183,21 +204,52 @@ def main() -> None:
                     ms, ref_ms = ms_of[bits], None
                     if T <= a.reference_max_tokens:
                         ref_ms = median_ms({"reference": partial(moe_forward, layer=layer)}, inputs, 3)[0]["reference"]
-                    row = {"shape": name, "H": H, "I": I, "E": E, "top_k": K, "basis_dtype": basis_dtype, "bits": bits, "T": T,
-                           "selected_experts": selected, "bytes_must_read": must_read, "bitsmoe_ms": ms,
-                           "bitsmoe_GBps": must_read / ms / 1e6, "read_GBps": read_now, "bound_ms": must_read / read_now / 1e6, "bf16_ms": bf16_ms,
-                           "bf16_bytes": bf16_bytes, "bf16_GBps": bf16_bytes / bf16_ms / 1e6, "speedup_vs_bf16": bf16_ms / ms,
-                           "bytes_ratio_vs_bf16": bf16_bytes / must_read,
-                           "float_kernel_ms": ms_of.get(("float", bits), ms), "reference_ms": ref_ms}  # fmt: skip
+                    row = {
+                        "shape": name,
+                        "H": H,
+                        "I": I,
+                        "E": E,
+                        "top_k": K,
+                        "basis_dtype": basis_dtype,
+                        "bits": bits,
+                        "T": T,
+                        "selected_experts": selected,
+                        "bytes_must_read": must_read,
+                        "bitsmoe_ms": ms,
+                        "bitsmoe_GBps": must_read / ms / 1e6,
+                        "read_GBps": read_now,
+                        "bound_ms": must_read / read_now / 1e6,
+                        "bf16_ms": bf16_ms,
+                        "bf16_bytes": bf16_bytes,
+                        "bf16_GBps": bf16_bytes / bf16_ms / 1e6,
+                        "speedup_vs_bf16": bf16_ms / ms,
+                        "bytes_ratio_vs_bf16": bf16_bytes / must_read,
+                        "float_kernel_ms": ms_of.get(("float", bits), ms),
+                        "reference_ms": ref_ms,
+                    }
                     rows.append(row)
-                    print(f"{name:17s} {basis_dtype:7s} {bits:.1f} T={T:4d}  bitsmoe {ms:8.2f} ms {row['bitsmoe_GBps']:5.1f} GB/s "
-                          f"(bound {row['bound_ms']:6.2f} ms at {read_now:4.1f} GB/s, float kernel {row['float_kernel_ms']:6.2f} ms)  bf16 {bf16_ms:8.2f} ms  x{bf16_ms / ms:4.2f} "
-                          f"(bytes x{bf16_bytes / must_read:4.2f})  "
-                          f"reference {'-' if ref_ms is None else f'{ref_ms:.1f}'} ms", flush=True)  # fmt: skip
+                    print(
+                        f"{name:17s} {basis_dtype:7s} {bits:.1f} T={T:4d}  bitsmoe {ms:8.2f} ms "
+                        f"{row['bitsmoe_GBps']:5.1f} GB/s "
+                        f"(bound {row['bound_ms']:6.2f} ms at {read_now:4.1f} GB/s, float kernel "
+                        f"{row['float_kernel_ms']:6.2f} ms)  bf16 {bf16_ms:8.2f} ms  x{bf16_ms / ms:4.2f} "
+                        f"(bytes x{bf16_bytes / must_read:4.2f})  "
+                        f"reference {'-' if ref_ms is None else f'{ref_ms:.1f}'} ms",
+                        flush=True,
+                    )
             del w13, w2
-    result = {"machine": describe(), "threads": torch.get_num_threads(), "kernel_isa": torch.ops.bitsmoe.cpu_isa(),
-              "bf16_isa": isa, "copy_GBps": copy, "read_GBps": read, "torch": torch.__version__, "group_size": GROUP,
-              "bf16_vs_bitsmoe_relative_difference": agreement, "rows": rows}  # fmt: skip
+    result = {
+        "machine": describe(),
+        "threads": torch.get_num_threads(),
+        "kernel_isa": torch.ops.bitsmoe.cpu_isa(),
+        "bf16_isa": isa,
+        "copy_GBps": copy,
+        "read_GBps": read,
+        "torch": torch.__version__,
+        "group_size": GROUP,
+        "bf16_vs_bitsmoe_relative_difference": agreement,
+        "rows": rows,
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, a.out.with_suffix(".png"))
@@ -206,18 +258,30 @@ def main() -> None:
 def plot(result: dict, path: Path) -> None:
     keys = sorted({(r["shape"], r["basis_dtype"]) for r in result["rows"]})
     cols = min(2, len(keys))
-    fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(6 * cols, 4.5 * -(-len(keys) // cols)), squeeze=False)
+    fig, axes = plt.subplots(
+        -(-len(keys) // cols), cols, figsize=(6 * cols, 4.5 * -(-len(keys) // cols)), squeeze=False
+    )
     for ax, (shape, basis) in zip(axes.flat, keys):
         rows = [r for r in result["rows"] if (r["shape"], r["basis_dtype"]) == (shape, basis)]
         for bits in BITS:
             sel = [r for r in rows if r["bits"] == bits]
             ax.plot([r["T"] for r in sel], [r["bitsmoe_ms"] for r in sel], "o-", label=f"BitsMoE {bits} bits")
-            ax.plot([r["T"] for r in sel], [r["bound_ms"] for r in sel], ":", color=ax.lines[-1].get_color(), label=f"  bandwidth bound {bits}")
+            ax.plot(
+                [r["T"] for r in sel],
+                [r["bound_ms"] for r in sel],
+                ":",
+                color=ax.lines[-1].get_color(),
+                label=f"  bandwidth bound {bits}",
+            )
         sel = [r for r in rows if r["bits"] == 2.5]
         ax.plot([r["T"] for r in sel], [r["bf16_ms"] for r in sel], "s-k", label="vLLM bf16 cpu_fused_moe")
         ref = [r for r in sel if r["reference_ms"] is not None]
-        ax.plot([r["T"] for r in ref], [r["reference_ms"] for r in ref], "x--", color="grey", label="reference 2.5 bits")
-        ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="MoE layer time (ms)", title=f"{shape}, {basis} bases")
+        ax.plot(
+            [r["T"] for r in ref], [r["reference_ms"] for r in ref], "x--", color="grey", label="reference 2.5 bits"
+        )
+        ax.set(
+            xscale="log", yscale="log", xlabel="tokens T", ylabel="MoE layer time (ms)", title=f"{shape}, {basis} bases"
+        )
         ax.grid(True, which="both", alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{result['machine']}, {result['threads']} threads", fontsize=8)

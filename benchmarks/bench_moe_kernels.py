@@ -1,7 +1,8 @@
 """CUDA MoE-layer kernels (bitsmoe_vllm/cuda.py, csrc/cuda) against a bf16 grouped matmul, on the MoE layer
 shapes of real models, at 2.0 / 2.5 / 3.0 factor bits per weight. Needs a CUDA device.
 
-    python -m benchmarks.bench_moe_kernels [--tokens 1 4 16 64 256 2048] [--out benchmarks/results/moe_kernels_cuda.json]
+    python -m benchmarks.bench_moe_kernels [--tokens 1 4 16 64 256 2048] \
+        [--out benchmarks/results/moe_kernels_cuda.json]
 
 Both paths are timed at every T (decode: float32 on packed codes; prefill: tensor cores). Layers are random
 (codes, scales, bases): timing only; tests/test_kernels.py checks correctness. Widths per
@@ -40,13 +41,23 @@ def random_factors(E: int, R: int, I: int, mix: dict[int, float], g: torch.Gener
         for b in CLASS_WIDTHS:
             n = counts.get(b, 0)
             segs.append([n_rows, n, n_planes])
-            rows += list(range(sum(counts.get(w, 0) for w in CLASS_WIDTHS if w > b), sum(counts.get(w, 0) for w in CLASS_WIDTHS if w >= b)))
+            rows += list(
+                range(
+                    sum(counts.get(w, 0) for w in CLASS_WIDTHS if w > b),
+                    sum(counts.get(w, 0) for w in CLASS_WIDTHS if w >= b),
+                )
+            )
             n_rows, n_planes = n_rows + n, n_planes + n * b
     dev = "cuda"
     codes = torch.randint(-(2**31), 2**31 - 1, (n_planes, I // 32), generator=g, dtype=torch.int32).to(dev)
     scales = (torch.rand(n_rows, I // GROUP, generator=g) * 0.02 + 0.001).half().to(dev)
-    return KernelFactors(codes, scales, torch.tensor(rows, dtype=torch.int32, device=dev),
-                         torch.tensor(segs, dtype=torch.int32, device=dev).reshape(E, len(CLASS_WIDTHS), 3), R)  # fmt: skip
+    return KernelFactors(
+        codes,
+        scales,
+        torch.tensor(rows, dtype=torch.int32, device=dev),
+        torch.tensor(segs, dtype=torch.int32, device=dev).reshape(E, len(CLASS_WIDTHS), 3),
+        R,
+    )
 
 
 def median_ms(fn, inputs: list, repeats: int = 50) -> float:
@@ -95,8 +106,14 @@ def main() -> None:
         }
         for bits, mix in BITS.items():
             bases = torch.linalg.qr(torch.randn(H, H, generator=g)).Q.to("cuda")
-            layer = KernelLayer(torch.cat([bases, bases]).contiguous(), bases.T.contiguous(), random_factors(E, H, I, mix, g),
-                                random_factors(E, H, I, mix, g), random_factors(E, H, I, mix, g), GROUP)  # fmt: skip
+            layer = KernelLayer(
+                torch.cat([bases, bases]).contiguous(),
+                bases.T.contiguous(),
+                random_factors(E, H, I, mix, g),
+                random_factors(E, H, I, mix, g),
+                random_factors(E, H, I, mix, g),
+                GROUP,
+            )
             per_expert = sum(f.codes.numel() * 4 + f.scales.numel() * 2 for f in (layer.gate, layer.up, layer.down)) / E
             for T in a.tokens:
                 inputs = []
@@ -108,19 +125,40 @@ def main() -> None:
                 must_read = selected * per_expert + 3 * H * H * 4 + T * H * 2 * 2 + T * K * 16
                 dense_read = selected * 3 * I * H * 2 + T * H * 2 * 2
                 flops = 2 * T * K * 3 * H * I
-                ms = {path: median_ms(lambda x, w, ids, path=path: moe_forward_cuda(x, w, ids, layer, path=path), inputs)
-                      for path in ("decode", "prefill")}  # fmt: skip
-                base_ms = median_ms(lambda x, w, ids: bf16_grouped(x, w, ids, dense["gate_up"], dense["down"]), inputs)
-                row = {"shape": name, "H": H, "I": I, "E": E, "top_k": K, "bits": bits, "T": T, "bytes_must_read": must_read,
-                       "selected_experts": selected, "bf16_ms": base_ms, "bf16_GBps": dense_read / base_ms / 1e6,
-                       "bf16_TFLOPs": flops / base_ms / 1e9}  # fmt: skip
+                ms = {
+                    path: median_ms(
+                        lambda x, w, ids, path=path, layer=layer: moe_forward_cuda(x, w, ids, layer, path=path), inputs
+                    )
+                    for path in ("decode", "prefill")
+                }
+                base_ms = median_ms(lambda x, w, ids, d=dense: bf16_grouped(x, w, ids, d["gate_up"], d["down"]), inputs)
+                row = {
+                    "shape": name,
+                    "H": H,
+                    "I": I,
+                    "E": E,
+                    "top_k": K,
+                    "bits": bits,
+                    "T": T,
+                    "bytes_must_read": must_read,
+                    "selected_experts": selected,
+                    "bf16_ms": base_ms,
+                    "bf16_GBps": dense_read / base_ms / 1e6,
+                    "bf16_TFLOPs": flops / base_ms / 1e9,
+                }
                 for path, t in ms.items():
                     row |= {f"{path}_ms": t, f"{path}_GBps": must_read / t / 1e6, f"{path}_TFLOPs": flops / t / 1e9}
                 results.append(row)
-                print(f"{name:18s} {bits:.1f} T={T:5d}  decode {ms['decode']:8.3f} ms {row['decode_GBps']:7.1f} GB/s  "
-                      f"prefill {ms['prefill']:8.3f} ms {row['prefill_TFLOPs']:6.1f} TFLOP/s  bf16 {base_ms:8.3f} ms", flush=True)  # fmt: skip
+                print(
+                    f"{name:18s} {bits:.1f} T={T:5d}  decode {ms['decode']:8.3f} ms {row['decode_GBps']:7.1f} GB/s  "
+                    f"prefill {ms['prefill']:8.3f} ms {row['prefill_TFLOPs']:6.1f} TFLOP/s  bf16 {base_ms:8.3f} ms",
+                    flush=True,
+                )
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": results}, indent=1) + "\n")
+    a.out.write_text(
+        json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": results}, indent=1)
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ def rows(model: str) -> list[dict]:
     # E * I / H = 2.7 here: a shared basis at full rank would cost 16 / 2.7 = 6 bits per weight, so auto takes the
     # identity; the shared-basis rows show what happens otherwise.
     identity = ["--basis-dtype", "identity"]
-    ablations = {  # each against bitsmoe-2.5 (identity basis, global budget, widths 0-8, 1 row per unit, refined scales,
-        # error feedback)
+    # each against bitsmoe-2.5 (identity basis, global budget, widths 0-8, 1 row per unit, refined scales, feedback)
+    ablations = {
         "per-layer": ["--allocation", "per-layer"],
         "unit-rows-8": ["--unit-rows", "8"],
         "unit-rows-32": ["--unit-rows", "32"],
@@ -123,20 +123,53 @@ def quantize(row: dict, model: Path, text: dict, calib_file: Path, calib_tokens:
     log.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # a run this script killed earlier
     if row["family"] in PEERS:
-        cmd = [str(PEERS_PYTHON), "benchmarks/peers.py", row["family"], "--model", str(model), "--bits", str(row["bits"]),
-               "--group-size", str(group), "--calib", str(calib_file), "--out", str(out)]  # fmt: skip
+        cmd = [
+            str(PEERS_PYTHON),
+            "benchmarks/peers.py",
+            row["family"],
+            "--model",
+            str(model),
+            "--bits",
+            str(row["bits"]),
+            "--group-size",
+            str(group),
+            "--calib",
+            str(calib_file),
+            "--out",
+            str(out),
+        ]
         if row["family"] == "autoround":
             cmd += ["--iters", str(AUTOROUND_ITERS)]
     else:
-        cmd = [*BITSMOE, "--model", str(model), "--out", str(out), "--bits", str(row["bits"]), "--calib", str(text["calib"]),
-               "--calib-tokens", str(calib_tokens), "--calib-seq-len", "512", "--overwrite", "--allow-high-error", *row["args"]]  # fmt: skip
+        cmd = [
+            *BITSMOE,
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--bits",
+            str(row["bits"]),
+            "--calib",
+            str(text["calib"]),
+            "--calib-tokens",
+            str(calib_tokens),
+            "--calib-seq-len",
+            "512",
+            "--overwrite",
+            "--allow-high-error",
+            *row["args"],
+        ]
     seconds, rss = run_measured(cmd, log)
     info = {"quantize_wall_s": round(seconds, 1), "quantize_peak_rss_mb": round(rss)}
     if row["family"].startswith("bitsmoe"):
         cfg = json.loads((out / "config.json").read_text())["quantization_config"]
         report = json.loads((out / "quantization_report.json").read_text())
-        info |= {"all_in_bits": cfg["achieved_bits"]["all"], "factor_bits": cfg["achieved_bits"]["factors"],
-                 "basis": report["basis"], "worst_relative_error": report["worst_relative_error"]}  # fmt: skip
+        info |= {
+            "all_in_bits": cfg["achieved_bits"]["all"],
+            "factor_bits": cfg["achieved_bits"]["factors"],
+            "basis": report["basis"],
+            "worst_relative_error": report["worst_relative_error"],
+        }
     else:
         info |= {"all_in_bits": json.loads((out / "peer.json").read_text())["all_in_bits"]}
     return info | {"checkpoint": out}
@@ -155,9 +188,12 @@ def prepare(name: str, work: Path, a) -> tuple[Path, dict[str, Path], str]:
             model,
             text,
             (
-                f"A Qwen3-MoE trained from scratch (benchmarks/train_moe.py): H {c['hidden_size']}, {c['num_hidden_layers']} "
-                f"layers, {c['num_experts']} experts of I {c['moe_intermediate_size']}, top-{c['num_experts_per_tok']}, "
-                f"{t['tokens_seen'] / 1e6:.1f} M training tokens; perplexity {t['ppl_windows_512']:.2f} on its evaluation split"
+                f"A Qwen3-MoE trained from scratch (benchmarks/train_moe.py): H {c['hidden_size']}, "
+                f"{c['num_hidden_layers']} "
+                f"layers, {c['num_experts']} experts of I {c['moe_intermediate_size']}, "
+                f"top-{c['num_experts_per_tok']}, "
+                f"{t['tokens_seen'] / 1e6:.1f} M training tokens; perplexity {t['ppl_windows_512']:.2f} on its "
+                "evaluation split"
             ),
         )
     text = {k: work / "text" / f"{k}.jsonl" for k in ("calib", "eval")}
@@ -165,15 +201,32 @@ def prepare(name: str, work: Path, a) -> tuple[Path, dict[str, Path], str]:
         write_splits(work / "text")
     model = work / f"smollm2-moe-e{a.experts}k{a.top_k}"
     if not model.is_dir():
-        subprocess.run([sys.executable, "-m", "benchmarks.make_moe_model", str(model), "--experts", str(a.experts), "--top-k",
-                        str(a.top_k), "--calib", str(text["calib"]), "--eval", str(text["eval"])], check=True, cwd=ROOT)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.make_moe_model",
+                str(model),
+                "--experts",
+                str(a.experts),
+                "--top-k",
+                str(a.top_k),
+                "--calib",
+                str(text["calib"]),
+                "--eval",
+                str(text["eval"]),
+            ],
+            check=True,
+            cwd=ROOT,
+        )
     m = json.loads((model / "moefication.json").read_text())
     ppl = m["perplexity_512_windows"]
     return (
         model,
         text,
         (
-            f"SmolLM2-135M-Instruct MoEfied into {m['experts']} experts, top-{m['top_k']} (dense perplexity {ppl['dense']:.2f}, "
+            f"SmolLM2-135M-Instruct MoEfied into {m['experts']} experts, top-{m['top_k']} (dense perplexity "
+            f"{ppl['dense']:.2f}, "
             f"MoE {ppl['moe']:.2f} on {m['eval_tokens']} tokens)"
         ),
     )

@@ -28,7 +28,12 @@ def python(code: str) -> str:
 
 def baseline_rss_mb() -> float:
     """Peak RSS of a process that only imports the quantizer (Python, torch, transformers)."""
-    return float(python("import resource, bitsmoe_vllm.offline.quantize; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"))
+    return float(
+        python(
+            "import resource, bitsmoe_vllm.offline.quantize; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        )
+    )
 
 
 def main() -> None:
@@ -52,26 +57,61 @@ def main() -> None:
             f"open({str(text)!r}, 'w').write(chr(10).join(corpus() * 4))"
         )
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "bitsmoe_vllm.offline", "--model", str(model), "--out", str(tmp / "q"), "--bits", str(a.bits),
-                        "--calib", str(text), "--calib-tokens", str(a.calib_tokens), "--calib-seq-len", "256"],
-                       check=True, cwd=REPO, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bitsmoe_vllm.offline",
+                "--model",
+                str(model),
+                "--out",
+                str(tmp / "q"),
+                "--bits",
+                str(a.bits),
+                "--calib",
+                str(text),
+                "--calib-tokens",
+                str(a.calib_tokens),
+                "--calib-seq-len",
+                "256",
+            ],
+            check=True,
+            cwd=REPO,
+            capture_output=True,
+        )
         wall = time.perf_counter() - start
         report = json.loads((tmp / "q" / "quantization_report.json").read_text())
         model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    layer_bytes = 4 * (3 * a.experts * a.intermediate * a.hidden + 4 * a.hidden * a.hidden)  # float32 experts + attention (approx.)
+    layer_bytes = 4 * (
+        3 * a.experts * a.intermediate * a.hidden + 4 * a.hidden * a.hidden
+    )  # float32 experts + attention (approx.)
     calib_bytes = 4 * a.calib_tokens * a.hidden * 3  # hidden in, hidden out, expert inputs
     base = baseline_rss_mb()
     peak = max(s["peak_rss_mb"] for s in report["stages"].values())
     result = {
         "machine": describe(),
-        "model": {"arch": a.arch, "layers": a.layers, "hidden": a.hidden, "experts": a.experts, "intermediate": a.intermediate,
-                  "safetensors_mb": round(model_bytes / 2**20, 1)},
-        "bits": a.bits, "calib_tokens": a.calib_tokens,
-        "wall_seconds": round(wall, 2), "stages": report["stages"], "allocation": report["allocation"],
-        "rss_mb": {"baseline_after_imports": round(base, 1), "peak": peak, "increase": round(peak - base, 1),
-                   "one_layer": round(layer_bytes / 2**20, 1), "calibration_state": round(calib_bytes / 2**20, 1),
-                   "increase_over_one_layer_plus_calibration": round((peak - base) * 2**20 / (layer_bytes + calib_bytes), 2)},
-    }  # fmt: skip
+        "model": {
+            "arch": a.arch,
+            "layers": a.layers,
+            "hidden": a.hidden,
+            "experts": a.experts,
+            "intermediate": a.intermediate,
+            "safetensors_mb": round(model_bytes / 2**20, 1),
+        },
+        "bits": a.bits,
+        "calib_tokens": a.calib_tokens,
+        "wall_seconds": round(wall, 2),
+        "stages": report["stages"],
+        "allocation": report["allocation"],
+        "rss_mb": {
+            "baseline_after_imports": round(base, 1),
+            "peak": peak,
+            "increase": round(peak - base, 1),
+            "one_layer": round(layer_bytes / 2**20, 1),
+            "calibration_state": round(calib_bytes / 2**20, 1),
+            "increase_over_one_layer_plus_calibration": round((peak - base) * 2**20 / (layer_bytes + calib_bytes), 2),
+        },
+    }
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

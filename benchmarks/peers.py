@@ -1,8 +1,9 @@
 """The quantizers people use today, applied to the routed experts of a Mixtral- or Qwen3-MoE-architecture
-checkpoint, for the quality benchmark. Runs in the peers' own environment (`bash scripts/setup_peers.sh`: llmcompressor, hqq,
-auto-round pin versions of their own), not in bitsmoe-vllm's. The methods: rtn (round to nearest, min-max per group),
-hqq (half-quadratic, no data), gptq (llmcompressor, calibrated) and autoround (Intel's AutoRound, SignRound tuning of
-the rounding and clipping against each block's output, calibrated; --iters iterations per block).
+checkpoint, for the quality benchmark. Runs in the peers' own environment (`bash scripts/setup_peers.sh`:
+llmcompressor, hqq, auto-round pin versions of their own), not in bitsmoe-vllm's. The methods: rtn (round to
+nearest, min-max per group), hqq (half-quadratic, no data), gptq (llmcompressor, calibrated) and autoround
+(Intel's AutoRound, SignRound tuning of the rounding and clipping against each block's output, calibrated;
+--iters iterations per block).
 
 Every method quantizes exactly the routed experts' w1/w2/w3 (asymmetric integer codes, groups of
 --group-size along the input dimension) and leaves attention, router, embeddings and norms untouched. The
@@ -24,7 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-EXPERT = re.compile(r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
+EXPERT = re.compile(
+    r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight"
+)
 MIXTRAL = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # llmcompressor's names -> Mixtral's
 
 
@@ -58,7 +61,9 @@ def hqq(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """HQQ (half-quadratic optimisation of scale and zero, no calibration data); float zero point."""
     from hqq.core.quantize import Quantizer
 
-    q, meta = Quantizer.quantize(w.float(), nbits=bits, group_size=group, axis=1, optimize=True, bitpack=False, device="cpu")
+    q, meta = Quantizer.quantize(
+        w.float(), nbits=bits, group_size=group, axis=1, optimize=True, bitpack=False, device="cpu"
+    )
     meta["compute_dtype"] = torch.float32
     return Quantizer.dequantize(q.float(), meta).reshape(w.shape)
 
@@ -114,9 +119,17 @@ def autoround(
     with tempfile.TemporaryDirectory(prefix="autoround_") as work:  # its scratch space, else ./ar_work_space
         os.environ["AR_WORK_SPACE"] = work
         ar = AutoRound(
-            str(model_dir), scheme=QuantizationScheme.from_dict(scheme), layer_config={not_expert: keep},
-            alg_configs=SignRoundConfig(iters=iters), dataset=data, nsamples=len(calib), seqlen=calib.shape[1],
-            device_map="cpu", amp=False, enable_torch_compile=False, low_cpu_mem_usage=False,
+            str(model_dir),
+            scheme=QuantizationScheme.from_dict(scheme),
+            layer_config={not_expert: keep},
+            alg_configs=SignRoundConfig(iters=iters),
+            dataset=data,
+            nsamples=len(calib),
+            seqlen=calib.shape[1],
+            device_map="cpu",
+            amp=False,
+            enable_torch_compile=False,
+            low_cpu_mem_usage=False,
         )
         model, _ = ar.quantize()  # exports no format, so it leaves the fake-quantized weights in the model
     out, quantized = {}, set()
@@ -156,7 +169,9 @@ def main() -> None:
     names = expert_names(state)
     for n in names:
         if state[n].shape[1] % a.group_size:
-            raise SystemExit(f"peers: --group-size {a.group_size} does not divide the input dimension of {n} {tuple(state[n].shape)}")
+            raise SystemExit(
+                f"peers: --group-size {a.group_size} does not divide the input dimension of {n} {tuple(state[n].shape)}"
+            )
     start = time.time()
     if a.method in ("gptq", "autoround"):
         if a.calib is None:
@@ -180,7 +195,14 @@ def main() -> None:
     save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
     weights = sum(state[n].numel() for n in names)
     all_in = a.bits + (16 + zero_bits(a.method, a.bits)) / a.group_size
-    info = {"method": a.method, "bits": a.bits, "group_size": a.group_size, "all_in_bits": all_in, "expert_weights": weights, "quantize_seconds": round(seconds, 2)}
+    info = {
+        "method": a.method,
+        "bits": a.bits,
+        "group_size": a.group_size,
+        "all_in_bits": all_in,
+        "expert_weights": weights,
+        "quantize_seconds": round(seconds, 2),
+    }
     if a.method == "autoround":  # fewer iterations than its default are part of the label
         info["iters"] = a.iters
     (partial / "peer.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -26,7 +26,10 @@ def windows(tokens: torch.Tensor) -> list[torch.Tensor]:
 @torch.no_grad()
 def window_log_probs(model, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Log-probabilities [len - 1, vocab] of each non-overlapping window's next tokens."""
-    return [torch.log_softmax(model(w[None]).logits[0, :-1].float(), -1) for w in tqdm(windows(tokens), desc="windows", unit="window")]
+    return [
+        torch.log_softmax(model(w[None]).logits[0, :-1].float(), -1)
+        for w in tqdm(windows(tokens), desc="windows", unit="window")
+    ]
 
 
 @torch.no_grad()

@@ -28,10 +28,15 @@ LABELS = {
 def cells(r: dict) -> list[str]:
     bits = f"{r['all_in_bits']:.3f}" + (f" ({r['factor_bits']:.3f} factors)" if "factor_bits" in r else "")
     return [
-        r["name"], bits, f"{r['ppl_windows']:.2f}", f"{r['ppl_stride']:.2f}", f"{r['kl']:.3g}", f"{100 * r['top1_agreement']:.1f} %",
+        r["name"],
+        bits,
+        f"{r['ppl_windows']:.2f}",
+        f"{r['ppl_stride']:.2f}",
+        f"{r['kl']:.3g}",
+        f"{100 * r['top1_agreement']:.1f} %",
         f"{r['quantize_wall_s']:.0f}" if "quantize_wall_s" in r else "-",
         f"{r['quantize_peak_rss_mb']}" if "quantize_peak_rss_mb" in r else "-",
-    ]  # fmt: skip
+    ]
 
 
 MEASURES = {"ppl_windows": "ppl (windows)", "ppl_stride": "ppl (stride)", "kl": "KL"}
@@ -68,7 +73,8 @@ def write_report(payload: dict, out: Path, name: str) -> None:
     rows = payload["rows"]
     lines = [
         (
-            f"Model: {payload['model']}. {payload['calib_tokens']} calibration tokens, {payload['eval_tokens']} evaluation "
+            f"Model: {payload['model']}. {payload['calib_tokens']} calibration tokens, {payload['eval_tokens']} "
+            "evaluation "
             f"tokens; peers use groups of {payload['peer_group_size']}, asymmetric. Machine: {payload['machine']}."
         ),
         "",

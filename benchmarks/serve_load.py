@@ -48,7 +48,13 @@ def send_raw(url: str, path: str, data: bytes) -> int:
 
 def one_stream(url: str, model: str, i: int, max_tokens: int) -> dict:
     """Request i: a streamed completion (even i) or chat (odd i); its latency and tokens."""
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     if i % 2:
         path, body = "/v1/chat/completions", body | {"messages": [{"role": "user", "content": f"{PROMPT} ({i})"}]}
     else:
@@ -59,8 +65,12 @@ def one_stream(url: str, model: str, i: int, max_tokens: int) -> dict:
     except Exception as err:  # counted and reported: a failed well-formed request is what this test is for
         return {"ok": False, "error": f"{type(err).__name__}: {err}"}
     tokens = events[-1]["usage"]["completion_tokens"]
-    return {"ok": tokens == max_tokens, "latency_s": time.perf_counter() - start, "tokens": tokens,
-            "error": None if tokens == max_tokens else f"{tokens} tokens, not {max_tokens}"}  # fmt: skip
+    return {
+        "ok": tokens == max_tokens,
+        "latency_s": time.perf_counter() - start,
+        "tokens": tokens,
+        "error": None if tokens == max_tokens else f"{tokens} tokens, not {max_tokens}",
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -79,7 +89,9 @@ def run_load(url: str, model: str, requests: int = 64, max_tokens: int = 32) -> 
     ok = [r for r in results if r["ok"]]
     latencies = [r["latency_s"] for r in ok]
     try:
-        healthy = urllib.request.urlopen(f"{url}/health", timeout=30).status == 200 and bool(get(url, "/v1/models")["data"])
+        healthy = urllib.request.urlopen(f"{url}/health", timeout=30).status == 200 and bool(
+            get(url, "/v1/models")["data"]
+        )
         healthy = healthy and one_stream(url, model, 0, 4)["ok"]
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         healthy = False
@@ -91,7 +103,9 @@ def run_load(url: str, model: str, requests: int = 64, max_tokens: int = 32) -> 
         "malformed": {name: {"status": statuses[name], "expected": bad[name][2]} for name in bad},
         "healthy_after": healthy,
         "wall_s": round(wall, 2),
-        "latency_s": {"p50": round(percentile(latencies, 50), 3), "p99": round(percentile(latencies, 99), 3)} if latencies else None,
+        "latency_s": {"p50": round(percentile(latencies, 50), 3), "p99": round(percentile(latencies, 99), 3)}
+        if latencies
+        else None,
         "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
     }
 
@@ -107,7 +121,12 @@ def main() -> None:
         _, bitsmoe = build_models(tmp, "mixtral", layers=2, hidden=64, experts=16, intermediate=128, bits=2.5)
         with vllm_server(bitsmoe, "--max-model-len", "512", log=tmp / "server.log", timeout=600) as url:
             result = run_load(url, str(bitsmoe), a.requests, a.max_tokens)
-    result = {"machine": describe(), "model": "tiny Mixtral (H 64, 2 layers, E 16, I 128), BitsMoE 2.5 bits", "vllm_settings": "default, --max-model-len 512", **result}
+    result = {
+        "machine": describe(),
+        "model": "tiny Mixtral (H 64, 2 layers, E 16, I 128), BitsMoE 2.5 bits",
+        "vllm_settings": "default, --max-model-len 512",
+        **result,
+    }
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -218,7 +218,8 @@ def main() -> None:
             f.write(f"resumed at step {start}\n")
     order = batch_order(len(windows), a.steps, a.seed)
     print(
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {len(windows)} training windows of {SEQ_LEN} "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {len(windows)} training windows of "
+        f"{SEQ_LEN} "
         f"tokens ({len(windows) * SEQ_LEN / 1e6:.2f} M tokens), {a.steps} steps of {BATCH * SEQ_LEN} tokens",
         flush=True,
     )

@@ -1,4 +1,4 @@
-"""The backend oracle: which implementation runs a BitsMoE layer, decided once at load, and checked before it is trusted.
+"""The backend oracle: which implementation runs a BitsMoE layer, decided at load and checked before it is trusted.
 
     kernel, choice = prepare(layer, "model.layers.0.mlp.experts")   # at load
     y = ops.moe_layer(x, topk_weights, topk_ids, layer, kernel)      # per call
@@ -74,7 +74,10 @@ def select_backend(device: torch.device) -> Choice:
 def prepare(layer: MoELayer, module: str) -> tuple[ops.Kernel, Choice]:
     """The kernel argument of ops.moe_layer for `layer` (its tensors on one device), checked against the reference."""
     choice = select_backend(layer.gate.codes.device)
-    _log_once(logging.WARNING if choice.backend is Backend.REFERENCE else logging.INFO, f"bitsmoe: MoE layers run {choice.backend.value}: {choice.reason}")
+    _log_once(
+        logging.WARNING if choice.backend is Backend.REFERENCE else logging.INFO,
+        f"bitsmoe: MoE layers run {choice.backend.value}: {choice.reason}",
+    )
     if choice.backend is Backend.REFERENCE:
         return ops.REFERENCE, choice
     if choice.backend is Backend.CPU_INT:
@@ -89,8 +92,13 @@ def prepare(layer: MoELayer, module: str) -> tuple[ops.Kernel, Choice]:
             logger.error(
                 "bitsmoe: %s: the %s kernel is off the reference by %.3g (relative, %d %s tokens; tolerance %g), so "
                 "this layer runs the slow PyTorch reference instead; please report this line",
-                module, choice.backend.value, error, tokens, str(dtype).removeprefix("torch."), TOLERANCE[dtype],
-            )  # fmt: skip
+                module,
+                choice.backend.value,
+                error,
+                tokens,
+                str(dtype).removeprefix("torch."),
+                TOLERANCE[dtype],
+            )
             return ops.REFERENCE, Choice(Backend.REFERENCE, f"the {choice.backend.value} kernel failed its check")
     return kernel, choice
 

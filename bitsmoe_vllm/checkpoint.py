@@ -20,8 +20,16 @@ from bitsmoe_vllm.format import (
 from bitsmoe_vllm.reference import MoELayer, gather_layer
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
-_DTYPE_OF_HEADER = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8,
-                    "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}  # fmt: skip
+_DTYPE_OF_HEADER = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
 
 
 class TensorFiles(Mapping):
@@ -83,7 +91,9 @@ def shard_files(directory: str | Path) -> list[str]:
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{index}: not a safetensors index (expected JSON with a weight_map object: {err})") from None
+            raise ValueError(
+                f"{index}: not a safetensors index (expected JSON with a weight_map object: {err})"
+            ) from None
         for shard in shards:
             if not (directory / shard).is_file():
                 raise FileNotFoundError(f"shard {shard} named in {index} is missing; copy or download it again")
@@ -100,7 +110,9 @@ def open_shard(path: Path):
         return safe_open(path, "pt")
     except SafetensorError as err:
         size = path.stat().st_size
-        raise ValueError(f"{path} ({size} bytes) is truncated or not a safetensors file ({err}); copy or download it again") from None
+        raise ValueError(
+            f"{path} ({size} bytes) is truncated or not a safetensors file ({err}); copy or download it again"
+        ) from None
 
 
 def check_files(directory: str | Path, cfg: QuantConfig) -> None:
@@ -111,14 +123,21 @@ def check_files(directory: str | Path, cfg: QuantConfig) -> None:
     specs = tensor_specs(cfg)
     for name, spec in specs.items():
         if name not in files.shard_of:
-            raise ValueError(f"BitsMoE checkpoint is missing tensor '{name}' (expected {spec.dtype} {list(spec.shape)})")
+            raise ValueError(
+                f"BitsMoE checkpoint is missing tensor '{name}' (expected {spec.dtype} {list(spec.shape)})"
+            )
         dtype, shape = files.header(name)
         if dtype != spec.dtype or shape != list(spec.shape):
-            raise ValueError(f"tensor '{name}' in {files.shard_of[name]}: expected {spec.dtype} {list(spec.shape)}, found {dtype} {shape}")
+            raise ValueError(
+                f"tensor '{name}' in {files.shard_of[name]}: expected {spec.dtype} {list(spec.shape)}, found {dtype} "
+                f"{shape}"
+            )
     modules = tuple(layer.module + "." for layer in cfg.layers)
     for name in files:
         if name.startswith(modules) and name not in specs:
-            raise ValueError(f"unexpected tensor '{name}' in {files.shard_of[name]} (FORMAT.md section 3 has no such tensor)")
+            raise ValueError(
+                f"unexpected tensor '{name}' in {files.shard_of[name]} (FORMAT.md section 3 has no such tensor)"
+            )
     for name, spec in specs.items():
         if spec.dtype.is_floating_point and not torch.isfinite(files[name]).all():
             raise ValueError(f"tensor '{name}' in {files.shard_of[name]}: holds NaN or Inf")

@@ -57,11 +57,15 @@ class CpuLayer:
     op_args: tuple = field(init=False, repr=False)  # moe_int's arguments after x, topk_weights and topk_ids
 
     def __post_init__(self):
-        # Gathered once: per call they cost 0.02-0.05 ms of a 1.1-1.2 ms cold call on Qwen3-30B-A3B's shape.
+        # Gathered once: per call they cost a measurable share of a cold call (benchmarks/README.md, design timings).
         bases = (self.layer.gate_basis, self.layer.up_basis, self.layer.down_basis)
         factors = (t for f in (self.gate, self.up, self.down) for t in (f.masks, f.scales, f.rows, f.segs))
-        args = (*(None if b is None else b.weight for b in bases), *(None if b is None else b.scale for b in bases),
-                *factors, self.layer.group_size)  # fmt: skip
+        args = (
+            *(None if b is None else b.weight for b in bases),
+            *(None if b is None else b.scale for b in bases),
+            *factors,
+            self.layer.group_size,
+        )
         object.__setattr__(self, "op_args", args)
 
 
@@ -95,7 +99,9 @@ def _pad(f: Factors, group_rows: int) -> tuple[KernelFactors, torch.Tensor, _Pad
     rows[stored] = k.rows[source[stored]]
     scales = torch.zeros(len(seg), f.scales.shape[1], dtype=torch.float16)
     scales[stored] = k.scales[source[stored]]
-    segs = torch.stack([group_first, groups, mask_first], 1).reshape(E, len(CLASS_WIDTHS), 3).to(torch.int32).contiguous()
+    segs = (
+        torch.stack([group_first, groups, mask_first], 1).reshape(E, len(CLASS_WIDTHS), 3).to(torch.int32).contiguous()
+    )
     return k, seg_plane, _Padded(seg, local, stored, groups, mask_first, rows, scales.T.contiguous(), segs)
 
 
@@ -166,7 +172,9 @@ def to_cpu_down(f: Factors) -> CpuFactors:
         seg, q = seg[::DOWN_GROUP_ROWS], local[::DOWN_GROUP_ROWS] // DOWN_GROUP_ROWS
         for g0 in range(0, len(codes), DOWN_BATCH_GROUPS):
             part = codes[g0 : g0 + DOWN_BATCH_GROUPS]
-            columns = ((part[..., None] >> nibble) & 0xF).reshape(len(part), DOWN_GROUP_ROWS, b, chunks)  # 4 columns each
+            columns = ((part[..., None] >> nibble) & 0xF).reshape(
+                len(part), DOWN_GROUP_ROWS, b, chunks
+            )  # 4 columns each
             group_masks = (columns << lane[None, :, None, None]).sum(1)  # [groups, b, I/4]; lanes do not overlap
             start = (pad.mask_first[seg[g0 : g0 + DOWN_BATCH_GROUPS]] + q[g0 : g0 + DOWN_BATCH_GROUPS] * b) * chunks
             where = start[:, None] + torch.arange(b * chunks)  # a group's masks: [chunk, plane]
@@ -194,11 +202,19 @@ def to_cpu_layer(layer: MoELayer) -> CpuLayer:
     """The layer with its factors in the CPU layout, and they and the bases on huge pages (csrc/cpu/huge_pages.cpp);
     it holds no reference to the canonical factors or bases."""
     huge = torch.ops.bitsmoe.huge_page_copy
-    gate, up, down = (replace(f, masks=huge(f.masks), scales=huge(f.scales))
-                      for f in (to_cpu_factors(layer.gate, layer.group_size), to_cpu_factors(layer.up, layer.group_size), to_cpu_down(layer.down)))  # fmt: skip
+    gate, up, down = (
+        replace(f, masks=huge(f.masks), scales=huge(f.scales))
+        for f in (
+            to_cpu_factors(layer.gate, layer.group_size),
+            to_cpu_factors(layer.up, layer.group_size),
+            to_cpu_down(layer.down),
+        )
+    )
     g, u, d = (None if b is None else to_cpu_basis(b) for b in (layer.gate_basis, layer.up_basis, layer.down_basis))
     empty = Factors(layer.gate.codes[:0].clone(), layer.gate.scales[:0].clone(), layer.gate.bits[:, :0].clone())
-    return CpuLayer(replace(layer, gate_basis=g, up_basis=u, down_basis=d, gate=empty, up=empty, down=empty), gate, up, down)
+    return CpuLayer(
+        replace(layer, gate_basis=g, up_basis=u, down_basis=d, gate=empty, up=empty, down=empty), gate, up, down
+    )
 
 
 def moe_forward_int(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, cpu: CpuLayer) -> torch.Tensor:

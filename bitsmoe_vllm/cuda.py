@@ -41,13 +41,19 @@ def load_kernels(build: bool = False) -> bool:
         from torch.utils.cpp_extension import load
 
         arch = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
-        load("bitsmoe_cuda_jit", [str(CSRC / "binding.cu")], extra_cuda_cflags=["-O3", "-std=c++20", *arch], is_python_module=False)
+        load(
+            "bitsmoe_cuda_jit",
+            [str(CSRC / "binding.cu")],
+            extra_cuda_cflags=["-O3", "-std=c++20", *arch],
+            is_python_module=False,
+        )
     else:
         return False
 
     if list(torch.ops.bitsmoe.cuda_layout_constants()) != [TILE_M]:
         raise RuntimeError(
-            f"bitsmoe: the CUDA kernel library has the layout constants {list(torch.ops.bitsmoe.cuda_layout_constants())} "
+            "bitsmoe: the CUDA kernel library has the layout constants "
+            f"{list(torch.ops.bitsmoe.cuda_layout_constants())} "
             f"(slots per prefill tile) and bitsmoe_vllm/cuda.py writes [{TILE_M}]: reinstall bitsmoe-vllm"
         )
     _loaded = True
@@ -84,7 +90,9 @@ def prefill_tiles(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
     flat = topk_ids.flatten().to(torch.int64)
     key = torch.where(flat < 0, num_experts, flat)
     sorted_slots = torch.sort(key, stable=True).indices
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, key, torch.ones_like(key))[:-1]
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, key, torch.ones_like(key)
+    )[:-1]
     tiles_per_expert = (counts + TILE_M - 1) // TILE_M
     tile_end = tiles_per_expert.cumsum(0)
     tile = torch.arange(-(-flat.numel() // TILE_M) + num_experts, device=flat.device)
@@ -97,13 +105,17 @@ def prefill_tiles(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
     return tuple(t.to(torch.int32).contiguous() for t in (sorted_slots, expert, start, count))
 
 
-def moe_forward_cuda(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: KernelLayer, path: str) -> torch.Tensor:
+def moe_forward_cuda(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: KernelLayer, path: str
+) -> torch.Tensor:
     """reference.moe_forward on the CUDA kernels: x [T, H] -> [T, H] in x.dtype. path: "decode" (any dtype) or
     "prefill" (tensor cores: bfloat16 or float16 x); ops.moe_layer chooses."""
     T, K = topk_ids.shape
     E = layer.gate.segs.shape[0]
     if path not in ("decode", "prefill") or (path == "prefill" and x.dtype not in (torch.bfloat16, torch.float16)):
-        raise ValueError(f"moe_forward_cuda: path {path!r} with {x.dtype} activations; expected decode, or prefill with bf16/fp16")
+        raise ValueError(
+            f"moe_forward_cuda: path {path!r} with {x.dtype} activations; expected decode, or prefill with bf16/fp16"
+        )
     z_dtype = torch.float32 if path == "decode" else x.dtype
     xf = x.float()
     if layer.gate_up_basis is None:

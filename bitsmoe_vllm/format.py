@@ -81,7 +81,9 @@ class QuantConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
         r = _Reader(d, "quantization_config")
         if r.get("quant_method", str) != QUANT_METHOD:
-            raise ValueError(f"quantization_config.quant_method: expected '{QUANT_METHOD}', found {d['quant_method']!r}")
+            raise ValueError(
+                f"quantization_config.quant_method: expected '{QUANT_METHOD}', found {d['quant_method']!r}"
+            )
         version = r.get("format_version", int)
         if version != FORMAT_VERSION:
             raise ValueError(
@@ -121,9 +123,7 @@ class QuantConfig:
             "intermediate_size": self.intermediate_size,
             "num_experts": self.num_experts,
             "projection_names": dict(self.projection_names),
-            "layers": {
-                layer.module: {p: layer.projection(p).to_dict() for p in PROJECTIONS} for layer in self.layers
-            },
+            "layers": {layer.module: {p: layer.projection(p).to_dict() for p in PROJECTIONS} for layer in self.layers},
         }
 
     def validate(self) -> None:
@@ -144,7 +144,9 @@ class QuantConfig:
             raise ValueError("quantization_config.layers: no MoE layer listed")
         for layer in self.layers:
             for p in PROJECTIONS:
-                self._validate_projection(layer.projection(p), f"quantization_config.layers[{layer.module!r}].{p}", widths)
+                self._validate_projection(
+                    layer.projection(p), f"quantization_config.layers[{layer.module!r}].{p}", widths
+                )
         measured = stored_bits(self)
         for scope in BUDGET_SCOPES:
             if abs(measured[scope] - self.achieved_bits[scope]) > BITS_TOLERANCE:
@@ -211,8 +213,12 @@ def layer_tensor_specs(cfg: QuantConfig, layer: LayerLayout) -> dict[str, Tensor
     for e in range(cfg.num_experts):
         for p in PROJECTIONS:
             pl, name = layer.projection(p), cfg.projection_names[p]
-            specs[expert_tensor_name(layer.module, e, name, "codes")] = TensorSpec((pl.planes[e], I // WORD_BITS), CODES_DTYPE, 1)
-            specs[expert_tensor_name(layer.module, e, name, "scales")] = TensorSpec((pl.rows[e], I // G), SCALES_DTYPE, 1)
+            specs[expert_tensor_name(layer.module, e, name, "codes")] = TensorSpec(
+                (pl.planes[e], I // WORD_BITS), CODES_DTYPE, 1
+            )
+            specs[expert_tensor_name(layer.module, e, name, "scales")] = TensorSpec(
+                (pl.rows[e], I // G), SCALES_DTYPE, 1
+            )
             specs[expert_tensor_name(layer.module, e, name, "bits")] = TensorSpec((pl.rank,), BITS_DTYPE, None)
     return specs
 

@@ -46,9 +46,21 @@ def repack(f: Factors) -> KernelFactors:
     source = plane - starts_k.repeat_interleave(width_k) + first_plane[order].repeat_interleave(width_k)
     counts = torch.bincount(group, minlength=E * len(CLASS_WIDTHS)).reshape(E, -1)  # [E, 6]
     planes = counts * torch.tensor(CLASS_WIDTHS, device=bits.device)
-    segs = torch.stack([counts.flatten().cumsum(0) - counts.flatten(), counts.flatten(), planes.flatten().cumsum(0) - planes.flatten()], 1)
-    return KernelFactors(f.codes[source].contiguous(), f.scales[order].contiguous(), rank[order].to(torch.int32).contiguous(),
-                         segs.reshape(E, len(CLASS_WIDTHS), 3).to(torch.int32).contiguous(), R)  # fmt: skip
+    segs = torch.stack(
+        [
+            counts.flatten().cumsum(0) - counts.flatten(),
+            counts.flatten(),
+            planes.flatten().cumsum(0) - planes.flatten(),
+        ],
+        1,
+    )
+    return KernelFactors(
+        f.codes[source].contiguous(),
+        f.scales[order].contiguous(),
+        rank[order].to(torch.int32).contiguous(),
+        segs.reshape(E, len(CLASS_WIDTHS), 3).to(torch.int32).contiguous(),
+        R,
+    )
 
 
 def repack_reference(f: Factors) -> KernelFactors:
@@ -73,6 +85,9 @@ def repack_reference(f: Factors) -> KernelFactors:
             n_planes += len(members) * b
     empty_codes, empty_scales = f.codes[:0], f.scales[:0]
     return KernelFactors(
-        torch.cat(codes) if codes else empty_codes, torch.cat(scales) if scales else empty_scales,
-        torch.tensor(rows, dtype=torch.int32), torch.tensor(segs, dtype=torch.int32).reshape(E, len(CLASS_WIDTHS), 3), R,
-    )  # fmt: skip
+        torch.cat(codes) if codes else empty_codes,
+        torch.cat(scales) if scales else empty_scales,
+        torch.tensor(rows, dtype=torch.int32),
+        torch.tensor(segs, dtype=torch.int32).reshape(E, len(CLASS_WIDTHS), 3),
+        R,
+    )

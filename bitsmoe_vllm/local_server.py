@@ -14,7 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 VLLM = str(Path(sys.executable).parent / "vllm")
-FAST_AND_STRICT = ["--enforce-eager", "--max-model-len", "256", "--model-loader-extra-config", '{"enable_weights_track": true}']
+FAST_AND_STRICT = [
+    "--enforce-eager",
+    "--max-model-len",
+    "256",
+    "--model-loader-extra-config",
+    '{"enable_weights_track": true}',
+]
 
 
 def free_port() -> int:
@@ -34,7 +40,9 @@ def vllm_server(model, *args: str, log: Path, timeout: float = 300.0, env: dict[
     port = free_port()
     command = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=server_env(**(env or {})), start_new_session=True)
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=server_env(**(env or {})), start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -101,15 +109,18 @@ def get(url: str, path: str, timeout: float = 30.0) -> dict:
 
 
 def post(url: str, path: str, body: dict, timeout: float = 120.0) -> dict:
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
 def stream(url: str, path: str, body: dict, timeout: float = 120.0) -> list[dict]:
     """The JSON events of a streamed response; the last line must be `data: [DONE]`."""
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps({**body, "stream": True}).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        f"{url}{path}", data=json.dumps({**body, "stream": True}).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         lines = [line.decode().strip() for line in response if line.strip()]
     assert lines and lines[-1] == "data: [DONE]", lines[-3:]

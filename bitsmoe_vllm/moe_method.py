@@ -62,11 +62,15 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         self.layer: MoELayer | None = None
         self.kernel: ops.Kernel = None  # what the backend oracle chose at load (bitsmoe_vllm/backend.py)
 
-    def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int, params_dtype, **extra):
+    def create_weights(
+        self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int, params_dtype, **extra
+    ):
         self._refuse_unsupported(layer, hidden_size, intermediate_size_per_partition)
         spec, I_tp = self.spec, intermediate_size_per_partition
         local_id = {g: layer._map_global_expert_id_to_local_expert_id(g) for g in range(spec.num_experts)}
-        self.local = sorted((g for g, i in local_id.items() if i >= 0), key=local_id.get)  # experts here, in local-id order
+        self.local = sorted(
+            (g for g, i in local_id.items() if i >= 0), key=local_id.get
+        )  # experts here, in local-id order
         self.regions = self._regions()
         sizes = {"w13": self._totals(("gate", "up")), "w2": self._totals(("down",))}
         R = {p: self.layout.projection(p).rank for p in ("gate", "up", "down")}
@@ -80,9 +84,15 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             "w2_bits": ((len(self.local), R["down"]), BITS_DTYPE),
         }
         if basis_dtype is not None:  # not an identity basis
-            shapes |= {"w13_basis": ((R["gate"] + R["up"], hidden_size), basis_dtype), "w2_basis": ((hidden_size, R["down"]), basis_dtype)}
+            shapes |= {
+                "w13_basis": ((R["gate"] + R["up"], hidden_size), basis_dtype),
+                "w2_basis": ((hidden_size, R["down"]), basis_dtype),
+            }
         if spec.basis_dtype == "int8":
-            shapes |= {"w13_basis_scale": ((R["gate"] + R["up"],), SCALES_DTYPE), "w2_basis_scale": ((hidden_size,), SCALES_DTYPE)}
+            shapes |= {
+                "w13_basis_scale": ((R["gate"] + R["up"],), SCALES_DTYPE),
+                "w2_basis_scale": ((hidden_size,), SCALES_DTYPE),
+            }
         for name, (shape, dtype) in shapes.items():
             param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
             layer.register_parameter(name, param)
@@ -92,19 +102,40 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         spec, where = self.spec, f"BitsMoE layer {self.layout.module}"
         tp = self.moe.moe_parallel_config.tp_size
         problems = [
-            (hidden_size != spec.hidden_size, f"hidden size {hidden_size} in vLLM, {spec.hidden_size} in quantization_config"),
-            (layer.global_num_experts != spec.num_experts,
-             f"{layer.global_num_experts} experts in vLLM (redundant experts included), {spec.num_experts} in the checkpoint"),
-            (I_tp * tp != spec.intermediate_size,
-             f"intermediate size {I_tp} x {tp} tensor-parallel ranks in vLLM, {spec.intermediate_size} in the checkpoint"),
-            (I_tp % spec.group_size != 0,
-             (f"each of {tp} tensor-parallel ranks holds {I_tp} of the {spec.intermediate_size} intermediate columns, "
-              f"not a multiple of the checkpoint's group_size {spec.group_size}; serve with fewer tensor-parallel ranks "
-              f"or quantize with a --group-size that divides {I_tp}")),
-            (self.moe.activation != MoEActivation.SILU, f"activation {self.moe.activation.value}; format v1 has silu only"),
+            (
+                hidden_size != spec.hidden_size,
+                f"hidden size {hidden_size} in vLLM, {spec.hidden_size} in quantization_config",
+            ),
+            (
+                layer.global_num_experts != spec.num_experts,
+                f"{layer.global_num_experts} experts in vLLM (redundant experts included), {spec.num_experts} in the "
+                "checkpoint",
+            ),
+            (
+                I_tp * tp != spec.intermediate_size,
+                f"intermediate size {I_tp} x {tp} tensor-parallel ranks in vLLM, {spec.intermediate_size} in the "
+                "checkpoint",
+            ),
+            (
+                I_tp % spec.group_size != 0,
+                (
+                    f"each of {tp} tensor-parallel ranks holds {I_tp} of the {spec.intermediate_size} intermediate "
+                    "columns, "
+                    f"not a multiple of the checkpoint's group_size {spec.group_size}; serve with fewer "
+                    "tensor-parallel ranks "
+                    f"or quantize with a --group-size that divides {I_tp}"
+                ),
+            ),
+            (
+                self.moe.activation != MoEActivation.SILU,
+                f"activation {self.moe.activation.value}; format v1 has silu only",
+            ),
             (self.moe.has_bias, "expert biases, which format v1 cannot store"),
-            (layer.apply_router_weight_on_input, "routing weights applied to the input, which BitsMoE does not support"),
-        ]  # fmt: skip
+            (
+                layer.apply_router_weight_on_input,
+                "routing weights applied to the input, which BitsMoE does not support",
+            ),
+        ]
         for bad, message in problems:
             if bad:
                 raise ValueError(f"{where}: unsupported configuration: {message}")
@@ -119,15 +150,22 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
                 plane_at[g], row_at[g] = plane[param], row[param]
                 plane[param] += pl.planes[g]
                 row[param] += pl.rows[g]
-            regions[p] = Region(plane_at, row_at, 0 if p == "down" else rank_at,
-                                sum(pl.planes[g] for g in self.local), sum(pl.rows[g] for g in self.local))  # fmt: skip
+            regions[p] = Region(
+                plane_at,
+                row_at,
+                0 if p == "down" else rank_at,
+                sum(pl.planes[g] for g in self.local),
+                sum(pl.rows[g] for g in self.local),
+            )
             rank_at += pl.rank if p != "down" else 0
         return regions
 
     def _totals(self, projections: tuple[str, ...]) -> tuple[int, int]:
         return sum(self.regions[p].planes for p in projections), sum(self.regions[p].rows for p in projections)
 
-    def _load(self, layer, kind: str, param, loaded_weight, weight_name, shard_id=None, expert_id=None, return_success=False):
+    def _load(
+        self, layer, kind: str, param, loaded_weight, weight_name, shard_id=None, expert_id=None, return_success=False
+    ):
         """vLLM's per-expert weight loader for parameter kind `kind` (codes, scales, bits, basis, basis_scale)."""
         p = SHARD_PROJECTION[shard_id]
         checkpoint_name = self.checkpoint_name(kind, p, expert_id)
@@ -163,7 +201,9 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
     def _check(self, name: str, t: torch.Tensor) -> None:
         spec = self.specs.get(name)
         if spec is None:
-            raise ValueError(f"unexpected tensor '{name}' in a BitsMoE checkpoint (FORMAT.md section 3 has no such tensor)")
+            raise ValueError(
+                f"unexpected tensor '{name}' in a BitsMoE checkpoint (FORMAT.md section 3 has no such tensor)"
+            )
         if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
             raise ValueError(
                 f"tensor '{name}': expected {spec.dtype} {list(spec.shape)}, found {t.dtype} {list(t.shape)}"
@@ -181,7 +221,12 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         return t.narrow(1, parallel.tp_rank * width, width)
 
     def process_weights_after_loading(self, layer) -> None:
-        expected = {self.checkpoint_name(k, p, g) for p in ("gate", "up", "down") for g in self.local for k in ("codes", "scales", "bits")}
+        expected = {
+            self.checkpoint_name(k, p, g)
+            for p in ("gate", "up", "down")
+            for g in self.local
+            for k in ("codes", "scales", "bits")
+        }
         expected |= {n for n in self.specs if ".basis" in n}
         missing = sorted(expected - self.arrived)
         if missing:
@@ -197,13 +242,19 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         if self.spec.basis_dtype == "identity":
             bases = (None, None, None)
         else:
-            bases = (Basis(layer.w13_basis[: R["gate"]], rows(scale, 0, R["gate"])),
-                     Basis(layer.w13_basis[R["gate"] :], rows(scale, R["gate"], R["up"])),
-                     Basis(layer.w2_basis, getattr(layer, "w2_basis_scale", None)))  # fmt: skip
+            bases = (
+                Basis(layer.w13_basis[: R["gate"]], rows(scale, 0, R["gate"])),
+                Basis(layer.w13_basis[R["gate"] :], rows(scale, R["gate"], R["up"])),
+                Basis(layer.w2_basis, getattr(layer, "w2_basis_scale", None)),
+            )
         self.layer = MoELayer(
             *bases,
-            Factors(layer.w13_codes[: g.planes], layer.w13_scales[: g.rows], layer.w13_bits[:, : R["gate"]].contiguous()),
-            Factors(layer.w13_codes[g.planes :], layer.w13_scales[g.rows :], layer.w13_bits[:, R["gate"] :].contiguous()),
+            Factors(
+                layer.w13_codes[: g.planes], layer.w13_scales[: g.rows], layer.w13_bits[:, : R["gate"]].contiguous()
+            ),
+            Factors(
+                layer.w13_codes[g.planes :], layer.w13_scales[g.rows :], layer.w13_bits[:, R["gate"] :].contiguous()
+            ),
             Factors(layer.w2_codes, layer.w2_scales, layer.w2_bits),
             self.spec.group_size,
         )

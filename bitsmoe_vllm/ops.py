@@ -2,10 +2,10 @@
 implementation the backend oracle (bitsmoe_vllm/backend.py) chose at load.
 
 Ops of the bitsmoe library (schemas and fakes in library.py), so torch.compile (vLLM traces its CPU MoE) treats the
-layer as one opaque call. On CPU `bitsmoe::moe` runs the C++ float kernel of csrc/cpu (registered for the CPU dispatch key by the
-library built at install, bitsmoe_vllm/_cpu*.so; CPU_KERNEL says whether it is loaded); elsewhere, and on CPU without
-that library, the reference (`reference.moe_forward`). `bitsmoe::moe_reference` is the reference on every device,
-where the oracle found a kernel wrong.
+layer as one opaque call. On CPU `bitsmoe::moe` runs the C++ float kernel of csrc/cpu (registered for the CPU dispatch
+key by the library built at install, bitsmoe_vllm/_cpu*.so; CPU_KERNEL says whether it is loaded); elsewhere, and on
+CPU without that library, the reference (`reference.moe_forward`). `bitsmoe::moe_reference` is the reference on every
+device, where the oracle found a kernel wrong.
 """
 
 import importlib.util
@@ -17,7 +17,9 @@ from bitsmoe_vllm.cpu_layout import CpuLayer, moe_forward_int
 from bitsmoe_vllm.cuda import KernelLayer, moe_forward_cuda
 from bitsmoe_vllm.reference import Basis, Factors, MoELayer, moe_forward
 
-PREFILL_SLOTS_PER_EXPERT = 16  # tensor cores pay once the token choices average this many per expert (to be tuned on a GPU)
+PREFILL_SLOTS_PER_EXPERT = (
+    16  # tensor cores pay once the token choices average this many per expert (to be tuned on a GPU)
+)
 
 
 def _moe(
@@ -43,10 +45,14 @@ def _moe(
 ) -> torch.Tensor:
     """[T, H] routed-expert output in x.dtype (FORMAT.md section 4)."""
     layer = MoELayer(
-        _basis(gate_basis, gate_basis_scale), _basis(up_basis, up_basis_scale), _basis(down_basis, down_basis_scale),
-        Factors(gate_codes, gate_scales, gate_bits), Factors(up_codes, up_scales, up_bits),
-        Factors(down_codes, down_scales, down_bits), group_size,
-    )  # fmt: skip
+        _basis(gate_basis, gate_basis_scale),
+        _basis(up_basis, up_basis_scale),
+        _basis(down_basis, down_basis_scale),
+        Factors(gate_codes, gate_scales, gate_bits),
+        Factors(up_codes, up_scales, up_bits),
+        Factors(down_codes, down_scales, down_bits),
+        group_size,
+    )
     return moe_forward(x, topk_weights, topk_ids, layer)
 
 
@@ -93,10 +99,19 @@ def moe_layer(
     op = torch.ops.bitsmoe.moe_reference if isinstance(kernel, Reference) else torch.ops.bitsmoe.moe
     bases = (layer.gate_basis, layer.up_basis, layer.down_basis)
     return op(
-        x, topk_weights, topk_ids,
-        *(None if b is None else b.weight for b in bases), *(None if b is None else b.scale for b in bases),
-        layer.gate.codes, layer.gate.scales, layer.gate.bits,
-        layer.up.codes, layer.up.scales, layer.up.bits,
-        layer.down.codes, layer.down.scales, layer.down.bits,
+        x,
+        topk_weights,
+        topk_ids,
+        *(None if b is None else b.weight for b in bases),
+        *(None if b is None else b.scale for b in bases),
+        layer.gate.codes,
+        layer.gate.scales,
+        layer.gate.bits,
+        layer.up.codes,
+        layer.up.scales,
+        layer.up.bits,
+        layer.down.codes,
+        layer.down.scales,
+        layer.down.bits,
         layer.group_size,
-    )  # fmt: skip
+    )

@@ -59,8 +59,15 @@ class MoELayer:
         def factors(f: Factors) -> Factors:
             return Factors(f.codes.to(device), f.scales.to(device), f.bits.to(device))
 
-        return MoELayer(basis(self.gate_basis), basis(self.up_basis), basis(self.down_basis),
-                        factors(self.gate), factors(self.up), factors(self.down), self.group_size)  # fmt: skip
+        return MoELayer(
+            basis(self.gate_basis),
+            basis(self.up_basis),
+            basis(self.down_basis),
+            factors(self.gate),
+            factors(self.up),
+            factors(self.down),
+            self.group_size,
+        )
 
 
 def gather_layer(cfg: QuantConfig, module: str, tensors: Mapping[str, torch.Tensor]) -> MoELayer:
@@ -69,7 +76,9 @@ def gather_layer(cfg: QuantConfig, module: str, tensors: Mapping[str, torch.Tens
     check_layer_tensors(cfg, layer, tensors)
 
     def cat(p: str, kind: str) -> torch.Tensor:
-        parts = [tensors[expert_tensor_name(layer.module, e, cfg.projection_names[p], kind)] for e in range(cfg.num_experts)]
+        parts = [
+            tensors[expert_tensor_name(layer.module, e, cfg.projection_names[p], kind)] for e in range(cfg.num_experts)
+        ]
         return torch.stack(parts) if kind == "bits" else torch.cat(parts)
 
     def basis(p: str) -> Basis | None:

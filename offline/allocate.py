@@ -39,13 +39,17 @@ def feasible_range(cost: np.ndarray) -> tuple[float, float]:
     return float(cost.min(1).sum()), float(cost.max(1).sum())
 
 
-def allocate(loss: np.ndarray, cost: np.ndarray, budget: float, *, core_steps: int = CORE_STEPS, time_limit: float = 300.0) -> Allocation:
+def allocate(
+    loss: np.ndarray, cost: np.ndarray, budget: float, *, core_steps: int = CORE_STEPS, time_limit: float = 300.0
+) -> Allocation:
     """loss, cost [U, J] float -> the allocation of least loss with sum of cost <= budget."""
     start = time.perf_counter()
     loss, cost = np.asarray(loss, dtype=np.float64), np.asarray(cost, dtype=np.float64)
     low, high = feasible_range(cost)
     if not low <= budget + 1e-9 * max(1.0, abs(low)):
-        raise ValueError(f"budget {budget:.6g} is below the cheapest allocation {low:.6g}; feasible range [{low:.6g}, {high:.6g}]")
+        raise ValueError(
+            f"budget {budget:.6g} is below the cheapest allocation {low:.6g}; feasible range [{low:.6g}, {high:.6g}]"
+        )
     keep = undominated(loss, cost)
     steps, lp_choice, lp_bound, threshold = lp_relaxation(loss, cost, keep, budget)
     core = core_units(steps, threshold, core_steps, len(loss))
@@ -53,7 +57,9 @@ def allocate(loss: np.ndarray, cost: np.ndarray, budget: float, *, core_steps: i
     units = np.arange(len(loss))
     total_loss, total_cost = float(loss[units, choice].sum()), float(cost[units, choice].sum())
     gap = (total_loss - lp_bound) / total_loss if total_loss > 0 else 0.0
-    return Allocation(choice, total_loss, total_cost, lp_bound, max(gap, 0.0), int(core.sum()), status, time.perf_counter() - start)
+    return Allocation(
+        choice, total_loss, total_cost, lp_bound, max(gap, 0.0), int(core.sum()), status, time.perf_counter() - start
+    )
 
 
 def allocate_in_parts(loss: np.ndarray, cost: np.ndarray, budget: float, parts: int) -> Allocation:
@@ -64,10 +70,15 @@ def allocate_in_parts(loss: np.ndarray, cost: np.ndarray, budget: float, parts: 
     runs = [allocate(l, c, budget / parts) for l, c in zip(np.split(loss, parts), np.split(cost, parts))]
     total, bound = sum(a.loss for a in runs), sum(a.lp_bound for a in runs)
     return Allocation(
-        np.concatenate([a.choice for a in runs]), total, sum(a.cost for a in runs), bound,
-        max((total - bound) / total, 0.0) if total > 0 else 0.0, sum(a.core_units for a in runs),
-        ",".join(sorted({a.mip_status for a in runs})), sum(a.seconds for a in runs),
-    )  # fmt: skip
+        np.concatenate([a.choice for a in runs]),
+        total,
+        sum(a.cost for a in runs),
+        bound,
+        max((total - bound) / total, 0.0) if total > 0 else 0.0,
+        sum(a.core_units for a in runs),
+        ",".join(sorted({a.mip_status for a in runs})),
+        sum(a.seconds for a in runs),
+    )
 
 
 def lp_bound(loss: np.ndarray, cost: np.ndarray, budget: float) -> float:
@@ -183,7 +194,13 @@ def solve_core(loss, cost, keep, budget, lp_choice, core, time_limit) -> tuple[n
     # highspy.Highs() enables its callbacks on construction, a call that prints HiGHS's banner before any option
     # can be set; the core class takes output_flag first.
     h = _Highs()
-    for option, value in {"output_flag": False, "mip_rel_gap": 1e-3, "time_limit": time_limit, "threads": 2, "random_seed": 0}.items():
+    for option, value in {
+        "output_flag": False,
+        "mip_rel_gap": 1e-3,
+        "time_limit": time_limit,
+        "threads": 2,
+        "random_seed": 0,
+    }.items():
         h.setOptionValue(option, value)
     h.passModel(lp)
     start = highspy.HighsSolution()

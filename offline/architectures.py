@@ -36,7 +36,10 @@ class Architecture:
 # transformers 5 writes num_local_experts where older Qwen3-MoE checkpoints say num_experts.
 ARCHITECTURES = {
     "qwen3_moe": Architecture(
-        "model.layers.{layer}.mlp.experts", STANDARD_NAMES, ("num_experts", "num_local_experts"), "moe_intermediate_size"
+        "model.layers.{layer}.mlp.experts",
+        STANDARD_NAMES,
+        ("num_experts", "num_local_experts"),
+        "moe_intermediate_size",
     ),
     "olmoe": Architecture(
         "model.layers.{layer}.mlp.experts", STANDARD_NAMES, ("num_experts", "num_local_experts"), "intermediate_size"

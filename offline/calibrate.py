@@ -61,7 +61,8 @@ def token_sequences(tokenizer, texts: list[str], n_tokens: int, seq_len: int, he
         also = f" and {held_out} held out to check the result" if held_out else ""
         raise ValueError(
             f"the calibration text gives {len(stream)} tokens ({available} sequences of {seq_len}), fewer than "
-            f"--calib-tokens {n_tokens} needs ({S} sequences{also}); pass more text or lower --calib-tokens / --calib-seq-len"
+            f"--calib-tokens {n_tokens} needs ({S} sequences{also}); pass more text or lower --calib-tokens / "
+            "--calib-seq-len"
         )
     starts = torch.linspace(0, available - 1, S + held_out).round().long() * seq_len
     stream = torch.tensor(stream, dtype=torch.long)
@@ -95,15 +96,27 @@ def walk_layers(
     sliding = getattr(model.config, "sliding_window", None) is not None
     make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask  # as the model's forward does
     layers = model.model.layers
-    for i in tqdm(range(first_layer, len(layers)), desc="calibrate", unit="layer", initial=first_layer, total=len(layers)):
+    for i in tqdm(
+        range(first_layer, len(layers)), desc="calibrate", unit="layer", initial=first_layer, total=len(layers)
+    ):
         layer = load_module(layers[i], f"model.layers.{i}.", source, device)
         captured: list[tuple] = []
-        hook = layer.mlp.experts.register_forward_pre_hook(lambda _m, args, c=captured: c.append(args[:3])) if i in moe_layers else None
+        hook = (
+            layer.mlp.experts.register_forward_pre_hook(lambda _m, args, c=captured: c.append(args[:3]))
+            if i in moe_layers
+            else None
+        )
         out = torch.empty_like(hidden)
         with torch.no_grad():
             for s in range(0, hidden.shape[0], batch):
                 chunk = hidden[s : s + batch].to(device)
-                mask = make_mask(config=model.config, inputs_embeds=chunk, attention_mask=None, past_key_values=None, position_ids=positions)
+                mask = make_mask(
+                    config=model.config,
+                    inputs_embeds=chunk,
+                    attention_mask=None,
+                    past_key_values=None,
+                    position_ids=positions,
+                )
                 out[s : s + batch] = layer(
                     chunk, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings
                 ).cpu()
@@ -123,4 +136,3 @@ def embed(model: transformers.PreTrainedModel, source, tokens: torch.Tensor, dev
         hidden = embedding(tokens.to(device)).float().cpu()
     release(embedding)
     return hidden
-

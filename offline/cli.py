@@ -15,26 +15,61 @@ def parse(argv: list[str] | None) -> Options:
         description="Quantize the routed experts of a local Hugging Face MoE checkpoint with BitsMoE (FORMAT.md v1).",
     )
     p.add_argument("--model", required=True, help="checkpoint directory, or a model id already in the local HF cache")
-    p.add_argument("--out", required=True, help="output directory (written as OUT.partial, moved into place when complete)")
+    p.add_argument(
+        "--out", required=True, help="output directory (written as OUT.partial, moved into place when complete)"
+    )
     p.add_argument("--bits", required=True, type=float, help="budget in bits per routed-expert weight")
-    p.add_argument("--calib", required=True, nargs="+", metavar="FILE", help="calibration text: .txt, .jsonl ('text'), .parquet ('text')")
+    p.add_argument(
+        "--calib",
+        required=True,
+        nargs="+",
+        metavar="FILE",
+        help="calibration text: .txt, .jsonl ('text'), .parquet ('text')",
+    )
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    p.add_argument("--budget-scope", choices=["all", "factors"], default="all",
-                   help="what --bits counts: all stored bits of the experts (default), or factor codes and scales only (the paper's)")  # fmt: skip
-    p.add_argument("--allocation", choices=["global", "per-layer"], default="global",
-                   help="one budget over all MoE layers (default), or the same budget in every layer")  # fmt: skip
-    p.add_argument("--basis-dtype", choices=["auto", *BASIS_DTYPES], default="auto",
-                   help=f"the basis: auto (default) takes whichever of {', '.join(AUTO_BASES)} has the least estimated "
-                        "loss at this budget; int8 (one scale per row), fp16 or bf16: a shared basis stored so; identity: "
-                        "no basis, each expert's weights are its factors")  # fmt: skip
-    p.add_argument("--rank", default="auto",
-                   help="shared rank R, or auto (default): the multiple of --unit-rows whose allocation has the least estimated loss")  # fmt: skip
-    p.add_argument("--candidate-bits", default="0,1,2,3,4,6,8", help="widths a rank row may get (default 0,1,2,3,4,6,8)")
-    p.add_argument("--unit-rows", type=int, default=None,
-                   help="rank rows per allocation unit (default 32; 1 with --basis-dtype identity)")  # fmt: skip
-    p.add_argument("--scale-steps", type=int, default=Options.scale_steps,
-                   help="least-squares steps refining each group's scale (default %(default)s; 0: absmax scales)")  # fmt: skip
+    p.add_argument(
+        "--budget-scope",
+        choices=["all", "factors"],
+        default="all",
+        help="what --bits counts: all stored bits of the experts (default), or factor codes and scales only "
+        "(the paper's)",
+    )
+    p.add_argument(
+        "--allocation",
+        choices=["global", "per-layer"],
+        default="global",
+        help="one budget over all MoE layers (default), or the same budget in every layer",
+    )
+    p.add_argument(
+        "--basis-dtype",
+        choices=["auto", *BASIS_DTYPES],
+        default="auto",
+        help=f"the basis: auto (default) takes whichever of {', '.join(AUTO_BASES)} has the least estimated "
+        "loss at this budget; int8 (one scale per row), fp16 or bf16: a shared basis stored so; identity: "
+        "no basis, each expert's weights are its factors",
+    )
+    p.add_argument(
+        "--rank",
+        default="auto",
+        help="shared rank R, or auto (default): the multiple of --unit-rows whose allocation has the least estimated "
+        "loss",
+    )
+    p.add_argument(
+        "--candidate-bits", default="0,1,2,3,4,6,8", help="widths a rank row may get (default 0,1,2,3,4,6,8)"
+    )
+    p.add_argument(
+        "--unit-rows",
+        type=int,
+        default=None,
+        help="rank rows per allocation unit (default 32; 1 with --basis-dtype identity)",
+    )
+    p.add_argument(
+        "--scale-steps",
+        type=int,
+        default=Options.scale_steps,
+        help="least-squares steps refining each group's scale (default %(default)s; 0: absmax scales)",
+    )
     p.add_argument(
         "--rounding",
         choices=["gptq", "nearest"],
@@ -42,12 +77,20 @@ def parse(argv: list[str] | None) -> Options:
         help="gptq (default): rounding errors fed back into the entries not yet rounded, on each expert's "
         "calibration tokens; nearest: every row rounded on its own",
     )
-    p.add_argument("--group-size", type=int, default=None, help="columns per scale (default: 128, or the largest of 96/64/32 dividing I)")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="columns per scale (default: 128, or the largest of 96/64/32 dividing I)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT.partial")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--allow-high-error", action="store_true",
-                   help="write the checkpoint even when a layer's error on held-out tokens marks a broken model")  # fmt: skip
+    p.add_argument(
+        "--allow-high-error",
+        action="store_true",
+        help="write the checkpoint even when a layer's error on held-out tokens marks a broken model",
+    )
     a = p.parse_args(argv)
     try:
         widths = tuple(int(b) for b in a.candidate_bits.split(","))
@@ -59,12 +102,26 @@ def parse(argv: list[str] | None) -> Options:
         if value < 1:
             p.error(f"{flag} {value}: must be positive")
     return Options(
-        model=a.model, out=a.out, bits=a.bits, calib=tuple(a.calib), calib_tokens=a.calib_tokens,
-        calib_seq_len=a.calib_seq_len, budget_scope=a.budget_scope, allocation=a.allocation, basis_dtype=a.basis_dtype,
-        rank=None if a.rank == "auto" else int(a.rank), candidate_bits=widths, unit_rows=a.unit_rows,
-        scale_steps=a.scale_steps, rounding=a.rounding, group_size=a.group_size, device=a.device, resume=a.resume, overwrite=a.overwrite,
+        model=a.model,
+        out=a.out,
+        bits=a.bits,
+        calib=tuple(a.calib),
+        calib_tokens=a.calib_tokens,
+        calib_seq_len=a.calib_seq_len,
+        budget_scope=a.budget_scope,
+        allocation=a.allocation,
+        basis_dtype=a.basis_dtype,
+        rank=None if a.rank == "auto" else int(a.rank),
+        candidate_bits=widths,
+        unit_rows=a.unit_rows,
+        scale_steps=a.scale_steps,
+        rounding=a.rounding,
+        group_size=a.group_size,
+        device=a.device,
+        resume=a.resume,
+        overwrite=a.overwrite,
         allow_high_error=a.allow_high_error,
-    )  # fmt: skip
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bitsmoe-quantize: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a lost mount: what was done so far stays in OUT.partial
-        print(f"bitsmoe-quantize: error: {err}; the run so far is kept in {options.out}.partial: fix the cause (free "
-              "disk space) and rerun the same command with --resume", file=sys.stderr)  # fmt: skip
+        print(
+            f"bitsmoe-quantize: error: {err}; the run so far is kept in {options.out}.partial: fix the cause (free "
+            "disk space) and rerun the same command with --resume",
+            file=sys.stderr,
+        )
         return 1
     print(summary(out, time.monotonic() - start))
     return 0

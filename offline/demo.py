@@ -46,8 +46,13 @@ def train_tokenizer(vocab_size: int = 384) -> transformers.PreTrainedTokenizerFa
 
 
 def tiny_config(
-    arch: str, vocab_size: int, eos_token_id: int, layers: int = LAYERS, experts: int = EXPERTS,
-    intermediate: int = EXPERT_INTERMEDIATE, hidden: int = HIDDEN,
+    arch: str,
+    vocab_size: int,
+    eos_token_id: int,
+    layers: int = LAYERS,
+    experts: int = EXPERTS,
+    intermediate: int = EXPERT_INTERMEDIATE,
+    hidden: int = HIDDEN,
 ) -> transformers.PretrainedConfig:
     common = dict(
         vocab_size=vocab_size,
@@ -62,26 +67,51 @@ def tiny_config(
     )
     if arch == "qwen3_moe":
         return transformers.Qwen3MoeConfig(
-            **common, intermediate_size=128, moe_intermediate_size=intermediate, num_key_value_heads=1,
-            head_dim=32, num_experts=experts, num_experts_per_tok=TOP_K, norm_topk_prob=True,
+            **common,
+            intermediate_size=128,
+            moe_intermediate_size=intermediate,
+            num_key_value_heads=1,
+            head_dim=32,
+            num_experts=experts,
+            num_experts_per_tok=TOP_K,
+            norm_topk_prob=True,
         )
     if arch == "mixtral":
         return transformers.MixtralConfig(
-            **common, intermediate_size=intermediate, num_key_value_heads=2,
-            num_local_experts=experts, num_experts_per_tok=TOP_K,
+            **common,
+            intermediate_size=intermediate,
+            num_key_value_heads=2,
+            num_local_experts=experts,
+            num_experts_per_tok=TOP_K,
         )
     if arch == "olmoe":
         return transformers.OlmoeConfig(
-            **common, intermediate_size=intermediate, num_key_value_heads=2,
-            num_experts=experts, num_experts_per_tok=TOP_K,
+            **common,
+            intermediate_size=intermediate,
+            num_key_value_heads=2,
+            num_experts=experts,
+            num_experts_per_tok=TOP_K,
         )
     if arch == "deepseek_v2":  # layer 0 dense, the others MoE with a shared expert
         # vLLM's CPU MLA kernel is built for a latent of kv_lora_rank 512 + rope 64 only
         return transformers.DeepseekV2Config(
-            **common, intermediate_size=128, moe_intermediate_size=intermediate, num_key_value_heads=2,
-            n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=TOP_K, first_k_dense_replace=1,
-            kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32,
-            topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,  # as DeepSeek-V2-Lite
+            **common,
+            intermediate_size=128,
+            moe_intermediate_size=intermediate,
+            num_key_value_heads=2,
+            n_routed_experts=experts,
+            n_shared_experts=1,
+            num_experts_per_tok=TOP_K,
+            first_k_dense_replace=1,
+            kv_lora_rank=512,
+            q_lora_rank=None,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=32,
+            v_head_dim=32,
+            topk_method="greedy",
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=1.0,  # as DeepSeek-V2-Lite
         )
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {ARCHITECTURES}")
 
@@ -124,7 +154,10 @@ def main() -> None:
     build_tiny_model(a.arch, a.out, layers=a.layers, experts=a.experts, intermediate=a.intermediate, hidden=a.hidden)
     if a.text:
         a.text.write_text("\n\n".join(corpus()))
-    print(f"wrote a {a.layers}-layer {a.arch} with {a.experts} experts to {a.out}" + (f", text to {a.text}" if a.text else ""))
+    print(
+        f"wrote a {a.layers}-layer {a.arch} with {a.experts} experts to {a.out}"
+        + (f", text to {a.text}" if a.text else "")
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ def dequantize_checkpoint(bitsmoe_dir: str | Path, out_dir: str | Path, dtype: t
     tensors = {name: files[name] for name in files if not name.startswith(quantized)}
     for layout in cfg.layers:
         layer = load_layer(files, cfg, layout.module)
-        B_gate, B_up, B_down = (torch.eye(cfg.hidden_size) if b is None else dequantize_basis(b)
-                                for b in (layer.gate_basis, layer.up_basis, layer.down_basis))  # fmt: skip
+        B_gate, B_up, B_down = (
+            torch.eye(cfg.hidden_size) if b is None else dequantize_basis(b)
+            for b in (layer.gate_basis, layer.up_basis, layer.down_basis)
+        )
         for e in range(cfg.num_experts):
             weights = {
                 "gate": expert_factor(layer.gate, e, cfg.group_size).T @ B_gate,  # [I, H]

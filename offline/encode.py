@@ -23,7 +23,11 @@ from .rounding import REFINE_STEPS, codes_for, quantize_basis, quantize_rows
 
 
 def encode_factor(
-    factor: torch.Tensor, bits: torch.Tensor, group_size: int, scale_steps: int = REFINE_STEPS, row_scales: torch.Tensor | None = None
+    factor: torch.Tensor,
+    bits: torch.Tensor,
+    group_size: int,
+    scale_steps: int = REFINE_STEPS,
+    row_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """factor [R, I] float, bits [R] -> codes [sum(bits), I/32] int32, scales [count(bits > 0), I/G] float16.
 
@@ -69,8 +73,10 @@ def encode_layer(
     for p in PROJECTIONS:
         dec, widths, name = decompositions[p], bits[p].to(torch.int64), projection_names[p]
         if (dec.basis is None) != (basis_dtype == "identity"):
-            raise ValueError(f"encode_layer: {module} {p}: basis_dtype {basis_dtype} with a decomposition whose basis is "
-                             f"{'the identity' if dec.basis is None else 'stored'}")  # fmt: skip
+            raise ValueError(
+                f"encode_layer: {module} {p}: basis_dtype {basis_dtype} with a decomposition whose basis is "
+                f"{'the identity' if dec.basis is None else 'stored'}"
+            )
         if dec.basis is not None:
             basis = dec.basis.T if p == "down" else dec.basis  # down stores U_d = V^T [H, R]
             tensors[basis_name(module, name)], scale = quantize_basis(basis, basis_dtype)

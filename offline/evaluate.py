@@ -25,7 +25,9 @@ class ReferenceExperts(torch.nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         return moe_forward(hidden_states, top_k_weights, top_k_index, self.layer)
 
 
@@ -41,7 +43,11 @@ def load_model(model: str, device: torch.device) -> transformers.PreTrainedModel
         if module in quantized:
             layer.mlp.experts = ReferenceExperts(load_layer(files, cfg, module).to(device))
         load_module(layer, f"model.layers.{i}.", source, device)
-    for prefix, part in (("model.embed_tokens.", net.model.embed_tokens), ("model.norm.", net.model.norm), ("lm_head.", net.lm_head)):
+    for prefix, part in (
+        ("model.embed_tokens.", net.model.embed_tokens),
+        ("model.norm.", net.model.norm),
+        ("lm_head.", net.lm_head),
+    ):
         load_module(part, prefix, source, device)
     return net.eval()
 
@@ -56,7 +62,9 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int, stride: int | None) ->
         raise ValueError(f"the sliding-window stride {stride} must be between 1 and the window length {seq_len}")
     nll, count, prev_end = 0.0, 0, 0
     step = stride or seq_len
-    for begin in tqdm(range(0, n, step), desc=f"ppl ({'stride ' + str(stride) if stride else 'windows'})", unit="window"):
+    for begin in tqdm(
+        range(0, n, step), desc=f"ppl ({'stride ' + str(stride) if stride else 'windows'})", unit="window"
+    ):
         end = min(begin + seq_len, n)
         window = tokens[begin:end][None].to(model.device)
         new = end - prev_end if stride else end - begin
@@ -82,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     ppl = sub.add_parser("ppl", help="perplexity on local text, both protocols")
     ppl.add_argument("--model", required=True)
-    ppl.add_argument("--text", required=True, nargs="+", metavar="FILE", help=".txt, .jsonl ('text') or .parquet ('text')")
+    ppl.add_argument(
+        "--text", required=True, nargs="+", metavar="FILE", help=".txt, .jsonl ('text') or .parquet ('text')"
+    )
     ppl.add_argument("--seq-len", type=int, default=2048)
     ppl.add_argument("--stride", type=int, default=512, help="stride of the sliding-window protocol (default 512)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")

@@ -38,7 +38,9 @@ def copied_tensors(source: SourceCheckpoint, prefix: str | None, experts_module:
         if experts_module and name.startswith(experts_module + "."):
             expert, _, rest = name.removeprefix(experts_module + ".").partition(".")
             if not (expert.isdigit() and rest in {f"{n}.weight" for n in arch.projection_names.values()}):
-                raise ValueError(f"tensor {name} under the routed experts is not a per-expert gate/up/down weight; unsupported")
+                raise ValueError(
+                    f"tensor {name} under the routed experts is not a per-expert gate/up/down weight; unsupported"
+                )
             continue
         out[name] = source.get(name)
     return out

@@ -25,7 +25,9 @@ def skeleton(source: SourceCheckpoint, device: torch.device) -> transformers.Pre
     return model
 
 
-def load_module(module: torch.nn.Module, prefix: str, source: SourceCheckpoint, device: torch.device) -> torch.nn.Module:
+def load_module(
+    module: torch.nn.Module, prefix: str, source: SourceCheckpoint, device: torch.device
+) -> torch.nn.Module:
     """Give `module` (at path `prefix` in the model) its checkpoint weights, as float32 on `device`."""
     module.to_empty(device=device)
     with torch.no_grad():
@@ -50,8 +52,8 @@ _MALLOC_TRIM = _malloc_trim()
 
 
 def return_freed_memory() -> None:
-    """Give freed heap memory back to the OS. glibc keeps it otherwise, and the peak RSS of a run
-    creeps up with every layer (measured on a 512-wide model: +216 MB from 12 to 24 layers without this, +23 MB with it)."""
+    """Give freed heap memory back to the OS. glibc keeps it otherwise, and the peak RSS of a run creeps up with
+    every layer (benchmarks/README.md, design timings)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -65,7 +67,10 @@ def checkpoint_tensor(source: SourceCheckpoint, name: str) -> torch.Tensor:
         E = arch.num_experts(source.config)
         parts = FUSED_EXPERTS[leaf]
         return torch.stack(
-            [torch.cat([source.get(f"{experts}.{e}.{arch.projection_names[p]}.weight") for p in parts]) for e in range(E)]
+            [
+                torch.cat([source.get(f"{experts}.{e}.{arch.projection_names[p]}.weight") for p in parts])
+                for e in range(E)
+            ]
         )
     if name == "lm_head.weight" and name not in source.tensors and source.config.get("tie_word_embeddings"):
         name = "model.embed_tokens.weight"

@@ -85,7 +85,7 @@ class Plan:
 
     @property
     def factor_kind(self) -> str:
-        """"identity" or "shared": the factors' cost measurements, which every shared basis dtype has in common."""
+        """ "identity" or "shared": the factors' cost measurements, which every shared basis dtype has in common."""
         return "identity" if self.basis == "identity" else "shared"
 
     def basis_candidates(self) -> tuple[str, ...]:
@@ -125,13 +125,19 @@ class Plan:
         cost = unit_costs(rank, self.intermediate_size, list(self.widths), self.unit_rows, self.group_size)
         plan = replace(self, rank=rank, unit_cost=cost)
         empty = tuple([0] * self.num_experts)
-        nothing = plan.quant_config([plan.layout(i, dict.fromkeys(PROJECTIONS, empty), dict.fromkeys(PROJECTIONS, empty)) for i in self.moe_layers])
+        nothing = plan.quant_config(
+            [
+                plan.layout(i, dict.fromkeys(PROJECTIONS, empty), dict.fromkeys(PROJECTIONS, empty))
+                for i in self.moe_layers
+            ]
+        )
         fixed = stored_bits(nothing)[o.budget_scope] * self.total_weights
         return replace(plan, fixed_bits=fixed, budget_bits=o.bits * self.total_weights - fixed)
 
     def rank_candidates(self) -> list[int]:
         """Ranks --rank auto chooses from: up to 16 multiples of --unit-rows, evenly spaced, ending at the hidden
-        size; only the hidden size when 0 bits (dropping a row) is not a candidate width or the basis is the identity."""
+        size; only the hidden size when 0 bits (dropping a row) is not a candidate width or the basis is the
+        identity."""
         H, step = self.hidden_size, self.unit_rows
         if self.options.rank or 0 not in self.widths or step >= H or self.basis_dtype == "identity":
             return [self.options.rank or H]
@@ -144,12 +150,19 @@ class Plan:
 
     def quant_config(self, layouts: list[LayerLayout], achieved: dict[str, float] | None = None) -> QuantConfig:
         return QuantConfig(
-            bits=self.options.bits, budget_scope=self.options.budget_scope,
-            achieved_bits=achieved or {"all": 0.0, "factors": 0.0}, candidate_bits=self.widths,
-            group_size=self.group_size, basis_dtype=self.basis_dtype, activation="silu", hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_experts=self.num_experts,
-            projection_names=self.source.architecture.projection_names, layers=tuple(layouts),
-        )  # fmt: skip
+            bits=self.options.bits,
+            budget_scope=self.options.budget_scope,
+            achieved_bits=achieved or {"all": 0.0, "factors": 0.0},
+            candidate_bits=self.widths,
+            group_size=self.group_size,
+            basis_dtype=self.basis_dtype,
+            activation="silu",
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_experts=self.num_experts,
+            projection_names=self.source.architecture.projection_names,
+            layers=tuple(layouts),
+        )
 
 
 def make_plan(options: Options) -> Plan:
@@ -158,17 +171,24 @@ def make_plan(options: Options) -> Plan:
     arch, config = source.architecture, source.config
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "unknown")
-        raise ValueError(f"{source.dir} is already quantized (quant_method {method!r}); BitsMoE starts from the original weights")
+        raise ValueError(
+            f"{source.dir} is already quantized (quant_method {method!r}); BitsMoE starts from the original weights"
+        )
     moe_layers = tuple(source.moe_layers())
     if not moe_layers:
-        raise ValueError(f"{source.dir} has no routed experts (looked for {arch.experts_module.format(layer='N')}.0.*): not an MoE model")
+        raise ValueError(
+            f"{source.dir} has no routed experts (looked for {arch.experts_module.format(layer='N')}.0.*): not an "
+            "MoE model"
+        )
     H, I, E = config["hidden_size"], arch.intermediate_size(config), arch.num_experts(config)
     rank = options.rank or H  # None (auto): costs are measured at full rank, the rank is chosen at allocation
     if not 1 <= rank <= H:
         raise ValueError(f"--rank {rank}: must be between 1 and the hidden size {H}")
     widths = tuple(sorted(set(options.candidate_bits)))
     if not set(widths) <= set(BIT_WIDTHS) or not any(widths):
-        raise ValueError(f"--candidate-bits {list(options.candidate_bits)}: expected widths from {list(BIT_WIDTHS)}, one above 0")
+        raise ValueError(
+            f"--candidate-bits {list(options.candidate_bits)}: expected widths from {list(BIT_WIDTHS)}, one above 0"
+        )
     if options.basis_dtype not in ("auto", *BASIS_DTYPES):
         raise ValueError(f"--basis-dtype {options.basis_dtype}: expected one of {['auto', *BASIS_DTYPES]}")
     if options.basis_dtype == "identity" and rank != H:
@@ -183,15 +203,30 @@ def make_plan(options: Options) -> Plan:
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: no CUDA device is available to torch {torch.__version__}")
     first = "int8" if options.basis_dtype == "auto" else options.basis_dtype
-    plan = Plan(source, options, first, moe_layers, H, I, E, H, group_size, widths, unit_cost=torch.zeros(0), fixed_bits=0.0,
-                total_weights=len(moe_layers) * 3 * E * I * H, budget_bits=0.0).with_rank(rank)  # fmt: skip
+    plan = Plan(
+        source,
+        options,
+        first,
+        moe_layers,
+        H,
+        I,
+        E,
+        H,
+        group_size,
+        widths,
+        unit_cost=torch.zeros(0),
+        fixed_bits=0.0,
+        total_weights=len(moe_layers) * 3 * E * I * H,
+        budget_bits=0.0,
+    ).with_rank(rank)
     ranges = {basis: plan.with_basis(basis).feasible_bits() for basis in plan.basis_candidates()}
     low, high = min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
     if not low - 1e-9 <= options.bits <= high + 1e-9:
         ranks = f"rank {rank}" if options.rank else f"ranks {min(plan.rank_candidates())}-{H}"
         bases = " or ".join(f"{BASIS_DTYPES[b]}" for b in ranges)
         raise ValueError(
-            f"--bits {options.bits} is outside the feasible range [{low:.4f}, {high:.4f}] ({options.budget_scope} bits per "
+            f"--bits {options.bits} is outside the feasible range [{low:.4f}, {high:.4f}] ({options.budget_scope} "
+            "bits per "
             f"routed-expert weight) for this model with {ranks}, group size {group_size}, {bases} bases "
             f"and candidate widths {list(widths)}"
         )
@@ -201,9 +236,14 @@ def make_plan(options: Options) -> Plan:
 def choose_group_size(intermediate_size: int, requested: int | None) -> int:
     if requested is not None:
         if requested % 32 or intermediate_size % requested:
-            raise ValueError(f"--group-size {requested}: must be a multiple of 32 that divides the experts' intermediate size {intermediate_size}")
+            raise ValueError(
+                f"--group-size {requested}: must be a multiple of 32 that divides the experts' intermediate size "
+                f"{intermediate_size}"
+            )
         return requested
     for g in GROUP_SIZES:
         if intermediate_size % g == 0:
             return g
-    raise ValueError(f"the experts' intermediate size {intermediate_size} is not a multiple of 32; FORMAT.md v1 cannot store it")
+    raise ValueError(
+        f"the experts' intermediate size {intermediate_size} is not a multiple of 32; FORMAT.md v1 cannot store it"
+    )

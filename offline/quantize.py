@@ -32,10 +32,13 @@ def quantize(options: Options) -> Path:
     plan = make_plan(options)
     explicit_shared = options.basis_dtype not in ("auto", "identity")
     if explicit_shared and options.budget_scope == "all" and plan.full_rank_basis_bits() > options.bits / 2:
-        print(f"bitsmoe-quantize: warning: the shared bases would cost {plan.full_rank_basis_bits():.2f} bits per "
-              f"routed-expert weight at full rank ({plan.basis_dtype}, H {plan.hidden_size}, E x I "
-              f"{plan.num_experts} x {plan.intermediate_size}), more than half of --bits {options.bits}; the rank will "
-              "be cut hard. --basis-dtype auto chooses between shared and identity bases.", file=sys.stderr)  # fmt: skip
+        print(
+            f"bitsmoe-quantize: warning: the shared bases would cost {plan.full_rank_basis_bits():.2f} bits per "
+            f"routed-expert weight at full rank ({plan.basis_dtype}, H {plan.hidden_size}, E x I "
+            f"{plan.num_experts} x {plan.intermediate_size}), more than half of --bits {options.bits}; the rank will "
+            "be cut hard. --basis-dtype auto chooses between shared and identity bases.",
+            file=sys.stderr,
+        )
     tokenizer = transformers.AutoTokenizer.from_pretrained(plan.source.dir)
     texts = read_texts(list(options.calib))
     held_out = guard.held_out_count(-(-options.calib_tokens // options.calib_seq_len))
@@ -144,8 +147,12 @@ def allocate_bits(plan: Plan, run: RunDir, costs: dict[str, torch.Tensor]) -> tu
         choice = torch.zeros(len(losses), dtype=torch.long)  # plan.widths starts at 0 whenever rows are dropped
         choice[kept] = torch.from_numpy(result.choice)
         stats = {k: v for k, v in dataclasses.asdict(result).items() if k != "choice"}
-        stats |= {"units": int(kept.sum()), "unit_rows": full.unit_rows, "budget_bits": final.budget_bits,
-                  "dropped_rows_loss": float(selection.dropped_loss(costs, full.factor_kind)[~kept].sum())} | choice_info  # fmt: skip
+        stats |= {
+            "units": int(kept.sum()),
+            "unit_rows": full.unit_rows,
+            "budget_bits": final.budget_bits,
+            "dropped_rows_loss": float(selection.dropped_loss(costs, full.factor_kind)[~kept].sum()),
+        } | choice_info
         run.save("allocation", {"choice": choice}, {"stats": json.dumps(stats)})
         saved = run.load("allocation")
     stats = json.loads(saved[1]["stats"])
@@ -181,9 +188,16 @@ def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> lis
             if plan.options.rounding == "gptq":
                 decompositions, scales = feedback_rounding(plan, run, i, weights, decompositions, widths)
             del weights
-            _, encoded = encode_layer(module, decompositions, widths, group_size=plan.group_size,
-                                      basis_dtype=plan.basis_dtype, projection_names=arch.projection_names,
-                                      scale_steps=plan.options.scale_steps, scales=scales)  # fmt: skip
+            _, encoded = encode_layer(
+                module,
+                decompositions,
+                widths,
+                group_size=plan.group_size,
+                basis_dtype=plan.basis_dtype,
+                projection_names=arch.projection_names,
+                scale_steps=plan.options.scale_steps,
+                scales=scales,
+            )
             tensors |= {name: t.cpu() for name, t in encoded.items()}
         write_shard(path, tensors)
         plan.source.tensors.close()
@@ -211,10 +225,13 @@ def write_checkpoint(plan: Plan, run: RunDir, choice: torch.Tensor, files: list[
     """config.json, the index, tokenizer and other files, validation by re-reading, and the plots; the config and
     the files written besides the weights."""
     layouts = [
-        plan.layout(i, {p: tuple((b[j] > 0).sum(1).tolist()) for j, p in enumerate(PROJECTIONS)},
-                    {p: tuple(b[j].sum(1).tolist()) for j, p in enumerate(PROJECTIONS)})
+        plan.layout(
+            i,
+            {p: tuple((b[j] > 0).sum(1).tolist()) for j, p in enumerate(PROJECTIONS)},
+            {p: tuple(b[j].sum(1).tolist()) for j, p in enumerate(PROJECTIONS)},
+        )
         for i, b in row_bits(plan, choice).items()
-    ]  # fmt: skip
+    ]
     draft = plan.quant_config(layouts)
     cfg = dataclasses.replace(draft, achieved_bits=stored_bits(draft))
     cfg.validate()
@@ -243,9 +260,14 @@ def report(
     return {
         "model": str(plan.source.dir),
         "options": plan.options.run_identity(),
-        "bits": {"budget": plan.options.bits, "budget_scope": plan.options.budget_scope,
-                 "achieved_all": cfg.achieved_bits["all"], "achieved_factors": cfg.achieved_bits["factors"],
-                 "routed_expert_weights": plan.total_weights, "non_expert_params": non_expert_params(plan)},
+        "bits": {
+            "budget": plan.options.bits,
+            "budget_scope": plan.options.budget_scope,
+            "achieved_all": cfg.achieved_bits["all"],
+            "achieved_factors": cfg.achieved_bits["factors"],
+            "routed_expert_weights": plan.total_weights,
+            "non_expert_params": non_expert_params(plan),
+        },
         "basis": {"dtype": plan.basis_dtype, "rank": plan.rank},
         "allocation": stats,
         "layers": {
@@ -259,7 +281,7 @@ def report(
         },
         "worst_relative_error": max(errors.values()),
         "stages": timer.stages,
-    }  # fmt: skip
+    }
 
 
 def non_expert_params(plan: Plan) -> int:

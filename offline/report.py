@@ -47,15 +47,22 @@ def plot_allocation(directory: Path, bits: dict[int, torch.Tensor]) -> list[str]
     stacked = torch.stack([bits[i].double() for i in layers])  # [L, 3, E, R]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(layers) + 2))
     image = ax.imshow(stacked.mean((1, 3)).numpy(), aspect="auto", cmap="viridis")
-    ax.set(xlabel="expert", ylabel="layer", yticks=range(len(layers)), yticklabels=layers,
-           title="mean code bits per factor entry (gate, up, down)")  # fmt: skip
+    ax.set(
+        xlabel="expert",
+        ylabel="layer",
+        yticks=range(len(layers)),
+        yticklabels=layers,
+        title="mean code bits per factor entry (gate, up, down)",
+    )
     fig.colorbar(image, ax=ax)
     fig.savefig(directory / "bits_heatmap.png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(8, 4))
     for j, p in enumerate(PROJECTIONS):
         ax.plot(stacked[:, j].mean((0, 1)).numpy(), label=p)
-    ax.set(xlabel="rank index (basis row, by decreasing energy)", ylabel="mean width (bits)", title="bits by rank index")
+    ax.set(
+        xlabel="rank index (basis row, by decreasing energy)", ylabel="mean width (bits)", title="bits by rank index"
+    )
     ax.legend()
     fig.savefig(directory / "bits_by_rank.png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)

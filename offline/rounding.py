@@ -13,7 +13,9 @@ from bitsmoe_vllm.packing import code_range
 REFINE_STEPS = 8
 
 
-def quantize_rows(rows: torch.Tensor, bits: int, group_size: int, steps: int = REFINE_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(
+    rows: torch.Tensor, bits: int, group_size: int, steps: int = REFINE_STEPS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """rows [N, I] float -> codes [N, I] int8, scales [N, I/G] float16 (dequantized = codes * scale)."""
     N, I = rows.shape
     if I % group_size:
@@ -37,7 +39,9 @@ def quantize_rows(rows: torch.Tensor, bits: int, group_size: int, steps: int = R
     return codes.reshape(N, I).to(torch.int8), best_scale.squeeze(-1).half()
 
 
-def quantize_mixed_rows(rows: torch.Tensor, bits: torch.Tensor, group_size: int, steps: int = REFINE_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_mixed_rows(
+    rows: torch.Tensor, bits: torch.Tensor, group_size: int, steps: int = REFINE_STEPS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows with a width per row, bits [N] in 1..8, in one pass (offline.gptq rounds a coordinate of every
     expert at once): the same codes and scales as quantize_rows on each width's rows."""
     N, I = rows.shape

@@ -44,12 +44,15 @@ class RunDir:
         identity = json.loads(json.dumps(identity))  # compare as it is stored: tuples become lists
         if self.partial.exists():
             if not resume:
-                raise FileExistsError(f"{self.partial} holds an interrupted run; pass --resume to continue it, or delete it")
+                raise FileExistsError(
+                    f"{self.partial} holds an interrupted run; pass --resume to continue it, or delete it"
+                )
             saved = json.loads(run_file.read_text()) if run_file.is_file() else {}
             changed = sorted(k for k in identity.keys() | saved.keys() if identity.get(k) != saved.get(k))
             if changed:
                 raise ValueError(
-                    f"--resume: {self.partial} was started with other options ({', '.join(f'{k}: {saved.get(k)!r} then, {identity.get(k)!r} now' for k in changed)})"
+                    f"--resume: {self.partial} was started with other options "
+                    f"({', '.join(f'{k}: {saved.get(k)!r} then, {identity.get(k)!r} now' for k in changed)})"
                 )
         self.work.mkdir(parents=True, exist_ok=True)
         self.checkpoint.mkdir(exist_ok=True)

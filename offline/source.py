@@ -21,7 +21,8 @@ def resolve_model_dir(model: str) -> Path:
         return Path(snapshot_download(model, local_files_only=True))
     except (ValueError, OSError) as err:  # an invalid id, or one not in the cache
         raise FileNotFoundError(
-            f"model {model!r} is neither a directory nor a model id in the local Hugging Face cache ({err.__class__.__name__}); "
+            f"model {model!r} is neither a directory nor a model id in the local Hugging Face cache "
+            f"({err.__class__.__name__}); "
             "pass the checkpoint's directory, or download it first"
         ) from None
 

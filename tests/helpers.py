@@ -27,8 +27,17 @@ MODULE = "model.layers.0.mlp.experts"
 
 
 def random_checkpoint(
-    H: int, I: int, E: int, ranks: tuple[int, int, int], G: int, *, widths=ALLOCATION_WIDTHS,
-    basis_dtype: str = "float16", seed: int = 0, module: str = MODULE, names: dict[str, str] = STANDARD_NAMES,
+    H: int,
+    I: int,
+    E: int,
+    ranks: tuple[int, int, int],
+    G: int,
+    *,
+    widths=ALLOCATION_WIDTHS,
+    basis_dtype: str = "float16",
+    seed: int = 0,
+    module: str = MODULE,
+    names: dict[str, str] = STANDARD_NAMES,
 ) -> tuple[QuantConfig, dict[str, torch.Tensor]]:
     """A one-layer checkpoint (config, name -> tensor) with every width of `widths` in use."""
     g = torch.Generator().manual_seed(seed)
@@ -46,8 +55,16 @@ def random_checkpoint(
         module, decompositions, bits, group_size=G, basis_dtype=basis_dtype, projection_names=names
     )
     cfg = build_quant_config(
-        [layout], bits=16.0, budget_scope="all", candidate_bits=tuple(sorted(set(widths) | {0})), group_size=G,
-        basis_dtype=basis_dtype, activation="silu", hidden_size=H, intermediate_size=I, num_experts=E,
+        [layout],
+        bits=16.0,
+        budget_scope="all",
+        candidate_bits=tuple(sorted(set(widths) | {0})),
+        group_size=G,
+        basis_dtype=basis_dtype,
+        activation="silu",
+        hidden_size=H,
+        intermediate_size=I,
+        num_experts=E,
         projection_names=names,
     )
     return cfg, tensors
@@ -74,7 +91,7 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def dense_from_cpu_basis(weight: torch.Tensor) -> torch.Tensor:
-    """The row-major [n, in] matrix of an int8 basis in the CPU basis layout, read in order as moe_cpu.h describes it."""
+    """The row-major [n, in] matrix of an int8 basis in the CPU basis layout, read as moe_cpu.h describes it."""
     n, k = weight.shape
     flat, dense, at = weight.flatten(), torch.empty_like(weight), 0
     for first in range(0, n, 4):  # blocks of 4 rows, the last one what is left

@@ -20,6 +20,7 @@ MOE_LAYER = LAYERS - 1  # the last layer is MoE in every tiny model (DeepSeek-V2
 
 def expert_weights(state: dict, module: str, names: dict, num_experts: int) -> dict[str, torch.Tensor]:
     """Checkpoint per-expert weights as [E, I, H] per projection (down transposed), the quantizer's view."""
+
     def stack(p):
         return torch.stack([state[f"{module}.{e}.{names[p]}.weight"] for e in range(num_experts)])
 
@@ -39,9 +40,17 @@ def quantize_layer(model_dir, bits: int, rank: int | None = None):
         module, decompositions, widths, group_size=32, basis_dtype="float16", projection_names=arch.projection_names
     )
     cfg = build_quant_config(
-        [layout], bits=16.0, budget_scope="all", candidate_bits=(0, 1, 2, 3, 4, 6, 8), group_size=32,
-        basis_dtype="float16", activation="silu", hidden_size=H, intermediate_size=arch.intermediate_size(config),
-        num_experts=E, projection_names=arch.projection_names,
+        [layout],
+        bits=16.0,
+        budget_scope="all",
+        candidate_bits=(0, 1, 2, 3, 4, 6, 8),
+        group_size=32,
+        basis_dtype="float16",
+        activation="silu",
+        hidden_size=H,
+        intermediate_size=arch.intermediate_size(config),
+        num_experts=E,
+        projection_names=arch.projection_names,
     )
     cfg = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))  # as a loader would see it
     return gather_layer(cfg, module, tensors)

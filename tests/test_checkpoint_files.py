@@ -48,7 +48,9 @@ def test_a_truncated_shard_is_named(checkpoint, keep):
 def test_a_missing_shard_is_named(checkpoint):
     (checkpoint / SHARDS[0]).unlink()
     for load in (TensorFiles, validate_checkpoint, lambda d: check_files(d, CFG)):
-        with pytest.raises(FileNotFoundError, match=f"shard {SHARDS[0]} named in {checkpoint / WEIGHTS_INDEX} is missing"):
+        with pytest.raises(
+            FileNotFoundError, match=f"shard {SHARDS[0]} named in {checkpoint / WEIGHTS_INDEX} is missing"
+        ):
             load(checkpoint)
 
 
@@ -56,21 +58,41 @@ def edit_second_shard(checkpoint, edit):
     tensors = load_file(checkpoint / SHARDS[1])
     edit(tensors)
     save_file(tensors, checkpoint / SHARDS[1], metadata={"format": "pt"})
-    index = {"weight_map": {**{n: SHARDS[0] for n in load_file(checkpoint / SHARDS[0])}, **dict.fromkeys(tensors, SHARDS[1])}}
+    index = {
+        "weight_map": {**{n: SHARDS[0] for n in load_file(checkpoint / SHARDS[0])}, **dict.fromkeys(tensors, SHARDS[1])}
+    }
     (checkpoint / WEIGHTS_INDEX).write_text(json.dumps(index))
 
 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda t: t.pop(f"{MODULE}.3.up_proj.scales"), f"BitsMoE checkpoint is missing tensor '{MODULE}.3.up_proj.scales' (expected torch.float16 ["),
-        (lambda t: t.update({f"{MODULE}.2.gate_proj.codes": t[f"{MODULE}.2.gate_proj.codes"].long()}),
-         f"tensor '{MODULE}.2.gate_proj.codes' in {SHARDS[1]}: expected torch.int32 ["),
-        (lambda t: t.update({f"{MODULE}.3.down_proj.bits": t[f"{MODULE}.3.down_proj.bits"][:-1].clone()}),
-         f"tensor '{MODULE}.3.down_proj.bits' in {SHARDS[1]}: expected torch.uint8 [64], found torch.uint8 [63]"),
-        (lambda t: t.update({f"{MODULE}.3.down_proj.weight": torch.zeros(2, 2)}), f"unexpected tensor '{MODULE}.3.down_proj.weight' in {SHARDS[1]}"),
-        (lambda t: t.update({f"{MODULE}.2.up_proj.bits": t[f"{MODULE}.2.up_proj.bits"].masked_fill(t[f"{MODULE}.2.up_proj.bits"] == 4, 5)}),
-         f"tensor '{MODULE}.2.up_proj.bits': bit-width 5 is not in candidate_bits [0, 1, 2, 3, 4, 6, 8]"),
+        (
+            lambda t: t.pop(f"{MODULE}.3.up_proj.scales"),
+            f"BitsMoE checkpoint is missing tensor '{MODULE}.3.up_proj.scales' (expected torch.float16 [",
+        ),
+        (
+            lambda t: t.update({f"{MODULE}.2.gate_proj.codes": t[f"{MODULE}.2.gate_proj.codes"].long()}),
+            f"tensor '{MODULE}.2.gate_proj.codes' in {SHARDS[1]}: expected torch.int32 [",
+        ),
+        (
+            lambda t: t.update({f"{MODULE}.3.down_proj.bits": t[f"{MODULE}.3.down_proj.bits"][:-1].clone()}),
+            f"tensor '{MODULE}.3.down_proj.bits' in {SHARDS[1]}: expected torch.uint8 [64], found torch.uint8 [63]",
+        ),
+        (
+            lambda t: t.update({f"{MODULE}.3.down_proj.weight": torch.zeros(2, 2)}),
+            f"unexpected tensor '{MODULE}.3.down_proj.weight' in {SHARDS[1]}",
+        ),
+        (
+            lambda t: t.update(
+                {
+                    f"{MODULE}.2.up_proj.bits": t[f"{MODULE}.2.up_proj.bits"].masked_fill(
+                        t[f"{MODULE}.2.up_proj.bits"] == 4, 5
+                    )
+                }
+            ),
+            f"tensor '{MODULE}.2.up_proj.bits': bit-width 5 is not in candidate_bits [0, 1, 2, 3, 4, 6, 8]",
+        ),
     ],
     ids=["missing", "dtype", "shape", "unexpected", "bits"],
 )
@@ -87,7 +109,9 @@ def test_a_broken_index_is_named(checkpoint):
         TensorFiles(checkpoint)
 
 
-@pytest.mark.parametrize("name, value", [(f"{MODULE}.2.down_proj.scales", float("nan")), (f"{MODULE}.0.gate_proj.basis", float("inf"))])
+@pytest.mark.parametrize(
+    "name, value", [(f"{MODULE}.2.down_proj.scales", float("nan")), (f"{MODULE}.0.gate_proj.basis", float("inf"))]
+)
 def test_nan_or_inf_in_a_scale_or_basis_is_named(checkpoint, name, value):
     shard = json.loads((checkpoint / WEIGHTS_INDEX).read_text())["weight_map"][name]
     tensors = load_file(checkpoint / shard)

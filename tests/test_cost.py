@@ -21,7 +21,9 @@ def moe_output(x, w, factors: dict, bases: dict) -> torch.Tensor:
 @pytest.mark.parametrize("identity", [False, True])
 def test_importance_is_the_first_order_output_change(identity):
     g = torch.Generator().manual_seed(0)
-    weights = {p: torch.randn(E, I, H, generator=g) / H**0.5 for p in ("gate", "up", "down")}  # float32, as quantize gives
+    weights = {
+        p: torch.randn(E, I, H, generator=g) / H**0.5 for p in ("gate", "up", "down")
+    }  # float32, as quantize gives
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
     routed = Routed(torch.randn(N, H, generator=g), ids, torch.rand(N, K, generator=g))
     # full rank: the model linearises around the original weights (h_g, h_u, |D_e[:, i]|^2), which a cut rank changes
@@ -58,7 +60,9 @@ def test_an_expert_no_calibration_token_reached_gets_the_layers_prior():
     routed = Routed(torch.randn(N, H, generator=g), ids, torch.rand(N, K, generator=g))
     bases = {p: top_basis(weights[p], H)[0] for p in weights}
     got = importance(routed, weights, bases, n_tokens=N)
-    everyone = Routed(routed.x, torch.full((N, 1), E - 1), torch.full((N, 1), float(routed.weights.pow(2).mean().sqrt())))
+    everyone = Routed(
+        routed.x, torch.full((N, 1), E - 1), torch.full((N, 1), float(routed.weights.pow(2).mean().sqrt()))
+    )
     want = importance(everyone, weights, bases, n_tokens=N)
     for p in got:
         assert float(got[p][E - 1].min()) >= 0 and float(got[p][E - 1].sum()) > 0

@@ -1,5 +1,6 @@
 """The CPU integer path (torch.ops.bitsmoe.moe_int on the CPU layout of bitsmoe_vllm/cpu_layout.py, AVX-512 VNNI)
-against the reference, and the CPU layout against FORMAT.md read literally. Skipped on CPUs without AVX-512 VNNI, BW, VBMI and GFNI."""
+against the reference, and the CPU layout against FORMAT.md read literally. Skipped on CPUs without AVX-512 VNNI, BW,
+VBMI and GFNI."""
 
 import pytest
 import torch
@@ -28,7 +29,9 @@ TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 @pytest.fixture
 def int_path(monkeypatch):
-    assert ops.CPU_KERNEL, "bitsmoe_vllm/_cpu*.so is not built: run `pip install --no-build-isolation -e .` (scripts/setup.sh does)"
+    assert ops.CPU_KERNEL, (
+        "bitsmoe_vllm/_cpu*.so is not built: run `pip install --no-build-isolation -e .` (scripts/setup.sh does)"
+    )
     if not HAS_INT_PATH:
         pytest.skip("this CPU lacks one of AVX-512 VNNI, BW, VBMI and GFNI")
     monkeypatch.setenv("BITSMOE_CPU_ISA", "avx512-vnni")
@@ -75,12 +78,12 @@ def dense_from_cpu_down(cpu, E: int, R: int, I: int, G: int) -> torch.Tensor:
             first, n, mask_row = cpu.segs[e, c].tolist()
             for q in range(n):
                 words = masks[(mask_row + q * b) * (I // 4) :][: I // 4 * b].reshape(I // 4, b)  # [chunk, plane]
-                planes = ((words[..., None] >> bit) & 1).reshape(I // 4, b, DOWN_GROUP_ROWS, 4)  # bit 4i + c: row i, column c
+                planes = ((words[..., None] >> bit) & 1).reshape(
+                    I // 4, b, DOWN_GROUP_ROWS, 4
+                )  # bit 4i + c: row i, column c
                 u = sum(planes[:, p] << p for p in range(b)).permute(1, 0, 2).reshape(DOWN_GROUP_ROWS, I)
                 add_rows(F, cpu, e, DOWN_GROUP_ROWS * (first + q), u, b, G)
     return F
-
-
 
 
 @pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-R{s[4]}")
@@ -107,7 +110,9 @@ def test_cpu_layout_holds_the_canonical_factors(shape):
         expected = torch.stack([expert_factor(f, e, G) for e in range(E)])
         assert torch.equal(read_back(cpu, E, R, I, G), expected)
         assert cpu.rows.shape[0] % group_rows == 0 and cpu.scales.shape == (I // G, cpu.rows.shape[0])
-        assert not cpu.masks.flatten()[-8:].any(), "the masks end with 64 bytes of zeros (the kernel reads 64 bytes a chunk)"
+        assert not cpu.masks.flatten()[-8:].any(), (
+            "the masks end with 64 bytes of zeros (the kernel reads 64 bytes a chunk)"
+        )
 
 
 @pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}")
@@ -132,7 +137,10 @@ def test_int_path_int8_bases_on_rounded_tokens(int_path, shape, T):
     w, ids = routing(T, E, K, seed=T)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
     x[:, 1] *= 20
-    assert relative_error(ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer)), moe_forward(x, w, ids, layer)) < TOLERANCE[torch.float32]
+    assert (
+        relative_error(ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer)), moe_forward(x, w, ids, layer))
+        < TOLERANCE[torch.float32]
+    )
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -149,11 +157,21 @@ def test_int_path_every_width_and_basis(int_path, width, basis_dtype):
 
 @pytest.mark.parametrize("basis_dtype", ["float16", "int8"])
 def test_int_path_bases_with_partial_blocks_and_chunks(int_path, basis_dtype):
-    shape = (136, 64, 4, 2, (30, 17, 134), 32)  # gate/up rows 30, 17 (blocks of 4: 2, 1 left), 136 / 134 columns (64 + 64 + 8 / 6)
+    shape = (
+        136,
+        64,
+        4,
+        2,
+        (30, 17, 134),
+        32,
+    )  # gate/up rows 30, 17 (blocks of 4: 2, 1 left), 136 / 134 columns (64 + 64 + 8 / 6)
     layer = layer_of(shape, basis_dtype=basis_dtype)
     w, ids = routing(5, 4, 2, seed=3)
     x = torch.randn(5, 136, generator=torch.Generator().manual_seed(3))
-    assert relative_error(ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer)), moe_forward(x, w, ids, layer)) < TOLERANCE[torch.float32]
+    assert (
+        relative_error(ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer)), moe_forward(x, w, ids, layer))
+        < TOLERANCE[torch.float32]
+    )
 
 
 def test_int_path_no_tokens_gives_zeros_and_reruns_are_identical(int_path):
@@ -170,9 +188,15 @@ def test_int_path_no_tokens_gives_zeros_and_reruns_are_identical(int_path):
 
 def int_args(cpu, x, w, ids):
     bases = (cpu.layer.gate_basis, cpu.layer.up_basis, cpu.layer.down_basis)
-    return (x, w, ids, *(b.weight for b in bases), *(b.scale for b in bases),
-            *(getattr(f, n) for f in (cpu.gate, cpu.up, cpu.down) for n in ("masks", "scales", "rows", "segs")),
-            cpu.layer.group_size)  # fmt: skip
+    return (
+        x,
+        w,
+        ids,
+        *(b.weight for b in bases),
+        *(b.scale for b in bases),
+        *(getattr(f, n) for f in (cpu.gate, cpu.up, cpu.down) for n in ("masks", "scales", "rows", "segs")),
+        cpu.layer.group_size,
+    )
 
 
 def test_int_path_opcheck(int_path):
@@ -187,12 +211,21 @@ def test_int_path_opcheck(int_path):
     [
         (lambda a: a.__setitem__(13, a[13][:, :-1]), r"up_masks: expected Long \[\*, 6\], found Long \[\d+, 5\]"),
         (lambda a: a.__setitem__(12, a[12][:-1]), r"gate_segs: expected Int \[5, 6, 3\], found Int \[4, 6, 3\]"),
-        (lambda a: a.__setitem__(16, a[16].index_fill(2, torch.tensor(1), 10**6)), r"up_segs row 0 points past up_rows \[\d+\] or up_masks"),
+        (
+            lambda a: a.__setitem__(16, a[16].index_fill(2, torch.tensor(1), 10**6)),
+            r"up_segs row 0 points past up_rows \[\d+\] or up_masks",
+        ),
         (lambda a: a.__setitem__(15, a[15][:4]), r"up_rows: expected Int \[\d+\], found Int \[4\]"),
-        (lambda a: a.__setitem__(9, a[9][:-2]), r"gate_segs row \d+ points past .* gate_masks \[\d+, 6\] \(whose last 64 bytes must be padding\)"),
+        (
+            lambda a: a.__setitem__(9, a[9][:-2]),
+            r"gate_segs row \d+ points past .* gate_masks \[\d+, 6\] \(whose last 64 bytes must be padding\)",
+        ),
         (lambda a: a.__setitem__(17, a[17][:, :-1]), r"down_masks: expected Long \[\*, 24\], found Long \[\d+, 23\]"),
         (lambda a: a.__setitem__(18, a[18][:-1]), r"down_scales: expected Half \[3, \*\], found Half \[2, \d+\]"),
-        (lambda a: a.__setitem__(20, a[20].index_fill(2, torch.tensor(0), 10**6)), r"down_segs row \d+ points past down_rows \[\d+\] or down_masks"),
+        (
+            lambda a: a.__setitem__(20, a[20].index_fill(2, torch.tensor(0), 10**6)),
+            r"down_segs row \d+ points past down_rows \[\d+\] or down_masks",
+        ),
     ],
     ids=["masks", "segs", "segs-past", "rows", "masks-unpadded", "down-masks", "down-scales", "down-segs-past"],
 )

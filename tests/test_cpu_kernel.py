@@ -13,16 +13,14 @@ ISAS = ["avx2", "avx512"]
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    assert ops.CPU_KERNEL, "bitsmoe_vllm/_cpu*.so is not built: run `pip install --no-build-isolation -e .` (scripts/setup.sh does)"
+    assert ops.CPU_KERNEL, (
+        "bitsmoe_vllm/_cpu*.so is not built: run `pip install --no-build-isolation -e .` (scripts/setup.sh does)"
+    )
     if request.param == "avx512" and "avx512f" not in open("/proc/cpuinfo").read():
         pytest.skip("this CPU has no AVX-512")
     monkeypatch.setenv("BITSMOE_CPU_ISA", request.param)
     assert torch.ops.bitsmoe.cpu_isa() == request.param
     return request.param
-
-
-
-
 
 
 # float32 activations: only the summation order differs; 16-bit ones: both round the same float32 result once
@@ -60,7 +58,9 @@ def test_float16_activations_and_int32_ids(isa):
     w, ids = routing(9, E, K, seed=3)
     x = torch.randn(9, H).half()
     y = ops.moe_layer(x, w.half(), ids.int(), layer)
-    assert y.dtype == torch.float16 and relative_error(y, moe_forward(x.float(), w, ids, layer)) < TOLERANCE[torch.float16]
+    assert (
+        y.dtype == torch.float16 and relative_error(y, moe_forward(x.float(), w, ids, layer)) < TOLERANCE[torch.float16]
+    )
 
 
 def test_no_tokens_gives_zeros_and_reruns_are_identical(isa):
@@ -76,9 +76,15 @@ def test_no_tokens_gives_zeros_and_reruns_are_identical(isa):
 
 def op_args(layer, x, w, ids):
     bases = (layer.gate_basis, layer.up_basis, layer.down_basis)
-    return (x, w, ids, *(b.weight for b in bases), *(b.scale for b in bases),
-            *(getattr(getattr(layer, p), n) for p in ("gate", "up", "down") for n in ("codes", "scales", "bits")),
-            layer.group_size)  # fmt: skip
+    return (
+        x,
+        w,
+        ids,
+        *(b.weight for b in bases),
+        *(b.scale for b in bases),
+        *(getattr(getattr(layer, p), n) for p in ("gate", "up", "down") for n in ("codes", "scales", "bits")),
+        layer.group_size,
+    )
 
 
 def test_opcheck(isa):
@@ -91,7 +97,10 @@ def test_opcheck(isa):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda a: a.__setitem__(9, a[9][:-1]), r"gate_bits ask for \d+ planes and \d+ scale rows, found gate_codes \[\d+, 3\]"),
+        (
+            lambda a: a.__setitem__(9, a[9][:-1]),
+            r"gate_bits ask for \d+ planes and \d+ scale rows, found gate_codes \[\d+, 3\]",
+        ),
         (lambda a: a.__setitem__(13, a[13].float()), r"up_scales: expected Half \[\*, 3\], found Float \[\d+, 3\]"),
         (lambda a: a.__setitem__(3, a[3][:, :-1]), r"gate_basis: expected \[\*, 48\], found \[17, 47\]"),
         (lambda a: a.__setitem__(2, a[2] + 5), r"topk_ids holds expert [5-9] but the layer has 5 experts"),

@@ -45,8 +45,12 @@ def test_protocols_against_transformers_loss(tiny_model_dir):
         whole = math.exp(float(reference(tokens[None], labels=tokens[None]).loss))
         windows = [math.exp(float(reference(w[None], labels=w[None]).loss)) for w in tokens.split(45)]
     assert perplexity(model, tokens, seq_len=90, stride=None) == pytest.approx(whole, rel=1e-5)
-    assert perplexity(model, tokens, seq_len=45, stride=None) == pytest.approx(math.sqrt(windows[0] * windows[1]), rel=1e-5)
-    assert perplexity(model, tokens, seq_len=45, stride=45) == pytest.approx(perplexity(model, tokens, 45, None), rel=1e-9)
+    assert perplexity(model, tokens, seq_len=45, stride=None) == pytest.approx(
+        math.sqrt(windows[0] * windows[1]), rel=1e-5
+    )
+    assert perplexity(model, tokens, seq_len=45, stride=45) == pytest.approx(
+        perplexity(model, tokens, 45, None), rel=1e-9
+    )
     assert perplexity(model, tokens, seq_len=200, stride=10) == pytest.approx(whole, rel=1e-5)
 
 

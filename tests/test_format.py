@@ -43,8 +43,21 @@ def test_other_quant_method_is_refused(config_dict):
 
 @pytest.mark.parametrize(
     "key",
-    ["format_version", "bits", "budget_scope", "achieved_bits", "candidate_bits", "group_size", "basis_dtype",
-     "activation", "hidden_size", "intermediate_size", "num_experts", "projection_names", "layers"],
+    [
+        "format_version",
+        "bits",
+        "budget_scope",
+        "achieved_bits",
+        "candidate_bits",
+        "group_size",
+        "basis_dtype",
+        "activation",
+        "hidden_size",
+        "intermediate_size",
+        "num_experts",
+        "projection_names",
+        "layers",
+    ],
 )
 def test_missing_key_is_named(config_dict, key):
     del config_dict[key]
@@ -123,7 +136,9 @@ def test_tensor_specs_count_and_shard_dims(checkpoint):
     assert specs[f"{MODULE}.0.gate_proj.codes"].shard_dim == 1
     assert specs[f"{MODULE}.0.gate_proj.scales"].shard_dim == 1
     assert specs[f"{MODULE}.0.gate_proj.bits"].shard_dim is None
-    assert specs[f"{MODULE}.0.down_proj.basis"].shape == (H, 64) and specs[f"{MODULE}.0.down_proj.basis"].shard_dim is None
+    assert (
+        specs[f"{MODULE}.0.down_proj.basis"].shape == (H, 64) and specs[f"{MODULE}.0.down_proj.basis"].shard_dim is None
+    )
 
 
 def test_valid_tensors_pass(checkpoint):
@@ -154,17 +169,23 @@ def test_wrong_shape_is_named(checkpoint):
     name = f"{MODULE}.1.up_proj.codes"
     expected = list(checkpoint[1][name].shape)
     found = [expected[0] - 1, expected[1]]
-    refuse_tensors(checkpoint, name, lambda t: t[:-1], f"tensor '{name}'", f"expected shape {expected}", f"found {found}")
+    refuse_tensors(
+        checkpoint, name, lambda t: t[:-1], f"tensor '{name}'", f"expected shape {expected}", f"found {found}"
+    )
 
 
 def test_wrong_dtype_is_named(checkpoint):
     name = f"{MODULE}.0.gate_proj.basis"
-    refuse_tensors(checkpoint, name, torch.Tensor.float, f"tensor '{name}'", "expected dtype torch.float16", "found torch.float32")
+    refuse_tensors(
+        checkpoint, name, torch.Tensor.float, f"tensor '{name}'", "expected dtype torch.float16", "found torch.float32"
+    )
 
 
 def test_bits_outside_the_set_in_a_tensor_are_named(checkpoint):
     name = f"{MODULE}.2.gate_proj.bits"
-    refuse_tensors(checkpoint, name, lambda t: t.masked_fill(t == 4, 5), f"tensor '{name}'", "bit-width 5 is not in candidate_bits")
+    refuse_tensors(
+        checkpoint, name, lambda t: t.masked_fill(t == 4, 5), f"tensor '{name}'", "bit-width 5 is not in candidate_bits"
+    )
 
 
 def test_bits_inconsistent_with_the_layout_are_named(checkpoint):
@@ -174,7 +195,12 @@ def test_bits_inconsistent_with_the_layout_are_named(checkpoint):
 
 def test_nan_in_a_basis_is_named(checkpoint):
     name = f"{MODULE}.0.up_proj.basis"
-    refuse_tensors(checkpoint, name, lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), f"tensor '{name}': holds NaN or Inf")
+    refuse_tensors(
+        checkpoint,
+        name,
+        lambda t: t.index_fill(0, torch.tensor([0]), float("nan")),
+        f"tensor '{name}': holds NaN or Inf",
+    )
 
 
 def test_left_over_dense_expert_weight_is_named(checkpoint):

@@ -22,7 +22,7 @@ def nearest(factors: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 
 def output_error(projection: str, delta: torch.Tensor, hessian: torch.Tensor) -> float:
-    """sum_e of the squared output error on the Hessian's tokens: the coordinates are rank rows (gate, up) or columns."""
+    """sum_e of the squared output error on the Hessian's tokens; the coordinates: rank rows (gate, up) or columns."""
     d = delta if projection == "down" else delta.transpose(1, 2)
     return float(torch.einsum("eri,eij,erj->", d, hessian, d))
 

@@ -16,7 +16,9 @@ THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 @pytest.fixture(autouse=True)
 def cpu_kernel():
-    assert ops.CPU_KERNEL, "bitsmoe_vllm/_cpu*.so is not built: run `pip install --no-build-isolation -e .` (scripts/setup.sh does)"
+    assert ops.CPU_KERNEL, (
+        "bitsmoe_vllm/_cpu*.so is not built: run `pip install --no-build-isolation -e .` (scripts/setup.sh does)"
+    )
 
 
 def mapping_of(address: int) -> dict | None:

@@ -17,7 +17,9 @@ from tests.helpers import random_checkpoint
 
 REPO = Path(__file__).parent.parent
 CORE_MODULES = ["bitsmoe_vllm.checkpoint", "bitsmoe_vllm.format", "bitsmoe_vllm.packing", "bitsmoe_vllm.reference"]
-OFFLINE_MODULES = sorted(f"bitsmoe_vllm.offline.{p.stem}" for p in (REPO / "offline").glob("*.py") if p.stem not in {"__init__", "__main__"})
+OFFLINE_MODULES = sorted(
+    f"bitsmoe_vllm.offline.{p.stem}" for p in (REPO / "offline").glob("*.py") if p.stem not in {"__init__", "__main__"}
+)
 
 
 def test_vllm_plugin_entry_point_is_installed():
@@ -51,29 +53,61 @@ def test_core_and_offline_import_without_vllm():
 
 @pytest.mark.slow
 def test_wheel_builds_without_cuda_and_its_quickstart_runs_in_a_fresh_venv(tmp_path):
-    source = tmp_path / "src"  # a copy without the in-place builds, so the kernels are compiled here and nothing is left behind
+    source = (
+        tmp_path / "src"
+    )  # a copy without the in-place builds, so the kernels are compiled here and nothing is left behind
     ignore = shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "tests", "*.so", "work", "results")
     shutil.copytree(REPO, source, ignore=ignore)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     (wheel,) = tmp_path.glob("bitsmoe_vllm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "bitsmoe_vllm/format.py" in names and "bitsmoe_vllm/offline/cli.py" in names
-    assert not [n for n in names if n.split("/")[0] not in ("bitsmoe_vllm",) and ".dist-info/" not in n]  # nothing generic
+    assert not [
+        n for n in names if n.split("/")[0] not in ("bitsmoe_vllm",) and ".dist-info/" not in n
+    ]  # nothing generic
     compiled = [n for n in names if n.endswith(".so")]
-    assert len(compiled) == 1 and compiled[0].startswith("bitsmoe_vllm/_cpu")  # the CPU kernel; no CUDA here, so no CUDA kernels
+    assert len(compiled) == 1 and compiled[0].startswith(
+        "bitsmoe_vllm/_cpu"
+    )  # the CPU kernel; no CUDA here, so no CUDA kernels
 
     # A fresh venv with the wheel alone; its dependencies are read from this environment's site-packages by path (a
     # .pth line adds a path without running that directory's own .pth files, so this checkout's editable install
     # stays out of it).
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
-    site = Path(subprocess.check_output([env_dir / "bin" / "python", "-c", "import site; print(site.getsitepackages()[0])"], text=True).strip())
+    site = Path(
+        subprocess.check_output(
+            [env_dir / "bin" / "python", "-c", "import site; print(site.getsitepackages()[0])"], text=True
+        ).strip()
+    )
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    install = [sys.executable, "-m", "pip", "--python", str(env_dir / "bin" / "python"), "install", "--no-deps", "-q", str(wheel)]
+    install = [
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(env_dir / "bin" / "python"),
+        "install",
+        "--no-deps",
+        "-q",
+        str(wheel),
+    ]
     result = subprocess.run(install, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"  # not the checkout, so nothing is imported from it
@@ -85,12 +119,28 @@ def test_wheel_builds_without_cuda_and_its_quickstart_runs_in_a_fresh_venv(tmp_p
         assert result.returncode == 0, f"{command}: {result.stderr[-3000:]}"
         return result.stdout
 
-    where = sh(env_dir / "bin" / "python", "-c", "import bitsmoe_vllm.offline, importlib.util; print(bitsmoe_vllm.offline.__file__, importlib.util.find_spec('offline'))")
+    where = sh(
+        env_dir / "bin" / "python",
+        "-c",
+        "import bitsmoe_vllm.offline, importlib.util; print(bitsmoe_vllm.offline.__file__, "
+        "importlib.util.find_spec('offline'))",
+    )
     assert where.split()[0].startswith(str(site)) and where.split()[1] == "None"
     for script in ("bitsmoe-quantize", "bitsmoe-eval", "bitsmoe-demo-model"):
         assert "usage:" in sh(env_dir / "bin" / script, "--help")
     sh(env_dir / "bin" / "bitsmoe-demo-model", "tiny", "--layers", "2", "--text", "text.txt")
-    quantize = ["--model", "tiny", "--out", "tiny-bitsmoe", "--bits", "2.5", "--calib", "text.txt", "--calib-seq-len", "128"]
+    quantize = [
+        "--model",
+        "tiny",
+        "--out",
+        "tiny-bitsmoe",
+        "--bits",
+        "2.5",
+        "--calib",
+        "text.txt",
+        "--calib-seq-len",
+        "128",
+    ]
     summary = sh(env_dir / "bin" / "bitsmoe-quantize", *quantize, "--calib-tokens", "1024")
     assert "tiny-bitsmoe" in summary and (run / "tiny-bitsmoe" / "quantization_report.json").is_file()
 

@@ -18,7 +18,9 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 ARCHS = {"sm_80": "-gencode=arch=compute_80,code=sm_80", "sm_90a": "-gencode=arch=compute_90a,code=sm_90a"}
 NVCC = shutil.which("nvcc") or next((p for p in ["/usr/local/cuda/bin/nvcc"] if Path(p).is_file()), None)
 SOURCES = sorted(CSRC.glob("*.cu"))
-PROPERTIES = re.compile(r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PROPERTIES = re.compile(
+    r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +48,24 @@ def test_there_are_kernels():
     assert SOURCES, f"no .cu file in {CSRC}"
 
 
+@pytest.mark.slow  # nvcc: ~30 s per source and architecture
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_compiles_without_register_spills(nvcc, source, arch, tmp_path):
     includes = [f"-I{d}" for d in [*torch_includes(tmp_path), sysconfig.get_paths()["include"], str(CSRC)]]
-    cmd = [nvcc, "-c", "-std=c++20", "-O3", ARCHS[arch], "-Xptxas", "-v", *includes, "-o", str(tmp_path / "out.o"), str(source)]
+    cmd = [
+        nvcc,
+        "-c",
+        "-std=c++20",
+        "-O3",
+        ARCHS[arch],
+        "-Xptxas",
+        "-v",
+        *includes,
+        "-o",
+        str(tmp_path / "out.o"),
+        str(source),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"nvcc failed on {source.name} for {arch}:\n{proc.stderr[-4000:]}"
     functions = PROPERTIES.findall(proc.stderr)

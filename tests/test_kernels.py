@@ -10,13 +10,16 @@ from bitsmoe_vllm.reference import gather_layer, moe_forward
 from tests.helpers import KERNEL_TOKENS, LAYERS, MODULE, WIDTHS, random_checkpoint
 
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device: the kernels are only compiled here (tests/test_kernel_build.py)")
+needs_cuda = pytest.mark.skipif(
+    not CUDA, reason="no CUDA device: the kernels are only compiled here (tests/test_kernel_build.py)"
+)
 
 
 def layer_of(shape, widths=(0,) + WIDTHS, basis_dtype="float16", seed=0):
     H, I, E, K, ranks, G = shape
-    cfg, tensors = random_checkpoint(H, I, E, (H, H, H) if basis_dtype == "identity" else ranks, G, widths=widths,
-                                     basis_dtype=basis_dtype, seed=seed)  # fmt: skip
+    cfg, tensors = random_checkpoint(
+        H, I, E, (H, H, H) if basis_dtype == "identity" else ranks, G, widths=widths, basis_dtype=basis_dtype, seed=seed
+    )
     return gather_layer(cfg, MODULE, tensors)
 
 
@@ -66,8 +69,13 @@ def cuda_ops():
 
 # relative L2 error: decode computes in float32 (only the output is rounded); prefill rounds z, the decoded factors and
 # the activations to the 16-bit type for the tensor cores
-TOLERANCE = {("decode", torch.float32): 1e-5, ("decode", torch.bfloat16): 1e-2, ("decode", torch.float16): 2e-3,
-             ("prefill", torch.bfloat16): 2e-2, ("prefill", torch.float16): 5e-3}  # fmt: skip
+TOLERANCE = {
+    ("decode", torch.float32): 1e-5,
+    ("decode", torch.bfloat16): 1e-2,
+    ("decode", torch.float16): 2e-3,
+    ("prefill", torch.bfloat16): 2e-2,
+    ("prefill", torch.float16): 5e-3,
+}
 
 
 @needs_cuda

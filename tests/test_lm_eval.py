@@ -40,16 +40,27 @@ DOCS = [
 
 @pytest.mark.slow
 def test_lm_eval_runs_a_local_task_through_vllm_on_a_bitsmoe_checkpoint(tiny_model_dir, quantize_tiny, tmp_path):
-    bitsmoe = quantize_tiny(tiny_model_dir("qwen3_moe", layers=2, experts=16, intermediate=128), tmp_path / "bitsmoe", 2.5)
+    bitsmoe = quantize_tiny(
+        tiny_model_dir("qwen3_moe", layers=2, experts=16, intermediate=128), tmp_path / "bitsmoe", 2.5
+    )
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     (tasks / "bitsmoe_local.yaml").write_text(TASK.format(data=tasks / "docs.jsonl"))
     command = [
-        str(Path(sys.executable).parent / "lm_eval"), "--model", "vllm",
-        "--model_args", f"pretrained={bitsmoe},dtype=float32,max_model_len=256,enforce_eager=True",
-        "--tasks", "bitsmoe_local", "--include_path", str(tasks), "--output_path", str(tmp_path / "out"), "--log_samples",
-    ]  # fmt: skip
+        str(Path(sys.executable).parent / "lm_eval"),
+        "--model",
+        "vllm",
+        "--model_args",
+        f"pretrained={bitsmoe},dtype=float32,max_model_len=256,enforce_eager=True",
+        "--tasks",
+        "bitsmoe_local",
+        "--include_path",
+        str(tasks),
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
+    ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]

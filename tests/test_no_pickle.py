@@ -15,16 +15,28 @@ from bitsmoe_vllm.offline.cli import main
 from tests.helpers import QUANT_SHAPE
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = [p for d in ("bitsmoe_vllm", "offline", "benchmarks", "tests", "scripts") for p in (REPO / d).rglob("*.py")
-           if p != Path(__file__).resolve()]  # this file writes one pickle, to check that it is refused
+SOURCES = [
+    p
+    for d in ("bitsmoe_vllm", "offline", "benchmarks", "tests", "scripts")
+    for p in (REPO / d).rglob("*.py")
+    if p != Path(__file__).resolve()
+]  # this file writes one pickle, to check that it is refused
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".png", ".jinja", ".txt", ".model"}  # .txt/.model/.jinja: tokenizer files
-PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")  # pickle protocols 2-5; torch.save's zip
+PICKLE_MAGIC = (
+    b"\x80\x02",
+    b"\x80\x03",
+    b"\x80\x04",
+    b"\x80\x05",
+    b"PK\x03\x04",
+)  # pickle protocols 2-5; torch.save's zip
 
 
 def calls_and_imports(path: Path):
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import | ast.ImportFrom):
-            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            names = [a.name for a in node.names] + (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            )
             yield "import", names, node
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             yield "call", [ast.unparse(node.func)], node
@@ -59,8 +71,25 @@ def assert_no_pickles(directory: Path) -> int:
 def test_checkpoint_and_work_files_are_safetensors_and_json(tiny_model_dir, calib_file, tmp_path):
     """A run killed during export leaves its work files; the finished run leaves the checkpoint."""
     model, out = tiny_model_dir("olmoe", **QUANT_SHAPE), tmp_path / "out"
-    command = [sys.executable, "-m", "bitsmoe_vllm.offline", "--model", str(model), "--out", str(out), "--bits", "2.5", "--calib", str(calib_file),
-               "--calib-tokens", "1024", "--calib-seq-len", "128", "--unit-rows", "8"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "bitsmoe_vllm.offline",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--bits",
+        "2.5",
+        "--calib",
+        str(calib_file),
+        "--calib-tokens",
+        "1024",
+        "--calib-seq-len",
+        "128",
+        "--unit-rows",
+        "8",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards, deadline = tmp_path / "out.partial" / "checkpoint", time.monotonic() + 300
     while not any(shards.glob("model-00002-*.safetensors")):

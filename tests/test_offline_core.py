@@ -98,7 +98,9 @@ def test_int8_basis_round_trip():
     basis = torch.linalg.qr(torch.randn(40, 24)).Q.T  # [24, 40]
     codes, scale = quantize_basis(basis, "int8")
     assert codes.dtype == torch.int8 and scale.shape == (24,)
-    torch.testing.assert_close(codes.float() * scale.float()[:, None], basis, atol=float(scale.max()) / 2 + 1e-6, rtol=0)
+    torch.testing.assert_close(
+        codes.float() * scale.float()[:, None], basis, atol=float(scale.max()) / 2 + 1e-6, rtol=0
+    )
     weight, no_scale = quantize_basis(basis, "bfloat16")
     assert no_scale is None and torch.equal(weight, basis.bfloat16())
     with pytest.raises(ValueError, match="unknown basis dtype 'fp8'"):

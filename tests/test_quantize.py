@@ -55,10 +55,14 @@ def layer_errors(model_dir, checkpoint, calib_file) -> dict[int, float]:
     net = skeleton(source, device)
     cfg, files = read_quant_config(checkpoint), TensorFiles(checkpoint)
     errors = {}
-    for i, _, routed in walk_layers(net, source, embed(net, source, tokens, device), 0, set(source.moe_layers()), device):
+    for i, _, routed in walk_layers(
+        net, source, embed(net, source, tokens, device), 0, set(source.moe_layers()), device
+    ):
         if routed is None:
             continue
-        experts = load_module(skeleton(source, device).model.layers[i].mlp.experts, f"model.layers.{i}.mlp.experts.", source, device)
+        experts = load_module(
+            skeleton(source, device).model.layers[i].mlp.experts, f"model.layers.{i}.mlp.experts.", source, device
+        )
         with torch.no_grad():
             original = experts(routed.x, routed.ids, routed.weights)
         layer = load_layer(files, cfg, source.architecture.experts_module.format(layer=i))
@@ -102,8 +106,15 @@ def test_checkpoint_contents(quantized):
     model, checkpoints = quantized("mixtral")
     directory = checkpoints[2.5]
     names = {p.name for p in directory.iterdir()}
-    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-            "quantization_report.json", "bits_heatmap.png", "bits_by_rank.png"} <= names  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "quantization_report.json",
+        "bits_heatmap.png",
+        "bits_by_rank.png",
+    } <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".tmp"))]
     assert not (directory.parent / "2.5.partial").exists()
     config = json.loads((directory / "config.json").read_text())
@@ -139,7 +150,9 @@ def test_auto_rank_takes_the_best_candidate_and_fits_few_experts(tiny_model_dir,
     assert stored / weights == pytest.approx(cfg.achieved_bits["all"], rel=1e-9)
 
 
-def test_auto_basis_takes_the_identity_when_a_shared_basis_must_be_cut(tiny_model_dir, quantize_tiny, calib_file, tmp_path, capsys):
+def test_auto_basis_takes_the_identity_when_a_shared_basis_must_be_cut(
+    tiny_model_dir, quantize_tiny, calib_file, tmp_path, capsys
+):
     """Same model: the shared bases would cost 4 bits per weight at full rank, so at 2.5 bits an identity basis (no
     basis stored, full rank) gives a smaller measured output error than the cut rank; --basis-dtype auto (the
     default) takes it, and an explicit shared basis warns."""
@@ -148,15 +161,22 @@ def test_auto_basis_takes_the_identity_when_a_shared_basis_must_be_cut(tiny_mode
     assert "--basis-dtype auto chooses between shared and identity bases" in capsys.readouterr().err
     identity = quantize_tiny(model, tmp_path / "identity", 2.5)
     cfg = read_quant_config(identity)
-    assert cfg.basis_dtype == "identity" and {getattr(layer, p).rank for layer in cfg.layers for p in PROJECTIONS} == {64}
+    assert cfg.basis_dtype == "identity" and {getattr(layer, p).rank for layer in cfg.layers for p in PROJECTIONS} == {
+        64
+    }
     assert not [n for n in TensorFiles(identity) if n.endswith(".basis")]
     stored, weights = expert_bits_on_disk(identity)
     assert 2.45 < stored / weights <= 2.5
-    errors = {name: sum(layer_errors(model, d, calib_file).values()) for name, d in (("shared", shared), ("identity", identity))}
+    errors = {
+        name: sum(layer_errors(model, d, calib_file).values())
+        for name, d in (("shared", shared), ("identity", identity))
+    }
     assert errors["identity"] < 0.5 * errors["shared"], errors
 
 
-def test_auto_basis_takes_a_shared_basis_when_the_experts_share_few_directions(tiny_model_dir, quantize_tiny, calib_file, tmp_path):
+def test_auto_basis_takes_a_shared_basis_when_the_experts_share_few_directions(
+    tiny_model_dir, quantize_tiny, calib_file, tmp_path
+):
     """Experts whose weights all lie in the same 16 of 64 input (gate, up) and output (down) directions: a shared
     basis of rank 16 holds them exactly and spends the budget on 16 rows, the identity on 64 channels."""
     from safetensors.torch import load_file, save_file
@@ -171,7 +191,9 @@ def test_auto_basis_takes_a_shared_basis_when_the_experts_share_few_directions(t
             if ".mlp.experts." in name:
                 kind, layer = name.rsplit(".", 2)[-2], name.split(".mlp.")[0]
                 down = kind == "down_proj"
-                shared = directions.setdefault((layer, down), torch.linalg.qr(torch.randn(64, 16, generator=g))[0])  # [H, 16]
+                shared = directions.setdefault(
+                    (layer, down), torch.linalg.qr(torch.randn(64, 16, generator=g))[0]
+                )  # [H, 16]
                 own = torch.randn(t.shape[1 if down else 0], 16, generator=g) / 2  # [I, 16]
                 tensors[name] = (shared @ own.T) if down else (own @ shared.T)
         save_file(tensors, shard, metadata={"format": "pt"})
@@ -181,7 +203,9 @@ def test_auto_basis_takes_a_shared_basis_when_the_experts_share_few_directions(t
     assert read_quant_config(auto).basis_dtype in ("int8", "float16") and report["basis"]["rank"] < 64, report["basis"]
     estimated = report["allocation"]["estimated_loss"]
     assert estimated[report["allocation"]["basis"]] == min(estimated.values()) < estimated["identity"]
-    errors = {name: sum(layer_errors(model, d, calib_file).values()) for name, d in (("auto", auto), ("identity", identity))}
+    errors = {
+        name: sum(layer_errors(model, d, calib_file).values()) for name, d in (("auto", auto), ("identity", identity))
+    }
     assert errors["auto"] < 0.5 * errors["identity"], errors
 
 

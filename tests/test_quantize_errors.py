@@ -15,8 +15,20 @@ def run(tiny_model_dir, calib_file, tmp_path, capsys):
     """run(*extra, model=..., calib=...) -> (exit status, stderr) of bitsmoe-quantize."""
 
     def go(*extra, model=None, calib=None, out=None, stdout=False):
-        args = ["--model", str(model or tiny_model_dir("olmoe", **QUANT_SHAPE)), "--out", str(out or tmp_path / "out"),
-                "--calib", str(calib or calib_file), "--calib-tokens", "1024", "--calib-seq-len", "128", "--unit-rows", "8"]  # fmt: skip
+        args = [
+            "--model",
+            str(model or tiny_model_dir("olmoe", **QUANT_SHAPE)),
+            "--out",
+            str(out or tmp_path / "out"),
+            "--calib",
+            str(calib or calib_file),
+            "--calib-tokens",
+            "1024",
+            "--calib-seq-len",
+            "128",
+            "--unit-rows",
+            "8",
+        ]
         if "--bits" not in extra:
             args += ["--bits", "2.5"]
         status = main(args + list(extra))
@@ -29,9 +41,21 @@ def run(tiny_model_dir, calib_file, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (("--bits", "0.03", "--basis-dtype", "int8"), "--bits 0.03 is outside the feasible range [0.0423, 8.4453] (all bits per routed-expert weight) for this model with ranks 8-64, group size 128, int8 bases"),
-        (("--bits", "0.3", "--rank", "64", "--basis-dtype", "int8"), "--bits 0.3 is outside the feasible range [0.3203, 8.4453] (all bits per routed-expert weight) for this model with rank 64"),
-        (("--bits", "9"), "--bits 9.0 is outside the feasible range [0.0423, 8.6875] (all bits per routed-expert weight) for this model with ranks 8-64, group size 128, int8 or float16 or identity bases"),
+        (
+            ("--bits", "0.03", "--basis-dtype", "int8"),
+            "--bits 0.03 is outside the feasible range [0.0423, 8.4453] (all bits per routed-expert weight) for this "
+            "model with ranks 8-64, group size 128, int8 bases",
+        ),
+        (
+            ("--bits", "0.3", "--rank", "64", "--basis-dtype", "int8"),
+            "--bits 0.3 is outside the feasible range [0.3203, 8.4453] (all bits per routed-expert weight) for this "
+            "model with rank 64",
+        ),
+        (
+            ("--bits", "9"),
+            "--bits 9.0 is outside the feasible range [0.0423, 8.6875] (all bits per routed-expert weight) for this "
+            "model with ranks 8-64, group size 128, int8 or float16 or identity bases",
+        ),
         (("--rank", "65"), "--rank 65: must be between 1 and the hidden size 64"),
         (("--basis-dtype", "identity", "--rank", "32"), "--rank 32: an identity basis has rank 64 (the hidden size)"),
         (("--group-size", "48"), "--group-size 48: must be a multiple of 32 that divides"),
@@ -58,8 +82,9 @@ def test_unsupported_or_dense_model(run, tmp_path):
     import transformers
 
     tokenizer = train_tokenizer()
-    dense = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                     num_attention_heads=4)  # fmt: skip
+    dense = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4
+    )
     transformers.AutoModelForCausalLM.from_config(dense).save_pretrained(tmp_path / "llama")
     status, err = run(model=tmp_path / "llama")
     assert status == 2 and "unsupported model_type 'llama'; supported: deepseek_v2, mixtral, olmoe, qwen3_moe" in err
@@ -133,10 +158,15 @@ def test_a_supported_family_without_experts_is_not_an_moe(run, tiny_model_dir, t
     model = tmp_path / "no-experts"
     shutil.copytree(tiny_model_dir("olmoe", **QUANT_SHAPE), model)
     for shard in model.glob("*.safetensors"):
-        save_file({n: t for n, t in load_file(shard).items() if ".mlp.experts." not in n}, shard, metadata={"format": "pt"})
+        save_file(
+            {n: t for n, t in load_file(shard).items() if ".mlp.experts." not in n}, shard, metadata={"format": "pt"}
+        )
     (model / "model.safetensors.index.json").unlink(missing_ok=True)
     status, err = run(model=model)
-    assert status == 2 and f"{model} has no routed experts (looked for model.layers.N.mlp.experts.0.*): not an MoE model" in err, err
+    assert (
+        status == 2
+        and f"{model} has no routed experts (looked for model.layers.N.mlp.experts.0.*): not an MoE model" in err
+    ), err
 
 
 def test_a_broken_result_is_refused_with_one_line_and_nothing_written(run, tmp_path):
@@ -156,23 +186,41 @@ def test_a_broken_result_is_refused_with_one_line_and_nothing_written(run, tmp_p
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_defaults_at_2_5_bits_pass_the_guard_and_summarise_in_one_line(arch, tiny_model_dir, calib_file, tmp_path, capsys):
+def test_defaults_at_2_5_bits_pass_the_guard_and_summarise_in_one_line(
+    arch, tiny_model_dir, calib_file, tmp_path, capsys
+):
     """--bits 2.5 and no other option but a smaller calibration (the tiny models' text is short)."""
-    args = ["--model", str(tiny_model_dir(arch, **QUANT_SHAPE)), "--out", str(tmp_path / "out"), "--bits", "2.5", "--calib",
-            str(calib_file), "--calib-tokens", "2048", "--calib-seq-len", "256"]  # fmt: skip
+    args = [
+        "--model",
+        str(tiny_model_dir(arch, **QUANT_SHAPE)),
+        "--out",
+        str(tmp_path / "out"),
+        "--bits",
+        "2.5",
+        "--calib",
+        str(calib_file),
+        "--calib-tokens",
+        "2048",
+        "--calib-seq-len",
+        "256",
+    ]
     status = main(args)
     err, out = capsys.readouterr()[::-1]
     assert status == 0, err
     report = json.loads((tmp_path / "out" / "quantization_report.json").read_text())
     assert report["worst_relative_error"] < 0.9 and report["basis"]["dtype"] in ("int8", "float16", "identity")
     [summary] = out.strip().splitlines()
-    assert summary.startswith(f"bitsmoe-quantize: wrote {tmp_path / 'out'}: {report['bits']['achieved_all']:.3f} bits per routed-expert weight")
+    assert summary.startswith(
+        f"bitsmoe-quantize: wrote {tmp_path / 'out'}: {report['bits']['achieved_all']:.3f} bits per routed-expert "
+        "weight"
+    )
     assert f"{report['basis']['dtype']} basis of rank {report['basis']['rank']}" in summary and "MB ->" in summary
 
 
 TRAINED_MOE = Path(__file__).resolve().parent.parent / "benchmarks" / "models" / "trained-moe"
 
 
+@pytest.mark.slow  # the 6-layer trained MoE: ~40 s
 def test_the_committed_trained_moe_at_2_5_bits_passes_the_guard(calib_file, tmp_path, capsys):
     """The trained Qwen3-MoE (32 experts of I 128 on H 256, benchmarks/train_moe.py) is the model of the shared basis's
     regime: --bits 2.5 with default options, calibrated on other English text than it was trained on, must pass."""

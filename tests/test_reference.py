@@ -19,7 +19,9 @@ from tests.helpers import ACT_DTYPES, LAYERS, MODULE, TOKENS, WIDTHS, random_che
 def dense_moe(x, topk_weights, topk_ids, layer: MoELayer) -> torch.Tensor:
     """y = sum_k w_k D_e (silu(G_e x) * U_e x) with G_e = F_g^T B_g, U_e = F_u^T B_u, D_e = B_d F_d."""
     H = x.shape[1]
-    B_g, B_u, B_d = (torch.eye(H) if b is None else dequantize_basis(b) for b in (layer.gate_basis, layer.up_basis, layer.down_basis))
+    B_g, B_u, B_d = (
+        torch.eye(H) if b is None else dequantize_basis(b) for b in (layer.gate_basis, layer.up_basis, layer.down_basis)
+    )
     y = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
         for w, e in zip(topk_weights[t].tolist(), topk_ids[t].tolist()):
@@ -30,8 +32,6 @@ def dense_moe(x, topk_weights, topk_ids, layer: MoELayer) -> torch.Tensor:
             xt = x[t].double()
             y[t] += w * (D_e @ (torch.nn.functional.silu(G_e @ xt) * (U_e @ xt)))
     return y
-
-
 
 
 @pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}-K{s[3]}-R{'.'.join(map(str, s[4]))}")
@@ -68,7 +68,9 @@ def test_int8_bases():
     assert layer.gate_basis.weight.dtype == torch.int8 and layer.gate_basis.scale.shape == (ranks[0],)
     x = torch.randn(3, H)
     w, ids = routing(3, E, K, seed=3)
-    torch.testing.assert_close(moe_forward(x, w, ids, layer).double(), dense_moe(x, w, ids, layer), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        moe_forward(x, w, ids, layer).double(), dense_moe(x, w, ids, layer), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_identity_bases():
@@ -79,7 +81,9 @@ def test_identity_bases():
     assert not any(name.endswith((".basis", ".basis_scale")) for name in tensors)
     x = torch.randn(9, H)
     w, ids = routing(9, E, K, seed=9)
-    torch.testing.assert_close(moe_forward(x, w, ids, layer).double(), dense_moe(x, w, ids, layer), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        moe_forward(x, w, ids, layer).double(), dense_moe(x, w, ids, layer), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_negative_ids_and_unrouted_tokens_contribute_nothing():

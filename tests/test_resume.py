@@ -15,8 +15,26 @@ SHAPE = {**QUANT_SHAPE, "layers": 6}
 
 
 def command(model, out, calib_file, *extra):
-    return [sys.executable, "-m", "bitsmoe_vllm.offline", "--model", str(model), "--out", str(out), "--bits", "2.5",
-            "--calib", str(calib_file), "--calib-tokens", "2048", "--calib-seq-len", "128", "--unit-rows", "8", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "bitsmoe_vllm.offline",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--bits",
+        "2.5",
+        "--calib",
+        str(calib_file),
+        "--calib-tokens",
+        "2048",
+        "--calib-seq-len",
+        "128",
+        "--unit-rows",
+        "8",
+        *extra,
+    ]
 
 
 def kill_when(proc: subprocess.Popen, path_ready, timeout: float = 120.0) -> None:
@@ -43,6 +61,7 @@ def uninterrupted(tiny_model_dir, calib_file, tmp_path_factory):
     return model, checkpoint_bytes(out)
 
 
+@pytest.mark.slow  # a quantization killed and resumed: 20-26 s each
 @pytest.mark.parametrize("kill_point", ["calibration", "allocation", "export", "finish"])
 def test_resume_after_kill_gives_identical_bytes(kill_point, uninterrupted, calib_file, tmp_path):
     model, expected = uninterrupted
@@ -53,9 +72,13 @@ def test_resume_after_kill_gives_identical_bytes(kill_point, uninterrupted, cali
         "calibration": lambda: (work / "layer-00002.safetensors").is_file(),  # 3 of 6 layers calibrated
         "allocation": lambda: (work / "allocation.safetensors").is_file(),  # bits chosen, no shard written
         "export": lambda: any(shards.glob("model-00002-*.safetensors")),  # 2 of 7 shards written
-        "finish": lambda: (shards / "config.json").is_file(),  # all shards and config.json; validation, report, move to come
+        "finish": lambda: (
+            shards / "config.json"
+        ).is_file(),  # all shards and config.json; validation, report, move to come
     }[kill_point]
-    kill_when(subprocess.Popen(command(model, out, calib_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), ready)
+    kill_when(
+        subprocess.Popen(command(model, out, calib_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), ready
+    )
     assert not out.exists()  # nothing half-written in place
 
     refused = subprocess.run(command(model, out, calib_file), capture_output=True, text=True)

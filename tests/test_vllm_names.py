@@ -19,7 +19,9 @@ def test_every_tensor_routes_through_vllms_expert_mapping(model_type, basis_dtyp
     module = arch.experts_module.format(layer=11)
     names = arch.projection_names
     cfg, _ = random_checkpoint(64, 64, 12, (64, 64, 64), 32, module=module, names=names, basis_dtype=basis_dtype)
-    mapping = vllm_moe.RoutedExperts.build_expert_params_mapping(names["gate"], names["down"], names["up"], num_experts=12)
+    mapping = vllm_moe.RoutedExperts.build_expert_params_mapping(
+        names["gate"], names["down"], names["up"], num_experts=12
+    )
     for name in tensor_specs(cfg):
         routes = [(param, expert, shard) for param, weight, expert, shard in mapping if weight in name]
         expert, projection, kind = name.removeprefix(module + ".").split(".")

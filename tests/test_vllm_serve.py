@@ -19,6 +19,7 @@ from bitsmoe_vllm.offline.demo import ARCHITECTURES
 from bitsmoe_vllm.offline.dequantize import dequantize_checkpoint
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow  # each test starts `vllm serve` (30-110 s here)
 
 SHAPE = {"layers": 2, "experts": 16, "intermediate": 128}
 BITS = 2.0  # the lower the bits, the further the quantized model from the original: the comparisons' teeth
@@ -46,7 +47,11 @@ def checkpoints(tiny_model_dir, quantize_tiny, tmp_path_factory):
             original = tiny_model_dir(arch, **SHAPE)
             root = tmp_path_factory.mktemp(f"{arch}-serve")
             bitsmoe = quantize_tiny(original, root / "bitsmoe", BITS, basis_dtype="int8")  # the shared basis, served
-            made[arch] = {"original": original, "bitsmoe": bitsmoe, "dequantized": dequantize_checkpoint(bitsmoe, root / "dequantized")}
+            made[arch] = {
+                "original": original,
+                "bitsmoe": bitsmoe,
+                "dequantized": dequantize_checkpoint(bitsmoe, root / "dequantized"),
+            }
         return made[arch]
 
     return get
@@ -60,7 +65,9 @@ def served_logprobs(checkpoints, tmp_path_factory):
     def get(arch, which, dtype):
         if (arch, which, dtype) not in served:
             model = checkpoints(arch)[which]
-            with vllm_server(model, *serve_args(arch, dtype), log=tmp_path_factory.mktemp("serve") / f"{which}.log") as url:
+            with vllm_server(
+                model, *serve_args(arch, dtype), log=tmp_path_factory.mktemp("serve") / f"{which}.log"
+            ) as url:
                 served[arch, which, dtype] = prompt_logprobs(url, model)
         return served[arch, which, dtype]
 
@@ -91,11 +98,15 @@ def transformers_logprobs(model_dir) -> list[float]:
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_openai_api_and_logprobs_match_the_dequantized_weights(arch, checkpoints, served_logprobs, tmp_path):
     bitsmoe = checkpoints(arch)["bitsmoe"]
-    flag = ["--quantization", "bitsmoe"] if arch in ("mixtral", "deepseek_v2") else []  # the checkpoint names its method
+    flag = (
+        ["--quantization", "bitsmoe"] if arch in ("mixtral", "deepseek_v2") else []
+    )  # the checkpoint names its method
     with vllm_server(bitsmoe, *serve_args(arch, "float32"), *flag, log=tmp_path / "bitsmoe.log") as url:
         assert "quantization=bitsmoe" in (tmp_path / "bitsmoe.log").read_text()
         log = (tmp_path / "bitsmoe.log").read_text()
-        assert re.search(r"bitsmoe: MoE layers run cpu-(int|float): ", log) and "off the reference" not in log  # checked at load
+        assert (
+            re.search(r"bitsmoe: MoE layers run cpu-(int|float): ", log) and "off the reference" not in log
+        )  # checked at load
         assert [m["id"] for m in get(url, "/v1/models")["data"]] == [str(bitsmoe)]
         body = {"model": str(bitsmoe), "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
         completion = post(url, "/v1/completions", body)
@@ -103,7 +114,11 @@ def test_openai_api_and_logprobs_match_the_dequantized_weights(arch, checkpoints
         streamed = "".join(event["choices"][0]["text"] for event in stream(url, "/v1/completions", body))
         assert streamed == completion["choices"][0]["text"]  # greedy: the same tokens either way
         messages = [{"role": "user", "content": "What does sum do?"}]
-        chat = post(url, "/v1/chat/completions", {"model": str(bitsmoe), "max_tokens": 8, "temperature": 0, "messages": messages})
+        chat = post(
+            url,
+            "/v1/chat/completions",
+            {"model": str(bitsmoe), "max_tokens": 8, "temperature": 0, "messages": messages},
+        )
         assert chat["choices"][0]["message"]["role"] == "assistant" and chat["usage"]["completion_tokens"] > 0
         served = prompt_logprobs(url, bitsmoe)
     assert max_difference(served, served_logprobs(arch, "dequantized", "float32")) < LOGPROB_TOLERANCE
@@ -117,7 +132,9 @@ def test_bf16_logprobs_match_the_dequantized_weights_within_bf16s_own_error(arch
     does to the dequantized model (its bf16 log-probabilities against its float32 ones): BitsMoE in bf16 must be
     that close to the dequantized model in bf16, and the original weights clearly further away."""
     served = served_logprobs(arch, "bitsmoe", "bfloat16")
-    tolerance = max_difference(served_logprobs(arch, "dequantized", "bfloat16"), served_logprobs(arch, "dequantized", "float32"))
+    tolerance = max_difference(
+        served_logprobs(arch, "dequantized", "bfloat16"), served_logprobs(arch, "dequantized", "float32")
+    )
     assert 0 < tolerance < 0.1  # bf16 changes the model a little, not a lot
     assert max_difference(served, served_logprobs(arch, "dequantized", "bfloat16")) < tolerance
     assert max_difference(served, served_logprobs(arch, "original", "float32")) > 4 * tolerance
@@ -127,7 +144,10 @@ def test_a_failed_start_shows_the_workers_error(checkpoints, tmp_path):
     """The worker's exception, not the engine's report that a worker died."""
     bitsmoe = checkpoints("qwen3_moe")["bitsmoe"]
     no_room = {"VLLM_CPU_KVCACHE_SPACE": "100000"}
-    with pytest.raises(RuntimeError) as failed, vllm_server(bitsmoe, *FAST_AND_STRICT, log=tmp_path / "failed.log", env=no_room):
+    with (
+        pytest.raises(RuntimeError) as failed,
+        vllm_server(bitsmoe, *FAST_AND_STRICT, log=tmp_path / "failed.log", env=no_room),
+    ):
         pass
     assert "ERROR lines of Worker" in str(failed.value)
     assert "ValueError: Available memory on node 0" in str(failed.value) and "100000.0 GiB" in str(failed.value)
@@ -148,8 +168,13 @@ def test_offline_llm_api(checkpoints, tmp_path):
     bitsmoe = checkpoints("olmoe")["bitsmoe"]
     script = tmp_path / "llm.py"
     script.write_text(LLM_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(bitsmoe), PROMPT], capture_output=True, text=True,
-                            env=server_env(), timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(script), str(bitsmoe), PROMPT],
+        capture_output=True,
+        text=True,
+        env=server_env(),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TOKENS 8" in result.stdout
 
@@ -157,9 +182,13 @@ def test_offline_llm_api(checkpoints, tmp_path):
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel CPU workers need two cores")
 def test_tensor_parallel_2_matches_the_dequantized_weights(tiny_model_dir, quantize_tiny, tmp_path):
     """Each rank holds half of every factor row (FORMAT.md section 7); the sum over ranks is the whole layer."""
-    bitsmoe = quantize_tiny(tiny_model_dir("mixtral", **SHAPE), tmp_path / "bitsmoe", 3.0, group_size=32, basis_dtype="int8")
+    bitsmoe = quantize_tiny(
+        tiny_model_dir("mixtral", **SHAPE), tmp_path / "bitsmoe", 3.0, group_size=32, basis_dtype="int8"
+    )
     one_core_each = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # vLLM cannot bind two workers to one NUMA node by itself
-    with vllm_server(bitsmoe, *EXACT, "--tensor-parallel-size", "2", log=tmp_path / "tp2.log", env=one_core_each) as url:
+    with vllm_server(
+        bitsmoe, *EXACT, "--tensor-parallel-size", "2", log=tmp_path / "tp2.log", env=one_core_each
+    ) as url:
         served = prompt_logprobs(url, bitsmoe)
     reference = transformers_logprobs(dequantize_checkpoint(bitsmoe, tmp_path / "dequantized"))
     assert max_difference(served, reference) < LOGPROB_TOLERANCE
@@ -217,12 +246,18 @@ MODULE = "model.layers.1.mlp.experts"
     "case, message",
     [
         ("missing tensor", f"BitsMoE checkpoint is missing tensor '{MODULE}.3.up_proj.scales'"),
-        ("wrong shape", f"tensor '{MODULE}.5.down_proj.codes' in model-00002-of-00003.safetensors: expected torch.int32"),
+        (
+            "wrong shape",
+            f"tensor '{MODULE}.5.down_proj.codes' in model-00002-of-00003.safetensors: expected torch.int32",
+        ),
         ("unknown format version", "quantization_config.format_version: unknown version 2"),
         ("not a BitsMoE checkpoint", "--quantization bitsmoe needs a BitsMoE checkpoint"),
         ("truncated shard", "model-00002-of-00003.safetensors ("),
         ("missing shard", "shard model-00002-of-00003.safetensors named in"),
-        ("NaN in a scale", f"tensor '{MODULE}.0.down_proj.basis_scale' in model-00002-of-00003.safetensors: holds NaN or Inf"),
+        (
+            "NaN in a scale",
+            f"tensor '{MODULE}.0.down_proj.basis_scale' in model-00002-of-00003.safetensors: holds NaN or Inf",
+        ),
         ("negative rank", f"quantization_config.layers['{MODULE}'].up.rank: expected"),
     ],
 )
@@ -231,12 +266,24 @@ def test_bad_checkpoints_are_refused_at_load(case, message, checkpoints, tmp_pat
     model, flag = {
         "missing tensor": (lambda: edited_copy(bitsmoe, tmp_path, drop(f"{MODULE}.3.up_proj.scales")), []),
         "wrong shape": (lambda: edited_copy(bitsmoe, tmp_path, shorten(f"{MODULE}.5.down_proj.codes")), []),
-        "unknown format version": (lambda: edited_copy(bitsmoe, tmp_path, edit_config=lambda c: c["quantization_config"].update(format_version=2)), []),
+        "unknown format version": (
+            lambda: edited_copy(
+                bitsmoe, tmp_path, edit_config=lambda c: c["quantization_config"].update(format_version=2)
+            ),
+            [],
+        ),
         "not a BitsMoE checkpoint": (lambda: original, ["--quantization", "bitsmoe"]),
         "truncated shard": (lambda: edited_copy(bitsmoe, tmp_path, edit_shard=truncate), []),
         "missing shard": (lambda: edited_copy(bitsmoe, tmp_path, edit_shard=Path.unlink), []),
         "NaN in a scale": (lambda: edited_copy(bitsmoe, tmp_path, poison(f"{MODULE}.0.down_proj.basis_scale")), []),
-        "negative rank": (lambda: edited_copy(bitsmoe, tmp_path, edit_config=lambda c: c["quantization_config"]["layers"][MODULE]["up"].update(rank=-1)), []),
+        "negative rank": (
+            lambda: edited_copy(
+                bitsmoe,
+                tmp_path,
+                edit_config=lambda c: c["quantization_config"]["layers"][MODULE]["up"].update(rank=-1),
+            ),
+            [],
+        ),
     }[case]
     status, output = run_to_exit(model(), *EXACT, *flag, log=tmp_path / "refused.log")
     assert status != 0

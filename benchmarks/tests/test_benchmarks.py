@@ -1,5 +1,5 @@
-"""The benchmarks' own machinery on tiny inputs: MoEfication, the corpus split, the RTN peer, the CPU MoE baseline, the serving
-benchmark's prompts."""
+"""The benchmarks' own machinery on tiny inputs: MoEfication, the corpus split, the RTN peer, the CPU MoE baseline,
+the serving benchmark's prompts."""
 
 import json
 
@@ -14,8 +14,16 @@ from benchmarks.peers import rtn
 @pytest.fixture(scope="module")
 def dense():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        tie_word_embeddings=True,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -83,7 +91,12 @@ def test_training_corpus_splits_whole_documents_three_ways(tmp_path, monkeypatch
         for i in range(100):
             (tmp_path / name / f"{name}_{i}.txt").write_text(f"{name} document {i}.")
             (tmp_path / name / f"{name}_{i}.json").write_text("{}")  # the same text as JSON: not read
-    verses = [{"book": f"Book{b}", "chapter": c, "text": f"Verse {v} of {b}:{c}."} for b in range(5) for c in range(20) for v in range(3)]
+    verses = [
+        {"book": f"Book{b}", "chapter": c, "text": f"Verse {v} of {b}:{c}."}
+        for b in range(5)
+        for c in range(20)
+        for v in range(3)
+    ]
     (tmp_path / "kjv.jsonl").write_text("".join(json.dumps(v) + "\n" for v in verses))
     articles = {f"Title {i}": {"extract": f"Text of article {i}."} for i in range(300)}
     (tmp_path / "wiki.json").write_text(json.dumps(articles))
@@ -108,7 +121,11 @@ def test_cpu_moe_bench_gives_the_bf16_baseline_the_same_layer():
 
     g = torch.Generator().manual_seed(0)
     H, I, E, K = 64, GROUP, 4, 2
-    layer = MoELayer(*(random_basis(H, H, "int8", g) for _ in range(3)), *(random_factors(E, H, I, (2, 3), g) for _ in range(3)), GROUP)
+    layer = MoELayer(
+        *(random_basis(H, H, "int8", g) for _ in range(3)),
+        *(random_factors(E, H, I, (2, 3), g) for _ in range(3)),
+        GROUP,
+    )
     w13, w2 = (vllm_ops.cpu_prepack_moe_weight(w, "vec") for w in dense_weights(layer))
     x = torch.randn(5, H, generator=g).bfloat16()
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(5)]).to(torch.int32)

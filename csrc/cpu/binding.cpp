@@ -35,8 +35,8 @@ const char* forced_isa() {
 }
 
 bool has_int_path() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
-         __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni");
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni");
 }
 
 // whether bitsmoe::moe_int may run: the CPU has it, and BITSMOE_CPU_ISA does not force the float kernels
@@ -53,7 +53,10 @@ const Kernels& kernels() {
     const std::string isa(forced);
     TORCH_CHECK(isa == "avx512-vnni" || isa == "avx512" || isa == "avx2", "BITSMOE_CPU_ISA=", isa,
                 ": expected avx512-vnni, avx512 or avx2, or unset to choose from the CPU's flags");
-    TORCH_CHECK(isa == "avx512-vnni" ? has_int_path() : isa == "avx512" ? avx512 : avx2, "BITSMOE_CPU_ISA=", isa, ": this CPU does not support it");
+    TORCH_CHECK(isa == "avx512-vnni" ? has_int_path()
+                : isa == "avx512"    ? avx512
+                                     : avx2,
+                "BITSMOE_CPU_ISA=", isa, ": this CPU does not support it");
     return isa == "avx2" ? kAvx2 : kAvx512;
   }
   TORCH_CHECK(avx512 || avx2, "bitsmoe: the CPU kernel needs AVX-512, or AVX2 with FMA and F16C; this CPU has neither");
@@ -74,9 +77,10 @@ std::string cpu_isa() {
 }
 
 void check_2d(const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t rows, int64_t cols) {
-  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == dtype && (rows < 0 || t.size(0) == rows) && (cols < 0 || t.size(1) == cols),
-              "bitsmoe::moe (CPU): ", name, ": expected ", dtype, " [", rows < 0 ? std::string("*") : std::to_string(rows), ", ",
-              cols < 0 ? std::string("*") : std::to_string(cols), "], found ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(
+      t.dim() == 2 && t.scalar_type() == dtype && (rows < 0 || t.size(0) == rows) && (cols < 0 || t.size(1) == cols),
+      "bitsmoe::moe (CPU): ", name, ": expected ", dtype, " [", rows < 0 ? std::string("*") : std::to_string(rows),
+      ", ", cols < 0 ? std::string("*") : std::to_string(cols), "], found ", t.scalar_type(), " ", t.sizes());
 }
 
 // A basis and the tensors that keep its storage contiguous for the call.
@@ -85,23 +89,34 @@ struct BasisArg {
   at::Tensor weight, scale;
 };
 
-BasisArg basis_arg(const char* name, const at::Tensor& weight, const std::optional<at::Tensor>& scale, int64_t rows, int64_t in) {
+BasisArg basis_arg(const char* name, const at::Tensor& weight, const std::optional<at::Tensor>& scale, int64_t rows,
+                   int64_t in) {
   BasisArg b{{}, weight.contiguous(), {}};
-  TORCH_CHECK(b.weight.dim() == 2 && (rows < 0 || b.weight.size(0) == rows) && b.weight.size(1) == in, "bitsmoe::moe (CPU): ", name,
-              ": expected [", rows < 0 ? std::string("*") : std::to_string(rows), ", ", in, "], found ", b.weight.sizes());
+  TORCH_CHECK(b.weight.dim() == 2 && (rows < 0 || b.weight.size(0) == rows) && b.weight.size(1) == in,
+              "bitsmoe::moe (CPU): ", name, ": expected [", rows < 0 ? std::string("*") : std::to_string(rows), ", ",
+              in, "], found ", b.weight.sizes());
   switch (b.weight.scalar_type()) {
-    case at::kHalf: b.view.type = BasisType::kFloat16; break;
-    case at::kBFloat16: b.view.type = BasisType::kBFloat16; break;
-    case at::kFloat: b.view.type = BasisType::kFloat32; break;
+    case at::kHalf:
+      b.view.type = BasisType::kFloat16;
+      break;
+    case at::kBFloat16:
+      b.view.type = BasisType::kBFloat16;
+      break;
+    case at::kFloat:
+      b.view.type = BasisType::kFloat32;
+      break;
     case at::kChar:
       b.view.type = BasisType::kInt8;
       TORCH_CHECK(scale.has_value(), "bitsmoe::moe (CPU): ", name, " is int8 but has no scale");
       b.scale = scale->contiguous();
-      TORCH_CHECK(b.scale.scalar_type() == at::kHalf && b.scale.dim() == 1 && b.scale.size(0) == b.weight.size(0), "bitsmoe::moe (CPU): ",
-                  name, "_scale: expected Half [", b.weight.size(0), "], found ", b.scale.scalar_type(), " ", b.scale.sizes());
+      TORCH_CHECK(b.scale.scalar_type() == at::kHalf && b.scale.dim() == 1 && b.scale.size(0) == b.weight.size(0),
+                  "bitsmoe::moe (CPU): ", name, "_scale: expected Half [", b.weight.size(0), "], found ",
+                  b.scale.scalar_type(), " ", b.scale.sizes());
       b.view.scale = reinterpret_cast<const uint16_t*>(b.scale.data_ptr<at::Half>());
       break;
-    default: TORCH_CHECK(false, "bitsmoe::moe (CPU): ", name, ": expected float16, bfloat16, float32 or int8, found ", b.weight.scalar_type());
+    default:
+      TORCH_CHECK(false, "bitsmoe::moe (CPU): ", name, ": expected float16, bfloat16, float32 or int8, found ",
+                  b.weight.scalar_type());
   }
   b.view.weight = b.weight.data_ptr();
   b.view.n = b.weight.size(0);
@@ -110,7 +125,7 @@ BasisArg basis_arg(const char* name, const at::Tensor& weight, const std::option
 }
 
 // Scratch memory of a call, from torch's CPU allocator but through no operator: a cold operator call (code and
-// tables out of cache after the weights streamed through) costs ~20 us, and a layer at T = 1 takes ~1 ms
+// tables out of cache after the weights streamed through) costs a visible share of a layer at T = 1
 template <class T>
 struct Scratch {
   c10::DataPtr data;
@@ -125,16 +140,22 @@ struct FactorsArg {
   std::vector<int64_t> plane_at, row_at;
 };
 
-FactorsArg factors_arg(const Kernels& k, const char* name, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bits, int64_t E, int64_t I,
-                       int64_t G) {
-  FactorsArg f{{}, codes.contiguous(), scales.contiguous(), bits.contiguous(), std::vector<int64_t>(E + 1), std::vector<int64_t>(E + 1)};
+FactorsArg factors_arg(const Kernels& k, const char* name, const at::Tensor& codes, const at::Tensor& scales,
+                       const at::Tensor& bits, int64_t E, int64_t I, int64_t G) {
+  FactorsArg f{{},
+               codes.contiguous(),
+               scales.contiguous(),
+               bits.contiguous(),
+               std::vector<int64_t>(E + 1),
+               std::vector<int64_t>(E + 1)};
   check_2d((std::string(name) + "_bits").c_str(), f.bits, at::kByte, E, -1);
   check_2d((std::string(name) + "_codes").c_str(), f.codes, at::kInt, -1, I / 32);
   check_2d((std::string(name) + "_scales").c_str(), f.scales, at::kHalf, -1, I / G);
   k.expert_offsets(f.bits.data_ptr<uint8_t>(), E, f.bits.size(1), f.plane_at.data(), f.row_at.data());
   const int64_t planes = f.plane_at[E], rows = f.row_at[E];
-  TORCH_CHECK(f.codes.size(0) == planes && f.scales.size(0) == rows, "bitsmoe::moe (CPU): ", name, "_bits ask for ", planes, " planes and ", rows,
-              " scale rows, found ", name, "_codes ", f.codes.sizes(), " and ", name, "_scales ", f.scales.sizes());
+  TORCH_CHECK(f.codes.size(0) == planes && f.scales.size(0) == rows, "bitsmoe::moe (CPU): ", name, "_bits ask for ",
+              planes, " planes and ", rows, " scale rows, found ", name, "_codes ", f.codes.sizes(), " and ", name,
+              "_scales ", f.scales.sizes());
   f.view = {reinterpret_cast<const uint32_t*>(f.codes.data_ptr<int32_t>()),
             reinterpret_cast<const uint16_t*>(f.scales.data_ptr<at::Half>()),
             f.bits.data_ptr<uint8_t>(),
@@ -172,7 +193,9 @@ void basis_product_int(const VnniKernels& v, const Kernels& k, const Basis& b, c
 // The slots of each expert (ids < 0: held elsewhere, in no list), and the experts with any.
 struct Routing {
   std::vector<int64_t> start, token, slot, used;
-  Tokens of(int64_t e) const { return Tokens{token.data() + start[e], slot.data() + start[e], start[e + 1] - start[e]}; }
+  Tokens of(int64_t e) const {
+    return Tokens{token.data() + start[e], slot.data() + start[e], start[e + 1] - start[e]};
+  }
 };
 
 template <class Id>
@@ -195,24 +218,28 @@ Routing route(const Id* id, int64_t slots, int64_t K, int64_t E) {
 }
 
 Routing route(const at::Tensor& topk_ids, int64_t E) {
-  const at::Tensor ids = topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong ? topk_ids.contiguous() : topk_ids.to(at::kLong);
+  const at::Tensor ids = topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong
+                             ? topk_ids.contiguous()
+                             : topk_ids.to(at::kLong);
   if (ids.scalar_type() == at::kInt) return route(ids.data_ptr<int32_t>(), ids.numel(), ids.size(1), E);
   return route(ids.data_ptr<int64_t>(), ids.numel(), ids.size(1), E);
 }
 
 // Checks the arguments both ops share.
 void check_tokens(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids, bool identity,
-                  const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& down_basis, int64_t I, int64_t group_size) {
+                  const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& down_basis, int64_t I,
+                  int64_t group_size) {
   TORCH_CHECK(x.dim() == 2, "bitsmoe::moe (CPU): x: expected [T, H], found ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "bitsmoe::moe (CPU): x: expected float32, bfloat16 or float16, found ", x.scalar_type());
-  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) && topk_weights.sizes() == topk_ids.sizes() && !topk_ids.is_floating_point(),
-              "bitsmoe::moe (CPU): expected integer topk_ids and topk_weights of one shape [", x.size(0), ", K], found ", topk_ids.scalar_type(),
-              " ", topk_ids.sizes(), " and ", topk_weights.sizes());
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) && topk_weights.sizes() == topk_ids.sizes() &&
+                  !topk_ids.is_floating_point(),
+              "bitsmoe::moe (CPU): expected integer topk_ids and topk_weights of one shape [", x.size(0),
+              ", K], found ", topk_ids.scalar_type(), " ", topk_ids.sizes(), " and ", topk_weights.sizes());
   TORCH_CHECK(up_basis.has_value() != identity && down_basis.has_value() != identity,
               "bitsmoe::moe (CPU): the gate, up and down bases must all be given, or all be None (identity bases)");
-  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && I > 0 && I % group_size == 0, "bitsmoe::moe (CPU): group_size ", group_size,
-              " must be a positive multiple of 32 that divides I = ", I);
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && I > 0 && I % group_size == 0, "bitsmoe::moe (CPU): group_size ",
+              group_size, " must be a positive multiple of 32 that divides I = ", I);
 }
 
 // x [T, H] as float32: x itself, or a converted copy in `copy`
@@ -221,9 +248,12 @@ const float* as_float(const at::Tensor& x, Scratch<float>& copy) {
   const at::Tensor c = x.contiguous();
   const int64_t n = c.numel();
   copy = Scratch<float>(n);
-  if (c.scalar_type() == at::kBFloat16) std::copy_n(c.data_ptr<at::BFloat16>(), n, copy.get());
-  else if (c.scalar_type() == at::kHalf) std::copy_n(c.data_ptr<at::Half>(), n, copy.get());
-  else std::copy_n(c.data_ptr<float>(), n, copy.get());
+  if (c.scalar_type() == at::kBFloat16)
+    std::copy_n(c.data_ptr<at::BFloat16>(), n, copy.get());
+  else if (c.scalar_type() == at::kHalf)
+    std::copy_n(c.data_ptr<at::Half>(), n, copy.get());
+  else
+    std::copy_n(c.data_ptr<float>(), n, copy.get());
   return copy.get();
 }
 
@@ -236,10 +266,12 @@ int64_t gate_up_parts(int64_t used, int64_t rows) {
 // y = B_d (sum over each token's choices of w u), the choices in order; identity: the sum itself. product(basis, x,
 // T, out) is the op's basis product (basis_product or basis_product_int).
 template <class Product>
-at::Tensor finish(Product product, const float* u, int64_t R_d, const at::Tensor& topk_weights, const std::optional<at::Tensor>& down_basis,
-                  const std::optional<at::Tensor>& down_basis_scale, int64_t H, const at::Tensor& x) {
+at::Tensor finish(Product product, const float* u, int64_t R_d, const at::Tensor& topk_weights,
+                  const std::optional<at::Tensor>& down_basis, const std::optional<at::Tensor>& down_basis_scale,
+                  int64_t H, const at::Tensor& x) {
   const int64_t T = topk_weights.size(0), K = topk_weights.size(1);
-  const at::Tensor w32 = topk_weights.scalar_type() == at::kFloat ? topk_weights.contiguous() : topk_weights.to(at::kFloat).contiguous();
+  const at::Tensor w32 =
+      topk_weights.scalar_type() == at::kFloat ? topk_weights.contiguous() : topk_weights.to(at::kFloat).contiguous();
   const float* w = w32.data_ptr<float>();
   const Scratch<float> t(T * R_d);
   for (int64_t j = 0; j < T; ++j) {
@@ -251,18 +283,25 @@ at::Tensor finish(Product product, const float* u, int64_t R_d, const at::Tensor
   at::Tensor y = at::empty({T, H}, x.options());
   Scratch<float> y32(x.scalar_type() == at::kFloat ? 0 : T * H);
   float* out = x.scalar_type() == at::kFloat ? y.data_ptr<float>() : y32.get();
-  if (down_basis.has_value()) product(basis_arg("down_basis", *down_basis, down_basis_scale, H, R_d).view, t.get(), T, out);
-  else std::copy_n(t.get(), T * H, out);
-  if (x.scalar_type() == at::kBFloat16) std::copy_n(out, T * H, y.data_ptr<at::BFloat16>());
-  else if (x.scalar_type() == at::kHalf) std::copy_n(out, T * H, y.data_ptr<at::Half>());
+  if (down_basis.has_value())
+    product(basis_arg("down_basis", *down_basis, down_basis_scale, H, R_d).view, t.get(), T, out);
+  else
+    std::copy_n(t.get(), T * H, out);
+  if (x.scalar_type() == at::kBFloat16)
+    std::copy_n(out, T * H, y.data_ptr<at::BFloat16>());
+  else if (x.scalar_type() == at::kHalf)
+    std::copy_n(out, T * H, y.data_ptr<at::Half>());
   return y;
 }
 
 // z_g, z_u = B_g x, B_u x into z_g [T, R_g], z_u [T, R_u] (x itself for identity bases: returns x, x)
 template <class Product>
-std::pair<const float*, const float*> shared_projections(Product product, const float* xf, int64_t T, int64_t H, const std::optional<at::Tensor>& gate_basis,
-                                                         const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& gate_basis_scale,
-                                                         const std::optional<at::Tensor>& up_basis_scale, float* z_g, float* z_u) {
+std::pair<const float*, const float*> shared_projections(Product product, const float* xf, int64_t T, int64_t H,
+                                                         const std::optional<at::Tensor>& gate_basis,
+                                                         const std::optional<at::Tensor>& up_basis,
+                                                         const std::optional<at::Tensor>& gate_basis_scale,
+                                                         const std::optional<at::Tensor>& up_basis_scale, float* z_g,
+                                                         float* z_u) {
   if (!gate_basis.has_value()) return {xf, xf};
   product(basis_arg("gate_basis", *gate_basis, gate_basis_scale, -1, H).view, xf, T, z_g);
   product(basis_arg("up_basis", *up_basis, up_basis_scale, -1, H).view, xf, T, z_u);
@@ -274,7 +313,8 @@ std::pair<const float*, const float*> shared_projections(Product product, const 
 // turns them into the slots' inputs to down; down(e, tokens, share, shares, u) writes u [slots, R_d] for one of the
 // expert's R_d / 64 shares of rank rows. Fills u.
 template <class GateUp, class Activate, class Down>
-void run_experts(const Routing& r, int64_t parts, int64_t I, int64_t R_d, int64_t slots, float* u, GateUp gate_up, Activate activate, Down down) {
+void run_experts(const Routing& r, int64_t parts, int64_t I, int64_t R_d, int64_t slots, float* u, GateUp gate_up,
+                 Activate activate, Down down) {
   const int64_t used_n = static_cast<int64_t>(r.used.size());
   const Scratch<float> h(r.start.back() * parts * 2 * I);  // per expert [parts, 2, n, I]
   at::parallel_for(0, used_n * parts, 1, [&](int64_t i0, int64_t i1) {
@@ -290,16 +330,19 @@ void run_experts(const Routing& r, int64_t parts, int64_t I, int64_t R_d, int64_
   const int64_t row_blocks = (R_d + kBlockRows - 1) / kBlockRows;
   std::fill_n(u, slots * R_d, 0.f);
   at::parallel_for(0, used_n * row_blocks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) down(r.used[i / row_blocks], r.of(r.used[i / row_blocks]), i % row_blocks, row_blocks, u);
+    for (int64_t i = i0; i < i1; ++i)
+      down(r.used[i / row_blocks], r.of(r.used[i / row_blocks]), i % row_blocks, row_blocks, u);
   });
 }
 
-at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids, const std::optional<at::Tensor>& gate_basis,
-               const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& down_basis,
-               const std::optional<at::Tensor>& gate_basis_scale, const std::optional<at::Tensor>& up_basis_scale,
-               const std::optional<at::Tensor>& down_basis_scale, const at::Tensor& gate_codes, const at::Tensor& gate_scales,
-               const at::Tensor& gate_bits, const at::Tensor& up_codes, const at::Tensor& up_scales, const at::Tensor& up_bits,
-               const at::Tensor& down_codes, const at::Tensor& down_scales, const at::Tensor& down_bits, int64_t group_size) {
+at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+               const std::optional<at::Tensor>& gate_basis, const std::optional<at::Tensor>& up_basis,
+               const std::optional<at::Tensor>& down_basis, const std::optional<at::Tensor>& gate_basis_scale,
+               const std::optional<at::Tensor>& up_basis_scale, const std::optional<at::Tensor>& down_basis_scale,
+               const at::Tensor& gate_codes, const at::Tensor& gate_scales, const at::Tensor& gate_bits,
+               const at::Tensor& up_codes, const at::Tensor& up_scales, const at::Tensor& up_bits,
+               const at::Tensor& down_codes, const at::Tensor& down_scales, const at::Tensor& down_bits,
+               int64_t group_size) {
   const Kernels& k = kernels();
   const bool identity = !gate_basis.has_value();
   const int64_t E = gate_bits.size(0), I = gate_codes.dim() == 2 ? gate_codes.size(1) * 32 : -1;
@@ -310,15 +353,19 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
   const FactorsArg g = factors_arg(k, "gate", gate_codes, gate_scales, gate_bits, E, I, group_size);
   const FactorsArg u = factors_arg(k, "up", up_codes, up_scales, up_bits, E, I, group_size);
   const FactorsArg d = factors_arg(k, "down", down_codes, down_scales, down_bits, E, I, group_size);
-  TORCH_CHECK(g.view.R == R_g && u.view.R == R_u && d.view.R == R_d, "bitsmoe::moe (CPU): factor ranks (gate ", g.view.R, ", up ", u.view.R,
-              ", down ", d.view.R, ") differ from the bases' (", R_g, ", ", R_u, ", ", R_d, ")");
+  TORCH_CHECK(g.view.R == R_g && u.view.R == R_u && d.view.R == R_d, "bitsmoe::moe (CPU): factor ranks (gate ",
+              g.view.R, ", up ", u.view.R, ", down ", d.view.R, ") differ from the bases' (", R_g, ", ", R_u, ", ", R_d,
+              ")");
   if (T == 0) return at::empty_like(x);
 
   Scratch<float> x_copy(0);
   const float* xf = as_float(x, x_copy);
-  const auto product = [&](const Basis& b, const float* in, int64_t rows, float* out) { basis_product(k, b, in, rows, out); };
+  const auto product = [&](const Basis& b, const float* in, int64_t rows, float* out) {
+    basis_product(k, b, in, rows, out);
+  };
   const Scratch<float> z_gate(identity ? 0 : T * R_g), z_up(identity ? 0 : T * R_u);
-  const auto [z_g, z_u] = shared_projections(product, xf, T, H, gate_basis, up_basis, gate_basis_scale, up_basis_scale, z_gate.get(), z_up.get());
+  const auto [z_g, z_u] = shared_projections(product, xf, T, H, gate_basis, up_basis, gate_basis_scale, up_basis_scale,
+                                             z_gate.get(), z_up.get());
   const Routing r = route(topk_ids, E);
 
   // h = (F_g^T z_g, F_u^T z_u), a = silu(h_g) * h_u per slot, u = F_d a
@@ -326,7 +373,9 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
   const Scratch<float> a(T * K * I), out(T * K * R_d);
   run_experts(
       r, parts, I, R_d, T * K, out.get(),
-      [&](int64_t e, const Tokens& tk, int64_t part, float* h) { k.gate_up_part(g.view, u.view, e, z_g, z_u, tk, part, parts, h); },
+      [&](int64_t e, const Tokens& tk, int64_t part, float* h) {
+        k.gate_up_part(g.view, u.view, e, z_g, z_u, tk, part, parts, h);
+      },
       [&](const float* h, const Tokens& tk) { k.activate(h, parts, tk, I, a.get()); },
       [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) {
         k.down(d.view, e, a.get(), tk, R_d * share / shares, R_d * (share + 1) / shares, dst);
@@ -341,24 +390,29 @@ struct CpuFactorsArg {
   at::Tensor masks, scales, rows, segs;
 };
 
-CpuFactorsArg cpu_factors_arg(const char* name, const at::Tensor& masks, const at::Tensor& scales, const at::Tensor& rows, const at::Tensor& segs,
-                              int64_t group_rows, int64_t E, int64_t R, int64_t I, int64_t G) {
+CpuFactorsArg cpu_factors_arg(const char* name, const at::Tensor& masks, const at::Tensor& scales,
+                              const at::Tensor& rows, const at::Tensor& segs, int64_t group_rows, int64_t E, int64_t R,
+                              int64_t I, int64_t G) {
   CpuFactorsArg f{{}, masks.contiguous(), scales.contiguous(), rows.contiguous(), segs.contiguous()};
   const std::string n(name);
   const int64_t chunk_columns = 64 / group_rows;  // a mask holds group_rows x chunk_columns codes
   check_2d((n + "_masks").c_str(), f.masks, at::kLong, -1, I / chunk_columns);
   check_2d((n + "_scales").c_str(), f.scales, at::kHalf, I / G, -1);
-  TORCH_CHECK(f.rows.dim() == 1 && f.rows.scalar_type() == at::kInt && f.rows.size(0) == f.scales.size(1), "bitsmoe::moe_int (CPU): ", n,
-              "_rows: expected Int [", f.scales.size(1), "], found ", f.rows.scalar_type(), " ", f.rows.sizes());
-  TORCH_CHECK(f.segs.dim() == 3 && f.segs.scalar_type() == at::kInt && f.segs.size(0) == E && f.segs.size(1) == 6 && f.segs.size(2) == 3,
-              "bitsmoe::moe_int (CPU): ", n, "_segs: expected Int [", E, ", 6, 3], found ", f.segs.scalar_type(), " ", f.segs.sizes());
+  TORCH_CHECK(f.rows.dim() == 1 && f.rows.scalar_type() == at::kInt && f.rows.size(0) == f.scales.size(1),
+              "bitsmoe::moe_int (CPU): ", n, "_rows: expected Int [", f.scales.size(1), "], found ",
+              f.rows.scalar_type(), " ", f.rows.sizes());
+  TORCH_CHECK(f.segs.dim() == 3 && f.segs.scalar_type() == at::kInt && f.segs.size(0) == E && f.segs.size(1) == 6 &&
+                  f.segs.size(2) == 3,
+              "bitsmoe::moe_int (CPU): ", n, "_segs: expected Int [", E, ", 6, 3], found ", f.segs.scalar_type(), " ",
+              f.segs.sizes());
   const int32_t* s = f.segs.data_ptr<int32_t>();
   const int64_t words = f.masks.size(1);  // the kernels read 64 bytes (8 words) from a chunk's first plane
   for (int64_t i = 0; i < E * 6; ++i)
-    TORCH_CHECK(s[3 * i] >= 0 && s[3 * i + 1] >= 0 && s[3 * i + 2] >= 0 && group_rows * (s[3 * i] + s[3 * i + 1]) <= f.rows.size(0) &&
+    TORCH_CHECK(s[3 * i] >= 0 && s[3 * i + 1] >= 0 && s[3 * i + 2] >= 0 &&
+                    group_rows * (s[3 * i] + s[3 * i + 1]) <= f.rows.size(0) &&
                     (s[3 * i + 2] + s[3 * i + 1] * kClassWidths[i % 6]) * words + 8 <= f.masks.numel(),
-                "bitsmoe::moe_int (CPU): ", n, "_segs row ", i, " points past ", n, "_rows ", f.rows.sizes(), " or ", n, "_masks ", f.masks.sizes(),
-                " (whose last 64 bytes must be padding)");
+                "bitsmoe::moe_int (CPU): ", n, "_segs row ", i, " points past ", n, "_rows ", f.rows.sizes(), " or ", n,
+                "_masks ", f.masks.sizes(), " (whose last 64 bytes must be padding)");
   f.view = {reinterpret_cast<const uint64_t*>(f.masks.data_ptr<int64_t>()),
             reinterpret_cast<const uint16_t*>(f.scales.data_ptr<at::Half>()),
             f.rows.data_ptr<int32_t>(),
@@ -367,39 +421,51 @@ CpuFactorsArg cpu_factors_arg(const char* name, const at::Tensor& masks, const a
             I / chunk_columns,
             I / G,
             G / chunk_columns,
-            G / 16 % 8 == 0 ? 8 : G / 16 % 4 == 0 ? 4 : 2,
+            G / 16 % 8 == 0   ? 8
+            : G / 16 % 4 == 0 ? 4
+                              : 2,
             f.rows.size(0)};
   return f;
 }
 
 // torch.ops.bitsmoe.moe_int: the same layer as bitsmoe::moe with its factors in the CPU layout, on the integer path
-at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids, const std::optional<at::Tensor>& gate_basis,
-                   const std::optional<at::Tensor>& up_basis, const std::optional<at::Tensor>& down_basis,
-                   const std::optional<at::Tensor>& gate_basis_scale, const std::optional<at::Tensor>& up_basis_scale,
-                   const std::optional<at::Tensor>& down_basis_scale, const at::Tensor& gate_masks, const at::Tensor& gate_scales,
-                   const at::Tensor& gate_rows, const at::Tensor& gate_segs, const at::Tensor& up_masks, const at::Tensor& up_scales,
-                   const at::Tensor& up_rows, const at::Tensor& up_segs, const at::Tensor& down_masks, const at::Tensor& down_scales,
-                   const at::Tensor& down_rows, const at::Tensor& down_segs, int64_t group_size) {
-  TORCH_CHECK(int_path(), "bitsmoe::moe_int (CPU): needs AVX-512 with VNNI, BW, VBMI and GFNI, which this CPU lacks (or BITSMOE_CPU_ISA forces ",
+at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                   const std::optional<at::Tensor>& gate_basis, const std::optional<at::Tensor>& up_basis,
+                   const std::optional<at::Tensor>& down_basis, const std::optional<at::Tensor>& gate_basis_scale,
+                   const std::optional<at::Tensor>& up_basis_scale, const std::optional<at::Tensor>& down_basis_scale,
+                   const at::Tensor& gate_masks, const at::Tensor& gate_scales, const at::Tensor& gate_rows,
+                   const at::Tensor& gate_segs, const at::Tensor& up_masks, const at::Tensor& up_scales,
+                   const at::Tensor& up_rows, const at::Tensor& up_segs, const at::Tensor& down_masks,
+                   const at::Tensor& down_scales, const at::Tensor& down_rows, const at::Tensor& down_segs,
+                   int64_t group_size) {
+  TORCH_CHECK(int_path(),
+              "bitsmoe::moe_int (CPU): needs AVX-512 with VNNI, BW, VBMI and GFNI, which this CPU lacks (or "
+              "BITSMOE_CPU_ISA forces ",
               "the float kernels); use bitsmoe::moe on the canonical layout");
   const VnniKernels& v = kAvx512Vnni;
   const Kernels& k = kAvx512;
   const bool identity = !gate_basis.has_value();
-  const int64_t E = down_segs.dim() == 3 ? down_segs.size(0) : -1, I = gate_masks.dim() == 2 ? gate_masks.size(1) * 16 : -1;
+  const int64_t E = down_segs.dim() == 3 ? down_segs.size(0) : -1,
+                I = gate_masks.dim() == 2 ? gate_masks.size(1) * 16 : -1;
   check_tokens(x, topk_weights, topk_ids, identity, up_basis, down_basis, I, group_size);
   const int64_t T = x.size(0), H = x.size(1), K = topk_ids.size(1);
   const int64_t R_g = identity ? H : gate_basis->size(0), R_u = identity ? H : up_basis->size(0);
   const int64_t R_d = identity ? H : down_basis->size(1);
-  const CpuFactorsArg g = cpu_factors_arg("gate", gate_masks, gate_scales, gate_rows, gate_segs, 4, E, R_g, I, group_size);
+  const CpuFactorsArg g =
+      cpu_factors_arg("gate", gate_masks, gate_scales, gate_rows, gate_segs, 4, E, R_g, I, group_size);
   const CpuFactorsArg u = cpu_factors_arg("up", up_masks, up_scales, up_rows, up_segs, 4, E, R_u, I, group_size);
-  const CpuFactorsArg d = cpu_factors_arg("down", down_masks, down_scales, down_rows, down_segs, 16, E, R_d, I, group_size);
+  const CpuFactorsArg d =
+      cpu_factors_arg("down", down_masks, down_scales, down_rows, down_segs, 16, E, R_d, I, group_size);
   if (T == 0) return at::empty_like(x);
 
   Scratch<float> x_copy(0);
   const float* xf = as_float(x, x_copy);
-  const auto product = [&](const Basis& b, const float* in, int64_t rows, float* out) { basis_product_int(v, k, b, in, rows, out); };
+  const auto product = [&](const Basis& b, const float* in, int64_t rows, float* out) {
+    basis_product_int(v, k, b, in, rows, out);
+  };
   const Scratch<float> z_gate(identity ? 0 : T * R_g), z_up(identity ? 0 : T * R_u);
-  const auto [z_g, z_u] = shared_projections(product, xf, T, H, gate_basis, up_basis, gate_basis_scale, up_basis_scale, z_gate.get(), z_up.get());
+  const auto [z_g, z_u] = shared_projections(product, xf, T, H, gate_basis, up_basis, gate_basis_scale, up_basis_scale,
+                                             z_gate.get(), z_up.get());
   const Routing r = route(topk_ids, E);
   const int64_t parts = gate_up_parts(static_cast<int64_t>(r.used.size()), std::min(R_g, R_u)), groups = I / group_size;
   const Scratch<float> a(T * K * I), a_scale(2 * T * K * groups), out(T * K * R_d);
@@ -407,9 +473,13 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
   const QuantizedRows q{bytes.get(), bytes.get() + T * K * I, a_scale.get(), a_scale.get() + T * K * groups, I, groups};
   run_experts(
       r, parts, I, R_d, T * K, out.get(),
-      [&](int64_t e, const Tokens& tk, int64_t part, float* h) { v.gate_up_part(g.view, u.view, e, z_g, z_u, tk, part, parts, h); },
+      [&](int64_t e, const Tokens& tk, int64_t part, float* h) {
+        v.gate_up_part(g.view, u.view, e, z_g, z_u, tk, part, parts, h);
+      },
       [&](const float* h, const Tokens& tk) { v.activate(h, parts, tk, a.get(), q); },
-      [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) { v.down(d.view, e, q, tk, share, shares, dst); });
+      [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) {
+        v.down(d.view, e, q, tk, share, shares, dst);
+      });
   return finish(product, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x);
 }
 

@@ -57,8 +57,8 @@ struct Kernels {
   void (*basis_rows)(const Basis& b, const float* x, int64_t T, float* out, int64_t r0, int64_t r1);
   // One expert's pre-activations from part `part` of `parts` equal shares of each factor's rank rows:
   // h [2, n, I] = (F_g^T z_g, F_u^T z_u) of its tokens, summed over those rows only. z_g [T, g.R], z_u [T, u.R].
-  void (*gate_up_part)(const Factors& g, const Factors& u, int64_t e, const float* z_g, const float* z_u, const Tokens& tk,
-                       int64_t part, int64_t parts, float* h);
+  void (*gate_up_part)(const Factors& g, const Factors& u, int64_t e, const float* z_g, const float* z_u,
+                       const Tokens& tk, int64_t part, int64_t parts, float* h);
   // a[slot j] = silu(h_g[j]) * h_u[j], the parts of h [parts, 2, n, I] summed in order; a [slots, I]
   void (*activate)(const float* h, int64_t parts, const Tokens& tk, int64_t I, float* a);
   // u[slot, r] = sum_c F_d[r, c] a[slot, c] for rank rows r in [r0, r1); u [slots, d.R] (rows with 0 bits untouched)
@@ -92,7 +92,8 @@ struct CpuFactors {
   const uint16_t* scales;
   const int32_t* rows;
   const int32_t* segs;
-  int64_t R, chunks, groups, group_chunks, tile_chunks, stored_rows;  // chunks per row of masks, groups = I/G, stored_rows = rows' length
+  int64_t R, chunks, groups, group_chunks, tile_chunks,
+      stored_rows;  // chunks per row of masks, groups = I/G, stored_rows = rows' length
 };
 
 // Rows of activations [rows, I] as 16-bit integers: hi, lo [rows, I] int8; per (row, column group) its scale and the
@@ -114,12 +115,13 @@ struct VnniKernels {
   // x [T, b.in] rounded by `round` with one group per row; r0 a multiple of 4
   void (*int8_rows)(const Basis& b, const QuantizedRows& x, int64_t T, float* out, int64_t r0, int64_t r1);
   // As Kernels::gate_up_part, on the CPU layout; a part is a share of each expert's 4-row groups.
-  void (*gate_up_part)(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u, const Tokens& tk,
-                       int64_t part, int64_t parts, float* h);
+  void (*gate_up_part)(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u,
+                       const Tokens& tk, int64_t part, int64_t parts, float* h);
   // As Kernels::activate into a [slots, I] (float32), then those rows rounded to 16-bit integers into q
   void (*activate)(const float* h, int64_t parts, const Tokens& tk, float* a, const QuantizedRows& q);
   // As Kernels::down on the rounded activations, for part `part` of `parts` equal shares of expert e's 16-row groups
-  void (*down)(const CpuFactors& d, int64_t e, const QuantizedRows& a, const Tokens& tk, int64_t part, int64_t parts, float* u);
+  void (*down)(const CpuFactors& d, int64_t e, const QuantizedRows& a, const Tokens& tk, int64_t part, int64_t parts,
+               float* u);
 };
 
 extern const VnniKernels kAvx512Vnni;

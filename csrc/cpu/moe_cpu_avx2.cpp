@@ -9,4 +9,5 @@
 #define BITSMOE_AVX512 0
 #include "moe_cpu_impl.h"
 
-const bitsmoe::cpu::Kernels bitsmoe::cpu::kAvx2 = {"avx2", &expert_offsets, &basis_rows, &gate_up_part, &activate, &down};
+const bitsmoe::cpu::Kernels bitsmoe::cpu::kAvx2 = {"avx2",        &expert_offsets, &basis_rows,
+                                                   &gate_up_part, &activate,       &down};

@@ -12,4 +12,5 @@
 #define BITSMOE_AVX512 1
 #include "moe_cpu_impl.h"
 
-const bitsmoe::cpu::Kernels bitsmoe::cpu::kAvx512 = {"avx512", &expert_offsets, &basis_rows, &gate_up_part, &activate, &down};
+const bitsmoe::cpu::Kernels bitsmoe::cpu::kAvx512 = {"avx512",      &expert_offsets, &basis_rows,
+                                                     &gate_up_part, &activate,       &down};

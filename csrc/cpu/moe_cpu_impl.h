@@ -29,7 +29,9 @@ inline V vdiv(V a, V b) { return _mm512_div_ps(a, b); }
 inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }
 inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline V vfloor(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
-inline V vpow2(V k) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23)); }
+inline V vpow2(V k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23));
+}
 inline float vsum(V v) {
   v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));  // + the other 256-bit half
   v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));  // + the neighbouring 128-bit quarter
@@ -37,15 +39,21 @@ inline float vsum(V v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-// v + step in the lanes whose bit is set in the low kLanes bits of `lanes`; as a multiply-add by 1, which this
-// Zen 4 runs 1.45x as fast as a masked add (0.41 against 0.60 ns each, 8 independent sums)
-inline V add_where(V v, uint32_t lanes, V step) { return _mm512_mask_fmadd_ps(v, static_cast<__mmask16>(lanes), _mm512_set1_ps(1.f), step); }
-inline V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+// v + step in the lanes whose bit is set in the low kLanes bits of `lanes`; as a multiply-add by 1, measured faster
+// than a masked add (benchmarks/README.md, design timings)
+inline V add_where(V v, uint32_t lanes, V step) {
+  return _mm512_mask_fmadd_ps(v, static_cast<__mmask16>(lanes), _mm512_set1_ps(1.f), step);
+}
+inline V load_f16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 inline V load_bf16(const uint16_t* p) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
-inline V load_i8(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
+inline V load_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 #else
 using V = __m256;
 constexpr int kLanes = 8;
@@ -62,7 +70,9 @@ inline V vdiv(V a, V b) { return _mm256_div_ps(a, b); }
 inline V vmin(V a, V b) { return _mm256_min_ps(a, b); }
 inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
 inline V vfloor(V a) { return _mm256_floor_ps(a); }
-inline V vpow2(V k) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23)); }
+inline V vpow2(V k) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23));
+}
 inline float vsum(V v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -78,7 +88,9 @@ inline V load_bf16(const uint16_t* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
-inline V load_i8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))); }
+inline V load_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 #endif
 
 inline float half(uint16_t h) { return _cvtsh_ss(h); }
@@ -128,9 +140,7 @@ void basis_block(const Basis& b, const float* x, int64_t r, int64_t t, float* ou
   for (int i = 0; i < NR; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j] = vzero();
   // a row is often one 4 KiB page, where the hardware prefetcher starts over: ask for the rows 4 blocks ahead
-  // meanwhile (three 8 MiB bases, caches flushed: 1.48-1.64 ms with the next block, 1.28-1.38 ms with this), into L2
-  // only (Zen 4, gate + up float16 bases in the integer path after a flush and a matmul: 0.59-0.68 ms, against
-  // 0.72-0.85 ms into L1)
+  // meanwhile, into L2 only (each faster than the alternative where measured: benchmarks/README.md, design timings)
   const int64_t row_bytes = b.in * element_bytes(BT);
   const char* next = static_cast<const char*>(b.weight) + (r + 4 * NR) * row_bytes;
   const bool prefetch = r + 5 * NR <= b.n;
@@ -172,10 +182,18 @@ void basis_rows_of(const Basis& b, const float* x, int64_t T, float* out, int64_
 
 void basis_rows(const Basis& b, const float* x, int64_t T, float* out, int64_t r0, int64_t r1) {
   switch (b.type) {
-    case BasisType::kFloat16: basis_rows_of<BasisType::kFloat16>(b, x, T, out, r0, r1); break;
-    case BasisType::kBFloat16: basis_rows_of<BasisType::kBFloat16>(b, x, T, out, r0, r1); break;
-    case BasisType::kInt8: basis_rows_of<BasisType::kInt8>(b, x, T, out, r0, r1); break;
-    case BasisType::kFloat32: basis_rows_of<BasisType::kFloat32>(b, x, T, out, r0, r1); break;
+    case BasisType::kFloat16:
+      basis_rows_of<BasisType::kFloat16>(b, x, T, out, r0, r1);
+      break;
+    case BasisType::kBFloat16:
+      basis_rows_of<BasisType::kBFloat16>(b, x, T, out, r0, r1);
+      break;
+    case BasisType::kInt8:
+      basis_rows_of<BasisType::kInt8>(b, x, T, out, r0, r1);
+      break;
+    case BasisType::kFloat32:
+      basis_rows_of<BasisType::kFloat32>(b, x, T, out, r0, r1);
+      break;
   }
 }
 
@@ -196,9 +214,13 @@ void expert_offsets(const uint8_t* bits, int64_t E, int64_t R, int64_t* plane_at
 
 // a B-bit code j stands for lowest_code + j: bit p of j adds step_of_plane(p) (1 bit: -1 or 1)
 template <int B>
-constexpr float lowest_code() { return B == 1 ? -1.f : -static_cast<float>(1 << (B - 1)); }
+constexpr float lowest_code() {
+  return B == 1 ? -1.f : -static_cast<float>(1 << (B - 1));
+}
 template <int B>
-constexpr float step_of_plane(int p) { return B == 1 ? 2.f : static_cast<float>(1 << p); }
+constexpr float step_of_plane(int p) {
+  return B == 1 ? 2.f : static_cast<float>(1 << p);
+}
 
 // columns [c, c + kLanes) of a row whose plane words (one per plane) for these 32 columns are `word`
 template <int B>
@@ -222,12 +244,18 @@ struct Width {
 template <class Fn>
 inline void with_width(int b, Fn fn) {
   switch (b) {
-    case 1: return fn(Width<1>{});
-    case 2: return fn(Width<2>{});
-    case 3: return fn(Width<3>{});
-    case 4: return fn(Width<4>{});
-    case 6: return fn(Width<6>{});
-    case 8: return fn(Width<8>{});
+    case 1:
+      return fn(Width<1>{});
+    case 2:
+      return fn(Width<2>{});
+    case 3:
+      return fn(Width<3>{});
+    case 4:
+      return fn(Width<4>{});
+    case 6:
+      return fn(Width<6>{});
+    case 8:
+      return fn(Width<8>{});
   }
 }
 
@@ -310,16 +338,19 @@ void add_block_one_token(const Factors& f, const RowBlock& block, const float* z
         uint32_t word[B];
         load_words<B>(rows[r].planes, f.words, w0 + w, word);
         for (int c = 0; c < 32 / kLanes; ++c)
-          for (int p = 0; p < B; ++p) sum[w * 32 / kLanes + c] = add_where(sum[w * 32 / kLanes + c], word[p] >> (c * kLanes), step[p]);
+          for (int p = 0; p < B; ++p)
+            sum[w * 32 / kLanes + c] = add_where(sum[w * 32 / kLanes + c], word[p] >> (c * kLanes), step[p]);
       }
     }
   });
-  for (int v = 0; v < C; ++v) vstore(acc + 32 * w0 + v * kLanes, vadd(vload(acc + 32 * w0 + v * kLanes), vadd(sum[v], vset(offset))));
+  for (int v = 0; v < C; ++v)
+    vstore(acc + 32 * w0 + v * kLanes, vadd(vload(acc + 32 * w0 + v * kLanes), vadd(sum[v], vset(offset))));
 }
 
 // NT tokens, word w: each word is decoded once for the NT tokens
 template <int NT>
-void add_block_tokens(const Factors& f, const RowBlock& block, const float* z, const int64_t* token, int64_t w, float* acc) {
+void add_block_tokens(const Factors& f, const RowBlock& block, const float* z, const int64_t* token, int64_t w,
+                      float* acc) {
   constexpr int C = 32 / kLanes;
   const int64_t I = 32 * f.words, g = w / f.group_words;
   V sum[NT][C];
@@ -340,11 +371,13 @@ void add_block_tokens(const Factors& f, const RowBlock& block, const float* z, c
     }
   });
   for (int j = 0; j < NT; ++j)
-    for (int c = 0; c < C; ++c) vstore(acc + j * I + 32 * w + c * kLanes, vadd(vload(acc + j * I + 32 * w + c * kLanes), sum[j][c]));
+    for (int c = 0; c < C; ++c)
+      vstore(acc + j * I + 32 * w + c * kLanes, vadd(vload(acc + j * I + 32 * w + c * kLanes), sum[j][c]));
 }
 
 // acc [n, I] = sum over the stored rows k in part `part` of `parts` of z[token j, k] F_e[k, :]
-void project_rows(const Factors& f, int64_t e, const float* z, const Tokens& tk, int64_t part, int64_t parts, float* acc) {
+void project_rows(const Factors& f, int64_t e, const float* z, const Tokens& tk, int64_t part, int64_t parts,
+                  float* acc) {
   const int64_t I = 32 * f.words;
   for (int64_t i = 0; i < tk.n * I; i += kLanes) vstore(acc + i, vzero());
   // one token: AVX-512 8 sums (of 32 registers), AVX2 8 (of 16); tiles within a group
@@ -354,15 +387,19 @@ void project_rows(const Factors& f, int64_t e, const float* z, const Tokens& tk,
     if (tk.n == 1) {
       const float* z1 = z + tk.token[0] * f.R;
       for (int64_t w0 = 0; w0 < f.words; w0 += tile) {
-        if (tile == 4) add_block_one_token<4>(f, block, z1, w0, acc);
-        else if (tile == 2) add_block_one_token<2>(f, block, z1, w0, acc);
-        else add_block_one_token<1>(f, block, z1, w0, acc);
+        if (tile == 4)
+          add_block_one_token<4>(f, block, z1, w0, acc);
+        else if (tile == 2)
+          add_block_one_token<2>(f, block, z1, w0, acc);
+        else
+          add_block_one_token<1>(f, block, z1, w0, acc);
       }
       return;
     }
     for (int64_t w = 0; w < f.words; ++w) {  // up to kTileTokens tokens at a time
       int64_t j = 0;
-      for (; j + kTileTokens <= tk.n; j += kTileTokens) add_block_tokens<kTileTokens>(f, block, z, tk.token + j, w, acc + j * I);
+      for (; j + kTileTokens <= tk.n; j += kTileTokens)
+        add_block_tokens<kTileTokens>(f, block, z, tk.token + j, w, acc + j * I);
       for (; kTileTokens > 4 && j + 4 <= tk.n; j += 4) add_block_tokens<4>(f, block, z, tk.token + j, w, acc + j * I);
       for (; j + 2 <= tk.n; j += 2) add_block_tokens<2>(f, block, z, tk.token + j, w, acc + j * I);
       for (; j < tk.n; ++j) add_block_tokens<1>(f, block, z, tk.token + j, w, acc + j * I);
@@ -370,8 +407,8 @@ void project_rows(const Factors& f, int64_t e, const float* z, const Tokens& tk,
   });
 }
 
-void gate_up_part(const Factors& g, const Factors& u, int64_t e, const float* z_g, const float* z_u, const Tokens& tk, int64_t part,
-                  int64_t parts, float* h) {
+void gate_up_part(const Factors& g, const Factors& u, int64_t e, const float* z_g, const float* z_u, const Tokens& tk,
+                  int64_t part, int64_t parts, float* h) {
   project_rows(g, e, z_g, tk, part, parts, h);
   project_rows(u, e, z_u, tk, part, parts, h + tk.n * 32 * g.words);
 }
@@ -394,7 +431,8 @@ void activate(const float* h, int64_t parts, const Tokens& tk, int64_t I, float*
 // u[slot j, k] = F[k, :] . a[slot j, :] for NB slots at once, one stored row k (B bits); two sums per slot (even and
 // odd vectors of each word) so consecutive multiply-adds do not wait on each other
 template <int B, int NB>
-void dot_row(const Factors& f, const uint32_t* planes, const uint16_t* scales, const float* const (&a)[NB], float (&out)[NB]) {
+void dot_row(const Factors& f, const uint32_t* planes, const uint16_t* scales, const float* const (&a)[NB],
+             float (&out)[NB]) {
   static_assert(32 % kLanes == 0);
   V total[NB];
   for (int j = 0; j < NB; ++j) total[j] = vzero();
@@ -417,8 +455,8 @@ void dot_row(const Factors& f, const uint32_t* planes, const uint16_t* scales, c
 }
 
 template <int NB>
-void dot_rows_of_slots(const Factors& d, const uint32_t* planes, const uint16_t* scales, int b, const float* a, const int64_t* slot,
-                       int64_t k, float* u) {
+void dot_rows_of_slots(const Factors& d, const uint32_t* planes, const uint16_t* scales, int b, const float* a,
+                       const int64_t* slot, int64_t k, float* u) {
   const int64_t I = 32 * d.words;
   const float* rows[NB];
   float out[NB] = {};

@@ -39,12 +39,15 @@ inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
 // took 2 per plane (benchmarks/decode_micro.cpp, in L1: 1.00-1.01 ns per 64 codes at every width, against 1.23 / 1.61
 // ns at 2 / 3 bits). Reads 64 bytes from m, which the layout allows (its masks end with 64 bytes of zeros); after a
 // masked load the decode takes 1.49-1.67 ns.
-constexpr long long transposed_qword(int k) { return 0x0008101820283038ll + k * 0x0101010101010101ll; }  // byte 7 - p: 8p + k
+constexpr long long transposed_qword(int k) {
+  return 0x0008101820283038ll + k * 0x0101010101010101ll;
+}  // byte 7 - p: 8p + k
 template <int B>
 inline __m512i decode_bytes(const uint64_t* m) {
   constexpr uint64_t kPlanes = 0x0101010101010101ull * ((0xFF00u >> B) & 0xFF);  // bytes 7 - p for p < B
-  const __m512i index = _mm512_set_epi64(transposed_qword(7), transposed_qword(6), transposed_qword(5), transposed_qword(4),
-                                         transposed_qword(3), transposed_qword(2), transposed_qword(1), transposed_qword(0));
+  const __m512i index =
+      _mm512_set_epi64(transposed_qword(7), transposed_qword(6), transposed_qword(5), transposed_qword(4),
+                       transposed_qword(3), transposed_qword(2), transposed_qword(1), transposed_qword(0));
   const __m512i planes = _mm512_maskz_permutexvar_epi8(kPlanes, index, _mm512_loadu_si512(m));
   return _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64(0x8040201008040201ll), planes, 0);
 }
@@ -65,7 +68,8 @@ inline __m512i round16(__m512 v, __m512 inv, __mmask16 m, int8_t* hi, int8_t* lo
 // sum of q), what the rounded values add up to
 inline void round_values(const float* v, int64_t n, int8_t* hi, int8_t* lo, float* scale, float* sum) {
   __m512 top = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(n - i), v + i)));
+  for (int64_t i = 0; i < n; i += 16)
+    top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(n - i), v + i)));
   const float amax = _mm512_reduce_max_ps(top);
   const __m512 inv = _mm512_set1_ps(amax > 0.f ? kQMax / amax : 0.f);
   __m512i q = _mm512_setzero_si512();
@@ -78,7 +82,9 @@ inline void round_values(const float* v, int64_t n, int8_t* hi, int8_t* lo, floa
 }
 
 // 256 hi + lo of two integer sums, as floats
-inline __m512 combine(__m512i hi, __m512i lo) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(256.f), _mm512_cvtepi32_ps(lo)); }
+inline __m512 combine(__m512i hi, __m512i lo) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(256.f), _mm512_cvtepi32_ps(lo));
+}
 
 // ---- gate/up: h[j, :] += over a block of 4-row groups of one width, y = z[token j, rank] * scale, rounded ------
 
@@ -94,13 +100,15 @@ inline void gather_rows(const CpuFactors& f, const float* z, int64_t row0, int n
   for (int i = 0; i < n; i += 16) {
     const __mmask16 m = first_lanes(n - i);
     const __m512i rank = _mm512_maskz_loadu_epi32(m, f.rows + row0 + i);
-    const __mmask16 stored = _mm512_mask_cmpge_epi32_mask(m, rank, _mm512_setzero_si512());  // padding rows have rank -1
+    const __mmask16 stored =
+        _mm512_mask_cmpge_epi32_mask(m, rank, _mm512_setzero_si512());  // padding rows have rank -1
     _mm512_store_ps(zr + i, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), stored, rank, z, 4));
   }
 }
 
 // y'[k] = zr[k] * scale[k, g] * step for the n rows from row0, rounded with one scale
-inline void round_rows(const CpuFactors& f, const float* zr, int64_t row0, int n, int64_t g, float step, float lowest, RoundedRows& out) {
+inline void round_rows(const CpuFactors& f, const float* zr, int64_t row0, int n, int64_t g, float step, float lowest,
+                       RoundedRows& out) {
   alignas(64) float y[4 * kGroupsPerBlock];
   __m512 top = _mm512_setzero_ps();
   for (int i = 0; i < n; i += 16) {
@@ -124,7 +132,8 @@ inline void round_rows(const CpuFactors& f, const float* zr, int64_t row0, int n
 
 // NT tokens x NC chunks of 16 columns from c0, summed over the block's n groups in registers, then added to h
 template <int B, int NT, int NC>
-inline void add_tile(const CpuFactors& f, const uint64_t* masks, int n, int64_t c0, const RoundedRows* rr, float* const* h) {
+inline void add_tile(const CpuFactors& f, const uint64_t* masks, int n, int64_t c0, const RoundedRows* rr,
+                     float* const* h) {
   __m512i hi[NT][NC], lo[NT][NC];
 #pragma GCC unroll 32
   for (int i = 0; i < NT * NC; ++i) hi[i / NC][i % NC] = lo[i / NC][i % NC] = _mm512_setzero_si512();
@@ -151,7 +160,8 @@ inline void add_tile(const CpuFactors& f, const uint64_t* masks, int n, int64_t 
   for (int i = 0; i < NT * NC; ++i) {
     const int j = i / NC, c = i % NC;
     float* out = h[j] + 16 * (c0 + c);
-    const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(rr[j].scale), combine(hi[j][c], lo[j][c]), _mm512_set1_ps(rr[j].offset));
+    const __m512 v =
+        _mm512_fmadd_ps(_mm512_set1_ps(rr[j].scale), combine(hi[j][c], lo[j][c]), _mm512_set1_ps(rr[j].offset));
     _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), v));
   }
 }
@@ -159,7 +169,8 @@ inline void add_tile(const CpuFactors& f, const uint64_t* masks, int n, int64_t 
 // chunks [c0, c1) of NT tokens: 16 sums per token in registers (8 chunks for one token, 4 for two, 2 for four),
 // never across a tile
 template <int B, int NT>
-inline void add_tiles(const CpuFactors& f, const uint64_t* masks, int n, int64_t c0, int64_t c1, const RoundedRows* rr, float* const* h) {
+inline void add_tiles(const CpuFactors& f, const uint64_t* masks, int n, int64_t c0, int64_t c1, const RoundedRows* rr,
+                      float* const* h) {
   constexpr int kWide = 8 / NT;
   if (f.tile_chunks % kWide == 0)
     for (int64_t c = c0; c < c1; c += kWide) add_tile<B, NT, kWide>(f, masks, n, c, rr, h);
@@ -169,7 +180,8 @@ inline void add_tiles(const CpuFactors& f, const uint64_t* masks, int n, int64_t
 
 // the n groups from group0 (width B, their first mask row at `masks`) for every token of the expert
 template <int B>
-void project_block(const CpuFactors& f, const float* z, const Tokens& tk, int64_t group0, int n, const uint64_t* masks, float* acc) {
+void project_block(const CpuFactors& f, const float* z, const Tokens& tk, int64_t group0, int n, const uint64_t* masks,
+                   float* acc) {
   const int64_t I = 16 * f.chunks;
   const float step = step_of_plane<B>(0), lowest = lowest_code<B>();
   for (int64_t j = 0; j < tk.n;) {
@@ -184,9 +196,12 @@ void project_block(const CpuFactors& f, const float* z, const Tokens& tk, int64_
       const int64_t c0 = g * f.group_chunks, c1 = c0 + f.group_chunks;
       RoundedRows rr[4];
       for (int t = 0; t < nt; ++t) round_rows(f, zr[t], 4 * group0, 4 * n, g, step, lowest, rr[t]);
-      if (nt == 4) add_tiles<B, 4>(f, masks, n, c0, c1, rr, h);
-      else if (nt == 2) add_tiles<B, 2>(f, masks, n, c0, c1, rr, h);
-      else add_tiles<B, 1>(f, masks, n, c0, c1, rr, h);
+      if (nt == 4)
+        add_tiles<B, 4>(f, masks, n, c0, c1, rr, h);
+      else if (nt == 2)
+        add_tiles<B, 2>(f, masks, n, c0, c1, rr, h);
+      else
+        add_tiles<B, 1>(f, masks, n, c0, c1, rr, h);
     }
     j += nt;
   }
@@ -204,19 +219,21 @@ void for_groups(const CpuFactors& f, int64_t e, int64_t part, int64_t parts, int
   for (int c = 0; c < 6; ++c)
     for (int64_t q = 0; q < seg[3 * c + 1]; q += per_block, ++block)
       if (block >= first && block < last)
-        fn(kClassWidths[c], seg[3 * c] + q, static_cast<int>(seg[3 * c + 1] - q < per_block ? seg[3 * c + 1] - q : per_block),
+        fn(kClassWidths[c], seg[3 * c] + q,
+           static_cast<int>(seg[3 * c + 1] - q < per_block ? seg[3 * c + 1] - q : per_block),
            f.masks + (seg[3 * c + 2] + q * kClassWidths[c]) * f.chunks);
 }
 
-void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& tk, int64_t part, int64_t parts, float* acc) {
+void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& tk, int64_t part, int64_t parts,
+                  float* acc) {
   for (int64_t i = 0; i < tk.n * 16 * f.chunks; i += 16) _mm512_storeu_ps(acc + i, _mm512_setzero_ps());
   for_groups(f, e, part, parts, kGroupsPerBlock, [&](int b, int64_t group0, int n, const uint64_t* masks) {
     with_width(b, [&](auto width) { project_block<decltype(width)::kBits>(f, z, tk, group0, n, masks, acc); });
   });
 }
 
-void gate_up_part_int(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u, const Tokens& tk, int64_t part,
-                      int64_t parts, float* h) {
+void gate_up_part_int(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u,
+                      const Tokens& tk, int64_t part, int64_t parts, float* h) {
   project_part(g, e, z_g, tk, part, parts, h);
   project_part(u, e, z_u, tk, part, parts, h + tk.n * 16 * g.chunks);
 }
@@ -253,7 +270,9 @@ inline RowAt row_at(const Basis& b, int64_t r) {
   return {first, b.n - first < 4 ? b.n - first : 4, r - first};
 }
 inline int64_t chunk_width(const Basis& b, int64_t c0) { return b.in - c0 < 64 ? b.in - c0 : 64; }
-inline int64_t chunk_at(const Basis& b, const RowAt& row, int64_t c0) { return row.first * b.in + c0 * row.m + row.k * chunk_width(b, c0); }
+inline int64_t chunk_at(const Basis& b, const RowAt& row, int64_t c0) {
+  return row.first * b.in + c0 * row.m + row.k * chunk_width(b, c0);
+}
 
 // W + 128 (the sign bit flipped) is vpdpbusd's unsigned operand and x's bytes the signed one: the 128 added to every
 // weight adds 128 * (sum of x as rounded) to every row, x.sum, taken off at the end. Tiled, a block's rows are one
@@ -319,7 +338,8 @@ inline __m512i four_columns(const int8_t* p) {
 // One 16-row group of width B (its masks [chunk of 4 columns, plane] at `masks`, its rows from row0) for NT slots.
 // Each slot's sums run in 4 / NT chains (chunks taken in turn) so that consecutive vpdpbusd do not wait on each other.
 template <int B, int NT>
-void down_group(const CpuFactors& d, const uint64_t* masks, int64_t row0, const QuantizedRows& a, const int64_t* slot, float* u) {
+void down_group(const CpuFactors& d, const uint64_t* masks, int64_t row0, const QuantizedRows& a, const int64_t* slot,
+                float* u) {
   constexpr int P = 4 / NT;
   const int64_t I = a.I;
   __m512 total[NT];
@@ -339,7 +359,8 @@ void down_group(const CpuFactors& d, const uint64_t* masks, int64_t row0, const 
         }
       }
     }
-    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.scales + g * d.stored_rows + row0)));
+    const __m512 s =
+        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.scales + g * d.stored_rows + row0)));
 #pragma GCC unroll 4
     for (int j = 0; j < NT; ++j) {
       __m512i h = hi[j][0], l = lo[j][0];
@@ -349,7 +370,8 @@ void down_group(const CpuFactors& d, const uint64_t* masks, int64_t row0, const 
       }
       const int64_t at = slot[j] * a.groups + g;
       const __m512 offset = _mm512_fmadd_ps(s, _mm512_set1_ps(lowest_code<B>() * a.sum[at]), total[j]);
-      total[j] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(step_of_plane<B>(0) * a.scale[at])), combine(h, l), offset);
+      total[j] =
+          _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(step_of_plane<B>(0) * a.scale[at])), combine(h, l), offset);
     }
   }
   const __m512i rank = _mm512_loadu_si512(d.rows + row0);
@@ -358,7 +380,8 @@ void down_group(const CpuFactors& d, const uint64_t* masks, int64_t row0, const 
 }
 
 // the 16-row groups in part `part` of `parts` of expert e's, for every slot of the expert
-void down_int(const CpuFactors& d, int64_t e, const QuantizedRows& a, const Tokens& tk, int64_t part, int64_t parts, float* u) {
+void down_int(const CpuFactors& d, int64_t e, const QuantizedRows& a, const Tokens& tk, int64_t part, int64_t parts,
+              float* u) {
   for_groups(d, e, part, parts, 1, [&](int b, int64_t group0, int n, const uint64_t* masks) {
     for (int q = 0; q < n; ++q)
       with_width(b, [&](auto width) {
@@ -375,4 +398,5 @@ void down_int(const CpuFactors& d, int64_t e, const QuantizedRows& a, const Toke
 
 }  // namespace
 
-const bitsmoe::cpu::VnniKernels bitsmoe::cpu::kAvx512Vnni = {"avx512-vnni", &round_int, &int8_rows, &gate_up_part_int, &activate_int, &down_int};
+const bitsmoe::cpu::VnniKernels bitsmoe::cpu::kAvx512Vnni = {"avx512-vnni",     &round_int,    &int8_rows,
+                                                             &gate_up_part_int, &activate_int, &down_int};

@@ -3,8 +3,8 @@
 // Shapes and dtypes are checked here, with messages that name them; the kernels trust them.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "moe_decode.cuh"
@@ -12,20 +12,23 @@
 
 namespace {
 
-bitsmoe::Projection projection(const char* name, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& rows,
-                               const at::Tensor& segs, int64_t rank, int64_t experts) {
+bitsmoe::Projection projection(const char* name, const at::Tensor& codes, const at::Tensor& scales,
+                               const at::Tensor& rows, const at::Tensor& segs, int64_t rank, int64_t experts) {
   TORCH_CHECK(codes.is_cuda() && codes.scalar_type() == at::kInt && codes.dim() == 2 && codes.is_contiguous(), name,
-              " codes: expected a contiguous CUDA int32 [planes, I/32] tensor, found ", codes.scalar_type(), " ", codes.sizes());
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous() && scales.size(0) == rows.size(0), name,
-              " scales: expected contiguous float16 [rows, I/G] with one row per entry of rows (", rows.size(0), "), found ",
-              scales.scalar_type(), " ", scales.sizes());
-  TORCH_CHECK(rows.scalar_type() == at::kInt && rows.dim() == 1 && rows.is_contiguous(), name, " rows: expected int32 [rows], found ",
-              rows.scalar_type(), " ", rows.sizes());
-  TORCH_CHECK(segs.scalar_type() == at::kInt && segs.dim() == 3 && segs.size(0) == experts && segs.size(1) == bitsmoe::kClasses &&
-                  segs.size(2) == 3 && segs.is_contiguous(),
-              name, " segs: expected int32 [", experts, ", ", bitsmoe::kClasses, ", 3], found ", segs.scalar_type(), " ", segs.sizes());
-  return {codes.data_ptr<int32_t>(), reinterpret_cast<const __half*>(scales.data_ptr<at::Half>()), rows.data_ptr<int32_t>(),
-          segs.data_ptr<int32_t>(), static_cast<int>(rank)};
+              " codes: expected a contiguous CUDA int32 [planes, I/32] tensor, found ", codes.scalar_type(), " ",
+              codes.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous() &&
+                  scales.size(0) == rows.size(0),
+              name, " scales: expected contiguous float16 [rows, I/G] with one row per entry of rows (", rows.size(0),
+              "), found ", scales.scalar_type(), " ", scales.sizes());
+  TORCH_CHECK(rows.scalar_type() == at::kInt && rows.dim() == 1 && rows.is_contiguous(), name,
+              " rows: expected int32 [rows], found ", rows.scalar_type(), " ", rows.sizes());
+  TORCH_CHECK(segs.scalar_type() == at::kInt && segs.dim() == 3 && segs.size(0) == experts &&
+                  segs.size(1) == bitsmoe::kClasses && segs.size(2) == 3 && segs.is_contiguous(),
+              name, " segs: expected int32 [", experts, ", ", bitsmoe::kClasses, ", 3], found ", segs.scalar_type(),
+              " ", segs.sizes());
+  return {codes.data_ptr<int32_t>(), reinterpret_cast<const __half*>(scales.data_ptr<at::Half>()),
+          rows.data_ptr<int32_t>(), segs.data_ptr<int32_t>(), static_cast<int>(rank)};
 }
 
 struct Layer {
@@ -34,28 +37,33 @@ struct Layer {
 };
 
 // The checks both ops share: z_u and ids against z_g, the three projections, their common I and the group size.
-Layer checked_layer(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids, at::TensorList f, int64_t down_rank,
-                    int64_t group_size) {
-  TORCH_CHECK(f.size() == 12, "factors: expected 12 tensors (codes, scales, rows, segs of gate, up, down), found ", f.size());
-  TORCH_CHECK(z_g.is_cuda() && z_g.dim() == 2 && z_g.is_contiguous(), "z_g: expected a contiguous CUDA [T, R_gate] tensor, found ",
-              z_g.sizes());
-  TORCH_CHECK(z_u.scalar_type() == z_g.scalar_type() && z_u.dim() == 2 && z_u.size(0) == z_g.size(0) && z_u.is_contiguous(),
-              "z_u: expected contiguous ", z_g.scalar_type(), " [", z_g.size(0), ", R_up], found ", z_u.scalar_type(), " ", z_u.sizes());
+Layer checked_layer(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids, at::TensorList f,
+                    int64_t down_rank, int64_t group_size) {
+  TORCH_CHECK(f.size() == 12, "factors: expected 12 tensors (codes, scales, rows, segs of gate, up, down), found ",
+              f.size());
+  TORCH_CHECK(z_g.is_cuda() && z_g.dim() == 2 && z_g.is_contiguous(),
+              "z_g: expected a contiguous CUDA [T, R_gate] tensor, found ", z_g.sizes());
+  TORCH_CHECK(
+      z_u.scalar_type() == z_g.scalar_type() && z_u.dim() == 2 && z_u.size(0) == z_g.size(0) && z_u.is_contiguous(),
+      "z_u: expected contiguous ", z_g.scalar_type(), " [", z_g.size(0), ", R_up], found ", z_u.scalar_type(), " ",
+      z_u.sizes());
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == z_g.size(0) && ids.is_contiguous(),
-              "topk_ids: expected contiguous int64 [", z_g.size(0), ", K], found ", ids.scalar_type(), " ", ids.sizes());
+              "topk_ids: expected contiguous int64 [", z_g.size(0), ", K], found ", ids.scalar_type(), " ",
+              ids.sizes());
   const int64_t experts = f[3].size(0), I = f[0].size(1) * 32;
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && I % group_size == 0, "group_size ", group_size,
               ": expected a multiple of 32 dividing I = ", I);
-  TORCH_CHECK(f[4].size(1) * 32 == I && f[8].size(1) * 32 == I, "codes: gate, up and down must have the same I; found ", I, ", ",
-              f[4].size(1) * 32, ", ", f[8].size(1) * 32);
-  return {projection("gate", f[0], f[1], f[2], f[3], z_g.size(1), experts), projection("up", f[4], f[5], f[6], f[7], z_u.size(1), experts),
+  TORCH_CHECK(f[4].size(1) * 32 == I && f[8].size(1) * 32 == I, "codes: gate, up and down must have the same I; found ",
+              I, ", ", f[4].size(1) * 32, ", ", f[8].size(1) * 32);
+  return {projection("gate", f[0], f[1], f[2], f[3], z_g.size(1), experts),
+          projection("up", f[4], f[5], f[6], f[7], z_u.size(1), experts),
           projection("down", f[8], f[9], f[10], f[11], down_rank, experts), I};
 }
 
 // z_g [T, R_g], z_u [T, R_u] float32; ids [T, K] int64 (negative: expert held elsewhere); `factors` the codes, scales,
 // rows and segs of gate, up and down in kernel layout -> u [T * K, R_down] float32.
-at::Tensor moe_decode(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids, at::TensorList factors, int64_t down_rank,
-                      int64_t group_size) {
+at::Tensor moe_decode(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids, at::TensorList factors,
+                      int64_t down_rank, int64_t group_size) {
   TORCH_CHECK(z_g.scalar_type() == at::kFloat, "z_g: the decode path takes float32, found ", z_g.scalar_type());
   const Layer l = checked_layer(z_g, z_u, ids, factors, down_rank, group_size);
   const c10::cuda::CUDAGuard guard(z_g.device());
@@ -66,19 +74,21 @@ at::Tensor moe_decode(const at::Tensor& z_g, const at::Tensor& z_u, const at::Te
   if (slots == 0) return u;
   const int tiles = static_cast<int>((l.I / 32 + bitsmoe::kWordsPerTile - 1) / bitsmoe::kWordsPerTile);
   bitsmoe::gate_up_decode<<<dim3(slots, tiles), dim3(32, bitsmoe::kSplits), 0, stream>>>(
-      l.gate, l.up, z_g.data_ptr<float>(), z_u.data_ptr<float>(), ids.data_ptr<int64_t>(), static_cast<int>(ids.size(1)),
-      static_cast<int>(l.I), static_cast<int>(group_size), a.data_ptr<float>());
+      l.gate, l.up, z_g.data_ptr<float>(), z_u.data_ptr<float>(), ids.data_ptr<int64_t>(),
+      static_cast<int>(ids.size(1)), static_cast<int>(l.I), static_cast<int>(group_size), a.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int row_blocks = 4;  // with 8 warps each: 32 warps per slot over the stored rows of its expert
-  bitsmoe::down_decode<<<dim3(slots, row_blocks), 256, 0, stream>>>(l.down, a.data_ptr<float>(), ids.data_ptr<int64_t>(),
-                                                                     static_cast<int>(l.I), static_cast<int>(group_size), u.data_ptr<float>());
+  bitsmoe::down_decode<<<dim3(slots, row_blocks), 256, 0, stream>>>(l.down, a.data_ptr<float>(),
+                                                                    ids.data_ptr<int64_t>(), static_cast<int>(l.I),
+                                                                    static_cast<int>(group_size), u.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return u;
 }
 
 template <typename T>
-void launch_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const Layer& l, const bitsmoe::Tiles& tiles, int64_t n_tiles,
-                    int64_t top_k, int64_t group_size, at::Tensor& a, at::Tensor& u, cudaStream_t stream) {
+void launch_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const Layer& l, const bitsmoe::Tiles& tiles,
+                    int64_t n_tiles, int64_t top_k, int64_t group_size, at::Tensor& a, at::Tensor& u,
+                    cudaStream_t stream) {
   T* a_ptr = reinterpret_cast<T*>(a.data_ptr());
   const int columns = static_cast<int>((l.I + bitsmoe::kTileN - 1) / bitsmoe::kTileN);
   bitsmoe::gate_up_prefill<T><<<dim3(n_tiles, columns), bitsmoe::kPrefillThreads, 0, stream>>>(
@@ -93,11 +103,12 @@ void launch_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const Layer& l
 
 // As moe_decode, with z in bfloat16 or float16 and the tile tables of bitsmoe_vllm/cuda.py (sorted_slots [T*K],
 // tile_expert / tile_start / tile_count [tiles], int32) -> u [T * K, R_down] float32.
-at::Tensor moe_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids, const at::Tensor& sorted_slots,
-                       const at::Tensor& tile_expert, const at::Tensor& tile_start, const at::Tensor& tile_count, at::TensorList factors,
-                       int64_t down_rank, int64_t group_size) {
+at::Tensor moe_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids,
+                       const at::Tensor& sorted_slots, const at::Tensor& tile_expert, const at::Tensor& tile_start,
+                       const at::Tensor& tile_count, at::TensorList factors, int64_t down_rank, int64_t group_size) {
   const auto dtype = z_g.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "z_g: the prefill path takes bfloat16 or float16, found ", dtype);
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "z_g: the prefill path takes bfloat16 or float16, found ",
+              dtype);
   const Layer l = checked_layer(z_g, z_u, ids, factors, down_rank, group_size);
   const int64_t n_tiles = tile_expert.numel();
   for (const auto* t : {&sorted_slots, &tile_expert, &tile_start, &tile_count}) {
@@ -105,14 +116,15 @@ at::Tensor moe_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const at::T
                 "tile tables: expected contiguous CUDA int32 vectors, found ", t->scalar_type(), " ", t->sizes());
   }
   TORCH_CHECK(sorted_slots.numel() == ids.numel() && tile_start.numel() == n_tiles && tile_count.numel() == n_tiles,
-              "tile tables: sorted_slots must have T*K = ", ids.numel(), " entries and the three tile vectors the same length");
+              "tile tables: sorted_slots must have T*K = ", ids.numel(),
+              " entries and the three tile vectors the same length");
   const c10::cuda::CUDAGuard guard(z_g.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   auto a = at::empty({ids.numel(), l.I}, z_g.options());
   auto u = at::zeros({ids.numel(), down_rank}, z_g.options().dtype(at::kFloat));
   if (ids.numel() == 0 || n_tiles == 0) return u;
-  const bitsmoe::Tiles tiles{sorted_slots.data_ptr<int32_t>(), tile_expert.data_ptr<int32_t>(), tile_start.data_ptr<int32_t>(),
-                             tile_count.data_ptr<int32_t>()};
+  const bitsmoe::Tiles tiles{sorted_slots.data_ptr<int32_t>(), tile_expert.data_ptr<int32_t>(),
+                             tile_start.data_ptr<int32_t>(), tile_count.data_ptr<int32_t>()};
   if (dtype == at::kBFloat16) {
     launch_prefill<__nv_bfloat16>(z_g, z_u, l, tiles, n_tiles, ids.size(1), group_size, a, u, stream);
   } else {

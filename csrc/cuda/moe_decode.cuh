@@ -14,10 +14,9 @@
 // element is written by exactly one thread, so results are deterministic.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
-
-#include <cuda_fp16.h>
 
 namespace bitsmoe {
 
@@ -37,7 +36,8 @@ __device__ __forceinline__ float code_at(const uint32_t (&words)[B], int col) {
 
 // acc[col] += f * code(col) for the 32 columns of word `w` of one stored row (planes at `planes`, row stride `ld`).
 template <int B>
-__device__ __forceinline__ void accumulate_row(float (&acc)[32], const int32_t* __restrict__ planes, int ld, int w, float f) {
+__device__ __forceinline__ void accumulate_row(float (&acc)[32], const int32_t* __restrict__ planes, int ld, int w,
+                                               float f) {
   uint32_t words[B];
 #pragma unroll
   for (int p = 0; p < B; ++p) words[p] = static_cast<uint32_t>(__ldg(planes + p * ld + w));
@@ -47,9 +47,10 @@ __device__ __forceinline__ void accumulate_row(float (&acc)[32], const int32_t* 
 
 // Sum over this warp's share of an expert's stored rows of z[k] * scale * code, for word column w.
 template <int B>
-__device__ __forceinline__ void accumulate_class(float (&acc)[32], const int32_t* __restrict__ codes, const __half* __restrict__ scales,
-                                                 const int32_t* __restrict__ rows, const int32_t* seg, const float* __restrict__ z,
-                                                 int words_per_row, int groups_per_row, int group, int w, int split) {
+__device__ __forceinline__ void accumulate_class(float (&acc)[32], const int32_t* __restrict__ codes,
+                                                 const __half* __restrict__ scales, const int32_t* __restrict__ rows,
+                                                 const int32_t* seg, const float* __restrict__ z, int words_per_row,
+                                                 int groups_per_row, int group, int w, int split) {
   const int first = seg[0], count = seg[1], plane0 = seg[2];
   for (int r = split; r < count; r += kSplits) {
     const int j = first + r;
@@ -58,9 +59,9 @@ __device__ __forceinline__ void accumulate_class(float (&acc)[32], const int32_t
   }
 }
 
-__device__ __forceinline__ void accumulate_expert(float (&acc)[32], const int32_t* codes, const __half* scales, const int32_t* rows,
-                                                  const int32_t* segs_e, const float* z, int words_per_row, int groups_per_row,
-                                                  int group, int w, int split) {
+__device__ __forceinline__ void accumulate_expert(float (&acc)[32], const int32_t* codes, const __half* scales,
+                                                  const int32_t* rows, const int32_t* segs_e, const float* z,
+                                                  int words_per_row, int groups_per_row, int group, int w, int split) {
 #pragma unroll
   for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
   accumulate_class<8>(acc, codes, scales, rows, segs_e + 0 * 3, z, words_per_row, groups_per_row, group, w, split);
@@ -81,9 +82,9 @@ struct Projection {  // one projection in kernel layout
 
 // grid (slots, ceil(I / 32 / kWordsPerTile)), block (32, kSplits). z_g [T, R_g], z_u [T, R_u] fp32; a [slots, I] fp32.
 // Slots whose expert id is negative (held elsewhere) get a = 0.
-__global__ void __launch_bounds__(32 * kSplits) gate_up_decode(Projection gate, Projection up, const float* __restrict__ z_g,
-                                                               const float* __restrict__ z_u, const int64_t* __restrict__ ids,
-                                                               int top_k, int I, int group, float* __restrict__ a) {
+__global__ void __launch_bounds__(32 * kSplits)
+    gate_up_decode(Projection gate, Projection up, const float* __restrict__ z_g, const float* __restrict__ z_u,
+                   const int64_t* __restrict__ ids, int top_k, int I, int group, float* __restrict__ a) {
   __shared__ float part[kSplits][32][33];  // [split][lane][column], padded against bank conflicts
   __shared__ float h_gate[32][33];
   const int slot = blockIdx.x, lane = threadIdx.x, split = threadIdx.y;
@@ -97,7 +98,8 @@ __global__ void __launch_bounds__(32 * kSplits) gate_up_decode(Projection gate, 
     const Projection p = which == 0 ? gate : up;
     const float* z = (which == 0 ? z_g : z_u) + (int64_t)token * p.rank;
     if (e >= 0 && w < words_per_row) {
-      accumulate_expert(acc, p.codes, p.scales, p.rows, p.segs + e * kClasses * 3, z, words_per_row, groups_per_row, group, w, split);
+      accumulate_expert(acc, p.codes, p.scales, p.rows, p.segs + e * kClasses * 3, z, words_per_row, groups_per_row,
+                        group, w, split);
     } else {
 #pragma unroll
       for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
@@ -126,8 +128,8 @@ __global__ void __launch_bounds__(32 * kSplits) gate_up_decode(Projection gate, 
 
 // Dot of one stored row (width B, planes at `planes`) with a[0..I), accumulated over this lane's words.
 template <int B>
-__device__ __forceinline__ float row_dot(const int32_t* __restrict__ planes, const __half* __restrict__ scale_row, const float* __restrict__ a,
-                                         int words_per_row, int group, int lane) {
+__device__ __forceinline__ float row_dot(const int32_t* __restrict__ planes, const __half* __restrict__ scale_row,
+                                         const float* __restrict__ a, int words_per_row, int group, int lane) {
   float sum = 0.0f;
   for (int w = lane; w < words_per_row; w += 32) {
     uint32_t words[B];
@@ -142,13 +144,14 @@ __device__ __forceinline__ float row_dot(const int32_t* __restrict__ planes, con
 }
 
 template <int B>
-__device__ __forceinline__ void down_class(const Projection& d, const int32_t* seg, const float* a, float* u, int words_per_row,
-                                           int groups_per_row, int group, int warp, int warps, int lane) {
+__device__ __forceinline__ void down_class(const Projection& d, const int32_t* seg, const float* a, float* u,
+                                           int words_per_row, int groups_per_row, int group, int warp, int warps,
+                                           int lane) {
   const int first = seg[0], count = seg[1], plane0 = seg[2];
   for (int r = warp; r < count; r += warps) {
     const int j = first + r;
-    float dot = row_dot<B>(d.codes + (int64_t)(plane0 + r * B) * words_per_row, d.scales + (int64_t)j * groups_per_row, a,
-                           words_per_row, group, lane);
+    float dot = row_dot<B>(d.codes + (int64_t)(plane0 + r * B) * words_per_row, d.scales + (int64_t)j * groups_per_row,
+                           a, words_per_row, group, lane);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);  // same order in every run
     if (lane == 0) u[__ldg(d.rows + j)] = dot;
@@ -157,8 +160,9 @@ __device__ __forceinline__ void down_class(const Projection& d, const int32_t* s
 
 // grid (slots, row_blocks), block (32 * warps). u [slots, R_down] fp32 must be zeroed: rows with 0 bits stay 0.
 // Block b takes, of every width class, the rows whose position in the class is congruent to b mod row_blocks.
-__global__ void __launch_bounds__(256) down_decode(Projection down, const float* __restrict__ a, const int64_t* __restrict__ ids,
-                                                   int I, int group, float* __restrict__ u) {
+__global__ void __launch_bounds__(256)
+    down_decode(Projection down, const float* __restrict__ a, const int64_t* __restrict__ ids, int I, int group,
+                float* __restrict__ u) {
   const int slot = blockIdx.x, lane = threadIdx.x % 32;
   const int warps = blockDim.x / 32 * gridDim.y, warp = threadIdx.x / 32 * gridDim.y + blockIdx.y;
   const int64_t e = ids[slot];

@@ -18,20 +18,24 @@
 
 namespace bitsmoe {
 
-constexpr int kTileM = 64;  // slots per block
-constexpr int kTileN = 64;  // output columns (gate_up: of I; down: stored rows) per block
+constexpr int kTileM = 64;            // slots per block
+constexpr int kTileN = 64;            // output columns (gate_up: of I; down: stored rows) per block
 constexpr int kPrefillThreads = 128;  // 4 warps, each a 32 x 32 quarter of the tile
 
 template <typename T>
 __device__ __forceinline__ T to_half(float v);
 template <>
-__device__ __forceinline__ __half to_half<__half>(float v) { return __float2half(v); }
+__device__ __forceinline__ __half to_half<__half>(float v) {
+  return __float2half(v);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 to_half<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+__device__ __forceinline__ __nv_bfloat16 to_half<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
 
 struct StoredRow {  // where stored row j of an expert lives in the kernel layout
-  int width;  // 0: past the expert's last stored row
-  int plane;  // first plane
+  int width;        // 0: past the expert's last stored row
+  int plane;        // first plane
 };
 
 // Stored rows of expert e are contiguous in kernel order, class after class: the n-th one's width and planes.
@@ -54,11 +58,12 @@ __device__ __forceinline__ int stored_rows(const int32_t* segs_e) {
 
 // The 32 values of word w of stored row j (width b, planes from `plane`), scaled, written to out[0..32).
 template <typename T>
-__device__ __forceinline__ void decode_word(const Projection& p, StoredRow r, int j, int w, int words_per_row, int groups_per_row,
-                                            int group, T* out) {
+__device__ __forceinline__ void decode_word(const Projection& p, StoredRow r, int j, int w, int words_per_row,
+                                            int groups_per_row, int group, T* out) {
   uint32_t words[8];
 #pragma unroll
-  for (int q = 0; q < 8; ++q) words[q] = q < r.width ? static_cast<uint32_t>(__ldg(p.codes + (int64_t)(r.plane + q) * words_per_row + w)) : 0u;
+  for (int q = 0; q < 8; ++q)
+    words[q] = q < r.width ? static_cast<uint32_t>(__ldg(p.codes + (int64_t)(r.plane + q) * words_per_row + w)) : 0u;
   const float scale = __half2float(p.scales[(int64_t)j * groups_per_row + w * 32 / group]);
   const int offset = r.width == 1 ? 0 : 1 << (r.width - 1);
 #pragma unroll
@@ -93,9 +98,9 @@ struct Tiles {
 
 // grid (tiles, ceil(I / kTileN)), block kPrefillThreads. z_g [T, R_g], z_u [T, R_u] and a [slots, I] in T.
 template <typename T>
-__global__ void __launch_bounds__(kPrefillThreads) gate_up_prefill(Projection gate, Projection up, const T* __restrict__ z_g,
-                                                                   const T* __restrict__ z_u, Tiles tiles, int top_k, int I,
-                                                                   int group, T* __restrict__ a) {
+__global__ void __launch_bounds__(kPrefillThreads)
+    gate_up_prefill(Projection gate, Projection up, const T* __restrict__ z_g, const T* __restrict__ z_u, Tiles tiles,
+                    int top_k, int I, int group, T* __restrict__ a) {
   using namespace nvcuda;
   constexpr int BK = 16, LDA = BK + 8, LDB = kTileN + 8, LDC = kTileN + 4;
   __shared__ __align__(32) T As[kTileM * LDA];
@@ -125,12 +130,14 @@ __global__ void __launch_bounds__(kPrefillThreads) gate_up_prefill(Projection ga
       for (int k = 0; k < 2; ++k) wmma::fill_fragment(acc[i][k], 0.0f);
     __syncthreads();  // token_of is written
     for (int k0 = 0; k0 < n_rows; k0 += BK) {
-      for (int idx = tid; idx < kTileM * BK; idx += kPrefillThreads) {  // A: z of the tile's tokens at the chunk's ranks
+      for (int idx = tid; idx < kTileM * BK;
+           idx += kPrefillThreads) {  // A: z of the tile's tokens at the chunk's ranks
         const int m = idx / BK, k = idx % BK;
         const bool valid = token_of[m] >= 0 && k0 + k < n_rows;
         As[m * LDA + k] = valid ? z[(int64_t)token_of[m] * p.rank + __ldg(p.rows + first + k0 + k)] : to_half<T>(0.0f);
       }
-      for (int idx = tid; idx < BK * (kTileN / 32); idx += kPrefillThreads) {  // B: decoded factor rows, 32 columns each
+      for (int idx = tid; idx < BK * (kTileN / 32);
+           idx += kPrefillThreads) {  // B: decoded factor rows, 32 columns each
         const int k = idx / (kTileN / 32), part = idx % (kTileN / 32), w = n0 / 32 + part;
         T* out = Bs + k * LDB + part * 32;
         const StoredRow r = k0 + k < n_rows ? stored_row(segs_e, k0 + k) : StoredRow{0, 0};
@@ -167,8 +174,8 @@ __global__ void __launch_bounds__(kPrefillThreads) gate_up_prefill(Projection ga
 
 // grid (tiles, ceil(R_down / kTileN)), block kPrefillThreads. a [slots, I] in T; u [slots, R_down] fp32, zeroed.
 template <typename T>
-__global__ void __launch_bounds__(kPrefillThreads) down_prefill(Projection down, const T* __restrict__ a, Tiles tiles, int I, int group,
-                                                                float* __restrict__ u) {
+__global__ void __launch_bounds__(kPrefillThreads)
+    down_prefill(Projection down, const T* __restrict__ a, Tiles tiles, int I, int group, float* __restrict__ u) {
   using namespace nvcuda;
   constexpr int BK = 32, LDA = BK + 8, LDB = BK + 8, LDC = kTileN + 4;
   __shared__ __align__(32) T As[kTileM * LDA];
@@ -182,7 +189,8 @@ __global__ void __launch_bounds__(kPrefillThreads) down_prefill(Projection down,
   if (j0 >= n_rows) return;
   const int count = tiles.count[blockIdx.x], tid = threadIdx.x, warp = tid / 32;
   const int words_per_row = I / 32, groups_per_row = I / group;
-  for (int m = tid; m < kTileM; m += kPrefillThreads) slot_of[m] = m < count ? tiles.sorted_slots[tiles.start[blockIdx.x] + m] : -1;
+  for (int m = tid; m < kTileM; m += kPrefillThreads)
+    slot_of[m] = m < count ? tiles.sorted_slots[tiles.start[blockIdx.x] + m] : -1;
   Accumulators acc;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -222,7 +230,8 @@ __global__ void __launch_bounds__(kPrefillThreads) down_prefill(Projection down,
   __syncthreads();
   for (int idx = tid; idx < kTileM * kTileN; idx += kPrefillThreads) {
     const int m = idx / kTileN, n = idx % kTileN;
-    if (slot_of[m] >= 0 && j0 + n < n_rows) u[(int64_t)slot_of[m] * down.rank + __ldg(down.rows + first + j0 + n)] = C[m * LDC + n];
+    if (slot_of[m] >= 0 && j0 + n < n_rows)
+      u[(int64_t)slot_of[m] * down.rank + __ldg(down.rows + first + j0 + n)] = C[m * LDC + n];
   }
 }
 
