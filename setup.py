@@ -3,6 +3,7 @@ lack of one."""
 
 import glob
 import platform
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -59,7 +60,7 @@ if ext_modules:
 
 setup(
     name="bitsmoe-vllm",
-    version="0.1.0",
+    version=re.search(r'__version__ = "(.+)"', Path("bitsmoe_vllm/__init__.py").read_text())[1],  # the one place
     description="BitsMoE: spectral-energy-guided mixed-precision quantization of MoE LLMs, served by vLLM",
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

@@ -11,41 +11,60 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from bitsmoe_vllm.checkpoint import TensorFiles, load_layer, read_quant_config
-from bitsmoe_vllm.reference import dequantize_basis, expert_factor
+from bitsmoe_vllm.checkpoint import WEIGHTS_INDEX, TensorFiles, load_layer, read_quant_config
+from bitsmoe_vllm.format import QuantConfig
+from bitsmoe_vllm.reference import MoELayer, dequantize_basis, expert_factor
 
 from .export import copy_side_files
+from .rundir import save_tensors
 from .source import SourceCheckpoint
 
 
 def dequantize_checkpoint(bitsmoe_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the plain checkpoint to out_dir one shard per MoE layer (and one for everything else), so that memory
+    holds one layer's dequantized experts at a time."""
     source = SourceCheckpoint(str(bitsmoe_dir))
     cfg, files = read_quant_config(source.dir), TensorFiles(source.dir)
-    quantized = tuple(layout.module + "." for layout in cfg.layers)
-    tensors = {name: files[name] for name in files if not name.startswith(quantized)}
-    for layout in cfg.layers:
-        layer = load_layer(files, cfg, layout.module)
-        B_gate, B_up, B_down = (
-            torch.eye(cfg.hidden_size) if b is None else dequantize_basis(b)
-            for b in (layer.gate_basis, layer.up_basis, layer.down_basis)
-        )
-        for e in range(cfg.num_experts):
-            weights = {
-                "gate": expert_factor(layer.gate, e, cfg.group_size).T @ B_gate,  # [I, H]
-                "up": expert_factor(layer.up, e, cfg.group_size).T @ B_up,  # [I, H]
-                "down": B_down @ expert_factor(layer.down, e, cfg.group_size),  # [H, I]
-            }
-            for p, w in weights.items():
-                tensors[f"{layout.module}.{e}.{cfg.projection_names[p]}.weight"] = w.to(dtype).contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    shard_names = [f"model-{i:05d}-of-{len(cfg.layers) + 1:05d}.safetensors" for i in range(1, len(cfg.layers) + 2)]
+    weight_map, total_bytes = {}, 0
+
+    def write(shard: str, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total_bytes
+        save_tensors(out / shard, tensors, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    quantized = tuple(layout.module + "." for layout in cfg.layers)
+    write(shard_names[0], {name: files[name] for name in files if not name.startswith(quantized)})
+    for layout, shard in zip(cfg.layers, shard_names[1:]):
+        write(shard, dequantize_layer(cfg, load_layer(files, cfg, layout.module), layout.module, dtype))
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = {k: v for k, v in source.config.items() if k != "quantization_config"}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_side_files(source, out)
     return out
+
+
+def dequantize_layer(cfg: QuantConfig, layer: MoELayer, module: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every expert's gate, up and down weights of one BitsMoE layer, by their Hugging Face names."""
+    B_gate, B_up, B_down = (
+        torch.eye(cfg.hidden_size) if b is None else dequantize_basis(b)
+        for b in (layer.gate_basis, layer.up_basis, layer.down_basis)
+    )
+    tensors = {}
+    for e in range(cfg.num_experts):
+        weights = {
+            "gate": expert_factor(layer.gate, e, cfg.group_size).T @ B_gate,  # [I, H]
+            "up": expert_factor(layer.up, e, cfg.group_size).T @ B_up,  # [I, H]
+            "down": B_down @ expert_factor(layer.down, e, cfg.group_size),  # [H, I]
+        }
+        for p, w in weights.items():
+            tensors[f"{module}.{e}.{cfg.projection_names[p]}.weight"] = w.to(dtype).contiguous()
+    return tensors
 
 
 if __name__ == "__main__":

@@ -17,16 +17,14 @@ def write_atomic(path: Path, write) -> None:
     naming the file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
+        tmp.touch()  # created as any file here is (0666 less the umask), which safetensors would not do (0600)
+        mode = tmp.stat().st_mode & 0o777
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates its files private (0600)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as err:
         tmp.unlink(missing_ok=True)
         raise OSError(f"could not write {path}: {err}") from err
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

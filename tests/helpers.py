@@ -1,5 +1,5 @@
-"""What several test modules share: the one table of test shapes (awkward sizes on purpose, STYLE.md rule 6), random
-BitsMoE layers (orthonormal bases, random factors, random per-row widths), routings, and error measures."""
+"""What several test modules share: the one table of test shapes (awkward sizes on purpose: edges are where kernels
+break), random BitsMoE layers (orthonormal bases, random factors, random per-row widths), routings, error measures."""
 
 import torch
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from bitsmoe_vllm.offline.dequantize import dequantize_checkpoint
 from bitsmoe_vllm.offline.evaluate import ReferenceExperts, load_model, main, perplexity
 from tests.helpers import QUANT_SHAPE
 
@@ -68,3 +69,16 @@ def test_bitsmoe_checkpoint_runs_the_reference(tiny_model_dir, quantize_tiny, ca
     for result in (quantized, original):
         assert 1 < result["non_overlapping"] < 1e4 and 1 < result["sliding"]["ppl"] < 1e4
     assert quantized["non_overlapping"] != original["non_overlapping"]
+
+
+def test_dequantized_checkpoint_is_the_bitsmoe_model_one_shard_per_layer(tiny_model_dir, quantize_tiny, tmp_path):
+    out = quantize_tiny(tiny_model_dir("qwen3_moe", **QUANT_SHAPE), tmp_path / "q", 2.5)
+    plain = dequantize_checkpoint(out, tmp_path / "plain")
+    index = json.loads((plain / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == QUANT_SHAPE["layers"] + 1 == len(list(plain.glob("*.safetensors")))
+    assert "quantization_config" not in json.loads((plain / "config.json").read_text())
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load_model(str(out), torch.device("cpu"))(ids).logits
+        served = transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-4)

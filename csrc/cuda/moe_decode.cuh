@@ -1,8 +1,9 @@
 // BitsMoE decode-path kernels (few tokens per expert). Leaf header: CUDA only, no torch.
 //
 // Kernel layout of one projection (made once at load by `repack`, from FORMAT.md's canonical layout):
-//   codes  [P, I/32] int32  each expert's stored rows grouped by width class (kWidths order, rank order inside
-//                           a class), each row's b bit planes consecutive (FORMAT.md section 5 inside a plane)
+//   codes  [P, I/32] int32  each expert's stored rows grouped by width class (widest first, kernel_layout.CLASS_WIDTHS;
+//                           rank order inside a class), each row's b bit planes consecutive (FORMAT.md section 5
+//                           inside a plane)
 //   scales [S, I/G]  fp16   one row per stored row, same order
 //   rows   [S]       int32  rank index k of each stored row
 //   segs   [E, kClasses, 3] int32  per expert and width class: first stored row, number of rows, first plane
