@@ -47,6 +47,15 @@ ARCHITECTURES = {
     "deepseek_v2": Architecture(
         "model.layers.{layer}.mlp.experts", STANDARD_NAMES, ("n_routed_experts",), "moe_intermediate_size"
     ),
+    "glm4_moe": Architecture(
+        "model.layers.{layer}.mlp.experts", STANDARD_NAMES, ("n_routed_experts",), "moe_intermediate_size"
+    ),
+    "deepseek_v3": Architecture(
+        "model.layers.{layer}.mlp.experts", STANDARD_NAMES, ("n_routed_experts",), "moe_intermediate_size"
+    ),
+    "qwen3_next": Architecture(
+        "model.layers.{layer}.mlp.experts", STANDARD_NAMES, ("num_experts",), "moe_intermediate_size"
+    ),
     "mixtral": Architecture(
         "model.layers.{layer}.block_sparse_moe.experts",
         {"gate": "w1", "up": "w3", "down": "w2"},

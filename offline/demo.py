@@ -11,7 +11,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-ARCHITECTURES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v2")
+ARCHITECTURES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "glm4_moe", "deepseek_v3", "qwen3_next")
 HIDDEN, EXPERT_INTERMEDIATE, EXPERTS, TOP_K, LAYERS = 64, 64, 8, 2, 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -112,6 +112,54 @@ def tiny_config(
             n_group=1,
             topk_group=1,
             routed_scaling_factor=1.0,  # as DeepSeek-V2-Lite
+        )
+    # The later families with head_dim 64: vLLM's CPU kernels crash in bf16 on AMX machines on smaller odd heads.
+    wide_heads = common | {"num_attention_heads": 2, "head_dim": 64}
+    if arch == "glm4_moe":  # layer 0 dense, the others MoE with a shared expert and a score-correction bias
+        return transformers.Glm4MoeConfig(
+            **wide_heads,
+            intermediate_size=128,
+            moe_intermediate_size=intermediate,
+            num_key_value_heads=1,
+            n_routed_experts=experts,
+            n_shared_experts=1,
+            num_experts_per_tok=TOP_K,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+        )
+    if arch == "deepseek_v3":  # as deepseek_v2, with the score-correction bias of its sigmoid router
+        return transformers.DeepseekV3Config(
+            **common,
+            intermediate_size=128,
+            moe_intermediate_size=intermediate,
+            num_key_value_heads=2,
+            n_routed_experts=experts,
+            n_shared_experts=1,
+            num_experts_per_tok=TOP_K,
+            first_k_dense_replace=1,
+            kv_lora_rank=512,
+            q_lora_rank=None,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=64,
+            v_head_dim=64,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=1.0,
+            topk_method="noaux_tc",  # as DeepSeek-V3's config.json says; vLLM reads it to build the bias
+        )
+    if arch == "qwen3_next":  # hybrid: a linear-attention (gated delta net) layer, then a full-attention one
+        return transformers.Qwen3NextConfig(
+            **wide_heads,
+            intermediate_size=128,
+            moe_intermediate_size=intermediate,
+            num_key_value_heads=1,
+            num_experts=experts,
+            num_experts_per_tok=TOP_K,
+            shared_expert_intermediate_size=intermediate,
+            layer_types=[("linear_attention", "full_attention")[i % 2] for i in range(layers)],
+            norm_topk_prob=True,
         )
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {ARCHITECTURES}")
 

@@ -30,9 +30,9 @@ def load_module(
 ) -> torch.nn.Module:
     """Give `module` (at path `prefix` in the model) its checkpoint weights, as float32 on `device`."""
     module.to_empty(device=device)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            param.copy_(checkpoint_tensor(source, prefix + name))
+    with torch.no_grad():  # parameters and persistent buffers (a router's e_score_correction_bias is one)
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            tensor.copy_(checkpoint_tensor(source, prefix + name))
     return module
 
 

@@ -87,7 +87,12 @@ def test_unsupported_or_dense_model(run, tmp_path):
     )
     transformers.AutoModelForCausalLM.from_config(dense).save_pretrained(tmp_path / "llama")
     status, err = run(model=tmp_path / "llama")
-    assert status == 2 and "unsupported model_type 'llama'; supported: deepseek_v2, mixtral, olmoe, qwen3_moe" in err
+    assert (
+        status == 2
+        and "unsupported model_type 'llama'; supported: deepseek_v2, deepseek_v3, glm4_moe, mixtral, olmoe, qwen3_moe, "
+        "qwen3_next"
+        in err
+    )
 
 
 def test_existing_output_and_changed_resume(run, tmp_path):
