@@ -189,7 +189,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         prog="bitsmoe-demo-model",
         description="Write a tiny random MoE checkpoint to try bitsmoe-quantize and vllm serve on, and local text to "
-        "calibrate it with. The default shape (16 experts of I 128 over H 64) is one where a shared basis pays.",
+        "calibrate it with. Random weights share no directions, so the quantizer takes the identity basis for it.",
     )
     p.add_argument("out", type=Path, help="directory to write the checkpoint to")
     p.add_argument("--arch", choices=ARCHITECTURES, default="qwen3_moe")
