@@ -68,9 +68,8 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         self._refuse_unsupported(layer, hidden_size, intermediate_size_per_partition)
         spec, I_tp = self.spec, intermediate_size_per_partition
         local_id = {g: layer._map_global_expert_id_to_local_expert_id(g) for g in range(spec.num_experts)}
-        self.local = sorted(
-            (g for g, i in local_id.items() if i >= 0), key=local_id.get
-        )  # experts here, in local-id order
+        # the experts held here, in local-id order
+        self.local = sorted((g for g, i in local_id.items() if i >= 0), key=local_id.get)
         self.regions = self._regions()
         sizes = {"w13": self._totals(("gate", "up")), "w2": self._totals(("down",))}
         R = {p: self.layout.projection(p).rank for p in ("gate", "up", "down")}
@@ -108,22 +107,20 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             ),
             (
                 layer.global_num_experts != spec.num_experts,
-                f"{layer.global_num_experts} experts in vLLM (redundant experts included), {spec.num_experts} in the "
-                "checkpoint",
+                f"{layer.global_num_experts} experts in vLLM (redundant experts included), "
+                f"{spec.num_experts} in the checkpoint",
             ),
             (
                 I_tp * tp != spec.intermediate_size,
-                f"intermediate size {I_tp} x {tp} tensor-parallel ranks in vLLM, {spec.intermediate_size} in the "
-                "checkpoint",
+                f"intermediate size {I_tp} x {tp} tensor-parallel ranks in vLLM, "
+                f"{spec.intermediate_size} in the checkpoint",
             ),
             (
                 I_tp % spec.group_size != 0,
                 (
                     f"each of {tp} tensor-parallel ranks holds {I_tp} of the {spec.intermediate_size} intermediate "
-                    "columns, "
-                    f"not a multiple of the checkpoint's group_size {spec.group_size}; serve with fewer "
-                    "tensor-parallel ranks "
-                    f"or quantize with a --group-size that divides {I_tp}"
+                    f"columns, not a multiple of the checkpoint's group_size {spec.group_size}; serve with fewer "
+                    f"tensor-parallel ranks or quantize with a --group-size that divides {I_tp}"
                 ),
             ),
             (

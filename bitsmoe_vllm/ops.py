@@ -17,9 +17,8 @@ from bitsmoe_vllm.cpu_layout import CpuLayer, moe_forward_int
 from bitsmoe_vllm.cuda import KernelLayer, moe_forward_cuda
 from bitsmoe_vllm.reference import Basis, Factors, MoELayer, moe_forward
 
-PREFILL_SLOTS_PER_EXPERT = (
-    16  # tensor cores pay once the token choices average this many per expert (to be tuned on a GPU)
-)
+# Tensor cores pay once the token choices average this many per expert (to be tuned on a GPU).
+PREFILL_SLOTS_PER_EXPERT = 16
 
 
 def _moe(

@@ -32,8 +32,8 @@ def parse(argv: list[str] | None) -> Options:
         "--budget-scope",
         choices=["all", "factors"],
         default="all",
-        help="what --bits counts: all stored bits of the experts (default), or factor codes and scales only "
-        "(the paper's)",
+        help="what --bits counts: all stored bits of the experts (default), or factor codes and scales only (the "
+        "paper's)",
     )
     p.add_argument(
         "--allocation",
@@ -52,8 +52,8 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument(
         "--rank",
         default="auto",
-        help="shared rank R, or auto (default): the multiple of --unit-rows whose allocation has the least estimated "
-        "loss",
+        help="shared rank R, or auto (default): the multiple of --unit-rows whose allocation has the least "
+        "estimated loss",
     )
     p.add_argument(
         "--candidate-bits", default="0,1,2,3,4,6,8", help="widths a rank row may get (default 0,1,2,3,4,6,8)"

@@ -226,8 +226,7 @@ def make_plan(options: Options) -> Plan:
         bases = " or ".join(f"{BASIS_DTYPES[b]}" for b in ranges)
         raise ValueError(
             f"--bits {options.bits} is outside the feasible range [{low:.4f}, {high:.4f}] ({options.budget_scope} "
-            "bits per "
-            f"routed-expert weight) for this model with {ranks}, group size {group_size}, {bases} bases "
+            f"bits per routed-expert weight) for this model with {ranks}, group size {group_size}, {bases} bases "
             f"and candidate widths {list(widths)}"
         )
     return plan

@@ -53,9 +53,8 @@ def test_core_and_offline_import_without_vllm():
 
 @pytest.mark.slow
 def test_wheel_builds_without_cuda_and_its_quickstart_runs_in_a_fresh_venv(tmp_path):
-    source = (
-        tmp_path / "src"
-    )  # a copy without the in-place builds, so the kernels are compiled here and nothing is left behind
+    # a copy without the in-place builds, so the kernels are compiled here and nothing is left behind
+    source = tmp_path / "src"
     ignore = shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "tests", "*.so", "work", "results")
     shutil.copytree(REPO, source, ignore=ignore)
     result = subprocess.run(
@@ -82,9 +81,8 @@ def test_wheel_builds_without_cuda_and_its_quickstart_runs_in_a_fresh_venv(tmp_p
         n for n in names if n.split("/")[0] not in ("bitsmoe_vllm",) and ".dist-info/" not in n
     ]  # nothing generic
     compiled = [n for n in names if n.endswith(".so")]
-    assert len(compiled) == 1 and compiled[0].startswith(
-        "bitsmoe_vllm/_cpu"
-    )  # the CPU kernel; no CUDA here, so no CUDA kernels
+    # the CPU kernel; no CUDA here, so no CUDA kernels
+    assert len(compiled) == 1 and compiled[0].startswith("bitsmoe_vllm/_cpu")
 
     # A fresh venv with the wheel alone; its dependencies are read from this environment's site-packages by path (a
     # .pth line adds a path without running that directory's own .pth files, so this checkout's editable install

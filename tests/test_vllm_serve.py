@@ -99,15 +99,13 @@ def transformers_logprobs(model_dir) -> list[float]:
 @pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in BF16_ONLY])
 def test_openai_api_and_logprobs_match_the_dequantized_weights(arch, checkpoints, served_logprobs, tmp_path):
     bitsmoe = checkpoints(arch)["bitsmoe"]
-    flag = (
-        ["--quantization", "bitsmoe"] if arch in ("mixtral", "deepseek_v2") else []
-    )  # the checkpoint names its method
+    # the checkpoint names its method; these two also say it on the command line
+    flag = ["--quantization", "bitsmoe"] if arch in ("mixtral", "deepseek_v2") else []
     with vllm_server(bitsmoe, *serve_args(arch, "float32"), *flag, log=tmp_path / "bitsmoe.log") as url:
         assert "quantization=bitsmoe" in (tmp_path / "bitsmoe.log").read_text()
         log = (tmp_path / "bitsmoe.log").read_text()
-        assert (
-            re.search(r"bitsmoe: MoE layers run cpu-(int|float): ", log) and "off the reference" not in log
-        )  # checked at load
+        # the oracle's choice, made after it ran the kernel against the reference on this layer
+        assert re.search(r"bitsmoe: MoE layers run cpu-(int|float): ", log) and "off the reference" not in log
         assert [m["id"] for m in get(url, "/v1/models")["data"]] == [str(bitsmoe)]
         body = {"model": str(bitsmoe), "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
         completion = post(url, "/v1/completions", body)
