@@ -92,26 +92,29 @@ def tiny_config(
             num_experts=experts,
             num_experts_per_tok=TOP_K,
         )
-    if arch == "deepseek_v2":  # layer 0 dense, the others MoE with a shared expert
-        # vLLM's CPU MLA kernel is built for a latent of kv_lora_rank 512 + rope 64 only
+    # DeepSeek-V2/V3: layer 0 dense, the others MoE with a shared expert; vLLM's CPU MLA kernel is built for a latent
+    # of kv_lora_rank 512 + rope 64 only
+    deepseek = common | dict(
+        intermediate_size=128,
+        moe_intermediate_size=intermediate,
+        num_key_value_heads=2,
+        n_routed_experts=experts,
+        n_shared_experts=1,
+        num_experts_per_tok=TOP_K,
+        first_k_dense_replace=1,
+        kv_lora_rank=512,
+        q_lora_rank=None,
+        qk_rope_head_dim=64,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+    )
+    if arch == "deepseek_v2":
         return transformers.DeepseekV2Config(
-            **common,
-            intermediate_size=128,
-            moe_intermediate_size=intermediate,
-            num_key_value_heads=2,
-            n_routed_experts=experts,
-            n_shared_experts=1,
-            num_experts_per_tok=TOP_K,
-            first_k_dense_replace=1,
-            kv_lora_rank=512,
-            q_lora_rank=None,
-            qk_rope_head_dim=64,
+            **deepseek,
             qk_nope_head_dim=32,
             v_head_dim=32,
-            topk_method="greedy",
-            n_group=1,
-            topk_group=1,
-            routed_scaling_factor=1.0,  # as DeepSeek-V2-Lite
+            topk_method="greedy",  # as DeepSeek-V2-Lite
         )
     # The later families with head_dim 64: vLLM's CPU kernels crash in bf16 on AMX machines on smaller odd heads.
     wide_heads = common | {"num_attention_heads": 2, "head_dim": 64}
@@ -131,23 +134,10 @@ def tiny_config(
         )
     if arch == "deepseek_v3":  # as deepseek_v2, with the score-correction bias of its sigmoid router
         return transformers.DeepseekV3Config(
-            **common,
-            intermediate_size=128,
-            moe_intermediate_size=intermediate,
-            num_key_value_heads=2,
-            n_routed_experts=experts,
-            n_shared_experts=1,
-            num_experts_per_tok=TOP_K,
-            first_k_dense_replace=1,
-            kv_lora_rank=512,
-            q_lora_rank=None,
-            qk_rope_head_dim=64,
+            **deepseek,
             qk_nope_head_dim=64,
             v_head_dim=64,
-            n_group=1,
-            topk_group=1,
-            routed_scaling_factor=1.0,
-            topk_method="noaux_tc",  # as DeepSeek-V3's config.json says; vLLM reads it to build the bias
+            topk_method="noaux_tc",  # as its config.json; vLLM reads it
         )
     if arch == "qwen3_next":  # hybrid: a linear-attention (gated delta net) layer, then a full-attention one
         return transformers.Qwen3NextConfig(

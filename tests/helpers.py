@@ -1,6 +1,8 @@
 """What several test modules share: the one table of test shapes (awkward sizes on purpose: edges are where kernels
 break), random BitsMoE layers (orthonormal bases, random factors, random per-row widths), routings, error measures."""
 
+import sys
+
 import torch
 
 from bitsmoe_vllm.format import PROJECTIONS, QuantConfig
@@ -101,3 +103,10 @@ def dense_from_cpu_basis(weight: torch.Tensor) -> torch.Tensor:
                 at += min(64, k - c0)
     assert at == flat.numel()
     return dense
+
+
+def quantize_command(model, out, calib_file, *extra: str, calib_tokens: int = 2048) -> list[str]:
+    """`python -m bitsmoe_vllm.offline` at 2.5 bits on the tests' small calibration (for runs in a subprocess)."""
+    args = ["--model", model, "--out", out, "--bits", 2.5, "--calib", calib_file, "--calib-tokens", calib_tokens]
+    args += ["--calib-seq-len", 128, "--unit-rows", 8]
+    return [sys.executable, "-m", "bitsmoe_vllm.offline", *map(str, args), *extra]

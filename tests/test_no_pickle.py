@@ -5,14 +5,13 @@ import ast
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from bitsmoe_vllm.offline.cli import main
-from tests.helpers import QUANT_SHAPE
+from tests.helpers import QUANT_SHAPE, quantize_command
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = [
@@ -71,25 +70,7 @@ def assert_no_pickles(directory: Path) -> int:
 def test_checkpoint_and_work_files_are_safetensors_and_json(tiny_model_dir, calib_file, tmp_path):
     """A run killed during export leaves its work files; the finished run leaves the checkpoint."""
     model, out = tiny_model_dir("olmoe", **QUANT_SHAPE), tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "bitsmoe_vllm.offline",
-        "--model",
-        str(model),
-        "--out",
-        str(out),
-        "--bits",
-        "2.5",
-        "--calib",
-        str(calib_file),
-        "--calib-tokens",
-        "1024",
-        "--calib-seq-len",
-        "128",
-        "--unit-rows",
-        "8",
-    ]
+    command = quantize_command(model, out, calib_file, calib_tokens=1024)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards, deadline = tmp_path / "out.partial" / "checkpoint", time.monotonic() + 300
     while not any(shards.glob("model-00002-*.safetensors")):

@@ -3,38 +3,14 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import QUANT_SHAPE
+from tests.helpers import QUANT_SHAPE, quantize_command
 
 SHAPE = {**QUANT_SHAPE, "layers": 6}
-
-
-def command(model, out, calib_file, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "bitsmoe_vllm.offline",
-        "--model",
-        str(model),
-        "--out",
-        str(out),
-        "--bits",
-        "2.5",
-        "--calib",
-        str(calib_file),
-        "--calib-tokens",
-        "2048",
-        "--calib-seq-len",
-        "128",
-        "--unit-rows",
-        "8",
-        *extra,
-    ]
 
 
 def kill_when(proc: subprocess.Popen, path_ready, timeout: float = 120.0) -> None:
@@ -57,7 +33,7 @@ def checkpoint_bytes(directory: Path) -> dict[str, bytes]:
 def uninterrupted(tiny_model_dir, calib_file, tmp_path_factory):
     model = tiny_model_dir("qwen3_moe", **SHAPE)
     out = tmp_path_factory.mktemp("uninterrupted") / "out"
-    subprocess.run(command(model, out, calib_file), check=True, capture_output=True)
+    subprocess.run(quantize_command(model, out, calib_file), check=True, capture_output=True)
     return model, checkpoint_bytes(out)
 
 
@@ -77,13 +53,16 @@ def test_resume_after_kill_gives_identical_bytes(kill_point, uninterrupted, cali
         ).is_file(),  # all shards and config.json; validation, report, move to come
     }[kill_point]
     kill_when(
-        subprocess.Popen(command(model, out, calib_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), ready
+        subprocess.Popen(
+            quantize_command(model, out, calib_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ),
+        ready,
     )
     assert not out.exists()  # nothing half-written in place
 
-    refused = subprocess.run(command(model, out, calib_file), capture_output=True, text=True)
+    refused = subprocess.run(quantize_command(model, out, calib_file), capture_output=True, text=True)
     assert refused.returncode == 2 and "pass --resume to continue it" in refused.stderr
 
-    subprocess.run(command(model, out, calib_file, "--resume"), check=True, capture_output=True)
+    subprocess.run(quantize_command(model, out, calib_file, "--resume"), check=True, capture_output=True)
     assert checkpoint_bytes(out) == expected
     assert not (tmp_path / "killed.partial").exists()
