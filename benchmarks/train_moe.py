@@ -22,16 +22,15 @@ import torch
 import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from benchmarks import machine
 from benchmarks.corpus import write_splits
 from bitsmoe_vllm.offline.calibrate import read_texts, token_stream
+from bitsmoe_vllm.offline.demo import train_tokenizer
 from bitsmoe_vllm.offline.evaluate import perplexity
 from bitsmoe_vllm.offline.rundir import save_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SEQ_LEN, BATCH = 1024, 8  # 8,192 tokens a step; 1024 so the sliding-window protocol (1024, stride 512) applies
 MODEL = dict(
     vocab_size=8192,
@@ -52,22 +51,6 @@ MODEL = dict(
 )
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> transformers.PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[0]
-    )
-
-
 def prepare(work: Path) -> tuple[transformers.PreTrainedTokenizerFast, torch.Tensor, dict[str, Path]]:
     """Text splits, tokenizer and the training windows [N, SEQ_LEN + 1], each made once and kept in WORK."""
     splits = {part: work / "text" / f"{part}.jsonl" for part in ("train", "calib", "eval")}
@@ -75,7 +58,8 @@ def prepare(work: Path) -> tuple[transformers.PreTrainedTokenizerFast, torch.Ten
         write_splits(work / "text", mixed=True)
     tok_dir = work / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
-        train_tokenizer(read_texts([str(splits["train"])]), MODEL["vocab_size"]).save_pretrained(tok_dir)
+        texts = read_texts([str(splits["train"])])
+        train_tokenizer(MODEL["vocab_size"], texts, chat_template=None).save_pretrained(tok_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
     windows_file = work / "train_windows.safetensors"
     if not windows_file.is_file():

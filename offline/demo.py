@@ -25,8 +25,10 @@ def corpus() -> list[str]:
     return [obj.__doc__ for obj in vars(builtins).values() if isinstance(getattr(obj, "__doc__", None), str)]
 
 
-def train_tokenizer(vocab_size: int = 384) -> transformers.PreTrainedTokenizerFast:
-    """Byte-level BPE trained on corpus(): deterministic and offline."""
+def train_tokenizer(
+    vocab_size: int = 384, texts: list[str] | None = None, chat_template: str | None = CHAT_TEMPLATE
+) -> transformers.PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `texts` (default: corpus()): deterministic and offline."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -36,12 +38,9 @@ def train_tokenizer(vocab_size: int = 384) -> transformers.PreTrainedTokenizerFa
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer)
+    tok.train_from_iterator(corpus() if texts is None else texts, trainer)
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tok, eos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[0], chat_template=chat_template
     )
 
 
