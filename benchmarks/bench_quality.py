@@ -58,6 +58,12 @@ def rows(model: str) -> list[dict]:
         {"name": f"bitsmoe-{b}", "family": "bitsmoe", "bits": b, "args": []}
         for b in sorted({2.0, 2.5, 3.0, 4.0} | peers)
     ]
+    # format version 1's codes (a zero level) against version 2's odd codes, at the 2- and 3-bit peers' bits and 2.5
+    version_1 = ["--format-version", "1"]
+    out += [
+        {"name": f"bitsmoe-{b}-format-version-1", "family": "bitsmoe-v1", "bits": b, "args": version_1}
+        for b in sorted({2.5} | {b + (16 + b) / group for b in (2, 3)})
+    ]
     if model == "trained-moe":  # the paper's claim: the defaults (a shared int8 basis here) against the identity basis
         identity = ["--basis-dtype", "identity"]
         out += [
@@ -244,9 +250,9 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--only", nargs="*", help="rows to (re)run by name")
     p.add_argument("--force", action="store_true", help="rerun every row")
+    p.add_argument("--results", help="results file name in benchmarks/results (default: the model's)")
     a = p.parse_args()
-    if not PEERS_PYTHON.exists():
-        raise SystemExit(f"{PEERS_PYTHON} is missing: run `bash scripts/setup_peers.sh` first")
+    results = a.results or MODELS[a.model]["results"]
     torch.manual_seed(0)
     work, group = a.work, MODELS[a.model]["group"]
     model, text, description = prepare(a.model, work, a)
@@ -258,12 +264,14 @@ def main() -> None:
         )
     tokens = torch.tensor(token_stream(tokenizer, read_texts([str(text["eval"])]))[: a.eval_tokens])
 
-    results_file = RESULTS / f"{MODELS[a.model]['results']}.json"
+    results_file = RESULTS / f"{results}.json"
     done = {r["name"]: r for r in json.loads(results_file.read_text())["rows"]} if results_file.is_file() else {}
     todo = [r for r in rows(a.model) if a.force or r["name"] not in done or (a.only and r["name"] in a.only)]
     if a.only:
         todo = [r for r in todo if r["name"] in a.only]
     print(f"{len(todo)} rows to run: {[r['name'] for r in todo]}", flush=True)
+    if any(r["family"] in PEERS for r in todo) and not PEERS_PYTHON.exists():
+        raise SystemExit(f"{PEERS_PYTHON} is missing: run `bash scripts/setup_peers.sh` first")
     reference = window_log_probs(load_model(str(model), torch.device("cpu")), tokens) if todo else []
     header = {"title": a.model, "machine": machine.describe(), "model": description, "calib_tokens": a.calib_tokens}
     header |= {"eval_tokens": len(tokens), "peer_group_size": group}
@@ -275,22 +283,21 @@ def main() -> None:
             info = quantize(row, model, text, calib_file, a.calib_tokens, work, group)
         metrics = evaluate(info.pop("checkpoint"), tokens, reference)
         result = {"args": [], **row} | info | metrics
-        write_results({row["name"]: result}, header, a.model)
+        write_results({row["name"]: result}, header, a.model, results)
         print(json.dumps(result), flush=True)
-    write_results({}, header, a.model)
+    write_results({}, header, a.model, results)
 
 
-def write_results(new: dict, header: dict, model: str) -> None:
+def write_results(new: dict, header: dict, model: str, name: str) -> None:
     """Merge the rows just measured into the results file as it is now (another run may have added rows since)."""
     from benchmarks.quality_report import write_report
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{MODELS[model]['results']}.json"
+    path = RESULTS / f"{name}.json"
     done = {r["name"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
     done |= new
     order = [r["name"] for r in rows(model)]
     payload = header | {"rows": [done[n] for n in order if n in done]}
-    name = MODELS[model]["results"]
     tmp = RESULTS / f"{name}.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
     tmp.replace(RESULTS / f"{name}.json")

@@ -16,12 +16,14 @@ MARKERS = {
     "bitsmoe": "o",
     "bitsmoe-identity": "x",
     "bitsmoe-nearest": "*",
+    "bitsmoe-v1": "d",
 }
 LABELS = {
     "autoround": "AutoRound (50 iterations)",
     "bitsmoe": "BitsMoE (defaults)",
     "bitsmoe-identity": "BitsMoE, identity basis",
     "bitsmoe-nearest": "BitsMoE, round to nearest",
+    "bitsmoe-v1": "BitsMoE, format 1's codes (with zero)",
 }
 
 

@@ -65,6 +65,7 @@ class CpuLayer:
             *(None if b is None else b.scale for b in bases),
             *factors,
             self.layer.group_size,
+            self.layer.down.odd,
         )
         object.__setattr__(self, "op_args", args)
 
@@ -212,7 +213,8 @@ def to_cpu_layer(layer: MoELayer) -> CpuLayer:
         )
     )
     g, u, d = (None if b is None else to_cpu_basis(b) for b in (layer.gate_basis, layer.up_basis, layer.down_basis))
-    empty = Factors(layer.gate.codes[:0].clone(), layer.gate.scales[:0].clone(), layer.gate.bits[:, :0].clone())
+    f = layer.gate  # emptied, but keeping what its codes mean (odd)
+    empty = replace(f, codes=f.codes[:0].clone(), scales=f.scales[:0].clone(), bits=f.bits[:, :0].clone())
     return CpuLayer(
         replace(layer, gate_basis=g, up_basis=u, down_basis=d, gate=empty, up=empty, down=empty), gate, up, down
     )

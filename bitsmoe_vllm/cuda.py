@@ -68,6 +68,7 @@ class KernelLayer:
     up: KernelFactors
     down: KernelFactors
     group_size: int
+    odd_codes: bool  # format version 2's codes
 
 
 def to_kernel_layer(layer: MoELayer) -> KernelLayer:
@@ -77,7 +78,9 @@ def to_kernel_layer(layer: MoELayer) -> KernelLayer:
     else:
         gate_up = torch.cat([dequantize_basis(layer.gate_basis), dequantize_basis(layer.up_basis)]).contiguous()
         down = dequantize_basis(layer.down_basis).contiguous()
-    return KernelLayer(gate_up, down, repack(layer.gate), repack(layer.up), repack(layer.down), layer.group_size)
+    return KernelLayer(
+        gate_up, down, repack(layer.gate), repack(layer.up), repack(layer.down), layer.group_size, layer.down.odd
+    )
 
 
 TILE_M = 64  # slots per prefill tile (kTileM in csrc/cuda/moe_prefill.cuh)
@@ -127,9 +130,10 @@ def moe_forward_cuda(
     factors = [getattr(f, n) for f in (g, u, d) for n in ("codes", "scales", "rows", "segs")]
     ids = topk_ids.to(torch.int64).contiguous()
     if path == "decode":
-        out = torch.ops.bitsmoe.moe_decode(z_g, z_u, ids, factors, d.rank, layer.group_size)  # [T * K, R_down]
+        out = torch.ops.bitsmoe.moe_decode(z_g, z_u, ids, factors, d.rank, layer.group_size, layer.odd_codes)
     else:
-        out = torch.ops.bitsmoe.moe_prefill(z_g, z_u, ids, *prefill_tiles(ids, E), factors, d.rank, layer.group_size)
+        tiles = prefill_tiles(ids, E)
+        out = torch.ops.bitsmoe.moe_prefill(z_g, z_u, ids, *tiles, factors, d.rank, layer.group_size, layer.odd_codes)
     t = (out.view(T, K, d.rank) * topk_weights.float()[..., None]).sum(1)  # fixed order: deterministic
     y = t if layer.down_basis is None else t @ layer.down_basis.T
     return y.to(x.dtype)

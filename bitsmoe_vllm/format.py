@@ -1,4 +1,4 @@
-"""BitsMoE checkpoint format v1: the executable twin of FORMAT.md.
+"""BitsMoE checkpoint format (versions 1 and 2): the executable twin of FORMAT.md.
 
 `QuantConfig.from_dict` reads and validates a checkpoint's `quantization_config`;
 `tensor_specs` gives every tensor's name, dtype, shape and tensor-parallel shard dimension;
@@ -14,7 +14,8 @@ import torch
 
 from bitsmoe_vllm.packing import SUPPORTED_WIDTHS, WORD_BITS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the quantizer writes
+READABLE_VERSIONS = (1, 2)  # version 1: codes with a zero level at every width above 1 (FORMAT.md section 9)
 QUANT_METHOD = "bitsmoe"
 BIT_WIDTHS = (0,) + SUPPORTED_WIDTHS
 PROJECTIONS = ("gate", "up", "down")
@@ -77,6 +78,11 @@ class QuantConfig:
     layers: tuple[LayerLayout, ...]
     format_version: int = FORMAT_VERSION
 
+    @property
+    def odd_codes(self) -> bool:
+        """Codes of 2 to 6 bits are odd (FORMAT.md section 4); in version 1 they are not."""
+        return self.format_version >= 2
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
         r = _Reader(d, "quantization_config")
@@ -85,10 +91,10 @@ class QuantConfig:
                 f"quantization_config.quant_method: expected '{QUANT_METHOD}', found {d['quant_method']!r}"
             )
         version = r.get("format_version", int)
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"quantization_config.format_version: unknown version {version}; this bitsmoe-vllm reads version "
-                f"{FORMAT_VERSION}. Upgrade bitsmoe-vllm or re-export the checkpoint."
+                f"quantization_config.format_version: unknown version {version}; this bitsmoe-vllm reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}. Upgrade bitsmoe-vllm or re-export the checkpoint."
             )
         achieved, names, layers = r.child("achieved_bits"), r.child("projection_names"), r.child("layers")
         cfg = cls(
@@ -104,6 +110,7 @@ class QuantConfig:
             num_experts=r.positive_int("num_experts"),
             projection_names={p: names.get(p, str) for p in PROJECTIONS},
             layers=tuple(_read_layer(module, layers.child(module)) for module in layers.d),
+            format_version=version,
         )
         cfg.validate()
         return cfg

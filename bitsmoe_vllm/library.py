@@ -12,9 +12,11 @@ _LAYER = (
     "Tensor? gate_basis_scale, Tensor? up_basis_scale, Tensor? down_basis_scale"
 )
 _FACTORS = "Tensor gate_{0}, Tensor gate_scales, Tensor gate_{1}, Tensor up_{0}, Tensor up_scales, Tensor up_{1}"
-_MOE = f"(Tensor x, Tensor topk_weights, Tensor topk_ids, {_LAYER}, {{}}, int group_size) -> Tensor"
+_MOE = f"(Tensor x, Tensor topk_weights, Tensor topk_ids, {_LAYER}, {{}}, int group_size, bool odd_codes) -> Tensor"
 _DOWN = ", Tensor down_{0}, Tensor down_scales, Tensor down_{1}"
-_CUDA = "(Tensor z_g, Tensor z_u, Tensor ids, {}Tensor[] factors, int down_rank, int group_size) -> Tensor"
+_CUDA = (
+    "(Tensor z_g, Tensor z_u, Tensor ids, {}Tensor[] factors, int down_rank, int group_size, bool odd_codes) -> Tensor"
+)
 _TILES = "Tensor sorted_slots, Tensor tile_expert, Tensor tile_start, Tensor tile_count, "
 
 SCHEMAS = {
@@ -47,7 +49,7 @@ def _like_x(x, topk_weights, topk_ids, *layer_tensors_and_group_size):
 
 
 def _rank_space(z_g, z_u, ids, *tables_factors_and_sizes):  # u [T * K, down_rank] float32
-    return z_g.new_empty((ids.numel(), tables_factors_and_sizes[-2]), dtype=torch.float32)
+    return z_g.new_empty((ids.numel(), tables_factors_and_sizes[-3]), dtype=torch.float32)
 
 
 for _name in ("moe", "moe_reference", "moe_int"):

@@ -125,9 +125,9 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             ),
             (
                 self.moe.activation != MoEActivation.SILU,
-                f"activation {self.moe.activation.value}; format v1 has silu only",
+                f"activation {self.moe.activation.value}; the format has silu only",
             ),
-            (self.moe.has_bias, "expert biases, which format v1 cannot store"),
+            (self.moe.has_bias, "expert biases, which the format cannot store"),
             (
                 layer.apply_router_weight_on_input,
                 "routing weights applied to the input, which BitsMoE does not support",
@@ -244,15 +244,22 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
                 Basis(layer.w13_basis[R["gate"] :], rows(scale, R["gate"], R["up"])),
                 Basis(layer.w2_basis, getattr(layer, "w2_basis_scale", None)),
             )
+        odd = self.spec.odd_codes
         self.layer = MoELayer(
             *bases,
             Factors(
-                layer.w13_codes[: g.planes], layer.w13_scales[: g.rows], layer.w13_bits[:, : R["gate"]].contiguous()
+                layer.w13_codes[: g.planes],
+                layer.w13_scales[: g.rows],
+                layer.w13_bits[:, : R["gate"]].contiguous(),
+                odd,
             ),
             Factors(
-                layer.w13_codes[g.planes :], layer.w13_scales[g.rows :], layer.w13_bits[:, R["gate"] :].contiguous()
+                layer.w13_codes[g.planes :],
+                layer.w13_scales[g.rows :],
+                layer.w13_bits[:, R["gate"] :].contiguous(),
+                odd,
             ),
-            Factors(layer.w2_codes, layer.w2_scales, layer.w2_bits),
+            Factors(layer.w2_codes, layer.w2_scales, layer.w2_bits, odd),
             self.spec.group_size,
         )
         self.kernel, choice = backend.prepare(self.layer, self.layout.module)

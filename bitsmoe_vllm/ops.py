@@ -41,15 +41,16 @@ def _moe(
     down_scales: torch.Tensor,
     down_bits: torch.Tensor,
     group_size: int,
+    odd_codes: bool,  # format version 2's codes
 ) -> torch.Tensor:
     """[T, H] routed-expert output in x.dtype (FORMAT.md section 4)."""
     layer = MoELayer(
         _basis(gate_basis, gate_basis_scale),
         _basis(up_basis, up_basis_scale),
         _basis(down_basis, down_basis_scale),
-        Factors(gate_codes, gate_scales, gate_bits),
-        Factors(up_codes, up_scales, up_bits),
-        Factors(down_codes, down_scales, down_bits),
+        Factors(gate_codes, gate_scales, gate_bits, odd_codes),
+        Factors(up_codes, up_scales, up_bits, odd_codes),
+        Factors(down_codes, down_scales, down_bits, odd_codes),
         group_size,
     )
     return moe_forward(x, topk_weights, topk_ids, layer)
@@ -113,4 +114,5 @@ def moe_layer(
         layer.down.scales,
         layer.down.bits,
         layer.group_size,
+        layer.down.odd,
     )

@@ -4,9 +4,9 @@ A row of n codes at width b becomes b planes of ceil(n / 32) words. Bit j of wor
 plane p is bit p of the offset code of column 32 * w + j. Every width packs with no
 padding inside a word; only the last word of a plane may hold unused (zero) bits.
 
-Signed codes and offset codes (u is what the bits hold):
-    b >= 2: q in [-2^(b-1), 2^(b-1) - 1],  u = q + 2^(b-1)
-    b == 1: q in {-1, +1},                  u = (q + 1) / 2
+Signed codes and offset codes (u is what the bits hold), FORMAT.md section 4:
+    odd codes (b <= 6; format version 1: b = 1 only):  q odd in [-(2^b - 1), 2^b - 1],  u = (q + 2^b - 1) / 2
+    other codes (b = 8; format version 1: b >= 2):     q in [-2^(b-1), 2^(b-1) - 1],    u = q + 2^(b-1)
 
 Pure torch; works on any device.
 """
@@ -17,31 +17,55 @@ WORD_BITS = 32
 SUPPORTED_WIDTHS = (1, 2, 3, 4, 6, 8)
 
 
-def code_range(bits: int) -> tuple[int, int]:
+ODD_WIDTHS = (1, 2, 3, 4, 6)  # format version 2's odd codes: an 8-bit one would not fit the kernels' int8
+
+
+def is_odd(bits: int, odd: bool = True) -> bool:
+    """Whether `bits`-bit codes are odd: in format version 2 (odd=True) up to 6 bits, in version 1 at 1 bit only."""
+    return bits == 1 or (odd and bits in ODD_WIDTHS)
+
+
+def code_range(bits: int, odd: bool = True) -> tuple[int, int]:
     """Smallest and largest signed code at `bits` bits."""
     _check_width(bits)
-    if bits == 1:
-        return -1, 1
+    if is_odd(bits, odd):
+        return -((1 << bits) - 1), (1 << bits) - 1
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def nearest_codes(v: torch.Tensor, bits: torch.Tensor | int, odd: bool = True) -> torch.Tensor:
+    """The codes nearest to the values v (float, in units of the scale) at `bits` (an int, or a tensor that
+    broadcasts with v, every entry a supported width), as floats."""
+    b = torch.as_tensor(bits, device=v.device)
+    if not torch.isin(b, torch.tensor(SUPPORTED_WIDTHS, device=v.device)).all():
+        raise ValueError(f"nearest_codes: widths {b.unique().tolist()} outside {list(SUPPORTED_WIDTHS)}")
+    odd_b = (b == 1) | (odd & (b <= 6))
+    top = torch.where(odd_b, (1 << b) - 1, (1 << (b - 1)) - 1).to(v.dtype)
+    bottom = torch.where(odd_b, -top, -top - 1)
+    return torch.where(odd_b, 2 * torch.floor(v / 2) + 1, v.round()).clamp(bottom, top)
 
 
 def words_per_plane(n: int) -> int:
     return -(-n // WORD_BITS)
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack signed codes [..., n] (any integer dtype) into int32 words [..., bits, ceil(n/32)]."""
+def pack(codes: torch.Tensor, bits: int, odd: bool = True) -> torch.Tensor:
+    """Pack signed codes [..., n] (any integer dtype) into int32 words [..., bits, ceil(n/32)]; `odd`: format
+    version 2's codes (version 1: False)."""
     _check_width(bits)
     if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.dim() == 0:
         raise ValueError(f"pack: codes must be an integer tensor [..., n], got {codes.dtype} {list(codes.shape)}")
-    lo, hi = code_range(bits)
+    lo, hi = code_range(bits, odd)
+    odd_b = is_odd(bits, odd)
     q = codes.to(torch.int64)
-    if q.numel() and (q.min() < lo or q.max() > hi or (bits == 1 and (q == 0).any())):
+    if q.numel() and (q.min() < lo or q.max() > hi or (odd_b and (q % 2 == 0).any())):
+        kind = "odd codes in" if odd_b else "codes in"
+        even = ", an even code" if odd_b and (q % 2 == 0).any() else ""
         raise ValueError(
-            f"pack: codes outside the {bits}-bit range "
-            f"{'{-1, +1}' if bits == 1 else f'[{lo}, {hi}]'}: found min {int(q.min())}, max {int(q.max())}"
+            f"pack: codes outside the {bits}-bit range ({kind} [{lo}, {hi}]): found min {int(q.min())}, "
+            f"max {int(q.max())}{even}"
         )
-    u = (q + 1) // 2 if bits == 1 else q + (1 << (bits - 1))  # [..., n]
+    u = (q + hi) // 2 if odd_b else q - lo  # [..., n]
     n = u.shape[-1]
     width = words_per_plane(n)
     u = torch.nn.functional.pad(u, (0, width * WORD_BITS - n)).unflatten(-1, (width, WORD_BITS))  # [..., W, 32]
@@ -51,8 +75,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
-def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Unpack int32 words [..., bits, W] into signed int8 codes [..., n]."""
+def unpack(words: torch.Tensor, bits: int, n: int, odd: bool = True) -> torch.Tensor:
+    """Unpack int32 words [..., bits, W] into signed int8 codes [..., n]; `odd` as in pack."""
     _check_width(bits)
     if words.dtype != torch.int32 or words.dim() < 2 or words.shape[-2] != bits:
         raise ValueError(f"unpack: expected int32 words [..., {bits}, W], got {words.dtype} {list(words.shape)}")
@@ -65,7 +89,8 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     for p in range(1, bits):
         u |= plane_bits[..., p, :, :] << p
     u = u.flatten(-2)[..., :n].to(torch.int16)  # [..., n] in [0, 2^bits)
-    q = 2 * u - 1 if bits == 1 else u - (1 << (bits - 1))
+    lo, hi = code_range(bits, odd)
+    q = 2 * u - hi if is_odd(bits, odd) else u + lo
     return q.to(torch.int8)
 
 

@@ -32,6 +32,7 @@ class Factors:
     codes: torch.Tensor  # [sum_e planes_e, I/32] int32
     scales: torch.Tensor  # [sum_e rows_e, I/G] float16
     bits: torch.Tensor  # [E, R] uint8
+    odd: bool = True  # odd codes up to 6 bits (format version 2; version 1: False), bitsmoe_vllm.packing
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class MoELayer:
             return Basis(b.weight.to(device), None if b.scale is None else b.scale.to(device))
 
         def factors(f: Factors) -> Factors:
-            return Factors(f.codes.to(device), f.scales.to(device), f.bits.to(device))
+            return Factors(f.codes.to(device), f.scales.to(device), f.bits.to(device), f.odd)
 
         return MoELayer(
             basis(self.gate_basis),
@@ -88,7 +89,7 @@ def gather_layer(cfg: QuantConfig, module: str, tensors: Mapping[str, torch.Tens
         scale = tensors[basis_scale_name(module, name)] if cfg.basis_dtype == "int8" else None
         return Basis(tensors[basis_name(module, name)], scale)
 
-    factors = {p: Factors(cat(p, "codes"), cat(p, "scales"), cat(p, "bits")) for p in PROJECTIONS}
+    factors = {p: Factors(cat(p, "codes"), cat(p, "scales"), cat(p, "bits"), cfg.odd_codes) for p in PROJECTIONS}
     return MoELayer(basis("gate"), basis("up"), basis("down"), **factors, group_size=cfg.group_size)
 
 
@@ -106,7 +107,9 @@ def expert_offsets(bits: torch.Tensor) -> tuple[list[int], list[int]]:
     return torch.cat([zero, planes.cumsum(0)]).tolist(), torch.cat([zero, rows.cumsum(0)]).tolist()
 
 
-def dequantize_factor(codes: torch.Tensor, scales: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize_factor(
+    codes: torch.Tensor, scales: torch.Tensor, bits: torch.Tensor, group_size: int, odd: bool = True
+) -> torch.Tensor:
     """One expert's factor: codes [planes, I/32] int32, scales [rows, I/G] fp16, bits [R] uint8 -> [R, I] float32.
 
     Row k with b = bits[k] > 0 owns the next b planes of `codes` and the next row of `scales`;
@@ -128,7 +131,7 @@ def dequantize_factor(codes: torch.Tensor, scales: torch.Tensor, bits: torch.Ten
     for width in widths.unique().tolist():
         sel = (widths == width).nonzero().flatten()  # positions among stored rows
         planes = codes[first_plane[sel, None] + torch.arange(width, device=codes.device)]  # [n, b, I/32]
-        q = packing.unpack(planes, width, I).float()  # [n, I]
+        q = packing.unpack(planes, width, I, odd).float()  # [n, I]
         out[stored[sel]] = q * scales[sel].float().repeat_interleave(group_size, dim=1)
     return out
 
@@ -140,14 +143,14 @@ def expert_factor(
     plane_at, row_at = offsets or expert_offsets(factors.bits)
     codes = factors.codes[plane_at[expert] : plane_at[expert + 1]]
     scales = factors.scales[row_at[expert] : row_at[expert + 1]]
-    return dequantize_factor(codes, scales, factors.bits[expert], group_size)
+    return dequantize_factor(codes, scales, factors.bits[expert], group_size, factors.odd)
 
 
 def moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: MoELayer) -> torch.Tensor:
     """BitsMoE routed-expert output. x [T, H]; topk_weights [T, K]; topk_ids [T, K] -> [T, H] in x.dtype.
 
     Expert ids index the layer's experts; negative ids (experts held elsewhere) contribute nothing.
-    Activation: SiLU (the only one format v1 allows).
+    Activation: SiLU (the only one the format allows).
     """
     xf = x.float()
     z_gate = xf if layer.gate_basis is None else xf @ dequantize_basis(layer.gate_basis).T  # [T, R_gate]

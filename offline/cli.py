@@ -78,6 +78,14 @@ def parse(argv: list[str] | None) -> Options:
         "calibration tokens; nearest: every row rounded on its own",
     )
     p.add_argument(
+        "--format-version",
+        type=int,
+        choices=[1, 2],
+        default=Options.format_version,
+        help="2 (default): odd codes up to 6 bits (no zero level: a finer grid at the same bits); 1: for readers "
+        "of version 1, whose codes include zero (FORMAT.md)",
+    )
+    p.add_argument(
         "--group-size",
         type=int,
         default=None,
@@ -116,6 +124,7 @@ def parse(argv: list[str] | None) -> Options:
         unit_rows=a.unit_rows,
         scale_steps=a.scale_steps,
         rounding=a.rounding,
+        format_version=a.format_version,
         group_size=a.group_size,
         device=a.device,
         resume=a.resume,

@@ -79,6 +79,7 @@ def unit_losses(
     unit_rows: int,
     group_size: int,
     scale_steps: int = REFINE_STEPS,
+    odd: bool = True,
 ) -> torch.Tensor:
     """factors [E, R, I], importance [E, R or 1, I] -> loss [E, units, J] float64 for widths[j]; several importances
     [V, E, R or 1, I] (the rounding done once for all) -> [V, E, units, J]."""
@@ -94,7 +95,7 @@ def unit_losses(
             if b == 0:
                 err = f**2
             else:
-                codes, scales = quantize_rows(f.reshape(-1, I), b, group_size, scale_steps)
+                codes, scales = quantize_rows(f.reshape(-1, I), b, group_size, scale_steps, odd)
                 dequant = codes.float() * scales.float().repeat_interleave(group_size, dim=1)
                 err = (dequant.reshape(f.shape) - f) ** 2
             row_loss[..., s : s + chunk, :R, j] = (err * a).sum(-1).double()

@@ -28,8 +28,10 @@ def encode_factor(
     group_size: int,
     scale_steps: int = REFINE_STEPS,
     row_scales: torch.Tensor | None = None,
+    odd: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """factor [R, I] float, bits [R] -> codes [sum(bits), I/32] int32, scales [count(bits > 0), I/G] float16.
+    """factor [R, I] float, bits [R] -> codes [sum(bits), I/32] int32, scales [count(bits > 0), I/G] float16;
+    odd: format version 2's codes (bitsmoe_vllm.packing).
 
     Rows keep rank order; row k owns bits[k] consecutive planes (the inverse of reference.dequantize_factor).
     row_scales [R, I/G]: the scales rows were already rounded with (offline.gptq), else fitted here.
@@ -46,12 +48,12 @@ def encode_factor(
     for width in widths.unique().tolist():
         sel = (widths == width).nonzero().flatten()
         if row_scales is None:
-            q, scales[sel] = quantize_rows(factor[stored[sel]], width, group_size, scale_steps)
+            q, scales[sel] = quantize_rows(factor[stored[sel]], width, group_size, scale_steps, odd)
         else:
             scales[sel] = row_scales[stored[sel]].half()
-            q = codes_for(factor[stored[sel]], width, scales[sel], group_size)
+            q = codes_for(factor[stored[sel]], width, scales[sel], group_size, odd)
         planes = first_plane[sel, None] + torch.arange(width, device=factor.device)  # [n, b]
-        codes[planes.flatten()] = packing.pack(q, width).flatten(0, 1)
+        codes[planes.flatten()] = packing.pack(q, width, odd).flatten(0, 1)
     return codes, scales
 
 
@@ -65,6 +67,7 @@ def encode_layer(
     projection_names: Mapping[str, str],
     scale_steps: int = REFINE_STEPS,
     scales: Mapping[str, torch.Tensor] | None = None,
+    odd: bool = True,
 ) -> tuple[LayerLayout, dict[str, torch.Tensor]]:
     """decompositions[p] of projection p; bits[p] [E, R] per-row widths -> (layout, name -> tensor). scales[p]
     [E, R, I/G]: the factors are already rounded with these (offline.gptq)."""
@@ -84,7 +87,7 @@ def encode_layer(
                 tensors[basis_scale_name(module, name)] = scale
         for e, factor in enumerate(dec.factors):
             given = None if scales is None else scales[p][e]
-            codes, row_scales = encode_factor(factor, widths[e], group_size, scale_steps, given)
+            codes, row_scales = encode_factor(factor, widths[e], group_size, scale_steps, given, odd)
             tensors[expert_tensor_name(module, e, name, "codes")] = codes
             tensors[expert_tensor_name(module, e, name, "scales")] = row_scales
             tensors[expert_tensor_name(module, e, name, "bits")] = widths[e].to(BITS_DTYPE)

@@ -22,7 +22,7 @@ projection's columns by descending H_ii (GPTQ's activation order).
 import torch
 import torch.nn.functional as F
 
-from bitsmoe_vllm.packing import SUPPORTED_WIDTHS, code_range
+from bitsmoe_vllm.packing import nearest_codes
 
 from .calibrate import Routed
 from .rounding import quantize_mixed_rows, quantize_rows
@@ -54,20 +54,31 @@ def hessians(
 
 
 def round_factors(
-    projection: str, factors: torch.Tensor, bits: torch.Tensor, hessian: torch.Tensor, group_size: int, steps: int
+    projection: str,
+    factors: torch.Tensor,
+    bits: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    steps: int,
+    odd: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """factors [E, R, I], bits [E, R], hessian [E, n, n] -> the rounded factors [E, R, I] (codes times scales) and
-    their scales [E, R, I/G] (0 for rows of width 0)."""
+    their scales [E, R, I/G] (0 for rows of width 0); odd: format version 2's codes (bitsmoe_vllm.packing)."""
     busiest = hessian.diagonal(dim1=1, dim2=2).argsort(dim=1, descending=True, stable=True)  # [E, n]
     if projection != "down":
         order = busiest.gather(1, bits.gather(1, busiest).argsort(dim=1, stable=True))  # by width, then by H_ii
         rounded, scales = _round_rank_rows(
-            take(factors, order, 1), bits.gather(1, order), take(take(hessian, order, 1), order, 2), group_size, steps
+            take(factors, order, 1),
+            bits.gather(1, order),
+            take(take(hessian, order, 1), order, 2),
+            group_size,
+            steps,
+            odd,
         )
         return put(rounded, order, 1), put(scales, order, 1)
     order = busiest
     rounded, scales = _round_columns(
-        take(factors, order, 2), bits, take(take(hessian, order, 1), order, 2), group_size, steps, order
+        take(factors, order, 2), bits, take(take(hessian, order, 1), order, 2), group_size, steps, order, odd
     )
     return put(rounded, order, 2), scales
 
@@ -87,7 +98,9 @@ def _index(t: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tensor:
     return order.view(shape).expand_as(t)
 
 
-def _round_rank_rows(factors: torch.Tensor, bits: torch.Tensor, hessian: torch.Tensor, group_size: int, steps: int):
+def _round_rank_rows(
+    factors: torch.Tensor, bits: torch.Tensor, hessian: torch.Tensor, group_size: int, steps: int, odd: bool
+):
     """round_factors of gate and up, the rank rows in the order to round them."""
     E, R, I = factors.shape
     scales = torch.zeros(E, R, I // group_size, device=factors.device)
@@ -96,7 +109,7 @@ def _round_rank_rows(factors: torch.Tensor, bits: torch.Tensor, hessian: torch.T
         q = torch.zeros_like(f)
         sel = (bits[:, k] > 0).nonzero().flatten()
         if len(sel):
-            codes, s = quantize_mixed_rows(f[sel], bits[sel, k], group_size, steps)
+            codes, s = quantize_mixed_rows(f[sel], bits[sel, k], group_size, steps, odd)
             scales[sel, k] = s.float()
             q[sel] = codes.float() * s.float().repeat_interleave(group_size, dim=1)
         return q
@@ -106,7 +119,13 @@ def _round_rank_rows(factors: torch.Tensor, bits: torch.Tensor, hessian: torch.T
 
 
 def _round_columns(
-    factors: torch.Tensor, bits: torch.Tensor, hessian: torch.Tensor, group_size: int, steps: int, order: torch.Tensor
+    factors: torch.Tensor,
+    bits: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    steps: int,
+    order: torch.Tensor,
+    odd: bool,
 ):
     """round_factors of down, the columns (and the Hessian) in the order order [E, I] to round them; the group scales
     are fitted to the columns in place, before any rounding."""
@@ -116,15 +135,13 @@ def _round_columns(
     for b in bits.unique().tolist():
         if b:
             e, k = (bits == b).nonzero(as_tuple=True)
-            scales[e, k] = quantize_rows(in_place[e, k], b, group_size, steps)[1].float()
+            scales[e, k] = quantize_rows(in_place[e, k], b, group_size, steps, odd)[1].float()
     step = take(scales.repeat_interleave(group_size, dim=2), order, 2)  # [E, R, I]: each column's scale, in order
-    lo, hi = zip(*(code_range(b) if b in SUPPORTED_WIDTHS else (0, 0) for b in range(9)))
-    lo, hi = (torch.tensor(v, dtype=torch.float32, device=bits.device)[bits.long()] for v in (lo, hi))
 
     def columns(i: int, f: torch.Tensor) -> torch.Tensor:  # f [E, R]: column i of every expert
         s = step[:, :, i]
         safe = torch.where(s > 0, s, torch.ones_like(s))
-        codes = torch.where(bits == 1, torch.where(f >= 0, 1.0, -1.0), (f / safe).round().clamp(lo, hi))
+        codes = nearest_codes(f / safe, bits.clamp(min=1), odd)  # width-0 rows have no scale: zero below
         return torch.where(s > 0, codes * s, torch.zeros_like(f))
 
     return feedback(factors, inverse_cholesky(hessian), columns), scales

@@ -41,10 +41,12 @@ def layer_costs(plan: Plan, weights: dict[str, torch.Tensor], routed: Routed, n_
             if p in hessians:  # the rounding at every width done once for both importances
                 share = gptq.compensation(p, hessians.pop(p))
                 both = torch.stack([w * (share[:, None, :] if p == "down" else share[:, :, None]), w])
-                loss, nearest = unit_losses(factors, both, widths, rows, plan.group_size, plan.options.scale_steps)
+                loss, nearest = unit_losses(
+                    factors, both, widths, rows, plan.group_size, plan.options.scale_steps, plan.odd_codes
+                )
                 losses["nearest"].append(nearest)
             else:
-                loss = unit_losses(factors, w, widths, rows, plan.group_size, plan.options.scale_steps)
+                loss = unit_losses(factors, w, widths, rows, plan.group_size, plan.options.scale_steps, plan.odd_codes)
             losses["loss"].append(loss)
             if shared:
                 dropped = unit_losses(factors, w, [0], 1, plan.group_size)[..., 0]  # [E, R]: each row's whole loss

@@ -9,7 +9,9 @@ import torch
 from bitsmoe_vllm.format import (
     BASIS_BITS,
     BIT_WIDTHS,
+    FORMAT_VERSION,
     PROJECTIONS,
+    READABLE_VERSIONS,
     LayerLayout,
     ProjectionLayout,
     QuantConfig,
@@ -47,6 +49,7 @@ class Options:
     allow_high_error: bool = False  # write the checkpoint even when a layer's measured error marks a broken model
     scale_steps: int = REFINE_STEPS
     rounding: str = "gptq"  # or "nearest": each factor row rounded on its own (offline.gptq)
+    format_version: int = FORMAT_VERSION  # 1: even codes, for readers of version 1 (FORMAT.md section 9)
     group_size: int | None = None
     device: str = "cpu"
     resume: bool = False
@@ -97,6 +100,10 @@ class Plan:
     def with_basis(self, basis: str) -> "Plan":
         """This plan storing `basis`, at --rank or full rank (--rank auto chooses at allocation)."""
         return replace(self, basis=basis).with_rank(self.options.rank or self.hidden_size)
+
+    @property
+    def odd_codes(self) -> bool:
+        return self.options.format_version >= 2
 
     @property
     def unit_rows(self) -> int:
@@ -162,6 +169,7 @@ class Plan:
             num_experts=self.num_experts,
             projection_names=self.source.architecture.projection_names,
             layers=tuple(layouts),
+            format_version=self.options.format_version,
         )
 
 
@@ -195,6 +203,8 @@ def make_plan(options: Options) -> Plan:
         raise ValueError(f"--rank {rank}: an identity basis has rank {H} (the hidden size); leave --rank out")
     if options.allocation not in ("global", "per-layer"):
         raise ValueError(f"--allocation {options.allocation}: expected global or per-layer")
+    if options.format_version not in READABLE_VERSIONS:
+        raise ValueError(f"--format-version {options.format_version}: expected one of {list(READABLE_VERSIONS)}")
     if options.scale_steps < 0:
         raise ValueError(f"--scale-steps {options.scale_steps}: must be 0 or more")
     if options.unit_rows is not None and options.unit_rows < 1:

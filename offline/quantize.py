@@ -197,6 +197,7 @@ def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> lis
                 projection_names=arch.projection_names,
                 scale_steps=plan.options.scale_steps,
                 scales=scales,
+                odd=plan.odd_codes,
             )
             tensors |= {name: t.cpu() for name, t in encoded.items()}
         write_shard(path, tensors)
@@ -215,7 +216,13 @@ def feedback_rounding(
     rounded, scales = {}, {}
     for p, dec in decompositions.items():
         factors, scales[p] = gptq.round_factors(
-            p, dec.factors, widths[p].to(dec.factors.device), hessians[p], plan.group_size, plan.options.scale_steps
+            p,
+            dec.factors,
+            widths[p].to(dec.factors.device),
+            hessians[p],
+            plan.group_size,
+            plan.options.scale_steps,
+            plan.odd_codes,
         )
         rounded[p] = dec._replace(factors=factors)
     return rounded, scales

@@ -1,20 +1,21 @@
 """Rounding of factor rows and shared bases to the codes and scales of FORMAT.md.
 
-Factor rows: symmetric signed codes, one float16 scale per group of G columns. For b >= 2 the
-scale starts at absmax / (2^(b-1) - 1) and is refined by alternating least squares (codes given
-scale, then scale given codes); each step cannot increase the group's squared error, and the best
-scale seen is kept. For b = 1 the code is the sign and the scale mean |x| (the least-squares scale).
+Factor rows: signed codes (bitsmoe_vllm.packing: odd up to 6 bits in format version 2, odd=True), one
+float16 scale per group of G columns. For b >= 2 the scale starts at absmax / (the largest code) and is
+refined by alternating least squares (codes given scale, then scale given codes); each step cannot
+increase the group's squared error, and the best scale seen is kept. For b = 1 the code is the sign and
+the scale mean |x| (the least-squares scale).
 """
 
 import torch
 
-from bitsmoe_vllm.packing import code_range
+from bitsmoe_vllm.packing import code_range, nearest_codes
 
 REFINE_STEPS = 8
 
 
 def quantize_rows(
-    rows: torch.Tensor, bits: int, group_size: int, steps: int = REFINE_STEPS
+    rows: torch.Tensor, bits: int, group_size: int, steps: int = REFINE_STEPS, odd: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rows [N, I] float -> codes [N, I] int8, scales [N, I/G] float16 (dequantized = codes * scale)."""
     N, I = rows.shape
@@ -25,22 +26,21 @@ def quantize_rows(
         scale = _fp16(x.abs().mean(-1, keepdim=True))
         codes = torch.where(x >= 0, 1, -1)
         return codes.reshape(N, I).to(torch.int8), scale.squeeze(-1).half()
-    lo, hi = code_range(bits)
-    scale = _fp16(x.abs().amax(-1, keepdim=True) / hi)  # [N, I/G, 1]
+    scale = _fp16(x.abs().amax(-1, keepdim=True) / code_range(bits, odd)[1])  # [N, I/G, 1]
     best_scale, best_err = scale, torch.full_like(scale, float("inf"))
     for _ in range(steps + 1):
-        codes = _round(x, scale, lo, hi)
+        codes = _round(x, scale, bits, odd)
         err = ((codes * scale - x) ** 2).sum(-1, keepdim=True)
         better = err < best_err
         best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
         qq = (codes * codes).sum(-1, keepdim=True)
         scale = _fp16(torch.where(qq > 0, (codes * x).sum(-1, keepdim=True) / qq.clamp_min(1), scale))
-    codes = _round(x, best_scale, lo, hi)
+    codes = _round(x, best_scale, bits, odd)
     return codes.reshape(N, I).to(torch.int8), best_scale.squeeze(-1).half()
 
 
 def quantize_mixed_rows(
-    rows: torch.Tensor, bits: torch.Tensor, group_size: int, steps: int = REFINE_STEPS
+    rows: torch.Tensor, bits: torch.Tensor, group_size: int, steps: int = REFINE_STEPS, odd: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows with a width per row, bits [N] in 1..8, in one pass (offline.gptq rounds a coordinate of every
     expert at once): the same codes and scales as quantize_rows on each width's rows."""
@@ -48,28 +48,28 @@ def quantize_mixed_rows(
     x = rows.float().reshape(N, I // group_size, group_size)
     b = bits.to(device=rows.device, dtype=torch.int64)[:, None, None]
     sign = b == 1
-    lo, hi = -(1 << (b - 1)), torch.where(sign, 1, (1 << (b - 1)) - 1)
+    hi = torch.where(sign | odd & (b <= 6), (1 << b) - 1, (1 << (b - 1)) - 1)
     scale = _fp16(torch.where(sign, x.abs().mean(-1, keepdim=True), x.abs().amax(-1, keepdim=True) / hi))
     signs = torch.where(x >= 0, 1.0, -1.0)
     best_scale, best_err = scale, torch.full_like(scale, float("inf"))
     for _ in range(steps + 1):
-        codes = torch.where(sign, signs, _round(x, scale, lo, hi))
+        codes = torch.where(sign, signs, _round(x, scale, b, odd))
         err = ((codes * scale - x) ** 2).sum(-1, keepdim=True)
         better = (err < best_err) & ~sign | torch.isinf(best_err) & sign
         best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
         qq = (codes * codes).sum(-1, keepdim=True)
         scale = _fp16(torch.where(qq > 0, (codes * x).sum(-1, keepdim=True) / qq.clamp_min(1), scale))
-    codes = torch.where(sign, signs, _round(x, best_scale, lo, hi))
+    codes = torch.where(sign, signs, _round(x, best_scale, b, odd))
     return codes.reshape(N, I).to(torch.int8), best_scale.squeeze(-1).half()
 
 
-def codes_for(rows: torch.Tensor, bits: int, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+def codes_for(rows: torch.Tensor, bits: int, scales: torch.Tensor, group_size: int, odd: bool = True) -> torch.Tensor:
     """The codes [N, I] int8 of rows [N, I] at given scales [N, I/G] (rows already on that grid give theirs back)."""
     N, I = rows.shape
     x, scale = rows.float().reshape(N, I // group_size, group_size), scales.float()[..., None]
     if bits == 1:
         return torch.where(x >= 0, 1, -1).reshape(N, I).to(torch.int8)
-    return _round(x, scale, *code_range(bits)).reshape(N, I).to(torch.int8)
+    return _round(x, scale, bits, odd).reshape(N, I).to(torch.int8)
 
 
 def quantize_basis(basis: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -79,13 +79,15 @@ def quantize_basis(basis: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch
     if dtype != "int8":
         raise ValueError(f"unknown basis dtype {dtype!r}; expected float16, bfloat16 or int8")
     scale = _fp16(basis.float().abs().amax(1, keepdim=True) / 127)  # [rows, 1]
-    codes = _round(basis.float(), scale, -127, 127)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.where(scale > 0, (basis.float() / safe).round().clamp(-127, 127), 0)
     return codes.to(torch.int8), scale.squeeze(1).half()
 
 
-def _round(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+def _round(x: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor | int, odd: bool) -> torch.Tensor:
+    # a group of zeros has scale 0: any code stands for 0, and the one nearest 0 is valid at every width
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.where(scale > 0, (x / safe).round().clamp(lo, hi), torch.zeros_like(x))
+    return nearest_codes(torch.where(scale > 0, x / safe, 0), bits, odd)
 
 
 def _fp16(scale: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """What several test modules share: the one table of test shapes (awkward sizes on purpose: edges are where kernels
 break), random BitsMoE layers (orthonormal bases, random factors, random per-row widths), routings, error measures."""
 
+import dataclasses
 import sys
 
 import torch
 
-from bitsmoe_vllm.format import PROJECTIONS, QuantConfig
+from bitsmoe_vllm.format import FORMAT_VERSION, PROJECTIONS, QuantConfig
 from bitsmoe_vllm.offline.architectures import STANDARD_NAMES
 from bitsmoe_vllm.offline.decompose import Decomposition
 from bitsmoe_vllm.offline.encode import build_quant_config, encode_layer
@@ -81,11 +82,12 @@ def routing(T: int, E: int, K: int, seed: int, used_experts: int | None = None):
     return weights, ids
 
 
-def layer_of(shape, widths=(0,) + WIDTHS, basis_dtype="float16", seed=0):
+def layer_of(shape, widths=(0,) + WIDTHS, basis_dtype="float16", seed=0, format_version=FORMAT_VERSION):
+    """A random layer; format_version 1 reads the same stored bits as version 1's codes."""
     H, I, E, K, ranks, G = shape
     ranks = (H, H, H) if basis_dtype == "identity" else ranks
     cfg, tensors = random_checkpoint(H, I, E, ranks, G, widths=widths, basis_dtype=basis_dtype, seed=seed)
-    return gather_layer(cfg, MODULE, tensors)
+    return gather_layer(dataclasses.replace(cfg, format_version=format_version), MODULE, tensors)
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:

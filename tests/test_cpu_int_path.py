@@ -15,6 +15,7 @@ from bitsmoe_vllm.cpu_layout import (
     to_cpu_factors,
     to_cpu_layer,
 )
+from bitsmoe_vllm.format import READABLE_VERSIONS
 from bitsmoe_vllm.kernel_layout import CLASS_WIDTHS
 from bitsmoe_vllm.reference import expert_factor, moe_forward
 from tests.helpers import LAYERS, TOKENS, WIDTHS, dense_from_cpu_basis, layer_of, relative_error, routing
@@ -40,7 +41,7 @@ def int_path(monkeypatch):
 
 def add_rows(F: torch.Tensor, cpu, e: int, row0: int, u: torch.Tensor, b: int, G: int) -> None:
     """F[e, rank] += the stored rows from row0 of the layout whose offset codes are u [rows, I] (padding skipped)."""
-    code = 2 * u - 1 if b == 1 else u - 2 ** (b - 1)
+    code = 2 * u - (2**b - 1) if b <= 6 else u - 2 ** (b - 1)  # version 2: odd codes up to 6 bits
     for r in range(len(u)):
         if cpu.rows[row0 + r] >= 0:
             F[e, cpu.rows[row0 + r]] += code[r] * cpu.scales[:, row0 + r].float().repeat_interleave(G)
@@ -145,9 +146,10 @@ def test_int_path_int8_bases_on_rounded_tokens(int_path, shape, T):
 
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("basis_dtype", ["float16", "bfloat16", "int8", "identity"])
-def test_int_path_every_width_and_basis(int_path, width, basis_dtype):
+@pytest.mark.parametrize("version", READABLE_VERSIONS)
+def test_int_path_every_width_and_basis(int_path, width, basis_dtype, version):
     H, I, E, K, _, _ = LAYERS[1]
-    layer = layer_of(LAYERS[1], widths=(width,), basis_dtype=basis_dtype, seed=width)
+    layer = layer_of(LAYERS[1], widths=(width,), basis_dtype=basis_dtype, seed=width, format_version=version)
     w, ids = routing(17, E, K, seed=width)
     ids[3, 1] = -1  # a choice held by another expert-parallel rank
     x = torch.randn(17, H, generator=torch.Generator().manual_seed(width))
@@ -196,6 +198,7 @@ def int_args(cpu, x, w, ids):
         *(b.scale for b in bases),
         *(getattr(f, n) for f in (cpu.gate, cpu.up, cpu.down) for n in ("masks", "scales", "rows", "segs")),
         cpu.layer.group_size,
+        cpu.layer.down.odd,
     )
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bitsmoe_vllm import ops
+from bitsmoe_vllm.format import READABLE_VERSIONS
 from bitsmoe_vllm.reference import moe_forward
 from tests.helpers import LAYERS, TOKENS, WIDTHS, layer_of, relative_error, routing
 
@@ -42,10 +43,11 @@ def test_kernel_matches_reference_mixed_widths(isa, shape, T, dtype):
 
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("basis_dtype", ["float16", "bfloat16", "int8", "identity"])
-def test_kernel_every_width_and_basis(isa, width, basis_dtype):
+@pytest.mark.parametrize("version", READABLE_VERSIONS)
+def test_kernel_every_width_and_basis(isa, width, basis_dtype, version):
     shape = LAYERS[1]
     H, I, E, K, _, _ = shape
-    layer = layer_of(shape, widths=(width,), basis_dtype=basis_dtype, seed=width)
+    layer = layer_of(shape, widths=(width,), basis_dtype=basis_dtype, seed=width, format_version=version)
     w, ids = routing(17, E, K, seed=width)
     ids[3, 1] = -1  # a choice held by another expert-parallel rank
     x = torch.randn(17, H, generator=torch.Generator().manual_seed(width))
@@ -84,6 +86,7 @@ def op_args(layer, x, w, ids):
         *(b.scale for b in bases),
         *(getattr(getattr(layer, p), n) for p in ("gate", "up", "down") for n in ("codes", "scales", "bits")),
         layer.group_size,
+        layer.down.odd,
     )
 
 

@@ -32,8 +32,8 @@ def test_dict_round_trip_through_json(checkpoint, config_dict):
 
 
 def test_unknown_format_version_is_refused(config_dict):
-    config_dict["format_version"] = 2
-    refuse(config_dict, "format_version", "unknown version 2", "reads version 1")
+    config_dict["format_version"] = 3
+    refuse(config_dict, "format_version", "unknown version 3", "reads versions 1, 2")
 
 
 def test_other_quant_method_is_refused(config_dict):

@@ -5,22 +5,15 @@ import pytest
 import torch
 
 from bitsmoe_vllm.cuda import TILE_M, prefill_tiles
+from bitsmoe_vllm.format import READABLE_VERSIONS
 from bitsmoe_vllm.kernel_layout import repack, repack_reference
-from bitsmoe_vllm.reference import gather_layer, moe_forward
-from tests.helpers import KERNEL_TOKENS, LAYERS, MODULE, WIDTHS, random_checkpoint
+from bitsmoe_vllm.reference import moe_forward
+from tests.helpers import KERNEL_TOKENS, LAYERS, WIDTHS, layer_of
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(
     not CUDA, reason="no CUDA device: the kernels are only compiled here (tests/test_kernel_build.py)"
 )
-
-
-def layer_of(shape, widths=(0,) + WIDTHS, basis_dtype="float16", seed=0):
-    H, I, E, K, ranks, G = shape
-    cfg, tensors = random_checkpoint(
-        H, I, E, (H, H, H) if basis_dtype == "identity" else ranks, G, widths=widths, basis_dtype=basis_dtype, seed=seed
-    )
-    return gather_layer(cfg, MODULE, tensors)
 
 
 def routing(T, E, K, seed, used):
@@ -99,11 +92,12 @@ def test_kernel_matches_reference_mixed_widths(cuda_ops, shape, T, dtype, path):
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("basis_dtype", ["float16", "int8", "identity"])
 @pytest.mark.parametrize("path, dtype", [("decode", torch.float32), ("prefill", torch.bfloat16)])
-def test_kernel_every_width_and_basis(cuda_ops, width, basis_dtype, path, dtype):
+@pytest.mark.parametrize("version", READABLE_VERSIONS)
+def test_kernel_every_width_and_basis(cuda_ops, width, basis_dtype, path, dtype, version):
     to_kernel_layer, moe_forward_cuda = cuda_ops
     shape = LAYERS[1]
     H, I, E, K, _, _ = shape
-    layer = layer_of(shape, widths=(width,), basis_dtype=basis_dtype).to(torch.device("cuda"))
+    layer = layer_of(shape, widths=(width,), basis_dtype=basis_dtype, format_version=version).to(torch.device("cuda"))
     w, ids = routing(17, E, K, seed=width, used=E)
     ids[3, 1] = -1  # a choice held by another expert-parallel rank
     x = torch.randn(17, H, device="cuda").to(dtype)
@@ -140,7 +134,16 @@ def test_opcheck(cuda_ops):
     w, ids = routing(5, E, K, seed=2, used=E)
     z_g, z_u = torch.randn(5, ranks[0], device="cuda"), torch.randn(5, ranks[1], device="cuda")
     factors = [getattr(f, n) for f in (k.gate, k.up, k.down) for n in ("codes", "scales", "rows", "segs")]
-    args = (z_g, z_u, ids.cuda(), factors, k.down.rank, G)
+    args = (z_g, z_u, ids.cuda(), factors, k.down.rank, G, k.odd_codes)
     torch.library.opcheck(torch.ops.bitsmoe.moe_decode.default, args)
-    args = (z_g.bfloat16(), z_u.bfloat16(), ids.cuda(), *prefill_tiles(ids.cuda(), E), factors, k.down.rank, G)
+    args = (
+        z_g.bfloat16(),
+        z_u.bfloat16(),
+        ids.cuda(),
+        *prefill_tiles(ids.cuda(), E),
+        factors,
+        k.down.rank,
+        G,
+        k.odd_codes,
+    )
     torch.library.opcheck(torch.ops.bitsmoe.moe_prefill.default, args)

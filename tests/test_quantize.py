@@ -223,3 +223,18 @@ def test_per_layer_allocation_keeps_every_layer_within_its_share(tiny_model_dir,
                     spent[next(m for m in spent if n.startswith(m + "."))] += 8 * f.get_tensor(n).nbytes
     assert all(0 < bits <= share + 1e-6 for bits in spent.values()), (spent, share)
     assert report["options"]["scale_steps"] == 0 and cfg.achieved_bits["all"] <= 2.5 + 1e-9
+
+
+def test_format_version_1_is_written_with_its_codes_and_read_as_such(quantized, quantize_tiny, calib_file, tmp_path):
+    """--format-version 1 writes version 1's codes (FORMAT.md section 9), which loaders read as version 1: its layer
+    errors are of the size of version 2's at the same bits, and read as version 2 they are not."""
+    model, checkpoints = quantized("qwen3_moe")
+    v1 = quantize_tiny(model, tmp_path / "v1", 2.5, calib_tokens=2048, format_version=1)
+    assert read_quant_config(v1).format_version == 1 and read_quant_config(checkpoints[2.5]).format_version == 2
+    errors = {v: sum(layer_errors(model, d, calib_file).values()) for v, d in ((1, v1), (2, checkpoints[2.5]))}
+    assert errors[1] < 1.5 * errors[2]
+    misread = shutil.copytree(v1, tmp_path / "misread")
+    config = json.loads((misread / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 2
+    (misread / "config.json").write_text(json.dumps(config))
+    assert sum(layer_errors(model, misread, calib_file).values()) > 3 * errors[1]

@@ -141,7 +141,7 @@ struct FactorsArg {
 };
 
 FactorsArg factors_arg(const Kernels& k, const char* name, const at::Tensor& codes, const at::Tensor& scales,
-                       const at::Tensor& bits, int64_t E, int64_t I, int64_t G) {
+                       const at::Tensor& bits, int64_t E, int64_t I, int64_t G, bool odd) {
   FactorsArg f{{},
                codes.contiguous(),
                scales.contiguous(),
@@ -164,7 +164,8 @@ FactorsArg factors_arg(const Kernels& k, const char* name, const at::Tensor& cod
             f.bits.size(1),
             I / 32,
             I / G,
-            G / 32};
+            G / 32,
+            odd};
   return f;
 }
 
@@ -342,7 +343,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
                const at::Tensor& gate_codes, const at::Tensor& gate_scales, const at::Tensor& gate_bits,
                const at::Tensor& up_codes, const at::Tensor& up_scales, const at::Tensor& up_bits,
                const at::Tensor& down_codes, const at::Tensor& down_scales, const at::Tensor& down_bits,
-               int64_t group_size) {
+               int64_t group_size, bool odd_codes) {
   const Kernels& k = kernels();
   const bool identity = !gate_basis.has_value();
   const int64_t E = gate_bits.size(0), I = gate_codes.dim() == 2 ? gate_codes.size(1) * 32 : -1;
@@ -350,9 +351,9 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
   const int64_t T = x.size(0), H = x.size(1), K = topk_ids.size(1);
   const int64_t R_g = identity ? H : gate_basis->size(0), R_u = identity ? H : up_basis->size(0);
   const int64_t R_d = identity ? H : down_basis->size(1);
-  const FactorsArg g = factors_arg(k, "gate", gate_codes, gate_scales, gate_bits, E, I, group_size);
-  const FactorsArg u = factors_arg(k, "up", up_codes, up_scales, up_bits, E, I, group_size);
-  const FactorsArg d = factors_arg(k, "down", down_codes, down_scales, down_bits, E, I, group_size);
+  const FactorsArg g = factors_arg(k, "gate", gate_codes, gate_scales, gate_bits, E, I, group_size, odd_codes);
+  const FactorsArg u = factors_arg(k, "up", up_codes, up_scales, up_bits, E, I, group_size, odd_codes);
+  const FactorsArg d = factors_arg(k, "down", down_codes, down_scales, down_bits, E, I, group_size, odd_codes);
   TORCH_CHECK(g.view.R == R_g && u.view.R == R_u && d.view.R == R_d, "bitsmoe::moe (CPU): factor ranks (gate ",
               g.view.R, ", up ", u.view.R, ", down ", d.view.R, ") differ from the bases' (", R_g, ", ", R_u, ", ", R_d,
               ")");
@@ -392,7 +393,7 @@ struct CpuFactorsArg {
 
 CpuFactorsArg cpu_factors_arg(const char* name, const at::Tensor& masks, const at::Tensor& scales,
                               const at::Tensor& rows, const at::Tensor& segs, int64_t group_rows, int64_t E, int64_t R,
-                              int64_t I, int64_t G) {
+                              int64_t I, int64_t G, bool odd) {
   CpuFactorsArg f{{}, masks.contiguous(), scales.contiguous(), rows.contiguous(), segs.contiguous()};
   const std::string n(name);
   const int64_t chunk_columns = 64 / group_rows;  // a mask holds group_rows x chunk_columns codes
@@ -424,7 +425,8 @@ CpuFactorsArg cpu_factors_arg(const char* name, const at::Tensor& masks, const a
             G / 16 % 8 == 0   ? 8
             : G / 16 % 4 == 0 ? 4
                               : 2,
-            f.rows.size(0)};
+            f.rows.size(0),
+            odd};
   return f;
 }
 
@@ -437,7 +439,7 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
                    const at::Tensor& gate_segs, const at::Tensor& up_masks, const at::Tensor& up_scales,
                    const at::Tensor& up_rows, const at::Tensor& up_segs, const at::Tensor& down_masks,
                    const at::Tensor& down_scales, const at::Tensor& down_rows, const at::Tensor& down_segs,
-                   int64_t group_size) {
+                   int64_t group_size, bool odd_codes) {
   TORCH_CHECK(int_path(),
               "bitsmoe::moe_int (CPU): needs AVX-512 with VNNI, BW, VBMI and GFNI, which this CPU lacks (or "
               "BITSMOE_CPU_ISA forces ",
@@ -452,10 +454,11 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
   const int64_t R_g = identity ? H : gate_basis->size(0), R_u = identity ? H : up_basis->size(0);
   const int64_t R_d = identity ? H : down_basis->size(1);
   const CpuFactorsArg g =
-      cpu_factors_arg("gate", gate_masks, gate_scales, gate_rows, gate_segs, 4, E, R_g, I, group_size);
-  const CpuFactorsArg u = cpu_factors_arg("up", up_masks, up_scales, up_rows, up_segs, 4, E, R_u, I, group_size);
+      cpu_factors_arg("gate", gate_masks, gate_scales, gate_rows, gate_segs, 4, E, R_g, I, group_size, odd_codes);
+  const CpuFactorsArg u =
+      cpu_factors_arg("up", up_masks, up_scales, up_rows, up_segs, 4, E, R_u, I, group_size, odd_codes);
   const CpuFactorsArg d =
-      cpu_factors_arg("down", down_masks, down_scales, down_rows, down_segs, 16, E, R_d, I, group_size);
+      cpu_factors_arg("down", down_masks, down_scales, down_rows, down_segs, 16, E, R_d, I, group_size, odd_codes);
   if (T == 0) return at::empty_like(x);
 
   Scratch<float> x_copy(0);

@@ -40,6 +40,7 @@ struct Factors {
   const int64_t* plane_at;
   const int64_t* row_at;
   int64_t R, words, groups, group_words;  // words = I / 32, group_words = G / 32
+  bool odd;                               // odd codes up to 6 bits (format version 2)
 };
 
 // The tokens one expert serves: n of them, token[j] (row of x) and slot[j] (token * K + choice).
@@ -94,6 +95,7 @@ struct CpuFactors {
   const int32_t* segs;
   int64_t R, chunks, groups, group_chunks, tile_chunks,
       stored_rows;  // chunks per row of masks, groups = I/G, stored_rows = rows' length
+  bool odd;         // odd codes up to 6 bits (format version 2)
 };
 
 // Rows of activations [rows, I] as 16-bit integers: hi, lo [rows, I] int8; per (row, column group) its scale and the

@@ -212,21 +212,27 @@ void expert_offsets(const uint8_t* bits, int64_t E, int64_t R, int64_t* plane_at
   }
 }
 
-// a B-bit code j stands for lowest_code + j: bit p of j adds step_of_plane(p) (1 bit: -1 or 1)
+// a B-bit code j stands for lowest_code + j * step_of_plane(0): bit p of j adds step_of_plane(p). Odd codes (format
+// version 2 up to 6 bits, version 1 at 1 bit only; `odd` is the version's choice) are -(2^B - 1) + 2j, the others
+// -2^(B-1) + j.
 template <int B>
-constexpr float lowest_code() {
-  return B == 1 ? -1.f : -static_cast<float>(1 << (B - 1));
+constexpr bool odd_width(bool odd) {
+  return B == 1 || (odd && B <= 6);
 }
 template <int B>
-constexpr float step_of_plane(int p) {
-  return B == 1 ? 2.f : static_cast<float>(1 << p);
+constexpr float lowest_code(bool odd) {
+  return odd_width<B>(odd) ? -static_cast<float>((1 << B) - 1) : -static_cast<float>(1 << (B - 1));
+}
+template <int B>
+constexpr float step_of_plane(int p, bool odd) {
+  return static_cast<float>((odd_width<B>(odd) ? 2 : 1) << p);
 }
 
 // columns [c, c + kLanes) of a row whose plane words (one per plane) for these 32 columns are `word`
 template <int B>
-inline V decode(const uint32_t (&word)[B], int c) {
-  V q = vset(lowest_code<B>());
-  for (int p = 0; p < B; ++p) q = add_where(q, word[p] >> c, vset(step_of_plane<B>(p)));
+inline V decode(const uint32_t (&word)[B], int c, bool odd) {
+  V q = vset(lowest_code<B>(odd));
+  for (int p = 0; p < B; ++p) q = add_where(q, word[p] >> c, vset(step_of_plane<B>(p, odd)));
   return q;
 }
 
@@ -331,9 +337,9 @@ void add_block_one_token(const Factors& f, const RowBlock& block, const float* z
     constexpr int B = decltype(width)::kBits;
     for (int r = 0; r < n; ++r) {
       const float s = z[rows[r].k] * half(rows[r].scales[g]);
-      offset += s * lowest_code<B>();
+      offset += s * lowest_code<B>(f.odd);
       V step[B];
-      for (int p = 0; p < B; ++p) step[p] = vset(s * step_of_plane<B>(p));
+      for (int p = 0; p < B; ++p) step[p] = vset(s * step_of_plane<B>(p, f.odd));
       for (int w = 0; w < NW; ++w) {
         uint32_t word[B];
         load_words<B>(rows[r].planes, f.words, w0 + w, word);
@@ -363,7 +369,7 @@ void add_block_tokens(const Factors& f, const RowBlock& block, const float* z, c
       uint32_t word[B];
       load_words<B>(rows[r].planes, f.words, w, word);
       V q[C];
-      for (int c = 0; c < C; ++c) q[c] = decode<B>(word, c * kLanes);
+      for (int c = 0; c < C; ++c) q[c] = decode<B>(word, c * kLanes, f.odd);
       for (int j = 0; j < NT; ++j) {
         const V coef = vset(z[token[j] * f.R + rows[r].k] * s);
         for (int c = 0; c < C; ++c) sum[j][c] = vfma(coef, q[c], sum[j][c]);
@@ -443,7 +449,7 @@ void dot_row(const Factors& f, const uint32_t* planes, const uint16_t* scales, c
       uint32_t word[B];
       load_words<B>(planes, f.words, w, word);
       for (int c = 0; c < 32; c += kLanes) {
-        const V q = decode<B>(word, c);
+        const V q = decode<B>(word, c, f.odd);
         const int half_of_word = c * 2 / 32;
         for (int j = 0; j < NB; ++j) acc[j][half_of_word] = vfma(q, vload(a[j] + 32 * w + c), acc[j][half_of_word]);
       }

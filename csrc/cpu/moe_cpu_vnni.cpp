@@ -183,7 +183,7 @@ template <int B>
 void project_block(const CpuFactors& f, const float* z, const Tokens& tk, int64_t group0, int n, const uint64_t* masks,
                    float* acc) {
   const int64_t I = 16 * f.chunks;
-  const float step = step_of_plane<B>(0), lowest = lowest_code<B>();
+  const float step = step_of_plane<B>(0, f.odd), lowest = lowest_code<B>(f.odd);
   for (int64_t j = 0; j < tk.n;) {
     const int nt = tk.n - j >= 4 ? 4 : tk.n - j >= 2 ? 2 : 1;
     alignas(64) float zr[4][4 * kGroupsPerBlock];
@@ -369,9 +369,9 @@ void down_group(const CpuFactors& d, const uint64_t* masks, int64_t row0, const 
         l = _mm512_add_epi32(l, lo[j][c]);
       }
       const int64_t at = slot[j] * a.groups + g;
-      const __m512 offset = _mm512_fmadd_ps(s, _mm512_set1_ps(lowest_code<B>() * a.sum[at]), total[j]);
-      total[j] =
-          _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(step_of_plane<B>(0) * a.scale[at])), combine(h, l), offset);
+      const __m512 offset = _mm512_fmadd_ps(s, _mm512_set1_ps(lowest_code<B>(d.odd) * a.sum[at]), total[j]);
+      total[j] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(step_of_plane<B>(0, d.odd) * a.scale[at])),
+                                 combine(h, l), offset);
     }
   }
   const __m512i rank = _mm512_loadu_si512(d.rows + row0);

@@ -13,7 +13,8 @@
 namespace {
 
 bitsmoe::Projection projection(const char* name, const at::Tensor& codes, const at::Tensor& scales,
-                               const at::Tensor& rows, const at::Tensor& segs, int64_t rank, int64_t experts) {
+                               const at::Tensor& rows, const at::Tensor& segs, int64_t rank, int64_t experts,
+                               bool odd) {
   TORCH_CHECK(codes.is_cuda() && codes.scalar_type() == at::kInt && codes.dim() == 2 && codes.is_contiguous(), name,
               " codes: expected a contiguous CUDA int32 [planes, I/32] tensor, found ", codes.scalar_type(), " ",
               codes.sizes());
@@ -28,7 +29,8 @@ bitsmoe::Projection projection(const char* name, const at::Tensor& codes, const 
               name, " segs: expected int32 [", experts, ", ", bitsmoe::kClasses, ", 3], found ", segs.scalar_type(),
               " ", segs.sizes());
   return {codes.data_ptr<int32_t>(), reinterpret_cast<const __half*>(scales.data_ptr<at::Half>()),
-          rows.data_ptr<int32_t>(), segs.data_ptr<int32_t>(), static_cast<int>(rank)};
+          rows.data_ptr<int32_t>(),  segs.data_ptr<int32_t>(),
+          static_cast<int>(rank),    odd};
 }
 
 struct Layer {
@@ -38,7 +40,7 @@ struct Layer {
 
 // The checks both ops share: z_u and ids against z_g, the three projections, their common I and the group size.
 Layer checked_layer(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids, at::TensorList f,
-                    int64_t down_rank, int64_t group_size) {
+                    int64_t down_rank, int64_t group_size, bool odd) {
   TORCH_CHECK(f.size() == 12, "factors: expected 12 tensors (codes, scales, rows, segs of gate, up, down), found ",
               f.size());
   TORCH_CHECK(z_g.is_cuda() && z_g.dim() == 2 && z_g.is_contiguous(),
@@ -55,17 +57,17 @@ Layer checked_layer(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tens
               ": expected a multiple of 32 dividing I = ", I);
   TORCH_CHECK(f[4].size(1) * 32 == I && f[8].size(1) * 32 == I, "codes: gate, up and down must have the same I; found ",
               I, ", ", f[4].size(1) * 32, ", ", f[8].size(1) * 32);
-  return {projection("gate", f[0], f[1], f[2], f[3], z_g.size(1), experts),
-          projection("up", f[4], f[5], f[6], f[7], z_u.size(1), experts),
-          projection("down", f[8], f[9], f[10], f[11], down_rank, experts), I};
+  return {projection("gate", f[0], f[1], f[2], f[3], z_g.size(1), experts, odd),
+          projection("up", f[4], f[5], f[6], f[7], z_u.size(1), experts, odd),
+          projection("down", f[8], f[9], f[10], f[11], down_rank, experts, odd), I};
 }
 
 // z_g [T, R_g], z_u [T, R_u] float32; ids [T, K] int64 (negative: expert held elsewhere); `factors` the codes, scales,
 // rows and segs of gate, up and down in kernel layout -> u [T * K, R_down] float32.
 at::Tensor moe_decode(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids, at::TensorList factors,
-                      int64_t down_rank, int64_t group_size) {
+                      int64_t down_rank, int64_t group_size, bool odd_codes) {
   TORCH_CHECK(z_g.scalar_type() == at::kFloat, "z_g: the decode path takes float32, found ", z_g.scalar_type());
-  const Layer l = checked_layer(z_g, z_u, ids, factors, down_rank, group_size);
+  const Layer l = checked_layer(z_g, z_u, ids, factors, down_rank, group_size, odd_codes);
   const c10::cuda::CUDAGuard guard(z_g.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t slots = ids.numel();
@@ -105,11 +107,12 @@ void launch_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const Layer& l
 // tile_expert / tile_start / tile_count [tiles], int32) -> u [T * K, R_down] float32.
 at::Tensor moe_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids,
                        const at::Tensor& sorted_slots, const at::Tensor& tile_expert, const at::Tensor& tile_start,
-                       const at::Tensor& tile_count, at::TensorList factors, int64_t down_rank, int64_t group_size) {
+                       const at::Tensor& tile_count, at::TensorList factors, int64_t down_rank, int64_t group_size,
+                       bool odd_codes) {
   const auto dtype = z_g.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "z_g: the prefill path takes bfloat16 or float16, found ",
               dtype);
-  const Layer l = checked_layer(z_g, z_u, ids, factors, down_rank, group_size);
+  const Layer l = checked_layer(z_g, z_u, ids, factors, down_rank, group_size, odd_codes);
   const int64_t n_tiles = tile_expert.numel();
   for (const auto* t : {&sorted_slots, &tile_expert, &tile_start, &tile_count}) {
     TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous() && t->is_cuda(),

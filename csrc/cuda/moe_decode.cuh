@@ -26,24 +26,30 @@ constexpr int kClasses = 6;  // width classes, widest first: 8, 6, 4, 3, 2, 1 bi
 constexpr int kWordsPerTile = 32;  // word columns per block (1024 output columns); one lane each
 constexpr int kSplits = 8;         // warps per block in gate_up_decode, each over a share of the rows
 
-// Offset code of column `col` (0..31) of a row whose b planes are words[0..b).
+// The signed code of offset code u at width b (FORMAT.md section 4): odd codes (format version 2 up to 6 bits,
+// version 1 at 1 bit only; `odd` is the version's choice) are 2u - (2^b - 1), the others u - 2^(b-1).
+__device__ __forceinline__ float signed_code(uint32_t u, int b, bool odd) {
+  return b == 1 || (odd && b <= 6) ? 2.0f * float(u) - float((1 << b) - 1) : float(int(u) - (1 << (b - 1)));
+}
+
+// Signed code of column `col` (0..31) of a row whose b planes are words[0..b).
 template <int B>
-__device__ __forceinline__ float code_at(const uint32_t (&words)[B], int col) {
+__device__ __forceinline__ float code_at(const uint32_t (&words)[B], int col, bool odd) {
   uint32_t u = 0;
 #pragma unroll
   for (int p = 0; p < B; ++p) u |= ((words[p] >> col) & 1u) << p;
-  return B == 1 ? 2.0f * float(u) - 1.0f : float(int(u) - (1 << (B - 1)));
+  return signed_code(u, B, odd);
 }
 
 // acc[col] += f * code(col) for the 32 columns of word `w` of one stored row (planes at `planes`, row stride `ld`).
 template <int B>
 __device__ __forceinline__ void accumulate_row(float (&acc)[32], const int32_t* __restrict__ planes, int ld, int w,
-                                               float f) {
+                                               float f, bool odd) {
   uint32_t words[B];
 #pragma unroll
   for (int p = 0; p < B; ++p) words[p] = static_cast<uint32_t>(__ldg(planes + p * ld + w));
 #pragma unroll
-  for (int col = 0; col < 32; ++col) acc[col] += f * code_at<B>(words, col);
+  for (int col = 0; col < 32; ++col) acc[col] += f * code_at<B>(words, col, odd);
 }
 
 // Sum over this warp's share of an expert's stored rows of z[k] * scale * code, for word column w.
@@ -51,26 +57,27 @@ template <int B>
 __device__ __forceinline__ void accumulate_class(float (&acc)[32], const int32_t* __restrict__ codes,
                                                  const __half* __restrict__ scales, const int32_t* __restrict__ rows,
                                                  const int32_t* seg, const float* __restrict__ z, int words_per_row,
-                                                 int groups_per_row, int group, int w, int split) {
+                                                 int groups_per_row, int group, int w, int split, bool odd) {
   const int first = seg[0], count = seg[1], plane0 = seg[2];
   for (int r = split; r < count; r += kSplits) {
     const int j = first + r;
     const float f = z[__ldg(rows + j)] * __half2float(scales[(int64_t)j * groups_per_row + w * 32 / group]);
-    accumulate_row<B>(acc, codes + (int64_t)(plane0 + r * B) * words_per_row, words_per_row, w, f);
+    accumulate_row<B>(acc, codes + (int64_t)(plane0 + r * B) * words_per_row, words_per_row, w, f, odd);
   }
 }
 
 __device__ __forceinline__ void accumulate_expert(float (&acc)[32], const int32_t* codes, const __half* scales,
                                                   const int32_t* rows, const int32_t* segs_e, const float* z,
-                                                  int words_per_row, int groups_per_row, int group, int w, int split) {
+                                                  int words_per_row, int groups_per_row, int group, int w, int split,
+                                                  bool odd) {
 #pragma unroll
   for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
-  accumulate_class<8>(acc, codes, scales, rows, segs_e + 0 * 3, z, words_per_row, groups_per_row, group, w, split);
-  accumulate_class<6>(acc, codes, scales, rows, segs_e + 1 * 3, z, words_per_row, groups_per_row, group, w, split);
-  accumulate_class<4>(acc, codes, scales, rows, segs_e + 2 * 3, z, words_per_row, groups_per_row, group, w, split);
-  accumulate_class<3>(acc, codes, scales, rows, segs_e + 3 * 3, z, words_per_row, groups_per_row, group, w, split);
-  accumulate_class<2>(acc, codes, scales, rows, segs_e + 4 * 3, z, words_per_row, groups_per_row, group, w, split);
-  accumulate_class<1>(acc, codes, scales, rows, segs_e + 5 * 3, z, words_per_row, groups_per_row, group, w, split);
+  accumulate_class<8>(acc, codes, scales, rows, segs_e + 0 * 3, z, words_per_row, groups_per_row, group, w, split, odd);
+  accumulate_class<6>(acc, codes, scales, rows, segs_e + 1 * 3, z, words_per_row, groups_per_row, group, w, split, odd);
+  accumulate_class<4>(acc, codes, scales, rows, segs_e + 2 * 3, z, words_per_row, groups_per_row, group, w, split, odd);
+  accumulate_class<3>(acc, codes, scales, rows, segs_e + 3 * 3, z, words_per_row, groups_per_row, group, w, split, odd);
+  accumulate_class<2>(acc, codes, scales, rows, segs_e + 4 * 3, z, words_per_row, groups_per_row, group, w, split, odd);
+  accumulate_class<1>(acc, codes, scales, rows, segs_e + 5 * 3, z, words_per_row, groups_per_row, group, w, split, odd);
 }
 
 struct Projection {  // one projection in kernel layout
@@ -79,6 +86,7 @@ struct Projection {  // one projection in kernel layout
   const int32_t* rows;
   const int32_t* segs;  // [E, kClasses, 3]
   int rank;             // R: length of z (gate, up) or of u (down)
+  bool odd;             // odd codes up to 6 bits (format version 2)
 };
 
 // grid (slots, ceil(I / 32 / kWordsPerTile)), block (32, kSplits). z_g [T, R_g], z_u [T, R_u] fp32; a [slots, I] fp32.
@@ -100,7 +108,7 @@ __global__ void __launch_bounds__(32 * kSplits)
     const float* z = (which == 0 ? z_g : z_u) + (int64_t)token * p.rank;
     if (e >= 0 && w < words_per_row) {
       accumulate_expert(acc, p.codes, p.scales, p.rows, p.segs + e * kClasses * 3, z, words_per_row, groups_per_row,
-                        group, w, split);
+                        group, w, split, p.odd);
     } else {
 #pragma unroll
       for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
@@ -130,7 +138,8 @@ __global__ void __launch_bounds__(32 * kSplits)
 // Dot of one stored row (width B, planes at `planes`) with a[0..I), accumulated over this lane's words.
 template <int B>
 __device__ __forceinline__ float row_dot(const int32_t* __restrict__ planes, const __half* __restrict__ scale_row,
-                                         const float* __restrict__ a, int words_per_row, int group, int lane) {
+                                         const float* __restrict__ a, int words_per_row, int group, int lane,
+                                         bool odd) {
   float sum = 0.0f;
   for (int w = lane; w < words_per_row; w += 32) {
     uint32_t words[B];
@@ -138,7 +147,7 @@ __device__ __forceinline__ float row_dot(const int32_t* __restrict__ planes, con
     for (int p = 0; p < B; ++p) words[p] = static_cast<uint32_t>(__ldg(planes + p * words_per_row + w));
     float part = 0.0f;
 #pragma unroll
-    for (int col = 0; col < 32; ++col) part += code_at<B>(words, col) * a[w * 32 + col];
+    for (int col = 0; col < 32; ++col) part += code_at<B>(words, col, odd) * a[w * 32 + col];
     sum += part * __half2float(scale_row[w * 32 / group]);
   }
   return sum;
@@ -152,7 +161,7 @@ __device__ __forceinline__ void down_class(const Projection& d, const int32_t* s
   for (int r = warp; r < count; r += warps) {
     const int j = first + r;
     float dot = row_dot<B>(d.codes + (int64_t)(plane0 + r * B) * words_per_row, d.scales + (int64_t)j * groups_per_row,
-                           a, words_per_row, group, lane);
+                           a, words_per_row, group, lane, d.odd);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);  // same order in every run
     if (lane == 0) u[__ldg(d.rows + j)] = dot;

@@ -65,14 +65,12 @@ __device__ __forceinline__ void decode_word(const Projection& p, StoredRow r, in
   for (int q = 0; q < 8; ++q)
     words[q] = q < r.width ? static_cast<uint32_t>(__ldg(p.codes + (int64_t)(r.plane + q) * words_per_row + w)) : 0u;
   const float scale = __half2float(p.scales[(int64_t)j * groups_per_row + w * 32 / group]);
-  const int offset = r.width == 1 ? 0 : 1 << (r.width - 1);
 #pragma unroll
   for (int col = 0; col < 32; ++col) {
     uint32_t u = 0;
 #pragma unroll
     for (int q = 0; q < 8; ++q) u |= ((words[q] >> col) & 1u) << q;
-    const float code = r.width == 1 ? 2.0f * float(u) - 1.0f : float(int(u) - offset);
-    out[col] = to_half<T>(scale * code);
+    out[col] = to_half<T>(scale * signed_code(u, r.width, p.odd));
   }
 }
 
