@@ -21,6 +21,13 @@ BIT_WIDTHS = (0,) + SUPPORTED_WIDTHS
 PROJECTIONS = ("gate", "up", "down")
 BUDGET_SCOPES = ("all", "factors")
 ACTIVATIONS = ("silu",)
+
+
+def odd_codes(format_version: int) -> bool:
+    """Codes of 2 to 6 bits are odd (FORMAT.md section 4) from version 2 on; in version 1 they are not."""
+    return format_version >= 2
+
+
 # "identity": no basis is stored, B = the identity and every rank is H (for layers where E * I is not much larger
 # than H, a shared basis costs more bits than it saves).
 BASIS_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8, "identity": None}
@@ -80,8 +87,7 @@ class QuantConfig:
 
     @property
     def odd_codes(self) -> bool:
-        """Codes of 2 to 6 bits are odd (FORMAT.md section 4); in version 1 they are not."""
-        return self.format_version >= 2
+        return odd_codes(self.format_version)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":

@@ -33,16 +33,28 @@ def code_range(bits: int, odd: bool = True) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def nearest_codes(v: torch.Tensor, bits: torch.Tensor | int, odd: bool = True) -> torch.Tensor:
-    """The codes nearest to the values v (float, in units of the scale) at `bits` (an int, or a tensor that
-    broadcasts with v, every entry a supported width), as floats."""
-    b = torch.as_tensor(bits, device=v.device)
-    if not torch.isin(b, torch.tensor(SUPPORTED_WIDTHS, device=v.device)).all():
-        raise ValueError(f"nearest_codes: widths {b.unique().tolist()} outside {list(SUPPORTED_WIDTHS)}")
-    odd_b = (b == 1) | (odd & (b <= 6))
-    top = torch.where(odd_b, (1 << b) - 1, (1 << (b - 1)) - 1).to(v.dtype)
-    bottom = torch.where(odd_b, -top, -top - 1)
+def code_bounds(bits: torch.Tensor | int, odd: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """code_range and is_odd of the widths `bits` (an int or a tensor, every entry a supported width), elementwise:
+    (odd [bool], smallest code, largest code [float32]), the arguments of round_to_codes."""
+    b = torch.as_tensor(bits)
+    supported = torch.tensor(SUPPORTED_WIDTHS, device=b.device)
+    if not torch.isin(b, supported).all():
+        raise ValueError(f"code_bounds: widths {b.unique().tolist()} outside {list(SUPPORTED_WIDTHS)}")
+    odd_b = (b == 1) | (odd & torch.isin(b, torch.tensor(ODD_WIDTHS, device=b.device)))
+    top = torch.where(odd_b, (1 << b) - 1, (1 << (b - 1)) - 1).float()
+    return odd_b, torch.where(odd_b, -top, -top - 1), top
+
+
+def round_to_codes(v: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The codes nearest to the values v (float, in units of the scale), as floats; bounds = code_bounds(...), which
+    broadcast with v (worked out once where many values are rounded at the same widths)."""
+    odd_b, bottom, top = bounds
     return torch.where(odd_b, 2 * torch.floor(v / 2) + 1, v.round()).clamp(bottom, top)
+
+
+def nearest_codes(v: torch.Tensor, bits: torch.Tensor | int, odd: bool = True) -> torch.Tensor:
+    """round_to_codes at the widths `bits`."""
+    return round_to_codes(v, code_bounds(torch.as_tensor(bits, device=v.device), odd))
 
 
 def words_per_plane(n: int) -> int:

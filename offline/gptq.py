@@ -22,7 +22,7 @@ projection's columns by descending H_ii (GPTQ's activation order).
 import torch
 import torch.nn.functional as F
 
-from bitsmoe_vllm.packing import nearest_codes
+from bitsmoe_vllm.packing import code_bounds, round_to_codes
 
 from .calibrate import Routed
 from .rounding import quantize_mixed_rows, quantize_rows
@@ -137,11 +137,12 @@ def _round_columns(
             e, k = (bits == b).nonzero(as_tuple=True)
             scales[e, k] = quantize_rows(in_place[e, k], b, group_size, steps, odd)[1].float()
     step = take(scales.repeat_interleave(group_size, dim=2), order, 2)  # [E, R, I]: each column's scale, in order
+    bounds = code_bounds(bits.clamp(min=1), odd)  # width-0 rows have no scale: zero below
 
     def columns(i: int, f: torch.Tensor) -> torch.Tensor:  # f [E, R]: column i of every expert
         s = step[:, :, i]
         safe = torch.where(s > 0, s, torch.ones_like(s))
-        codes = nearest_codes(f / safe, bits.clamp(min=1), odd)  # width-0 rows have no scale: zero below
+        codes = round_to_codes(f / safe, bounds)
         return torch.where(s > 0, codes * s, torch.zeros_like(f))
 
     return feedback(factors, inverse_cholesky(hessian), columns), scales

@@ -15,6 +15,7 @@ from bitsmoe_vllm.format import (
     LayerLayout,
     ProjectionLayout,
     QuantConfig,
+    odd_codes,
     stored_bits,
 )
 
@@ -103,7 +104,7 @@ class Plan:
 
     @property
     def odd_codes(self) -> bool:
-        return self.options.format_version >= 2
+        return odd_codes(self.options.format_version)
 
     @property
     def unit_rows(self) -> int:

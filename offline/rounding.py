@@ -9,7 +9,7 @@ the scale mean |x| (the least-squares scale).
 
 import torch
 
-from bitsmoe_vllm.packing import code_range, nearest_codes
+from bitsmoe_vllm.packing import code_bounds, round_to_codes
 
 REFINE_STEPS = 8
 
@@ -26,16 +26,17 @@ def quantize_rows(
         scale = _fp16(x.abs().mean(-1, keepdim=True))
         codes = torch.where(x >= 0, 1, -1)
         return codes.reshape(N, I).to(torch.int8), scale.squeeze(-1).half()
-    scale = _fp16(x.abs().amax(-1, keepdim=True) / code_range(bits, odd)[1])  # [N, I/G, 1]
+    bounds = code_bounds(torch.tensor(bits, device=x.device), odd)
+    scale = _fp16(x.abs().amax(-1, keepdim=True) / bounds[2])  # [N, I/G, 1]
     best_scale, best_err = scale, torch.full_like(scale, float("inf"))
     for _ in range(steps + 1):
-        codes = _round(x, scale, bits, odd)
+        codes = _round(x, scale, bounds)
         err = ((codes * scale - x) ** 2).sum(-1, keepdim=True)
         better = err < best_err
         best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
         qq = (codes * codes).sum(-1, keepdim=True)
         scale = _fp16(torch.where(qq > 0, (codes * x).sum(-1, keepdim=True) / qq.clamp_min(1), scale))
-    codes = _round(x, best_scale, bits, odd)
+    codes = _round(x, best_scale, bounds)
     return codes.reshape(N, I).to(torch.int8), best_scale.squeeze(-1).half()
 
 
@@ -48,18 +49,18 @@ def quantize_mixed_rows(
     x = rows.float().reshape(N, I // group_size, group_size)
     b = bits.to(device=rows.device, dtype=torch.int64)[:, None, None]
     sign = b == 1
-    hi = torch.where(sign | odd & (b <= 6), (1 << b) - 1, (1 << (b - 1)) - 1)
-    scale = _fp16(torch.where(sign, x.abs().mean(-1, keepdim=True), x.abs().amax(-1, keepdim=True) / hi))
+    bounds = code_bounds(b, odd)
+    scale = _fp16(torch.where(sign, x.abs().mean(-1, keepdim=True), x.abs().amax(-1, keepdim=True) / bounds[2]))
     signs = torch.where(x >= 0, 1.0, -1.0)
     best_scale, best_err = scale, torch.full_like(scale, float("inf"))
     for _ in range(steps + 1):
-        codes = torch.where(sign, signs, _round(x, scale, b, odd))
+        codes = torch.where(sign, signs, _round(x, scale, bounds))
         err = ((codes * scale - x) ** 2).sum(-1, keepdim=True)
         better = (err < best_err) & ~sign | torch.isinf(best_err) & sign
         best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
         qq = (codes * codes).sum(-1, keepdim=True)
         scale = _fp16(torch.where(qq > 0, (codes * x).sum(-1, keepdim=True) / qq.clamp_min(1), scale))
-    codes = torch.where(sign, signs, _round(x, best_scale, b, odd))
+    codes = torch.where(sign, signs, _round(x, best_scale, bounds))
     return codes.reshape(N, I).to(torch.int8), best_scale.squeeze(-1).half()
 
 
@@ -69,7 +70,7 @@ def codes_for(rows: torch.Tensor, bits: int, scales: torch.Tensor, group_size: i
     x, scale = rows.float().reshape(N, I // group_size, group_size), scales.float()[..., None]
     if bits == 1:
         return torch.where(x >= 0, 1, -1).reshape(N, I).to(torch.int8)
-    return _round(x, scale, bits, odd).reshape(N, I).to(torch.int8)
+    return _round(x, scale, code_bounds(torch.tensor(bits, device=x.device), odd)).reshape(N, I).to(torch.int8)
 
 
 def quantize_basis(basis: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -84,10 +85,11 @@ def quantize_basis(basis: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch
     return codes.to(torch.int8), scale.squeeze(1).half()
 
 
-def _round(x: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor | int, odd: bool) -> torch.Tensor:
+def _round(x: torch.Tensor, scale: torch.Tensor, bounds: tuple) -> torch.Tensor:
+    """The codes of x at scale; bounds = packing.code_bounds of the widths."""
     # a group of zeros has scale 0: any code stands for 0, and the one nearest 0 is valid at every width
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return nearest_codes(torch.where(scale > 0, x / safe, 0), bits, odd)
+    return round_to_codes(torch.where(scale > 0, x / safe, 0), bounds)
 
 
 def _fp16(scale: torch.Tensor) -> torch.Tensor:
