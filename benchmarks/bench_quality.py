@@ -64,6 +64,12 @@ def rows(model: str) -> list[dict]:
         {"name": f"bitsmoe-{b}-format-version-1", "family": "bitsmoe-v1", "bits": b, "args": version_1}
         for b in sorted({2.5} | {b + (16 + b) / group for b in (2, 3)})
     ]
+    # error feedback on the original model's inputs against the default's, those of the model quantized so far
+    original = ["--feedback-inputs", "original"]
+    out += [
+        {"name": f"bitsmoe-{b}-original-inputs", "family": "bitsmoe-original-inputs", "bits": b, "args": original}
+        for b in sorted({2.5} | {b + (16 + b) / group for b in (2, 3)})
+    ]
     if model == "trained-moe":  # the paper's claim: the defaults (a shared int8 basis here) against the identity basis
         identity = ["--basis-dtype", "identity"]
         out += [

@@ -1,13 +1,15 @@
 """Calibration: local text to token sequences, and the layer-by-layer walk that records what each
-MoE layer's experts receive (inputs, routing) while the hidden states move through the original model.
+MoE layer's experts receive (inputs, routing) while the hidden states move through the original model, or through
+the model whose experts are replaced layer by layer as they are quantized.
 """
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -78,6 +80,17 @@ class Routed:
     weights: torch.Tensor  # [N, K] routing weights
 
 
+def experts_output(weights: dict[str, torch.Tensor], routed: Routed) -> torch.Tensor:
+    """The experts' output [N, H] float32: weights[p] [E, I, H] (down as D_e^T), SiLU-gated, routing-weighted."""
+    x, ids, w = routed.x.float(), routed.ids, routed.weights.float()
+    y = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        token, slot = (ids == e).nonzero(as_tuple=True)
+        h = F.silu(x[token] @ weights["gate"][e].T) * (x[token] @ weights["up"][e].T)  # [n, I]
+        y.index_add_(0, token, w[token, slot, None] * (h @ weights["down"][e]))
+    return y
+
+
 def walk_layers(
     model: transformers.PreTrainedModel,
     source,
@@ -86,9 +99,14 @@ def walk_layers(
     moe_layers: set[int],
     device: torch.device,
     batch: int = 8,
+    replace: Callable[[int, Routed], dict[str, torch.Tensor]] | None = None,
+    desc: str = "calibrate",
 ) -> Iterator[tuple[int, torch.Tensor, Routed | None]]:
     """From hidden states [S, L, H] entering `first_layer`, yield (layer, hidden after it, Routed or None).
 
+    replace(layer, routed) -> expert weights {p: [E, I, H]} (down as D_e^T): each MoE layer runs a second time with
+    its experts' output computed from these weights (experts_output), so that the hidden states after it, and what
+    later layers' experts receive, are those of the model whose earlier layers were replaced.
     One decoder layer's weights are in memory at a time.
     """
     positions = torch.arange(hidden.shape[1], device=device)[None]  # [1, L]
@@ -96,16 +114,8 @@ def walk_layers(
     sliding = getattr(model.config, "sliding_window", None) is not None
     make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask  # as the model's forward does
     layers = model.model.layers
-    for i in tqdm(
-        range(first_layer, len(layers)), desc="calibrate", unit="layer", initial=first_layer, total=len(layers)
-    ):
-        layer = load_module(layers[i], f"model.layers.{i}.", source, device)
-        captured: list[tuple] = []
-        hook = (
-            layer.mlp.experts.register_forward_pre_hook(lambda _m, args, c=captured: c.append(args[:3]))
-            if i in moe_layers
-            else None
-        )
+
+    def forward(layer: torch.nn.Module) -> torch.Tensor:
         out = torch.empty_like(hidden)
         with torch.no_grad():
             for s in range(0, hidden.shape[0], batch):
@@ -120,10 +130,27 @@ def walk_layers(
                 out[s : s + batch] = layer(
                     chunk, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings
                 ).cpu()
-        routed = None
-        if hook is not None:
+        return out
+
+    for i in tqdm(range(first_layer, len(layers)), desc=desc, unit="layer", initial=first_layer, total=len(layers)):
+        layer = load_module(layers[i], f"model.layers.{i}.", source, device)
+        if i not in moe_layers:
+            hidden = forward(layer)
+            release(layer)
+            yield i, hidden, None
+            continue
+        captured: list[tuple] = []
+        hook = layer.mlp.experts.register_forward_pre_hook(lambda _m, args, c=captured: c.append(args[:3]))
+        out = forward(layer)
+        hook.remove()
+        routed = Routed(*(torch.cat([c[k].reshape(-1, c[k].shape[-1]) for c in captured]) for k in range(3)))
+        if replace is not None:
+            weights = replace(i, routed)
+            hook = layer.mlp.experts.register_forward_hook(
+                lambda _m, args, y, w=weights: experts_output(w, Routed(*args[:3])).to(y.dtype)
+            )
+            out = forward(layer)
             hook.remove()
-            routed = Routed(*(torch.cat([c[k].reshape(-1, c[k].shape[-1]) for c in captured]) for k in range(3)))
         release(layer)
         hidden = out
         yield i, hidden, routed

@@ -78,6 +78,13 @@ def parse(argv: list[str] | None) -> Options:
         "calibration tokens; nearest: every row rounded on its own",
     )
     p.add_argument(
+        "--feedback-inputs",
+        choices=["quantized", "original"],
+        default=Options.feedback_inputs,
+        help="the inputs gptq rounding feeds its errors back on: quantized (default): each layer's, with the layers "
+        "before it already quantized, as the quantized model sees them; original: the original model's",
+    )
+    p.add_argument(
         "--format-version",
         type=int,
         choices=[1, 2],
@@ -124,6 +131,7 @@ def parse(argv: list[str] | None) -> Options:
         unit_rows=a.unit_rows,
         scale_steps=a.scale_steps,
         rounding=a.rounding,
+        feedback_inputs=a.feedback_inputs,
         format_version=a.format_version,
         group_size=a.group_size,
         device=a.device,

@@ -49,22 +49,30 @@ def dequantize_checkpoint(bitsmoe_dir: str | Path, out_dir: str | Path, dtype: t
     return out
 
 
-def dequantize_layer(cfg: QuantConfig, layer: MoELayer, module: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every expert's gate, up and down weights of one BitsMoE layer, by their Hugging Face names."""
+def dense_weights(cfg: QuantConfig, layer: MoELayer) -> dict[str, torch.Tensor]:
+    """Projection -> float32 [E, I, H], the layer's experts as dense weights (down as D_e^T, as offline.source
+    reads the original's)."""
     B_gate, B_up, B_down = (
         torch.eye(cfg.hidden_size) if b is None else dequantize_basis(b)
         for b in (layer.gate_basis, layer.up_basis, layer.down_basis)
     )
-    tensors = {}
-    for e in range(cfg.num_experts):
-        weights = {
-            "gate": expert_factor(layer.gate, e, cfg.group_size).T @ B_gate,  # [I, H]
-            "up": expert_factor(layer.up, e, cfg.group_size).T @ B_up,  # [I, H]
-            "down": B_down @ expert_factor(layer.down, e, cfg.group_size),  # [H, I]
-        }
-        for p, w in weights.items():
-            tensors[f"{module}.{e}.{cfg.projection_names[p]}.weight"] = w.to(dtype).contiguous()
-    return tensors
+    experts = range(cfg.num_experts)
+    return {
+        "gate": torch.stack([expert_factor(layer.gate, e, cfg.group_size).T @ B_gate for e in experts]),
+        "up": torch.stack([expert_factor(layer.up, e, cfg.group_size).T @ B_up for e in experts]),
+        "down": torch.stack([(B_down @ expert_factor(layer.down, e, cfg.group_size)).T for e in experts]),
+    }
+
+
+def dequantize_layer(cfg: QuantConfig, layer: MoELayer, module: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every expert's gate, up and down weights of one BitsMoE layer, by their Hugging Face names."""
+    weights = dense_weights(cfg, layer)
+    weights["down"] = weights["down"].transpose(1, 2)  # [E, H, I], as stored
+    return {
+        f"{module}.{e}.{cfg.projection_names[p]}.weight": w[e].to(dtype).contiguous()
+        for e in range(cfg.num_experts)
+        for p, w in weights.items()
+    }
 
 
 if __name__ == "__main__":

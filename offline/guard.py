@@ -12,7 +12,7 @@ import torch
 from bitsmoe_vllm.checkpoint import TensorFiles, load_layer, read_quant_config
 from bitsmoe_vllm.reference import moe_forward
 
-from .calibrate import Routed
+from .calibrate import Routed, experts_output
 
 MAX_RELATIVE_ERROR = 0.9
 HELD_OUT_SHARE = 8  # one held-out sequence per 8 calibration sequences, at least one
@@ -33,24 +33,13 @@ def held_out_mask(total: int, held_out: int) -> torch.Tensor:
     return mask
 
 
-def original_output(weights: dict[str, torch.Tensor], routed: Routed) -> torch.Tensor:
-    """The original experts' output [N, H]: weights[p] [E, I, H] (down as D_e^T), SiLU-gated, routing-weighted."""
-    x, ids, w = routed.x.float(), routed.ids, routed.weights.float()
-    y = torch.zeros_like(x)
-    for e in ids.unique().tolist():
-        token, slot = (ids == e).nonzero(as_tuple=True)
-        h = torch.nn.functional.silu(x[token] @ weights["gate"][e].T) * (x[token] @ weights["up"][e].T)  # [n, I]
-        y.index_add_(0, token, w[token, slot, None] * (h @ weights["down"][e]))
-    return y
-
-
 def held_out_record(weights: dict[str, torch.Tensor], routed: Routed) -> dict[str, torch.Tensor]:
     """What the guard needs of one layer, saved with the run: inputs, routing and the original output."""
     return {
         "x": routed.x.float(),
         "ids": routed.ids,
         "weights": routed.weights.float(),
-        "y": original_output(weights, routed),
+        "y": experts_output(weights, routed),
     }
 
 

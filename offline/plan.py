@@ -50,6 +50,9 @@ class Options:
     allow_high_error: bool = False  # write the checkpoint even when a layer's measured error marks a broken model
     scale_steps: int = REFINE_STEPS
     rounding: str = "gptq"  # or "nearest": each factor row rounded on its own (offline.gptq)
+    # what gptq's Hessians are measured on: "quantized": each layer's inputs with the layers before it quantized
+    # (as inference sees them), "original": the original model's
+    feedback_inputs: str = "quantized"
     format_version: int = FORMAT_VERSION  # 1: even codes, for readers of version 1 (FORMAT.md section 9)
     group_size: int | None = None
     device: str = "cpu"

@@ -6,6 +6,7 @@ continues after a crash."""
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -13,12 +14,14 @@ import transformers
 from tqdm import tqdm
 
 from bitsmoe_vllm.checkpoint import validate_checkpoint
-from bitsmoe_vllm.format import PROJECTIONS, QuantConfig, stored_bits
+from bitsmoe_vllm.format import PROJECTIONS, LayerLayout, QuantConfig, stored_bits
+from bitsmoe_vllm.reference import gather_layer
 
 from . import gptq, guard, selection
 from .allocate import allocate_in_parts
 from .calibrate import Routed, embed, read_texts, token_sequences, walk_layers
 from .decompose import decompose
+from .dequantize import dense_weights
 from .encode import encode_layer
 from .export import copied_tensors, copy_side_files, shard_files, write_config, write_index, write_shard
 from .layer_cost import layer_costs, residual_energy
@@ -51,7 +54,7 @@ def quantize(options: Options) -> Path:
     with timer("allocate"):
         plan, choice, stats = allocate_bits(plan, run, costs)
     with timer("export"):
-        files = export_shards(plan, run, row_bits(plan, choice))
+        files = export_shards(plan, run, row_bits(plan, choice), tokens, held)
     cfg, written = write_checkpoint(plan, run, choice, files)
     with timer("check"):
         records = {module: run.load(f"held-out-{i:05d}")[0] for i, module in module_of(plan).items()}
@@ -80,52 +83,66 @@ def calibrate_and_cost(
     each layer's are saved as it completes, with the held-out sequences' record for the quality guard."""
     device = torch.device(plan.options.device)
     if any(run.load(f"layer-{i:05d}") is None for i in plan.moe_layers):
-        model = skeleton(plan.source, device)
-        saved = run.load("hidden")
-        if saved is not None:
-            hidden, first = saved[0]["hidden"], int(saved[1]["layer"]) + 1
-        else:
-            hidden, first = embed(model, plan.source, tokens, device), 0
         calib_tokens = int((~held).sum()) * tokens.shape[1]
-        walk = walk_layers(model, plan.source, hidden, first, set(plan.moe_layers), device)
-        del hidden  # the walk holds the hidden states; one copy in memory, not two
-        for i, after, routed in walk:
-            if routed is not None:
-                # routed rows are sequence-major: a sequence's tokens are consecutive
-                token_held = held.repeat_interleave(tokens.shape[1]).to(routed.x.device)
-                calib, held_out = (
-                    Routed(routed.x[m], routed.ids[m], routed.weights[m]) for m in (~token_held, token_held)
+        for i, after, routed in walk(plan, run, tokens, "hidden"):
+            if routed is None:
+                continue
+            calib, held_out = split_held_out(routed, held, tokens.shape[1])
+            routed_tokens = torch.bincount(calib.ids.flatten().cpu(), minlength=plan.num_experts)  # [E]
+            if (routed_tokens == 0).any():
+                unused = (routed_tokens == 0).nonzero().flatten().tolist()
+                warning = (
+                    f"bitsmoe-quantize: warning: layer {i}: experts {unused} got no calibration token; their costs "
+                    "come from the layer's tokens (a prior); pass more calibration text to measure them"
                 )
-                routed_tokens = torch.bincount(calib.ids.flatten().cpu(), minlength=plan.num_experts)  # [E]
-                if (routed_tokens == 0).any():
-                    unused = (routed_tokens == 0).nonzero().flatten().tolist()
-                    warning = (
-                        f"bitsmoe-quantize: warning: layer {i}: experts {unused} got no calibration token; their costs "
-                        "come from the layer's tokens (a prior); pass more calibration text to measure them"
-                    )
-                    print(warning, file=sys.stderr)
-                energy = residual_energy(after[~held])
-                weights = expert_weights(plan, i, device)
-                costs = {k: v / energy for k, v in layer_costs(plan, weights, calib, calib_tokens).items()}
-                run.save(f"held-out-{i:05d}", {k: v.cpu() for k, v in guard.held_out_record(weights, held_out).items()})
-                if plan.options.rounding == "gptq":  # bf16: the Hessians need no more, and a big model's are GBs
-                    run.save(
-                        f"routed-{i:05d}",
-                        {"x": calib.x.bfloat16().cpu(), "ids": calib.ids.cpu(), "weights": calib.weights.cpu()},
-                    )
-                del weights
-                costs |= {"routed_tokens": routed_tokens, "residual_energy": torch.tensor(energy, dtype=torch.float64)}
-                run.save(f"layer-{i:05d}", costs)
-            run.save("hidden", {"hidden": after}, {"layer": str(i)})
-            plan.source.tensors.close()
-            return_freed_memory()
-            if i >= plan.moe_layers[-1]:
-                break
+                print(warning, file=sys.stderr)
+            energy = residual_energy(after[~held])
+            weights = expert_weights(plan, i, device)
+            costs = {k: v / energy for k, v in layer_costs(plan, weights, calib, calib_tokens).items()}
+            run.save(f"held-out-{i:05d}", {k: v.cpu() for k, v in guard.held_out_record(weights, held_out).items()})
+            if plan.options.rounding == "gptq" and plan.options.feedback_inputs == "original":
+                # bf16: the Hessians need no more, and a big model's are GBs
+                run.save(
+                    f"routed-{i:05d}",
+                    {"x": calib.x.bfloat16().cpu(), "ids": calib.ids.cpu(), "weights": calib.weights.cpu()},
+                )
+            del weights
+            costs |= {"routed_tokens": routed_tokens, "residual_energy": torch.tensor(energy, dtype=torch.float64)}
+            run.save(f"layer-{i:05d}", costs)
     saved = [run.load(f"layer-{i:05d}")[0] for i in plan.moe_layers]
     costs = {
         k: torch.cat([s[k] for s in saved]) for k in saved[0] if k.startswith(("loss-", "nearest-", "basis_loss-"))
     }
     return costs, torch.stack([s["routed_tokens"] for s in saved]), torch.stack([s["residual_energy"] for s in saved])
+
+
+def walk(plan: Plan, run: RunDir, tokens: torch.Tensor, saved_as: str, replace=None, desc="calibrate") -> Iterator:
+    """offline.calibrate.walk_layers over `tokens` [S, L] up to the last MoE layer, from the hidden states last saved
+    in the run as `saved_as` (else from the embeddings); the hidden states after each layer are saved so once the
+    caller is done with it."""
+    device = torch.device(plan.options.device)
+    model = skeleton(plan.source, device)
+    saved = run.load(saved_as)
+    if saved is not None:
+        hidden, first = saved[0]["hidden"], int(saved[1]["layer"]) + 1
+    else:
+        hidden, first = embed(model, plan.source, tokens, device), 0
+    layers = walk_layers(model, plan.source, hidden, first, set(plan.moe_layers), device, replace=replace, desc=desc)
+    del hidden  # the walk holds the hidden states; one copy in memory, not two
+    for i, after, routed in layers:
+        yield i, after, routed
+        run.save(saved_as, {"hidden": after}, {"layer": str(i)})
+        plan.source.tensors.close()
+        return_freed_memory()
+        if i >= plan.moe_layers[-1]:
+            return
+
+
+def split_held_out(routed: Routed, held: torch.Tensor, seq_len: int) -> tuple[Routed, Routed]:
+    """A layer's routed tokens -> those of the calibration sequences and those of the `held` [S] ones."""
+    # routed rows are sequence-major: a sequence's tokens are consecutive
+    token_held = held.repeat_interleave(seq_len).to(routed.x.device)
+    return tuple(Routed(routed.x[m], routed.ids[m], routed.weights[m]) for m in (~token_held, token_held))
 
 
 def expert_weights(plan: Plan, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -166,11 +183,26 @@ def row_bits(plan: Plan, choice: torch.Tensor) -> dict[int, torch.Tensor]:
     return dict(zip(plan.moe_layers, rows))
 
 
-def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> list[str]:
+def export_shards(
+    plan: Plan, run: RunDir, bits: dict[int, torch.Tensor], tokens: torch.Tensor, held: torch.Tensor
+) -> list[str]:
     """Write each decoder layer's shard (BitsMoE tensors + its other tensors, unchanged) and the rest."""
-    device = torch.device(plan.options.device)
     arch, n_layers = plan.source.architecture, plan.source.config["num_hidden_layers"]
     files = shard_files(n_layers)
+    if plan.options.rounding == "gptq" and plan.options.feedback_inputs == "quantized":
+        walked = quantized_walk(plan, run, bits, tokens, held)
+
+        def encoded(i: int) -> dict[str, torch.Tensor]:
+            return next(tensors for j, tensors in walked if j == i)
+    else:
+
+        def encoded(i: int) -> dict[str, torch.Tensor]:
+            routed = None
+            if plan.options.rounding == "gptq":
+                saved = run.load(f"routed-{i:05d}")[0]  # gptq.hessians moves them to the weights' device, in float32
+                routed = Routed(saved["x"], saved["ids"], saved["weights"])
+            return encode_moe_layer(plan, i, bits[i], routed)[1]
+
     for i in tqdm(range(n_layers + 1), desc="export", unit="shard"):
         path = run.checkpoint / files[i]
         if path.is_file():
@@ -181,37 +213,62 @@ def export_shards(plan: Plan, run: RunDir, bits: dict[int, torch.Tensor]) -> lis
         module = arch.experts_module.format(layer=i) if i in bits else None
         tensors = copied_tensors(plan.source, f"model.layers.{i}.", module)
         if module:
-            weights = expert_weights(plan, i, device)
-            decompositions = {p: decompose(weights[p], plan.rank, plan.basis_dtype) for p in PROJECTIONS}
-            widths = dict(zip(PROJECTIONS, bits[i]))
-            scales = None
-            if plan.options.rounding == "gptq":
-                decompositions, scales = feedback_rounding(plan, run, i, weights, decompositions, widths)
-            del weights
-            _, encoded = encode_layer(
-                module,
-                decompositions,
-                widths,
-                group_size=plan.group_size,
-                basis_dtype=plan.basis_dtype,
-                projection_names=arch.projection_names,
-                scale_steps=plan.options.scale_steps,
-                scales=scales,
-                odd=plan.odd_codes,
-            )
-            tensors |= {name: t.cpu() for name, t in encoded.items()}
+            tensors |= encoded(i)
         write_shard(path, tensors)
         plan.source.tensors.close()
         return_freed_memory()
     return files
 
 
+def quantized_walk(
+    plan: Plan, run: RunDir, bits: dict[int, torch.Tensor], tokens: torch.Tensor, held: torch.Tensor
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(MoE layer, its encoded tensors), layer after layer, each rounded with error feedback on the inputs it gets
+    when the MoE layers before it are already quantized: the walk runs each layer's experts as encoded."""
+    encoded = {}
+
+    def replace(i: int, routed: Routed) -> dict[str, torch.Tensor]:
+        layout, encoded[i] = encode_moe_layer(plan, i, bits[i], split_held_out(routed, held, tokens.shape[1])[0])
+        cfg = plan.quant_config([layout])
+        dense = dense_weights(cfg, gather_layer(cfg, layout.module, encoded[i]))
+        return {p: w.to(routed.x.device) for p, w in dense.items()}
+
+    for i, _, _ in walk(plan, run, tokens, "quantized-hidden", replace, "quantized inputs"):
+        if i in encoded:
+            yield i, encoded.pop(i)
+
+
+def encode_moe_layer(
+    plan: Plan, layer: int, widths: torch.Tensor, routed: Routed | None
+) -> tuple[LayerLayout, dict[str, torch.Tensor]]:
+    """One MoE layer decomposed and encoded with the rows' `widths` [3, E, R]: rounded with error feedback on the
+    tokens `routed` to it (offline.gptq), or to nearest without them; its layout and tensors (on the CPU)."""
+    weights = expert_weights(plan, layer, torch.device(plan.options.device))
+    decompositions = {p: decompose(weights[p], plan.rank, plan.basis_dtype) for p in PROJECTIONS}
+    widths = dict(zip(PROJECTIONS, widths))
+    scales = None
+    if routed is not None:
+        decompositions, scales = feedback_rounding(plan, routed, weights, decompositions, widths)
+    del weights
+    layout, encoded = encode_layer(
+        plan.source.architecture.experts_module.format(layer=layer),
+        decompositions,
+        widths,
+        group_size=plan.group_size,
+        basis_dtype=plan.basis_dtype,
+        projection_names=plan.source.architecture.projection_names,
+        scale_steps=plan.options.scale_steps,
+        scales=scales,
+        odd=plan.odd_codes,
+    )
+    return layout, {name: t.cpu() for name, t in encoded.items()}
+
+
 def feedback_rounding(
-    plan: Plan, run: RunDir, layer: int, weights: dict, decompositions: dict, widths: dict
+    plan: Plan, routed: Routed, weights: dict, decompositions: dict, widths: dict
 ) -> tuple[dict, dict]:
-    """The layer's factors rounded with error feedback on its calibration tokens (offline.gptq), and their scales."""
-    saved = run.load(f"routed-{layer:05d}")[0]  # gptq.hessians moves them to the weights' device, in float32
-    routed = Routed(saved["x"], saved["ids"], saved["weights"])
+    """The layer's factors rounded with error feedback on the tokens `routed` to it (offline.gptq), and their
+    scales."""
     hessians = gptq.hessians(routed, weights, {p: decompositions[p].basis for p in ("gate", "up")})
     rounded, scales = {}, {}
     for p, dec in decompositions.items():

@@ -70,6 +70,38 @@ def layer_errors(model_dir, checkpoint, calib_file) -> dict[int, float]:
     return errors
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_walk_with_each_layers_experts_replaced_runs_the_replacement(arch, tiny_model_dir, calib_file):
+    """The walk behind --feedback-inputs quantized: experts replaced by their own weights change nothing (so the
+    replacement computes what the model's experts compute, routing weights included); halved weights change the
+    layer after them and no layer before."""
+    model = tiny_model_dir(arch, **QUANT_SHAPE)
+    source, device = SourceCheckpoint(str(model)), torch.device("cpu")
+    from transformers import AutoTokenizer
+
+    tokens = token_sequences(AutoTokenizer.from_pretrained(model), read_texts([str(calib_file)]), 512, 64)
+    net = skeleton(source, device)
+    hidden, moe = embed(net, source, tokens, device), set(source.moe_layers())
+    last = max(moe)
+
+    def walk(replace=None) -> list[torch.Tensor]:
+        return [h for _, h, _ in walk_layers(net, source, hidden, 0, moe, device, replace=replace)]
+
+    plain = walk()
+    seen = []
+    same = walk(lambda i, routed: seen.append(i) or source.expert_weights(i))
+    assert seen == sorted(moe)
+    for a, b in zip(plain, same):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    halved = walk(
+        lambda i, routed: (
+            {p: w / 2 for p, w in source.expert_weights(i).items()} if i == last else source.expert_weights(i)
+        )
+    )
+    assert all(torch.equal(same[i], halved[i]) for i in range(last)), "a layer before the replaced one changed"
+    assert (halved[last] - plain[last]).norm() > 0.01 * plain[last].norm()
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     ranks = [torch.tensor(x).argsort().argsort().double() for x in (a, b)]
     ra, rb = (r - r.mean() for r in ranks)
