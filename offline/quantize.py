@@ -1,7 +1,7 @@
 """bitsmoe-quantize, stage by stage: calibrate and cost every MoE layer, choose the basis and allocate bits over all
-of them, export the checkpoint (config, index, files, validation), check every layer's error on held-out tokens,
-write the report and move the checkpoint into place. Every stage saves its result in OUT.partial/work, so --resume
-continues after a crash."""
+of them, export the checkpoint (each MoE layer rounded on the inputs the layers already quantized give it; config,
+index, files, validation), check every layer's error on held-out tokens, write the report and move the checkpoint
+into place. Every stage saves its result in OUT.partial/work, so --resume continues after a crash."""
 
 import dataclasses
 import json

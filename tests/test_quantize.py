@@ -270,3 +270,18 @@ def test_format_version_1_is_written_with_its_codes_and_read_as_such(quantized, 
     config["quantization_config"]["format_version"] = 2
     (misread / "config.json").write_text(json.dumps(config))
     assert sum(layer_errors(model, misread, calib_file).values()) > 3 * errors[1]
+
+
+def test_feedback_on_the_original_inputs_keeps_the_widths_and_changes_the_rounding(
+    quantized, quantize_tiny, calib_file, tmp_path
+):
+    """--feedback-inputs original: the same allocation (it comes from the original model's costs either way), other
+    codes (the Hessians of other inputs), errors of the same size."""
+    model, checkpoints = quantized("qwen3_moe")
+    original = quantize_tiny(model, tmp_path / "original", 2.5, calib_tokens=2048, feedback_inputs="original")
+    default = checkpoints[2.5]
+    assert read_quant_config(original).layers == read_quant_config(default).layers
+    a, b = TensorFiles(original), TensorFiles(default)
+    assert any(not torch.equal(a[n], b[n]) for n in b if n.endswith(".codes"))
+    errors = [sum(layer_errors(model, d, calib_file).values()) for d in (original, default)]
+    assert errors[1] < 1.5 * errors[0] and errors[0] < 1.5 * errors[1], errors
