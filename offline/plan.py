@@ -110,6 +110,12 @@ class Plan:
         return odd_codes(self.options.format_version)
 
     @property
+    def feedback_on_quantized_inputs(self) -> bool:
+        """The export walks the model again so that each MoE layer's error feedback uses the quantized model's
+        inputs; otherwise it uses the original model's, saved by calibration."""
+        return self.options.rounding == "gptq" and self.options.feedback_inputs == "quantized"
+
+    @property
     def unit_rows(self) -> int:
         """Rank rows per allocation unit. A shared basis orders its rows by energy, so neighbours are alike and
         can share a width; the channels of an identity basis are in no order, so each row is its own unit."""

@@ -100,7 +100,7 @@ def calibrate_and_cost(
             weights = expert_weights(plan, i, device)
             costs = {k: v / energy for k, v in layer_costs(plan, weights, calib, calib_tokens).items()}
             run.save(f"held-out-{i:05d}", {k: v.cpu() for k, v in guard.held_out_record(weights, held_out).items()})
-            if plan.options.rounding == "gptq" and plan.options.feedback_inputs == "original":
+            if plan.options.rounding == "gptq" and not plan.feedback_on_quantized_inputs:
                 # bf16: the Hessians need no more, and a big model's are GBs
                 run.save(
                     f"routed-{i:05d}",
@@ -189,7 +189,7 @@ def export_shards(
     """Write each decoder layer's shard (BitsMoE tensors + its other tensors, unchanged) and the rest."""
     arch, n_layers = plan.source.architecture, plan.source.config["num_hidden_layers"]
     files = shard_files(n_layers)
-    if plan.options.rounding == "gptq" and plan.options.feedback_inputs == "quantized":
+    if plan.feedback_on_quantized_inputs:
         walked = quantized_walk(plan, run, bits, tokens, held)
 
         def encoded(i: int) -> dict[str, torch.Tensor]:
