@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from .plan import AUTO_BASES, BASIS_DTYPES, Options
 def parse(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(
         prog="bitsmoe-quantize",
-        description="Quantize the routed experts of a local Hugging Face MoE checkpoint with BitsMoE (FORMAT.md v1).",
+        description="Quantize the routed experts of a local Hugging Face MoE checkpoint with BitsMoE (FORMAT.md).",
     )
     p.add_argument("--model", required=True, help="checkpoint directory, or a model id already in the local HF cache")
     p.add_argument(
@@ -144,6 +145,10 @@ def parse(argv: list[str] | None) -> Options:
 def main(argv: list[str] | None = None) -> int:
     options = parse(argv)
     start = time.monotonic()
+    # MKL's float sums may depend on where its operands lie in memory, which depends on what the process did before:
+    # a resumed run would round some weights otherwise than an uninterrupted one. Strict conditional numerical
+    # reproducibility makes them the same on a given CPU (read at MKL's first call, which comes later).
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     from .guard import QualityError
     from .quantize import quantize  # torch and transformers load after the arguments are checked
 
