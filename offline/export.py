@@ -29,19 +29,17 @@ def shard_files(num_layers: int) -> list[str]:
 
 def copied_tensors(source: SourceCheckpoint, prefix: str | None, experts_module: str | None) -> dict[str, torch.Tensor]:
     """Source tensors kept unchanged: those under `prefix` (None: outside every decoder layer), minus routed experts."""
-    arch = source.architecture
+    experts = source.expert_tensor_names(experts_module) if experts_module else set()
     out = {}
     for name in source.tensors:
         inside = name.startswith(prefix) if prefix else not name.startswith("model.layers.")
-        if not inside:
+        if not inside or name in experts:
             continue
         if experts_module and name.startswith(experts_module + "."):
-            expert, _, rest = name.removeprefix(experts_module + ".").partition(".")
-            if not (expert.isdigit() and rest in {f"{n}.weight" for n in arch.projection_names.values()}):
-                raise ValueError(
-                    f"tensor {name} under the routed experts is not a per-expert gate/up/down weight; unsupported"
-                )
-            continue
+            raise ValueError(
+                f"tensor {name} under the routed experts is not one of their gate/up/down weights (per expert, or "
+                "stacked as gate_up_proj and down_proj); unsupported"
+            )
         out[name] = source.get(name)
     return out
 

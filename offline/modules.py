@@ -9,9 +9,7 @@ import ctypes
 import torch
 import transformers
 
-from .source import SourceCheckpoint
-
-FUSED_EXPERTS = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}  # transformers 5's stacked experts
+from .source import FUSED_EXPERTS, SourceCheckpoint
 
 
 def skeleton(source: SourceCheckpoint, device: torch.device) -> transformers.PreTrainedModel:
@@ -63,15 +61,7 @@ def checkpoint_tensor(source: SourceCheckpoint, name: str) -> torch.Tensor:
     arch = source.architecture
     module, _, leaf = name.rpartition(".")
     if module.endswith(".experts") and leaf in FUSED_EXPERTS:
-        experts = arch.checkpoint_name(module + ".")[:-1]
-        E = arch.num_experts(source.config)
-        parts = FUSED_EXPERTS[leaf]
-        return torch.stack(
-            [
-                torch.cat([source.get(f"{experts}.{e}.{arch.projection_names[p]}.weight") for p in parts])
-                for e in range(E)
-            ]
-        )
+        return source.stacked_experts(arch.checkpoint_name(module + ".")[:-1], leaf)
     if name == "lm_head.weight" and name not in source.tensors and source.config.get("tie_word_embeddings"):
         name = "model.embed_tokens.weight"
     return source.get(arch.checkpoint_name(name))

@@ -198,6 +198,8 @@ def make_plan(options: Options) -> Plan:
             f"{source.dir} has no routed experts (looked for {arch.experts_module.format(layer='N')}.0.*): not an "
             "MoE model"
         )
+    for i in moe_layers:
+        source.check_expert_shapes(arch.experts_module.format(layer=i))
     H, I, E = config["hidden_size"], arch.intermediate_size(config), arch.num_experts(config)
     rank = options.rank or H  # None (auto): costs are measured at full rank, the rank is chosen at allocation
     if not 1 <= rank <= H:

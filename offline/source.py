@@ -9,6 +9,10 @@ from bitsmoe_vllm.checkpoint import TensorFiles
 
 from .architectures import Architecture, architecture
 
+# Experts stacked in 3-D tensors, as transformers 5 holds them in memory and checkpoints it writes from such a model
+# store them: gate_up_proj [E, 2I, H] (each expert's gate rows, then its up rows) and down_proj [E, H, I].
+FUSED_EXPERTS = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}
+
 
 def resolve_model_dir(model: str) -> Path:
     """A directory, or a model id already in the local Hugging Face cache (nothing is downloaded)."""
@@ -48,19 +52,71 @@ class SourceCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
+    def fused_experts(self, module: str) -> bool:
+        """Whether the checkpoint stores `module`'s experts stacked (FUSED_EXPERTS) rather than one tensor each."""
+        return f"{module}.gate_up_proj" in self.tensors.shard_of
+
+    def expert_tensor_names(self, module: str) -> set[str]:
+        """The names of `module`'s routed-expert weights in the checkpoint, in whichever layout it uses."""
+        if self.fused_experts(module):
+            return {f"{module}.{leaf}" for leaf in FUSED_EXPERTS}
+        E, names = self.architecture.num_experts(self.config), self.architecture.projection_names.values()
+        return {f"{module}.{e}.{name}.weight" for e in range(E) for name in names}
+
     def moe_layers(self) -> list[int]:
         """Decoder layers whose routed experts are in the checkpoint."""
         arch, names = self.architecture, self.tensors.shard_of
-        layers = range(self.config["num_hidden_layers"])
         gate = arch.projection_names["gate"]
-        return [i for i in layers if f"{arch.experts_module.format(layer=i)}.0.{gate}.weight" in names]
+        return [
+            i
+            for i in range(self.config["num_hidden_layers"])
+            if f"{arch.experts_module.format(layer=i)}.0.{gate}.weight" in names
+            or self.fused_experts(arch.experts_module.format(layer=i))
+        ]
+
+    def check_expert_shapes(self, module: str) -> None:
+        """Refuse, naming the shapes, expert weights that do not match config.json's E, I and H (read from the headers:
+        before any work is done)."""
+        arch, config = self.architecture, self.config
+        E, I, H = arch.num_experts(config), arch.intermediate_size(config), config["hidden_size"]
+        if self.fused_experts(module):
+            expected = {f"{module}.gate_up_proj": [E, 2 * I, H], f"{module}.down_proj": [E, H, I]}
+            layout = (
+                "stacked experts are read as transformers 5 holds them, gate_up_proj [E, 2I, H] with the gate rows "
+            )
+            layout += "first and down_proj [E, H, I]; other layouts are not supported"
+        else:
+            names = arch.projection_names
+            expected = {f"{module}.{e}.{names[p]}.weight": [I, H] for e in range(E) for p in ("gate", "up")}
+            expected |= {f"{module}.{e}.{names['down']}.weight": [H, I] for e in range(E)}
+            layout = "per-expert weights are [I, H] (gate, up) and [H, I] (down)"
+        for name, shape in expected.items():
+            if name not in self.tensors.shard_of:
+                raise ValueError(f"{name} is missing from {self.dir}: the experts of {module} are incomplete")
+            if (found := list(self.tensors.header(name)[1])) != shape:
+                raise ValueError(
+                    f"{name} has shape {found}; expected {shape} from config.json (E {E}, I {I}, H {H}): {layout}"
+                )
+
+    def stacked_experts(self, module: str, leaf: str) -> torch.Tensor:
+        """A FUSED_EXPERTS tensor of `module` as transformers 5 holds it: read as stored, or assembled from the
+        per-expert tensors."""
+        if self.fused_experts(module):
+            return self.get(f"{module}.{leaf}")
+        arch = self.architecture
+        names = [arch.projection_names[p] for p in FUSED_EXPERTS[leaf]]
+        E = arch.num_experts(self.config)
+        return torch.stack([torch.cat([self.get(f"{module}.{e}.{n}.weight") for n in names]) for e in range(E)])
 
     def expert_weights(self, layer: int) -> dict[str, torch.Tensor]:
         """Projection -> float32 [E, I, H] (gate and up as stored; down transposed from [E, H, I])."""
-        arch = self.architecture
-        module, E = arch.experts_module.format(layer=layer), arch.num_experts(self.config)
-        out = {}
-        for p, name in arch.projection_names.items():
+        module = self.architecture.experts_module.format(layer=layer)
+        if self.fused_experts(module):
+            gate, up = self.stacked_experts(module, "gate_up_proj").float().chunk(2, dim=1)
+            down = self.stacked_experts(module, "down_proj").float()
+            return {"gate": gate.contiguous(), "up": up.contiguous(), "down": down.transpose(1, 2).contiguous()}
+        E, out = self.architecture.num_experts(self.config), {}
+        for p, name in self.architecture.projection_names.items():
             w = torch.stack([self.get(f"{module}.{e}.{name}.weight").float() for e in range(E)])
             out[p] = w.transpose(1, 2).contiguous() if p == "down" else w
         return out

@@ -112,3 +112,32 @@ def quantize_command(model, out, calib_file, *extra: str, calib_tokens: int = 20
     args = ["--model", model, "--out", out, "--bits", 2.5, "--calib", calib_file, "--calib-tokens", calib_tokens]
     args += ["--calib-seq-len", 128, "--unit-rows", 8]
     return [sys.executable, "-m", "bitsmoe_vllm.offline", *map(str, args), *extra]
+
+
+def checkpoint_bytes(directory) -> dict[str, bytes]:
+    """A BitsMoE checkpoint's files and their bytes, but for the report (it holds the run's wall times)."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "quantization_report.json"}
+
+
+def stack_experts(model_dir, out_dir, num_experts: int):
+    """A copy of a per-expert checkpoint (`{experts}.{e}.gate_proj.weight`, ...) with each layer's experts stacked as
+    transformers 5 holds them: `{experts}.gate_up_proj` [E, 2I, H] (gate rows, then up rows), `{experts}.down_proj`
+    [E, H, I]."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    shutil.copytree(model_dir, out_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors |= load_file(path)
+    modules = sorted({m.group(1) for name in tensors if (m := re.match(r"(.*\.experts)\.0\.gate_proj\.weight$", name))})
+    for module in modules:
+        w = {n: [tensors.pop(f"{module}.{e}.{n}_proj.weight") for e in range(num_experts)] for n in STANDARD_NAMES}
+        tensors[f"{module}.gate_up_proj"] = torch.stack([torch.cat(gu) for gu in zip(w["gate"], w["up"])])
+        tensors[f"{module}.down_proj"] = torch.stack(w["down"])
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    return out_dir

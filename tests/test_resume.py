@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from tests.helpers import QUANT_SHAPE, quantize_command
+from tests.helpers import QUANT_SHAPE, checkpoint_bytes, quantize_command
 
 SHAPE = {**QUANT_SHAPE, "layers": 6}
 
@@ -23,11 +23,6 @@ def kill_when(proc: subprocess.Popen, path_ready, timeout: float = 120.0) -> Non
     assert proc.poll() is None, "the run ended before the kill point"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-
-
-def checkpoint_bytes(directory: Path) -> dict[str, bytes]:
-    # the report holds this invocation's wall times; everything else must be identical
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "quantization_report.json"}
 
 
 def assert_same_checkpoint(directory: Path, expected: dict[str, bytes]) -> None:

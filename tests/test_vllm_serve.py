@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from bitsmoe_vllm.local_server import FAST_AND_STRICT, get, post, run_to_exit, server_env, stream, vllm_server
 from bitsmoe_vllm.offline.demo import ARCHITECTURES
 from bitsmoe_vllm.offline.dequantize import dequantize_checkpoint
+from tests.helpers import stack_experts
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow  # each test starts `vllm serve` (30-110 s here)
@@ -30,6 +31,8 @@ LOGPROB_TOLERANCE = 1e-3  # float32 everywhere; measured differences are ~2e-6
 MLA = {"deepseek_v2", "deepseek_v3"}
 BF16_ONLY = {"qwen3_next"}  # vLLM's CPU gated delta net (linear attention) runs in bf16 only
 EXACT = ["--dtype", "float32", *FAST_AND_STRICT]
+# quantized from a copy with its experts stacked in 3-D tensors, as transformers 5 holds them (tests/helpers.py)
+STACKED_SOURCE = {"qwen3_moe"}
 
 
 def serve_args(arch: str, dtype: str) -> list[str]:
@@ -47,7 +50,10 @@ def checkpoints(tiny_model_dir, quantize_tiny, tmp_path_factory):
         if arch not in made:
             original = tiny_model_dir(arch, **SHAPE)
             root = tmp_path_factory.mktemp(f"{arch}-serve")
-            bitsmoe = quantize_tiny(original, root / "bitsmoe", BITS, basis_dtype="int8")  # the shared basis, served
+            source = original
+            if arch in STACKED_SOURCE:  # the original stays per expert: vLLM's loader reads no stacked experts
+                source = stack_experts(original, root / "stacked", SHAPE["experts"])
+            bitsmoe = quantize_tiny(source, root / "bitsmoe", BITS, basis_dtype="int8")  # the shared basis, served
             made[arch] = {
                 "original": original,
                 "bitsmoe": bitsmoe,
