@@ -31,7 +31,7 @@ def copied_tensors(source: SourceCheckpoint, prefix: str | None, experts_module:
     """Source tensors kept unchanged: those under `prefix` (None: outside every decoder layer), minus routed experts."""
     experts = source.expert_tensor_names(experts_module) if experts_module else set()
     out = {}
-    for name in source.tensors:
+    for name in source.tensor_names():
         inside = name.startswith(prefix) if prefix else not name.startswith("model.layers.")
         if not inside or name in experts:
             continue

@@ -351,4 +351,4 @@ def report(
 def non_expert_params(plan: Plan) -> int:
     """Parameters BitsMoE leaves as they are (attention, router, shared experts, embeddings...)."""
     experts = tuple(f"{plan.source.architecture.experts_module.format(layer=i)}." for i in plan.moe_layers)
-    return sum(plan.source.tensors.numel(n) for n in plan.source.tensors if not n.startswith(experts))
+    return sum(plan.source.tensors.numel(n) for n in plan.source.tensor_names() if not n.startswith(experts))

@@ -31,6 +31,28 @@ def resolve_model_dir(model: str) -> Path:
         ) from None
 
 
+def fp8_weight_block(config: dict) -> tuple[int, int] | None:
+    """[rows, columns] of the blocks of an fp8 block-quantized checkpoint (DeepSeek-V3's: float8_e4m3fn weights, each
+    block scaled by its entry of `{name}_scale_inv`); None for any other checkpoint."""
+    qc = config.get("quantization_config") or {}
+    block = qc.get("weight_block_size") or ()
+    if qc.get("quant_method") == "fp8" and qc.get("fmt", "e4m3") == "e4m3" and len(block) == 2:
+        return tuple(block)
+    return None
+
+
+def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float32 weights of fp8 `w` [N, K] with one scale per [block] block, `scale_inv` [ceil(N/b0), ceil(K/b1)]."""
+    expected = (-(-w.shape[0] // block[0]), -(-w.shape[1] // block[1]))
+    if w.dim() != 2 or tuple(scale_inv.shape) != expected:
+        raise ValueError(
+            f"fp8 weight of shape {list(w.shape)} with scales of shape {list(scale_inv.shape)}: expected scales "
+            f"{list(expected)} for blocks of {list(block)}"
+        )
+    rows = scale_inv.float().repeat_interleave(block[0], 0)[: w.shape[0]]
+    return w.float() * rows.repeat_interleave(block[1], 1)[:, : w.shape[1]]
+
+
 class SourceCheckpoint:
     """config.json, tokenizer files and safetensors tensors of a Hugging Face checkpoint."""
 
@@ -44,13 +66,24 @@ class SourceCheckpoint:
             self.tensors = TensorFiles(self.dir)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err}; BitsMoE reads safetensors checkpoints only") from None
+        self.fp8_block = fp8_weight_block(self.config)
+        # what an fp8 weight is read as, outside the experts: the checkpoint's own dtype
+        self.dtype = getattr(torch, self.config.get("dtype") or self.config.get("torch_dtype") or "bfloat16")
 
     @property
     def architecture(self) -> Architecture:
         return architecture(self.config.get("model_type", "<missing model_type>"))
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor as stored; an fp8 block-quantized weight dequantized, to `dtype` (default: the checkpoint's)."""
+        t = self.tensors[name]
+        if self.fp8_block and t.dtype == torch.float8_e4m3fn:
+            t = dequantize_fp8_blocks(t, self.tensors[f"{name}_scale_inv"], self.fp8_block).to(dtype or self.dtype)
+        return t
+
+    def tensor_names(self) -> list[str]:
+        """The names of the checkpoint's tensors, fp8 weights' scales left out (`get` applies them)."""
+        return [n for n in self.tensors if not (self.fp8_block and n.endswith("_scale_inv"))]
 
     def fused_experts(self, module: str) -> bool:
         """Whether the checkpoint stores `module`'s experts stacked (FUSED_EXPERTS) rather than one tensor each."""
@@ -117,6 +150,6 @@ class SourceCheckpoint:
             return {"gate": gate.contiguous(), "up": up.contiguous(), "down": down.transpose(1, 2).contiguous()}
         E, out = self.architecture.num_experts(self.config), {}
         for p, name in self.architecture.projection_names.items():
-            w = torch.stack([self.get(f"{module}.{e}.{name}.weight").float() for e in range(E)])
+            w = torch.stack([self.get(f"{module}.{e}.{name}.weight", torch.float32).float() for e in range(E)])
             out[p] = w.transpose(1, 2).contiguous() if p == "down" else w
         return out

@@ -141,3 +141,47 @@ def stack_experts(model_dir, out_dir, num_experts: int):
         tensors[f"{module}.down_proj"] = torch.stack(w["down"])
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     return out_dir
+
+
+def fp8_block_copy(model_dir, out_dir, block: tuple[int, int], dequantized: bool = False):
+    """A copy of a checkpoint with its decoder layers' linear weights (not the router, not the norms) in
+    DeepSeek-V3's fp8 layout: float8_e4m3fn, one float32 `{name}_scale_inv` per [block] block (amax / 448), and a
+    `quantization_config` saying so. `dequantized`: the same weights written back as float32 instead, unquantized."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    shutil.copytree(model_dir, out_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors |= load_file(path)
+    b0, b1 = block
+    for name in [n for n, t in tensors.items() if n.startswith("model.layers.") and t.dim() == 2]:
+        if name.endswith("norm.weight") or name.endswith("mlp.gate.weight"):
+            continue
+        w = tensors[name].float()
+        N, K = w.shape
+        padded = torch.zeros(-(-N // b0) * b0, -(-K // b1) * b1)
+        padded[:N, :K] = w
+        amax = padded.reshape(-(-N // b0), b0, -(-K // b1), b1).abs().amax((1, 3))
+        scale = (amax / 448).clamp(min=1e-12)  # float8_e4m3fn's largest value is 448
+        expanded = scale.repeat_interleave(b0, 0)[:N].repeat_interleave(b1, 1)[:, :K]
+        codes = (w / expanded).to(torch.float8_e4m3fn)
+        if dequantized:
+            tensors[name] = codes.float() * expanded
+        else:
+            tensors[name], tensors[f"{name}_scale_inv"] = codes, scale
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    if not dequantized:
+        config = json.loads((out_dir / "config.json").read_text())
+        config["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(block),
+        }
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir

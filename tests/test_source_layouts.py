@@ -1,12 +1,15 @@
 """Source checkpoints whose experts are stacked in 3-D tensors, as transformers 5 holds them (gate_up_proj [E, 2I, H],
 down_proj [E, H, I]), quantize exactly as the same weights stored one tensor per expert."""
 
+import json
+import shutil
+
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import checkpoint_bytes, stack_experts
+from tests.helpers import checkpoint_bytes, fp8_block_copy, stack_experts
 
 SHAPE = {"layers": 2, "experts": 8, "intermediate": 64}
 
@@ -38,3 +41,25 @@ def test_stacked_experts_in_another_layout_are_refused_with_the_shapes(tiny_mode
     with pytest.raises(ValueError, match=rf"{name} has shape \[8, 64, 128\]; expected \[8, 128, 64\]"):
         quantize_tiny(stacked, tmp_path / "out", 2.5)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_fp8_block_quantized_weights_quantize_as_their_dequantized_values(tiny_model_dir, quantize_tiny, tmp_path):
+    """DeepSeek-V3's fp8 checkpoints: each weight read as its codes times its block's scale (blocks of 32 x 48 here,
+    so that the last block of a row is cut short)."""
+    original = tiny_model_dir("deepseek_v3", **SHAPE)
+    fp8 = fp8_block_copy(original, tmp_path / "fp8", (32, 48))
+    assert any(t.dtype == torch.float8_e4m3fn for t in load_file(fp8 / "model.safetensors").values())
+    dequantized = fp8_block_copy(original, tmp_path / "dequantized", (32, 48), dequantized=True)
+    ours = quantize_tiny(fp8, tmp_path / "from-fp8", 2.5)
+    theirs = quantize_tiny(dequantized, tmp_path / "from-dequantized", 2.5)
+    assert checkpoint_bytes(ours) == checkpoint_bytes(theirs)
+    assert not any(name.endswith("_scale_inv") for name in load_file(ours / "model-00001-of-00003.safetensors"))
+
+
+def test_checkpoints_quantized_otherwise_are_refused(tiny_model_dir, quantize_tiny, tmp_path):
+    model = tmp_path / "gptq"
+    shutil.copytree(tiny_model_dir("qwen3_moe", **SHAPE), model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(ValueError, match="already quantized \\(quant_method 'gptq'\\); BitsMoE starts from"):
+        quantize_tiny(model, tmp_path / "out", 2.5)

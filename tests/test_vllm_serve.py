@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from bitsmoe_vllm.local_server import FAST_AND_STRICT, get, post, run_to_exit, server_env, stream, vllm_server
 from bitsmoe_vllm.offline.demo import ARCHITECTURES
 from bitsmoe_vllm.offline.dequantize import dequantize_checkpoint
-from tests.helpers import stack_experts
+from tests.helpers import fp8_block_copy, stack_experts
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow  # each test starts `vllm serve` (30-110 s here)
@@ -31,8 +31,13 @@ LOGPROB_TOLERANCE = 1e-3  # float32 everywhere; measured differences are ~2e-6
 MLA = {"deepseek_v2", "deepseek_v3"}
 BF16_ONLY = {"qwen3_next"}  # vLLM's CPU gated delta net (linear attention) runs in bf16 only
 EXACT = ["--dtype", "float32", *FAST_AND_STRICT]
-# quantized from a copy with its experts stacked in 3-D tensors, as transformers 5 holds them (tests/helpers.py)
-STACKED_SOURCE = {"qwen3_moe"}
+# quantized from a copy of the original in another source layout (tests/helpers.py): experts stacked in 3-D tensors
+# as transformers 5 holds them; DeepSeek-V3's fp8 weights in blocks of 128 x 128. The original stays as built: the
+# teeth of the comparisons.
+SOURCE_LAYOUT = {
+    "qwen3_moe": lambda original, out: stack_experts(original, out, SHAPE["experts"]),
+    "deepseek_v3": lambda original, out: fp8_block_copy(original, out, (128, 128)),
+}
 
 
 def serve_args(arch: str, dtype: str) -> list[str]:
@@ -50,9 +55,7 @@ def checkpoints(tiny_model_dir, quantize_tiny, tmp_path_factory):
         if arch not in made:
             original = tiny_model_dir(arch, **SHAPE)
             root = tmp_path_factory.mktemp(f"{arch}-serve")
-            source = original
-            if arch in STACKED_SOURCE:  # the original stays per expert: vLLM's loader reads no stacked experts
-                source = stack_experts(original, root / "stacked", SHAPE["experts"])
+            source = SOURCE_LAYOUT[arch](original, root / "source") if arch in SOURCE_LAYOUT else original
             bitsmoe = quantize_tiny(source, root / "bitsmoe", BITS, basis_dtype="int8")  # the shared basis, served
             made[arch] = {
                 "original": original,
