@@ -46,7 +46,7 @@ def cpu_extensions() -> list:
         CppExtension(
             "bitsmoe_vllm._cpu",
             sorted(glob.glob("csrc/cpu/*.cpp")),
-            extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
+            extra_compile_args=["-O3", "-std=c++20", "-fopenmp"],  # torch 2.14's headers need C++20
             extra_link_args=["-fopenmp"],
         )
     ]
