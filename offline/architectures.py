@@ -14,6 +14,7 @@ class Architecture:
     num_experts_keys: tuple[str, ...]  # config.json keys that may hold E, first found wins
     intermediate_size_key: str  # config.json key of I (per expert)
     renames: tuple[tuple[str, str], ...] = ()  # (transformers module path part, checkpoint part)
+    text_config: bool = False  # a multimodal checkpoint: the text model (quantized) is described by its text_config
 
     def num_experts(self, config: Mapping[str, Any]) -> int:
         for key in self.num_experts_keys:
@@ -55,6 +56,15 @@ ARCHITECTURES = {
     ),
     "qwen3_next": Architecture(
         "model.layers.{layer}.mlp.experts", STANDARD_NAMES, ("num_experts",), "moe_intermediate_size"
+    ),
+    # the text model of a multimodal checkpoint, under model.language_model. (the vision tower is kept as stored)
+    "qwen3_5_moe": Architecture(
+        "model.language_model.layers.{layer}.mlp.experts",
+        STANDARD_NAMES,
+        ("num_experts",),
+        "moe_intermediate_size",
+        renames=(("model.", "model.language_model."),),
+        text_config=True,
     ),
     "mixtral": Architecture(
         "model.layers.{layer}.block_sparse_moe.experts",

@@ -11,7 +11,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-ARCHITECTURES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "glm4_moe", "deepseek_v3", "qwen3_next")
+ARCHITECTURES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "glm4_moe", "deepseek_v3", "qwen3_next", "qwen3_5_moe")
 HIDDEN, EXPERT_INTERMEDIATE, EXPERTS, TOP_K, LAYERS = 64, 64, 8, 2, 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -152,6 +152,19 @@ def tiny_config(
             layer_types=[("linear_attention", "full_attention")[i % 2] for i in range(layers)],
             norm_topk_prob=True,
         )
+    if arch == "qwen3_5_moe":  # multimodal: Qwen3-Next's hybrid text model under model.language_model., a vision tower
+        text = {k: v for k, v in common.items() if k != "tie_word_embeddings"} | dict(
+            num_attention_heads=2,
+            head_dim=64,
+            num_key_value_heads=1,
+            moe_intermediate_size=intermediate,
+            shared_expert_intermediate_size=intermediate,
+            num_experts=experts,
+            num_experts_per_tok=TOP_K,
+            layer_types=[("linear_attention", "full_attention")[i % 2] for i in range(layers)],
+        )
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden)
+        return transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {ARCHITECTURES}")
 
 
@@ -163,7 +176,10 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, **shape) -> Path:
     tokenizer = train_tokenizer()
     config = tiny_config(arch, len(tokenizer), tokenizer.eos_token_id, **shape)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if arch == "qwen3_5_moe":
+        model = transformers.Qwen3_5MoeForConditionalGeneration._from_config(config, dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # the default init is tiny (std 0.02); larger weights make quantization errors visible
         for p in model.parameters():
             if p.dim() > 1:

@@ -43,7 +43,7 @@ def dequantize_checkpoint(bitsmoe_dir: str | Path, out_dir: str | Path, dtype: t
         write(shard, dequantize_layer(cfg, load_layer(files, cfg, layout.module), layout.module, dtype))
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
     (out / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    config = {k: v for k, v in source.config.items() if k != "quantization_config"}
+    config = {k: v for k, v in source.file_config.items() if k != "quantization_config"}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_side_files(source, out)
     return out

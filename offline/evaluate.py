@@ -35,7 +35,7 @@ def load_model(model: str, device: torch.device) -> transformers.PreTrainedModel
     """The causal LM of a checkpoint, float32; a BitsMoE checkpoint's experts run the reference forward."""
     source = SourceCheckpoint(model)
     net = skeleton(source, device)
-    bitsmoe = source.config.get("quantization_config", {}).get("quant_method") == "bitsmoe"
+    bitsmoe = source.file_config.get("quantization_config", {}).get("quant_method") == "bitsmoe"
     cfg = read_quant_config(source.dir) if bitsmoe else None  # (fp8 block-quantized weights: SourceCheckpoint.get)
     quantized = {layout.module for layout in cfg.layers} if cfg else set()
     files = TensorFiles(source.dir) if cfg else None

@@ -28,11 +28,13 @@ def shard_files(num_layers: int) -> list[str]:
 
 
 def copied_tensors(source: SourceCheckpoint, prefix: str | None, experts_module: str | None) -> dict[str, torch.Tensor]:
-    """Source tensors kept unchanged: those under `prefix` (None: outside every decoder layer), minus routed experts."""
+    """Source tensors kept unchanged: those under transformers' module path `prefix` (None: outside every decoder
+    layer), minus routed experts."""
     experts = source.expert_tensor_names(experts_module) if experts_module else set()
+    prefix, layers = (source.architecture.checkpoint_name(p) if p else None for p in (prefix, "model.layers."))
     out = {}
     for name in source.tensor_names():
-        inside = name.startswith(prefix) if prefix else not name.startswith("model.layers.")
+        inside = name.startswith(prefix) if prefix else not name.startswith(layers)
         if not inside or name in experts:
             continue
         if experts_module and name.startswith(experts_module + "."):
@@ -61,7 +63,7 @@ def write_index(directory: Path, files: list[str]) -> None:
 
 
 def write_config(directory: Path, source: SourceCheckpoint, cfg: QuantConfig) -> None:
-    config = {**source.config, "quantization_config": cfg.to_dict()}
+    config = {**source.file_config, "quantization_config": cfg.to_dict()}
     write_atomic(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
 

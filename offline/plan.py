@@ -187,8 +187,8 @@ def make_plan(options: Options) -> Plan:
     """Check the options against the model and work out the budget; errors say what to change."""
     source = SourceCheckpoint(options.model)
     arch, config = source.architecture, source.config
-    if "quantization_config" in config and source.fp8_block is None:
-        method = config["quantization_config"].get("quant_method", "unknown")
+    if "quantization_config" in source.file_config and source.fp8_block is None:
+        method = source.file_config["quantization_config"].get("quant_method", "unknown")
         raise ValueError(
             f"{source.dir} is already quantized (quant_method {method!r}); BitsMoE starts from the original weights, "
             "or from fp8 block-quantized ones (DeepSeek-V3's quant_method 'fp8' with a weight_block_size)"

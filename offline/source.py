@@ -7,7 +7,7 @@ import torch
 
 from bitsmoe_vllm.checkpoint import TensorFiles
 
-from .architectures import Architecture, architecture
+from .architectures import ARCHITECTURES, Architecture, architecture
 
 # Experts stacked in 3-D tensors, as transformers 5 holds them in memory and checkpoints it writes from such a model
 # store them: gate_up_proj [E, 2I, H] (each expert's gate rows, then its up rows) and down_proj [E, H, I].
@@ -61,18 +61,27 @@ class SourceCheckpoint:
         config_path = self.dir / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: not a Hugging Face checkpoint directory")
-        self.config = json.loads(config_path.read_text())
+        self.file_config = json.loads(config_path.read_text())  # config.json as it is (written back with the output)
+        # what the quantizer reads (sizes, layers, the skeleton's model type): of a multimodal checkpoint, the text
+        # model's config, with whether the top level ties the embeddings
+        self.config = self.file_config
+        arch = ARCHITECTURES.get(self.file_config.get("model_type"))
+        if arch is not None and arch.text_config:
+            text = self.file_config.get("text_config", {})
+            tied = self.file_config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+            self.config = {**text, "tie_word_embeddings": tied}
         try:
             self.tensors = TensorFiles(self.dir)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err}; BitsMoE reads safetensors checkpoints only") from None
-        self.fp8_block = fp8_weight_block(self.config)
+        self.fp8_block = fp8_weight_block(self.file_config)
         # what an fp8 weight is read as, outside the experts: the checkpoint's own dtype
-        self.dtype = getattr(torch, self.config.get("dtype") or self.config.get("torch_dtype") or "bfloat16")
+        config = self.file_config
+        self.dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "bfloat16")
 
     @property
     def architecture(self) -> Architecture:
-        return architecture(self.config.get("model_type", "<missing model_type>"))
+        return architecture(self.file_config.get("model_type", "<missing model_type>"))
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A tensor as stored; an fp8 block-quantized weight dequantized, to `dtype` (default: the checkpoint's)."""

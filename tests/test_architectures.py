@@ -9,10 +9,10 @@ import transformers
 from safetensors.torch import load_file
 
 from bitsmoe_vllm.format import PROJECTIONS, QuantConfig
-from bitsmoe_vllm.offline.architectures import architecture
 from bitsmoe_vllm.offline.decompose import shared_basis
 from bitsmoe_vllm.offline.demo import ARCHITECTURES, LAYERS, TOP_K
 from bitsmoe_vllm.offline.encode import build_quant_config, encode_layer
+from bitsmoe_vllm.offline.source import SourceCheckpoint
 from bitsmoe_vllm.reference import gather_layer, moe_forward
 
 MOE_LAYER = LAYERS - 1  # the last layer is MoE in every tiny model (DeepSeek-V2's first one is dense)
@@ -29,8 +29,8 @@ def expert_weights(state: dict, module: str, names: dict, num_experts: int) -> d
 
 def quantize_layer(model_dir, bits: int, rank: int | None = None):
     """Full-rank (default) decomposition of the tiny model's MoE layer, every rank row at `bits` bits."""
-    config = json.loads((model_dir / "config.json").read_text())
-    arch = architecture(config["model_type"])
+    source = SourceCheckpoint(model_dir)  # of a multimodal checkpoint, the text model's config
+    config, arch = source.config, source.architecture
     module = arch.experts_module.format(layer=MOE_LAYER)
     E, H = arch.num_experts(config), config["hidden_size"]
     weights = expert_weights(load_file(model_dir / "model.safetensors"), module, arch.projection_names, E)
@@ -56,9 +56,17 @@ def quantize_layer(model_dir, bits: int, rank: int | None = None):
     return gather_layer(cfg, module, tensors)
 
 
+def decoder(model_dir) -> torch.nn.Module:
+    """transformers' decoder of the checkpoint (its text model's, for a multimodal one)."""
+    if SourceCheckpoint(model_dir).architecture.text_config:
+        return transformers.AutoModelForImageTextToText.from_pretrained(
+            model_dir, dtype=torch.float32
+        ).model.language_model
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).model
+
+
 def relative_error(model_dir, layer, seed: int, T: int = 33) -> float:
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    experts = model.model.layers[MOE_LAYER].mlp.experts
+    experts = decoder(model_dir).layers[MOE_LAYER].mlp.experts
     g = torch.Generator().manual_seed(seed)
     H, E = experts.down_proj.shape[1], experts.down_proj.shape[0]
     x = torch.randn(T, H, generator=g)

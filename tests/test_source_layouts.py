@@ -9,6 +9,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from bitsmoe_vllm.offline.dequantize import dequantize_checkpoint
+from bitsmoe_vllm.offline.evaluate import load_model
 from tests.helpers import checkpoint_bytes, fp8_block_copy, stack_experts
 
 SHAPE = {"layers": 2, "experts": 8, "intermediate": 64}
@@ -63,3 +65,33 @@ def test_checkpoints_quantized_otherwise_are_refused(tiny_model_dir, quantize_ti
     (model / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "gptq"}}))
     with pytest.raises(ValueError, match="already quantized \\(quant_method 'gptq'\\); BitsMoE starts from"):
         quantize_tiny(model, tmp_path / "out", 2.5)
+
+
+def test_a_multimodal_checkpoints_text_model_quantizes_and_runs_as_transformers_runs_it(
+    tiny_model_dir, quantize_tiny, tmp_path
+):
+    """Qwen3.5-MoE: the text model sits under model.language_model. beside a vision tower. Its experts are quantized,
+    the vision tower is kept as stored, and the reference forward of the BitsMoE checkpoint gives the logits
+    transformers gives on its dequantized weights (vLLM's Qwen3.5 imports torchvision, which this CPU build cannot
+    load beside its torch: README, support matrix)."""
+    original = tiny_model_dir("qwen3_5_moe", **SHAPE)
+    bitsmoe = quantize_tiny(original, tmp_path / "bitsmoe", 2.5)
+    stored = {}
+    for path in bitsmoe.glob("model-*.safetensors"):
+        stored |= load_file(path)
+    source = load_file(original / "model.safetensors")
+    vision = [name for name in source if name.startswith("model.visual.")]
+    assert vision and all(torch.equal(stored[name], source[name]) for name in vision)
+    assert any(name.startswith("model.language_model.layers.1.mlp.experts.3.") for name in stored)
+
+    tokens = torch.arange(3, 60)[None]
+    with torch.no_grad():
+        ours = load_model(str(bitsmoe), torch.device("cpu"))(tokens).logits
+    dequantized = dequantize_checkpoint(bitsmoe, tmp_path / "dequantized")
+    expected = {}
+    for model in (dequantized, original):
+        net = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(model, dtype=torch.float32)
+        with torch.no_grad():
+            expected[model] = net(input_ids=tokens).logits
+    assert (ours - expected[dequantized]).abs().max() < 1e-4
+    assert (ours - expected[original]).abs().max() > 1e-2  # the comparison's teeth: quantization moved the model
