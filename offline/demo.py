@@ -154,7 +154,6 @@ def tiny_config(
         )
     if arch == "qwen3_5_moe":  # multimodal: Qwen3-Next's hybrid text model under model.language_model., a vision tower
         text = {k: v for k, v in common.items() if k != "tie_word_embeddings"} | dict(
-            num_attention_heads=2,
             head_dim=64,
             num_key_value_heads=1,
             moe_intermediate_size=intermediate,

@@ -76,8 +76,8 @@ class SourceCheckpoint:
             raise FileNotFoundError(f"{err}; BitsMoE reads safetensors checkpoints only") from None
         self.fp8_block = fp8_weight_block(self.file_config)
         # what an fp8 weight is read as, outside the experts: the checkpoint's own dtype
-        config = self.file_config
-        self.dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+        dtype = self.file_config.get("dtype") or self.file_config.get("torch_dtype") or "bfloat16"
+        self.dtype = getattr(torch, dtype)
 
     @property
     def architecture(self) -> Architecture:
@@ -125,8 +125,8 @@ class SourceCheckpoint:
             expected = {f"{module}.gate_up_proj": [E, 2 * I, H], f"{module}.down_proj": [E, H, I]}
             layout = (
                 "stacked experts are read as transformers 5 holds them, gate_up_proj [E, 2I, H] with the gate rows "
+                "first and down_proj [E, H, I]; other layouts are not supported"
             )
-            layout += "first and down_proj [E, H, I]; other layouts are not supported"
         else:
             names = arch.projection_names
             expected = {f"{module}.{e}.{names[p]}.weight": [I, H] for e in range(E) for p in ("gate", "up")}
