@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
 from bitsmoe_vllm import ops  # noqa: E402
+from bitsmoe_vllm.backend import INT_PATH_ISAS  # noqa: E402
 from bitsmoe_vllm.cpu_layout import to_cpu_layer  # noqa: E402
 from bitsmoe_vllm.reference import Basis, Factors, MoELayer, dequantize_basis, expert_factor, moe_forward  # noqa: E402
 
@@ -169,7 +170,7 @@ def main() -> None:
                 b.weight.numel() * b.weight.element_size() + (0 if b.scale is None else b.scale.numel() * 2)
                 for b in bases
             )
-            int_path = torch.ops.bitsmoe.cpu_isa() == "avx512-vnni"
+            int_path = torch.ops.bitsmoe.cpu_isa() in INT_PATH_ISAS
             kernels = {bits: to_cpu_layer(layer) if int_path else None for bits, layer in layers.items()}
             w13, w2 = dense_weights(layers[2.5])
             w13, w2 = (torch.ops.bitsmoe.huge_page_copy(vllm_ops.cpu_prepack_moe_weight(w, isa)) for w in (w13, w2))

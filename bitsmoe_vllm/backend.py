@@ -5,7 +5,7 @@
 
 `select_backend` decides from the device, the CPU's instruction set and what this install compiled:
 - cuda:       the CUDA kernels (bitsmoe_vllm/cuda.py; decode and prefill paths, chosen per call by token count);
-- cpu-int:    the CPU integer path on AVX-512 VNNI (bitsmoe_vllm/cpu_layout.py);
+- cpu-int:    the CPU integer path on AVX-512 VNNI, and AMX tiles where present (bitsmoe_vllm/cpu_layout.py);
 - cpu-float:  the CPU float kernel (AVX-512 or AVX2) behind torch.ops.bitsmoe.moe;
 - reference:  the PyTorch reference (bitsmoe_vllm/reference.py), where no kernel applies.
 `prepare` puts the layer in the chosen kernel's layout and runs the kernel against the reference on a slice of the
@@ -32,6 +32,7 @@ CHECK_TOKENS = 8  # tokens of the check at load; on CUDA also enough for the pre
 # kernels round activations to 16-bit integers (CPU integer path, ~1e-5) or to bf16/fp16 (prefill tiles, ~4e-3);
 # a wrong kernel is off by order 1.
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
+INT_PATH_ISAS = ("avx512-amx", "avx512-vnni")  # torch.ops.bitsmoe.cpu_isa() where the CPU integer path runs
 
 
 class Backend(enum.Enum):
@@ -65,6 +66,10 @@ def select_backend(device: torch.device) -> Choice:
                 "with `pip install --no-build-isolation -e .` on x86-64",
             )
         isa = torch.ops.bitsmoe.cpu_isa()
+        if isa == "avx512-amx":
+            return Choice(
+                Backend.CPU_INT, "the CPU integer path (AVX-512 VNNI, AMX tiles for experts with many tokens)"
+            )
         if isa == "avx512-vnni":
             return Choice(Backend.CPU_INT, "the CPU integer path (AVX-512 VNNI)")
         return Choice(Backend.CPU_FLOAT, f"the CPU float kernel ({isa}; the integer path needs AVX-512 VNNI)")

@@ -29,7 +29,7 @@ def bitsmoe_log(caplog, monkeypatch):
 def expected_cpu_backend() -> Backend:
     if not ops.CPU_KERNEL:
         return Backend.REFERENCE
-    return Backend.CPU_INT if torch.ops.bitsmoe.cpu_isa() == "avx512-vnni" else Backend.CPU_FLOAT
+    return Backend.CPU_INT if torch.ops.bitsmoe.cpu_isa() in backend.INT_PATH_ISAS else Backend.CPU_FLOAT
 
 
 @pytest.mark.parametrize("basis_dtype", ["float16", "int8", "identity"])

@@ -2,6 +2,11 @@
 against the reference, and the CPU layout against FORMAT.md read literally. Skipped on CPUs without AVX-512 VNNI, BW,
 VBMI and GFNI."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,7 +25,10 @@ from bitsmoe_vllm.kernel_layout import CLASS_WIDTHS
 from bitsmoe_vllm.reference import expert_factor, moe_forward
 from tests.helpers import LAYERS, TOKENS, WIDTHS, dense_from_cpu_basis, layer_of, relative_error, routing
 
-HAS_INT_PATH = all(flag in open("/proc/cpuinfo").read() for flag in ("avx512_vnni", "avx512bw", "avx512vbmi", "gfni"))
+ROOT = Path(__file__).resolve().parents[1]
+CPU_FLAGS = open("/proc/cpuinfo").read()
+HAS_INT_PATH = all(flag in CPU_FLAGS for flag in ("avx512_vnni", "avx512bw", "avx512vbmi", "gfni"))
+HAS_AMX = HAS_INT_PATH and all(flag in CPU_FLAGS for flag in ("amx_tile", "amx_int8"))
 
 # The kernel rounds activations to 16-bit integers (one scale per 128 rank rows and column group for gate/up, per
 # slot and column group for down, per token for int8 bases): about 2^-16 of the largest value each; 16-bit outputs
@@ -28,15 +36,24 @@ HAS_INT_PATH = all(flag in open("/proc/cpuinfo").read() for flag in ("avx512_vnn
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
-@pytest.fixture
-def int_path(monkeypatch):
+def force_isa(monkeypatch, isa: str) -> None:
     assert ops.CPU_KERNEL, (
         "bitsmoe_vllm/_cpu*.so is not built: run `pip install --no-build-isolation -e .` (scripts/setup.sh does)"
     )
     if not HAS_INT_PATH:
         pytest.skip("this CPU lacks one of AVX-512 VNNI, BW, VBMI and GFNI")
-    monkeypatch.setenv("BITSMOE_CPU_ISA", "avx512-vnni")
-    assert torch.ops.bitsmoe.cpu_isa() == "avx512-vnni"
+    if isa == "avx512-amx" and not HAS_AMX:
+        pytest.skip("this CPU lacks AMX-TILE or AMX-INT8")
+    monkeypatch.setenv("BITSMOE_CPU_ISA", isa)
+    assert torch.ops.bitsmoe.cpu_isa() == isa
+
+
+# avx512-amx: the experts with 6 tokens or more, and the int8 bases of calls with 32 tokens or more, take the AMX tiles
+# (kAmx, csrc/cpu/moe_cpu_amx.cpp), the rest the VNNI kernels; the tests' T = 17 and 65 give some experts more, some
+# fewer
+@pytest.fixture(params=["avx512-vnni", "avx512-amx"])
+def int_path(request, monkeypatch):
+    force_isa(monkeypatch, request.param)
 
 
 def add_rows(F: torch.Tensor, cpu, e: int, row0: int, u: torch.Tensor, b: int, G: int) -> None:
@@ -174,6 +191,50 @@ def test_int_path_bases_with_partial_blocks_and_chunks(int_path, basis_dtype):
         relative_error(ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer)), moe_forward(x, w, ids, layer))
         < TOLERANCE[torch.float32]
     )
+
+
+# + int8 bases of 70 rows (4 tiles of 16 rows on AMX, 6 rows on VNNI) and 128 columns (two 64-column tiles)
+AMX_LAYERS = LAYERS + ((128, 64, 4, 2, (70, 64, 128), 32),)
+
+
+@pytest.mark.parametrize("shape", AMX_LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-R{s[4][0]}-G{s[5]}")
+@pytest.mark.parametrize("basis_dtype", ["float16", "int8", "identity"])
+def test_amx_tiles_give_the_vnni_kernels_sums(monkeypatch, shape, basis_dtype):
+    """Every expert with 16 tokens or more (whole and partial 16-token tiles): the experts' integer sums and the float
+    steps around them are the VNNI kernels', so the same output bit for bit; the int8 bases' sums too, but not
+    their float steps (the 16-bit rounding of activations after them turns the difference into 2e-5)."""
+    H, I, E, K, _, _ = shape
+    layer = layer_of(shape, basis_dtype=basis_dtype, seed=5)
+    T = 40 * E // K + 3
+    w, ids = routing(T, E, K, seed=5)
+    assert torch.bincount(ids.flatten(), minlength=E).min() >= 16
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(5))
+    cpu, ref = to_cpu_layer(layer), moe_forward(x, w, ids, layer)
+    out = {}
+    for isa in ("avx512-vnni", "avx512-amx"):
+        force_isa(monkeypatch, isa)
+        out[isa] = ops.moe_layer(x, w, ids, layer, cpu)
+        assert relative_error(out[isa], ref) < TOLERANCE[torch.float32]
+    if basis_dtype == "int8":
+        assert relative_error(out["avx512-amx"], out["avx512-vnni"]) < 1e-4
+    else:
+        assert torch.equal(out["avx512-amx"], out["avx512-vnni"])
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="this CPU lacks AMX-TILE or AMX-INT8")
+def test_amx_forced_in_a_new_process_asks_the_os_for_the_tile_state():
+    """Linux kills a process at its first tile instruction unless it asked for the tile state: also when
+    BITSMOE_CPU_ISA forces the tiles and nothing called cpu_isa() first"""
+    script = (
+        "import torch; from bitsmoe_vllm import ops; from bitsmoe_vllm.cpu_layout import to_cpu_layer; "
+        "from tests.helpers import LAYERS, layer_of, routing; "
+        "layer = layer_of(LAYERS[0], basis_dtype='int8'); w, ids = routing(64, 8, 2, seed=0); "
+        "print(float(ops.moe_layer(torch.randn(64, 64), w, ids, layer, to_cpu_layer(layer)).norm()))"
+    )
+    env = {**os.environ, "BITSMOE_CPU_ISA": "avx512-amx"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) > 0
 
 
 def test_int_path_no_tokens_gives_zeros_and_reruns_are_identical(int_path):

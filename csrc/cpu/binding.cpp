@@ -6,8 +6,10 @@
 // the integer kernels (AVX-512 VNNI; moe_cpu.h, "the integer path").
 //
 // The instruction set is chosen at every call from the CPU's flags (AVX-512 where present, else AVX2; the integer
-// path where AVX-512 VNNI, BW, VBMI and GFNI are); the environment variable BITSMOE_CPU_ISA=avx512-vnni|avx512|avx2
-// forces one (tests run each; a CPU without it is refused; avx512 and avx2 turn the integer path off).
+// path where AVX-512 VNNI, BW, VBMI and GFNI are, with AMX tiles for the experts with many tokens where the CPU has
+// AMX-INT8 and the OS grants its tile state); the environment variable BITSMOE_CPU_ISA=avx512-amx|avx512-vnni|avx512|
+// avx2 forces one (tests run each; a CPU without it is refused; avx512-vnni turns the tiles off, avx512 and avx2 the
+// integer path).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/CPUAllocator.h>
@@ -42,7 +44,20 @@ bool has_int_path() {
 // whether bitsmoe::moe_int may run: the CPU has it, and BITSMOE_CPU_ISA does not force the float kernels
 bool int_path() {
   const char* forced = forced_isa();
-  return forced == nullptr ? has_int_path() : std::string(forced) == "avx512-vnni";
+  return forced == nullptr ? has_int_path()
+                           : std::string(forced) == "avx512-vnni" || std::string(forced) == "avx512-amx";
+}
+
+// whether bitsmoe::moe_int runs the experts with many tokens on AMX tiles: the CPU and OS allow it (amx_usable asks
+// the OS for the tile state, which must happen before any tile instruction), and BITSMOE_CPU_ISA does not force the
+// VNNI kernels or the float kernels
+bool amx_path() {
+  const char* forced = forced_isa();
+  if (forced == nullptr) return has_int_path() && amx_usable();
+  if (std::string(forced) != "avx512-amx") return false;
+  TORCH_CHECK(has_int_path() && amx_usable(),
+              "BITSMOE_CPU_ISA=avx512-amx: this CPU (or its OS, for AMX's tile state) does not support it");
+  return true;
 }
 
 // the float kernels of bitsmoe::moe
@@ -51,19 +66,20 @@ const Kernels& kernels() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (const char* forced = forced_isa()) {
     const std::string isa(forced);
-    TORCH_CHECK(isa == "avx512-vnni" || isa == "avx512" || isa == "avx2", "BITSMOE_CPU_ISA=", isa,
-                ": expected avx512-vnni, avx512 or avx2, or unset to choose from the CPU's flags");
-    TORCH_CHECK(isa == "avx512-vnni" ? has_int_path()
-                : isa == "avx512"    ? avx512
-                                     : avx2,
-                "BITSMOE_CPU_ISA=", isa, ": this CPU does not support it");
+    TORCH_CHECK(isa == "avx512-amx" || isa == "avx512-vnni" || isa == "avx512" || isa == "avx2",
+                "BITSMOE_CPU_ISA=", isa,
+                ": expected avx512-amx, avx512-vnni, avx512 or avx2, or unset to choose from the CPU's flags");
+    TORCH_CHECK(isa == "avx512-amx"    ? has_int_path() && amx_usable()
+                : isa == "avx512-vnni" ? has_int_path()
+                : isa == "avx512"      ? avx512
+                                       : avx2,
+                "BITSMOE_CPU_ISA=", isa, ": this CPU (or its OS, for AMX's tile state) does not support it");
     return isa == "avx2" ? kAvx2 : kAvx512;
   }
   TORCH_CHECK(avx512 || avx2, "bitsmoe: the CPU kernel needs AVX-512, or AVX2 with FMA and F16C; this CPU has neither");
   return avx512 ? kAvx512 : kAvx2;
 }
 
-// what the vLLM method runs: avx512-vnni (bitsmoe::moe_int on the CPU layout), else avx512 or avx2 (bitsmoe::moe)
 std::vector<int64_t> cpu_layout_constants() {
   using namespace bitsmoe::cpu;
   std::vector<int64_t> c{kGroupsPerBlock, kDownGroupRows};
@@ -71,9 +87,11 @@ std::vector<int64_t> cpu_layout_constants() {
   return c;
 }
 
+// what the vLLM method runs: avx512-amx or avx512-vnni (bitsmoe::moe_int on the CPU layout, with AMX tiles for the
+// experts with many tokens or without), else avx512 or avx2 (bitsmoe::moe)
 std::string cpu_isa() {
   const Kernels& k = kernels();  // checks BITSMOE_CPU_ISA
-  return int_path() ? "avx512-vnni" : k.name;
+  return amx_path() ? kAmx.name : int_path() ? kAvx512Vnni.name : k.name;
 }
 
 void check_2d(const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t rows, int64_t cols) {
@@ -169,26 +187,32 @@ FactorsArg factors_arg(const Kernels& k, const char* name, const at::Tensor& cod
   return f;
 }
 
-// fn(r0, r1) over b's rows split across threads in whole blocks of 4 (r0 a multiple of 4)
+// fn(r0, r1) over rows [from, to) split across threads in whole blocks of `block` rows (r0 - from a multiple of block)
 template <class Fn>
-void for_row_blocks(const Basis& b, Fn fn) {
-  at::parallel_for(0, (b.n + 3) / 4, 4, [&](int64_t b0, int64_t b1) { fn(4 * b0, std::min(4 * b1, b.n)); });
+void for_row_blocks(int64_t from, int64_t to, int64_t block, Fn fn) {
+  at::parallel_for(0, (to - from + block - 1) / block, 4,
+                   [&](int64_t b0, int64_t b1) { fn(from + block * b0, std::min(from + block * b1, to)); });
 }
 
 // out [T, b.n] = x [T, b.in] @ b^T
 void basis_product(const Kernels& k, const Basis& b, const float* x, int64_t T, float* out) {
-  for_row_blocks(b, [&](int64_t r0, int64_t r1) { k.basis_rows(b, x, T, out, r0, r1); });
+  for_row_blocks(0, b.n, 4, [&](int64_t r0, int64_t r1) { k.basis_rows(b, x, T, out, r0, r1); });
 }
 
 // As basis_product on the integer path: an int8 basis multiplies x rounded to 16 bits per row (moe_cpu.h), others
 // as floats
-void basis_product_int(const VnniKernels& v, const Kernels& k, const Basis& b, const float* x, int64_t T, float* out) {
+// With amx, the rows in whole 16-row tiles run on AMX tiles where T and b.in allow, the rest on VNNI.
+void basis_product_int(const VnniKernels& v, const Kernels& k, bool amx, const Basis& b, const float* x, int64_t T,
+                       float* out) {
   if (b.type != BasisType::kInt8) return basis_product(k, b, x, T, out);
-  const Scratch<int8_t> bytes(2 * T * b.in);
+  const int64_t padded = (T + 15) / 16 * 16;  // the tiles read whole 16-token tiles
+  const Scratch<int8_t> bytes(2 * padded * b.in);
   const Scratch<float> scale(2 * T);
-  const QuantizedRows q{bytes.get(), bytes.get() + T * b.in, scale.get(), scale.get() + T, b.in, 1};
+  const QuantizedRows q{bytes.get(), bytes.get() + padded * b.in, scale.get(), scale.get() + T, b.in, 1};
   v.round(x, T, q);
-  for_row_blocks(b, [&](int64_t r0, int64_t r1) { v.int8_rows(b, q, T, out, r0, r1); });
+  const int64_t tiled = amx && T >= kAmx.min_basis_tokens && b.in % 64 == 0 ? b.n / 16 * 16 : 0;
+  for_row_blocks(0, tiled, 16, [&](int64_t r0, int64_t r1) { kAmx.int8_rows(b, q, T, out, r0, r1); });
+  for_row_blocks(tiled, b.n, 4, [&](int64_t r0, int64_t r1) { v.int8_rows(b, q, T, out, r0, r1); });
 }
 
 // The slots of each expert (ids < 0: held elsewhere, in no list), and the experts with any.
@@ -461,10 +485,11 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
       cpu_factors_arg("down", down_masks, down_scales, down_rows, down_segs, 16, E, R_d, I, group_size, odd_codes);
   if (T == 0) return at::empty_like(x);
 
+  const bool amx = amx_path();
   Scratch<float> x_copy(0);
   const float* xf = as_float(x, x_copy);
   const auto product = [&](const Basis& b, const float* in, int64_t rows, float* out) {
-    basis_product_int(v, k, b, in, rows, out);
+    basis_product_int(v, k, amx, b, in, rows, out);
   };
   const Scratch<float> z_gate(identity ? 0 : T * R_g), z_up(identity ? 0 : T * R_u);
   const auto [z_g, z_u] = shared_projections(product, xf, T, H, gate_basis, up_basis, gate_basis_scale, up_basis_scale,
@@ -474,14 +499,15 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
   const Scratch<float> a(T * K * I), a_scale(2 * T * K * groups), out(T * K * R_d);
   const Scratch<int8_t> bytes(2 * T * K * I);
   const QuantizedRows q{bytes.get(), bytes.get() + T * K * I, a_scale.get(), a_scale.get() + T * K * groups, I, groups};
+  const auto tiles = [&](const Tokens& tk) { return amx && tk.n >= kAmx.min_tokens; };
   run_experts(
       r, parts, I, R_d, T * K, out.get(),
       [&](int64_t e, const Tokens& tk, int64_t part, float* h) {
-        v.gate_up_part(g.view, u.view, e, z_g, z_u, tk, part, parts, h);
+        (tiles(tk) ? kAmx.gate_up_part : v.gate_up_part)(g.view, u.view, e, z_g, z_u, tk, part, parts, h);
       },
       [&](const float* h, const Tokens& tk) { v.activate(h, parts, tk, a.get(), q); },
       [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) {
-        v.down(d.view, e, q, tk, share, shares, dst);
+        (tiles(tk) ? kAmx.down : v.down)(d.view, e, q, tk, share, shares, dst);
       });
   return finish(product, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x);
 }

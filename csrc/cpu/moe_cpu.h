@@ -128,4 +128,30 @@ struct VnniKernels {
 
 extern const VnniKernels kAvx512Vnni;
 
+// ---- AMX tiles (AMX-TILE, AMX-INT8) for the experts with many tokens ---------------------------------------------
+//
+// The same integer sums as the VNNI kernels (tdpbsud: the activations' signed bytes times the decoded codes), 16
+// tokens x 16 columns x 64 codes per instruction: an expert's codes are decoded once into tiles that all its tokens
+// share, where the VNNI kernels decode them again for every 4 tokens. The float steps around the sums (the scales,
+// the offsets, their order) are the VNNI kernels'.
+struct TileKernels {
+  const char* name;
+  int64_t min_tokens;        // the experts with fewer tokens run the VNNI kernels
+  int64_t min_basis_tokens;  // the calls with fewer tokens multiply the int8 bases on VNNI
+  // As VnniKernels::int8_rows for rows r0 to r1, multiples of 16 within the basis' whole blocks of 4 rows, where
+  // b.in is a multiple of 64 and x's rows are readable up to the next multiple of 16 tokens
+  void (*int8_rows)(const Basis& b, const QuantizedRows& x, int64_t T, float* out, int64_t r0, int64_t r1);
+  // As VnniKernels::gate_up_part and VnniKernels::down
+  void (*gate_up_part)(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u,
+                       const Tokens& tk, int64_t part, int64_t parts, float* h);
+  void (*down)(const CpuFactors& d, int64_t e, const QuantizedRows& a, const Tokens& tk, int64_t part, int64_t parts,
+               float* u);
+};
+
+extern const TileKernels kAmx;
+
+// Whether the CPU has AMX-TILE and AMX-INT8 and the OS lets this process use the tile state (asked once, with
+// arch_prctl(ARCH_REQ_XCOMP_PERM), as Linux requires before the first tile instruction).
+bool amx_usable();
+
 }  // namespace bitsmoe::cpu

@@ -1,6 +1,6 @@
 // The integer kernels of moe_cpu.h ("the integer path") for AVX-512 with VNNI, BW, VBMI and GFNI; binding.cpp uses
 // them only where the CPU reports all four. The float helpers (float bases, SiLU, width dispatch) are
-// moe_cpu_impl.h's, compiled here once more.
+// moe_cpu_impl.h's, compiled here once more; the decode and rounding helpers moe_cpu_int.h's.
 //
 // 64 codes of any width cost 3 instructions to decode (a load, a byte permute, a bit transpose) and 2 vpdpbusd (hi
 // and lo bytes of the activation), where the float path spends b/16 masked multiply-adds per code.
@@ -16,118 +16,15 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,avx2,fma,f16c")
 #define BITSMOE_AVX512 1
 #include "moe_cpu_impl.h"
+#include "moe_cpu_int.h"
 
 namespace {
-
-using bitsmoe::cpu::CpuFactors;
-using bitsmoe::cpu::kClassWidths;
-using bitsmoe::cpu::kGroupsPerBlock;
-using bitsmoe::cpu::QuantizedRows;
-
-constexpr float kQMax = 32639.f;  // 256 * 127 + 127: q = 256 hi + lo with hi, lo in [-127, 127]
 
 // acc + the products of u's unsigned bytes and s's signed bytes, four to a lane (vpdpbusd). In assembly: around the
 // intrinsic, GCC 12 copies the accumulator to another register and back (4 moves per vpdpbusd in project_block)
 inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
   return acc;
-}
-
-// the 64 offset codes (bytes) of a B-bit chunk whose B plane masks start at m: byte n has plane p's bit n as its bit
-// p. vpermb puts byte k of plane p at byte 7 - p of qword k (zeros above plane B - 1), and gf2p8affineqb, with those
-// qwords as its 8 x 8 bit matrices and 1 << j as byte j, transposes each. 3 instructions for any width; masked adds
-// took 2 per plane (benchmarks/decode_micro.cpp, in L1: 1.00-1.01 ns per 64 codes at every width, against 1.23 / 1.61
-// ns at 2 / 3 bits). Reads 64 bytes from m, which the layout allows (its masks end with 64 bytes of zeros); after a
-// masked load the decode takes 1.49-1.67 ns.
-constexpr long long transposed_qword(int k) {
-  return 0x0008101820283038ll + k * 0x0101010101010101ll;
-}  // byte 7 - p: 8p + k
-template <int B>
-inline __m512i decode_bytes(const uint64_t* m) {
-  constexpr uint64_t kPlanes = 0x0101010101010101ull * ((0xFF00u >> B) & 0xFF);  // bytes 7 - p for p < B
-  const __m512i index =
-      _mm512_set_epi64(transposed_qword(7), transposed_qword(6), transposed_qword(5), transposed_qword(4),
-                       transposed_qword(3), transposed_qword(2), transposed_qword(1), transposed_qword(0));
-  const __m512i planes = _mm512_maskz_permutexvar_epi8(kPlanes, index, _mm512_loadu_si512(m));
-  return _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64(0x8040201008040201ll), planes, 0);
-}
-
-// the first n (at most 16) lanes
-inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
-
-// q = round(v * inv), stored as bytes hi, lo with q = 256 hi + lo (the lanes of m); returns q
-inline __m512i round16(__m512 v, __m512 inv, __mmask16 m, int8_t* hi, int8_t* lo) {
-  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
-  const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
-  _mm512_mask_cvtepi32_storeu_epi8(hi, m, h);
-  _mm512_mask_cvtepi32_storeu_epi8(lo, m, _mm512_sub_epi32(q, _mm512_slli_epi32(h, 8)));
-  return q;
-}
-
-// v [n] rounded to 16-bit integers with one scale into hi, lo [n]; *scale = amax / kQMax, and *sum = *scale * (the
-// sum of q), what the rounded values add up to
-inline void round_values(const float* v, int64_t n, int8_t* hi, int8_t* lo, float* scale, float* sum) {
-  __m512 top = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16)
-    top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(n - i), v + i)));
-  const float amax = _mm512_reduce_max_ps(top);
-  const __m512 inv = _mm512_set1_ps(amax > 0.f ? kQMax / amax : 0.f);
-  __m512i q = _mm512_setzero_si512();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = first_lanes(n - i);
-    q = _mm512_add_epi32(q, round16(_mm512_maskz_loadu_ps(m, v + i), inv, m, hi + i, lo + i));
-  }
-  *scale = amax / kQMax;
-  *sum = amax / kQMax * static_cast<float>(_mm512_reduce_add_epi32(q));
-}
-
-// 256 hi + lo of two integer sums, as floats
-inline __m512 combine(__m512i hi, __m512i lo) {
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(256.f), _mm512_cvtepi32_ps(lo));
-}
-
-// ---- gate/up: h[j, :] += over a block of 4-row groups of one width, y = z[token j, rank] * scale, rounded ------
-
-// One token's y for a block's rows and one column group: byte r of hi[q] / lo[q] is row 4q + r; offset is the
-// codes' lowest value times the sum of the rounded y (one number for the whole column group)
-struct RoundedRows {
-  int32_t hi[kGroupsPerBlock], lo[kGroupsPerBlock];
-  float scale, offset;
-};
-
-// z[rank of row k] (0 for padding) for the n rows from row0 (once per block and token: the column groups share it)
-inline void gather_rows(const CpuFactors& f, const float* z, int64_t row0, int n, float* zr) {
-  for (int i = 0; i < n; i += 16) {
-    const __mmask16 m = first_lanes(n - i);
-    const __m512i rank = _mm512_maskz_loadu_epi32(m, f.rows + row0 + i);
-    const __mmask16 stored =
-        _mm512_mask_cmpge_epi32_mask(m, rank, _mm512_setzero_si512());  // padding rows have rank -1
-    _mm512_store_ps(zr + i, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), stored, rank, z, 4));
-  }
-}
-
-// y'[k] = zr[k] * scale[k, g] * step for the n rows from row0, rounded with one scale
-inline void round_rows(const CpuFactors& f, const float* zr, int64_t row0, int n, int64_t g, float step, float lowest,
-                       RoundedRows& out) {
-  alignas(64) float y[4 * kGroupsPerBlock];
-  __m512 top = _mm512_setzero_ps();
-  for (int i = 0; i < n; i += 16) {
-    const __mmask16 m = first_lanes(n - i);
-    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, f.scales + g * f.stored_rows + row0 + i));
-    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_load_ps(m, zr + i), s), _mm512_set1_ps(step));
-    _mm512_store_ps(y + i, v);
-    top = _mm512_max_ps(top, _mm512_abs_ps(v));
-  }
-  const float amax = _mm512_reduce_max_ps(top);
-  out.scale = amax / kQMax;
-  const __m512 inv = _mm512_set1_ps(amax > 0.f ? kQMax / amax : 0.f);
-  __m512i sum = _mm512_setzero_si512();
-  for (int i = 0; i < n; i += 16) {
-    const __mmask16 m = first_lanes(n - i);
-    sum = _mm512_add_epi32(sum, round16(_mm512_maskz_load_ps(m, y + i), inv, m, reinterpret_cast<int8_t*>(out.hi) + i,
-                                        reinterpret_cast<int8_t*>(out.lo) + i));
-  }
-  out.offset = lowest / step * out.scale * static_cast<float>(_mm512_reduce_add_epi32(sum));
 }
 
 // NT tokens x NC chunks of 16 columns from c0, summed over the block's n groups in registers, then added to h
@@ -205,23 +102,6 @@ void project_block(const CpuFactors& f, const float* z, const Tokens& tk, int64_
     }
     j += nt;
   }
-}
-
-// fn(b, first group, groups, their masks) for the blocks of part `part` of `parts` of expert e's groups, a block
-// being `per_block` groups of one width class (the last of a class shorter)
-template <class Fn>
-void for_groups(const CpuFactors& f, int64_t e, int64_t part, int64_t parts, int per_block, Fn fn) {
-  const int32_t* seg = f.segs + e * 18;
-  int64_t total = 0;
-  for (int c = 0; c < 6; ++c) total += (seg[3 * c + 1] + per_block - 1) / per_block;
-  const int64_t first = total * part / parts, last = total * (part + 1) / parts;
-  int64_t block = 0;  // the expert's blocks before this one
-  for (int c = 0; c < 6; ++c)
-    for (int64_t q = 0; q < seg[3 * c + 1]; q += per_block, ++block)
-      if (block >= first && block < last)
-        fn(kClassWidths[c], seg[3 * c] + q,
-           static_cast<int>(seg[3 * c + 1] - q < per_block ? seg[3 * c + 1] - q : per_block),
-           f.masks + (seg[3 * c + 2] + q * kClassWidths[c]) * f.chunks);
 }
 
 void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& tk, int64_t part, int64_t parts,
