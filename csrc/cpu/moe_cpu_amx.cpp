@@ -94,14 +94,9 @@ void project_block(const CpuFactors& f, const float* z, const Tokens& tk, int64_
   alignas(64) int32_t hi[kTile * kTile], lo[kTile * kTile];
   for (int64_t j = 0; j < tk.n; ++j) gather_rows(f, z + tk.token[j] * f.R, 4 * group0, 4 * n, zr.p + j * kBlockRows);
   for (int64_t g = 0; g < f.groups; ++g) {
-    for (int64_t j = 0; j < tk.n; ++j) {
-      RoundedRows rr;
-      round_rows(f, zr.p + j * kBlockRows, 4 * group0, 4 * n, g, step, lowest, rr);
-      std::memcpy(a_hi.p + j * kBlockRows, rr.hi, 4 * n);
-      std::memcpy(a_lo.p + j * kBlockRows, rr.lo, 4 * n);
-      scale.p[j] = rr.scale;
-      offset.p[j] = rr.offset;
-    }
+    for (int64_t j = 0; j < tk.n; ++j)  // the row's first 4n bytes; the rest stays zero
+      round_rows(f, zr.p + j * kBlockRows, 4 * group0, 4 * n, g, step, lowest, a_hi.p + j * kBlockRows,
+                 a_lo.p + j * kBlockRows, scale.p + j, offset.p + j);
     for (int64_t k = 0; k < gc; ++k) {
       const int64_t c = g * gc + k;  // the chunk; its masks as moe_cpu_vnni.cpp's add_tile finds them
       const uint64_t* m = masks + ((c / tc) * n * tc + c % tc) * B;

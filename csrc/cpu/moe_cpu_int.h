@@ -98,9 +98,10 @@ inline void gather_rows(const CpuFactors& f, const float* z, int64_t row0, int n
   }
 }
 
-// y'[k] = zr[k] * scale[k, g] * step for the n rows from row0, rounded with one scale
+// y'[k] = zr[k] * scale[k, g] * step for the n rows from row0, rounded with one scale into hi, lo [n] (bytes), with
+// *scale and *offset as RoundedRows'
 inline void round_rows(const CpuFactors& f, const float* zr, int64_t row0, int n, int64_t g, float step, float lowest,
-                       RoundedRows& out) {
+                       int8_t* hi, int8_t* lo, float* scale, float* offset) {
   alignas(64) float y[4 * kGroupsPerBlock];
   __m512 top = _mm512_setzero_ps();
   for (int i = 0; i < n; i += 16) {
@@ -111,10 +112,14 @@ inline void round_rows(const CpuFactors& f, const float* zr, int64_t row0, int n
     top = _mm512_max_ps(top, _mm512_abs_ps(v));
   }
   const float amax = _mm512_reduce_max_ps(top);
-  out.scale = amax / kQMax;
-  const __m512i sum = round_bytes(y, n, _mm512_set1_ps(amax > 0.f ? kQMax / amax : 0.f),
-                                  reinterpret_cast<int8_t*>(out.hi), reinterpret_cast<int8_t*>(out.lo));
-  out.offset = lowest / step * out.scale * static_cast<float>(_mm512_reduce_add_epi32(sum));
+  *scale = amax / kQMax;
+  const __m512i sum = round_bytes(y, n, _mm512_set1_ps(amax > 0.f ? kQMax / amax : 0.f), hi, lo);
+  *offset = lowest / step * *scale * static_cast<float>(_mm512_reduce_add_epi32(sum));
+}
+inline void round_rows(const CpuFactors& f, const float* zr, int64_t row0, int n, int64_t g, float step, float lowest,
+                       RoundedRows& out) {
+  round_rows(f, zr, row0, n, g, step, lowest, reinterpret_cast<int8_t*>(out.hi), reinterpret_cast<int8_t*>(out.lo),
+             &out.scale, &out.offset);
 }
 
 // fn(b, first group, groups, their masks) for the blocks of part `part` of `parts` of expert e's groups, a block
