@@ -3,8 +3,9 @@ PyTorch reference, on the MoE layer shapes of real models, at 2.0 / 2.5 / 3.0 fa
 and a plot to benchmarks/results/.
 
 BitsMoE is timed as the vLLM method runs it here (`bitsmoe_ms`): the integer path (torch.ops.bitsmoe.moe_int on
-the CPU layout) where the CPU has AVX-512 VNNI, BW, VBMI and GFNI, else the float kernels (torch.ops.bitsmoe.moe);
-the float kernels are also timed on their own (`float_kernel_ms`).
+the CPU layout) where the CPU has AVX-512 VNNI, BW, VBMI and GFNI (with AMX tiles for the experts with many tokens
+and the bases of large calls where it has AMX-INT8; `kernel_isa` avx512-amx), else the float kernels
+(torch.ops.bitsmoe.moe); the float kernels are also timed on their own (`float_kernel_ms`).
 
     .venv/bin/python -m benchmarks.bench_cpu_moe [--tokens 1 4 16 128] [--shapes qwen3-30b-a3b deepseek-v2-lite]
 
