@@ -29,6 +29,9 @@ from .rounding import quantize_mixed_rows, quantize_rows
 
 DAMP = 0.01  # of the mean diagonal, added to H (GPTQ's default)
 BLOCK = 128  # coordinates per block of updates deferred into one matrix product
+# float64 bytes of one batch of the factorisations' operands: Qwen3-30B-A3B's 128 experts' rank-space Hessians
+# (2048 x 2048) factorised at once took 17 GB of temporaries and ran this 24 GB machine out of memory
+FACTOR_BYTES = 1 << 28
 
 
 def hessians(
@@ -148,6 +151,13 @@ def _round_columns(
     return feedback(factors, inverse_cholesky(hessian), columns), scales
 
 
+def by_experts(fn, hessian: torch.Tensor) -> torch.Tensor:
+    """fn over the experts of hessian [E, n, n] a batch at a time (FACTOR_BYTES of float64 operands), concatenated:
+    the same values as fn(hessian), each expert's factorisation being its own."""
+    step = max(1, FACTOR_BYTES // (8 * hessian.shape[-1] ** 2))
+    return torch.cat([fn(hessian[s : s + step]) for s in range(0, hessian.shape[0], step)])
+
+
 def compensation(projection: str, hessian: torch.Tensor) -> torch.Tensor:
     """[E, n]: the share of each coordinate's rounding loss that the error feedback leaves, for the cost model.
     Rounding coordinate i after those before it in the order costs d^2 / U_ii^2 (the damped H's Schur complement of
@@ -155,6 +165,10 @@ def compensation(projection: str, hessian: torch.Tensor) -> torch.Tensor:
     round_factors': the down projection's columns by descending H_ii; the rank rows by ascending width, which the
     allocation has not chosen yet, so ascending H_ii stands in for it (the rows that matter least get the widths
     that drop or coarsen them, and go first)."""
+    return by_experts(lambda h: _compensation(projection, h), hessian)
+
+
+def _compensation(projection: str, hessian: torch.Tensor) -> torch.Tensor:
     h = damped(hessian)
     diag = h.diagonal(dim1=1, dim2=2)
     order = diag.argsort(dim=1, descending=projection == "down", stable=True)
@@ -176,8 +190,11 @@ def damped(hessian: torch.Tensor) -> torch.Tensor:
 
 def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
     """[E, n, n] -> the upper Cholesky factor of the damped H's inverse."""
-    lower = torch.linalg.cholesky(damped(hessian))
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+
+    def factor(h: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped(h))), upper=True).float()
+
+    return by_experts(factor, hessian)
 
 
 def feedback(w: torch.Tensor, u: torch.Tensor, quantize) -> torch.Tensor:

@@ -120,3 +120,14 @@ def test_compensation_is_the_schur_complement_of_the_coordinates_rounded_later(p
             assert got[e, i].item() == pytest.approx(float(schur / h[i, i]), rel=1e-4)
     assert (got[1] == 1).all()  # uncorrelated coordinates: nothing to compensate with
     assert got[0].min() < 0.5  # correlated ones: the first rounded keeps only a part of its loss
+
+
+def test_factorisations_in_batches_of_experts_give_the_same_values(monkeypatch):
+    """compensation and inverse_cholesky factorise a few experts at a time (a big layer's all at once ran out of
+    memory): every expert's values are those of the whole batch"""
+    x = torch.randn(5, 40, 12, generator=torch.Generator().manual_seed(0))
+    h = x.transpose(1, 2) @ x  # [5, 12, 12]
+    whole = [gptq.inverse_cholesky(h), gptq.compensation("gate", h), gptq.compensation("down", h)]
+    monkeypatch.setattr(gptq, "FACTOR_BYTES", 2 * 8 * 12 * 12)  # 2 experts a batch, the last alone
+    batched = [gptq.inverse_cholesky(h), gptq.compensation("gate", h), gptq.compensation("down", h)]
+    assert all(torch.equal(a, b) for a, b in zip(whole, batched))
