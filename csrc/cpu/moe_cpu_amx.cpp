@@ -1,7 +1,7 @@
-// The integer path's gate/up and down on AMX tiles (moe_cpu.h, TileKernels): binding.cpp runs them for the experts
-// with at least kAmx.min_tokens tokens where amx_usable(). Same integer sums as moe_cpu_vnni.cpp, so the same
-// results up to the order of float additions across 16-token tiles (none: each token's sums are added in the VNNI
-// kernels' order).
+// The integer path's gate/up, down and int8 bases on AMX tiles (moe_cpu.h, TileKernels): binding.cpp runs them where
+// amx_usable(), for the experts with at least kAmx.min_tokens tokens and the calls with at least
+// kAmx.min_basis_tokens. gate/up and down take the integer sums and the float steps of moe_cpu_vnni.cpp, in its
+// order, so their output is the same bit for bit; the bases' float steps differ (one conversion of the exact sums).
 //
 // Tiles: 0, 1 the sums of the hi and lo bytes (16 tokens x 16 columns, int32), 2, 3 the activations' hi and lo bytes
 // (16 tokens x K), 4 the decoded codes (K / 4 rows of 16 columns x 4 codes: a decoded 64-byte chunk of the CPU layout
@@ -215,44 +215,52 @@ inline void basis_tile(const Basis& b, int64_t r, int64_t c, int8_t* tile) {
   for (int q = 0; q < 16; ++q) _mm512_storeu_si512(tile + 64 * q, v[q]);
 }
 
+constexpr int64_t kPanelTokens = 128;  // tokens whose activations (hi and lo, 2 x 256 KiB at H 2048) stay in L2
+
 // Rows [r0, r1) of out [T, b.n], r0 and r1 multiples of 16 within the basis' whole 4-row blocks, b.in a multiple of
-// 64; x's hi and lo rows readable up to the next multiple of 16 (the rows past T are never stored)
+// 64; x's hi and lo rows readable up to the next multiple of 16 (the rows past T are never stored). The rows' tiles
+// are made once, then taken against each panel of tokens: row block by row block over the whole of x streamed x
+// from memory once per 16 rows (T = 2048: 1 GB a basis)
 void int8_rows_amx(const Basis& b, const QuantizedRows& x, int64_t T, float* out, int64_t r0, int64_t r1) {
   const Tiles tiles(64);
-  const int64_t chunks = b.in / 64;
-  Buffer<int8_t> codes(chunks * kTile * 64);  // the 16 rows' tiles, all columns
+  const int64_t chunks = b.in / 64, blocks = (r1 - r0) / kTile;
+  Buffer<int8_t> codes(blocks * chunks * kTile * 64);  // [block of 16 rows, chunk of 64 columns] tiles
+  for (int64_t k = 0; k < blocks; ++k)
+    for (int64_t c = 0; c < chunks; ++c) basis_tile(b, r0 + kTile * k, 64 * c, codes.p + (k * chunks + c) * kTile * 64);
   alignas(64) int32_t hi[kTile * kTile], lo[kTile * kTile];
-  for (int64_t r = r0; r < r1; r += kTile) {
-    for (int64_t c = 0; c < chunks; ++c) basis_tile(b, r, 64 * c, codes.p + c * kTile * 64);
-    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.scale + r)));
-    for (int64_t t = 0; t < T; t += kTile) {
-      _tile_zero(0);
-      _tile_zero(1);
-      for (int64_t c = 0; c < chunks; ++c) {
-        _tile_loadd(2, x.hi + t * b.in + 64 * c, b.in);
-        _tile_loadd(3, x.lo + t * b.in + 64 * c, b.in);
-        _tile_loadd(4, codes.p + c * kTile * 64, 64);
-        _tile_dpbssd(0, 2, 4);
-        _tile_dpbssd(1, 3, 4);
-      }
-      _tile_stored(0, hi, 64);
-      _tile_stored(1, lo, 64);
-      for (int64_t j = 0; j < kTile && t + j < T; ++j) {
-        const __m512 sums = combine(_mm512_load_si512(hi + j * kTile), _mm512_load_si512(lo + j * kTile));
-        _mm512_storeu_ps(out + (t + j) * b.n + r,
-                         _mm512_mul_ps(scale, _mm512_mul_ps(_mm512_set1_ps(x.scale[t + j]), sums)));
+  for (int64_t t0 = 0; t0 < T; t0 += kPanelTokens)
+    for (int64_t k = 0; k < blocks; ++k) {
+      const int64_t r = r0 + kTile * k;
+      const int8_t* tile = codes.p + k * chunks * kTile * 64;
+      const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.scale + r)));
+      for (int64_t t = t0; t < T && t < t0 + kPanelTokens; t += kTile) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t c = 0; c < chunks; ++c) {
+          _tile_loadd(2, x.hi + t * b.in + 64 * c, b.in);
+          _tile_loadd(3, x.lo + t * b.in + 64 * c, b.in);
+          _tile_loadd(4, tile + c * kTile * 64, 64);
+          _tile_dpbssd(0, 2, 4);
+          _tile_dpbssd(1, 3, 4);
+        }
+        _tile_stored(0, hi, 64);
+        _tile_stored(1, lo, 64);
+        for (int64_t j = 0; j < kTile && t + j < T; ++j) {
+          const __m512 sums = combine(_mm512_load_si512(hi + j * kTile), _mm512_load_si512(lo + j * kTile));
+          _mm512_storeu_ps(out + (t + j) * b.n + r,
+                           _mm512_mul_ps(scale, _mm512_mul_ps(_mm512_set1_ps(x.scale[t + j]), sums)));
+        }
       }
     }
-  }
 }
 
 }  // namespace
 
 bool bitsmoe::cpu::amx_usable() {
   static const bool usable = [] {
+    constexpr unsigned kAmxTileInt8 = 3u << 24;  // CPUID (7, 0) EDX bits 24 and 25
     unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx >> 24 & 1) || !(edx >> 25 & 1))
-      return false;                                          // AMX-TILE, AMX-INT8
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || (edx & kAmxTileInt8) != kAmxTileInt8) return false;
     constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // arch_prctl(2), the tile data state component
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
   }();
