@@ -15,8 +15,9 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
-from benchmarks.bench_serve import build_models
+from benchmarks.bench_serve import build_demo
 from benchmarks.machine import describe
 from bitsmoe_vllm.local_server import get, stream, vllm_server
 
@@ -118,7 +119,8 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        _, bitsmoe = build_models(tmp, "mixtral", layers=2, hidden=64, experts=16, intermediate=128, bits=2.5)
+        shape = SimpleNamespace(arch="mixtral", layers=2, hidden=64, experts=16, intermediate=128, bits=2.5)
+        _, bitsmoe = build_demo(tmp, shape)
         with vllm_server(bitsmoe, "--max-model-len", "512", log=tmp / "server.log", timeout=600) as url:
             result = run_load(url, str(bitsmoe), a.requests, a.max_tokens)
     result = {

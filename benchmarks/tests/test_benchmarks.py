@@ -141,7 +141,7 @@ def test_serve_bench_gives_each_stream_a_prompt_of_its_own():
     same experts: the 8-stream figure would measure 2 experts per layer."""
     from types import SimpleNamespace
 
-    from benchmarks.bench_serve import decode_rate
+    from benchmarks.bench_serve import PROMPTS, ROUNDS, decode_rate
 
     prompts = []
 
@@ -152,3 +152,4 @@ def test_serve_bench_gives_each_stream_a_prompt_of_its_own():
     client = SimpleNamespace(completions=SimpleNamespace(create=create))
     assert decode_rate(client, "m", streams=8, tokens=5, rounds=2) > 0
     assert len(prompts) == 16 and len(set(prompts)) == 8
+    assert len(set(PROMPTS)) == max(ROUNDS)  # one for each of the most streams measured

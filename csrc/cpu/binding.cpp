@@ -200,8 +200,7 @@ void basis_product(const Kernels& k, const Basis& b, const float* x, int64_t T, 
 }
 
 // As basis_product on the integer path: an int8 basis multiplies x rounded to 16 bits per row (moe_cpu.h), others
-// as floats
-// With amx, the rows in whole 16-row tiles run on AMX tiles where T and b.in allow, the rest on VNNI.
+// as floats. With amx, an int8 basis' rows in whole 16-row tiles run on AMX tiles where T and b.in allow.
 void basis_product_int(const VnniKernels& v, const Kernels& k, bool amx, const Basis& b, const float* x, int64_t T,
                        float* out) {
   if (b.type != BasisType::kInt8) return basis_product(k, b, x, T, out);
