@@ -35,24 +35,30 @@ FACTOR_BYTES = 1 << 28
 
 
 def hessians(
-    routed: Routed, weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None]
+    routed: Routed,
+    weights: dict[str, torch.Tensor],
+    bases: dict[str, torch.Tensor | None],
+    projections: tuple[str, ...] = ("gate", "up", "down"),
 ) -> dict[str, torch.Tensor]:
-    """Per projection, [E, n, n] float32: the Hessian of its rank-space inputs (gate, up: z = V x, n = R) or of the
-    down projection's inputs (n = I), over each expert's routed tokens with squared routing weights."""
+    """Per projection of `projections`, [E, n, n] float32: the Hessian of its rank-space inputs (gate, up: z = V x,
+    n = R) or of the down projection's inputs (n = I), over each expert's routed tokens with squared routing
+    weights. One projection at a time keeps one of them in memory (128 experts of rank 2048: 2 GB each)."""
     E, device = weights["gate"].shape[0], weights["gate"].device
     x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
     sizes = {p: x.shape[1] if bases[p] is None else bases[p].shape[0] for p in ("gate", "up")} | {
         "down": weights["down"].shape[1]
     }
-    out = {p: torch.zeros(E, n, n, device=x.device) for p, n in sizes.items()}
+    out = {p: torch.zeros(E, sizes[p], sizes[p], device=x.device) for p in projections}
     for e in ids.unique().tolist():
         token, slot = (ids == e).nonzero(as_tuple=True)
         xe, w2 = x[token], w[token, slot] ** 2
         for p in ("gate", "up"):
-            ze = xe if bases[p] is None else xe @ bases[p].T
-            out[p][e] = (ze * w2[:, None]).T @ ze
-        a = F.silu(xe @ weights["gate"][e].T) * (xe @ weights["up"][e].T)
-        out["down"][e] = (a * w2[:, None]).T @ a
+            if p in out:
+                ze = xe if bases[p] is None else xe @ bases[p].T
+                out[p][e] = (ze * w2[:, None]).T @ ze
+        if "down" in out:
+            a = F.silu(xe @ weights["gate"][e].T) * (xe @ weights["up"][e].T)
+            out["down"][e] = (a * w2[:, None]).T @ a
     return out
 
 
@@ -68,21 +74,18 @@ def round_factors(
     """factors [E, R, I], bits [E, R], hessian [E, n, n] -> the rounded factors [E, R, I] (codes times scales) and
     their scales [E, R, I/G] (0 for rows of width 0); odd: format version 2's codes (bitsmoe_vllm.packing)."""
     busiest = hessian.diagonal(dim1=1, dim2=2).argsort(dim=1, descending=True, stable=True)  # [E, n]
+    order = busiest
     if projection != "down":
         order = busiest.gather(1, bits.gather(1, busiest).argsort(dim=1, stable=True))  # by width, then by H_ii
-        rounded, scales = _round_rank_rows(
-            take(factors, order, 1),
-            bits.gather(1, order),
-            take(take(hessian, order, 1), order, 2),
-            group_size,
-            steps,
-            odd,
-        )
+    # one [E, n, n] at a time besides the result (a big layer's are GBs): the caller's H goes once reordered
+    reordered = take(take(hessian, order, 1), order, 2)
+    del hessian
+    u = inverse_cholesky(reordered)
+    del reordered
+    if projection != "down":
+        rounded, scales = _round_rank_rows(take(factors, order, 1), bits.gather(1, order), u, group_size, steps, odd)
         return put(rounded, order, 1), put(scales, order, 1)
-    order = busiest
-    rounded, scales = _round_columns(
-        take(factors, order, 2), bits, take(take(hessian, order, 1), order, 2), group_size, steps, order, odd
-    )
+    rounded, scales = _round_columns(take(factors, order, 2), bits, u, group_size, steps, order, odd)
     return put(rounded, order, 2), scales
 
 
@@ -102,9 +105,9 @@ def _index(t: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _round_rank_rows(
-    factors: torch.Tensor, bits: torch.Tensor, hessian: torch.Tensor, group_size: int, steps: int, odd: bool
+    factors: torch.Tensor, bits: torch.Tensor, u: torch.Tensor, group_size: int, steps: int, odd: bool
 ):
-    """round_factors of gate and up, the rank rows in the order to round them."""
+    """round_factors of gate and up, the rank rows in the order to round them; u: inverse_cholesky of their H."""
     E, R, I = factors.shape
     scales = torch.zeros(E, R, I // group_size, device=factors.device)
 
@@ -117,21 +120,21 @@ def _round_rank_rows(
             q[sel] = codes.float() * s.float().repeat_interleave(group_size, dim=1)
         return q
 
-    rounded = feedback(factors.transpose(1, 2), inverse_cholesky(hessian), rows).transpose(1, 2)
+    rounded = feedback(factors.transpose(1, 2), u, rows).transpose(1, 2)
     return rounded.contiguous(), scales
 
 
 def _round_columns(
     factors: torch.Tensor,
     bits: torch.Tensor,
-    hessian: torch.Tensor,
+    u: torch.Tensor,
     group_size: int,
     steps: int,
     order: torch.Tensor,
     odd: bool,
 ):
-    """round_factors of down, the columns (and the Hessian) in the order order [E, I] to round them; the group scales
-    are fitted to the columns in place, before any rounding."""
+    """round_factors of down, the columns in the order order [E, I] to round them (u: inverse_cholesky of their H in
+    that order); the group scales are fitted to the columns in place, before any rounding."""
     E, R, I = factors.shape
     scales = torch.zeros(E, R, I // group_size, device=factors.device)
     in_place = put(factors, order, 2)
@@ -148,7 +151,7 @@ def _round_columns(
         codes = round_to_codes(f / safe, bounds)
         return torch.where(s > 0, codes * s, torch.zeros_like(f))
 
-    return feedback(factors, inverse_cholesky(hessian), columns), scales
+    return feedback(factors, u, columns), scales
 
 
 def by_experts(fn, hessian: torch.Tensor) -> torch.Tensor:

@@ -34,12 +34,11 @@ def layer_costs(plan: Plan, weights: dict[str, torch.Tensor], routed: Routed, n_
         shared = [b for b in plan.basis_candidates() if b != "identity"] if kind == "shared" else []
         weight = importance(routed, weights, bases, n_tokens)
         losses = {"loss": [], "nearest": [], **{b: [] for b in shared}}
-        hessians = gptq.hessians(routed, weights, bases) if plan.options.rounding == "gptq" else {}
         for p in PROJECTIONS:
             factors, w = project(weights[p], bases[p]), weight.pop(p)
             widths, rows = list(plan.widths), p_plan.unit_rows
-            if p in hessians:  # the rounding at every width done once for both importances
-                share = gptq.compensation(p, hessians.pop(p))
+            if plan.options.rounding == "gptq":  # the rounding at every width done once for both importances
+                share = gptq.compensation(p, gptq.hessians(routed, weights, bases, (p,))[p])
                 both = torch.stack([w * (share[:, None, :] if p == "down" else share[:, :, None]), w])
                 loss, nearest = unit_losses(
                     factors, both, widths, rows, plan.group_size, plan.options.scale_steps, plan.odd_codes

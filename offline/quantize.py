@@ -269,14 +269,14 @@ def feedback_rounding(
 ) -> tuple[dict, dict]:
     """The layer's factors rounded with error feedback on the tokens `routed` to it (offline.gptq), and their
     scales."""
-    hessians = gptq.hessians(routed, weights, {p: decompositions[p].basis for p in ("gate", "up")})
+    bases = {p: decompositions[p].basis for p in ("gate", "up")}
     rounded, scales = {}, {}
     for p, dec in decompositions.items():
         factors, scales[p] = gptq.round_factors(
             p,
             dec.factors,
             widths[p].to(dec.factors.device),
-            hessians[p],
+            gptq.hessians(routed, weights, bases, (p,))[p],  # only round_factors holds it: freed as it goes
             plan.group_size,
             plan.options.scale_steps,
             plan.odd_codes,
