@@ -1,6 +1,7 @@
-"""The CPU integer path (torch.ops.bitsmoe.moe_int on the CPU layout of bitsmoe_vllm/cpu_layout.py, AVX-512 VNNI)
-against the reference, and the CPU layout against FORMAT.md read literally. Skipped on CPUs without AVX-512 VNNI, BW,
-VBMI and GFNI."""
+"""The CPU integer path (torch.ops.bitsmoe.moe_int on the CPU layout of bitsmoe_vllm/cpu_layout.py, AVX-512 VNNI, and
+AMX tiles for the experts with many tokens) against the reference, and the CPU layout against FORMAT.md read
+literally. Skipped on CPUs without AVX-512 VNNI, BW, VBMI and GFNI; the AMX runs on CPUs without AMX-TILE and
+AMX-INT8."""
 
 import os
 import subprocess
