@@ -32,7 +32,8 @@ CHECK_TOKENS = 8  # tokens of the check at load; on CUDA also enough for the pre
 # kernels round activations to 16-bit integers (CPU integer path, ~1e-5) or to bf16/fp16 (prefill tiles, ~4e-3);
 # a wrong kernel is off by order 1.
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
-INT_PATH_ISAS = ("avx512-amx", "avx512-vnni")  # torch.ops.bitsmoe.cpu_isa() where the CPU integer path runs
+# torch.ops.bitsmoe.cpu_isa() where the CPU integer path runs, and what it runs on
+INT_PATH_ISAS = {"avx512-amx": "AVX-512 VNNI, AMX tiles for experts with many tokens", "avx512-vnni": "AVX-512 VNNI"}
 
 
 class Backend(enum.Enum):
@@ -66,12 +67,8 @@ def select_backend(device: torch.device) -> Choice:
                 "with `pip install --no-build-isolation -e .` on x86-64",
             )
         isa = torch.ops.bitsmoe.cpu_isa()
-        if isa == "avx512-amx":
-            return Choice(
-                Backend.CPU_INT, "the CPU integer path (AVX-512 VNNI, AMX tiles for experts with many tokens)"
-            )
-        if isa == "avx512-vnni":
-            return Choice(Backend.CPU_INT, "the CPU integer path (AVX-512 VNNI)")
+        if isa in INT_PATH_ISAS:
+            return Choice(Backend.CPU_INT, f"the CPU integer path ({INT_PATH_ISAS[isa]})")
         return Choice(Backend.CPU_FLOAT, f"the CPU float kernel ({isa}; the integer path needs AVX-512 VNNI)")
     return Choice(Backend.REFERENCE, f"no BitsMoE kernel for {device.type} devices")
 
