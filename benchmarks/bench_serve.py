@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.corpus import write_splits  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from bitsmoe_vllm.local_server import vllm_server  # noqa: E402
-from bitsmoe_vllm.offline.demo import corpus, train_tokenizer  # noqa: E402
+from bitsmoe_vllm.offline.demo import corpus, train_tokenizer, write_random_model  # noqa: E402
 
 PROMPTS = [  # one per stream, and four variants of each for 32 streams
     f"{start}{variant}"
@@ -168,15 +168,7 @@ def build_qwen3_30b_a3b(tmp: Path, a) -> tuple[Path, Path]:
         pad_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    net = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.dim() > 1:
-                p.normal_(0, p.shape[-1] ** -0.5)
-    net.save_pretrained(model)
-    tokenizer.save_pretrained(model)
-    del net
+    write_random_model(config, tokenizer, model, dtype=torch.bfloat16)
     text.write_text("\n\n".join(corpus()))
     quantize(model, bitsmoe, text, a.bits, "--calib-tokens", "2048", "--calib-seq-len", "128", "--basis-dtype", "int8")
     return model, bitsmoe

@@ -173,12 +173,20 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, **shape) -> Path:
     `shape`: layers, experts, intermediate (per expert), hidden to override the defaults.
     """
     tokenizer = train_tokenizer()
-    config = tiny_config(arch, len(tokenizer), tokenizer.eos_token_id, **shape)
+    return write_random_model(
+        tiny_config(arch, len(tokenizer), tokenizer.eos_token_id, **shape), tokenizer, out_dir, seed
+    )
+
+
+def write_random_model(
+    config: transformers.PretrainedConfig, tokenizer, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """A model of `config` with random weights N(0, 1/fan-in), in `dtype`, saved with `tokenizer` to out_dir."""
     torch.manual_seed(seed)
-    if arch == "qwen3_5_moe":
-        model = transformers.Qwen3_5MoeForConditionalGeneration._from_config(config, dtype=torch.float32)
+    if isinstance(config, transformers.Qwen3_5MoeConfig):
+        model = transformers.Qwen3_5MoeForConditionalGeneration._from_config(config, dtype=dtype)
     else:
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # the default init is tiny (std 0.02); larger weights make quantization errors visible
         for p in model.parameters():
             if p.dim() > 1:
