@@ -33,6 +33,11 @@ SCHEMAS = {
     "cpu_isa": "() -> str",  # the instruction set the CPU kernels run with
     "cpu_layout_constants": "() -> int[]",  # what the CPU layout must agree on (cpu_layout.check_constants)
     "huge_page_copy": "(Tensor t) -> Tensor",  # t copied into memory advised for transparent huge pages
+    # the quantizer's cost model (offline/cost.py): each factor row's weighted rounding loss at every width
+    "rounding_losses": "(Tensor factors, Tensor weights, int[] widths, int group_size, int steps, bool odd_codes) "
+    "-> Tensor",
+    # the quantizer's rounding (offline/rounding.py): codes and float16 scales of rows at a width each
+    "round_rows": "(Tensor rows, Tensor bits, int group_size, int steps, bool odd_codes) -> (Tensor, Tensor)",
     # CUDA, on the kernel layout (bitsmoe_vllm/cuda.py); factors: gate, up, down as codes, scales, rows, segs
     "moe_decode": _CUDA.format(""),
     "moe_prefill": _CUDA.format(_TILES),

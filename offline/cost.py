@@ -19,7 +19,9 @@ multiplies the importance by the share of each coordinate's loss that the feedba
 """
 
 import torch
+import torch.nn.functional as F
 
+from bitsmoe_vllm import ops
 from bitsmoe_vllm.format import factor_row_bits
 
 from .calibrate import Routed
@@ -84,9 +86,23 @@ def unit_losses(
     """factors [E, R, I], importance [E, R or 1, I] -> loss [E, units, J] float64 for widths[j]; several importances
     [V, E, R or 1, I] (the rounding done once for all) -> [V, E, units, J]."""
     E, R, I = factors.shape
-    units = -(-R // unit_rows)
-    lead = weight.shape[:-3]
-    row_loss = torch.zeros(*lead, E, units * unit_rows, len(widths), dtype=torch.float64, device=factors.device)
+    units, lead = -(-R // unit_rows), weight.shape[:-3]
+    if factors.device.type == "cpu" and ops.CPU_KERNEL:  # the same rounding in one pass, csrc/cpu/rounding_losses.cpp
+        weights = weight.reshape(-1, *weight.shape[-3:]).float()
+        row_loss = torch.ops.bitsmoe.rounding_losses(factors.float(), weights, widths, group_size, scale_steps, odd)
+    else:
+        row_loss = row_losses(factors, weight, widths, group_size, scale_steps, odd)
+    row_loss = F.pad(row_loss.reshape(*lead, E, R, len(widths)), (0, 0, 0, units * unit_rows - R))
+    return row_loss.reshape(*lead, E, units, unit_rows, len(widths)).sum(-2)
+
+
+def row_losses(
+    factors: torch.Tensor, weight: torch.Tensor, widths: list[int], group_size: int, scale_steps: int, odd: bool
+) -> torch.Tensor:
+    """[..., E, R, J] float64: each factor row's loss at widths[j], rounded by offline.rounding.quantize_rows (the
+    reference of the CPU kernel torch.ops.bitsmoe.rounding_losses)."""
+    E, R, I = factors.shape
+    row_loss = torch.zeros(*weight.shape[:-3], E, R, len(widths), dtype=torch.float64, device=factors.device)
     chunk = max(1, CHUNK_ENTRIES // (R * I))
     for s in range(0, E, chunk):
         f = factors[s : s + chunk]  # [chunk, R, I]
@@ -98,8 +114,8 @@ def unit_losses(
                 codes, scales = quantize_rows(f.reshape(-1, I), b, group_size, scale_steps, odd)
                 dequant = codes.float() * scales.float().repeat_interleave(group_size, dim=1)
                 err = (dequant.reshape(f.shape) - f) ** 2
-            row_loss[..., s : s + chunk, :R, j] = (err * a).sum(-1).double()
-    return row_loss.reshape(*lead, E, units, unit_rows, len(widths)).sum(-2)
+            row_loss[..., s : s + chunk, :, j] = (err * a).sum(-1).double()
+    return row_loss
 
 
 def unit_costs(rank: int, intermediate_size: int, widths: list[int], unit_rows: int, group_size: int) -> torch.Tensor:

@@ -44,19 +44,17 @@ def project(weights: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
 
 def shared_basis(weights: torch.Tensor, rank: int) -> Decomposition:
     """Decompose expert weights [E, I, H] (gate/up as stored, down as D_e^T) with shared rank R <= H."""
-    basis, energy = top_basis(weights, rank)
-    return Decomposition(basis, project(weights, basis), energy)
+    return decompose(weights, rank, "shared")
 
 
-def basis_of(weights: torch.Tensor, rank: int, basis_dtype: str) -> torch.Tensor | None:
-    """The basis [R, H] `decompose` uses, or None for an identity basis."""
-    return None if basis_dtype == "identity" else top_basis(weights, rank)[0]
-
-
-def decompose(weights: torch.Tensor, rank: int, basis_dtype: str) -> Decomposition:
+def decompose(
+    weights: torch.Tensor, rank: int, basis_dtype: str, basis: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> Decomposition:
     """The shared-basis decomposition at `rank`, or for basis_dtype "identity" the one with V = I (rank H):
-    factors W_e^T [E, H, I], energy per channel."""
-    if basis_dtype != "identity":
-        return shared_basis(weights, rank)
-    factors = project(weights, None)
-    return Decomposition(None, factors, factors.double().pow(2).sum((0, 2)))
+    factors W_e^T [E, H, I], energy per channel. `basis`: top_basis(weights, R) with R >= rank, computed before (the
+    top `rank` rows of it are top_basis at `rank`)."""
+    if basis_dtype == "identity":
+        factors = project(weights, None)
+        return Decomposition(None, factors, factors.double().pow(2).sum((0, 2)))
+    vectors, energy = top_basis(weights, rank) if basis is None else (basis[0][:rank], basis[1][:rank])
+    return Decomposition(vectors, project(weights, vectors), energy)

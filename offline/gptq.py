@@ -32,6 +32,9 @@ BLOCK = 128  # coordinates per block of updates deferred into one matrix product
 # float64 bytes of one batch of the factorisations' operands: Qwen3-30B-A3B's 128 experts' rank-space Hessians
 # (2048 x 2048) factorised at once took 17 GB of temporaries and ran this 24 GB machine out of memory
 FACTOR_BYTES = 1 << 28
+# float32 bytes of the Hessians of one batch of experts: a whole layer's (2 GB per projection for Qwen3-30B-A3B, held
+# with their reordered copy and factorisations) set the quantizer's peak memory
+HESSIAN_BYTES = 1 << 29
 
 
 def hessians(
@@ -39,27 +42,45 @@ def hessians(
     weights: dict[str, torch.Tensor],
     bases: dict[str, torch.Tensor | None],
     projections: tuple[str, ...] = ("gate", "up", "down"),
+    experts: range | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per projection of `projections`, [E, n, n] float32: the Hessian of its rank-space inputs (gate, up: z = V x,
     n = R) or of the down projection's inputs (n = I), over each expert's routed tokens with squared routing
-    weights. One projection at a time keeps one of them in memory (128 experts of rank 2048: 2 GB each)."""
-    E, device = weights["gate"].shape[0], weights["gate"].device
+    weights; of the experts `experts` only ([len(experts), n, n]; expert_batches), else of all."""
+    experts = experts or range(weights["gate"].shape[0])
+    device = weights["gate"].device
     x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
-    sizes = {p: x.shape[1] if bases[p] is None else bases[p].shape[0] for p in ("gate", "up")} | {
-        "down": weights["down"].shape[1]
-    }
-    out = {p: torch.zeros(E, sizes[p], sizes[p], device=x.device) for p in projections}
+    size = {p: hessian_size(weights, bases, p) for p in projections}
+    out = {p: torch.zeros(len(experts), size[p], size[p], device=x.device) for p in projections}
+    # every token's rank-space inputs once (N x H x R), not once per expert it is routed to (k times that)
+    z = {p: x if bases[p] is None else x @ bases[p].T for p in ("gate", "up") if p in out}
     for e in ids.unique().tolist():
+        if e not in experts:
+            continue
         token, slot = (ids == e).nonzero(as_tuple=True)
         xe, w2 = x[token], w[token, slot] ** 2
-        for p in ("gate", "up"):
-            if p in out:
-                ze = xe if bases[p] is None else xe @ bases[p].T
-                out[p][e] = (ze * w2[:, None]).T @ ze
+        for p, zp in z.items():
+            ze = zp[token]
+            out[p][e - experts.start] = (ze * w2[:, None]).T @ ze
         if "down" in out:
             a = F.silu(xe @ weights["gate"][e].T) * (xe @ weights["up"][e].T)
-            out["down"][e] = (a * w2[:, None]).T @ a
+            out["down"][e - experts.start] = (a * w2[:, None]).T @ a
     return out
+
+
+def hessian_size(weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None], projection: str) -> int:
+    if projection == "down":
+        return weights["down"].shape[1]
+    basis = bases[projection]
+    return weights[projection].shape[2] if basis is None else basis.shape[0]
+
+
+def expert_batches(weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None], projection: str):
+    """The experts in batches whose Hessians of `projection` take HESSIAN_BYTES: each expert's Hessian, its
+    factorisations and its rounding are its own, so a layer is handled a batch at a time, not all at once."""
+    E, n = weights["gate"].shape[0], hessian_size(weights, bases, projection)
+    step = max(1, HESSIAN_BYTES // (4 * n * n))
+    return [range(s, min(s + step, E)) for s in range(0, E, step)]
 
 
 def round_factors(
@@ -175,10 +196,11 @@ def _compensation(projection: str, hessian: torch.Tensor) -> torch.Tensor:
     h = damped(hessian)
     diag = h.diagonal(dim1=1, dim2=2)
     order = diag.argsort(dim=1, descending=projection == "down", stable=True)
-    u = torch.linalg.cholesky(
-        torch.cholesky_inverse(torch.linalg.cholesky(take(take(h, order, 1), order, 2))), upper=True
-    )
-    share = 1 / (u.diagonal(dim1=1, dim2=2) ** 2 * take(diag, order, 1))
+    # U_ii^-2 is the Schur complement of the coordinates rounded after i: the squared diagonal of the Cholesky
+    # factor of H with the order reversed (one factorisation instead of inverse_cholesky's three)
+    later_first = take(take(h, order, 1), order, 2).flip(1, 2)
+    schur = torch.linalg.cholesky(later_first).diagonal(dim1=1, dim2=2).flip(1) ** 2
+    share = schur / take(diag, order, 1)
     return put(share.clamp(max=1), order, 1).float()
 
 
@@ -192,10 +214,14 @@ def damped(hessian: torch.Tensor) -> torch.Tensor:
 
 
 def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
-    """[E, n, n] -> the upper Cholesky factor of the damped H's inverse."""
+    """[E, n, n] -> the upper Cholesky factor U of the damped H's inverse, float32: U = P L^-1 P with P the reversal
+    of the coordinates and L the lower Cholesky factor of P H P (U^T U = P (P H P)^-1 P = H^-1); a factorisation
+    and a triangular solve instead of a factorisation, an inverse and a second factorisation."""
 
     def factor(h: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped(h))), upper=True).float()
+        low = torch.linalg.cholesky(damped(h.flip(1, 2))).float()
+        eye = torch.eye(h.shape[-1], device=h.device).expand_as(low)
+        return torch.linalg.solve_triangular(low, eye, upper=False).flip(1, 2)
 
     return by_experts(factor, hessian)
 
@@ -213,7 +239,7 @@ def feedback(w: torch.Tensor, u: torch.Tensor, quantize) -> torch.Tensor:
             q = quantize(i, w[:, :, i])
             out[:, :, i] = q
             d = (w[:, :, i] - q) / u[:, i, i, None]
-            w[:, :, i + 1 : end] -= d[:, :, None] * u[:, None, i, i + 1 : end]
+            w[:, :, i + 1 : end].addcmul_(d[:, :, None], u[:, None, i, i + 1 : end], value=-1)  # no temporary
             err[:, :, i - start] = d
         w[:, :, end:] -= err @ u[:, start:end, end:]
     return out

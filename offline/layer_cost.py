@@ -10,7 +10,7 @@ from bitsmoe_vllm.reference import Basis, dequantize_basis
 from . import gptq
 from .calibrate import Routed
 from .cost import importance, unit_losses
-from .decompose import basis_of, project
+from .decompose import project, top_basis
 from .plan import BASIS_DTYPES, Plan
 from .rounding import quantize_basis
 
@@ -22,15 +22,30 @@ def residual_energy(hidden: torch.Tensor) -> float:
     return float(hidden.float().pow(2).sum(-1).median())
 
 
-def layer_costs(plan: Plan, weights: dict[str, torch.Tensor], routed: Routed, n_tokens: int) -> dict[str, torch.Tensor]:
+def shared_bases(plan: Plan, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layer's shared bases, computed once for the costs and the export: "{p}" [R, H] and "energy-{p}" [R] of
+    offline.decompose.top_basis per projection at the rank the costs measure (--rank, else full); empty when no
+    shared basis is a candidate."""
+    if all(b == "identity" for b in plan.basis_candidates()):
+        return {}
+    rank = plan.with_basis("int8").rank
+    out = {}
+    for p in PROJECTIONS:
+        out[p], out[f"energy-{p}"] = top_basis(weights[p], rank)
+    return out
+
+
+def layer_costs(
+    plan: Plan, weights: dict[str, torch.Tensor], routed: Routed, n_tokens: int, layer_bases: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The costs of each factor kind of plan.basis_candidates(): "loss-{kind}" [3 * E * units, J] (with --rounding
     gptq, times the share of each coordinate's loss the error feedback leaves, offline.gptq.compensation, and the
     loss rounded to nearest as "nearest-{kind}"), and for each shared basis among them "basis_loss-{basis}"
-    [3 * E * units]; one projection's factors in memory at a time."""
+    [3 * E * units]; `layer_bases`: shared_bases; one projection's factors in memory at a time."""
     out = {}
     for kind in sorted({plan.with_basis(b).factor_kind for b in plan.basis_candidates()}):
         p_plan = plan.with_basis("identity" if kind == "identity" else "int8")
-        bases = {p: basis_of(weights[p], p_plan.rank, p_plan.basis_dtype) for p in PROJECTIONS}
+        bases = {p: None if kind == "identity" else layer_bases[p] for p in PROJECTIONS}
         shared = [b for b in plan.basis_candidates() if b != "identity"] if kind == "shared" else []
         weight = importance(routed, weights, bases, n_tokens)
         losses = {"loss": [], "nearest": [], **{b: [] for b in shared}}
@@ -38,7 +53,10 @@ def layer_costs(plan: Plan, weights: dict[str, torch.Tensor], routed: Routed, n_
             factors, w = project(weights[p], bases[p]), weight.pop(p)
             widths, rows = list(plan.widths), p_plan.unit_rows
             if plan.options.rounding == "gptq":  # the rounding at every width done once for both importances
-                share = gptq.compensation(p, gptq.hessians(routed, weights, bases, (p,))[p])
+                batches = gptq.expert_batches(weights, bases, p)
+                share = torch.cat(
+                    [gptq.compensation(p, gptq.hessians(routed, weights, bases, (p,), b)[p]) for b in batches]
+                )
                 both = torch.stack([w * (share[:, None, :] if p == "down" else share[:, :, None]), w])
                 loss, nearest = unit_losses(
                     factors, both, widths, rows, plan.group_size, plan.options.scale_steps, plan.odd_codes

@@ -23,7 +23,7 @@ from .cost import unit_costs
 from .rounding import REFINE_STEPS
 from .source import SourceCheckpoint
 
-RUN_FORMAT = 2  # 2: the costs carry "nearest-*" (the cost model counting the error feedback)
+RUN_FORMAT = 3  # 2: the costs carry "nearest-*" (the cost model counting the error feedback); 3: "basis-*" files
 
 BASIS_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8", "identity": "identity"}
 # what --basis-dtype auto chooses from (bf16 rounds a basis, whose entries are below 1, coarser than fp16)

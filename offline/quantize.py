@@ -24,7 +24,7 @@ from .decompose import decompose
 from .dequantize import dense_weights
 from .encode import encode_layer
 from .export import copied_tensors, copy_side_files, shard_files, write_config, write_index, write_shard
-from .layer_cost import layer_costs, residual_energy
+from .layer_cost import layer_costs, residual_energy, shared_bases
 from .modules import return_freed_memory, skeleton
 from .plan import Options, Plan, make_plan
 from .report import StageTimer, histograms, plot_allocation, write_report
@@ -98,7 +98,10 @@ def calibrate_and_cost(
                 print(warning, file=sys.stderr)
             energy = residual_energy(after[~held])
             weights = expert_weights(plan, i, device)
-            costs = {k: v / energy for k, v in layer_costs(plan, weights, calib, calib_tokens).items()}
+            bases = shared_bases(plan, weights)
+            if bases:
+                run.save(f"basis-{i:05d}", {k: v.cpu() for k, v in bases.items()})
+            costs = {k: v / energy for k, v in layer_costs(plan, weights, calib, calib_tokens, bases).items()}
             run.save(f"held-out-{i:05d}", {k: v.cpu() for k, v in guard.held_out_record(weights, held_out).items()})
             if plan.options.rounding == "gptq" and not plan.feedback_on_quantized_inputs:
                 # bf16: the Hessians need no more, and a big model's are GBs
@@ -201,7 +204,7 @@ def export_shards(
             if plan.options.rounding == "gptq":
                 saved = run.load(f"routed-{i:05d}")[0]  # gptq.hessians moves them to the weights' device, in float32
                 routed = Routed(saved["x"], saved["ids"], saved["weights"])
-            return encode_moe_layer(plan, i, bits[i], routed)[1]
+            return encode_moe_layer(plan, run, i, bits[i], routed)[1]
 
     for i in tqdm(range(n_layers + 1), desc="export", unit="shard"):
         path = run.checkpoint / files[i]
@@ -228,7 +231,7 @@ def quantized_walk(
     encoded = {}
 
     def replace(i: int, routed: Routed) -> dict[str, torch.Tensor]:
-        layout, encoded[i] = encode_moe_layer(plan, i, bits[i], split_held_out(routed, held, tokens.shape[1])[0])
+        layout, encoded[i] = encode_moe_layer(plan, run, i, bits[i], split_held_out(routed, held, tokens.shape[1])[0])
         cfg = plan.quant_config([layout])
         dense = dense_weights(cfg, gather_layer(cfg, layout.module, encoded[i]))
         return {p: w.to(routed.x.device) for p, w in dense.items()}
@@ -239,12 +242,18 @@ def quantized_walk(
 
 
 def encode_moe_layer(
-    plan: Plan, layer: int, widths: torch.Tensor, routed: Routed | None
+    plan: Plan, run: RunDir, layer: int, widths: torch.Tensor, routed: Routed | None
 ) -> tuple[LayerLayout, dict[str, torch.Tensor]]:
-    """One MoE layer decomposed and encoded with the rows' `widths` [3, E, R]: rounded with error feedback on the
-    tokens `routed` to it (offline.gptq), or to nearest without them; its layout and tensors (on the CPU)."""
-    weights = expert_weights(plan, layer, torch.device(plan.options.device))
-    decompositions = {p: decompose(weights[p], plan.rank, plan.basis_dtype) for p in PROJECTIONS}
+    """One MoE layer decomposed (with the shared bases calibration saved) and encoded with the rows' `widths`
+    [3, E, R]: rounded with error feedback on the tokens `routed` to it (offline.gptq), or to nearest without them;
+    its layout and tensors (on the CPU)."""
+    device = torch.device(plan.options.device)
+    weights = expert_weights(plan, layer, device)
+    bases = dict.fromkeys(PROJECTIONS)
+    if plan.factor_kind == "shared":
+        saved = run.load(f"basis-{layer:05d}")[0]
+        bases = {p: (saved[p].to(device), saved[f"energy-{p}"].to(device)) for p in PROJECTIONS}
+    decompositions = {p: decompose(weights[p], plan.rank, plan.basis_dtype, bases[p]) for p in PROJECTIONS}
     widths = dict(zip(PROJECTIONS, widths))
     scales = None
     if routed is not None:
@@ -272,16 +281,20 @@ def feedback_rounding(
     bases = {p: decompositions[p].basis for p in ("gate", "up")}
     rounded, scales = {}, {}
     for p, dec in decompositions.items():
-        factors, scales[p] = gptq.round_factors(
-            p,
-            dec.factors,
-            widths[p].to(dec.factors.device),
-            gptq.hessians(routed, weights, bases, (p,))[p],  # only round_factors holds it: freed as it goes
-            plan.group_size,
-            plan.options.scale_steps,
-            plan.odd_codes,
-        )
-        rounded[p] = dec._replace(factors=factors)
+        parts = [
+            gptq.round_factors(
+                p,
+                dec.factors[b.start : b.stop],
+                widths[p][b.start : b.stop].to(dec.factors.device),
+                gptq.hessians(routed, weights, bases, (p,), b)[p],  # only round_factors holds it: freed as it goes
+                plan.group_size,
+                plan.options.scale_steps,
+                plan.odd_codes,
+            )
+            for b in gptq.expert_batches(weights, bases, p)
+        ]
+        rounded[p] = dec._replace(factors=torch.cat([f for f, _ in parts]))
+        scales[p] = torch.cat([s for _, s in parts])
     return rounded, scales
 
 

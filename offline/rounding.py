@@ -9,6 +9,7 @@ the scale mean |x| (the least-squares scale).
 
 import torch
 
+from bitsmoe_vllm import ops
 from bitsmoe_vllm.packing import code_bounds, round_to_codes
 
 REFINE_STEPS = 8
@@ -18,33 +19,27 @@ def quantize_rows(
     rows: torch.Tensor, bits: int, group_size: int, steps: int = REFINE_STEPS, odd: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rows [N, I] float -> codes [N, I] int8, scales [N, I/G] float16 (dequantized = codes * scale)."""
-    N, I = rows.shape
-    if I % group_size:
-        raise ValueError(f"quantize_rows: group size {group_size} does not divide the row length {I}")
-    x = rows.float().reshape(N, I // group_size, group_size)  # [N, I/G, G]
-    if bits == 1:
-        scale = _fp16(x.abs().mean(-1, keepdim=True))
-        codes = torch.where(x >= 0, 1, -1)
-        return codes.reshape(N, I).to(torch.int8), scale.squeeze(-1).half()
-    bounds = code_bounds(torch.tensor(bits, device=x.device), odd)
-    scale = _fp16(x.abs().amax(-1, keepdim=True) / bounds[2])  # [N, I/G, 1]
-    best_scale, best_err = scale, torch.full_like(scale, float("inf"))
-    for _ in range(steps + 1):
-        codes = _round(x, scale, bounds)
-        err = ((codes * scale - x) ** 2).sum(-1, keepdim=True)
-        better = err < best_err
-        best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
-        qq = (codes * codes).sum(-1, keepdim=True)
-        scale = _fp16(torch.where(qq > 0, (codes * x).sum(-1, keepdim=True) / qq.clamp_min(1), scale))
-    codes = _round(x, best_scale, bounds)
-    return codes.reshape(N, I).to(torch.int8), best_scale.squeeze(-1).half()
+    return quantize_mixed_rows(rows, torch.full((len(rows),), bits, device=rows.device), group_size, steps, odd)
 
 
 def quantize_mixed_rows(
     rows: torch.Tensor, bits: torch.Tensor, group_size: int, steps: int = REFINE_STEPS, odd: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows with a width per row, bits [N] in 1..8, in one pass (offline.gptq rounds a coordinate of every
-    expert at once): the same codes and scales as quantize_rows on each width's rows."""
+    expert at once): the same codes and scales as quantize_rows on each width's rows. On the CPU by the kernel
+    torch.ops.bitsmoe.round_rows (csrc/cpu/rounding.cpp), elsewhere by rounded_rows, its reference."""
+    N, I = rows.shape
+    if I % group_size:
+        raise ValueError(f"quantize_rows: group size {group_size} does not divide the row length {I}")
+    if rows.device.type == "cpu" and ops.CPU_KERNEL:
+        return torch.ops.bitsmoe.round_rows(rows.float(), bits.to(torch.int64), group_size, steps, odd)
+    return rounded_rows(rows, bits, group_size, steps, odd)
+
+
+def rounded_rows(
+    rows: torch.Tensor, bits: torch.Tensor, group_size: int, steps: int = REFINE_STEPS, odd: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_mixed_rows in tensor code, on any device."""
     N, I = rows.shape
     x = rows.float().reshape(N, I // group_size, group_size)
     b = bits.to(device=rows.device, dtype=torch.int64)[:, None, None]

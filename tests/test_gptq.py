@@ -131,3 +131,37 @@ def test_factorisations_in_batches_of_experts_give_the_same_values(monkeypatch):
     monkeypatch.setattr(gptq, "FACTOR_BYTES", 2 * 8 * 12 * 12)  # 2 experts a batch, the last alone
     batched = [gptq.inverse_cholesky(h), gptq.compensation("gate", h), gptq.compensation("down", h)]
     assert all(torch.equal(a, b) for a, b in zip(whole, batched))
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_hessians_inverse():
+    x = torch.randn(3, 30, 10, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    h = x.transpose(1, 2) @ x
+    h[2, 4, :], h[2, :, 4] = 0, 0  # a coordinate no token excited
+    u = gptq.inverse_cholesky(h).double()
+    assert torch.equal(u, u.triu()) and (u.diagonal(dim1=1, dim2=2) > 0).all()
+    torch.testing.assert_close(u.transpose(1, 2) @ u, torch.linalg.inv(gptq.damped(h)), rtol=1e-4, atol=1e-6)
+
+
+def test_experts_in_batches_give_the_hessians_and_rounding_of_the_whole_layer(monkeypatch):
+    """The quantizer handles a layer's experts a batch at a time (their Hessians took 2 GB per projection of a
+    Qwen3-30B-A3B layer): each expert's values are those of the whole layer."""
+    torch.manual_seed(7)
+    E, H, I, N = 5, 16, 64, 80
+    x, ids, w = torch.randn(N, H), torch.randint(0, E, (N, 2)), torch.rand(N, 2)
+    ids[:, 1] = (ids[:, 0] + 1) % E
+    routed, weights = Routed(x, ids, w), {p: torch.randn(E, I, H) for p in ("gate", "up", "down")}
+    bases = {"gate": torch.linalg.qr(torch.randn(H, H))[0][:8], "up": None}
+    factors, bits = torch.randn(E, 8, I), torch.randint(0, 5, (E, 8))
+    whole_h = gptq.hessians(routed, weights, bases, ("gate",))["gate"]
+    whole = gptq.round_factors("gate", factors, bits, whole_h.clone(), G, 8)
+    monkeypatch.setattr(gptq, "HESSIAN_BYTES", 2 * 4 * 8 * 8)  # two experts of rank 8 a batch
+    batches = gptq.expert_batches(weights, bases, "gate")
+    assert batches == [range(0, 2), range(2, 4), range(4, 5)]
+    hs = [gptq.hessians(routed, weights, bases, ("gate",), b)["gate"] for b in batches]
+    assert torch.equal(torch.cat(hs), whole_h)
+    parts = [
+        gptq.round_factors("gate", factors[b.start : b.stop], bits[b.start : b.stop], h, G, 8)
+        for b, h in zip(batches, hs)
+    ]
+    assert torch.equal(torch.cat([f for f, _ in parts]), whole[0])
+    assert torch.equal(torch.cat([s for _, s in parts]), whole[1])

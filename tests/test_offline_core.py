@@ -5,11 +5,21 @@ import itertools
 import pytest
 import torch
 
+from bitsmoe_vllm import ops
 from bitsmoe_vllm.offline.decompose import shared_basis
 from bitsmoe_vllm.offline.encode import encode_factor
 from bitsmoe_vllm.offline.rounding import codes_for, quantize_basis, quantize_mixed_rows, quantize_rows
 from bitsmoe_vllm.packing import code_range, nearest_codes, pack, unpack
 from tests.helpers import WIDTHS
+
+
+@pytest.fixture(params=["kernel", "reference"])
+def rounding(request, monkeypatch):
+    """The rounding tests run on the CPU kernel (csrc/cpu/rounding.cpp) and on its reference in tensor code."""
+    if request.param == "kernel" and not ops.CPU_KERNEL:
+        pytest.skip("the CPU kernel library is not built")
+    if request.param == "reference":
+        monkeypatch.setattr(ops, "CPU_KERNEL", False)
 
 
 def expert_stack(E=5, I=24, H=16, seed=0):
@@ -52,7 +62,7 @@ def plain_rtn_error(x, bits, G):
 
 
 @pytest.mark.parametrize("bits", [b for b in WIDTHS if b > 1])
-def test_least_squares_rounding_beats_absmax_rounding(bits):
+def test_least_squares_rounding_beats_absmax_rounding(bits, rounding):
     x = torch.randn(16, 128, generator=torch.Generator().manual_seed(bits))
     codes, scales = quantize_rows(x, bits, 32)
     lo, hi = code_range(bits)
@@ -62,7 +72,7 @@ def test_least_squares_rounding_beats_absmax_rounding(bits):
     assert err <= plain_rtn_error(x, bits, 32)
 
 
-def test_rounding_error_falls_with_bits():
+def test_rounding_error_falls_with_bits(rounding):
     x = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
     errors = []
     for bits in WIDTHS:
@@ -71,14 +81,14 @@ def test_rounding_error_falls_with_bits():
     assert all(a > b for a, b in itertools.pairwise(errors)), errors
 
 
-def test_one_bit_is_sign_times_mean_magnitude():
+def test_one_bit_is_sign_times_mean_magnitude(rounding):
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
     codes, scales = quantize_rows(x, 1, 32)
     assert torch.equal(codes, torch.where(x >= 0, 1, -1).to(torch.int8))
     torch.testing.assert_close(scales, x.abs().reshape(3, 2, 32).mean(-1).half())
 
 
-def test_rows_of_mixed_widths_round_as_each_width_alone():
+def test_rows_of_mixed_widths_round_as_each_width_alone(rounding):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(40, 128, generator=g) * torch.rand(40, 1, generator=g) * 3
     x[5] = 0
@@ -108,7 +118,7 @@ def test_encode_refuses_rows_not_a_multiple_of_32():
 
 
 @pytest.mark.parametrize("bits", WIDTHS)
-def test_a_group_of_zeros_gets_scale_0_and_codes_that_pack(bits):
+def test_a_group_of_zeros_gets_scale_0_and_codes_that_pack(bits, rounding):
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(bits))
     x[:, :32] = 0
     codes, scales = quantize_rows(x, bits, 32)
