@@ -90,7 +90,7 @@ template <bool Odd>
   return s;
 }
 
-// sum_i w_i (c_i s - x_i)^2 over a group, in double
+// sum_i w_i (c_i s - x_i)^2 over a group (in float32, as the reference sums a row's)
 [[gnu::always_inline]] inline double weighted_error(const float* c, float s, const float* x, const float* w,
                                                     int64_t G) {
   float sum = 0;
@@ -98,6 +98,7 @@ template <bool Odd>
   for (int64_t i = 0; i < G; ++i) sum += (c[i] * s - x[i]) * (c[i] * s - x[i]) * w[i];
   return sum;
 }
+
 // rows [begin, end) of rounding_losses; cloned for AVX-512 and AVX2 (chosen when the library loads): the lanes of
 // every step vectorise, where x86-64's baseline has no vector rounding
 __attribute__((target_clones("avx512f", "avx2", "default"))) void row_losses(
