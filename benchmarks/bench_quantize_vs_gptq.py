@@ -12,16 +12,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import transformers
 from safetensors.torch import save_file
 
 from benchmarks import machine
 from benchmarks.bench_quality import PEERS_PYTHON, ROOT, run_measured
-from benchmarks.bench_serve import QWEN3_30B_A3B
+from benchmarks.bench_serve import write_qwen3_30b_a3b
 from benchmarks.corpus import write_splits
 from bitsmoe_vllm.offline.calibrate import read_texts, token_sequences
-from bitsmoe_vllm.offline.demo import corpus, train_tokenizer, write_random_model
+from bitsmoe_vllm.offline.demo import corpus
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -30,17 +29,7 @@ def qwen3_30b_a3b(work: Path, layers: int) -> tuple[Path, Path]:
     """`layers` layers of Qwen3-30B-A3B's shapes, random bf16 weights, the demo's tokenizer and text."""
     model, text = work / f"qwen3-30b-a3b-l{layers}", work / "demo-text.txt"
     if not (model / "config.json").is_file():
-        tokenizer = train_tokenizer()
-        config = transformers.Qwen3MoeConfig(
-            **QWEN3_30B_A3B,
-            vocab_size=len(tokenizer),
-            num_hidden_layers=layers,
-            bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
-        )
-        write_random_model(config, tokenizer, model, dtype=torch.bfloat16)
+        write_qwen3_30b_a3b(model, layers)
     text.write_text("\n\n".join(corpus()))
     return model, text
 

@@ -153,22 +153,28 @@ def build_demo(tmp: Path, a) -> tuple[Path, Path]:
     return model, bitsmoe
 
 
-def build_qwen3_30b_a3b(tmp: Path, a) -> tuple[Path, Path]:
-    """a.layers layers of Qwen3-30B-A3B's shapes, random weights (as the demo's: N(0, 1/fan-in)) in bf16, the demo's
-    tokenizer, and its BitsMoE checkpoint with int8 bases on local text (2,048 calibration tokens)."""
-    model, bitsmoe, text = tmp / "model", tmp / "bitsmoe", tmp / "text.txt"
+def write_qwen3_30b_a3b(model: Path, layers: int) -> Path:
+    """`layers` layers of Qwen3-30B-A3B's shapes, random weights (as the demo's: N(0, 1/fan-in)) in bf16, with the
+    demo's tokenizer, in `model`."""
     tokenizer = train_tokenizer()
     config = transformers.Qwen3MoeConfig(
         **QWEN3_30B_A3B,
         vocab_size=len(tokenizer),
-        num_hidden_layers=a.layers,
+        num_hidden_layers=layers,
         max_position_embeddings=2 * PREFILL_TOKENS,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    write_random_model(config, tokenizer, model, dtype=torch.bfloat16)
+    return write_random_model(config, tokenizer, model, dtype=torch.bfloat16)
+
+
+def build_qwen3_30b_a3b(tmp: Path, a) -> tuple[Path, Path]:
+    """a.layers layers of Qwen3-30B-A3B's shapes, random weights (as the demo's: N(0, 1/fan-in)) in bf16, the demo's
+    tokenizer, and its BitsMoE checkpoint with int8 bases on local text (2,048 calibration tokens)."""
+    model, bitsmoe, text = tmp / "model", tmp / "bitsmoe", tmp / "text.txt"
+    write_qwen3_30b_a3b(model, a.layers)
     text.write_text("\n\n".join(corpus()))
     quantize(model, bitsmoe, text, a.bits, "--calib-tokens", "2048", "--calib-seq-len", "128", "--basis-dtype", "int8")
     return model, bitsmoe
