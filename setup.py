@@ -27,7 +27,7 @@ def cuda_extensions() -> list:
     ext = CUDAExtension(
         "bitsmoe_vllm._cuda",
         sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *arch_flags]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20", *arch_flags]},  # as CI's build
     )
     return [ext]
 

@@ -39,7 +39,7 @@ def encode_factor(
     I = factor.shape[1]
     if I % packing.WORD_BITS:
         raise ValueError(f"encode_factor: row length {I} is not a multiple of {packing.WORD_BITS}")
-    b = bits.to(torch.int64)
+    b = bits.to(factor.device, torch.int64)
     stored = b.nonzero().flatten()
     widths = b[stored]
     first_plane = widths.cumsum(0) - widths

@@ -70,3 +70,23 @@ def test_a_wrong_kernel_result_falls_back_to_the_reference_with_one_error_line(b
 def test_a_device_without_kernels_gets_the_reference_with_the_reason():
     choice = backend.select_backend(torch.device("meta"))
     assert choice.backend is Backend.REFERENCE and "no BitsMoE kernel for meta devices" in choice.reason
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("basis_dtype", ["float16", "identity"])
+def test_on_cuda_chooses_the_cuda_kernels_and_checks_both_paths(bitsmoe_log, basis_dtype):
+    from bitsmoe_vllm import cuda
+
+    assert cuda.load_kernels(build=True)  # the install's library, else compiled now
+    layer = layer_of(LAYERS[1], basis_dtype=basis_dtype).to(torch.device("cuda"))
+    kernel, choice = backend.prepare(layer, MODULE)
+    assert choice.backend is Backend.CUDA and isinstance(kernel, cuda.KernelLayer)
+    assert not [r for r in bitsmoe_log.records if r.levelno >= logging.ERROR]
+    assert [dtype for dtype, _ in backend._checks(Backend.CUDA, layer)] == [torch.float32, torch.bfloat16]
+    H, _, E, K, _, _ = LAYERS[1]
+    for tokens in (3, 200):  # the decode path, then the prefill path (ops.moe_layer chooses by slots per expert)
+        w, ids = (t.cuda() for t in routing(tokens, E, K, seed=tokens))
+        x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+        ref = moe_forward(x.float(), w, ids, layer)
+        y = ops.moe_layer(x, w, ids, layer, kernel).float()
+        assert float((y - ref).norm() / ref.norm()) < backend.TOLERANCE[torch.bfloat16]
