@@ -15,6 +15,14 @@ class Architecture:
     intermediate_size_key: str  # config.json key of I (per expert)
     renames: tuple[tuple[str, str], ...] = ()  # (transformers module path part, checkpoint part)
     text_config: bool = False  # a multimodal checkpoint: the text model (quantized) is described by its text_config
+    # stacked experts stored under other names than transformers 5's `{experts}.gate_up_proj` / `.down_proj`: (leaf,
+    # name beside the experts module), e.g. Granite-MoE's block_sparse_moe.input_linear.weight
+    fused_names: tuple[tuple[str, str], ...] = ()
+    moe_block: str = "mlp"  # the attribute of a transformers decoder layer that holds its sparse MoE block
+
+    def experts(self, decoder_layer):
+        """The routed-experts module of a transformers decoder layer."""
+        return getattr(decoder_layer, self.moe_block).experts
 
     def num_experts(self, config: Mapping[str, Any]) -> int:
         for key in self.num_experts_keys:
@@ -27,12 +35,29 @@ class Architecture:
             raise ValueError(f"config.json has no {self.intermediate_size_key!r} (the experts' intermediate size)")
         return config[self.intermediate_size_key]
 
+    def fused_name(self, module: str, leaf: str) -> str:
+        """The checkpoint name of stacked-experts tensor `leaf` (source.FUSED_EXPERTS) of experts `module`."""
+        names = dict(self.fused_names)
+        return f"{module.rpartition('.')[0]}.{names[leaf]}" if leaf in names else f"{module}.{leaf}"
+
     def checkpoint_name(self, module_name: str) -> str:
         """The checkpoint's name of a transformers parameter name."""
         for ours, theirs in self.renames:
             module_name = module_name.replace(ours, theirs)
         return module_name
 
+
+# Granite-MoE: stacked experts under their own names ([E, 2I, H] gate rows first, [E, H, I]), the router as
+# router.layer, the MoE block as block_sparse_moe in transformers too
+GRANITE_MOE = Architecture(
+    "model.layers.{layer}.block_sparse_moe.experts",
+    STANDARD_NAMES,
+    ("num_local_experts",),
+    "intermediate_size",
+    renames=(("router.weight", "router.layer.weight"),),
+    fused_names=(("gate_up_proj", "input_linear.weight"), ("down_proj", "output_linear.weight")),
+    moe_block="block_sparse_moe",
+)
 
 # transformers 5 writes num_local_experts where older Qwen3-MoE checkpoints say num_experts.
 ARCHITECTURES = {
@@ -66,6 +91,8 @@ ARCHITECTURES = {
         renames=(("model.", "model.language_model."),),
         text_config=True,
     ),
+    "granitemoe": GRANITE_MOE,
+    "granitemoeshared": GRANITE_MOE,  # with a shared expert (shared_mlp), kept as stored
     "mixtral": Architecture(
         "model.layers.{layer}.block_sparse_moe.experts",
         {"gate": "w1", "up": "w3", "down": "w2"},

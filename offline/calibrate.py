@@ -140,13 +140,15 @@ def walk_layers(
             yield i, hidden, None
             continue
         captured: list[tuple] = []
-        hook = layer.mlp.experts.register_forward_pre_hook(lambda _m, args, c=captured: c.append(args[:3]))
+        hook = source.architecture.experts(layer).register_forward_pre_hook(
+            lambda _m, args, c=captured: c.append(args[:3])
+        )
         out = forward(layer)
         hook.remove()
         routed = Routed(*(torch.cat([c[k].reshape(-1, c[k].shape[-1]) for c in captured]) for k in range(3)))
         if replace is not None:
             weights = replace(i, routed)
-            hook = layer.mlp.experts.register_forward_hook(
+            hook = source.architecture.experts(layer).register_forward_hook(
                 lambda _m, args, y, w=weights: experts_output(w, Routed(*args[:3])).to(y.dtype)
             )
             out = forward(layer)

@@ -11,7 +11,18 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-ARCHITECTURES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "glm4_moe", "deepseek_v3", "qwen3_next", "qwen3_5_moe")
+ARCHITECTURES = (
+    "qwen3_moe",
+    "mixtral",
+    "olmoe",
+    "deepseek_v2",
+    "glm4_moe",
+    "deepseek_v3",
+    "qwen3_next",
+    "qwen3_5_moe",
+    "granitemoe",
+    "granitemoeshared",
+)
 HIDDEN, EXPERT_INTERMEDIATE, EXPERTS, TOP_K, LAYERS = 64, 64, 8, 2, 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -164,6 +175,21 @@ def tiny_config(
         )
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden)
         return transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    # Granite's multipliers away from 1, so that a runtime that ignored one would show
+    granite = wide_heads | dict(
+        intermediate_size=intermediate,
+        num_key_value_heads=1,
+        num_local_experts=experts,
+        num_experts_per_tok=TOP_K,
+        embedding_multiplier=4.0,
+        residual_multiplier=0.5,
+        attention_multiplier=1 / 32,
+        logits_scaling=2.0,
+    )
+    if arch == "granitemoe":
+        return transformers.GraniteMoeConfig(**granite)
+    if arch == "granitemoeshared":
+        return transformers.GraniteMoeSharedConfig(**granite, shared_intermediate_size=intermediate)
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {ARCHITECTURES}")
 
 

@@ -42,7 +42,8 @@ def load_model(model: str, device: torch.device) -> transformers.PreTrainedModel
     for i, layer in enumerate(net.model.layers):
         module = source.architecture.experts_module.format(layer=i)
         if module in quantized:
-            layer.mlp.experts = ReferenceExperts(load_layer(files, cfg, module).to(device))
+            moe = getattr(layer, source.architecture.moe_block)
+            moe.experts = ReferenceExperts(load_layer(files, cfg, module).to(device))
         load_module(layer, f"model.layers.{i}.", source, device)
     for prefix, part in (
         ("model.embed_tokens.", net.model.embed_tokens),

@@ -96,12 +96,12 @@ class SourceCheckpoint:
 
     def fused_experts(self, module: str) -> bool:
         """Whether the checkpoint stores `module`'s experts stacked (FUSED_EXPERTS) rather than one tensor each."""
-        return f"{module}.gate_up_proj" in self.tensors.shard_of
+        return self.architecture.fused_name(module, "gate_up_proj") in self.tensors.shard_of
 
     def expert_tensor_names(self, module: str) -> set[str]:
         """The names of `module`'s routed-expert weights in the checkpoint, in whichever layout it uses."""
         if self.fused_experts(module):
-            return {f"{module}.{leaf}" for leaf in FUSED_EXPERTS}
+            return {self.architecture.fused_name(module, leaf) for leaf in FUSED_EXPERTS}
         E, names = self.architecture.num_experts(self.config), self.architecture.projection_names.values()
         return {f"{module}.{e}.{name}.weight" for e in range(E) for name in names}
 
@@ -122,7 +122,10 @@ class SourceCheckpoint:
         arch, config = self.architecture, self.config
         E, I, H = arch.num_experts(config), arch.intermediate_size(config), config["hidden_size"]
         if self.fused_experts(module):
-            expected = {f"{module}.gate_up_proj": [E, 2 * I, H], f"{module}.down_proj": [E, H, I]}
+            expected = {
+                arch.fused_name(module, "gate_up_proj"): [E, 2 * I, H],
+                arch.fused_name(module, "down_proj"): [E, H, I],
+            }
             layout = (
                 "stacked experts are read as transformers 5 holds them, gate_up_proj [E, 2I, H] with the gate rows "
                 "first and down_proj [E, H, I]; other layouts are not supported"
@@ -144,7 +147,7 @@ class SourceCheckpoint:
         """A FUSED_EXPERTS tensor of `module` as transformers 5 holds it: read as stored, or assembled from the
         per-expert tensors."""
         if self.fused_experts(module):
-            return self.get(f"{module}.{leaf}")
+            return self.get(self.architecture.fused_name(module, leaf))
         arch = self.architecture
         names = [arch.projection_names[p] for p in FUSED_EXPERTS[leaf]]
         E = arch.num_experts(self.config)

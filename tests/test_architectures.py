@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
 from bitsmoe_vllm.format import PROJECTIONS, QuantConfig
 from bitsmoe_vllm.offline.decompose import shared_basis
@@ -18,22 +17,13 @@ from bitsmoe_vllm.reference import gather_layer, moe_forward
 MOE_LAYER = LAYERS - 1  # the last layer is MoE in every tiny model (DeepSeek-V2's first one is dense)
 
 
-def expert_weights(state: dict, module: str, names: dict, num_experts: int) -> dict[str, torch.Tensor]:
-    """Checkpoint per-expert weights as [E, I, H] per projection (down transposed), the quantizer's view."""
-
-    def stack(p):
-        return torch.stack([state[f"{module}.{e}.{names[p]}.weight"] for e in range(num_experts)])
-
-    return {"gate": stack("gate"), "up": stack("up"), "down": stack("down").transpose(1, 2)}
-
-
 def quantize_layer(model_dir, bits: int, rank: int | None = None):
     """Full-rank (default) decomposition of the tiny model's MoE layer, every rank row at `bits` bits."""
     source = SourceCheckpoint(model_dir)  # of a multimodal checkpoint, the text model's config
     config, arch = source.config, source.architecture
     module = arch.experts_module.format(layer=MOE_LAYER)
     E, H = arch.num_experts(config), config["hidden_size"]
-    weights = expert_weights(load_file(model_dir / "model.safetensors"), module, arch.projection_names, E)
+    weights = source.expert_weights(MOE_LAYER)  # [E, I, H] per projection, whatever the checkpoint's layout
     decompositions = {p: shared_basis(weights[p], rank or H) for p in PROJECTIONS}
     widths = {p: torch.full((E, rank or H), bits) for p in PROJECTIONS}
     layout, tensors = encode_layer(
@@ -66,7 +56,7 @@ def decoder(model_dir) -> torch.nn.Module:
 
 
 def relative_error(model_dir, layer, seed: int, T: int = 33) -> float:
-    experts = decoder(model_dir).layers[MOE_LAYER].mlp.experts
+    experts = SourceCheckpoint(model_dir).architecture.experts(decoder(model_dir).layers[MOE_LAYER])
     g = torch.Generator().manual_seed(seed)
     H, E = experts.down_proj.shape[1], experts.down_proj.shape[0]
     x = torch.randn(T, H, generator=g)

@@ -60,8 +60,12 @@ def layer_errors(model_dir, checkpoint, calib_file) -> dict[int, float]:
     ):
         if routed is None:
             continue
+        arch = source.architecture
         experts = load_module(
-            skeleton(source, device).model.layers[i].mlp.experts, f"model.layers.{i}.mlp.experts.", source, device
+            arch.experts(skeleton(source, device).model.layers[i]),
+            f"model.layers.{i}.{arch.moe_block}.experts.",
+            source,
+            device,
         )
         with torch.no_grad():
             original = experts(routed.x, routed.ids, routed.weights)
