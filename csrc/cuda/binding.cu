@@ -7,6 +7,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
+#include <atomic>
+
 #include "moe_decode.cuh"
 #include "moe_prefill.cuh"
 
@@ -31,6 +35,19 @@ bitsmoe::Projection projection(const char* name, const at::Tensor& codes, const 
   return {codes.data_ptr<int32_t>(), reinterpret_cast<const __half*>(scales.data_ptr<at::Half>()),
           rows.data_ptr<int32_t>(),  segs.data_ptr<int32_t>(),
           static_cast<int>(rank),    odd};
+}
+
+// The multiprocessors of `device`, asked once per device (not again inside a CUDA-graph capture).
+int multiprocessors(int device) {
+  static std::array<std::atomic<int>, 64> known{};
+  TORCH_CHECK(device >= 0 && device < static_cast<int>(known.size()), "bitsmoe: CUDA device ", device, " beyond the ",
+              known.size(), " this build counts");
+  int n = known[device].load();
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    known[device].store(n);
+  }
+  return n;
 }
 
 struct Layer {
@@ -71,15 +88,26 @@ at::Tensor moe_decode(const at::Tensor& z_g, const at::Tensor& z_u, const at::Te
   const c10::cuda::CUDAGuard guard(z_g.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t slots = ids.numel();
-  auto a = at::empty({slots, l.I}, z_g.options());
   auto u = at::zeros({slots, down_rank}, z_g.options());
   if (slots == 0) return u;
+  // Enough blocks for every multiprocessor (4 each) when few slots are decoded: the rank rows in chunks, each warp
+  // keeping at least 4 rows of a full-rank expert.
+  const int64_t fill = 4 * multiprocessors(z_g.get_device());
   const int tiles = static_cast<int>((l.I / 32 + bitsmoe::kWordsPerTile - 1) / bitsmoe::kWordsPerTile);
-  bitsmoe::gate_up_decode<<<dim3(slots, tiles), dim3(32, bitsmoe::kSplits), 0, stream>>>(
+  const int64_t most = std::max<int64_t>(1, std::max(l.gate.rank, l.up.rank) / (4 * bitsmoe::kSplits));
+  const int chunks = static_cast<int>(std::clamp<int64_t>((fill + slots * tiles - 1) / (slots * tiles), 1, most));
+  auto h = at::empty({chunks, slots, 2, l.I}, z_g.options());
+  bitsmoe::gate_up_decode<<<dim3(slots, tiles, chunks), dim3(32, bitsmoe::kSplits), 0, stream>>>(
       l.gate, l.up, z_g.data_ptr<float>(), z_u.data_ptr<float>(), ids.data_ptr<int64_t>(),
-      static_cast<int>(ids.size(1)), static_cast<int>(l.I), static_cast<int>(group_size), a.data_ptr<float>());
+      static_cast<int>(ids.size(1)), static_cast<int>(l.I), static_cast<int>(group_size), h.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int row_blocks = 4;  // with 8 warps each: 32 warps per slot over the stored rows of its expert
+  auto a = at::empty({slots, l.I}, z_g.options());
+  bitsmoe::gate_up_finish<<<(slots * l.I + 255) / 256, 256, 0, stream>>>(h.data_ptr<float>(), chunks, slots,
+                                                                         static_cast<int>(l.I), a.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // 8 warps a block, at least 2 rows a warp
+  const int row_blocks =
+      static_cast<int>(std::clamp<int64_t>((fill + slots - 1) / slots, 4, std::max<int64_t>(4, down_rank / 16)));
   bitsmoe::down_decode<<<dim3(slots, row_blocks), 256, 0, stream>>>(l.down, a.data_ptr<float>(),
                                                                     ids.data_ptr<int64_t>(), static_cast<int>(l.I),
                                                                     static_cast<int>(group_size), u.data_ptr<float>());

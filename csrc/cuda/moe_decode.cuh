@@ -9,10 +9,13 @@
 //   segs   [E, kClasses, 3] int32  per expert and width class: first stored row, number of rows, first plane
 //
 // The MoE layer (FORMAT.md section 4) for slots s = (token t, choice c) with expert e = ids[t, c]:
-//   gate_up_decode:  a[s, :] = silu(F_g,e^T z_g[t]) * (F_u,e^T z_u[t])          (I columns, fp32)
-//   down_decode:     u[s, k] = F_d,e[k, :] . a[s, :]                             (rank space, fp32)
-// and the host sums t = sum_c w[t, c] u[(t, c), :] in a fixed order, then y = B_d t. No atomics: every output
-// element is written by exactly one thread, so results are deterministic.
+//   gate_up_decode:  h[c, s, :] = partial sums of F_g,e^T z_g[t] and F_u,e^T z_u[t] over chunk c of the rank rows
+//   gate_up_finish:  a[s, :] = silu(sum_c h_g[c, s, :]) * sum_c h_u[c, s, :]          (I columns, fp32)
+//   down_decode:     u[s, k] = F_d,e[k, :] . a[s, :]                                   (rank space, fp32)
+// and the host sums t = sum_c w[t, c] u[(t, c), :] in a fixed order, then y = B_d t. The rank rows are split over
+// chunks (blocks) so that a few tokens still fill the GPU: one block per slot left 124 of an H200's 132
+// multiprocessors idle at T = 1 (benchmarks/README.md, CUDA kernels on an H200). No atomics: every output element
+// is written by exactly one thread and partial sums are added in a fixed order, so results are deterministic.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -52,14 +55,16 @@ __device__ __forceinline__ void accumulate_row(float (&acc)[32], const int32_t* 
   for (int col = 0; col < 32; ++col) acc[col] += f * code_at<B>(words, col, odd);
 }
 
-// Sum over this warp's share of an expert's stored rows of z[k] * scale * code, for word column w.
+// Sum over this warp's share of an expert's stored rows (those at position share, share + shares, ... of each width
+// class) of z[k] * scale * code, for word column w.
 template <int B>
 __device__ __forceinline__ void accumulate_class(float (&acc)[32], const int32_t* __restrict__ codes,
                                                  const __half* __restrict__ scales, const int32_t* __restrict__ rows,
                                                  const int32_t* seg, const float* __restrict__ z, int words_per_row,
-                                                 int groups_per_row, int group, int w, int split, bool odd) {
+                                                 int groups_per_row, int group, int w, int share, int shares,
+                                                 bool odd) {
   const int first = seg[0], count = seg[1], plane0 = seg[2];
-  for (int r = split; r < count; r += kSplits) {
+  for (int r = share; r < count; r += shares) {
     const int j = first + r;
     const float f = z[__ldg(rows + j)] * __half2float(scales[(int64_t)j * groups_per_row + w * 32 / group]);
     accumulate_row<B>(acc, codes + (int64_t)(plane0 + r * B) * words_per_row, words_per_row, w, f, odd);
@@ -68,16 +73,22 @@ __device__ __forceinline__ void accumulate_class(float (&acc)[32], const int32_t
 
 __device__ __forceinline__ void accumulate_expert(float (&acc)[32], const int32_t* codes, const __half* scales,
                                                   const int32_t* rows, const int32_t* segs_e, const float* z,
-                                                  int words_per_row, int groups_per_row, int group, int w, int split,
-                                                  bool odd) {
+                                                  int words_per_row, int groups_per_row, int group, int w, int share,
+                                                  int shares, bool odd) {
 #pragma unroll
   for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
-  accumulate_class<8>(acc, codes, scales, rows, segs_e + 0 * 3, z, words_per_row, groups_per_row, group, w, split, odd);
-  accumulate_class<6>(acc, codes, scales, rows, segs_e + 1 * 3, z, words_per_row, groups_per_row, group, w, split, odd);
-  accumulate_class<4>(acc, codes, scales, rows, segs_e + 2 * 3, z, words_per_row, groups_per_row, group, w, split, odd);
-  accumulate_class<3>(acc, codes, scales, rows, segs_e + 3 * 3, z, words_per_row, groups_per_row, group, w, split, odd);
-  accumulate_class<2>(acc, codes, scales, rows, segs_e + 4 * 3, z, words_per_row, groups_per_row, group, w, split, odd);
-  accumulate_class<1>(acc, codes, scales, rows, segs_e + 5 * 3, z, words_per_row, groups_per_row, group, w, split, odd);
+  accumulate_class<8>(acc, codes, scales, rows, segs_e + 0 * 3, z, words_per_row, groups_per_row, group, w, share,
+                      shares, odd);
+  accumulate_class<6>(acc, codes, scales, rows, segs_e + 1 * 3, z, words_per_row, groups_per_row, group, w, share,
+                      shares, odd);
+  accumulate_class<4>(acc, codes, scales, rows, segs_e + 2 * 3, z, words_per_row, groups_per_row, group, w, share,
+                      shares, odd);
+  accumulate_class<3>(acc, codes, scales, rows, segs_e + 3 * 3, z, words_per_row, groups_per_row, group, w, share,
+                      shares, odd);
+  accumulate_class<2>(acc, codes, scales, rows, segs_e + 4 * 3, z, words_per_row, groups_per_row, group, w, share,
+                      shares, odd);
+  accumulate_class<1>(acc, codes, scales, rows, segs_e + 5 * 3, z, words_per_row, groups_per_row, group, w, share,
+                      shares, odd);
 }
 
 struct Projection {  // one projection in kernel layout
@@ -89,14 +100,16 @@ struct Projection {  // one projection in kernel layout
   bool odd;             // odd codes up to 6 bits (format version 2)
 };
 
-// grid (slots, ceil(I / 32 / kWordsPerTile)), block (32, kSplits). z_g [T, R_g], z_u [T, R_u] fp32; a [slots, I] fp32.
-// Slots whose expert id is negative (held elsewhere) get a = 0.
+// grid (slots, ceil(I / 32 / kWordsPerTile), chunks), block (32, kSplits). z_g [T, R_g], z_u [T, R_u] fp32;
+// h [chunks, slots, 2, I] fp32: block chunk c's warp `split` takes the stored rows at positions c * kSplits + split
+// (mod chunks * kSplits) of each width class. Slots whose expert id is negative (held elsewhere) get h = 0.
 __global__ void __launch_bounds__(32 * kSplits)
     gate_up_decode(Projection gate, Projection up, const float* __restrict__ z_g, const float* __restrict__ z_u,
-                   const int64_t* __restrict__ ids, int top_k, int I, int group, float* __restrict__ a) {
+                   const int64_t* __restrict__ ids, int top_k, int I, int group, float* __restrict__ h) {
   __shared__ float part[kSplits][32][33];  // [split][lane][column], padded against bank conflicts
-  __shared__ float h_gate[32][33];
+  __shared__ float sum[32][33];
   const int slot = blockIdx.x, lane = threadIdx.x, split = threadIdx.y;
+  const int share = blockIdx.z * kSplits + split, shares = gridDim.z * kSplits;
   const int words_per_row = I / 32, groups_per_row = I / group;
   const int w = blockIdx.y * kWordsPerTile + lane;
   const int64_t e = ids[slot];
@@ -108,7 +121,7 @@ __global__ void __launch_bounds__(32 * kSplits)
     const float* z = (which == 0 ? z_g : z_u) + (int64_t)token * p.rank;
     if (e >= 0 && w < words_per_row) {
       accumulate_expert(acc, p.codes, p.scales, p.rows, p.segs + e * kClasses * 3, z, words_per_row, groups_per_row,
-                        group, w, split, p.odd);
+                        group, w, share, shares, p.odd);
     } else {
 #pragma unroll
       for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
@@ -117,22 +130,34 @@ __global__ void __launch_bounds__(32 * kSplits)
     for (int col = 0; col < 32; ++col) part[split][lane][col] = acc[col];
     __syncthreads();
     for (int col = split; col < 32; col += kSplits) {  // fixed summation order over splits: deterministic
-      float h = 0.0f;
-      for (int s = 0; s < kSplits; ++s) h += part[s][lane][col];
-      if (which == 0) {
-        h_gate[lane][col] = h;
-      } else {
-        const float g = h_gate[lane][col];
-        h_gate[lane][col] = g / (1.0f + __expf(-g)) * h;  // a = silu(h_g) * h_u, kept for the coalesced store
-      }
+      float total = 0.0f;
+      for (int s = 0; s < kSplits; ++s) total += part[s][lane][col];
+      sum[lane][col] = total;
     }
     __syncthreads();
+    const int64_t base =
+        (((int64_t)blockIdx.z * gridDim.x + slot) * 2 + which) * I + (int64_t)blockIdx.y * kWordsPerTile * 32;
+    for (int idx = split * 32 + lane; idx < kWordsPerTile * 32; idx += 32 * kSplits) {  // coalesced
+      const int word = idx / 32, col = idx % 32;
+      if (blockIdx.y * kWordsPerTile + word < words_per_row) h[base + idx] = sum[word][col];
+    }
+    __syncthreads();  // sum and part are rewritten by the next projection
   }
-  const int64_t base = (int64_t)slot * I + (int64_t)blockIdx.y * kWordsPerTile * 32;
-  for (int idx = split * 32 + lane; idx < kWordsPerTile * 32; idx += 32 * kSplits) {
-    const int word = idx / 32, col = idx % 32;
-    if (blockIdx.y * kWordsPerTile + word < words_per_row) a[base + idx] = h_gate[word][col];
+}
+
+// grid ceil(slots * I / 256), block 256: a [slots, I] = silu(sum_c h_g[c]) * sum_c h_u[c], the chunks in order.
+__global__ void __launch_bounds__(256)
+    gate_up_finish(const float* __restrict__ h, int chunks, int64_t slots, int I, float* __restrict__ a) {
+  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= slots * I) return;
+  const int64_t slot = idx / I, col = idx % I;
+  float g = 0.0f, u = 0.0f;
+  for (int c = 0; c < chunks; ++c) {
+    const float* p = h + ((c * slots + slot) * 2) * I + col;
+    g += p[0];
+    u += p[I];
   }
+  a[idx] = g / (1.0f + __expf(-g)) * u;
 }
 
 // Dot of one stored row (width B, planes at `planes`) with a[0..I), accumulated over this lane's words.
@@ -169,7 +194,8 @@ __device__ __forceinline__ void down_class(const Projection& d, const int32_t* s
 }
 
 // grid (slots, row_blocks), block (32 * warps). u [slots, R_down] fp32 must be zeroed: rows with 0 bits stay 0.
-// Block b takes, of every width class, the rows whose position in the class is congruent to b mod row_blocks.
+// Warp v of block b takes, of every width class, the rows whose position in the class is congruent to
+// v * row_blocks + b mod (warps * row_blocks); each row's dot is the same whatever row_blocks is.
 __global__ void __launch_bounds__(256)
     down_decode(Projection down, const float* __restrict__ a, const int64_t* __restrict__ ids, int I, int group,
                 float* __restrict__ u) {
