@@ -93,6 +93,7 @@ ARCHITECTURES = {
     ),
     "granitemoe": GRANITE_MOE,
     "granitemoeshared": GRANITE_MOE,  # with a shared expert (shared_mlp), kept as stored
+    "granitemoehybrid": GRANITE_MOE,  # Granite 4.0: Mamba-2 and attention layers, each with MoE and a shared expert
     "mixtral": Architecture(
         "model.layers.{layer}.block_sparse_moe.experts",
         {"gate": "w1", "up": "w3", "down": "w2"},

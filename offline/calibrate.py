@@ -110,7 +110,8 @@ def walk_layers(
     One decoder layer's weights are in memory at a time.
     """
     positions = torch.arange(hidden.shape[1], device=device)[None]  # [1, L]
-    position_embeddings = model.model.rotary_emb(hidden[:1].to(device), positions)
+    rotary = model.model.rotary_emb
+    position_embeddings = None if rotary is None else rotary(hidden[:1].to(device), positions)
     sliding = getattr(model.config, "sliding_window", None) is not None
     make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask  # as the model's forward does
     layers = model.model.layers

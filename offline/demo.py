@@ -22,6 +22,7 @@ ARCHITECTURES = (
     "qwen3_5_moe",
     "granitemoe",
     "granitemoeshared",
+    "granitemoehybrid",
 )
 HIDDEN, EXPERT_INTERMEDIATE, EXPERTS, TOP_K, LAYERS = 64, 64, 8, 2, 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -190,6 +191,17 @@ def tiny_config(
         return transformers.GraniteMoeConfig(**granite)
     if arch == "granitemoeshared":
         return transformers.GraniteMoeSharedConfig(**granite, shared_intermediate_size=intermediate)
+    if arch == "granitemoehybrid":  # a Mamba-2 layer, then an attention layer (no rotary embedding, as Granite 4.0)
+        return transformers.GraniteMoeHybridConfig(
+            **granite,
+            shared_intermediate_size=intermediate,
+            layer_types=[("mamba", "attention")[i % 2] for i in range(layers)],
+            mamba_n_heads=2,
+            mamba_d_head=hidden,  # n_heads x d_head = expand (2) x hidden
+            mamba_d_state=16,
+            mamba_n_groups=1,
+            mamba_chunk_size=64,
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {ARCHITECTURES}")
 
 

@@ -16,6 +16,7 @@ from bitsmoe_vllm.checkpoint import WEIGHTS_INDEX, TensorFiles, load_layer, read
 from bitsmoe_vllm.format import QuantConfig
 from bitsmoe_vllm.reference import MoELayer, dequantize_basis, expert_factor
 
+from .architectures import Architecture
 from .export import copy_side_files
 from .rundir import save_tensors
 from .source import SourceCheckpoint
@@ -40,7 +41,8 @@ def dequantize_checkpoint(bitsmoe_dir: str | Path, out_dir: str | Path, dtype: t
     quantized = tuple(layout.module + "." for layout in cfg.layers)
     write(shard_names[0], {name: files[name] for name in files if not name.startswith(quantized)})
     for layout, shard in zip(cfg.layers, shard_names[1:]):
-        write(shard, dequantize_layer(cfg, load_layer(files, cfg, layout.module), layout.module, dtype))
+        layer = load_layer(files, cfg, layout.module)
+        write(shard, dequantize_layer(cfg, layer, layout.module, dtype, source.architecture))
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
     (out / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = {k: v for k, v in source.file_config.items() if k != "quantization_config"}
@@ -64,10 +66,20 @@ def dense_weights(cfg: QuantConfig, layer: MoELayer) -> dict[str, torch.Tensor]:
     }
 
 
-def dequantize_layer(cfg: QuantConfig, layer: MoELayer, module: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every expert's gate, up and down weights of one BitsMoE layer, by their Hugging Face names."""
+def dequantize_layer(
+    cfg: QuantConfig, layer: MoELayer, module: str, dtype: torch.dtype, arch: Architecture | None = None
+) -> dict[str, torch.Tensor]:
+    """Every expert's gate, up and down weights of one BitsMoE layer, by their Hugging Face names: one tensor per
+    expert and projection, or, for a family that stores its experts stacked under names of its own
+    (Architecture.fused_names, e.g. Granite's input_linear [E, 2I, H] and output_linear [E, H, I]), those, which
+    transformers reads for it."""
     weights = dense_weights(cfg, layer)
     weights["down"] = weights["down"].transpose(1, 2)  # [E, H, I], as stored
+    if arch is not None and arch.fused_names:
+        return {
+            arch.fused_name(module, "gate_up_proj"): torch.cat([weights["gate"], weights["up"]], 1).to(dtype),
+            arch.fused_name(module, "down_proj"): weights["down"].to(dtype).contiguous(),
+        }
     return {
         f"{module}.{e}.{cfg.projection_names[p]}.weight": w[e].to(dtype).contiguous()
         for e in range(cfg.num_experts)

@@ -13,14 +13,27 @@ from .source import FUSED_EXPERTS, SourceCheckpoint
 
 
 def skeleton(source: SourceCheckpoint, device: torch.device) -> transformers.PreTrainedModel:
-    """The model with every parameter on the meta device; the rotary embedding is real (it has no weights)."""
-    config = dict(source.config)
+    """The model with every parameter on the meta device; the rotary embedding, if any, is real (it has no weights)."""
+    config = special_floats(source.config)
     config.pop("quantization_config", None)
     hf_config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
+    if model.model.rotary_emb is not None:  # (Granite 4.0 has none: no positional embedding)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
     return model
+
+
+def special_floats(value):
+    """config.json's values with transformers' encoding of inf and nan ({"__float__": "Infinity"}, as in Granite 4.0's
+    time_step_limit) decoded, which its strict config classes require."""
+    if isinstance(value, dict):
+        if value.keys() == {"__float__"}:
+            return float(value["__float__"])
+        return {k: special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [special_floats(v) for v in value]
+    return value
 
 
 def load_module(
