@@ -226,12 +226,12 @@ def test_offline_llm_api(checkpoints, tmp_path):
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel CPU workers need two cores")
-@pytest.mark.parametrize("arch", ["mixtral", "glm4_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "glm4_moe", "deepseek_v3", "granitemoe"])
 def test_tensor_parallel_2_matches_the_dequantized_weights(arch, tiny_model_dir, quantize_tiny, tmp_path):
     """Each rank holds half of every factor row (FORMAT.md section 7); the sum over ranks is the whole layer. The
-    reference: transformers' run of the dequantized weights, or for DeepSeek-V3 vLLM's, on two ranks as well (on the
-    tiny DeepSeek-V3 vLLM disagrees with itself on one rank, 1.7 apart on the dequantized weights, and with
-    transformers, 2.1 apart on the original; measured)."""
+    reference: transformers' run of the dequantized weights, or for DeepSeek-V3 vLLM's, on two ranks as well
+    (measured: on the tiny DeepSeek-V3 vLLM disagrees with itself on one rank, 1.7 apart on the dequantized
+    weights, and with transformers, 2.1 apart on the original)."""
     # groups of 32: each rank's half of I = 128 must hold whole groups
     bitsmoe = quantize_tiny(tiny_model_dir(arch, **SHAPE), tmp_path / "bitsmoe", 3.0, group_size=32, basis_dtype="int8")
     dequantized = dequantize_checkpoint(bitsmoe, tmp_path / "dequantized")
