@@ -37,8 +37,8 @@ def top_basis(weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
 def project(weights: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
     """Expert factors [E, R, I] = basis W_e^T; None is the identity basis (factors W_e^T [E, H, I])."""
-    if basis is None:
-        return weights.float().transpose(1, 2).contiguous()
+    if basis is None:  # a view: a layer's float32 weights are GBs, and nothing writes into factors
+        return weights.float().transpose(1, 2)
     return torch.stack([basis @ w.float().T for w in weights])
 
 
@@ -55,6 +55,7 @@ def decompose(
     top `rank` rows of it are top_basis at `rank`)."""
     if basis_dtype == "identity":
         factors = project(weights, None)
-        return Decomposition(None, factors, factors.double().pow(2).sum((0, 2)))
+        energy = sum(f.double().pow(2).sum((0, 2)) for f in factors.split(1))  # an expert at a time: no float64 copy
+        return Decomposition(None, factors, energy)
     vectors, energy = top_basis(weights, rank) if basis is None else (basis[0][:rank], basis[1][:rank])
     return Decomposition(vectors, project(weights, vectors), energy)

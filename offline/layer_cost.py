@@ -50,7 +50,7 @@ def layer_costs(
         weight = importance(routed, weights, bases, n_tokens)
         losses = {"loss": [], "nearest": [], **{b: [] for b in shared}}
         for p in PROJECTIONS:
-            factors, w = project(weights[p], bases[p]), weight.pop(p)
+            factors, w = project(weights[p], bases[p]).contiguous(), weight.pop(p)  # once, for the kernels below
             widths, rows = list(plan.widths), p_plan.unit_rows
             if plan.options.rounding == "gptq":  # the rounding at every width done once for both importances
                 batches = gptq.expert_batches(weights, bases, p)
