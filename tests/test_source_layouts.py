@@ -67,6 +67,23 @@ def test_checkpoints_quantized_otherwise_are_refused(tiny_model_dir, quantize_ti
         quantize_tiny(model, tmp_path / "out", 2.5)
 
 
+def assert_reference_is_transformers_on_dequantized(original, bitsmoe, tmp_path, model_class):
+    """The reference forward of the BitsMoE checkpoint gives the logits transformers (`model_class`) gives on its
+    dequantized weights, and not those of the original; returns the dequantized checkpoint's directory."""
+    tokens = torch.arange(3, 60)[None]
+    with torch.no_grad():
+        ours = load_model(str(bitsmoe), torch.device("cpu"))(tokens).logits
+    dequantized = dequantize_checkpoint(bitsmoe, tmp_path / "dequantized")
+    expected = {}
+    for model in (dequantized, original):
+        net = model_class.from_pretrained(model, dtype=torch.float32)
+        with torch.no_grad():
+            expected[model] = net(input_ids=tokens).logits
+    assert (ours - expected[dequantized]).abs().max() < 1e-4
+    assert (ours - expected[original]).abs().max() > 1e-2  # the comparison's teeth: quantization moved the model
+    return dequantized
+
+
 def test_a_multimodal_checkpoints_text_model_quantizes_and_runs_as_transformers_runs_it(
     tiny_model_dir, quantize_tiny, tmp_path
 ):
@@ -84,17 +101,9 @@ def test_a_multimodal_checkpoints_text_model_quantizes_and_runs_as_transformers_
     assert vision and all(torch.equal(stored[name], source[name]) for name in vision)
     assert any(name.startswith("model.language_model.layers.1.mlp.experts.3.") for name in stored)
 
-    tokens = torch.arange(3, 60)[None]
-    with torch.no_grad():
-        ours = load_model(str(bitsmoe), torch.device("cpu"))(tokens).logits
-    dequantized = dequantize_checkpoint(bitsmoe, tmp_path / "dequantized")
-    expected = {}
-    for model in (dequantized, original):
-        net = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(model, dtype=torch.float32)
-        with torch.no_grad():
-            expected[model] = net(input_ids=tokens).logits
-    assert (ours - expected[dequantized]).abs().max() < 1e-4
-    assert (ours - expected[original]).abs().max() > 1e-2  # the comparison's teeth: quantization moved the model
+    assert_reference_is_transformers_on_dequantized(
+        original, bitsmoe, tmp_path, transformers.Qwen3_5MoeForConditionalGeneration
+    )
 
 
 def test_granite_4_quantizes_and_runs_as_transformers_runs_it(tiny_model_dir, quantize_tiny, tmp_path):
@@ -104,18 +113,10 @@ def test_granite_4_quantizes_and_runs_as_transformers_runs_it(tiny_model_dir, qu
     README, support matrix)."""
     original = tiny_model_dir("granitemoehybrid", **SHAPE)
     bitsmoe = quantize_tiny(original, tmp_path / "bitsmoe", 2.5)
-    tokens = torch.arange(3, 60)[None]
-    with torch.no_grad():
-        ours = load_model(str(bitsmoe), torch.device("cpu"))(tokens).logits
-    dequantized = dequantize_checkpoint(bitsmoe, tmp_path / "dequantized")
+    dequantized = assert_reference_is_transformers_on_dequantized(
+        original, bitsmoe, tmp_path, transformers.AutoModelForCausalLM
+    )
     stored = set()
     for path in dequantized.glob("*.safetensors"):
         stored |= set(load_file(path))
     assert "model.layers.1.block_sparse_moe.input_linear.weight" in stored
-    expected = {}
-    for model in (dequantized, original):
-        net = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-        with torch.no_grad():
-            expected[model] = net(input_ids=tokens).logits
-    assert (ours - expected[dequantized]).abs().max() < 1e-4
-    assert (ours - expected[original]).abs().max() > 1e-2  # the comparison's teeth: quantization moved the model
