@@ -70,6 +70,12 @@ def rows(model: str) -> list[dict]:
         {"name": f"bitsmoe-{b}-original-inputs", "family": "bitsmoe-original-inputs", "bits": b, "args": original}
         for b in sorted({2.5} | {b + (16 + b) / group for b in (2, 3)})
     ]
+    # the down projection rounded toward the expert's original output (the default) against GPTQ's objective
+    projection = ["--feedback-target", "projection"]
+    out += [
+        {"name": f"bitsmoe-{b}-projection-target", "family": "bitsmoe-projection-target", "bits": b, "args": projection}
+        for b in sorted({2.5} | {b + (16 + b) / group for b in (2, 3)})
+    ]
     if model == "trained-moe":  # the paper's claim: the defaults (a shared int8 basis here) against the identity basis
         identity = ["--basis-dtype", "identity"]
         out += [

@@ -86,6 +86,13 @@ def parse(argv: list[str] | None) -> Options:
         "before it already quantized, as the quantized model sees them; original: the original model's",
     )
     p.add_argument(
+        "--feedback-target",
+        choices=["layer", "projection"],
+        default=Options.feedback_target,
+        help="what gptq rounding of the down projection aims at: layer (default): the expert's original output, on "
+        "the inputs of the gate and up as rounded (compensating their errors); projection: its own output (GPTQ)",
+    )
+    p.add_argument(
         "--format-version",
         type=int,
         choices=[1, 2],
@@ -133,6 +140,7 @@ def parse(argv: list[str] | None) -> Options:
         scale_steps=a.scale_steps,
         rounding=a.rounding,
         feedback_inputs=a.feedback_inputs,
+        feedback_target=a.feedback_target,
         format_version=a.format_version,
         group_size=a.group_size,
         device=a.device,

@@ -53,6 +53,10 @@ class Options:
     # what gptq's Hessians are measured on: "quantized": each layer's inputs with the layers before it quantized
     # (as inference sees them), "original": the original model's
     feedback_inputs: str = "quantized"
+    # what gptq's rounding of the down projection aims at: "layer": the expert's original output, on the inputs of
+    # the gate and up as rounded (it compensates their errors); "projection": its own output on the original gate
+    # and up's (GPTQ's objective, projection by projection)
+    feedback_target: str = "layer"
     format_version: int = FORMAT_VERSION  # 1: even codes, for readers of version 1 (FORMAT.md section 9)
     group_size: int | None = None
     device: str = "cpu"

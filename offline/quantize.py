@@ -280,19 +280,24 @@ def feedback_rounding(
     scales."""
     bases = {p: decompositions[p].basis for p in ("gate", "up")}
     rounded, scales = {}, {}
-    for p, dec in decompositions.items():
-        parts = [
-            gptq.round_factors(
-                p,
-                dec.factors[b.start : b.stop],
-                widths[p][b.start : b.stop].to(dec.factors.device),
-                gptq.hessians(routed, weights, bases, (p,), b)[p],  # only round_factors holds it: freed as it goes
-                plan.group_size,
-                plan.options.scale_steps,
-                plan.odd_codes,
+    for p, dec in decompositions.items():  # gate and up before down
+        towards_layer = p == "down" and plan.options.feedback_target == "layer"
+        done = {q: rounded[q].factors for q in ("gate", "up")} if towards_layer else None
+        parts = []
+        for b in gptq.expert_batches(weights, bases, p):
+            h = gptq.hessians(routed, weights, bases, (p,), b, done)
+            parts.append(
+                gptq.round_factors(
+                    p,
+                    dec.factors[b.start : b.stop],
+                    widths[p][b.start : b.stop].to(dec.factors.device),
+                    h.pop(p),  # only round_factors holds it: freed as it goes
+                    plan.group_size,
+                    plan.options.scale_steps,
+                    plan.odd_codes,
+                    (h.pop("down-deviation"), h.pop("down-tokens")) if towards_layer else None,
+                )
             )
-            for b in gptq.expert_batches(weights, bases, p)
-        ]
         rounded[p] = dec._replace(factors=torch.cat([f for f, _ in parts]))
         scales[p] = torch.cat([s for _, s in parts])
     return rounded, scales

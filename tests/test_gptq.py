@@ -165,3 +165,50 @@ def test_experts_in_batches_give_the_hessians_and_rounding_of_the_whole_layer(mo
     ]
     assert torch.equal(torch.cat([f for f, _ in parts]), whole[0])
     assert torch.equal(torch.cat([s for _, s in parts]), whole[1])
+
+
+def test_the_down_inputs_of_the_rounded_gate_and_up_and_their_deviation():
+    """With the rounded gate and up factors, the down projection's inputs u are theirs (in rank space) and the
+    deviation is sum w^2 (a - u) u^T per expert, a the original gate and up's inputs to it."""
+    torch.manual_seed(8)
+    E, H, I, N = 3, 16, 32, 60
+    x, ids, w = torch.randn(N, H), torch.randint(0, E, (N, 2)), torch.rand(N, 2)
+    ids[:, 1] = (ids[:, 0] + 1) % E
+    weights = {p: torch.randn(E, I, H) for p in ("gate", "up", "down")}
+    basis = torch.linalg.qr(torch.randn(H, H))[0][:8]  # [R, H]
+    rounded = {"gate": torch.randn(E, 8, I), "up": torch.randn(E, H, I)}
+    got = gptq.hessians(Routed(x, ids, w), weights, {"gate": basis, "up": None}, ("down",), rounded=rounded)
+    assert set(got) == {"down", "down-deviation", "down-tokens"}
+    silu = torch.nn.functional.silu
+    for e in range(E):
+        token, slot = (ids == e).nonzero(as_tuple=True)
+        xe, w2 = x[token], torch.diag(w[token, slot] ** 2)
+        u = silu(xe @ basis.T @ rounded["gate"][e]) * (xe @ rounded["up"][e])
+        a = silu(xe @ weights["gate"][e].T) * (xe @ weights["up"][e].T)
+        torch.testing.assert_close(got["down"][e], u.T @ w2 @ u, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(got["down-deviation"][e], (a - u).T @ w2 @ u, rtol=1e-4, atol=1e-3)
+        assert got["down-tokens"][e] == len(token)
+
+
+def test_the_down_target_is_the_least_squares_fit_of_the_original_outputs():
+    """corrected: the factors F* minimising sum |F* u - F a|^2 + lambda |F* - F|^2 (lambda: GPTQ's damping plus
+    mean(H_ii) I / n, so no tokens, no change), solved here by least squares on the tokens; round_factors with the
+    deviation rounds from them."""
+    torch.manual_seed(9)
+    E, R, I, N = 2, 8, 64, 400
+    u = torch.randn(E, N, I, dtype=torch.float64) @ torch.randn(I, I, dtype=torch.float64)
+    a = u + 0.3 * torch.randn(E, N, I, dtype=torch.float64)
+    hessian, deviation = u.transpose(1, 2) @ u, (a - u).transpose(1, 2) @ u
+    factors, tokens = torch.randn(E, R, I), torch.tensor([N, N / 4])  # the second: weights as if of fewer tokens
+    got = gptq.corrected(factors, hessian, deviation, tokens)
+    for e in range(E):
+        f, mean = factors[e].double(), hessian[e].diagonal().mean()
+        damp = gptq.DAMP * mean + mean * I / tokens[e]
+        lhs = torch.cat([u[e], damp.sqrt() * torch.eye(I, dtype=torch.float64)])  # [N + I, I]
+        rhs = torch.cat([a[e] @ f.T, damp.sqrt() * f.T])
+        torch.testing.assert_close(got[e].double(), torch.linalg.lstsq(lhs, rhs).solution.T, rtol=1e-4, atol=1e-4)
+    bits = torch.randint(0, 5, (E, R))
+    args = (bits, hessian.float(), G, 8)
+    direct = gptq.round_factors("down", got, *args)
+    via = gptq.round_factors("down", factors, *args, deviation=(deviation.float(), tokens))
+    assert all(torch.equal(x, y) for x, y in zip(direct, via))
