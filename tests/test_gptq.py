@@ -21,6 +21,13 @@ def nearest(factors: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def random_routing(N: int, H: int, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """N random tokens [N, H], each routed to two distinct experts of E with random weights."""
+    x, ids, w = torch.randn(N, H), torch.randint(0, E, (N, 2)), torch.rand(N, 2)
+    ids[:, 1] = (ids[:, 0] + 1) % E
+    return x, ids, w
+
+
 def output_error(projection: str, delta: torch.Tensor, hessian: torch.Tensor) -> float:
     """sum_e of the squared output error on the Hessian's tokens; the coordinates: rank rows (gate, up) or columns."""
     d = delta if projection == "down" else delta.transpose(1, 2)
@@ -84,8 +91,7 @@ def test_correlated_inputs_cost_less_than_rounding_to_nearest(projection):
 def test_hessians_are_the_routed_tokens_second_moments_in_rank_space():
     torch.manual_seed(3)
     E, H, I, N = 3, 16, 32, 50
-    x, ids, w = torch.randn(N, H), torch.randint(0, E, (N, 2)), torch.rand(N, 2)
-    ids[:, 1] = (ids[:, 0] + 1) % E
+    x, ids, w = random_routing(N, H, E)
     weights = {p: torch.randn(E, I, H) for p in ("gate", "up", "down")}
     basis = torch.linalg.qr(torch.randn(H, H))[0][:8]  # [R, H]
     got = gptq.hessians(Routed(x, ids, w), weights, {"gate": basis, "up": None})
@@ -147,8 +153,7 @@ def test_experts_in_batches_give_the_hessians_and_rounding_of_the_whole_layer(mo
     Qwen3-30B-A3B layer): each expert's values are those of the whole layer."""
     torch.manual_seed(7)
     E, H, I, N = 5, 16, 64, 80
-    x, ids, w = torch.randn(N, H), torch.randint(0, E, (N, 2)), torch.rand(N, 2)
-    ids[:, 1] = (ids[:, 0] + 1) % E
+    x, ids, w = random_routing(N, H, E)
     routed, weights = Routed(x, ids, w), {p: torch.randn(E, I, H) for p in ("gate", "up", "down")}
     bases = {"gate": torch.linalg.qr(torch.randn(H, H))[0][:8], "up": None}
     factors, bits = torch.randn(E, 8, I), torch.randint(0, 5, (E, 8))
@@ -172,8 +177,7 @@ def test_the_down_inputs_of_the_rounded_gate_and_up_and_their_deviation():
     deviation is sum w^2 (a - u) u^T per expert, a the original gate and up's inputs to it."""
     torch.manual_seed(8)
     E, H, I, N = 3, 16, 32, 60
-    x, ids, w = torch.randn(N, H), torch.randint(0, E, (N, 2)), torch.rand(N, 2)
-    ids[:, 1] = (ids[:, 0] + 1) % E
+    x, ids, w = random_routing(N, H, E)
     weights = {p: torch.randn(E, I, H) for p in ("gate", "up", "down")}
     basis = torch.linalg.qr(torch.randn(H, H))[0][:8]  # [R, H]
     rounded = {"gate": torch.randn(E, 8, I), "up": torch.randn(E, H, I)}
