@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--only", choices=["bitsmoe", "gptq"], help="run one method, keep the other rows of the results")
     p.add_argument("--bitsmoe-args", default="", help="options besides the defaults; the row is named with them")
     a = p.parse_args()
-    if not PEERS_PYTHON.exists():
+    if a.only != "bitsmoe" and not PEERS_PYTHON.exists():
         sys.exit(f"{PEERS_PYTHON} is missing: run `bash scripts/setup_peers.sh` first")
     if a.model == "trained-moe":
         model, text = ROOT / "benchmarks" / "models" / "trained-moe", write_splits(a.work / "text-mixed", True)["calib"]
@@ -70,18 +70,23 @@ def main() -> None:
             continue
         row = f"bitsmoe {a.bitsmoe_args}".strip() if method == "bitsmoe" else method
         seconds, rss = run_measured(cmd, logs / f"{method}-{name}.log")
-        rows[row] = {"wall_s": round(seconds, 1), "peak_rss_mb": round(rss)}
+        rows[row] = {"wall_s": round(seconds, 1), "peak_rss_mb": round(rss), "machine": machine.describe()}
         if method == "bitsmoe":
             report = json.loads((out / f"bitsmoe-{name}" / "quantization_report.json").read_text())
             rows[row] |= {"stages": report["stages"], "basis": report["basis"], "options": report["options"]}
         print(row, rows[row]["wall_s"], "s", rows[row]["peak_rss_mb"], "MB", flush=True)
+    gptq_row = rows.get("gptq", {})
     result = {
-        "machine": machine.describe(),
         "model": str(model.relative_to(ROOT)),
         "calib_tokens": int(tokens.numel()),
         "calib_seq_len": seq_len,
         "rows": rows,
-        "gptq_wall_over": {k: round(rows["gptq"]["wall_s"] / v["wall_s"], 2) for k, v in rows.items() if k != "gptq"},
+        # only between rows of one machine (a row kept by --only may be from another)
+        "gptq_wall_over": {
+            k: round(gptq_row["wall_s"] / v["wall_s"], 2)
+            for k, v in rows.items()
+            if k != "gptq" and gptq_row and v.get("machine") == gptq_row.get("machine")
+        },
     }
     results.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))

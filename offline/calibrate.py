@@ -135,6 +135,7 @@ def walk_layers(
 
     for i in tqdm(range(first_layer, len(layers)), desc=desc, unit="layer", initial=first_layer, total=len(layers)):
         layer = load_module(layers[i], f"model.layers.{i}.", source, device)
+        source.tensors.close()  # its weights are copied: the maps' pages would count in the RSS besides them
         if i not in moe_layers:
             hidden = forward(layer)
             release(layer)
@@ -148,12 +149,12 @@ def walk_layers(
         hook.remove()
         routed = Routed(*(torch.cat([c[k].reshape(-1, c[k].shape[-1]) for c in captured]) for k in range(3)))
         if replace is not None:
+            experts = source.architecture.experts(layer)
+            release(experts)  # their replacement takes their place: one layer's experts in memory, not two
             weights = replace(i, routed)
-            hook = source.architecture.experts(layer).register_forward_hook(
-                lambda _m, args, y, w=weights: experts_output(w, Routed(*args[:3])).to(y.dtype)
-            )
+            experts.forward = lambda x, ids, w, weights=weights: experts_output(weights, Routed(x, ids, w)).to(x.dtype)
             out = forward(layer)
-            hook.remove()
+            del experts.forward, weights
         release(layer)
         hidden = out
         yield i, hidden, routed

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bitsmoe_vllm import ops
-from bitsmoe_vllm.format import factor_row_bits
+from bitsmoe_vllm.format import PROJECTIONS, factor_row_bits
 
 from .calibrate import Routed
 from .rounding import REFINE_STEPS, quantize_rows
@@ -33,45 +33,67 @@ PRIOR_SAMPLE = 4096  # layer tokens the prior is computed from
 
 
 def importance(
-    routed: Routed, weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None], n_tokens: int
+    routed: Routed,
+    weights: dict[str, torch.Tensor],
+    bases: dict[str, torch.Tensor | None],
+    n_tokens: int,
+    projections: tuple[str, ...] = PROJECTIONS,
+    experts: range | None = None,
 ) -> dict[str, torch.Tensor]:
     """weights[p] [E, I, H] (down as D_e^T), the gate and up bases [R, H] (None: identity) -> importance per
-    projection: gate and up [E, R, I], down [E, 1, I]. One pass over the experts for all three projections.
+    projection of `projections`: gate and up [E, R, I], down [E, 1, I]; of the experts `experts` only (their count
+    in place of E), else of all.
 
     An expert that received fewer than PRIOR_TOKENS calibration tokens also gets, in proportion to the shortfall,
     a prior: its own weights applied to the layer's tokens, as if it received its balanced share (N K / E) of them
     with the layer's mean squared routing weight. Without it an expert no calibration token reached would cost
     nothing at any width, and get 0 bits."""
     E, I, _ = weights["gate"].shape
+    experts = experts or range(E)
     device = weights["gate"].device
     x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
-    z = {p: x if bases[p] is None else x @ bases[p].T for p in ("gate", "up")}  # [N, R]: once, not once per expert
-    out = {p: torch.zeros(E, z[p].shape[1], I, device=device) for p in z}
-    out["down"] = torch.zeros(E, 1, I, device=device)
+    # [N, R]: once, not once per expert
+    z = {p: x if bases[p] is None else x @ bases[p].T for p in ("gate", "up") if p in projections}
+    out = {p: torch.zeros(len(experts), z[p].shape[1], I, device=device) for p in z}
+    if "down" in projections:
+        out["down"] = torch.zeros(len(experts), 1, I, device=device)
     for e in ids.unique().tolist():
+        if e not in experts:
+            continue
         token, slot = (ids == e).nonzero(as_tuple=True)
-        for p, v in expert_statistics(weights, e, x[token], {q: z[q][token] for q in z}, w[token, slot] ** 2).items():
-            out[p][e] += v
+        ze = {q: z[q][token] for q in z}
+        for p, v in expert_statistics(weights, e, x[token], ze, w[token, slot] ** 2, tuple(out)).items():
+            out[p][e - experts.start] += v
     counts = torch.bincount(ids.flatten(), minlength=E)
     sample = slice(0, PRIOR_SAMPLE)
     for e in (counts < PRIOR_TOKENS).nonzero().flatten().tolist():
+        if e not in experts:
+            continue
         w2 = torch.full((len(x[sample]),), float((w**2).mean()), device=device)
         share = (1 - int(counts[e]) / PRIOR_TOKENS) * len(x) * ids.shape[1] / E / len(x[sample])
-        for p, v in expert_statistics(weights, e, x[sample], {q: z[q][sample] for q in z}, w2).items():
-            out[p][e] += share * v
+        for p, v in expert_statistics(weights, e, x[sample], {q: z[q][sample] for q in z}, w2, tuple(out)).items():
+            out[p][e - experts.start] += share * v
     return {p: o / n_tokens for p, o in out.items()}
 
 
 def expert_statistics(
-    weights: dict[str, torch.Tensor], e: int, xe: torch.Tensor, ze: dict[str, torch.Tensor], w2: torch.Tensor
+    weights: dict[str, torch.Tensor],
+    e: int,
+    xe: torch.Tensor,
+    ze: dict[str, torch.Tensor],
+    w2: torch.Tensor,
+    projections=PROJECTIONS,
 ) -> dict[str, torch.Tensor]:
-    """Expert e's summed importance over tokens xe [n, H] (their z [n, R]) with squared routing weights w2 [n]."""
+    """Expert e's summed importance of `projections` over tokens xe [n, H] (their z [n, R] of the gate and up among
+    them) with squared routing weights w2 [n]."""
     h_g, h_u = xe @ weights["gate"][e].T, xe @ weights["up"][e].T  # [n, I]
     sig = torch.sigmoid(h_g)
     column = (weights["down"][e] ** 2).sum(1)  # |D_e[:, i]|^2
-    sensitivity = {"gate": (sig * (1 + h_g * (1 - sig)) * h_u) ** 2, "up": (h_g * sig) ** 2}  # [n, I]
-    out = {p: ((w2[:, None] * ze[p] ** 2).T @ s) * column for p, s in sensitivity.items()}
-    return out | {"down": (w2[:, None] * (h_g * sig * h_u) ** 2).sum(0)[None]}
+    sensitivity = {"gate": lambda: (sig * (1 + h_g * (1 - sig)) * h_u) ** 2, "up": lambda: (h_g * sig) ** 2}  # [n, I]
+    out = {p: ((w2[:, None] * ze[p] ** 2).T @ s()) * column for p, s in sensitivity.items() if p in projections}
+    if "down" in projections:
+        out["down"] = (w2[:, None] * (h_g * sig * h_u) ** 2).sum(0)[None]
+    return out
 
 
 def unit_losses(

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from bitsmoe_vllm.checkpoint import WEIGHTS_INDEX, TensorFiles, load_layer, read_quant_config
-from bitsmoe_vllm.format import QuantConfig
+from bitsmoe_vllm.format import PROJECTIONS, QuantConfig
 from bitsmoe_vllm.reference import MoELayer, dequantize_basis, expert_factor
 
 from .architectures import Architecture
@@ -58,12 +58,13 @@ def dense_weights(cfg: QuantConfig, layer: MoELayer) -> dict[str, torch.Tensor]:
         torch.eye(cfg.hidden_size) if b is None else dequantize_basis(b)
         for b in (layer.gate_basis, layer.up_basis, layer.down_basis)
     )
-    experts = range(cfg.num_experts)
-    return {
-        "gate": torch.stack([expert_factor(layer.gate, e, cfg.group_size).T @ B_gate for e in experts]),
-        "up": torch.stack([expert_factor(layer.up, e, cfg.group_size).T @ B_up for e in experts]),
-        "down": torch.stack([(B_down @ expert_factor(layer.down, e, cfg.group_size)).T for e in experts]),
-    }
+    E, I, H = cfg.num_experts, cfg.intermediate_size, cfg.hidden_size
+    out = {p: torch.empty(E, I, H) for p in PROJECTIONS}  # filled an expert at a time: no list to stack
+    for e in range(E):
+        out["gate"][e] = expert_factor(layer.gate, e, cfg.group_size).T @ B_gate
+        out["up"][e] = expert_factor(layer.up, e, cfg.group_size).T @ B_up
+        out["down"][e] = (B_down @ expert_factor(layer.down, e, cfg.group_size)).T
+    return out
 
 
 def dequantize_layer(

@@ -32,11 +32,16 @@ from .rounding import quantize_mixed_rows, quantize_rows
 DAMP = 0.01  # of the mean diagonal, added to H (GPTQ's default)
 BLOCK = 128  # coordinates per block of updates deferred into one matrix product
 # float64 bytes of one batch of the factorisations' operands: Qwen3-30B-A3B's 128 experts' rank-space Hessians
-# (2048 x 2048) factorised at once took 17 GB of temporaries and ran this 24 GB machine out of memory
-FACTOR_BYTES = 1 << 28
+# (2048 x 2048) factorised at once took 17 GB of temporaries and ran this 24 GB machine out of memory; each batch's
+# factorisation holds about five copies of it
+FACTOR_BYTES = 1 << 26
 # float32 bytes of the Hessians of one batch of experts: a whole layer's (2 GB per projection for Qwen3-30B-A3B, held
-# with their reordered copy and factorisations) set the quantizer's peak memory
-HESSIAN_BYTES = 1 << 29
+# with their reordered copy and factorisations, three times that) set the quantizer's peak memory
+HESSIAN_BYTES = 1 << 28
+# float32 bytes of the factors of one batch of experts: the rounding holds several copies of a batch's (reordered,
+# updated, rounded; float64 for the down projection's target), which for a whole projection (800 MB for Qwen3-30B-A3B)
+# set the export's peak memory
+FACTOR_BATCH_BYTES = 1 << 27
 
 
 def hessians(
@@ -96,10 +101,12 @@ def hessian_size(weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor
 
 
 def expert_batches(weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None], projection: str):
-    """The experts in batches whose Hessians of `projection` take HESSIAN_BYTES: each expert's Hessian, its
-    factorisations and its rounding are its own, so a layer is handled a batch at a time, not all at once."""
-    E, n = weights["gate"].shape[0], hessian_size(weights, bases, projection)
-    step = max(1, HESSIAN_BYTES // (4 * n * n))
+    """The experts in batches whose Hessians of `projection` take HESSIAN_BYTES and whose factors FACTOR_BATCH_BYTES:
+    each expert's Hessian, its factorisations and its rounding are its own, so a layer is handled a batch at a time,
+    not all at once."""
+    E, I, H = weights[projection].shape
+    n = hessian_size(weights, bases, projection)
+    step = max(1, min(HESSIAN_BYTES // (4 * n * n), FACTOR_BATCH_BYTES // (4 * H * I)))  # a factor has <= H rows
     return [range(s, min(s + step, E)) for s in range(0, E, step)]
 
 
@@ -204,9 +211,9 @@ def _round_columns(
 
 def by_experts(fn, hessian: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
     """fn(hessian, *more) over the experts (the first dimension of hessian [E, n, n] and of each of `more`) a batch
-    at a time (FACTOR_BYTES of float64 operands), concatenated: the same values as fn(hessian, *more), each expert's
-    factorisation being its own."""
-    step = max(1, FACTOR_BYTES // (8 * hessian.shape[-1] ** 2))
+    at a time (FACTOR_BYTES of float64 copies of its largest operand), concatenated: the same values as
+    fn(hessian, *more), each expert's factorisation being its own."""
+    step = max(1, FACTOR_BYTES // (8 * max(t[0].numel() for t in (hessian, *more))))
     return torch.cat([fn(*(t[s : s + step] for t in (hessian, *more))) for s in range(0, hessian.shape[0], step)])
 
 

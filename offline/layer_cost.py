@@ -41,37 +41,37 @@ def layer_costs(
     """The costs of each factor kind of plan.basis_candidates(): "loss-{kind}" [3 * E * units, J] (with --rounding
     gptq, times the share of each coordinate's loss the error feedback leaves, offline.gptq.compensation, and the
     loss rounded to nearest as "nearest-{kind}"), and for each shared basis among them "basis_loss-{basis}"
-    [3 * E * units]; `layer_bases`: shared_bases; one projection's factors in memory at a time."""
+    [3 * E * units]; `layer_bases`: shared_bases. One projection's factors, importance and Hessians of a batch of
+    experts (offline.gptq.expert_batches) in memory at a time: a whole layer's are GBs."""
     out = {}
     for kind in sorted({plan.with_basis(b).factor_kind for b in plan.basis_candidates()}):
         p_plan = plan.with_basis("identity" if kind == "identity" else "int8")
         bases = {p: None if kind == "identity" else layer_bases[p] for p in PROJECTIONS}
         shared = [b for b in plan.basis_candidates() if b != "identity"] if kind == "shared" else []
-        weight = importance(routed, weights, bases, n_tokens)
         losses = {"loss": [], "nearest": [], **{b: [] for b in shared}}
+        widths, rows = list(plan.widths), p_plan.unit_rows
         for p in PROJECTIONS:
-            factors, w = project(weights[p], bases[p]).contiguous(), weight.pop(p)  # once, for the kernels below
-            widths, rows = list(plan.widths), p_plan.unit_rows
-            if plan.options.rounding == "gptq":  # the rounding at every width done once for both importances
-                batches = gptq.expert_batches(weights, bases, p)
-                share = torch.cat(
-                    [gptq.compensation(p, gptq.hessians(routed, weights, bases, (p,), b)[p]) for b in batches]
-                )
-                both = torch.stack([w * (share[:, None, :] if p == "down" else share[:, :, None]), w])
-                loss, nearest = unit_losses(
-                    factors, both, widths, rows, plan.group_size, plan.options.scale_steps, plan.odd_codes
-                )
-                losses["nearest"].append(nearest)
-            else:
-                loss = unit_losses(factors, w, widths, rows, plan.group_size, plan.options.scale_steps, plan.odd_codes)
-            losses["loss"].append(loss)
-            if shared:
-                dropped = unit_losses(factors, w, [0], 1, plan.group_size)[..., 0]  # [E, R]: each row's whole loss
-                for basis in shared:
-                    ratio = rounding_ratio(bases[p], basis, p, routed.x)  # [R]
-                    per_unit = (dropped * ratio.double()).reshape(len(factors), -1, rows).sum(-1)  # [E, units]
-                    losses[basis].append(per_unit)
-            del factors
+            ratios = {basis: rounding_ratio(bases[p], basis, p, routed.x).double() for basis in shared}  # [R]
+            for b in gptq.expert_batches(weights, bases, p):
+                factors = project(weights[p][b.start : b.stop], bases[p]).contiguous()  # once, for the kernels below
+                w = importance(routed, weights, bases, n_tokens, (p,), b)[p]
+                if plan.options.rounding == "gptq":  # the rounding at every width done once for both importances
+                    share = gptq.compensation(p, gptq.hessians(routed, weights, bases, (p,), b)[p])
+                    both = torch.stack([w * (share[:, None, :] if p == "down" else share[:, :, None]), w])
+                    loss, nearest = unit_losses(
+                        factors, both, widths, rows, plan.group_size, plan.options.scale_steps, plan.odd_codes
+                    )
+                    losses["nearest"].append(nearest)
+                else:
+                    loss = unit_losses(
+                        factors, w, widths, rows, plan.group_size, plan.options.scale_steps, plan.odd_codes
+                    )
+                losses["loss"].append(loss)
+                if shared:
+                    dropped = unit_losses(factors, w, [0], 1, plan.group_size)[..., 0]  # [E, R]: each row's whole loss
+                    for basis, ratio in ratios.items():
+                        losses[basis].append((dropped * ratio).reshape(len(factors), -1, rows).sum(-1))  # [E, units]
+                del factors, w
         out[f"loss-{kind}"] = torch.cat([loss.reshape(-1, len(plan.widths)).cpu() for loss in losses.pop("loss")])
         if nearest := losses.pop("nearest"):
             out[f"nearest-{kind}"] = torch.cat([loss.reshape(-1, len(plan.widths)).cpu() for loss in nearest])

@@ -149,7 +149,9 @@ def split_held_out(routed: Routed, held: torch.Tensor, seq_len: int) -> tuple[Ro
 
 
 def expert_weights(plan: Plan, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
-    return {p: w.to(device) for p, w in plan.source.expert_weights(layer).items()}
+    weights = {p: w.to(device) for p, w in plan.source.expert_weights(layer).items()}
+    plan.source.tensors.close()  # the pages of the checkpoint read count in the RSS until its maps are dropped
+    return weights
 
 
 def allocate_bits(plan: Plan, run: RunDir, costs: dict[str, torch.Tensor]) -> tuple[Plan, torch.Tensor, dict]:
@@ -283,23 +285,25 @@ def feedback_rounding(
     for p, dec in decompositions.items():  # gate and up before down
         towards_layer = p == "down" and plan.options.feedback_target == "layer"
         done = {q: rounded[q].factors for q in ("gate", "up")} if towards_layer else None
-        parts = []
+        # written a batch at a time, in place of the factors where nothing reads them again: the down projection's
+        # inputs are computed from the original gate and up weights, of which identity-basis factors are views
+        in_place = p == "down" or dec.basis is not None
+        factors, scales[p] = dec.factors if in_place else torch.empty_like(dec.factors), []
         for b in gptq.expert_batches(weights, bases, p):
             h = gptq.hessians(routed, weights, bases, (p,), b, done)
-            parts.append(
-                gptq.round_factors(
-                    p,
-                    dec.factors[b.start : b.stop],
-                    widths[p][b.start : b.stop].to(dec.factors.device),
-                    h.pop(p),  # only round_factors holds it: freed as it goes
-                    plan.group_size,
-                    plan.options.scale_steps,
-                    plan.odd_codes,
-                    (h.pop("down-deviation"), h.pop("down-tokens")) if towards_layer else None,
-                )
+            factors[b.start : b.stop], s = gptq.round_factors(
+                p,
+                dec.factors[b.start : b.stop],
+                widths[p][b.start : b.stop].to(dec.factors.device),
+                h.pop(p),  # only round_factors holds it: freed as it goes
+                plan.group_size,
+                plan.options.scale_steps,
+                plan.odd_codes,
+                (h.pop("down-deviation"), h.pop("down-tokens")) if towards_layer else None,
             )
-        rounded[p] = dec._replace(factors=torch.cat([f for f, _ in parts]))
-        scales[p] = torch.cat([s for _, s in parts])
+            scales[p].append(s)
+        rounded[p] = dec._replace(factors=factors)
+        scales[p] = torch.cat(scales[p])
     return rounded, scales
 
 

@@ -154,14 +154,24 @@ class SourceCheckpoint:
         return torch.stack([torch.cat([self.get(f"{module}.{e}.{n}.weight") for n in names]) for e in range(E)])
 
     def expert_weights(self, layer: int) -> dict[str, torch.Tensor]:
-        """Projection -> float32 [E, I, H] (gate and up as stored; down transposed from [E, H, I])."""
+        """Projection -> float32 [E, I, H] (gate and up as stored; down transposed from [E, H, I]), each made in one
+        allocation: a big layer's float32 experts are GBs, and a list of them stacked, or a copy transposed, twice
+        that."""
         module = self.architecture.experts_module.format(layer=layer)
         if self.fused_experts(module):
-            gate, up = self.stacked_experts(module, "gate_up_proj").float().chunk(2, dim=1)
-            down = self.stacked_experts(module, "down_proj").float()
-            return {"gate": gate.contiguous(), "up": up.contiguous(), "down": down.transpose(1, 2).contiguous()}
+            gate_up, down = self.stacked_experts(module, "gate_up_proj"), self.stacked_experts(module, "down_proj")
+            I = gate_up.shape[1] // 2
+            return {
+                "gate": gate_up[:, :I].float(),
+                "up": gate_up[:, I:].float(),
+                "down": torch.empty(down.shape[0], down.shape[2], down.shape[1]).copy_(down.transpose(1, 2)),
+            }
         E, out = self.architecture.num_experts(self.config), {}
         for p, name in self.architecture.projection_names.items():
-            w = torch.stack([self.get(f"{module}.{e}.{name}.weight", torch.float32).float() for e in range(E)])
-            out[p] = w.transpose(1, 2).contiguous() if p == "down" else w
+            for e in range(E):
+                w = self.get(f"{module}.{e}.{name}.weight", torch.float32)
+                w = w.T if p == "down" else w
+                if e == 0:
+                    out[p] = torch.empty(E, *w.shape)
+                out[p][e] = w
         return out

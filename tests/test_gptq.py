@@ -137,6 +137,9 @@ def test_factorisations_in_batches_of_experts_give_the_same_values(monkeypatch):
     monkeypatch.setattr(gptq, "FACTOR_BYTES", 2 * 8 * 12 * 12)  # 2 experts a batch, the last alone
     batched = [gptq.inverse_cholesky(h), gptq.compensation("gate", h), gptq.compensation("down", h)]
     assert all(torch.equal(a, b) for a, b in zip(whole, batched))
+    sizes = []  # the largest operand sets the batch: factors [5, 24, 12] twice a Hessian's size, one expert a batch
+    gptq.by_experts(lambda a, b: sizes.append(len(a)) or a, h, torch.zeros(5, 24, 12))
+    assert sizes == [1] * 5
 
 
 def test_inverse_cholesky_is_the_upper_factor_of_the_damped_hessians_inverse():
@@ -159,7 +162,9 @@ def test_experts_in_batches_give_the_hessians_and_rounding_of_the_whole_layer(mo
     factors, bits = torch.randn(E, 8, I), torch.randint(0, 5, (E, 8))
     whole_h = gptq.hessians(routed, weights, bases, ("gate",))["gate"]
     whole = gptq.round_factors("gate", factors, bits, whole_h.clone(), G, 8)
-    monkeypatch.setattr(gptq, "HESSIAN_BYTES", 2 * 4 * 8 * 8)  # two experts of rank 8 a batch
+    monkeypatch.setattr(gptq, "FACTOR_BATCH_BYTES", 3 * 4 * H * I)  # three experts' factors (<= H rows) a batch
+    assert gptq.expert_batches(weights, bases, "gate") == [range(0, 3), range(3, 5)]
+    monkeypatch.setattr(gptq, "HESSIAN_BYTES", 2 * 4 * 8 * 8)  # two experts' Hessians of rank 8 a batch
     batches = gptq.expert_batches(weights, bases, "gate")
     assert batches == [range(0, 2), range(2, 4), range(4, 5)]
     hs = [gptq.hessians(routed, weights, bases, ("gate",), b)["gate"] for b in batches]
