@@ -82,7 +82,7 @@ def expert_statistics(
     xe: torch.Tensor,
     ze: dict[str, torch.Tensor],
     w2: torch.Tensor,
-    projections=PROJECTIONS,
+    projections: tuple[str, ...] = PROJECTIONS,
 ) -> dict[str, torch.Tensor]:
     """Expert e's summed importance of `projections` over tokens xe [n, H] (their z [n, R] of the gate and up among
     them) with squared routing weights w2 [n]."""

@@ -162,8 +162,8 @@ class SourceCheckpoint:
             gate_up, down = self.stacked_experts(module, "gate_up_proj"), self.stacked_experts(module, "down_proj")
             I = gate_up.shape[1] // 2
             return {
-                "gate": gate_up[:, :I].float(),
-                "up": gate_up[:, I:].float(),
+                "gate": gate_up[:, :I].to(torch.float32, copy=True),  # a copy even of float32: not a view of the map
+                "up": gate_up[:, I:].to(torch.float32, copy=True),
                 "down": torch.empty(down.shape[0], down.shape[2], down.shape[1]).copy_(down.transpose(1, 2)),
             }
         E, out = self.architecture.num_experts(self.config), {}

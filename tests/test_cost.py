@@ -67,3 +67,18 @@ def test_an_expert_no_calibration_token_reached_gets_the_layers_prior():
     for p in got:
         assert float(got[p][E - 1].min()) >= 0 and float(got[p][E - 1].sum()) > 0
         torch.testing.assert_close(got[p][E - 1], want[p][E - 1] * K / E)
+
+
+def test_importance_of_a_batch_of_experts_is_that_slice_of_the_whole_layers():
+    """The cost model takes a big layer's importance a projection and a batch of experts at a time (the whole layer's
+    took GBs): the same values, prior included."""
+    g = torch.Generator().manual_seed(3)
+    weights = {p: torch.randn(E, I, H, generator=g) / H**0.5 for p in ("gate", "up", "down")}
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(N)])  # expert E - 1: the prior
+    routed = Routed(torch.randn(N, H, generator=g), ids, torch.rand(N, K, generator=g))
+    bases = {p: top_basis(weights[p], H // 2)[0] for p in weights}
+    whole = importance(routed, weights, bases, n_tokens=N)
+    for p in ("gate", "up", "down"):
+        part = importance(routed, weights, bases, N, (p,), range(2, E))
+        assert list(part) == [p]
+        torch.testing.assert_close(part[p], whole[p][2:], rtol=0, atol=0)

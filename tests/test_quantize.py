@@ -78,7 +78,7 @@ def layer_errors(model_dir, checkpoint, calib_file) -> dict[int, float]:
 def test_a_walk_with_each_layers_experts_replaced_runs_the_replacement(arch, tiny_model_dir, calib_file):
     """The walk behind --feedback-inputs quantized: experts replaced by their own weights change nothing (so the
     replacement computes what the model's experts compute, routing weights included); halved weights change the
-    layer after them and no layer before."""
+    layer after them and no layer before; the layer's own experts are freed before their replacement is built."""
     model = tiny_model_dir(arch, **QUANT_SHAPE)
     source, device = SourceCheckpoint(str(model)), torch.device("cpu")
     from transformers import AutoTokenizer
@@ -92,9 +92,16 @@ def test_a_walk_with_each_layers_experts_replaced_runs_the_replacement(arch, tin
         return [h for _, h, _ in walk_layers(net, source, hidden, 0, moe, device, replace=replace)]
 
     plain = walk()
-    seen = []
-    same = walk(lambda i, routed: seen.append(i) or source.expert_weights(i))
+    seen, freed = [], []
+
+    def replacement(i: int, routed) -> dict[str, torch.Tensor]:
+        seen.append(i)
+        freed.append(all(t.is_meta for t in source.architecture.experts(net.model.layers[i]).parameters()))
+        return source.expert_weights(i)
+
+    same = walk(replacement)
     assert seen == sorted(moe)
+    assert all(freed), "a layer's own experts were still in memory beside their replacement"
     for a, b in zip(plain, same):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
     halved = walk(
