@@ -288,7 +288,8 @@ def feedback_rounding(
         # written a batch at a time, in place of the factors where nothing reads them again: the down projection's
         # inputs are computed from the original gate and up weights, of which identity-basis factors are views
         in_place = p == "down" or dec.basis is not None
-        factors, scales[p] = dec.factors if in_place else torch.empty(dec.factors.shape, device=dec.factors.device), []
+        factors = dec.factors if in_place else torch.empty(dec.factors.shape, device=dec.factors.device)
+        scales[p] = []
         for b in gptq.expert_batches(weights, bases, p):
             h = gptq.hessians(routed, weights, bases, (p,), b, done)
             factors[b.start : b.stop], s = gptq.round_factors(
