@@ -10,6 +10,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from bitsmoe_vllm.checkpoint import check_files
 from bitsmoe_vllm.format import QUANT_METHOD, QuantConfig
+from bitsmoe_vllm.gpt_oss import route_bitsmoe_tensors
 from bitsmoe_vllm.moe_method import BitsMoEMoEMethod
 
 
@@ -55,6 +56,7 @@ class BitsMoEConfig(QuantizationConfig):
         if isinstance(layer, LinearBase):
             return UnquantizedLinearMethod()  # attention, router and shared experts stay as stored
         if isinstance(layer, RoutedExperts):
+            route_bitsmoe_tensors()  # vLLM's gpt-oss loader would skip the experts' tensors
             modules = [layout.module for layout in self.spec.layers]
             if prefix not in modules:
                 raise ValueError(

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from bitsmoe_vllm.activation import ACTIVATIONS, Activation
 from bitsmoe_vllm.packing import SUPPORTED_WIDTHS, WORD_BITS
 
 FORMAT_VERSION = 2  # what the quantizer writes
@@ -20,7 +21,6 @@ QUANT_METHOD = "bitsmoe"
 BIT_WIDTHS = (0,) + SUPPORTED_WIDTHS
 PROJECTIONS = ("gate", "up", "down")
 BUDGET_SCOPES = ("all", "factors")
-ACTIVATIONS = ("silu",)
 
 
 def odd_codes(format_version: int) -> bool:
@@ -32,8 +32,8 @@ def odd_codes(format_version: int) -> bool:
 # than H, a shared basis costs more bits than it saves).
 BASIS_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8, "identity": None}
 BASIS_BITS = {"float16": 16, "bfloat16": 16, "int8": 8, "identity": 0}
-CODES_DTYPE, SCALES_DTYPE, BITS_DTYPE = torch.int32, torch.float16, torch.uint8
-SCALE_BITS, BITS_ENTRY_BITS = 16, 8
+CODES_DTYPE, SCALES_DTYPE, BITS_DTYPE, BIAS_DTYPE = torch.int32, torch.float16, torch.uint8, torch.float32
+SCALE_BITS, BITS_ENTRY_BITS, BIAS_BITS = 16, 8, 32
 BITS_TOLERANCE = 1e-6
 
 
@@ -84,10 +84,17 @@ class QuantConfig:
     projection_names: Mapping[str, str]  # "gate"/"up"/"down" -> checkpoint name
     layers: tuple[LayerLayout, ...]
     format_version: int = FORMAT_VERSION
+    swiglu_alpha: float | None = None  # activation "swigluoai" only (gpt-oss)
+    swiglu_limit: float | None = None
+    expert_bias: bool = False  # every expert's gate, up and down carry a bias (gpt-oss)
 
     @property
     def odd_codes(self) -> bool:
         return odd_codes(self.format_version)
+
+    @property
+    def act(self) -> Activation:
+        return Activation(self.activation, self.swiglu_alpha, self.swiglu_limit)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
@@ -103,6 +110,8 @@ class QuantConfig:
                 f"{', '.join(map(str, READABLE_VERSIONS))}. Upgrade bitsmoe-vllm or re-export the checkpoint."
             )
         achieved, names, layers = r.child("achieved_bits"), r.child("projection_names"), r.child("layers")
+        activation = r.choice("activation", ACTIVATIONS)
+        swiglu = {k: float(r.get(k, (int, float))) for k in ("swiglu_alpha", "swiglu_limit") if activation != "silu"}
         cfg = cls(
             bits=float(r.get("bits", (int, float))),
             budget_scope=r.choice("budget_scope", BUDGET_SCOPES),
@@ -110,18 +119,21 @@ class QuantConfig:
             candidate_bits=tuple(r.int_list("candidate_bits", allowed=BIT_WIDTHS)),
             group_size=r.positive_int("group_size"),
             basis_dtype=r.choice("basis_dtype", tuple(BASIS_DTYPES)),
-            activation=r.choice("activation", ACTIVATIONS),
+            activation=activation,
             hidden_size=r.positive_int("hidden_size"),
             intermediate_size=r.positive_int("intermediate_size"),
             num_experts=r.positive_int("num_experts"),
             projection_names={p: names.get(p, str) for p in PROJECTIONS},
             layers=tuple(_read_layer(module, layers.child(module)) for module in layers.d),
             format_version=version,
+            expert_bias=r.get("expert_bias", bool) if "expert_bias" in r.d else False,
+            **swiglu,
         )
         cfg.validate()
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"swiglu_alpha": self.swiglu_alpha, "swiglu_limit": self.swiglu_limit} if self.swiglu_alpha else {}
         return {
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
@@ -132,6 +144,8 @@ class QuantConfig:
             "group_size": self.group_size,
             "basis_dtype": self.basis_dtype,
             "activation": self.activation,
+            **extra,
+            **({"expert_bias": True} if self.expert_bias else {}),
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_experts": self.num_experts,
@@ -142,6 +156,7 @@ class QuantConfig:
     def validate(self) -> None:
         """Check the invariants between fields (FORMAT.md section 8); raise ValueError naming the key."""
         G, I = self.group_size, self.intermediate_size
+        self.act  # noqa: B018 (raises on an activation without its parameters, or with another's)
         if G % WORD_BITS or I % G:
             raise ValueError(
                 f"quantization_config.group_size: {G} must be a multiple of {WORD_BITS} that divides "
@@ -198,7 +213,8 @@ class QuantConfig:
 
 
 def expert_tensor_name(module: str, expert: int, checkpoint_projection: str, kind: str) -> str:
-    """checkpoint_projection is the checkpoint's name (projection_names[p]); kind is "codes", "scales" or "bits"."""
+    """checkpoint_projection is the checkpoint's name (projection_names[p]); kind is "codes", "scales", "bits" or
+    "bias"."""
     return f"{module}.{expert}.{checkpoint_projection}.{kind}"
 
 
@@ -233,6 +249,9 @@ def layer_tensor_specs(cfg: QuantConfig, layer: LayerLayout) -> dict[str, Tensor
                 (pl.rows[e], I // G), SCALES_DTYPE, 1
             )
             specs[expert_tensor_name(layer.module, e, name, "bits")] = TensorSpec((pl.rank,), BITS_DTYPE, None)
+            if cfg.expert_bias:  # down's is added once, by tensor-parallel rank 0 (FORMAT.md section 7)
+                shape, shard = ((H,), None) if p == "down" else ((I,), 0)
+                specs[expert_tensor_name(layer.module, e, name, "bias")] = TensorSpec(shape, BIAS_DTYPE, shard)
     return specs
 
 
@@ -261,6 +280,8 @@ def stored_bits(cfg: QuantConfig) -> dict[str, float]:
             everything += factor_bits + cfg.num_experts * pl.rank * BITS_ENTRY_BITS + pl.rank * H * basis_bits
             if cfg.basis_dtype == "int8":
                 everything += (H if p == "down" else pl.rank) * SCALE_BITS
+            if cfg.expert_bias:
+                everything += cfg.num_experts * (H if p == "down" else I) * BIAS_BITS
     weights = len(cfg.layers) * 3 * cfg.num_experts * I * H
     return {"all": everything / weights, "factors": factors / weights}
 
@@ -288,7 +309,7 @@ def check_layer_tensors(cfg: QuantConfig, layer: LayerLayout, tensors: Mapping[s
         if name.startswith(layer.module + ".") and name not in specs:
             raise ValueError(
                 f"unexpected tensor '{name}' among the routed experts of '{layer.module}'; a BitsMoE checkpoint "
-                "stores them only as bases, codes, scales and bits (FORMAT.md)"
+                "stores them only as bases, codes, scales, bits and biases (FORMAT.md)"
             )
     for p in PROJECTIONS:
         pl, name = layer.projection(p), cfg.projection_names[p]
@@ -339,7 +360,7 @@ class _Reader:
         if key not in self.d:
             raise ValueError(f"{self.path(key)}: missing key")
         value = self.d[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and types is not bool) or not isinstance(value, types):
             raise ValueError(f"{self.path(key)}: expected {_type_names(types)}, found {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{self.path(key)}: expected a finite number, found {value!r}")
@@ -367,5 +388,12 @@ class _Reader:
 
 
 def _type_names(types: type | tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list"}
+    names = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "an object",
+        list: "a list",
+    }
     return " or ".join(names.get(t, t.__name__) for t in (types if isinstance(types, tuple) else (types,)))

@@ -22,8 +22,13 @@ _TILES = "Tensor sorted_slots, Tensor tile_expert, Tensor tile_start, Tensor til
 SCHEMAS = {
     # the layer on its stored tensors (FORMAT.md section 4): the reference, or the CPU float kernel
     "moe": _MOE.format(_FACTORS.format("codes", "bits") + _DOWN.format("codes", "bits")),
-    # the reference on every device: where the backend oracle found a kernel wrong
-    "moe_reference": _MOE.format(_FACTORS.format("codes", "bits") + _DOWN.format("codes", "bits")),
+    # the reference on every device: where the backend oracle found a kernel wrong, or none runs the layer (biases
+    # [E, I] / [E, I] / [E, H] and the activation with its parameters, bitsmoe_vllm/activation.py)
+    "moe_reference": _MOE.format(_FACTORS.format("codes", "bits") + _DOWN.format("codes", "bits")).replace(
+        ") ->",
+        ", Tensor? gate_bias=None, Tensor? up_bias=None, Tensor? down_bias=None, str activation='silu', "
+        "float[] activation_params=[]) ->",
+    ),
     # the CPU integer path on the CPU layout (bitsmoe_vllm/cpu_layout.py)
     "moe_int": _MOE.format(
         "Tensor gate_masks, Tensor gate_scales, Tensor gate_rows, Tensor gate_segs, "

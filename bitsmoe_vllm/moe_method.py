@@ -10,6 +10,7 @@ Parameters of a layer holding experts L (local) with tensor-parallel slice I_tp 
     w13_bits   [|L|, R_gate + R_up] uint8
     w13_basis  [R_gate + R_up, H]  (+ w13_basis_scale [R_gate + R_up] for int8)
     w2_codes, w2_scales, w2_bits [|L|, R_down], w2_basis [H, R_down] (+ w2_basis_scale [H])
+    w13_bias [|L|, 2 I_tp], w2_bias [|L|, H] float32                   with expert biases (gpt-oss)
 No basis parameters for an identity basis.
 """
 
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
 from bitsmoe_vllm import backend, ops
 from bitsmoe_vllm.format import (
     BASIS_DTYPES,
+    BIAS_DTYPE,
     BITS_DTYPE,
     CODES_DTYPE,
     SCALES_DTYPE,
@@ -36,7 +37,7 @@ from bitsmoe_vllm.format import (
     layer_tensor_specs,
 )
 from bitsmoe_vllm.packing import WORD_BITS
-from bitsmoe_vllm.reference import Basis, Factors, MoELayer
+from bitsmoe_vllm.reference import Basis, Biases, Factors, MoELayer
 
 SHARD_PROJECTION = {"w1": "gate", "w3": "up", "w2": "down"}
 PARAM_OF = {"gate": "w13", "up": "w13", "down": "w2"}
@@ -92,6 +93,11 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
                 "w13_basis_scale": ((R["gate"] + R["up"],), SCALES_DTYPE),
                 "w2_basis_scale": ((hidden_size,), SCALES_DTYPE),
             }
+        if spec.expert_bias:  # gate's then up's columns of this rank; down's added by rank 0 only (FORMAT.md 7)
+            shapes |= {
+                "w13_bias": ((len(self.local), 2 * I_tp), BIAS_DTYPE),
+                "w2_bias": ((len(self.local), hidden_size), BIAS_DTYPE),
+            }
         for name, (shape, dtype) in shapes.items():
             param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
             layer.register_parameter(name, param)
@@ -124,10 +130,14 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
                 ),
             ),
             (
-                self.moe.activation != MoEActivation.SILU,
-                f"activation {self.moe.activation.value}; the format has silu only",
+                self.moe.activation.value != spec.activation,
+                f"activation {self.moe.activation.value} in vLLM, {spec.activation} in the checkpoint",
             ),
-            (self.moe.has_bias, "expert biases, which the format cannot store"),
+            (
+                self.moe.has_bias != spec.expert_bias,
+                f"expert biases {'in vLLM' if self.moe.has_bias else 'in the checkpoint'} but not in "
+                f"{'the checkpoint' if self.moe.has_bias else 'vLLM'}",
+            ),
             (
                 layer.apply_router_weight_on_input,
                 "routing weights applied to the input, which BitsMoE does not support",
@@ -176,8 +186,13 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             local = layer._map_global_expert_id_to_local_expert_id(expert_id)
             if local < 0:
                 return False if return_success else None
-            loaded_weight = self._tp_slice(kind, loaded_weight)
-            if kind == "bits":
+            loaded_weight = self._tp_slice(kind, loaded_weight, p)
+            if kind == "bias":
+                I_tp = param.shape[1] // 2
+                target = param.data[local] if p == "down" else param.data[local, (p == "up") * I_tp :][:I_tp]
+                if p == "down" and self.moe.moe_parallel_config.tp_rank != 0:  # summed over ranks: added once
+                    loaded_weight = torch.zeros_like(loaded_weight)
+            elif kind == "bits":
                 target = param.data[local, region.rank_at : region.rank_at + pl.rank]
             elif kind == "codes":
                 target = param.data.narrow(0, region.plane_at[expert_id], pl.planes[expert_id])
@@ -208,11 +223,14 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         if t.dtype.is_floating_point and not torch.isfinite(t).all():
             raise ValueError(f"tensor '{name}': holds NaN or Inf")
 
-    def _tp_slice(self, kind: str, t: torch.Tensor) -> torch.Tensor:
-        """This rank's columns of a codes or scales tensor (FORMAT.md section 7)."""
+    def _tp_slice(self, kind: str, t: torch.Tensor, projection: str) -> torch.Tensor:
+        """This rank's columns of a codes or scales tensor, its entries of a gate or up bias (FORMAT.md section 7)."""
         parallel = self.moe.moe_parallel_config
-        if kind == "bits" or parallel.tp_size == 1:
-            return t
+        if kind == "bits" or parallel.tp_size == 1 or (kind == "bias" and projection == "down"):
+            return t  # (down's bias [H]: replicated)
+        if kind == "bias":  # gate's or up's [I]
+            width = self.spec.intermediate_size // parallel.tp_size
+            return t.narrow(0, parallel.tp_rank * width, width)
         per_column = WORD_BITS if kind == "codes" else self.spec.group_size
         width = self.spec.intermediate_size // parallel.tp_size // per_column
         return t.narrow(1, parallel.tp_rank * width, width)
@@ -222,7 +240,7 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             self.checkpoint_name(k, p, g)
             for p in ("gate", "up", "down")
             for g in self.local
-            for k in ("codes", "scales", "bits")
+            for k in ("codes", "scales", "bits") + ("bias",) * self.spec.expert_bias
         }
         expected |= {n for n in self.specs if ".basis" in n}
         missing = sorted(expected - self.arrived)
@@ -261,6 +279,8 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             ),
             Factors(layer.w2_codes, layer.w2_scales, layer.w2_bits, odd),
             self.spec.group_size,
+            self.spec.act,
+            Biases(*layer.w13_bias.chunk(2, dim=1), layer.w2_bias) if self.spec.expert_bias else None,
         )
         self.kernel, choice = backend.prepare(self.layer, self.layout.module)
         if choice.backend is backend.Backend.CPU_INT:  # the factors and int8 bases now live in the CPU layout

@@ -13,9 +13,10 @@ import importlib.util
 import torch
 
 from bitsmoe_vllm import cpu_layout, library  # noqa: F401 (library: the ops declared before any kernel loads)
+from bitsmoe_vllm.activation import Activation
 from bitsmoe_vllm.cpu_layout import CpuLayer, moe_forward_int
 from bitsmoe_vllm.cuda import KernelLayer, moe_forward_cuda
-from bitsmoe_vllm.reference import Basis, Factors, MoELayer, moe_forward
+from bitsmoe_vllm.reference import Basis, Biases, Factors, MoELayer, moe_forward
 
 # Tensor cores pay once the token choices average this many per expert (to be tuned on a GPU).
 PREFILL_SLOTS_PER_EXPERT = 16
@@ -42,6 +43,11 @@ def _moe(
     down_bits: torch.Tensor,
     group_size: int,
     odd_codes: bool,  # format version 2's codes
+    gate_bias: torch.Tensor | None = None,  # [E, I] float32 (moe_reference only, as the four below)
+    up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,  # [E, H]
+    activation: str = "silu",
+    activation_params: list[float] = (),  # swigluoai: alpha, limit
 ) -> torch.Tensor:
     """[T, H] routed-expert output in x.dtype (FORMAT.md section 4)."""
     layer = MoELayer(
@@ -52,6 +58,8 @@ def _moe(
         Factors(up_codes, up_scales, up_bits, odd_codes),
         Factors(down_codes, down_scales, down_bits, odd_codes),
         group_size,
+        Activation(activation, *activation_params),
+        None if gate_bias is None else Biases(gate_bias, up_bias, down_bias),
     )
     return moe_forward(x, topk_weights, topk_ids, layer)
 
@@ -96,8 +104,18 @@ def moe_layer(
         many = topk_ids.numel() >= PREFILL_SLOTS_PER_EXPERT * kernel.gate.segs.shape[0]  # a shape, known when tracing
         path = "prefill" if many and x.dtype in (torch.bfloat16, torch.float16) else "decode"
         return moe_forward_cuda(x, topk_weights, topk_ids, kernel, path)
-    op = torch.ops.bitsmoe.moe_reference if isinstance(kernel, Reference) else torch.ops.bitsmoe.moe
     bases = (layer.gate_basis, layer.up_basis, layer.down_basis)
+    extra = {}
+    if isinstance(kernel, Reference):
+        act, b = layer.activation, layer.biases
+        extra = {
+            "activation": act.name,
+            "activation_params": [] if act.alpha is None else [act.alpha, act.limit],
+            **({} if b is None else {"gate_bias": b.gate, "up_bias": b.up, "down_bias": b.down}),
+        }
+    elif layer.biases is not None or layer.activation.name != "silu":
+        raise ValueError("bitsmoe::moe computes silu(h_g) * h_u without biases; this layer needs the reference")
+    op = torch.ops.bitsmoe.moe_reference if isinstance(kernel, Reference) else torch.ops.bitsmoe.moe
     return op(
         x,
         topk_weights,
@@ -115,4 +133,5 @@ def moe_layer(
         layer.down.bits,
         layer.group_size,
         layer.down.odd,
+        **extra,
     )

@@ -1,8 +1,8 @@
 """The numeric spec of BitsMoE: dequantization and the MoE forward, written from the math.
 
     z_g = B_g x,  z_u = B_u x                                  (shared bases, once per token; B = I if none)
-    a_e = act(F_g,e^T z_g) * (F_u,e^T z_u)                     (per selected expert, length I)
-    y   = B_d sum_e w_e F_d,e a_e                              (rank-space sum, then the shared basis)
+    a_e = act(F_g,e^T z_g + b_g,e, F_u,e^T z_u + b_u,e)        (per selected expert, length I; biases if stored)
+    y   = B_d sum_e w_e F_d,e a_e + sum_e w_e b_d,e            (rank-space sum, then the shared basis)
 
 Factors F are rank-major [R, I] (FORMAT.md). Everything is computed in float32 and the result is
 cast to the activation dtype. Slow but plain; it is also the fallback where no compiled kernel exists.
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from bitsmoe_vllm import packing
+from bitsmoe_vllm.activation import SILU, Activation
 from bitsmoe_vllm.format import (
     BITS_DTYPE,
     PROJECTIONS,
@@ -42,6 +43,15 @@ class Basis:
 
 
 @dataclass(frozen=True)
+class Biases:
+    """Every (local) expert's biases, float32: gate and up [E, I], down [E, H]."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+@dataclass(frozen=True)
 class MoELayer:
     gate_basis: Basis | None  # None: the identity (basis_dtype "identity"), nothing stored
     up_basis: Basis | None
@@ -50,6 +60,8 @@ class MoELayer:
     up: Factors
     down: Factors
     group_size: int
+    activation: Activation = SILU
+    biases: Biases | None = None
 
     def to(self, device: torch.device) -> "MoELayer":
         def basis(b: Basis | None) -> Basis | None:
@@ -68,6 +80,8 @@ class MoELayer:
             factors(self.up),
             factors(self.down),
             self.group_size,
+            self.activation,
+            None if self.biases is None else Biases(*(b.to(device) for b in vars(self.biases).values())),
         )
 
 
@@ -80,7 +94,7 @@ def gather_layer(cfg: QuantConfig, module: str, tensors: Mapping[str, torch.Tens
         parts = [
             tensors[expert_tensor_name(layer.module, e, cfg.projection_names[p], kind)] for e in range(cfg.num_experts)
         ]
-        return torch.stack(parts) if kind == "bits" else torch.cat(parts)
+        return torch.stack(parts) if kind in ("bits", "bias") else torch.cat(parts)
 
     def basis(p: str) -> Basis | None:
         if cfg.basis_dtype == "identity":
@@ -90,7 +104,16 @@ def gather_layer(cfg: QuantConfig, module: str, tensors: Mapping[str, torch.Tens
         return Basis(tensors[basis_name(module, name)], scale)
 
     factors = {p: Factors(cat(p, "codes"), cat(p, "scales"), cat(p, "bits"), cfg.odd_codes) for p in PROJECTIONS}
-    return MoELayer(basis("gate"), basis("up"), basis("down"), **factors, group_size=cfg.group_size)
+    biases = Biases(*(cat(p, "bias") for p in PROJECTIONS)) if cfg.expert_bias else None
+    return MoELayer(
+        basis("gate"),
+        basis("up"),
+        basis("down"),
+        **factors,
+        group_size=cfg.group_size,
+        activation=cfg.act,
+        biases=biases,
+    )
 
 
 def dequantize_basis(basis: Basis) -> torch.Tensor:
@@ -150,7 +173,6 @@ def moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     """BitsMoE routed-expert output. x [T, H]; topk_weights [T, K]; topk_ids [T, K] -> [T, H] in x.dtype.
 
     Expert ids index the layer's experts; negative ids (experts held elsewhere) contribute nothing.
-    Activation: SiLU (the only one the format allows).
     """
     xf = x.float()
     z_gate = xf if layer.gate_basis is None else xf @ dequantize_basis(layer.gate_basis).T  # [T, R_gate]
@@ -162,10 +184,16 @@ def moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     def factor(p: str, e: int) -> torch.Tensor:
         return expert_factor(factors[p], e, layer.group_size, offsets[p])  # [R_p, I]
 
+    b = layer.biases
+    bias_out = None if b is None else torch.zeros(x.shape[0], b.down.shape[1], device=x.device)  # [T, H]
     for e in topk_ids[topk_ids >= 0].unique().tolist():
         token, slot = (topk_ids == e).nonzero(as_tuple=True)  # [n], [n]
-        a = torch.nn.functional.silu(z_gate[token] @ factor("gate", e)) * (z_up[token] @ factor("up", e))  # [n, I]
-        out = a @ factor("down", e).T  # [n, R_down]
-        t.index_add_(0, token, topk_weights[token, slot].float()[:, None] * out)
+        h_gate, h_up = z_gate[token] @ factor("gate", e), z_up[token] @ factor("up", e)  # [n, I]
+        if b is not None:
+            h_gate, h_up = h_gate + b.gate[e], h_up + b.up[e]
+        w = topk_weights[token, slot].float()[:, None]
+        t.index_add_(0, token, w * (layer.activation(h_gate, h_up) @ factor("down", e).T))  # [n, R_down]
+        if b is not None:
+            bias_out.index_add_(0, token, w * b.down[e])
     y = t if layer.down_basis is None else t @ dequantize_basis(layer.down_basis).T
-    return y.to(x.dtype)  # [T, H]
+    return (y if b is None else y + bias_out).to(x.dtype)  # [T, H]

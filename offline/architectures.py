@@ -4,6 +4,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bitsmoe_vllm.activation import SILU, Activation
+
 STANDARD_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
@@ -19,6 +21,11 @@ class Architecture:
     # name beside the experts module), e.g. Granite-MoE's block_sparse_moe.input_linear.weight
     fused_names: tuple[tuple[str, str], ...] = ()
     moe_block: str = "mlp"  # the attribute of a transformers decoder layer that holds its sparse MoE block
+    # how stacked experts are laid out: "rows", transformers 5's gate_up_proj [E, 2I, H] (gate rows, then up rows) and
+    # down_proj [E, H, I]; "gpt_oss", gate_up_proj [E, H, 2I] (gate in the even columns, up in the odd) and down_proj
+    # [E, I, H], with biases gate_up_proj_bias [E, 2I] (interleaved) and down_proj_bias [E, H]
+    fused_layout: str = "rows"
+    activation_name: str = "silu"  # bitsmoe_vllm.activation; swigluoai's alpha and limit come from config.json
 
     def experts(self, decoder_layer):
         """The routed-experts module of a transformers decoder layer."""
@@ -34,6 +41,16 @@ class Architecture:
         if self.intermediate_size_key not in config:
             raise ValueError(f"config.json has no {self.intermediate_size_key!r} (the experts' intermediate size)")
         return config[self.intermediate_size_key]
+
+    @property
+    def expert_bias(self) -> bool:
+        return self.fused_layout == "gpt_oss"
+
+    def activation(self, config: Mapping[str, Any]) -> Activation:
+        if self.activation_name == "silu":
+            return SILU
+        # transformers' GptOssConfig defaults (gpt-oss's config.json states the limit only)
+        return Activation(self.activation_name, config.get("swiglu_alpha", 1.702), config.get("swiglu_limit", 7.0))
 
     def fused_name(self, module: str, leaf: str) -> str:
         """The checkpoint name of stacked-experts tensor `leaf` (source.FUSED_EXPERTS) of experts `module`."""
@@ -90,6 +107,15 @@ ARCHITECTURES = {
         "moe_intermediate_size",
         renames=(("model.", "model.language_model."),),
         text_config=True,
+    ),
+    # experts stacked with biases, gate and up interleaved, and a clamped SwiGLU (Architecture.fused_layout)
+    "gpt_oss": Architecture(
+        "model.layers.{layer}.mlp.experts",
+        STANDARD_NAMES,
+        ("num_local_experts",),
+        "intermediate_size",
+        fused_layout="gpt_oss",
+        activation_name="swigluoai",
     ),
     "granitemoe": GRANITE_MOE,
     "granitemoeshared": GRANITE_MOE,  # with a shared expert (shared_mlp), kept as stored

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from bitsmoe_vllm.activation import SILU, Activation
 
 from .modules import load_module, release
 
@@ -80,14 +81,25 @@ class Routed:
     weights: torch.Tensor  # [N, K] routing weights
 
 
-def experts_output(weights: dict[str, torch.Tensor], routed: Routed) -> torch.Tensor:
-    """The experts' output [N, H] float32: weights[p] [E, I, H] (down as D_e^T), SiLU-gated, routing-weighted."""
+def pre_activations(weights: dict[str, torch.Tensor], e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert e's gate and up pre-activations [n, I] on inputs x [n, H], with its biases where the family has them
+    (weights' "gate_bias", "up_bias": offline.source.SourceCheckpoint.expert_weights)."""
+    h_gate, h_up = x @ weights["gate"][e].T, x @ weights["up"][e].T
+    if "gate_bias" in weights:
+        h_gate, h_up = h_gate + weights["gate_bias"][e], h_up + weights["up_bias"][e]
+    return h_gate, h_up
+
+
+def experts_output(weights: dict[str, torch.Tensor], routed: Routed, act: Activation = SILU) -> torch.Tensor:
+    """The experts' output [N, H] float32: weights[p] [E, I, H] (down as D_e^T), gated by `act`, routing-weighted."""
     x, ids, w = routed.x.float(), routed.ids, routed.weights.float()
     y = torch.zeros_like(x)
     for e in ids.unique().tolist():
         token, slot = (ids == e).nonzero(as_tuple=True)
-        h = F.silu(x[token] @ weights["gate"][e].T) * (x[token] @ weights["up"][e].T)  # [n, I]
-        y.index_add_(0, token, w[token, slot, None] * (h @ weights["down"][e]))
+        out = act(*pre_activations(weights, e, x[token])) @ weights["down"][e]  # [n, H]
+        if "down_bias" in weights:
+            out += weights["down_bias"][e]
+        y.index_add_(0, token, w[token, slot, None] * out)
     return y
 
 
@@ -152,7 +164,12 @@ def walk_layers(
             experts = source.architecture.experts(layer)
             release(experts)  # their replacement takes their place: one layer's experts in memory, not two
             weights = replace(i, routed)
-            experts.forward = lambda x, ids, w, weights=weights: experts_output(weights, Routed(x, ids, w)).to(x.dtype)
+            act = source.architecture.activation(source.config)
+
+            def forward_replaced(x, ids, w, weights=weights, act=act):
+                return experts_output(weights, Routed(x, ids, w), act).to(x.dtype)
+
+            experts.forward = forward_replaced
             out = forward(layer)
             del experts.forward, weights
         release(layer)

@@ -3,10 +3,11 @@ estimated increase of the MoE layer's squared output error per calibration token
 rounding the rows; and the bits the unit stores.
 
 Error of factor entry (k, i) of expert e, to first order, with w the routing weight, D_e the down
-projection, h_g, h_u the gate and up pre-activations and a = silu(h_g) * h_u:
+projection, h_g, h_u the gate and up pre-activations (biases included) and a = act(h_g, h_u) (a = silu(h_g) h_u
+for most families; bitsmoe_vllm.activation):
 
-    gate:  delta^2 * E[w^2 z_g,k^2 (silu'(h_g,i) h_u,i)^2] * |D_e[:, i]|^2
-    up:    delta^2 * E[w^2 z_u,k^2 silu(h_g,i)^2]          * |D_e[:, i]|^2
+    gate:  delta^2 * E[w^2 z_g,k^2 (da/dh_g,i)^2] * |D_e[:, i]|^2
+    up:    delta^2 * E[w^2 z_u,k^2 (da/dh_u,i)^2] * |D_e[:, i]|^2
     down:  delta^2 * E[w^2 a_i^2]                          (the down basis is orthonormal)
 
 (expectations over all calibration tokens, 0 where e is not selected; cross terms dropped). These
@@ -22,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from bitsmoe_vllm import ops
+from bitsmoe_vllm.activation import SILU, Activation
 from bitsmoe_vllm.format import PROJECTIONS, factor_row_bits
 
-from .calibrate import Routed
+from .calibrate import Routed, pre_activations
 from .rounding import REFINE_STEPS, quantize_rows
 
 CHUNK_ENTRIES = 1 << 20  # factor entries rounded at once: bounds the cost model's temporaries
@@ -39,6 +41,7 @@ def importance(
     n_tokens: int,
     projections: tuple[str, ...] = PROJECTIONS,
     experts: range | None = None,
+    act: Activation = SILU,
 ) -> dict[str, torch.Tensor]:
     """weights[p] [E, I, H] (down as D_e^T), the gate and up bases [R, H] (None: identity) -> importance per
     projection of `projections`: gate and up [E, R, I], down [E, 1, I]; of the experts `experts` only (their count
@@ -62,7 +65,7 @@ def importance(
             continue
         token, slot = (ids == e).nonzero(as_tuple=True)
         ze = {q: z[q][token] for q in z}
-        for p, v in expert_statistics(weights, e, x[token], ze, w[token, slot] ** 2, tuple(out)).items():
+        for p, v in expert_statistics(weights, e, x[token], ze, w[token, slot] ** 2, tuple(out), act).items():
             out[p][e - experts.start] += v
     counts = torch.bincount(ids.flatten(), minlength=E)
     sample = slice(0, PRIOR_SAMPLE)
@@ -71,7 +74,8 @@ def importance(
             continue
         w2 = torch.full((len(x[sample]),), float((w**2).mean()), device=device)
         share = (1 - int(counts[e]) / PRIOR_TOKENS) * len(x) * ids.shape[1] / E / len(x[sample])
-        for p, v in expert_statistics(weights, e, x[sample], {q: z[q][sample] for q in z}, w2, tuple(out)).items():
+        ze = {q: z[q][sample] for q in z}
+        for p, v in expert_statistics(weights, e, x[sample], ze, w2, tuple(out), act).items():
             out[p][e - experts.start] += share * v
     return {p: o / n_tokens for p, o in out.items()}
 
@@ -83,16 +87,19 @@ def expert_statistics(
     ze: dict[str, torch.Tensor],
     w2: torch.Tensor,
     projections: tuple[str, ...] = PROJECTIONS,
+    act: Activation = SILU,
 ) -> dict[str, torch.Tensor]:
     """Expert e's summed importance of `projections` over tokens xe [n, H] (their z [n, R] of the gate and up among
     them) with squared routing weights w2 [n]."""
-    h_g, h_u = xe @ weights["gate"][e].T, xe @ weights["up"][e].T  # [n, I]
-    sig = torch.sigmoid(h_g)
+    h_g, h_u = pre_activations(weights, e, xe)  # [n, I]
     column = (weights["down"][e] ** 2).sum(1)  # |D_e[:, i]|^2
-    sensitivity = {"gate": lambda: (sig * (1 + h_g * (1 - sig)) * h_u) ** 2, "up": lambda: (h_g * sig) ** 2}  # [n, I]
-    out = {p: ((w2[:, None] * ze[p] ** 2).T @ s()) * column for p, s in sensitivity.items() if p in projections}
+    sensitivity = dict(zip(("gate", "up"), act.derivatives(h_g, h_u)))  # [n, I] each
+    out = {p: ((w2[:, None] * ze[p] ** 2).T @ s**2) * column for p, s in sensitivity.items() if p in projections}
     if "down" in projections:
-        out["down"] = (w2[:, None] * (h_g * sig * h_u) ** 2).sum(0)[None]
+        # SiLU's a as h_g sigmoid(h_g) h_u, the same float32 operations as before activations were pluggable, so
+        # that the costs, and the checkpoints, stay the same bit for bit
+        a = sensitivity["up"] * h_u if act.name == "silu" else act(h_g, h_u)
+        out["down"] = (w2[:, None] * a**2).sum(0)[None]
     return out
 
 

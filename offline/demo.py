@@ -23,6 +23,7 @@ ARCHITECTURES = (
     "granitemoe",
     "granitemoeshared",
     "granitemoehybrid",
+    "gpt_oss",
 )
 HIDDEN, EXPERT_INTERMEDIATE, EXPERTS, TOP_K, LAYERS = 64, 64, 8, 2, 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -203,6 +204,16 @@ def tiny_config(
             mamba_n_groups=1,
             mamba_chunk_size=64,
         )
+    if arch == "gpt_oss":  # a sliding-window layer, then a full one, as gpt-oss alternates them
+        return transformers.GptOssConfig(
+            **wide_heads,
+            intermediate_size=intermediate,
+            num_key_value_heads=2,  # one per tensor-parallel rank at least (vLLM's gpt-oss attention)
+            num_local_experts=experts,
+            num_experts_per_tok=TOP_K,
+            sliding_window=128,
+            layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {ARCHITECTURES}")
 
 
@@ -227,9 +238,12 @@ def write_random_model(
     else:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # the default init is tiny (std 0.02); larger weights make quantization errors visible
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, p.shape[-1] ** -0.5)
+        gpt_oss = isinstance(config, transformers.GptOssConfig)
+        for name, p in model.named_parameters():
+            if p.dim() > 1:  # gpt-oss stores its experts [E, in, out]
+                p.normal_(0, p.shape[-2 if gpt_oss and name.endswith("_proj") else -1] ** -0.5)
+            elif gpt_oss and name.endswith(("_bias", "sinks")):  # 0 at init: a runtime that dropped them would pass
+                p.normal_(0, 0.5)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -53,7 +53,7 @@ def dequantize_checkpoint(bitsmoe_dir: str | Path, out_dir: str | Path, dtype: t
 
 def dense_weights(cfg: QuantConfig, layer: MoELayer) -> dict[str, torch.Tensor]:
     """Projection -> float32 [E, I, H], the layer's experts as dense weights (down as D_e^T, as offline.source
-    reads the original's)."""
+    reads the original's), and "{p}_bias" where the layer has biases."""
     B_gate, B_up, B_down = (
         torch.eye(cfg.hidden_size) if b is None else dequantize_basis(b)
         for b in (layer.gate_basis, layer.up_basis, layer.down_basis)
@@ -64,6 +64,8 @@ def dense_weights(cfg: QuantConfig, layer: MoELayer) -> dict[str, torch.Tensor]:
         out["gate"][e] = expert_factor(layer.gate, e, cfg.group_size).T @ B_gate
         out["up"][e] = expert_factor(layer.up, e, cfg.group_size).T @ B_up
         out["down"][e] = (B_down @ expert_factor(layer.down, e, cfg.group_size)).T
+    if layer.biases is not None:  # as offline.source reads a family's biases
+        out |= {f"{p}_bias": getattr(layer.biases, p).float() for p in PROJECTIONS}
     return out
 
 
@@ -75,6 +77,16 @@ def dequantize_layer(
     (Architecture.fused_names, e.g. Granite's input_linear [E, 2I, H] and output_linear [E, H, I]), those, which
     transformers reads for it."""
     weights = dense_weights(cfg, layer)
+    if arch is not None and arch.fused_layout == "gpt_oss":  # gate and up interleaved, [E, H, 2I]; down [E, I, H]
+        gate_up = arch.fused_name(module, "gate_up_proj")
+        down = arch.fused_name(module, "down_proj")
+        E, I, H = weights["gate"].shape
+        return {
+            gate_up: torch.stack([weights["gate"], weights["up"]], 2).reshape(E, 2 * I, H).mT.contiguous().to(dtype),
+            f"{gate_up}_bias": torch.stack([weights["gate_bias"], weights["up_bias"]], 2).reshape(E, 2 * I).to(dtype),
+            down: weights["down"].to(dtype),
+            f"{down}_bias": weights["down_bias"].to(dtype),
+        }
     weights["down"] = weights["down"].transpose(1, 2)  # [E, H, I], as stored
     if arch is not None and arch.fused_names:
         return {

@@ -9,8 +9,9 @@ coordinate j by -d U[i, j] / U[i, i]. The widths stay those the allocation chose
 Every projection in the orientation of offline.decompose, factor F_e [R, I]:
 - gate, up: W_e = F_e^T V, inputs z = V x: the coordinates are the rank rows; each row is rounded with its own width
   and its group scales (along I) fitted to the row as updated by the rows before it (offline.rounding.quantize_rows);
-- down: D_e^T = F_e^T V, inputs a = silu(x W_g^T) * (x W_u^T) [I]: the coordinates are the columns of F_e; the
-  group scales of every row are fitted to the factor before any rounding (GPTQ's static groups), then the columns
+- down: D_e^T = F_e^T V, inputs a = act(x W_g^T, x W_u^T) [I] (silu(h_g) h_u for most families; with the biases
+  where a family has them): the coordinates are the columns of F_e; the group scales of every row are fitted to the
+  factor before any rounding (GPTQ's static groups), then the columns
   are rounded in order with the width of their row. By default (target "layer") its inputs are those of the gate
   and up as rounded, and it is rounded toward the factor whose output on them comes closest to the expert's
   original output (corrected): the down projection compensates the gate and up's errors as well as its own.
@@ -22,11 +23,11 @@ projection's columns by descending H_ii (GPTQ's activation order).
 """
 
 import torch
-import torch.nn.functional as F
 
+from bitsmoe_vllm.activation import SILU, Activation
 from bitsmoe_vllm.packing import code_bounds, round_to_codes
 
-from .calibrate import Routed
+from .calibrate import Routed, pre_activations
 from .rounding import quantize_mixed_rows, quantize_rows
 
 DAMP = 0.01  # of the mean diagonal, added to H (GPTQ's default)
@@ -51,6 +52,7 @@ def hessians(
     projections: tuple[str, ...] = ("gate", "up", "down"),
     experts: range | None = None,
     rounded: dict[str, torch.Tensor] | None = None,
+    act: Activation = SILU,
 ) -> dict[str, torch.Tensor]:
     """Per projection of `projections`, [E, n, n] float32: the Hessian of its rank-space inputs (gate, up: z = V x,
     n = R) or of the down projection's inputs (n = I), over each expert's routed tokens with squared routing
@@ -80,12 +82,13 @@ def hessians(
                 ze = z[p][token]
                 out[p][e - experts.start] = (ze * w2[:, None]).T @ ze
         if "down" in out:
-            a = F.silu(xe @ weights["gate"][e].T) * (xe @ weights["up"][e].T)
-            u = (
-                F.silu(z["gate"][token] @ rounded["gate"][e]) * (z["up"][token] @ rounded["up"][e])
-                if towards_layer
-                else a
-            )
+            a = act(*pre_activations(weights, e, xe))
+            u = a
+            if towards_layer:
+                h_gate, h_up = z["gate"][token] @ rounded["gate"][e], z["up"][token] @ rounded["up"][e]
+                if "gate_bias" in weights:
+                    h_gate, h_up = h_gate + weights["gate_bias"][e], h_up + weights["up_bias"][e]
+                u = act(h_gate, h_up)
             out["down"][e - experts.start] = (u * w2[:, None]).T @ u
             if towards_layer:
                 out["down-deviation"][e - experts.start] = ((a - u) * w2[:, None]).T @ u

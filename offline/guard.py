@@ -9,6 +9,7 @@ refuses to write the checkpoint (unless --allow-high-error).
 
 import torch
 
+from bitsmoe_vllm.activation import SILU, Activation
 from bitsmoe_vllm.checkpoint import TensorFiles, load_layer, read_quant_config
 from bitsmoe_vllm.reference import moe_forward
 
@@ -33,13 +34,15 @@ def held_out_mask(total: int, held_out: int) -> torch.Tensor:
     return mask
 
 
-def held_out_record(weights: dict[str, torch.Tensor], routed: Routed) -> dict[str, torch.Tensor]:
+def held_out_record(
+    weights: dict[str, torch.Tensor], routed: Routed, act: Activation = SILU
+) -> dict[str, torch.Tensor]:
     """What the guard needs of one layer, saved with the run: inputs, routing and the original output."""
     return {
         "x": routed.x.float(),
         "ids": routed.ids,
         "weights": routed.weights.float(),
-        "y": experts_output(weights, routed),
+        "y": experts_output(weights, routed, act),
     }
 
 

@@ -54,9 +54,9 @@ def layer_costs(
             ratios = {basis: rounding_ratio(bases[p], basis, p, routed.x).double() for basis in shared}  # [R]
             for b in gptq.expert_batches(weights, bases, p):
                 factors = project(weights[p][b.start : b.stop], bases[p]).contiguous()  # once, for the kernels below
-                w = importance(routed, weights, bases, n_tokens, (p,), b)[p]
+                w = importance(routed, weights, bases, n_tokens, (p,), b, plan.activation)[p]
                 if plan.options.rounding == "gptq":  # the rounding at every width done once for both importances
-                    share = gptq.compensation(p, gptq.hessians(routed, weights, bases, (p,), b)[p])
+                    share = gptq.compensation(p, gptq.hessians(routed, weights, bases, (p,), b, act=plan.activation)[p])
                     both = torch.stack([w * (share[:, None, :] if p == "down" else share[:, :, None]), w])
                     loss, nearest = unit_losses(
                         factors, both, widths, rows, plan.group_size, plan.options.scale_steps, plan.odd_codes

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from bitsmoe_vllm.activation import Activation
 from bitsmoe_vllm.format import (
     BASIS_BITS,
     BIT_WIDTHS,
@@ -114,6 +115,10 @@ class Plan:
         return odd_codes(self.options.format_version)
 
     @property
+    def activation(self) -> Activation:
+        return self.source.architecture.activation(self.source.config)
+
+    @property
     def feedback_on_quantized_inputs(self) -> bool:
         """The export walks the model again so that each MoE layer's error feedback uses the quantized model's
         inputs; otherwise it uses the original model's, saved by calibration."""
@@ -177,13 +182,16 @@ class Plan:
             candidate_bits=self.widths,
             group_size=self.group_size,
             basis_dtype=self.basis_dtype,
-            activation="silu",
+            activation=self.activation.name,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
             num_experts=self.num_experts,
             projection_names=self.source.architecture.projection_names,
             layers=tuple(layouts),
             format_version=self.options.format_version,
+            swiglu_alpha=self.activation.alpha,
+            swiglu_limit=self.activation.limit,
+            expert_bias=self.source.architecture.expert_bias,
         )
 
 
@@ -191,11 +199,13 @@ def make_plan(options: Options) -> Plan:
     """Check the options against the model and work out the budget; errors say what to change."""
     source = SourceCheckpoint(options.model)
     arch, config = source.architecture, source.config
-    if "quantization_config" in source.file_config and source.fp8_block is None:
+    mxfp4 = source.mxfp4 and arch.fused_layout == "gpt_oss"
+    if "quantization_config" in source.file_config and source.fp8_block is None and not mxfp4:
         method = source.file_config["quantization_config"].get("quant_method", "unknown")
         raise ValueError(
             f"{source.dir} is already quantized (quant_method {method!r}); BitsMoE starts from the original weights, "
-            "or from fp8 block-quantized ones (DeepSeek-V3's quant_method 'fp8' with a weight_block_size)"
+            "from fp8 block-quantized ones (DeepSeek-V3's quant_method 'fp8' with a weight_block_size) or from "
+            "gpt-oss's MXFP4 experts"
         )
     moe_layers = tuple(source.moe_layers())
     if not moe_layers:

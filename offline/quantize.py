@@ -14,7 +14,7 @@ import transformers
 from tqdm import tqdm
 
 from bitsmoe_vllm.checkpoint import validate_checkpoint
-from bitsmoe_vllm.format import PROJECTIONS, LayerLayout, QuantConfig, stored_bits
+from bitsmoe_vllm.format import PROJECTIONS, LayerLayout, QuantConfig, expert_tensor_name, stored_bits
 from bitsmoe_vllm.reference import gather_layer
 
 from . import gptq, guard, selection
@@ -102,7 +102,10 @@ def calibrate_and_cost(
             if bases:
                 run.save(f"basis-{i:05d}", {k: v.cpu() for k, v in bases.items()})
             costs = {k: v / energy for k, v in layer_costs(plan, weights, calib, calib_tokens, bases).items()}
-            run.save(f"held-out-{i:05d}", {k: v.cpu() for k, v in guard.held_out_record(weights, held_out).items()})
+            run.save(
+                f"held-out-{i:05d}",
+                {k: v.cpu() for k, v in guard.held_out_record(weights, held_out, plan.activation).items()},
+            )
             if plan.options.rounding == "gptq" and not plan.feedback_on_quantized_inputs:
                 # bf16: the Hessians need no more, and a big model's are GBs
                 run.save(
@@ -260,6 +263,7 @@ def encode_moe_layer(
     scales = None
     if routed is not None:
         decompositions, scales = feedback_rounding(plan, routed, weights, decompositions, widths)
+    biases = {p: weights[f"{p}_bias"].cpu() for p in PROJECTIONS if f"{p}_bias" in weights}  # float32, as stored
     del weights
     layout, encoded = encode_layer(
         plan.source.architecture.experts_module.format(layer=layer),
@@ -272,6 +276,9 @@ def encode_moe_layer(
         scales=scales,
         odd=plan.odd_codes,
     )
+    names = plan.source.architecture.projection_names
+    for p, b in biases.items():
+        encoded |= {expert_tensor_name(layout.module, e, names[p], "bias"): b[e].clone() for e in range(len(b))}
     return layout, {name: t.cpu() for name, t in encoded.items()}
 
 
@@ -291,7 +298,7 @@ def feedback_rounding(
         factors = dec.factors if in_place else torch.empty(dec.factors.shape, device=dec.factors.device)
         scales[p] = []
         for b in gptq.expert_batches(weights, bases, p):
-            h = gptq.hessians(routed, weights, bases, (p,), b, done)
+            h = gptq.hessians(routed, weights, bases, (p,), b, done, plan.activation)
             factors[b.start : b.stop], s = gptq.round_factors(
                 p,
                 dec.factors[b.start : b.stop],

@@ -53,6 +53,37 @@ def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple
     return w.float() * rows.repeat_interleave(block[1], 1)[:, : w.shape[1]]
 
 
+def is_mxfp4(config: dict) -> bool:
+    """gpt-oss's released checkpoints: each expert weight as MXFP4 `{name}_blocks` and `{name}_scales`."""
+    return (config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+
+
+# MXFP4 (OCP microscaling): 4-bit E2M1 codes, two per byte (low nibble first), 32 per block with a power-of-two scale
+# stored as its biased exponent (E8M0, bias 127)
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_BLOCK = 32
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """blocks [..., N, K/32, 16] uint8, scales [..., N, K/32] uint8 -> [..., N, K] in `dtype` (exact in bfloat16 and
+    float32: every value is a 2-bit significand times a power of two)."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != MXFP4_BLOCK // 2:
+        raise ValueError(
+            f"MXFP4 blocks of shape {list(blocks.shape)} with scales of shape {list(scales.shape)}: expected blocks "
+            f"[..., K/32, 16] and scales [..., K/32]"
+        )
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    out = torch.empty(*scales.shape[:-1], scales.shape[-1] * MXFP4_BLOCK, dtype=dtype)
+    rows_out, rows_blocks, rows_scales = out.flatten(0, -2), blocks.flatten(0, -3), scales.flatten(0, -2)
+    step = max(1, (1 << 24) // out.shape[-1])  # rows at a time: the int64 codes of a whole layer would be GBs
+    for r in range(0, len(rows_out), step):
+        b = rows_blocks[r : r + step]
+        codes = torch.stack([b & 0x0F, b >> 4], -1).long()  # [n, K/32, 16, 2]: low nibble first
+        values = lut[codes].flatten(-2) * torch.exp2(rows_scales[r : r + step].float() - 127)[..., None]
+        rows_out[r : r + step] = values.flatten(-2)
+    return out
+
+
 class SourceCheckpoint:
     """config.json, tokenizer files and safetensors tensors of a Hugging Face checkpoint."""
 
@@ -75,6 +106,7 @@ class SourceCheckpoint:
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err}; BitsMoE reads safetensors checkpoints only") from None
         self.fp8_block = fp8_weight_block(self.file_config)
+        self.mxfp4 = is_mxfp4(self.file_config)
         # what an fp8 weight is read as, outside the experts: the checkpoint's own dtype
         dtype = self.file_config.get("dtype") or self.file_config.get("torch_dtype") or "bfloat16"
         self.dtype = getattr(torch, dtype)
@@ -85,23 +117,37 @@ class SourceCheckpoint:
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A tensor as stored; an fp8 block-quantized weight dequantized, to `dtype` (default: the checkpoint's)."""
+        if (
+            self.mxfp4 and name not in self.tensors.shard_of and f"{name}_blocks" in self.tensors.shard_of
+        ):  # stored [E, N, K], held
+            w = dequantize_mxfp4(self.tensors[f"{name}_blocks"], self.tensors[f"{name}_scales"], dtype or self.dtype)
+            return w.transpose(-1, -2)  # [E, K, N], as transformers holds gpt-oss's experts
         t = self.tensors[name]
         if self.fp8_block and t.dtype == torch.float8_e4m3fn:
             t = dequantize_fp8_blocks(t, self.tensors[f"{name}_scale_inv"], self.fp8_block).to(dtype or self.dtype)
         return t
 
     def tensor_names(self) -> list[str]:
-        """The names of the checkpoint's tensors, fp8 weights' scales left out (`get` applies them)."""
+        """The names of the checkpoint's tensors, fp8 weights' scales left out (`get` applies them; MXFP4 blocks and
+        scales are the experts', SourceCheckpoint.expert_tensor_names)."""
         return [n for n in self.tensors if not (self.fp8_block and n.endswith("_scale_inv"))]
 
     def fused_experts(self, module: str) -> bool:
         """Whether the checkpoint stores `module`'s experts stacked (FUSED_EXPERTS) rather than one tensor each."""
-        return self.architecture.fused_name(module, "gate_up_proj") in self.tensors.shard_of
+        return (
+            set(self.stored_names(self.architecture.fused_name(module, "gate_up_proj"))) <= self.tensors.shard_of.keys()
+        )
+
+    def stored_names(self, name: str) -> list[str]:
+        """The checkpoint's tensors behind tensor `name`: itself, or its MXFP4 blocks and scales."""
+        return [f"{name}_blocks", f"{name}_scales"] if self.mxfp4 and name not in self.tensors.shard_of else [name]
 
     def expert_tensor_names(self, module: str) -> set[str]:
-        """The names of `module`'s routed-expert weights in the checkpoint, in whichever layout it uses."""
+        """The names of `module`'s routed-expert weights (and biases) in the checkpoint, in whichever layout it uses."""
         if self.fused_experts(module):
-            return {self.architecture.fused_name(module, leaf) for leaf in FUSED_EXPERTS}
+            names = [self.architecture.fused_name(module, leaf) for leaf in FUSED_EXPERTS]
+            biases = {f"{n}_bias" for n in names} if self.architecture.expert_bias else set()
+            return {stored for n in names for stored in self.stored_names(n)} | biases
         E, names = self.architecture.num_experts(self.config), self.architecture.projection_names.values()
         return {f"{module}.{e}.{name}.weight" for e in range(E) for name in names}
 
@@ -121,7 +167,20 @@ class SourceCheckpoint:
         before any work is done)."""
         arch, config = self.architecture, self.config
         E, I, H = arch.num_experts(config), arch.intermediate_size(config), config["hidden_size"]
-        if self.fused_experts(module):
+        if self.fused_experts(module) and arch.fused_layout == "gpt_oss":
+            gate_up, down = arch.fused_name(module, "gate_up_proj"), arch.fused_name(module, "down_proj")
+            expected = {f"{gate_up}_bias": [E, 2 * I], f"{down}_bias": [E, H]}
+            if self.mxfp4:  # stored [E, out, in / 32, 16] and [E, out, in / 32]
+                for name, (n, k) in ((gate_up, (2 * I, H)), (down, (H, I))):
+                    blocks = k // MXFP4_BLOCK
+                    expected |= {f"{name}_blocks": [E, n, blocks, MXFP4_BLOCK // 2], f"{name}_scales": [E, n, blocks]}
+            else:
+                expected |= {gate_up: [E, H, 2 * I], down: [E, I, H]}
+            layout = (
+                "gpt-oss's experts are gate_up_proj [E, H, 2I] and down_proj [E, I, H] (in MXFP4, _blocks [E, 2I, "
+                "H/32, 16] and [E, H, I/32, 16] with their _scales), with their biases"
+            )
+        elif self.fused_experts(module):
             expected = {
                 arch.fused_name(module, "gate_up_proj"): [E, 2 * I, H],
                 arch.fused_name(module, "down_proj"): [E, H, I],
@@ -156,8 +215,10 @@ class SourceCheckpoint:
     def expert_weights(self, layer: int) -> dict[str, torch.Tensor]:
         """Projection -> float32 [E, I, H] (gate and up as stored; down transposed from [E, H, I]), each made in one
         allocation: a big layer's float32 experts are GBs, and a list of them stacked, or a copy transposed, twice
-        that."""
+        that. A family with expert biases also has "{p}_bias" (_gpt_oss_expert_weights)."""
         module = self.architecture.experts_module.format(layer=layer)
+        if self.architecture.fused_layout == "gpt_oss":
+            return self._gpt_oss_expert_weights(module)
         if self.fused_experts(module):
             gate_up, down = self.stacked_experts(module, "gate_up_proj"), self.stacked_experts(module, "down_proj")
             I = gate_up.shape[1] // 2
@@ -175,3 +236,20 @@ class SourceCheckpoint:
                     out[p] = torch.empty(E, *w.shape)
                 out[p][e] = w
         return out
+
+    def _gpt_oss_expert_weights(self, module: str) -> dict[str, torch.Tensor]:
+        """expert_weights of gpt-oss's layout (Architecture.fused_layout), with the biases: "{p}_bias" [E, I] for gate
+        and up, [E, H] for down, float32."""
+        gate_up, down = self.stacked_experts(module, "gate_up_proj"), self.stacked_experts(module, "down_proj")
+        E, H, I = gate_up.shape[0], gate_up.shape[1], gate_up.shape[2] // 2
+        bias = self.get(self.architecture.fused_name(module, "gate_up_proj") + "_bias")
+        return {
+            "gate": torch.empty(E, I, H).copy_(gate_up[..., 0::2].transpose(1, 2)),
+            "up": torch.empty(E, I, H).copy_(gate_up[..., 1::2].transpose(1, 2)),
+            "down": down.to(torch.float32, copy=True),  # [E, I, H]: D_e^T already
+            "gate_bias": bias[:, 0::2].float().contiguous(),  # strided: a copy, not a view of the map
+            "up_bias": bias[:, 1::2].float().contiguous(),
+            "down_bias": self.get(self.architecture.fused_name(module, "down_proj") + "_bias").to(
+                torch.float32, copy=True
+            ),
+        }

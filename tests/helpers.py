@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from bitsmoe_vllm.format import FORMAT_VERSION, PROJECTIONS, QuantConfig
+from bitsmoe_vllm.format import FORMAT_VERSION, PROJECTIONS, QuantConfig, expert_tensor_name
 from bitsmoe_vllm.offline.architectures import STANDARD_NAMES
 from bitsmoe_vllm.offline.decompose import Decomposition
 from bitsmoe_vllm.offline.encode import build_quant_config, encode_layer
@@ -41,8 +41,10 @@ def random_checkpoint(
     seed: int = 0,
     module: str = MODULE,
     names: dict[str, str] = STANDARD_NAMES,
+    gpt_oss: bool = False,
 ) -> tuple[QuantConfig, dict[str, torch.Tensor]]:
-    """A one-layer checkpoint (config, name -> tensor) with every width of `widths` in use."""
+    """A one-layer checkpoint (config, name -> tensor) with every width of `widths` in use; `gpt_oss`: with expert
+    biases and gpt-oss's activation (swigluoai, alpha 1.702, a limit of 1.5 that clamps many entries)."""
     g = torch.Generator().manual_seed(seed)
     decompositions, bits = {}, {}
     for p, R in zip(PROJECTIONS, ranks):
@@ -64,12 +66,18 @@ def random_checkpoint(
         candidate_bits=tuple(sorted(set(widths) | {0})),
         group_size=G,
         basis_dtype=basis_dtype,
-        activation="silu",
+        activation="swigluoai" if gpt_oss else "silu",
         hidden_size=H,
         intermediate_size=I,
         num_experts=E,
         projection_names=names,
+        **(dict(swiglu_alpha=1.702, swiglu_limit=1.5, expert_bias=True) if gpt_oss else {}),
     )
+    if gpt_oss:
+        for p in PROJECTIONS:
+            for e in range(E):
+                size = H if p == "down" else I
+                tensors[expert_tensor_name(module, e, names[p], "bias")] = torch.randn(size, generator=g)
     return cfg, tensors
 
 
@@ -82,11 +90,13 @@ def routing(T: int, E: int, K: int, seed: int, used_experts: int | None = None):
     return weights, ids
 
 
-def layer_of(shape, widths=(0,) + WIDTHS, basis_dtype="float16", seed=0, format_version=FORMAT_VERSION):
+def layer_of(shape, widths=(0,) + WIDTHS, basis_dtype="float16", seed=0, format_version=FORMAT_VERSION, gpt_oss=False):
     """A random layer; format_version 1 reads the same stored bits as version 1's codes."""
     H, I, E, K, ranks, G = shape
     ranks = (H, H, H) if basis_dtype == "identity" else ranks
-    cfg, tensors = random_checkpoint(H, I, E, ranks, G, widths=widths, basis_dtype=basis_dtype, seed=seed)
+    cfg, tensors = random_checkpoint(
+        H, I, E, ranks, G, widths=widths, basis_dtype=basis_dtype, seed=seed, gpt_oss=gpt_oss
+    )
     return gather_layer(dataclasses.replace(cfg, format_version=format_version), MODULE, tensors)
 
 
@@ -183,5 +193,38 @@ def fp8_block_copy(model_dir, out_dir, block: tuple[int, int], dequantized: bool
             "activation_scheme": "dynamic",
             "weight_block_size": list(block),
         }
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def mxfp4_copy(model_dir, out_dir, dequantized: bool = False):
+    """A copy of a gpt-oss checkpoint with its experts in the layout of gpt-oss's releases: `{name}_blocks` [E, out,
+    in/32, 16] uint8 (two E2M1 codes a byte, low nibble first) and `{name}_scales` [E, out, in/32] (the block's power
+    of two as a biased exponent, E8M0), rounded to nearest, and a `quantization_config` saying so. `dequantized`: the
+    same values written back as float32 in transformers' layout instead, unquantized."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    values = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    shutil.copytree(model_dir, out_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
+    tensors = load_file(model_dir / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        w = tensors.pop(name).float().transpose(1, 2)  # [E, out, in]
+        blocks = w.reshape(*w.shape[:2], -1, 32)
+        exponent = torch.ceil(torch.log2(blocks.abs().amax(-1).clamp(min=1e-30) / 6))  # the block's largest to <= 6
+        codes = ((blocks / torch.exp2(exponent)[..., None])[..., None] - values).abs().argmin(-1)  # [E, out, in/32, 32]
+        if dequantized:
+            tensors[name] = (values[codes] * torch.exp2(exponent)[..., None]).reshape(w.shape).transpose(1, 2)
+            continue
+        tensors[f"{name}_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+        tensors[f"{name}_scales"] = (exponent + 127).to(torch.uint8)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "model.safetensors", metadata={"format": "pt"})
+    if not dequantized:
+        config = json.loads((out_dir / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "self_attn"]}
         (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from bitsmoe_vllm.format import PROJECTIONS, QuantConfig
+from bitsmoe_vllm.format import PROJECTIONS, QuantConfig, expert_tensor_name
 from bitsmoe_vllm.offline.decompose import shared_basis
 from bitsmoe_vllm.offline.demo import ARCHITECTURES, LAYERS, TOP_K
 from bitsmoe_vllm.offline.encode import build_quant_config, encode_layer
@@ -29,6 +29,11 @@ def quantize_layer(model_dir, bits: int, rank: int | None = None):
     layout, tensors = encode_layer(
         module, decompositions, widths, group_size=32, basis_dtype="float16", projection_names=arch.projection_names
     )
+    if arch.expert_bias:  # gpt-oss: stored as read
+        for p in PROJECTIONS:
+            name = arch.projection_names[p]
+            tensors |= {expert_tensor_name(module, e, name, "bias"): weights[f"{p}_bias"][e] for e in range(E)}
+    act = arch.activation(config)
     cfg = build_quant_config(
         [layout],
         bits=16.0,
@@ -36,11 +41,14 @@ def quantize_layer(model_dir, bits: int, rank: int | None = None):
         candidate_bits=(0, 1, 2, 3, 4, 6, 8),
         group_size=32,
         basis_dtype="float16",
-        activation="silu",
+        activation=act.name,
         hidden_size=H,
         intermediate_size=arch.intermediate_size(config),
         num_experts=E,
         projection_names=arch.projection_names,
+        swiglu_alpha=act.alpha,
+        swiglu_limit=act.limit,
+        expert_bias=arch.expert_bias,
     )
     cfg = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))  # as a loader would see it
     return gather_layer(cfg, module, tensors)
@@ -56,9 +64,10 @@ def decoder(model_dir) -> torch.nn.Module:
 
 
 def relative_error(model_dir, layer, seed: int, T: int = 33) -> float:
-    experts = SourceCheckpoint(model_dir).architecture.experts(decoder(model_dir).layers[MOE_LAYER])
+    source = SourceCheckpoint(model_dir)
+    experts = source.architecture.experts(decoder(model_dir).layers[MOE_LAYER])
     g = torch.Generator().manual_seed(seed)
-    H, E = experts.down_proj.shape[1], experts.down_proj.shape[0]
+    H, E = source.config["hidden_size"], source.architecture.num_experts(source.config)
     x = torch.randn(T, H, generator=g)
     ids = torch.stack([torch.randperm(E - 1, generator=g)[:TOP_K] for _ in range(T)])  # expert E-1 unused
     w = torch.softmax(torch.randn(T, TOP_K, generator=g), dim=-1)

@@ -1,6 +1,7 @@
 """The backend oracle (bitsmoe_vllm/backend.py): its choice on this machine, its check at load, and its fallback to the
 reference when a kernel's result is wrong."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -90,3 +91,21 @@ def test_on_cuda_chooses_the_cuda_kernels_and_checks_both_paths(bitsmoe_log, bas
         ref = moe_forward(x.float(), w, ids, layer)
         y = ops.moe_layer(x, w, ids, layer, kernel).float()
         assert float((y - ref).norm() / ref.norm()) < backend.TOLERANCE[torch.bfloat16]
+
+
+def test_what_no_kernel_implements_runs_the_reference_with_one_line_naming_it(bitsmoe_log):
+    """gpt-oss's layers (expert biases, the swigluoai activation): the reference, through its op, never a kernel that
+    would drop them."""
+    layer = layer_of(LAYERS[1], gpt_oss=True)
+    kernel, choice = backend.prepare(layer, MODULE)
+    assert kernel is ops.REFERENCE and choice.backend is Backend.REFERENCE
+    (line,) = [r for r in bitsmoe_log.records if "MoE layers run" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert "no kernel implements the swigluoai activation and expert biases yet" in line.getMessage()
+    x, (w, ids) = torch.randn(5, LAYERS[1][0]), routing(5, LAYERS[1][2], LAYERS[1][3], seed=1)
+    y = ops.moe_layer(x, w, ids, layer, kernel)  # torch.ops.bitsmoe.moe_reference, biases and activation passed
+    torch.testing.assert_close(y, moe_forward(x, w, ids, layer))
+    without = moe_forward(x, w, ids, dataclasses.replace(layer, biases=None))
+    assert (y - without).abs().max() > 0.1  # the comparison's teeth: the biases are in the output
+    with pytest.raises(ValueError, match="this layer needs the reference"):
+        ops.moe_layer(x, w, ids, layer, None)  # the C++ float kernel computes silu(h_g) * h_u without biases

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -206,3 +207,27 @@ def test_nan_in_a_basis_is_named(checkpoint):
 def test_left_over_dense_expert_weight_is_named(checkpoint):
     name = f"{MODULE}.0.gate_proj.weight"
     refuse_tensors(checkpoint, name, lambda t: torch.zeros(I, H), f"unexpected tensor '{name}'")
+
+
+def test_gpt_oss_layers_store_their_biases_and_activation():
+    cfg, tensors = random_checkpoint(64, 64, 2, (64, 64, 64), 32, widths=(2,), gpt_oss=True)
+    specs = tensor_specs(cfg)
+    assert set(specs) == set(tensors) and len(specs) == 3 + 3 * 4 * 2
+    assert specs[f"{MODULE}.1.up_proj.bias"].shape == (64,) and specs[f"{MODULE}.1.up_proj.bias"].shard_dim == 0
+    assert specs[f"{MODULE}.1.down_proj.bias"].dtype == torch.float32
+    assert specs[f"{MODULE}.1.down_proj.bias"].shard_dim is None  # added once, by rank 0
+    factors = 3 * 2 * (64 * 2 * 64 + 64 * 2 * 16)
+    everything = factors + 3 * (2 * 64 * 8 + 64 * 64 * 16) + 2 * (64 + 64 + 64) * 32  # + float32 biases
+    assert stored_bits(cfg)["all"] == pytest.approx(everything / (3 * 2 * 64 * 64))
+    d = cfg.to_dict()
+    assert QuantConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    assert (d["activation"], d["swiglu_alpha"], d["swiglu_limit"], d["expert_bias"]) == ("swigluoai", 1.702, 1.5, True)
+    refuse({k: v for k, v in d.items() if k != "swiglu_limit"}, "quantization_config.swiglu_limit: missing key")
+    refuse(d | {"activation": "gelu"}, "quantization_config.activation", "['silu', 'swigluoai']", "'gelu'")
+    refuse(d | {"expert_bias": 1}, "quantization_config.expert_bias: expected true or false, found 1")
+    check_tensors(cfg, tensors)
+    with pytest.raises(ValueError, match=f"missing tensor '{MODULE}.0.gate_proj.bias'"):
+        check_tensors(cfg, {k: v for k, v in tensors.items() if k != f"{MODULE}.0.gate_proj.bias"})
+    without_biases = dataclasses.replace(cfg, expert_bias=False)
+    with pytest.raises(ValueError, match=f"unexpected tensor '{MODULE}.0.gate_proj.bias'"):
+        check_tensors(without_biases, tensors)

@@ -89,7 +89,7 @@ def test_unsupported_or_dense_model(run, tmp_path):
     status, err = run(model=tmp_path / "llama")
     assert (
         status == 2
-        and "unsupported model_type 'llama'; supported: deepseek_v2, deepseek_v3, glm4_moe, granitemoe, "
+        and "unsupported model_type 'llama'; supported: deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, granitemoe, "
         "granitemoehybrid, granitemoeshared, mixtral, olmoe, qwen3_5_moe, qwen3_moe, qwen3_next"
         in err
     )

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from bitsmoe_vllm.activation import SILU, Activation
 from bitsmoe_vllm.offline.encode import encode_factor
 from bitsmoe_vllm.offline.rounding import quantize_rows
 from bitsmoe_vllm.reference import (
@@ -126,3 +127,41 @@ def test_dequantize_factor_rejects_codes_that_do_not_match_bits():
     bits = torch.tensor([2, 0, 3], dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"bits ask for 5 planes and 2 scale rows, found codes \[4, 1\]"):
         dequantize_factor(torch.zeros(4, 1, dtype=torch.int32), torch.zeros(2, 1).half(), bits, 32)
+
+
+def swigluoai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's activation as its reference implementation writes it."""
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def test_biases_and_gpt_oss_activation_match_the_dense_math():
+    H, I, E, K, ranks, G = LAYERS[0]
+    cfg, tensors = random_checkpoint(H, I, E, ranks, G, gpt_oss=True)
+    layer = gather_layer(cfg, MODULE, tensors)
+    assert layer.biases.gate.shape == (E, I) and layer.biases.down.shape == (E, H)
+    x, (w, ids) = torch.randn(11, H, generator=torch.Generator().manual_seed(4)), routing(11, E, K, seed=4)
+    B_g, B_u, B_d = (dequantize_basis(b).double() for b in (layer.gate_basis, layer.up_basis, layer.down_basis))
+    expected = torch.zeros(11, H, dtype=torch.float64)
+    for t in range(11):
+        for weight, e in zip(w[t].tolist(), ids[t].tolist()):
+            G_e, U_e, D_e = (expert_factor(f, e, G).double() for f in (layer.gate, layer.up, layer.down))
+            xt = x[t].double()
+            h_gate = G_e.T @ (B_g @ xt) + layer.biases.gate[e].double()
+            h_up = U_e.T @ (B_u @ xt) + layer.biases.up[e].double()
+            expected[t] += weight * (B_d @ (D_e @ swigluoai(h_gate, h_up, 1.702, 1.5)) + layer.biases.down[e].double())
+    clamped = (B_g @ x.double().T).T @ expert_factor(layer.gate, 0, G).double() + layer.biases.gate[0].double() > 1.5
+    assert clamped.any() and not clamped.all()  # the limit is in play
+    torch.testing.assert_close(moe_forward(x, w, ids, layer).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", [SILU, Activation("swigluoai", 1.702, 1.5)], ids=["silu", "swigluoai"])
+def test_activation_derivatives_are_autograds(activation):
+    gate, up = (torch.randn(500, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) * 3 for s in (0, 1))
+    d_gate, d_up = torch.autograd.functional.jacobian(lambda g, u: activation(g, u), (gate, up))
+    expected = d_gate.diagonal(), d_up.diagonal()
+    for found, wanted in zip(activation.derivatives(gate, up), expected):
+        torch.testing.assert_close(found, wanted)
+    if activation.name == "swigluoai":
+        torch.testing.assert_close(activation(gate, up), swigluoai(gate, up, 1.702, 1.5))
+        assert (expected[1] == 0).any() and (expected[0] == 0).any()  # clamped entries: no gradient

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from bitsmoe_vllm.offline.dequantize import dequantize_checkpoint
 from bitsmoe_vllm.offline.evaluate import load_model
-from tests.helpers import checkpoint_bytes, fp8_block_copy, stack_experts
+from tests.helpers import checkpoint_bytes, fp8_block_copy, mxfp4_copy, stack_experts
 
 SHAPE = {"layers": 2, "experts": 8, "intermediate": 64}
 
@@ -120,3 +120,49 @@ def test_granite_4_quantizes_and_runs_as_transformers_runs_it(tiny_model_dir, qu
     for path in dequantized.glob("*.safetensors"):
         stored |= set(load_file(path))
     assert "model.layers.1.block_sparse_moe.input_linear.weight" in stored
+
+
+def test_gpt_oss_quantizes_with_its_biases_and_activation_and_runs_as_transformers_runs_it(
+    tiny_model_dir, quantize_tiny, tmp_path
+):
+    """gpt-oss: experts stacked as gate_up_proj [E, H, 2I] (gate and up interleaved) and down_proj [E, I, H], with
+    biases and a clamped SwiGLU. The checkpoint stores the biases (float32) and the activation, the reference forward
+    gives the logits transformers gives on the dequantized weights, written back in gpt-oss's layout."""
+    original = tiny_model_dir("gpt_oss", **SHAPE)
+    bitsmoe = quantize_tiny(original, tmp_path / "bitsmoe", 2.5)
+    config = json.loads((bitsmoe / "config.json").read_text())["quantization_config"]
+    assert (config["activation"], config["swiglu_alpha"], config["swiglu_limit"]) == ("swigluoai", 1.702, 7.0)
+    assert config["expert_bias"] is True
+    stored = {}
+    for path in bitsmoe.glob("model-*.safetensors"):
+        stored |= load_file(path)
+    source = load_file(original / "model.safetensors")
+    gate_up_bias = source["model.layers.1.mlp.experts.gate_up_proj_bias"]
+    assert torch.equal(stored["model.layers.1.mlp.experts.3.gate_proj.bias"], gate_up_bias[3, 0::2])
+    assert torch.equal(stored["model.layers.1.mlp.experts.3.up_proj.bias"], gate_up_bias[3, 1::2])
+    down_bias = source["model.layers.1.mlp.experts.down_proj_bias"]
+    assert torch.equal(stored["model.layers.1.mlp.experts.3.down_proj.bias"], down_bias[3])
+    dequantized = assert_reference_is_transformers_on_dequantized(
+        original, bitsmoe, tmp_path, transformers.AutoModelForCausalLM
+    )
+    written = load_file(next(dequantized.glob("*00002*.safetensors")))
+    assert set(written) == {
+        f"model.layers.0.mlp.experts.{n}" for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+    }
+
+
+def test_mxfp4_experts_quantize_as_their_dequantized_values(tiny_model_dir, quantize_tiny, tmp_path):
+    """gpt-oss's released layout: MXFP4 blocks and scales, read as codes times their block's power of two."""
+    original = tiny_model_dir("gpt_oss", **SHAPE)
+    mxfp4 = mxfp4_copy(original, tmp_path / "mxfp4")
+    assert load_file(mxfp4 / "model.safetensors")["model.layers.0.mlp.experts.down_proj_blocks"].dtype == torch.uint8
+    dequantized = mxfp4_copy(original, tmp_path / "dequantized", dequantized=True)
+    ours = quantize_tiny(mxfp4, tmp_path / "from-mxfp4", 2.5)
+    theirs = quantize_tiny(dequantized, tmp_path / "from-dequantized", 2.5)
+    assert checkpoint_bytes(ours) == checkpoint_bytes(theirs)
+    stored = set()
+    for path in ours.glob("*.safetensors"):
+        stored |= set(load_file(path))
+    assert not any(name.endswith(("_blocks", "_scales")) for name in stored)
+    # the teeth: MXFP4 moved the weights, so quantizing the original gives another checkpoint
+    assert checkpoint_bytes(quantize_tiny(original, tmp_path / "from-original", 2.5)) != checkpoint_bytes(ours)

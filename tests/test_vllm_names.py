@@ -29,3 +29,27 @@ def test_every_tensor_routes_through_vllms_expert_mapping(model_type, basis_dtyp
         prefix = "w2_" if canonical == "down" else "w13_"
         assert routes == [(f"experts.routed_experts.{prefix}", int(expert), SHARDS[canonical])], name
         assert kind in {"codes", "scales", "bits"} or (kind.startswith("basis") and expert == "0"), name
+
+
+@pytest.mark.parametrize("basis_dtype", ["int8", "identity"])
+def test_gpt_oss_tensors_reach_their_parameters_through_the_wrapped_loader(basis_dtype):
+    """vLLM's gpt-oss loader has its own rules and skips other expert tensors; bitsmoe_vllm.gpt_oss routes BitsMoE's
+    to their parameter, expert and shard, after vLLM's renaming of gpt-oss names (".down_proj.bias" -> ".w2_bias")."""
+    gpt_oss = pytest.importorskip("vllm.model_executor.models.gpt_oss")
+    from bitsmoe_vllm.gpt_oss import _TENSOR
+
+    module, names = "model.layers.11.mlp.experts", ARCHITECTURES["gpt_oss"].projection_names
+    cfg, _ = random_checkpoint(
+        64, 64, 12, (64, 64, 64), 32, module=module, names=names, basis_dtype=basis_dtype, gpt_oss=True
+    )
+    mapper = gpt_oss.GptOssForCausalLM.hf_to_vllm_mapper
+    renamed = 0
+    for name in tensor_specs(cfg):
+        vllm_name = next(iter(mapper.apply([(name, None)])))[0]
+        renamed += vllm_name != name
+        match = _TENSOR.fullmatch(vllm_name)
+        expert, projection, kind = name.removeprefix(module + ".").split(".")
+        canonical = next(p for p, n in names.items() if n == projection)
+        assert match is not None and match["experts"] == module and int(match["expert"]) == int(expert), name
+        assert (match["projection"] or "down", match["kind"] or match["w2"]) == (canonical, kind), name
+    assert renamed == 12  # every down bias: the case the pattern's w2_bias is for
