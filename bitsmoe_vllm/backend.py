@@ -7,8 +7,8 @@
 - cuda:       the CUDA kernels (bitsmoe_vllm/cuda.py; decode and prefill paths, chosen per call by token count);
 - cpu-int:    the CPU integer path on AVX-512 VNNI, and AMX tiles where present (bitsmoe_vllm/cpu_layout.py);
 - cpu-float:  the CPU float kernel (AVX-512 or AVX2) behind torch.ops.bitsmoe.moe;
-- reference:  the PyTorch reference (bitsmoe_vllm/reference.py), where no kernel applies, and for layers with what
-              no kernel implements (gpt-oss's swigluoai activation and expert biases: `kernel_gaps`).
+- reference:  the PyTorch reference (bitsmoe_vllm/reference.py), where no kernel applies, and on CUDA for layers with
+              what its kernels do not implement (gpt-oss's swigluoai activation and expert biases: `cuda_gaps`).
 `prepare` puts the layer in the chosen kernel's layout and runs the kernel against the reference on a slice of the
 real layer (random tokens routed to random experts; on CUDA also enough tokens to take the prefill path). Beyond
 TOLERANCE it logs one ERROR line naming the layer and the error, and the layer runs the reference: a wrong kernel
@@ -76,13 +76,10 @@ def select_backend(device: torch.device) -> Choice:
 
 def prepare(layer: MoELayer, module: str) -> tuple[ops.Kernel, Choice]:
     """The kernel argument of ops.moe_layer for `layer` (its tensors on one device), checked against the reference."""
-    if unsupported := kernel_gaps(layer):
-        choice = Choice(
-            Backend.REFERENCE, f"no kernel implements {unsupported} yet, so the slow PyTorch reference runs"
-        )
-        _log_once(logging.WARNING, f"bitsmoe: MoE layers run {choice.backend.value}: {choice.reason}")
-        return ops.REFERENCE, choice
     choice = select_backend(layer.gate.codes.device)
+    if choice.backend is Backend.CUDA and (unsupported := cuda_gaps(layer)):
+        reason = f"the CUDA kernels do not implement {unsupported} yet, so the slow PyTorch reference runs"
+        choice = Choice(Backend.REFERENCE, reason)
     _log_once(
         logging.WARNING if choice.backend is Backend.REFERENCE else logging.INFO,
         f"bitsmoe: MoE layers run {choice.backend.value}: {choice.reason}",
@@ -112,9 +109,9 @@ def prepare(layer: MoELayer, module: str) -> tuple[ops.Kernel, Choice]:
     return kernel, choice
 
 
-def kernel_gaps(layer: MoELayer) -> str:
-    """What of `layer` the compiled kernels do not implement (they compute silu(h_g) * h_u without biases); empty
-    when they run it all."""
+def cuda_gaps(layer: MoELayer) -> str:
+    """What of `layer` the CUDA kernels do not implement (they compute silu(h_g) * h_u without biases); empty when
+    they run it all. The CPU kernels implement every activation and the biases."""
     gaps = [f"the {layer.activation.name} activation"] * (layer.activation.name != "silu")
     return " and ".join(gaps + ["expert biases"] * (layer.biases is not None))
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from bitsmoe_vllm.kernel_layout import CLASS_WIDTHS, KernelFactors, repack
-from bitsmoe_vllm.reference import Basis, Factors, MoELayer
+from bitsmoe_vllm.reference import Basis, Factors, MoELayer, op_extras
 
 GROUPS_PER_BLOCK = 32  # gate/up 4-row groups whose activations share a rounding scale (csrc/cpu/moe_cpu.h)
 DOWN_GROUP_ROWS = 16  # rows of a down group: the 16 int32 lanes of a vector
@@ -66,6 +66,7 @@ class CpuLayer:
             *factors,
             self.layer.group_size,
             self.layer.down.odd,
+            *op_extras(self.layer),
         )
         object.__setattr__(self, "op_args", args)
 

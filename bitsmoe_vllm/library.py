@@ -12,7 +12,15 @@ _LAYER = (
     "Tensor? gate_basis_scale, Tensor? up_basis_scale, Tensor? down_basis_scale"
 )
 _FACTORS = "Tensor gate_{0}, Tensor gate_scales, Tensor gate_{1}, Tensor up_{0}, Tensor up_scales, Tensor up_{1}"
-_MOE = f"(Tensor x, Tensor topk_weights, Tensor topk_ids, {_LAYER}, {{}}, int group_size, bool odd_codes) -> Tensor"
+# the experts' biases (gate and up [E, I], down [E, H] float32) and activation (bitsmoe_vllm/activation.py)
+_ACT = (
+    "Tensor? gate_bias=None, Tensor? up_bias=None, Tensor? down_bias=None, str activation='silu', "
+    "float[] activation_params=[]"
+)
+_MOE = (
+    f"(Tensor x, Tensor topk_weights, Tensor topk_ids, {_LAYER}, {{}}, int group_size, bool odd_codes, {_ACT}) -> "
+    "Tensor"
+)
 _DOWN = ", Tensor down_{0}, Tensor down_scales, Tensor down_{1}"
 _CUDA = (
     "(Tensor z_g, Tensor z_u, Tensor ids, {}Tensor[] factors, int down_rank, int group_size, bool odd_codes) -> Tensor"
@@ -22,13 +30,8 @@ _TILES = "Tensor sorted_slots, Tensor tile_expert, Tensor tile_start, Tensor til
 SCHEMAS = {
     # the layer on its stored tensors (FORMAT.md section 4): the reference, or the CPU float kernel
     "moe": _MOE.format(_FACTORS.format("codes", "bits") + _DOWN.format("codes", "bits")),
-    # the reference on every device: where the backend oracle found a kernel wrong, or none runs the layer (biases
-    # [E, I] / [E, I] / [E, H] and the activation with its parameters, bitsmoe_vllm/activation.py)
-    "moe_reference": _MOE.format(_FACTORS.format("codes", "bits") + _DOWN.format("codes", "bits")).replace(
-        ") ->",
-        ", Tensor? gate_bias=None, Tensor? up_bias=None, Tensor? down_bias=None, str activation='silu', "
-        "float[] activation_params=[]) ->",
-    ),
+    # the reference on every device: where the backend oracle found a kernel wrong, or none runs the layer
+    "moe_reference": _MOE.format(_FACTORS.format("codes", "bits") + _DOWN.format("codes", "bits")),
     # the CPU integer path on the CPU layout (bitsmoe_vllm/cpu_layout.py)
     "moe_int": _MOE.format(
         "Tensor gate_masks, Tensor gate_scales, Tensor gate_rows, Tensor gate_segs, "

@@ -16,7 +16,7 @@ from bitsmoe_vllm import cpu_layout, library  # noqa: F401 (library: the ops dec
 from bitsmoe_vllm.activation import Activation
 from bitsmoe_vllm.cpu_layout import CpuLayer, moe_forward_int
 from bitsmoe_vllm.cuda import KernelLayer, moe_forward_cuda
-from bitsmoe_vllm.reference import Basis, Biases, Factors, MoELayer, moe_forward
+from bitsmoe_vllm.reference import Basis, Biases, Factors, MoELayer, moe_forward, op_extras
 
 # Tensor cores pay once the token choices average this many per expert (to be tuned on a GPU).
 PREFILL_SLOTS_PER_EXPERT = 16
@@ -43,7 +43,7 @@ def _moe(
     down_bits: torch.Tensor,
     group_size: int,
     odd_codes: bool,  # format version 2's codes
-    gate_bias: torch.Tensor | None = None,  # [E, I] float32 (moe_reference only, as the four below)
+    gate_bias: torch.Tensor | None = None,  # [E, I] float32
     up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,  # [E, H]
     activation: str = "silu",
@@ -105,16 +105,6 @@ def moe_layer(
         path = "prefill" if many and x.dtype in (torch.bfloat16, torch.float16) else "decode"
         return moe_forward_cuda(x, topk_weights, topk_ids, kernel, path)
     bases = (layer.gate_basis, layer.up_basis, layer.down_basis)
-    extra = {}
-    if isinstance(kernel, Reference):
-        act, b = layer.activation, layer.biases
-        extra = {
-            "activation": act.name,
-            "activation_params": [] if act.alpha is None else [act.alpha, act.limit],
-            **({} if b is None else {"gate_bias": b.gate, "up_bias": b.up, "down_bias": b.down}),
-        }
-    elif layer.biases is not None or layer.activation.name != "silu":
-        raise ValueError("bitsmoe::moe computes silu(h_g) * h_u without biases; this layer needs the reference")
     op = torch.ops.bitsmoe.moe_reference if isinstance(kernel, Reference) else torch.ops.bitsmoe.moe
     return op(
         x,
@@ -133,5 +123,5 @@ def moe_layer(
         layer.down.bits,
         layer.group_size,
         layer.down.odd,
-        **extra,
+        *op_extras(layer),
     )

@@ -85,6 +85,15 @@ class MoELayer:
         )
 
 
+def op_extras(layer: MoELayer) -> tuple:
+    """The last arguments of the bitsmoe ops (library.py): gate, up and down biases (None without) and the activation
+    with its parameters."""
+    b, act = layer.biases, layer.activation
+    params = [] if act.alpha is None else [act.alpha, act.limit]
+    biases = (None, None, None) if b is None else (b.gate, b.up, b.down)
+    return (*biases, act.name, params)
+
+
 def gather_layer(cfg: QuantConfig, module: str, tensors: Mapping[str, torch.Tensor]) -> MoELayer:
     """Build a MoELayer from a checkpoint's per-expert tensors (validated first)."""
     layer = cfg.layer(module)
@@ -185,7 +194,7 @@ def moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
         return expert_factor(factors[p], e, layer.group_size, offsets[p])  # [R_p, I]
 
     b = layer.biases
-    bias_out = None if b is None else torch.zeros(x.shape[0], b.down.shape[1], device=x.device)  # [T, H]
+    bias_out = None if b is None else torch.zeros(x.shape[0], b.down.shape[1], dtype=torch.float32, device=x.device)
     for e in topk_ids[topk_ids >= 0].unique().tolist():
         token, slot = (topk_ids == e).nonzero(as_tuple=True)  # [n], [n]
         h_gate, h_up = z_gate[token] @ factor("gate", e), z_up[token] @ factor("up", e)  # [n, I]

@@ -93,19 +93,23 @@ def test_on_cuda_chooses_the_cuda_kernels_and_checks_both_paths(bitsmoe_log, bas
         assert float((y - ref).norm() / ref.norm()) < backend.TOLERANCE[torch.bfloat16]
 
 
-def test_what_no_kernel_implements_runs_the_reference_with_one_line_naming_it(bitsmoe_log):
-    """gpt-oss's layers (expert biases, the swigluoai activation): the reference, through its op, never a kernel that
-    would drop them."""
+def test_gpt_oss_layers_run_this_cpus_kernel_and_the_reference_through_its_op(bitsmoe_log):
+    """gpt-oss's layers (expert biases, the swigluoai activation) on the CPU kernel the oracle checked, and on the
+    reference's op, which carries them too."""
     layer = layer_of(LAYERS[1], gpt_oss=True)
     kernel, choice = backend.prepare(layer, MODULE)
-    assert kernel is ops.REFERENCE and choice.backend is Backend.REFERENCE
-    (line,) = [r for r in bitsmoe_log.records if "MoE layers run" in r.getMessage()]
-    assert line.levelno == logging.WARNING
-    assert "no kernel implements the swigluoai activation and expert biases yet" in line.getMessage()
+    assert choice.backend is expected_cpu_backend() and "off the reference" not in bitsmoe_log.text
     x, (w, ids) = torch.randn(5, LAYERS[1][0]), routing(5, LAYERS[1][2], LAYERS[1][3], seed=1)
-    y = ops.moe_layer(x, w, ids, layer, kernel)  # torch.ops.bitsmoe.moe_reference, biases and activation passed
-    torch.testing.assert_close(y, moe_forward(x, w, ids, layer))
+    expected = moe_forward(x, w, ids, layer)
+    torch.testing.assert_close(ops.moe_layer(x, w, ids, layer, kernel), expected, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(ops.moe_layer(x, w, ids, layer, ops.REFERENCE), expected)  # bitsmoe::moe_reference
     without = moe_forward(x, w, ids, dataclasses.replace(layer, biases=None))
-    assert (y - without).abs().max() > 0.1  # the comparison's teeth: the biases are in the output
-    with pytest.raises(ValueError, match="this layer needs the reference"):
-        ops.moe_layer(x, w, ids, layer, None)  # the C++ float kernel computes silu(h_g) * h_u without biases
+    assert (expected - without).abs().max() > 0.1  # the comparisons' teeth: the biases are in the output
+
+
+def test_on_cuda_gpt_oss_layers_run_the_reference_with_the_reason(monkeypatch):
+    """The CUDA kernels compute silu(h_g) * h_u without biases: the oracle gives gpt-oss's layers the reference."""
+    monkeypatch.setattr(backend, "select_backend", lambda device: backend.Choice(Backend.CUDA, "a CUDA device"))
+    kernel, choice = backend.prepare(layer_of(LAYERS[1], gpt_oss=True), MODULE)
+    assert kernel is ops.REFERENCE and choice.backend is Backend.REFERENCE
+    assert "the CUDA kernels do not implement the swigluoai activation and expert biases yet" in choice.reason

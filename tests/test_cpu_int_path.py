@@ -148,6 +148,18 @@ def test_int_path_matches_reference_mixed_widths(int_path, shape, T, dtype):
 
 
 @pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}")
+@pytest.mark.parametrize("T", [5, 300])  # 300: experts with 16 tokens or more, on AMX tiles where present
+def test_int_path_runs_gpt_oss_biases_and_activation(int_path, shape, T):
+    H, I, E, K, _, _ = shape
+    layer = layer_of(shape, basis_dtype="int8", seed=T, gpt_oss=True)
+    w, ids = routing(T, E, K, seed=T)
+    ids[1, 0] = -1  # a choice held by another expert-parallel rank: neither its output nor its bias
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
+    y = ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer))
+    assert relative_error(y, moe_forward(x, w, ids, layer)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}")
 @pytest.mark.parametrize("T", TOKENS)
 def test_int_path_int8_bases_on_rounded_tokens(int_path, shape, T):
     """int8 bases multiply each token rounded to 16 bits with one scale: here one channel 20x the others sets it"""

@@ -1,12 +1,14 @@
 """The CPU kernel (csrc/cpu, torch.ops.bitsmoe.moe on the CPU dispatch key) against the reference, for every
 instruction set this CPU has. The kernel is built at install (scripts/setup.sh); a missing build fails here."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from bitsmoe_vllm import ops
 from bitsmoe_vllm.format import READABLE_VERSIONS
-from bitsmoe_vllm.reference import moe_forward
+from bitsmoe_vllm.reference import moe_forward, op_extras
 from tests.helpers import LAYERS, TOKENS, WIDTHS, layer_of, relative_error, routing
 
 ISAS = ["avx2", "avx512"]
@@ -54,6 +56,20 @@ def test_kernel_every_width_and_basis(isa, width, basis_dtype, version):
     assert relative_error(ops.moe_layer(x, w, ids, layer), moe_forward(x, w, ids, layer)) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_runs_gpt_oss_biases_and_activation(isa, shape, dtype):
+    """Expert biases and swigluoai (a limit of 1.5, clamping many entries), as the reference computes them."""
+    H, I, E, K, _, _ = shape
+    layer = layer_of(shape, seed=7, gpt_oss=True)
+    w, ids = routing(33, E, K, seed=7, used_experts=E - 1)
+    ids[3, 1] = -1  # a choice held by another expert-parallel rank: neither its output nor its bias
+    x = torch.randn(33, H, generator=torch.Generator().manual_seed(7)).to(dtype)
+    y, ref = ops.moe_layer(x, w, ids, layer), moe_forward(x.float(), w, ids, layer)
+    assert relative_error(y, ref) < TOLERANCE[dtype]
+    assert relative_error(moe_forward(x.float(), w, ids, dataclasses.replace(layer, biases=None)), ref) > 0.1
+
+
 def test_float16_activations_and_int32_ids(isa):
     H, I, E, K, _, _ = LAYERS[2]
     layer = layer_of(LAYERS[2], seed=3)
@@ -87,12 +103,14 @@ def op_args(layer, x, w, ids):
         *(getattr(getattr(layer, p), n) for p in ("gate", "up", "down") for n in ("codes", "scales", "bits")),
         layer.group_size,
         layer.down.odd,
+        *op_extras(layer),
     )
 
 
-def test_opcheck(isa):
+@pytest.mark.parametrize("gpt_oss", [False, True], ids=["silu", "gpt-oss"])
+def test_opcheck(isa, gpt_oss):
     H, I, E, K, _, _ = LAYERS[1]
-    layer = layer_of(LAYERS[1], basis_dtype="int8")
+    layer = layer_of(LAYERS[1], basis_dtype="int8", gpt_oss=gpt_oss)
     w, ids = routing(5, E, K, seed=2)
     torch.library.opcheck(torch.ops.bitsmoe.moe.default, op_args(layer, torch.randn(5, H), w, ids))
 

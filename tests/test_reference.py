@@ -165,3 +165,18 @@ def test_activation_derivatives_are_autograds(activation):
     if activation.name == "swigluoai":
         torch.testing.assert_close(activation(gate, up), swigluoai(gate, up, 1.702, 1.5))
         assert (expected[1] == 0).any() and (expected[0] == 0).any()  # clamped entries: no gradient
+
+
+def test_the_forward_does_not_depend_on_torchs_default_dtype(monkeypatch):
+    """vLLM builds a model (and runs the oracle's check at load) with torch's default dtype set to the model's."""
+    H, I, E, K, ranks, G = LAYERS[0]
+    cfg, tensors = random_checkpoint(H, I, E, ranks, G, gpt_oss=True)
+    layer = gather_layer(cfg, MODULE, tensors)
+    x, (w, ids) = torch.randn(6, H).bfloat16(), routing(6, E, K, seed=6)
+    expected = moe_forward(x, w.bfloat16(), ids, layer)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        assert torch.equal(moe_forward(x, w.bfloat16(), ids, layer), expected)
+    finally:
+        torch.set_default_dtype(default)

@@ -281,18 +281,51 @@ const float* as_float(const at::Tensor& x, Scratch<float>& copy) {
   return copy.get();
 }
 
+// The experts' activation and gate/up biases from the ops' last arguments (bitsmoe_vllm/library.py), with the tensors
+// that keep the biases contiguous for the call.
+struct ActivationArg {
+  Activation view;
+  at::Tensor gate_bias, up_bias;
+};
+
+ActivationArg activation_arg(c10::string_view name, c10::ArrayRef<double> params,
+                             const std::optional<at::Tensor>& gate_bias, const std::optional<at::Tensor>& up_bias,
+                             int64_t E, int64_t I) {
+  const bool swigluoai = name == "swigluoai";
+  TORCH_CHECK(swigluoai || name == "silu", "bitsmoe::moe (CPU): activation '", std::string(name),
+              "': expected silu or swigluoai");
+  TORCH_CHECK(params.size() == (swigluoai ? 2u : 0u), "bitsmoe::moe (CPU): activation ", std::string(name), " takes ",
+              swigluoai ? "2 parameters (alpha, limit)" : "no parameter", ", found ", params.size());
+  TORCH_CHECK(gate_bias.has_value() == up_bias.has_value(),
+              "bitsmoe::moe (CPU): gate_bias and up_bias must both be given, or neither");
+  ActivationArg a{{swigluoai, swigluoai ? static_cast<float>(params[0]) : 0.f,
+                   swigluoai ? static_cast<float>(params[1]) : 0.f, nullptr, nullptr},
+                  {},
+                  {}};
+  if (gate_bias.has_value()) {
+    a.gate_bias = gate_bias->contiguous();
+    a.up_bias = up_bias->contiguous();
+    check_2d("gate_bias", a.gate_bias, at::kFloat, E, I);
+    check_2d("up_bias", a.up_bias, at::kFloat, E, I);
+    a.view.gate_bias = a.gate_bias.data_ptr<float>();
+    a.view.up_bias = a.up_bias.data_ptr<float>();
+  }
+  return a;
+}
+
 // gate/up work items: each used expert's rank rows in this many parts
 int64_t gate_up_parts(int64_t used, int64_t rows) {
   return std::clamp((kItemsPerThread * at::get_num_threads() + used - 1) / std::max(used, int64_t{1}), int64_t{1},
                     std::max(int64_t{1}, rows / kMinPartRows));
 }
 
-// y = B_d (sum over each token's choices of w u), the choices in order; identity: the sum itself. product(basis, x,
-// T, out) is the op's basis product (basis_product or basis_product_int).
+// y = B_d (sum over each token's choices of w u), the choices in order; identity: the sum itself; then the down
+// biases [E, H] of the experts routed to, w b_e, expert by expert. product(basis, x, T, out) is the op's basis
+// product (basis_product or basis_product_int).
 template <class Product>
 at::Tensor finish(Product product, const float* u, int64_t R_d, const at::Tensor& topk_weights,
                   const std::optional<at::Tensor>& down_basis, const std::optional<at::Tensor>& down_basis_scale,
-                  int64_t H, const at::Tensor& x) {
+                  int64_t H, const at::Tensor& x, const Routing& r, const std::optional<at::Tensor>& down_bias) {
   const int64_t T = topk_weights.size(0), K = topk_weights.size(1);
   const at::Tensor w32 =
       topk_weights.scalar_type() == at::kFloat ? topk_weights.contiguous() : topk_weights.to(at::kFloat).contiguous();
@@ -311,6 +344,16 @@ at::Tensor finish(Product product, const float* u, int64_t R_d, const at::Tensor
     product(basis_arg("down_basis", *down_basis, down_basis_scale, H, R_d).view, t.get(), T, out);
   else
     std::copy_n(t.get(), T * H, out);
+  if (down_bias.has_value()) {
+    const at::Tensor b = down_bias->contiguous();
+    check_2d("down_bias", b, at::kFloat, static_cast<int64_t>(r.start.size()) - 1, H);
+    for (const int64_t e : r.used)
+      for (int64_t i = r.start[e]; i < r.start[e + 1]; ++i) {
+        const float* be = b.data_ptr<float>() + e * H;
+        float* yt = out + r.token[i] * H;
+        for (int64_t c = 0; c < H; ++c) yt[c] += w[r.slot[i]] * be[c];
+      }
+  }
   if (x.scalar_type() == at::kBFloat16)
     std::copy_n(out, T * H, y.data_ptr<at::BFloat16>());
   else if (x.scalar_type() == at::kHalf)
@@ -333,7 +376,7 @@ std::pair<const float*, const float*> shared_projections(Product product, const 
 }
 
 // The three parallel loops both ops run, over the experts with tokens: gate_up(e, tokens, part, h) writes one part's
-// pre-activations [2, n, I] (each expert's rank rows in `parts` shares); activate(h of e [parts, 2, n, I], tokens)
+// pre-activations [2, n, I] (each expert's rank rows in `parts` shares); activate(e, h of e [parts, 2, n, I], tokens)
 // turns them into the slots' inputs to down; down(e, tokens, share, shares, u) writes u [slots, R_d] for one of the
 // expert's R_d / 64 shares of rank rows. Fills u.
 template <class GateUp, class Activate, class Down>
@@ -349,7 +392,8 @@ void run_experts(const Routing& r, int64_t parts, int64_t I, int64_t R_d, int64_
     }
   });
   at::parallel_for(0, used_n, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) activate(h.get() + r.start[r.used[i]] * parts * 2 * I, r.of(r.used[i]));
+    for (int64_t i = i0; i < i1; ++i)
+      activate(r.used[i], h.get() + r.start[r.used[i]] * parts * 2 * I, r.of(r.used[i]));
   });
   const int64_t row_blocks = (R_d + kBlockRows - 1) / kBlockRows;
   std::fill_n(u, slots * R_d, 0.f);
@@ -366,7 +410,9 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
                const at::Tensor& gate_codes, const at::Tensor& gate_scales, const at::Tensor& gate_bits,
                const at::Tensor& up_codes, const at::Tensor& up_scales, const at::Tensor& up_bits,
                const at::Tensor& down_codes, const at::Tensor& down_scales, const at::Tensor& down_bits,
-               int64_t group_size, bool odd_codes) {
+               int64_t group_size, bool odd_codes, const std::optional<at::Tensor>& gate_bias,
+               const std::optional<at::Tensor>& up_bias, const std::optional<at::Tensor>& down_bias,
+               c10::string_view activation, c10::ArrayRef<double> activation_params) {
   const Kernels& k = kernels();
   const bool identity = !gate_basis.has_value();
   const int64_t E = gate_bits.size(0), I = gate_codes.dim() == 2 ? gate_codes.size(1) * 32 : -1;
@@ -380,6 +426,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
   TORCH_CHECK(g.view.R == R_g && u.view.R == R_u && d.view.R == R_d, "bitsmoe::moe (CPU): factor ranks (gate ",
               g.view.R, ", up ", u.view.R, ", down ", d.view.R, ") differ from the bases' (", R_g, ", ", R_u, ", ", R_d,
               ")");
+  const ActivationArg act = activation_arg(activation, activation_params, gate_bias, up_bias, E, I);
   if (T == 0) return at::empty_like(x);
 
   Scratch<float> x_copy(0);
@@ -392,7 +439,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
                                              z_gate.get(), z_up.get());
   const Routing r = route(topk_ids, E);
 
-  // h = (F_g^T z_g, F_u^T z_u), a = silu(h_g) * h_u per slot, u = F_d a
+  // h = (F_g^T z_g, F_u^T z_u), a = act(h_g + b_g, h_u + b_u) per slot, u = F_d a
   const int64_t parts = gate_up_parts(static_cast<int64_t>(r.used.size()), std::min(R_g, R_u));
   const Scratch<float> a(T * K * I), out(T * K * R_d);
   run_experts(
@@ -400,11 +447,11 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
       [&](int64_t e, const Tokens& tk, int64_t part, float* h) {
         k.gate_up_part(g.view, u.view, e, z_g, z_u, tk, part, parts, h);
       },
-      [&](const float* h, const Tokens& tk) { k.activate(h, parts, tk, I, a.get()); },
+      [&](int64_t e, const float* h, const Tokens& tk) { k.activate(h, parts, tk, I, act.view, e, a.get()); },
       [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) {
         k.down(d.view, e, a.get(), tk, R_d * share / shares, R_d * (share + 1) / shares, dst);
       });
-  return finish(product, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x);
+  return finish(product, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x, r, down_bias);
 }
 
 // Factors in the CPU layout (moe_cpu.h, CpuFactors) with groups of group_rows rows (gate and up 4, down 16),
@@ -462,7 +509,9 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
                    const at::Tensor& gate_segs, const at::Tensor& up_masks, const at::Tensor& up_scales,
                    const at::Tensor& up_rows, const at::Tensor& up_segs, const at::Tensor& down_masks,
                    const at::Tensor& down_scales, const at::Tensor& down_rows, const at::Tensor& down_segs,
-                   int64_t group_size, bool odd_codes) {
+                   int64_t group_size, bool odd_codes, const std::optional<at::Tensor>& gate_bias,
+                   const std::optional<at::Tensor>& up_bias, const std::optional<at::Tensor>& down_bias,
+                   c10::string_view activation, c10::ArrayRef<double> activation_params) {
   TORCH_CHECK(int_path(),
               "bitsmoe::moe_int (CPU): needs AVX-512 with VNNI, BW, VBMI and GFNI, which this CPU lacks (or "
               "BITSMOE_CPU_ISA forces ",
@@ -482,6 +531,7 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
       cpu_factors_arg("up", up_masks, up_scales, up_rows, up_segs, 4, E, R_u, I, group_size, odd_codes);
   const CpuFactorsArg d =
       cpu_factors_arg("down", down_masks, down_scales, down_rows, down_segs, 16, E, R_d, I, group_size, odd_codes);
+  const ActivationArg act = activation_arg(activation, activation_params, gate_bias, up_bias, E, I);
   if (T == 0) return at::empty_like(x);
 
   const bool amx = amx_path();
@@ -504,11 +554,11 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
       [&](int64_t e, const Tokens& tk, int64_t part, float* h) {
         (tiles(tk) ? kAmx.gate_up_part : v.gate_up_part)(g.view, u.view, e, z_g, z_u, tk, part, parts, h);
       },
-      [&](const float* h, const Tokens& tk) { v.activate(h, parts, tk, a.get(), q); },
+      [&](int64_t e, const float* h, const Tokens& tk) { v.activate(h, parts, tk, act.view, e, a.get(), q); },
       [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) {
         (tiles(tk) ? kAmx.down : v.down)(d.view, e, q, tk, share, shares, dst);
       });
-  return finish(product, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x);
+  return finish(product, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x, r, down_bias);
 }
 
 }  // namespace

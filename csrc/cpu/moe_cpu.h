@@ -5,7 +5,7 @@
 //
 //   z = B x                              basis_rows     (skipped for identity bases)
 //   h = (F_g^T z_g, F_u^T z_u)           gate_up_part   per (expert, share of the rank rows), on the packed codes
-//   a = silu(h_g) * h_u                  activate       per expert, the shares summed in a fixed order
+//   a = act(h_g + b_g, h_u + b_u)        activate       per expert, the shares summed in a fixed order
 //   u = F_d a                            down           per (expert, block of rank rows), on the packed codes
 //   t = sum_k w_k u_k; y = B_d t         in the binding (fixed order), then basis_rows
 #pragma once
@@ -50,6 +50,15 @@ struct Tokens {
   int64_t n;
 };
 
+// The experts' activation (bitsmoe_vllm/activation.py): silu(h_g) * h_u, or gpt-oss's swigluoai with its alpha and
+// limit; the biases [E, I] float32 (nullptr: none) added to h_g and h_u first.
+struct Activation {
+  bool swigluoai;
+  float alpha, limit;
+  const float* gate_bias;
+  const float* up_bias;
+};
+
 struct Kernels {
   const char* name;
   // plane_at, row_at [E + 1]: the first plane and first stored row of each expert, from bits [E, R]
@@ -60,8 +69,9 @@ struct Kernels {
   // h [2, n, I] = (F_g^T z_g, F_u^T z_u) of its tokens, summed over those rows only. z_g [T, g.R], z_u [T, u.R].
   void (*gate_up_part)(const Factors& g, const Factors& u, int64_t e, const float* z_g, const float* z_u,
                        const Tokens& tk, int64_t part, int64_t parts, float* h);
-  // a[slot j] = silu(h_g[j]) * h_u[j], the parts of h [parts, 2, n, I] summed in order; a [slots, I]
-  void (*activate)(const float* h, int64_t parts, const Tokens& tk, int64_t I, float* a);
+  // a[slot j] = act(h_g[j], h_u[j]) of expert e, the parts of h [parts, 2, n, I] summed in order; a [slots, I]
+  void (*activate)(const float* h, int64_t parts, const Tokens& tk, int64_t I, const Activation& act, int64_t e,
+                   float* a);
   // u[slot, r] = sum_c F_d[r, c] a[slot, c] for rank rows r in [r0, r1); u [slots, d.R] (rows with 0 bits untouched)
   void (*down)(const Factors& d, int64_t e, const float* a, const Tokens& tk, int64_t r0, int64_t r1, float* u);
 };
@@ -120,7 +130,8 @@ struct VnniKernels {
   void (*gate_up_part)(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u,
                        const Tokens& tk, int64_t part, int64_t parts, float* h);
   // As Kernels::activate into a [slots, I] (float32), then those rows rounded to 16-bit integers into q
-  void (*activate)(const float* h, int64_t parts, const Tokens& tk, float* a, const QuantizedRows& q);
+  void (*activate)(const float* h, int64_t parts, const Tokens& tk, const Activation& act, int64_t e, float* a,
+                   const QuantizedRows& q);
   // As Kernels::down on the rounded activations, for part `part` of `parts` equal shares of expert e's 16-row groups
   void (*down)(const CpuFactors& d, int64_t e, const QuantizedRows& a, const Tokens& tk, int64_t part, int64_t parts,
                float* u);

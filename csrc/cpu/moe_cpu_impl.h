@@ -8,6 +8,7 @@
 
 namespace {
 
+using bitsmoe::cpu::Activation;
 using bitsmoe::cpu::Basis;
 using bitsmoe::cpu::BasisType;
 using bitsmoe::cpu::Factors;
@@ -419,7 +420,7 @@ void gate_up_part(const Factors& g, const Factors& u, int64_t e, const float* z_
   project_rows(u, e, z_u, tk, part, parts, h + tk.n * 32 * g.words);
 }
 
-void activate(const float* h, int64_t parts, const Tokens& tk, int64_t I, float* a) {
+void activate(const float* h, int64_t parts, const Tokens& tk, int64_t I, const Activation& act, int64_t e, float* a) {
   const int64_t size = tk.n * I;  // h [parts, 2, n, I]: gate then up
   for (int64_t j = 0; j < tk.n; ++j) {
     float* out = a + tk.slot[j] * I;
@@ -429,7 +430,19 @@ void activate(const float* h, int64_t parts, const Tokens& tk, int64_t I, float*
         g = vadd(g, vload(h + 2 * p * size + j * I + c));
         u = vadd(u, vload(h + (2 * p + 1) * size + j * I + c));
       }
-      vstore(out + c, vmul(vdiv(g, vadd(vset(1.f), vexp(vsub(vzero(), g)))), u));
+      if (act.gate_bias != nullptr) {
+        g = vadd(g, vload(act.gate_bias + e * I + c));
+        u = vadd(u, vload(act.up_bias + e * I + c));
+      }
+      if (!act.swigluoai) {
+        vstore(out + c, vmul(vdiv(g, vadd(vset(1.f), vexp(vsub(vzero(), g)))), u));
+        continue;
+      }
+      // (min(u, limit) clamped below at -limit, + 1) * g' sigmoid(alpha g'), g' = min(g, limit)
+      g = vmin(g, vset(act.limit));
+      u = vadd(vmax(vmin(u, vset(act.limit)), vset(-act.limit)), vset(1.f));
+      const V glu = vdiv(g, vadd(vset(1.f), vexp(vmul(vset(-act.alpha), g))));
+      vstore(out + c, vmul(glu, u));
     }
   }
 }

@@ -118,7 +118,7 @@ void gate_up_part_int(const CpuFactors& g, const CpuFactors& u, int64_t e, const
   project_part(u, e, z_u, tk, part, parts, h + tk.n * 16 * g.chunks);
 }
 
-// ---- a = silu(h_g) * h_u, rounded per (slot, column group) ------------------------------------------------------
+// ---- a = act(h_g, h_u), rounded per (slot, column group) --------------------------------------------------------
 
 // rows [row0, row0 + rows) of x [*, q.I], each column group rounded with a scale of its own into q
 void round_groups(const float* x, int64_t row0, int64_t rows, const QuantizedRows& q) {
@@ -132,8 +132,9 @@ void round_groups(const float* x, int64_t row0, int64_t rows, const QuantizedRow
 
 void round_int(const float* x, int64_t rows, const QuantizedRows& q) { round_groups(x, 0, rows, q); }
 
-void activate_int(const float* h, int64_t parts, const Tokens& tk, float* a, const QuantizedRows& q) {
-  activate(h, parts, tk, q.I, a);
+void activate_int(const float* h, int64_t parts, const Tokens& tk, const Activation& act, int64_t e, float* a,
+                  const QuantizedRows& q) {
+  activate(h, parts, tk, q.I, act, e, a);
   for (int64_t j = 0; j < tk.n; ++j) round_groups(a, tk.slot[j], 1, q);
 }
 
