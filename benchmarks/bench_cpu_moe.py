@@ -9,6 +9,9 @@ and the bases of large calls where it has AMX-INT8; `kernel_isa` avx512-amx), el
 
     .venv/bin/python -m benchmarks.bench_cpu_moe [--tokens 1 4 16 128] [--shapes qwen3-30b-a3b deepseek-v2-lite]
 
+gpt-oss-20b's layers carry random expert biases and its swigluoai activation on both sides (vLLM's cpu_fused_moe takes
+them as the gpt-oss model passes them: w13 rows interleaved, biases in bf16).
+
 Layers are random (codes, scales, bases; tests/test_cpu_kernel.py checks correctness), full rank (R = H), with
 float16 or int8 bases, group size 128. Widths per rank row: 2.0 bits = every row 2 bits, 2.5 = half 2 and half 3,
 3.0 = every row 3 bits. The bf16 baseline gets the dense experts of the 2.5-bit layer (B^T F per expert, in bf16;
@@ -43,14 +46,25 @@ import torch  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
 from bitsmoe_vllm import ops  # noqa: E402
+from bitsmoe_vllm.activation import SILU, Activation  # noqa: E402
 from bitsmoe_vllm.backend import INT_PATH_ISAS  # noqa: E402
 from bitsmoe_vllm.cpu_layout import to_cpu_layer  # noqa: E402
-from bitsmoe_vllm.reference import Basis, Factors, MoELayer, dequantize_basis, expert_factor, moe_forward  # noqa: E402
+from bitsmoe_vllm.reference import (  # noqa: E402
+    Basis,
+    Biases,
+    Factors,
+    MoELayer,
+    dequantize_basis,
+    expert_factor,
+    moe_forward,
+)
 
 SHAPES = {  # H, I, E, top-k
     "qwen3-30b-a3b": (2048, 768, 128, 8),
     "deepseek-v2-lite": (2048, 1408, 64, 6),
+    "gpt-oss-20b": (2880, 2880, 32, 4),  # with expert biases and swigluoai, on both sides
 }
+GPT_OSS = Activation("swigluoai", 1.702, 7.0)
 BITS = {2.0: (2,), 2.5: (2, 3), 3.0: (3,)}  # widths, each on an equal share of the rank rows
 GROUP = 128
 FLUSH = torch.ones(256 * 2**20 // 4)  # 8x this machine's last-level cache, written (see above)
@@ -78,15 +92,22 @@ def factor_bytes(f: Factors, e: int) -> int:
 
 
 def dense_weights(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """w13 [E, 2I, H], w2 [E, H, I] in bf16: the layer's experts multiplied out."""
+    """w13 [E, 2I, H], w2 [E, H, I] in bf16: the layer's experts multiplied out (gate and up rows interleaved for
+    swigluoai, as vLLM's CPU MoE reads them then)."""
     B_g, B_u, B_d = (dequantize_basis(b) for b in (layer.gate_basis, layer.up_basis, layer.down_basis))
     E = layer.gate.bits.shape[0]
     w13, w2 = [], []
     for e in range(E):
         F_g, F_u, F_d = (expert_factor(f, e, layer.group_size) for f in (layer.gate, layer.up, layer.down))
-        w13.append(torch.cat([F_g.T @ B_g, F_u.T @ B_u]).bfloat16())
+        gate, up = F_g.T @ B_g, F_u.T @ B_u
+        interleaved = layer.activation.name == "swigluoai"
+        w13.append((torch.stack([gate, up], 1).flatten(0, 1) if interleaved else torch.cat([gate, up])).bfloat16())
         w2.append((B_d @ F_d).bfloat16())
     return torch.stack(w13), torch.stack(w2)
+
+
+def random_biases(E: int, I: int, H: int, g: torch.Generator) -> Biases:
+    return Biases(*(torch.randn(E, n, generator=g) * 0.1 for n in (I, I, H)))
 
 
 def median_ms(fns: dict, inputs: list, repeats: int) -> tuple[dict, float]:
@@ -135,7 +156,7 @@ def routings(T: int, E: int, K: int, H: int, n: int, g: torch.Generator) -> list
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 128])
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b", "deepseek-v2-lite"], choices=list(SHAPES))
     p.add_argument("--bases", nargs="+", default=["int8", "float16"], choices=["float16", "int8"])
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--reference-max-tokens", type=int, default=16, help="time the (slow) reference only up to this T")
@@ -158,11 +179,15 @@ def main() -> None:
         H, I, E, K = SHAPES[name]
         for basis_dtype in a.bases:
             # bases of its own for each layer, as in a model
+            gpt_oss = name.startswith("gpt-oss")
+            biases = random_biases(E, I, H, g) if gpt_oss else None
             layers = {
                 bits: MoELayer(
                     *(random_basis(H, H, basis_dtype, g) for _ in range(3)),
                     *(random_factors(E, H, I, w, g) for _ in range(3)),
                     GROUP,
+                    GPT_OSS if gpt_oss else SILU,
+                    biases,
                 )
                 for bits, w in BITS.items()
             }
@@ -176,9 +201,14 @@ def main() -> None:
             w13, w2 = dense_weights(layers[2.5])
             w13, w2 = (torch.ops.bitsmoe.huge_page_copy(vllm_ops.cpu_prepack_moe_weight(w, isa)) for w in (w13, w2))
 
-            def bf16(x, w, ids, w13=w13, w2=w2):
+            if gpt_oss:  # gate and up biases interleaved as w13's rows
+                b13, b2 = torch.stack([biases.gate, biases.up], 2).flatten(1).bfloat16(), biases.down.bfloat16()
+            else:
+                b13 = b2 = None
+
+            def bf16(x, w, ids, w13=w13, w2=w2, b13=b13, b2=b2, act=layers[2.5].activation.name):
                 out = torch.empty_like(x)
-                vllm_ops.cpu_fused_moe(out, x, w13, w2, None, None, w, ids, "silu", isa)
+                vllm_ops.cpu_fused_moe(out, x, w13, w2, b13, b2, w, ids, act, isa)
                 return out
 
             x, w, ids = routings(4, E, K, H, 1, g)[0]

@@ -7,8 +7,7 @@
 - cuda:       the CUDA kernels (bitsmoe_vllm/cuda.py; decode and prefill paths, chosen per call by token count);
 - cpu-int:    the CPU integer path on AVX-512 VNNI, and AMX tiles where present (bitsmoe_vllm/cpu_layout.py);
 - cpu-float:  the CPU float kernel (AVX-512 or AVX2) behind torch.ops.bitsmoe.moe;
-- reference:  the PyTorch reference (bitsmoe_vllm/reference.py), where no kernel applies, and on CUDA for layers with
-              what its kernels do not implement (gpt-oss's swigluoai activation and expert biases: `cuda_gaps`).
+- reference:  the PyTorch reference (bitsmoe_vllm/reference.py), where no kernel applies.
 `prepare` puts the layer in the chosen kernel's layout and runs the kernel against the reference on a slice of the
 real layer (random tokens routed to random experts; on CUDA also enough tokens to take the prefill path). Beyond
 TOLERANCE it logs one ERROR line naming the layer and the error, and the layer runs the reference: a wrong kernel
@@ -77,9 +76,6 @@ def select_backend(device: torch.device) -> Choice:
 def prepare(layer: MoELayer, module: str) -> tuple[ops.Kernel, Choice]:
     """The kernel argument of ops.moe_layer for `layer` (its tensors on one device), checked against the reference."""
     choice = select_backend(layer.gate.codes.device)
-    if choice.backend is Backend.CUDA and (unsupported := cuda_gaps(layer)):
-        reason = f"the CUDA kernels do not implement {unsupported} yet, so the slow PyTorch reference runs"
-        choice = Choice(Backend.REFERENCE, reason)
     _log_once(
         logging.WARNING if choice.backend is Backend.REFERENCE else logging.INFO,
         f"bitsmoe: MoE layers run {choice.backend.value}: {choice.reason}",
@@ -107,13 +103,6 @@ def prepare(layer: MoELayer, module: str) -> tuple[ops.Kernel, Choice]:
             )
             return ops.REFERENCE, Choice(Backend.REFERENCE, f"the {choice.backend.value} kernel failed its check")
     return kernel, choice
-
-
-def cuda_gaps(layer: MoELayer) -> str:
-    """What of `layer` the CUDA kernels do not implement (they compute silu(h_g) * h_u without biases); empty when
-    they run it all. The CPU kernels implement every activation and the biases."""
-    gaps = [f"the {layer.activation.name} activation"] * (layer.activation.name != "silu")
-    return " and ".join(gaps + ["expert biases"] * (layer.biases is not None))
 
 
 def _checks(backend: Backend, layer: MoELayer) -> list[tuple[torch.dtype, int]]:

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from bitsmoe_vllm import library  # noqa: F401 (the ops declared before the kernels load)
+from bitsmoe_vllm.activation import SILU, Activation
 from bitsmoe_vllm.kernel_layout import KernelFactors, repack
-from bitsmoe_vllm.reference import MoELayer, dequantize_basis
+from bitsmoe_vllm.reference import Biases, MoELayer, dequantize_basis
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 
@@ -69,6 +70,8 @@ class KernelLayer:
     down: KernelFactors
     group_size: int
     odd_codes: bool  # format version 2's codes
+    activation: Activation = SILU
+    biases: Biases | None = None  # float32, contiguous
 
 
 def to_kernel_layer(layer: MoELayer) -> KernelLayer:
@@ -78,8 +81,17 @@ def to_kernel_layer(layer: MoELayer) -> KernelLayer:
     else:
         gate_up = torch.cat([dequantize_basis(layer.gate_basis), dequantize_basis(layer.up_basis)]).contiguous()
         down = dequantize_basis(layer.down_basis).contiguous()
+    b = layer.biases
     return KernelLayer(
-        gate_up, down, repack(layer.gate), repack(layer.up), repack(layer.down), layer.group_size, layer.down.odd
+        gate_up,
+        down,
+        repack(layer.gate),
+        repack(layer.up),
+        repack(layer.down),
+        layer.group_size,
+        layer.down.odd,
+        layer.activation,
+        None if b is None else Biases(*(t.float().contiguous() for t in (b.gate, b.up, b.down))),
     )
 
 
@@ -129,11 +141,19 @@ def moe_forward_cuda(
     g, u, d = layer.gate, layer.up, layer.down
     factors = [getattr(f, n) for f in (g, u, d) for n in ("codes", "scales", "rows", "segs")]
     ids = topk_ids.to(torch.int64).contiguous()
+    b, activation = layer.biases, layer.activation
+    act = (None, None) if b is None else (b.gate, b.up)  # the down bias is added below
+    act += (activation.name, [] if activation.alpha is None else [activation.alpha, activation.limit])
     if path == "decode":
-        out = torch.ops.bitsmoe.moe_decode(z_g, z_u, ids, factors, d.rank, layer.group_size, layer.odd_codes)
+        out = torch.ops.bitsmoe.moe_decode(z_g, z_u, ids, factors, d.rank, layer.group_size, layer.odd_codes, *act)
     else:
         tiles = prefill_tiles(ids, E)
-        out = torch.ops.bitsmoe.moe_prefill(z_g, z_u, ids, *tiles, factors, d.rank, layer.group_size, layer.odd_codes)
-    t = (out.view(T, K, d.rank) * topk_weights.float()[..., None]).sum(1)  # fixed order: deterministic
+        out = torch.ops.bitsmoe.moe_prefill(
+            z_g, z_u, ids, *tiles, factors, d.rank, layer.group_size, layer.odd_codes, *act
+        )
+    w = topk_weights.float()
+    t = (out.view(T, K, d.rank) * w[..., None]).sum(1)  # fixed order: deterministic
     y = t if layer.down_basis is None else t @ layer.down_basis.T
+    if b is not None:  # sum_k w_k b_d[e_k], choices held elsewhere left out
+        y = y + ((w * (ids >= 0))[..., None] * b.down[ids.clamp(min=0)]).sum(1)
     return y.to(x.dtype)

@@ -23,7 +23,8 @@ _MOE = (
 )
 _DOWN = ", Tensor down_{0}, Tensor down_scales, Tensor down_{1}"
 _CUDA = (
-    "(Tensor z_g, Tensor z_u, Tensor ids, {}Tensor[] factors, int down_rank, int group_size, bool odd_codes) -> Tensor"
+    "(Tensor z_g, Tensor z_u, Tensor ids, {}Tensor[] factors, int down_rank, int group_size, bool odd_codes, "
+    "Tensor? gate_bias=None, Tensor? up_bias=None, str activation='silu', float[] activation_params=[]) -> Tensor"
 )
 _TILES = "Tensor sorted_slots, Tensor tile_expert, Tensor tile_start, Tensor tile_count, "
 
@@ -57,16 +58,24 @@ for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
 
 
-def _like_x(x, topk_weights, topk_ids, *layer_tensors_and_group_size):
+def _like_x(x, topk_weights, topk_ids, *layer_tensors_group_size_and_activation, **activation):
     return torch.empty_like(x)
 
 
-def _rank_space(z_g, z_u, ids, *tables_factors_and_sizes):  # u [T * K, down_rank] float32
-    return z_g.new_empty((ids.numel(), tables_factors_and_sizes[-3]), dtype=torch.float32)
+def _rank_space(z_g, ids, down_rank):  # u [T * K, down_rank] float32
+    return z_g.new_empty((ids.numel(), down_rank), dtype=torch.float32)
+
+
+def _decode(z_g, z_u, ids, factors, down_rank, *sizes_and_activation, **activation):
+    return _rank_space(z_g, ids, down_rank)
+
+
+def _prefill(z_g, z_u, ids, slots, expert, start, count, factors, down_rank, *sizes_and_activation, **activation):
+    return _rank_space(z_g, ids, down_rank)
 
 
 for _name in ("moe", "moe_reference", "moe_int"):
     torch.library.register_fake(f"bitsmoe::{_name}", _like_x, lib=_lib)
-for _name in ("moe_decode", "moe_prefill"):
-    torch.library.register_fake(f"bitsmoe::{_name}", _rank_space, lib=_lib)
+torch.library.register_fake("bitsmoe::moe_decode", _decode, lib=_lib)
+torch.library.register_fake("bitsmoe::moe_prefill", _prefill, lib=_lib)
 torch.library.register_fake("bitsmoe::huge_page_copy", torch.empty_like, lib=_lib)

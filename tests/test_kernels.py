@@ -107,6 +107,22 @@ def test_kernel_every_width_and_basis(cuda_ops, width, basis_dtype, path, dtype,
 
 
 @needs_cuda
+@pytest.mark.parametrize("path, dtype", [("decode", torch.float32), ("prefill", torch.bfloat16)])
+def test_kernel_runs_gpt_oss_biases_and_activation(cuda_ops, path, dtype):
+    """Expert biases and swigluoai (a limit of 1.5, clamping many entries): gate/up biases and the activation in the
+    kernels, the down bias after the shared basis."""
+    to_kernel_layer, moe_forward_cuda = cuda_ops
+    H, I, E, K, _, _ = LAYERS[1]
+    layer = layer_of(LAYERS[1], seed=7, gpt_oss=True).to(torch.device("cuda"))
+    w, ids = routing(222, E, K, seed=7, used=E)
+    ids[3, 1] = -1  # a choice held by another expert-parallel rank: neither its output nor its bias
+    x = torch.randn(222, H, device="cuda").to(dtype)
+    ref = moe_forward(x.float(), w.cuda(), ids.cuda(), layer)
+    y = moe_forward_cuda(x, w.cuda(), ids.cuda(), to_kernel_layer(layer), path=path)
+    assert relative_error(y, ref) < TOLERANCE[path, dtype]
+
+
+@needs_cuda
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_kernel_is_deterministic_and_captures_in_a_cuda_graph(cuda_ops, path):
     to_kernel_layer, moe_forward_cuda = cuda_ops

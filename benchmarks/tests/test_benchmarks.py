@@ -111,29 +111,41 @@ def test_training_corpus_splits_whole_documents_three_ways(tmp_path, monkeypatch
     assert len(a["train"]) > 3 * (len(a["calib"]) + len(a["eval"])) and min(len(a["calib"]), len(a["eval"])) > 20
 
 
-def test_cpu_moe_bench_gives_the_bf16_baseline_the_same_layer():
-    """bench_cpu_moe times vLLM's cpu_fused_moe on the BitsMoE layer multiplied out: same outputs up to bf16."""
+@pytest.mark.parametrize("gpt_oss", [False, True], ids=["silu", "gpt-oss"])
+def test_cpu_moe_bench_gives_the_bf16_baseline_the_same_layer(gpt_oss):
+    """bench_cpu_moe times vLLM's cpu_fused_moe on the BitsMoE layer multiplied out: same outputs up to bf16. For
+    gpt-oss, with its biases and activation as vLLM's gpt-oss passes them (an independent check of BitsMoE's
+    swigluoai against vLLM's)."""
     from vllm import _custom_ops as vllm_ops
 
-    from benchmarks.bench_cpu_moe import GROUP, dense_weights, random_basis, random_factors
+    from benchmarks.bench_cpu_moe import GPT_OSS, GROUP, dense_weights, random_basis, random_biases, random_factors
     from bitsmoe_vllm import ops
+    from bitsmoe_vllm.activation import SILU
     from bitsmoe_vllm.reference import MoELayer
 
     g = torch.Generator().manual_seed(0)
     H, I, E, K = 64, GROUP, 4, 2
+    biases = random_biases(E, I, H, g) if gpt_oss else None
     layer = MoELayer(
         *(random_basis(H, H, "int8", g) for _ in range(3)),
         *(random_factors(E, H, I, (2, 3), g) for _ in range(3)),
         GROUP,
+        GPT_OSS if gpt_oss else SILU,
+        biases,
     )
     w13, w2 = (vllm_ops.cpu_prepack_moe_weight(w, "vec") for w in dense_weights(layer))
+    b13 = torch.stack([biases.gate, biases.up], 2).flatten(1).bfloat16() if gpt_oss else None
+    b2 = biases.down.bfloat16() if gpt_oss else None
     x = torch.randn(5, H, generator=g).bfloat16()
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(5)]).to(torch.int32)
     w = torch.softmax(torch.randn(5, K, generator=g), -1)
     out = torch.empty_like(x)
-    vllm_ops.cpu_fused_moe(out, x, w13, w2, None, None, w, ids, "silu", "vec")
+    vllm_ops.cpu_fused_moe(out, x, w13, w2, b13, b2, w, ids, layer.activation.name, "vec")
     want = ops.moe_layer(x, w, ids, layer).float()
     assert (out.float() - want).norm() < 1e-2 * want.norm()
+    if gpt_oss:  # the teeth: without the biases the outputs part
+        vllm_ops.cpu_fused_moe(out, x, w13, w2, None, None, w, ids, "swigluoai", "vec")
+        assert (out.float() - want).norm() > 5e-2 * want.norm()
 
 
 def test_serve_bench_gives_each_stream_a_prompt_of_its_own():

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <optional>
+#include <string>
 
 #include "moe_decode.cuh"
 #include "moe_prefill.cuh"
@@ -79,12 +81,34 @@ Layer checked_layer(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tens
           projection("down", f[8], f[9], f[10], f[11], down_rank, experts, odd), I};
 }
 
+// The activation and the gate/up biases [E, I] float32 (both or neither) of the ops' last arguments.
+bitsmoe::Activation activation(const std::optional<at::Tensor>& gate_bias, const std::optional<at::Tensor>& up_bias,
+                               c10::string_view name, c10::ArrayRef<double> params, int64_t experts, int64_t I) {
+  const bool swigluoai = name == "swigluoai";
+  TORCH_CHECK(swigluoai || name == "silu", "activation '", std::string(name), "': expected silu or swigluoai");
+  TORCH_CHECK(params.size() == (swigluoai ? 2u : 0u), "activation ", std::string(name), " takes ",
+              swigluoai ? "2 parameters (alpha, limit)" : "no parameter", ", found ", params.size());
+  TORCH_CHECK(gate_bias.has_value() == up_bias.has_value(), "gate_bias and up_bias must both be given, or neither");
+  for (const auto* b : {&gate_bias, &up_bias})
+    TORCH_CHECK(!b->has_value() || ((*b)->is_cuda() && (*b)->scalar_type() == at::kFloat && (*b)->is_contiguous() &&
+                                    (*b)->dim() == 2 && (*b)->size(0) == experts && (*b)->size(1) == I),
+                "gate_bias, up_bias: expected contiguous CUDA float32 [", experts, ", ", I, "]");
+  return {gate_bias.has_value() ? gate_bias->data_ptr<float>() : nullptr,
+          up_bias.has_value() ? up_bias->data_ptr<float>() : nullptr, swigluoai,
+          swigluoai ? static_cast<float>(params[0]) : 0.0f, swigluoai ? static_cast<float>(params[1]) : 0.0f};
+}
+
 // z_g [T, R_g], z_u [T, R_u] float32; ids [T, K] int64 (negative: expert held elsewhere); `factors` the codes, scales,
-// rows and segs of gate, up and down in kernel layout -> u [T * K, R_down] float32.
+// rows and segs of gate, up and down in kernel layout; the activation with the gate/up biases -> u [T * K, R_down]
+// float32.
 at::Tensor moe_decode(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids, at::TensorList factors,
-                      int64_t down_rank, int64_t group_size, bool odd_codes) {
+                      int64_t down_rank, int64_t group_size, bool odd_codes, const std::optional<at::Tensor>& gate_bias,
+                      const std::optional<at::Tensor>& up_bias, c10::string_view activation_name,
+                      c10::ArrayRef<double> activation_params) {
   TORCH_CHECK(z_g.scalar_type() == at::kFloat, "z_g: the decode path takes float32, found ", z_g.scalar_type());
   const Layer l = checked_layer(z_g, z_u, ids, factors, down_rank, group_size, odd_codes);
+  const bitsmoe::Activation act =
+      activation(gate_bias, up_bias, activation_name, activation_params, factors[3].size(0), l.I);
   const c10::cuda::CUDAGuard guard(z_g.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t slots = ids.numel();
@@ -102,8 +126,8 @@ at::Tensor moe_decode(const at::Tensor& z_g, const at::Tensor& z_u, const at::Te
       static_cast<int>(ids.size(1)), static_cast<int>(l.I), static_cast<int>(group_size), h.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto a = at::empty({slots, l.I}, z_g.options());
-  bitsmoe::gate_up_finish<<<(slots * l.I + 255) / 256, 256, 0, stream>>>(h.data_ptr<float>(), chunks, slots,
-                                                                         static_cast<int>(l.I), a.data_ptr<float>());
+  bitsmoe::gate_up_finish<<<(slots * l.I + 255) / 256, 256, 0, stream>>>(
+      h.data_ptr<float>(), chunks, slots, static_cast<int>(l.I), ids.data_ptr<int64_t>(), act, a.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // 8 warps a block, at least 2 rows a warp
   const int row_blocks =
@@ -117,13 +141,13 @@ at::Tensor moe_decode(const at::Tensor& z_g, const at::Tensor& z_u, const at::Te
 
 template <typename T>
 void launch_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const Layer& l, const bitsmoe::Tiles& tiles,
-                    int64_t n_tiles, int64_t top_k, int64_t group_size, at::Tensor& a, at::Tensor& u,
-                    cudaStream_t stream) {
+                    int64_t n_tiles, int64_t top_k, int64_t group_size, const bitsmoe::Activation& act, at::Tensor& a,
+                    at::Tensor& u, cudaStream_t stream) {
   T* a_ptr = reinterpret_cast<T*>(a.data_ptr());
   const int columns = static_cast<int>((l.I + bitsmoe::kTileN - 1) / bitsmoe::kTileN);
   bitsmoe::gate_up_prefill<T><<<dim3(n_tiles, columns), bitsmoe::kPrefillThreads, 0, stream>>>(
       l.gate, l.up, reinterpret_cast<const T*>(z_g.data_ptr()), reinterpret_cast<const T*>(z_u.data_ptr()), tiles,
-      static_cast<int>(top_k), static_cast<int>(l.I), static_cast<int>(group_size), a_ptr);
+      static_cast<int>(top_k), static_cast<int>(l.I), static_cast<int>(group_size), act, a_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int row_tiles = (l.down.rank + bitsmoe::kTileN - 1) / bitsmoe::kTileN;
   bitsmoe::down_prefill<T><<<dim3(n_tiles, row_tiles), bitsmoe::kPrefillThreads, 0, stream>>>(
@@ -136,11 +160,15 @@ void launch_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const Layer& l
 at::Tensor moe_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const at::Tensor& ids,
                        const at::Tensor& sorted_slots, const at::Tensor& tile_expert, const at::Tensor& tile_start,
                        const at::Tensor& tile_count, at::TensorList factors, int64_t down_rank, int64_t group_size,
-                       bool odd_codes) {
+                       bool odd_codes, const std::optional<at::Tensor>& gate_bias,
+                       const std::optional<at::Tensor>& up_bias, c10::string_view activation_name,
+                       c10::ArrayRef<double> activation_params) {
   const auto dtype = z_g.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "z_g: the prefill path takes bfloat16 or float16, found ",
               dtype);
   const Layer l = checked_layer(z_g, z_u, ids, factors, down_rank, group_size, odd_codes);
+  const bitsmoe::Activation act =
+      activation(gate_bias, up_bias, activation_name, activation_params, factors[3].size(0), l.I);
   const int64_t n_tiles = tile_expert.numel();
   for (const auto* t : {&sorted_slots, &tile_expert, &tile_start, &tile_count}) {
     TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous() && t->is_cuda(),
@@ -157,9 +185,9 @@ at::Tensor moe_prefill(const at::Tensor& z_g, const at::Tensor& z_u, const at::T
   const bitsmoe::Tiles tiles{sorted_slots.data_ptr<int32_t>(), tile_expert.data_ptr<int32_t>(),
                              tile_start.data_ptr<int32_t>(), tile_count.data_ptr<int32_t>()};
   if (dtype == at::kBFloat16) {
-    launch_prefill<__nv_bfloat16>(z_g, z_u, l, tiles, n_tiles, ids.size(1), group_size, a, u, stream);
+    launch_prefill<__nv_bfloat16>(z_g, z_u, l, tiles, n_tiles, ids.size(1), group_size, act, a, u, stream);
   } else {
-    launch_prefill<__half>(z_g, z_u, l, tiles, n_tiles, ids.size(1), group_size, a, u, stream);
+    launch_prefill<__half>(z_g, z_u, l, tiles, n_tiles, ids.size(1), group_size, act, a, u, stream);
   }
   return u;
 }

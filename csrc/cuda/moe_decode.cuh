@@ -10,7 +10,7 @@
 //
 // The MoE layer (FORMAT.md section 4) for slots s = (token t, choice c) with expert e = ids[t, c]:
 //   gate_up_decode:  h[c, s, :] = partial sums of F_g,e^T z_g[t] and F_u,e^T z_u[t] over chunk c of the rank rows
-//   gate_up_finish:  a[s, :] = silu(sum_c h_g[c, s, :]) * sum_c h_u[c, s, :]          (I columns, fp32)
+//   gate_up_finish:  a[s, :] = act(sum_c h_g[c, s, :], sum_c h_u[c, s, :])           (I columns, fp32; Activation)
 //   down_decode:     u[s, k] = F_d,e[k, :] . a[s, :]                                   (rank space, fp32)
 // and the host sums t = sum_c w[t, c] u[(t, c), :] in a fixed order, then y = B_d t. The rank rows are split over
 // chunks (blocks) so that a few tokens still fill the GPU: one block per slot left 124 of an H200's 132
@@ -91,6 +91,25 @@ __device__ __forceinline__ void accumulate_expert(float (&acc)[32], const int32_
                       shares, odd);
 }
 
+// The experts' activation (bitsmoe_vllm/activation.py) with their gate and up biases [E, I] fp32 (nullptr: none):
+// a = act(h_g + b_g, h_u + b_u), act = silu(g) * u or gpt-oss's swigluoai.
+struct Activation {
+  const float* gate_bias;
+  const float* up_bias;
+  bool swigluoai;
+  float alpha, limit;
+};
+
+__device__ __forceinline__ float activate(const Activation& act, int64_t e, int64_t col, int I, float g, float u) {
+  if (act.gate_bias != nullptr) {
+    g += act.gate_bias[e * I + col];
+    u += act.up_bias[e * I + col];
+  }
+  if (!act.swigluoai) return g / (1.0f + __expf(-g)) * u;
+  g = fminf(g, act.limit);
+  return (fmaxf(fminf(u, act.limit), -act.limit) + 1.0f) * (g / (1.0f + __expf(-act.alpha * g)));
+}
+
 struct Projection {  // one projection in kernel layout
   const int32_t* codes;
   const __half* scales;
@@ -145,19 +164,22 @@ __global__ void __launch_bounds__(32 * kSplits)
   }
 }
 
-// grid ceil(slots * I / 256), block 256: a [slots, I] = silu(sum_c h_g[c]) * sum_c h_u[c], the chunks in order.
+// grid ceil(slots * I / 256), block 256: a [slots, I] = act(sum_c h_g[c], sum_c h_u[c]) of the slot's expert
+// (ids [slots]), the chunks in order.
 __global__ void __launch_bounds__(256)
-    gate_up_finish(const float* __restrict__ h, int chunks, int64_t slots, int I, float* __restrict__ a) {
+    gate_up_finish(const float* __restrict__ h, int chunks, int64_t slots, int I, const int64_t* __restrict__ ids,
+                   Activation act, float* __restrict__ a) {
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= slots * I) return;
-  const int64_t slot = idx / I, col = idx % I;
+  const int64_t slot = idx / I, col = idx % I, e = ids[slot];
+  if (e < 0) return;  // held elsewhere: down_decode skips the slot
   float g = 0.0f, u = 0.0f;
   for (int c = 0; c < chunks; ++c) {
     const float* p = h + ((c * slots + slot) * 2) * I + col;
     g += p[0];
     u += p[I];
   }
-  a[idx] = g / (1.0f + __expf(-g)) * u;
+  a[idx] = activate(act, e, col, I, g, u);
 }
 
 // Dot of one stored row (width B, planes at `planes`) with a[0..I), accumulated over this lane's words.

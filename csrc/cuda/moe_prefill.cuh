@@ -5,7 +5,7 @@
 // unused tiles, so the grid is sized without knowing the counts: no host synchronisation). For each tile, factor
 // tiles are decoded from the kernel layout (moe_decode.cuh) to 16-bit floats in shared memory and multiplied on
 // the tensor cores (WMMA, fp32 accumulation):
-//   gate_up_prefill:  a[s, :] = silu(z_g[t] F_g,e) * (z_u[t] F_u,e)      (the K dimension: the expert's stored rows)
+//   gate_up_prefill:  a[s, :] = act(z_g[t] F_g,e, z_u[t] F_u,e)          (the K dimension: the expert's stored rows)
 //   down_prefill:     u[s, rows[j]] = a[s, :] . F_d,e[j, :]             (the K dimension: I)
 #pragma once
 
@@ -98,7 +98,7 @@ struct Tiles {
 template <typename T>
 __global__ void __launch_bounds__(kPrefillThreads)
     gate_up_prefill(Projection gate, Projection up, const T* __restrict__ z_g, const T* __restrict__ z_u, Tiles tiles,
-                    int top_k, int I, int group, T* __restrict__ a) {
+                    int top_k, int I, int group, Activation act, T* __restrict__ a) {
   using namespace nvcuda;
   constexpr int BK = 16, LDA = BK + 8, LDB = kTileN + 8, LDC = kTileN + 4;
   __shared__ __align__(32) T As[kTileM * LDA];
@@ -164,8 +164,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
   for (int idx = tid; idx < kTileM * kTileN; idx += kPrefillThreads) {
     const int m = idx / kTileN, n = idx % kTileN;
     if (slot_of[m] >= 0 && n0 + n < I) {
-      const float g = Cg[m * LDC + n];
-      a[(int64_t)slot_of[m] * I + n0 + n] = to_half<T>(g / (1.0f + __expf(-g)) * Cu[m * LDC + n]);
+      a[(int64_t)slot_of[m] * I + n0 + n] = to_half<T>(activate(act, e, n0 + n, I, Cg[m * LDC + n], Cu[m * LDC + n]));
     }
   }
 }
