@@ -10,26 +10,27 @@ and the bases of large calls where it has AMX-INT8; `kernel_isa` avx512-amx), el
     .venv/bin/python -m benchmarks.bench_cpu_moe [--tokens 1 4 16 128] [--shapes qwen3-30b-a3b deepseek-v2-lite]
 
 gpt-oss-20b's layers carry random expert biases and its swigluoai activation on both sides (vLLM's cpu_fused_moe takes
-them as the gpt-oss model passes them: w13 rows interleaved, biases in bf16).
+them as the gpt-oss model passes them: w13 rows interleaved, biases in bf16):
 
-Layers are random (codes, scales, bases; tests/test_cpu_kernel.py checks correctness), full rank (R = H), with
-float16 or int8 bases, group size 128. Widths per rank row: 2.0 bits = every row 2 bits, 2.5 = half 2 and half 3,
-3.0 = every row 3 bits. The bf16 baseline gets the dense experts of the 2.5-bit layer (B^T F per expert, in bf16;
-its time does not depend on the values) and its output is compared with BitsMoE's on that layer. Each timed call
-gets fresh routing and runs after the last-level cache has been flushed by reading 256 MiB (written once at the
-start: a never-written buffer reads as the one zero page, which evicts nothing, and runs before 2026-11-23 flushed
-that way), as in decoding a real model, where the next layer's weights are not in cache and the other layers' fill
-it. bf16 and the three widths take turns call by call (this VM's speed drifts), and the median of each is reported.
-"Bytes" are what must be read at least once: the codes, scales and bit widths of the selected experts, the bases,
-the activations; the bf16 baseline's are the selected experts' dense weights, and their ratio (`bytes_ratio_vs_bf16`)
-is the most BitsMoE can gain over bf16 when both read at the same rate. The bound is those bytes at the read
-bandwidth of the same minutes: the flush before each call is torch's sum of 256 MiB (same threads), timed, and the
-median over the calls of one T is that row's `read_GBps` (it moved between 30 and 64 GB/s from run to run here).
-torch's copy of 256 MiB (bytes read plus written) and its sum, measured once at the start, are printed beside it.
+    .venv/bin/python -m benchmarks.bench_cpu_moe --shapes gpt-oss-20b --out benchmarks/results/cpu_moe_gpt_oss.json
+
+Layers are random (codes, scales, bases; tests/test_cpu_kernel.py checks correctness), full rank (R = H), with float16
+or int8 bases, the group size the quantizer chooses (128; 96 for gpt-oss's I of 2880). Widths per rank row: 2.0 bits =
+every row 2 bits, 2.5 = half 2 and half 3, 3.0 = every row 3 bits. The bf16 baseline gets the dense experts of the
+2.5-bit layer (B^T F per expert, in bf16; its time does not depend on the values) and its output is compared with
+BitsMoE's on that layer. Each timed call gets fresh routing and runs after the last-level cache has been flushed by
+reading 256 MiB (written once at the start: a never-written buffer reads as the one zero page, which evicts nothing, and
+runs before 2026-11-23 flushed that way), as in decoding a real model, where the next layer's weights are not in cache
+and the other layers' fill it. bf16 and the three widths take turns call by call (this VM's speed drifts), and the
+median of each is reported. "Bytes" are what must be read at least once: the codes, scales and bit widths of the
+selected experts, the bases, the activations; the bf16 baseline's are the selected experts' dense weights, and their
+ratio (`bytes_ratio_vs_bf16`) is the most BitsMoE can gain over bf16 when both read at the same rate. The bound is those
+bytes at the read bandwidth of the same minutes: the flush before each call is torch's sum of 256 MiB (same threads),
+timed, and the median over the calls of one T is that row's `read_GBps` (it moved between 30 and 64 GB/s from run to run
+here). torch's copy of 256 MiB (bytes read plus written) and its sum, measured once at the start, are printed beside it.
 Both sides' weights are on huge pages: to_cpu_layer puts the integer path's there, and this script copies the bf16
-baseline's there too (torch.ops.bitsmoe.huge_page_copy), although vLLM serving bf16 leaves them on 4 KiB pages
-(unless started with THP_MEM_ALLOC_ENABLE=1); the float kernels read the canonical tensors, on 4 KiB pages.
-"""
+baseline's there too (torch.ops.bitsmoe.huge_page_copy), although vLLM serving bf16 leaves them on 4 KiB pages (unless
+started with THP_MEM_ALLOC_ENABLE=1); the float kernels read the canonical tensors, on 4 KiB pages."""
 
 import argparse
 import json
@@ -49,6 +50,7 @@ from bitsmoe_vllm import ops  # noqa: E402
 from bitsmoe_vllm.activation import SILU, Activation  # noqa: E402
 from bitsmoe_vllm.backend import INT_PATH_ISAS  # noqa: E402
 from bitsmoe_vllm.cpu_layout import to_cpu_layer  # noqa: E402
+from bitsmoe_vllm.offline.plan import choose_group_size  # noqa: E402
 from bitsmoe_vllm.reference import (  # noqa: E402
     Basis,
     Biases,
@@ -70,11 +72,11 @@ GROUP = 128
 FLUSH = torch.ones(256 * 2**20 // 4)  # 8x this machine's last-level cache, written (see above)
 
 
-def random_factors(E: int, R: int, I: int, widths: tuple[int, ...], g: torch.Generator) -> Factors:
+def random_factors(E: int, R: int, I: int, widths: tuple[int, ...], g: torch.Generator, group: int = GROUP) -> Factors:
     bits = torch.tensor(widths).repeat_interleave(R // len(widths) + 1)[:R].to(torch.uint8).expand(E, R).contiguous()
     planes, rows = int(bits.long().sum()), E * R
     codes = torch.randint(-(2**31), 2**31 - 1, (planes, I // 32), generator=g, dtype=torch.int32)
-    scales = (torch.rand(rows, I // GROUP, generator=g) * 0.02 + 0.001).half()
+    scales = (torch.rand(rows, I // group, generator=g) * 0.02 + 0.001).half()
     return Factors(codes, scales, bits)
 
 
@@ -181,11 +183,12 @@ def main() -> None:
             # bases of its own for each layer, as in a model
             gpt_oss = name.startswith("gpt-oss")
             biases = random_biases(E, I, H, g) if gpt_oss else None
+            group = choose_group_size(I, None)  # the quantizer's: 96 for gpt-oss's I of 2880
             layers = {
                 bits: MoELayer(
                     *(random_basis(H, H, basis_dtype, g) for _ in range(3)),
-                    *(random_factors(E, H, I, w, g) for _ in range(3)),
-                    GROUP,
+                    *(random_factors(E, H, I, w, g, group) for _ in range(3)),
+                    group,
                     GPT_OSS if gpt_oss else SILU,
                     biases,
                 )
@@ -243,6 +246,7 @@ def main() -> None:
                         "E": E,
                         "top_k": K,
                         "basis_dtype": basis_dtype,
+                        "group_size": group,
                         "bits": bits,
                         "T": T,
                         "selected_experts": selected,
@@ -278,7 +282,6 @@ def main() -> None:
         "copy_GBps": copy,
         "read_GBps": read,
         "torch": torch.__version__,
-        "group_size": GROUP,
         "bf16_vs_bitsmoe_relative_difference": agreement,
         "rows": rows,
     }

@@ -26,8 +26,9 @@ def route_bitsmoe_tensors() -> None:
         from vllm.model_executor.models import gpt_oss
     except ImportError:
         return
-    original = gpt_oss.GptOssModel._load_weights_other
-    if getattr(original, "bitsmoe", False):
+    # (a vLLM without this method loads gpt-oss otherwise: the MoE method's check then names any tensor not delivered)
+    original = getattr(gpt_oss.GptOssModel, "_load_weights_other", None)
+    if original is None or getattr(original, "bitsmoe", False):
         return
 
     def load(self, *args):
