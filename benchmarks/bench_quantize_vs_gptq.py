@@ -5,6 +5,7 @@ on the machine, wall time and peak RSS of its process tree; BitsMoE's stages fro
 
     .venv/bin/python -m benchmarks.bench_quantize_vs_gptq --model trained-moe
     .venv/bin/python -m benchmarks.bench_quantize_vs_gptq --model qwen3-30b-a3b --layers 1   # random weights
+    .venv/bin/python -m benchmarks.bench_quantize_vs_gptq --model gpt-oss-20b --layers 1 --only bitsmoe
 """
 
 import argparse
@@ -12,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import transformers
 from safetensors.torch import save_file
 
@@ -20,7 +22,7 @@ from benchmarks.bench_quality import PEERS_PYTHON, ROOT, run_measured
 from benchmarks.bench_serve import write_qwen3_30b_a3b
 from benchmarks.corpus import write_splits
 from bitsmoe_vllm.offline.calibrate import read_texts, token_sequences
-from bitsmoe_vllm.offline.demo import corpus
+from bitsmoe_vllm.offline.demo import corpus, train_tokenizer, write_random_model
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -34,10 +36,47 @@ def qwen3_30b_a3b(work: Path, layers: int) -> tuple[Path, Path]:
     return model, text
 
 
+GPT_OSS_20B = dict(  # its config.json's shapes
+    hidden_size=2880,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    head_dim=64,
+    num_local_experts=32,
+    intermediate_size=2880,
+    num_experts_per_tok=4,
+    sliding_window=128,
+)
+
+
+def gpt_oss_20b(work: Path, layers: int) -> tuple[Path, Path]:
+    """`layers` layers of gpt-oss-20b's shapes (experts with biases, bf16 as transformers holds them), random weights,
+    the demo's tokenizer and text."""
+    model, text = work / f"gpt-oss-20b-l{layers}", work / "demo-text.txt"
+    if not (model / "config.json").is_file():
+        tokenizer = train_tokenizer()
+        config = transformers.GptOssConfig(
+            **GPT_OSS_20B,
+            vocab_size=len(tokenizer),
+            num_hidden_layers=layers,
+            layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
+            max_position_embeddings=4096,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+        )
+        write_random_model(config, tokenizer, model, dtype=torch.bfloat16)
+    text.write_text("\n\n".join(corpus()))
+    return model, text
+
+
+MODELS = {"qwen3-30b-a3b": qwen3_30b_a3b, "gpt-oss-20b": gpt_oss_20b}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["trained-moe", "qwen3-30b-a3b"], default="trained-moe")
-    p.add_argument("--layers", type=int, default=1, help="qwen3-30b-a3b: decoder layers")
+    p.add_argument("--model", choices=["trained-moe", *MODELS], default="trained-moe")
+    p.add_argument("--layers", type=int, default=1, help="random models (not trained-moe): decoder layers")
     p.add_argument("--bits", type=float, default=2.5)
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
     p.add_argument("--only", choices=["bitsmoe", "gptq"], help="run one method, keep the other rows of the results")
@@ -49,8 +88,8 @@ def main() -> None:
         model, text = ROOT / "benchmarks" / "models" / "trained-moe", write_splits(a.work / "text-mixed", True)["calib"]
         calib_tokens, seq_len, name = 16384, 512, "trained_moe"
     else:
-        model, text = qwen3_30b_a3b(a.work, a.layers)
-        calib_tokens, seq_len, name = 2048, 128, f"qwen3_30b_a3b_{a.layers}l"
+        model, text = MODELS[a.model](a.work, a.layers)
+        calib_tokens, seq_len, name = 2048, 128, f"{a.model.replace('-', '_')}_{a.layers}l"
     tokens = token_sequences(
         transformers.AutoTokenizer.from_pretrained(model), read_texts([str(text)]), calib_tokens, seq_len
     )

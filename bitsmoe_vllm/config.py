@@ -10,8 +10,8 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from bitsmoe_vllm.checkpoint import check_files
 from bitsmoe_vllm.format import QUANT_METHOD, QuantConfig
-from bitsmoe_vllm.gpt_oss import route_bitsmoe_tensors
 from bitsmoe_vllm.moe_method import BitsMoEMoEMethod
+from bitsmoe_vllm.vllm_loaders import help_vllm_loaders
 
 
 class BitsMoEConfig(QuantizationConfig):
@@ -56,7 +56,7 @@ class BitsMoEConfig(QuantizationConfig):
         if isinstance(layer, LinearBase):
             return UnquantizedLinearMethod()  # attention, router and shared experts stay as stored
         if isinstance(layer, RoutedExperts):
-            route_bitsmoe_tensors()  # vLLM's gpt-oss loader would skip the experts' tensors
+            help_vllm_loaders()  # the loaders of gpt-oss and Granite 4.0 (bitsmoe_vllm/vllm_loaders.py)
             modules = [layout.module for layout in self.spec.layers]
             if prefix not in modules:
                 raise ValueError(

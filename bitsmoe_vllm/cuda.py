@@ -154,6 +154,7 @@ def moe_forward_cuda(
     w = topk_weights.float()
     t = (out.view(T, K, d.rank) * w[..., None]).sum(1)  # fixed order: deterministic
     y = t if layer.down_basis is None else t @ layer.down_basis.T
-    if b is not None:  # sum_k w_k b_d[e_k], choices held elsewhere left out
-        y = y + ((w * (ids >= 0))[..., None] * b.down[ids.clamp(min=0)]).sum(1)
+    if b is not None:  # sum_k w_k b_d[e_k], choices held elsewhere left out: [T, E] weights (not [T, K, H] rows)
+        per_expert = torch.zeros(T, E, device=y.device).scatter_add_(1, ids.clamp(min=0), w * (ids >= 0))
+        y = y + per_expert @ b.down
     return y.to(x.dtype)

@@ -133,7 +133,8 @@ class QuantConfig:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        extra = {"swiglu_alpha": self.swiglu_alpha, "swiglu_limit": self.swiglu_limit} if self.swiglu_alpha else {}
+        swiglu = self.swiglu_alpha is not None
+        extra = {"swiglu_alpha": self.swiglu_alpha, "swiglu_limit": self.swiglu_limit} if swiglu else {}
         return {
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
@@ -157,6 +158,9 @@ class QuantConfig:
         """Check the invariants between fields (FORMAT.md section 8); raise ValueError naming the key."""
         G, I = self.group_size, self.intermediate_size
         self.act  # noqa: B018 (raises on an activation without its parameters, or with another's)
+        for key in ("swiglu_alpha", "swiglu_limit"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ValueError(f"quantization_config.{key}: expected a positive number, found {getattr(self, key)}")
         if G % WORD_BITS or I % G:
             raise ValueError(
                 f"quantization_config.group_size: {G} must be a multiple of {WORD_BITS} that divides "

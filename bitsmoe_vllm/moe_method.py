@@ -126,7 +126,8 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
                 (
                     f"each of {tp} tensor-parallel ranks holds {I_tp} of the {spec.intermediate_size} intermediate "
                     f"columns, not a multiple of the checkpoint's group_size {spec.group_size}; serve with fewer "
-                    f"tensor-parallel ranks or quantize with a --group-size that divides {I_tp}"
+                    "tensor-parallel ranks or with expert parallelism (--enable-expert-parallel)"
+                    + (f", or quantize with a --group-size that divides {I_tp}" if I_tp % WORD_BITS == 0 else "")
                 ),
             ),
             (
@@ -280,7 +281,10 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             Factors(layer.w2_codes, layer.w2_scales, layer.w2_bits, odd),
             self.spec.group_size,
             self.spec.act,
-            Biases(*layer.w13_bias.chunk(2, dim=1), layer.w2_bias) if self.spec.expert_bias else None,
+            # gate's and up's made contiguous once: the kernels would copy the strided halves at every call
+            Biases(*(b.contiguous() for b in layer.w13_bias.chunk(2, dim=1)), layer.w2_bias)
+            if self.spec.expert_bias
+            else None,
         )
         self.kernel, choice = backend.prepare(self.layer, self.layout.module)
         if choice.backend is backend.Backend.CPU_INT:  # the factors and int8 bases now live in the CPU layout

@@ -124,16 +124,24 @@ def walk_layers(
     positions = torch.arange(hidden.shape[1], device=device)[None]  # [1, L]
     rotary = model.model.rotary_emb
     position_embeddings = None if rotary is None else rotary(hidden[:1].to(device), positions)
-    sliding = getattr(model.config, "sliding_window", None) is not None
-    make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask  # as the model's forward does
     layers = model.model.layers
 
-    def forward(layer: torch.nn.Module) -> torch.Tensor:
+    def make_mask(i: int):
+        """Layer i's mask function, as the model's forward chooses it: by the layer's type where the config lists
+        them (gpt-oss alternates sliding-window and full attention), else a sliding window wherever one is set."""
+        layer_types = getattr(model.config, "layer_types", None)
+        if layer_types is not None:
+            sliding = layer_types[i] == "sliding_attention"
+        else:
+            sliding = getattr(model.config, "sliding_window", None) is not None
+        return create_sliding_window_causal_mask if sliding else create_causal_mask
+
+    def forward(i: int, layer: torch.nn.Module) -> torch.Tensor:
         out = torch.empty_like(hidden)
         with torch.no_grad():
             for s in range(0, hidden.shape[0], batch):
                 chunk = hidden[s : s + batch].to(device)
-                mask = make_mask(
+                mask = make_mask(i)(
                     config=model.config,
                     inputs_embeds=chunk,
                     attention_mask=None,
@@ -149,7 +157,7 @@ def walk_layers(
         layer = load_module(layers[i], f"model.layers.{i}.", source, device)
         source.tensors.close()  # its weights are copied: the maps' pages would count in the RSS besides them
         if i not in moe_layers:
-            hidden = forward(layer)
+            hidden = forward(i, layer)
             release(layer)
             yield i, hidden, None
             continue
@@ -157,7 +165,7 @@ def walk_layers(
         hook = source.architecture.experts(layer).register_forward_pre_hook(
             lambda _m, args, c=captured: c.append(args[:3])
         )
-        out = forward(layer)
+        out = forward(i, layer)
         hook.remove()
         routed = Routed(*(torch.cat([c[k].reshape(-1, c[k].shape[-1]) for c in captured]) for k in range(3)))
         if replace is not None:
@@ -170,7 +178,7 @@ def walk_layers(
                 return experts_output(weights, Routed(x, ids, w), act).to(x.dtype)
 
             experts.forward = forward_replaced
-            out = forward(layer)
+            out = forward(i, layer)
             del experts.forward, weights
         release(layer)
         hidden = out

@@ -94,9 +94,9 @@ def dequantize_layer(
             arch.fused_name(module, "down_proj"): weights["down"].to(dtype).contiguous(),
         }
     return {
-        f"{module}.{e}.{cfg.projection_names[p]}.weight": w[e].to(dtype).contiguous()
+        f"{module}.{e}.{cfg.projection_names[p]}.weight": weights[p][e].to(dtype).contiguous()
         for e in range(cfg.num_experts)
-        for p, w in weights.items()
+        for p in PROJECTIONS
     }
 
 

@@ -240,16 +240,18 @@ class SourceCheckpoint:
     def _gpt_oss_expert_weights(self, module: str) -> dict[str, torch.Tensor]:
         """expert_weights of gpt-oss's layout (Architecture.fused_layout), with the biases: "{p}_bias" [E, I] for gate
         and up, [E, H] for down, float32."""
-        gate_up, down = self.stacked_experts(module, "gate_up_proj"), self.stacked_experts(module, "down_proj")
+        gate_up = self.stacked_experts(module, "gate_up_proj")
         E, H, I = gate_up.shape[0], gate_up.shape[1], gate_up.shape[2] // 2
         bias = self.get(self.architecture.fused_name(module, "gate_up_proj") + "_bias")
-        return {
+        out = {
             "gate": torch.empty(E, I, H).copy_(gate_up[..., 0::2].transpose(1, 2)),
             "up": torch.empty(E, I, H).copy_(gate_up[..., 1::2].transpose(1, 2)),
-            "down": down.to(torch.float32, copy=True),  # [E, I, H]: D_e^T already
             "gate_bias": bias[:, 0::2].float().contiguous(),  # strided: a copy, not a view of the map
             "up_bias": bias[:, 1::2].float().contiguous(),
-            "down_bias": self.get(self.architecture.fused_name(module, "down_proj") + "_bias").to(
-                torch.float32, copy=True
-            ),
         }
+        del gate_up  # (dequantized from MXFP4 it is a tensor of its own: not held while down is read)
+        out["down"] = self.stacked_experts(module, "down_proj").to(torch.float32, copy=True)  # [E, I, H]: D_e^T
+        out["down_bias"] = self.get(self.architecture.fused_name(module, "down_proj") + "_bias").to(
+            torch.float32, copy=True
+        )
+        return out

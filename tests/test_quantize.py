@@ -113,6 +113,25 @@ def test_a_walk_with_each_layers_experts_replaced_runs_the_replacement(arch, tin
     assert (halved[last] - plain[last]).norm() > 0.01 * plain[last].norm()
 
 
+@pytest.mark.parametrize("arch", ["gpt_oss", "qwen3_moe", "deepseek_v3"])
+def test_the_walk_gives_transformers_hidden_states_past_a_sliding_window(arch, tiny_model_dir, calib_file):
+    """Sequences of 256 tokens, twice gpt-oss's window of 128: each layer gets the mask of its own type, as the
+    model's forward gives it (a full-attention layer given the sliding window differs past token 128)."""
+    import transformers
+
+    model = tiny_model_dir(arch, **QUANT_SHAPE)
+    source, device = SourceCheckpoint(str(model)), torch.device("cpu")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+    tokens = token_sequences(tokenizer, read_texts([str(calib_file)]), 512, 256)
+    net = skeleton(source, device)
+    walked = [h for _, h, _ in walk_layers(net, source, embed(net, source, tokens, device), 0, set(), device)]
+    full = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        expected = full(tokens, output_hidden_states=True).hidden_states  # the embeddings, then each layer's output
+    for i, h in enumerate(walked[:-1]):  # (the last one transformers gives after the final norm)
+        torch.testing.assert_close(h, expected[i + 1], rtol=1e-4, atol=1e-4 * float(expected[i + 1].abs().max()))
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     ranks = [torch.tensor(x).argsort().argsort().double() for x in (a, b)]
     ra, rb = (r - r.mean() for r in ranks)

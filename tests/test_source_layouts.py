@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from bitsmoe_vllm.offline.dequantize import dequantize_checkpoint
 from bitsmoe_vllm.offline.evaluate import load_model
+from bitsmoe_vllm.offline.source import dequantize_mxfp4
 from tests.helpers import checkpoint_bytes, fp8_block_copy, mxfp4_copy, stack_experts
 
 SHAPE = {"layers": 2, "experts": 8, "intermediate": 64}
@@ -155,7 +156,14 @@ def test_mxfp4_experts_quantize_as_their_dequantized_values(tiny_model_dir, quan
     """gpt-oss's released layout: MXFP4 blocks and scales, read as codes times their block's power of two."""
     original = tiny_model_dir("gpt_oss", **SHAPE)
     mxfp4 = mxfp4_copy(original, tmp_path / "mxfp4")
-    assert load_file(mxfp4 / "model.safetensors")["model.layers.0.mlp.experts.down_proj_blocks"].dtype == torch.uint8
+    stored = load_file(mxfp4 / "model.safetensors")
+    blocks, scales = (stored[f"model.layers.0.mlp.experts.down_proj_{k}"] for k in ("blocks", "scales"))
+    assert blocks.dtype == torch.uint8
+    # the reading, against transformers' own (an error shared by the helper and the reader would pass the rest)
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    expected = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out]
+    assert torch.equal(dequantize_mxfp4(blocks, scales, torch.float32).transpose(1, 2), expected)
     dequantized = mxfp4_copy(original, tmp_path / "dequantized", dequantized=True)
     ours = quantize_tiny(mxfp4, tmp_path / "from-mxfp4", 2.5)
     theirs = quantize_tiny(dequantized, tmp_path / "from-dequantized", 2.5)

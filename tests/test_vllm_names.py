@@ -33,10 +33,11 @@ def test_every_tensor_routes_through_vllms_expert_mapping(model_type, basis_dtyp
 
 @pytest.mark.parametrize("basis_dtype", ["int8", "identity"])
 def test_gpt_oss_tensors_reach_their_parameters_through_the_wrapped_loader(basis_dtype):
-    """vLLM's gpt-oss loader has its own rules and skips other expert tensors; bitsmoe_vllm.gpt_oss routes BitsMoE's
-    to their parameter, expert and shard, after vLLM's renaming of gpt-oss names (".down_proj.bias" -> ".w2_bias")."""
+    """vLLM's gpt-oss loader has its own rules and skips other expert tensors; bitsmoe_vllm.vllm_loaders routes
+    BitsMoE's to their parameter, expert and shard, after vLLM's renaming of gpt-oss names (".down_proj.bias" ->
+    ".w2_bias")."""
     gpt_oss = pytest.importorskip("vllm.model_executor.models.gpt_oss")
-    from bitsmoe_vllm.gpt_oss import _TENSOR
+    from bitsmoe_vllm.vllm_loaders import _TENSOR
 
     module, names = "model.layers.11.mlp.experts", ARCHITECTURES["gpt_oss"].projection_names
     cfg, _ = random_checkpoint(

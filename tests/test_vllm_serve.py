@@ -32,10 +32,7 @@ MLA = {"deepseek_v2", "deepseek_v3"}
 BF16_ONLY = {"qwen3_next"}  # vLLM's CPU gated delta net (linear attention) runs in bf16 only
 # vLLM's Qwen3.5 imports torchvision, which does not load beside this CPU build's torch (README, support matrix); its
 # text model is checked against transformers in tests/test_source_layouts.py
-# vLLM 0.32's Granite 4.0 loader (granitemoehybrid.py, _load_quant_expert) maps per-expert quantized tensors onto
-# parameters from a fixed list of kinds (w13_weight, w13_qweight, ...) and leaves them out of the loaded set, so it
-# refuses every per-expert quantized checkpoint; its original serves here in float32
-NOT_SERVED = {"qwen3_5_moe", "granitemoehybrid"}
+NOT_SERVED = {"qwen3_5_moe"}
 EXACT = ["--dtype", "float32", *FAST_AND_STRICT]
 # quantized from a copy of the original in another source layout (tests/helpers.py): experts stacked in 3-D tensors
 # as transformers 5 holds them; DeepSeek-V3's fp8 weights in blocks of 128 x 128; gpt-oss's MXFP4 experts. The
