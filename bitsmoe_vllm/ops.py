@@ -104,8 +104,8 @@ def moe_layer(
         many = topk_ids.numel() >= PREFILL_SLOTS_PER_EXPERT * kernel.gate.segs.shape[0]  # a shape, known when tracing
         path = "prefill" if many and x.dtype in (torch.bfloat16, torch.float16) else "decode"
         return moe_forward_cuda(x, topk_weights, topk_ids, kernel, path)
-    bases = (layer.gate_basis, layer.up_basis, layer.down_basis)
     op = torch.ops.bitsmoe.moe_reference if isinstance(kernel, Reference) else torch.ops.bitsmoe.moe
+    bases = (layer.gate_basis, layer.up_basis, layer.down_basis)
     return op(
         x,
         topk_weights,

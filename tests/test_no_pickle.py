@@ -61,7 +61,9 @@ def test_no_code_of_ours_pickles():
 def assert_no_pickles(directory: Path) -> int:
     files = [p for p in directory.rglob("*") if p.is_file()]
     for path in files:
-        assert path.suffix in ALLOWED_SUFFIXES, f"{path}: not safetensors, JSON or a plot"
+        # (x.safetensors.tmp: an atomic write the kill interrupted, offline/rundir.py; x.safetensors is untouched)
+        suffix = Path(path.stem).suffix if path.suffix == ".tmp" else path.suffix
+        assert suffix in ALLOWED_SUFFIXES, f"{path}: not safetensors, JSON or a plot"
         with path.open("rb") as f:
             assert not f.read(4).startswith(PICKLE_MAGIC), f"{path} is a pickle"
     return len(files)
