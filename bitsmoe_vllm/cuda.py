@@ -20,7 +20,7 @@ import torch
 from bitsmoe_vllm import library  # noqa: F401 (the ops declared before the kernels load)
 from bitsmoe_vllm.activation import SILU, Activation
 from bitsmoe_vllm.kernel_layout import KernelFactors, repack
-from bitsmoe_vllm.reference import Biases, MoELayer, dequantize_basis
+from bitsmoe_vllm.reference import Biases, MoELayer, dequantize_basis, op_extras
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 
@@ -141,9 +141,8 @@ def moe_forward_cuda(
     g, u, d = layer.gate, layer.up, layer.down
     factors = [getattr(f, n) for f in (g, u, d) for n in ("codes", "scales", "rows", "segs")]
     ids = topk_ids.to(torch.int64).contiguous()
-    b, activation = layer.biases, layer.activation
-    act = (None, None) if b is None else (b.gate, b.up)  # the down bias is added below
-    act += (activation.name, [] if activation.alpha is None else [activation.alpha, activation.limit])
+    gate_bias, up_bias, _, name, params = op_extras(layer)  # the down bias is added below
+    act, b = (gate_bias, up_bias, name, params), layer.biases
     if path == "decode":
         out = torch.ops.bitsmoe.moe_decode(z_g, z_u, ids, factors, d.rank, layer.group_size, layer.odd_codes, *act)
     else:

@@ -5,7 +5,6 @@
 `check_tensors` validates a checkpoint's tensors against them. Imports neither vLLM nor offline/.
 """
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 
 from bitsmoe_vllm.activation import ACTIVATIONS, Activation
 from bitsmoe_vllm.packing import SUPPORTED_WIDTHS, WORD_BITS
+from bitsmoe_vllm.typed_json import Reader
 
 FORMAT_VERSION = 2  # what the quantizer writes
 READABLE_VERSIONS = (1, 2)  # version 1: codes with a zero level at every width above 1 (FORMAT.md section 9)
@@ -98,7 +98,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
-        r = _Reader(d, "quantization_config")
+        r = Reader(d, "quantization_config")
         if r.get("quant_method", str) != QUANT_METHOD:
             raise ValueError(
                 f"quantization_config.quant_method: expected '{QUANT_METHOD}', found {d['quant_method']!r}"
@@ -336,7 +336,7 @@ def check_bits(cfg: QuantConfig, name: str, bits: torch.Tensor, rows: int, plane
         )
 
 
-def _read_layer(module: str, r: "_Reader") -> LayerLayout:
+def _read_layer(module: str, r: "Reader") -> LayerLayout:
     projections = {}
     for p in PROJECTIONS:
         pr = r.child(p)
@@ -344,60 +344,3 @@ def _read_layer(module: str, r: "_Reader") -> LayerLayout:
             rank=pr.positive_int("rank"), rows=tuple(pr.int_list("rows")), planes=tuple(pr.int_list("planes"))
         )
     return LayerLayout(module=module, **projections)
-
-
-class _Reader:
-    """Typed access to one JSON object; every error names the full key path."""
-
-    def __init__(self, d: Any, where: str):
-        if not isinstance(d, Mapping):
-            raise ValueError(f"{where}: expected an object, found {type(d).__name__}")
-        self.d, self.where = d, where
-
-    def path(self, key: str) -> str:
-        return f"{self.where}.{key}" if key.isidentifier() else f"{self.where}[{key!r}]"
-
-    def child(self, key: str) -> "_Reader":
-        return _Reader(self.get(key, dict), self.path(key))
-
-    def get(self, key: str, types: type | tuple[type, ...]) -> Any:
-        if key not in self.d:
-            raise ValueError(f"{self.path(key)}: missing key")
-        value = self.d[key]
-        if (isinstance(value, bool) and types is not bool) or not isinstance(value, types):
-            raise ValueError(f"{self.path(key)}: expected {_type_names(types)}, found {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{self.path(key)}: expected a finite number, found {value!r}")
-        return value
-
-    def positive_int(self, key: str) -> int:
-        value = self.get(key, int)
-        if value <= 0:
-            raise ValueError(f"{self.path(key)}: expected a positive integer, found {value}")
-        return value
-
-    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
-        value = self.get(key, str)
-        if value not in allowed:
-            raise ValueError(f"{self.path(key)}: expected one of {list(allowed)}, found {value!r}")
-        return value
-
-    def int_list(self, key: str, allowed: tuple[int, ...] | None = None) -> list[int]:
-        values = self.get(key, list)
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (allowed is not None and v not in allowed):
-                expected = f"values in {list(allowed)}" if allowed is not None else "non-negative integers"
-                raise ValueError(f"{self.path(key)}: expected {expected}, found {v!r}")
-        return values
-
-
-def _type_names(types: type | tuple[type, ...]) -> str:
-    names = {
-        bool: "true or false",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        dict: "an object",
-        list: "a list",
-    }
-    return " or ".join(names.get(t, t.__name__) for t in (types if isinstance(types, tuple) else (types,)))

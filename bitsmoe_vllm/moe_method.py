@@ -190,7 +190,7 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
             loaded_weight = self._tp_slice(kind, loaded_weight, p)
             if kind == "bias":
                 I_tp = param.shape[1] // 2
-                target = param.data[local] if p == "down" else param.data[local, (p == "up") * I_tp :][:I_tp]
+                target = param.data[local] if p == "down" else param.data[local].narrow(0, (p == "up") * I_tp, I_tp)
                 if p == "down" and self.moe.moe_parallel_config.tp_rank != 0:  # summed over ranks: added once
                     loaded_weight = torch.zeros_like(loaded_weight)
             elif kind == "bits":

@@ -87,7 +87,7 @@ class MoELayer:
 
 def op_extras(layer: MoELayer) -> tuple:
     """The last arguments of the bitsmoe ops (library.py): gate, up and down biases (None without) and the activation
-    with its parameters."""
+    with its parameters, of a MoELayer or of a layout made from one (cuda.KernelLayer: the same two fields)."""
     b, act = layer.biases, layer.activation
     params = [] if act.alpha is None else [act.alpha, act.limit]
     biases = (None, None, None) if b is None else (b.gate, b.up, b.down)

@@ -14,9 +14,10 @@ to the MoE method's loaders with their expert and projection, as vLLM's per-expe
 families, and add the parameters they filled to the loaded set.
 """
 
+import importlib
 import re
 
-from bitsmoe_vllm.moe_method import PARAM_OF
+from bitsmoe_vllm.moe_method import PARAM_OF, SHARD_PROJECTION
 
 # a BitsMoE per-expert tensor, as the models' loaders receive it; gpt-oss's hf_to_vllm_mapper has renamed a
 # per-expert ".down_proj.bias" to ".w2_bias"
@@ -24,7 +25,7 @@ _TENSOR = re.compile(
     r"(?P<experts>.*\.experts)\.(?P<expert>\d+)\."
     r"(?:(?P<projection>gate|up|down)_proj\.(?P<kind>codes|scales|bits|basis_scale|basis|bias)|w2_(?P<w2>bias))"
 )
-SHARD = {"gate": "w1", "up": "w3", "down": "w2"}
+SHARD = {projection: shard for shard, projection in SHARD_PROJECTION.items()}
 
 
 def help_vllm_loaders() -> None:
@@ -41,7 +42,7 @@ def _bitsmoe(model) -> bool:
 def _wrap(module_name: str, cls: str, method: str, make) -> None:
     """Replace `cls.method` of vllm.model_executor.models.`module_name` by make(original), once."""
     try:
-        module = __import__(f"vllm.model_executor.models.{module_name}", fromlist=[cls])
+        module = importlib.import_module(f"vllm.model_executor.models.{module_name}")
     except ImportError:
         return
     original = getattr(getattr(module, cls, None), method, None)

@@ -81,13 +81,19 @@ class Routed:
     weights: torch.Tensor  # [N, K] routing weights
 
 
+def with_biases(
+    weights: dict[str, torch.Tensor], e: int, h_gate: torch.Tensor, h_up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert e's gate and up products [n, I] plus its biases where the family has them (weights' "gate_bias",
+    "up_bias": offline.source.SourceCheckpoint.expert_weights)."""
+    if "gate_bias" not in weights:
+        return h_gate, h_up
+    return h_gate + weights["gate_bias"][e], h_up + weights["up_bias"][e]
+
+
 def pre_activations(weights: dict[str, torch.Tensor], e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert e's gate and up pre-activations [n, I] on inputs x [n, H], with its biases where the family has them
-    (weights' "gate_bias", "up_bias": offline.source.SourceCheckpoint.expert_weights)."""
-    h_gate, h_up = x @ weights["gate"][e].T, x @ weights["up"][e].T
-    if "gate_bias" in weights:
-        h_gate, h_up = h_gate + weights["gate_bias"][e], h_up + weights["up_bias"][e]
-    return h_gate, h_up
+    """Expert e's gate and up pre-activations [n, I] on inputs x [n, H], biases included."""
+    return with_biases(weights, e, x @ weights["gate"][e].T, x @ weights["up"][e].T)
 
 
 def experts_output(weights: dict[str, torch.Tensor], routed: Routed, act: Activation = SILU) -> torch.Tensor:

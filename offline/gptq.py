@@ -27,7 +27,7 @@ import torch
 from bitsmoe_vllm.activation import SILU, Activation
 from bitsmoe_vllm.packing import code_bounds, round_to_codes
 
-from .calibrate import Routed, pre_activations
+from .calibrate import Routed, pre_activations, with_biases
 from .rounding import quantize_mixed_rows, quantize_rows
 
 DAMP = 0.01  # of the mean diagonal, added to H (GPTQ's default)
@@ -85,10 +85,9 @@ def hessians(
             a = act(*pre_activations(weights, e, xe))
             u = a
             if towards_layer:
-                h_gate, h_up = z["gate"][token] @ rounded["gate"][e], z["up"][token] @ rounded["up"][e]
-                if "gate_bias" in weights:
-                    h_gate, h_up = h_gate + weights["gate_bias"][e], h_up + weights["up_bias"][e]
-                u = act(h_gate, h_up)
+                u = act(
+                    *with_biases(weights, e, z["gate"][token] @ rounded["gate"][e], z["up"][token] @ rounded["up"][e])
+                )
             out["down"][e - experts.start] = (u * w2[:, None]).T @ u
             if towards_layer:
                 out["down-deviation"][e - experts.start] = ((a - u) * w2[:, None]).T @ u
