@@ -92,8 +92,9 @@ def with_biases(
 
 
 def pre_activations(weights: dict[str, torch.Tensor], e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert e's gate and up pre-activations [n, I] on inputs x [n, H], biases included."""
-    return with_biases(weights, e, x @ weights["gate"][e].T, x @ weights["up"][e].T)
+    """Expert e's gate and up pre-activations [n, I] on inputs x [n, H], biases included (in float32, whatever
+    the weights' dtype: offline.source.EXACT_DTYPES)."""
+    return with_biases(weights, e, x @ weights["gate"][e].float().T, x @ weights["up"][e].float().T)
 
 
 def experts_output(weights: dict[str, torch.Tensor], routed: Routed, act: Activation = SILU) -> torch.Tensor:
@@ -102,7 +103,7 @@ def experts_output(weights: dict[str, torch.Tensor], routed: Routed, act: Activa
     y = torch.zeros_like(x)
     for e in ids.unique().tolist():
         token, slot = (ids == e).nonzero(as_tuple=True)
-        out = act(*pre_activations(weights, e, x[token])) @ weights["down"][e]  # [n, H]
+        out = act(*pre_activations(weights, e, x[token])) @ weights["down"][e].float()  # [n, H]
         if "down_bias" in weights:
             out += weights["down_bias"][e]
         y.index_add_(0, token, w[token, slot, None] * out)
@@ -117,14 +118,17 @@ def walk_layers(
     moe_layers: set[int],
     device: torch.device,
     batch: int = 8,
-    replace: Callable[[int, Routed], dict[str, torch.Tensor]] | None = None,
+    replace: Callable[[int, Routed], Callable[[Routed], torch.Tensor]] | None = None,
     desc: str = "calibrate",
 ) -> Iterator[tuple[int, torch.Tensor, Routed | None]]:
     """From hidden states [S, L, H] entering `first_layer`, yield (layer, hidden after it, Routed or None).
 
-    replace(layer, routed) -> expert weights {p: [E, I, H]} (down as D_e^T): each MoE layer runs a second time with
-    its experts' output computed from these weights (experts_output), so that the hidden states after it, and what
-    later layers' experts receive, are those of the model whose earlier layers were replaced.
+    An MoE layer's experts run as experts_output of their weights in the checkpoint's dtype (SourceCheckpoint.
+    expert_weights: a float32 copy of a big layer's experts in the model's module would be GBs more).
+    replace(layer, routed) -> a function of the tokens routed to the layer's experts (a Routed) giving the experts'
+    output [N, H] (experts_output of other weights, the quantized layer's forward): each MoE layer runs a second time
+    with its experts so replaced, so that the hidden states after it, and what later layers' experts receive, are
+    those of the model whose earlier layers were replaced.
     One decoder layer's weights are in memory at a time.
     """
     positions = torch.arange(hidden.shape[1], device=device)[None]  # [1, L]
@@ -159,33 +163,30 @@ def walk_layers(
                 ).cpu()
         return out
 
+    act = source.architecture.activation(source.config)
     for i in tqdm(range(first_layer, len(layers)), desc=desc, unit="layer", initial=first_layer, total=len(layers)):
-        layer = load_module(layers[i], f"model.layers.{i}.", source, device)
-        source.tensors.close()  # its weights are copied: the maps' pages would count in the RSS besides them
-        if i not in moe_layers:
+        experts = source.architecture.experts(layers[i]) if i in moe_layers else None
+        layer = load_module(layers[i], f"model.layers.{i}.", source, device, skip=experts)
+        if experts is None:
+            source.tensors.close()  # its weights are copied: the maps' pages would count in the RSS besides them
             hidden = forward(i, layer)
             release(layer)
             yield i, hidden, None
             continue
+        weights = {p: w.to(device) for p, w in source.expert_weights(i).items()}
+        source.tensors.close()
+        experts.forward = lambda x, ids, w, weights=weights: experts_output(weights, Routed(x, ids, w), act).to(x.dtype)
         captured: list[tuple] = []
-        hook = source.architecture.experts(layer).register_forward_pre_hook(
-            lambda _m, args, c=captured: c.append(args[:3])
-        )
+        hook = experts.register_forward_pre_hook(lambda _m, args, c=captured: c.append(args[:3]))
         out = forward(i, layer)
         hook.remove()
+        del experts.forward, weights  # before a replacement is built: one layer's experts in memory, not two
         routed = Routed(*(torch.cat([c[k].reshape(-1, c[k].shape[-1]) for c in captured]) for k in range(3)))
         if replace is not None:
-            experts = source.architecture.experts(layer)
-            release(experts)  # their replacement takes their place: one layer's experts in memory, not two
-            weights = replace(i, routed)
-            act = source.architecture.activation(source.config)
-
-            def forward_replaced(x, ids, w, weights=weights, act=act):
-                return experts_output(weights, Routed(x, ids, w), act).to(x.dtype)
-
-            experts.forward = forward_replaced
+            replaced = replace(i, routed)
+            experts.forward = lambda x, ids, w, replaced=replaced: replaced(Routed(x, ids, w)).to(x.dtype)
             out = forward(i, layer)
-            del experts.forward, weights
+            del experts.forward, replaced
         release(layer)
         hidden = out
         yield i, hidden, routed

@@ -92,7 +92,7 @@ def expert_statistics(
     """Expert e's summed importance of `projections` over tokens xe [n, H] (their z [n, R] of the gate and up among
     them) with squared routing weights w2 [n]."""
     h_g, h_u = pre_activations(weights, e, xe)  # [n, I]
-    column = (weights["down"][e] ** 2).sum(1)  # |D_e[:, i]|^2
+    column = (weights["down"][e].float() ** 2).sum(1)  # |D_e[:, i]|^2
     sensitivity = dict(zip(("gate", "up"), act.derivatives(h_g, h_u)))  # [n, I] each
     out = {p: ((w2[:, None] * ze[p] ** 2).T @ s**2) * column for p, s in sensitivity.items() if p in projections}
     if "down" in projections:

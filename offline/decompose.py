@@ -14,7 +14,7 @@ import torch
 
 class Decomposition(NamedTuple):
     basis: torch.Tensor | None  # [R, H] float32, orthonormal rows (down stores it transposed); None: identity
-    factors: torch.Tensor  # [E, R, I] float32, rank-major
+    factors: torch.Tensor  # [E, R, I] rank-major: float32 (identity: the weights' dtype, offline.source.EXACT_DTYPES)
     energy: torch.Tensor  # [R] float64: eigenvalues, i.e. the energy of all experts along each basis row
 
 
@@ -36,9 +36,10 @@ def top_basis(weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def project(weights: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
-    """Expert factors [E, R, I] = basis W_e^T; None is the identity basis (factors W_e^T [E, H, I])."""
-    if basis is None:  # a view: a layer's float32 weights are GBs, and nothing writes into factors
-        return weights.float().transpose(1, 2)
+    """Expert factors [E, R, I] = basis W_e^T, float32; None is the identity basis (factors W_e^T [E, H, I] in the
+    weights' dtype, which users convert a batch of experts at a time)."""
+    if basis is None:  # a view: a layer's weights are GBs, and nothing writes into factors
+        return weights.transpose(1, 2)
     return torch.stack([basis @ w.float().T for w in weights])
 
 

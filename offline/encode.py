@@ -66,11 +66,12 @@ def encode_layer(
     basis_dtype: str,
     projection_names: Mapping[str, str],
     scale_steps: int = REFINE_STEPS,
-    scales: Mapping[str, torch.Tensor] | None = None,
+    encoded: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     odd: bool = True,
 ) -> tuple[LayerLayout, dict[str, torch.Tensor]]:
-    """decompositions[p] of projection p; bits[p] [E, R] per-row widths -> (layout, name -> tensor). scales[p]
-    [E, R, I/G]: the factors are already rounded with these (offline.gptq)."""
+    """decompositions[p] of projection p; bits[p] [E, R] per-row widths -> (layout, name -> tensor). encoded[p]: each
+    expert's codes and scales (encode_factor) where the factors were rounded already (offline.gptq), else they are
+    rounded here."""
     tensors: dict[str, torch.Tensor] = {}
     layouts = {}
     for p in PROJECTIONS:
@@ -86,8 +87,10 @@ def encode_layer(
             if scale is not None:
                 tensors[basis_scale_name(module, name)] = scale
         for e, factor in enumerate(dec.factors):
-            given = None if scales is None else scales[p][e]
-            codes, row_scales = encode_factor(factor, widths[e], group_size, scale_steps, given, odd)
+            if encoded is None:
+                codes, row_scales = encode_factor(factor, widths[e], group_size, scale_steps, odd=odd)
+            else:
+                codes, row_scales = encoded[p][e]
             tensors[expert_tensor_name(module, e, name, "codes")] = codes
             tensors[expert_tensor_name(module, e, name, "scales")] = row_scales
             tensors[expert_tensor_name(module, e, name, "bits")] = widths[e].to(BITS_DTYPE)

@@ -53,7 +53,8 @@ def layer_costs(
         for p in PROJECTIONS:
             ratios = {basis: rounding_ratio(bases[p], basis, p, routed.x).double() for basis in shared}  # [R]
             for b in gptq.expert_batches(weights, bases, p):
-                factors = project(weights[p][b.start : b.stop], bases[p]).contiguous()  # once, for the kernels below
+                # once, for the kernels below
+                factors = project(weights[p][b.start : b.stop], bases[p]).float().contiguous()
                 w = importance(routed, weights, bases, n_tokens, (p,), b, plan.activation)[p]
                 if plan.options.rounding == "gptq":  # the rounding at every width done once for both importances
                     share = gptq.compensation(p, gptq.hessians(routed, weights, bases, (p,), b, act=plan.activation)[p])

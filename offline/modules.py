@@ -37,13 +37,21 @@ def special_floats(value):
 
 
 def load_module(
-    module: torch.nn.Module, prefix: str, source: SourceCheckpoint, device: torch.device
+    module: torch.nn.Module,
+    prefix: str,
+    source: SourceCheckpoint,
+    device: torch.device,
+    skip: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
-    """Give `module` (at path `prefix` in the model) its checkpoint weights, as float32 on `device`."""
+    """Give `module` (at path `prefix` in the model) its checkpoint weights, as float32 on `device`; its submodule
+    `skip` stays without weights (on the meta device)."""
     module.to_empty(device=device)
+    if skip is not None:
+        release(skip)
     with torch.no_grad():  # parameters and persistent buffers (a router's e_score_correction_bias is one)
         for name, tensor in module.state_dict(keep_vars=True).items():
-            tensor.copy_(checkpoint_tensor(source, prefix + name))
+            if not tensor.is_meta:
+                tensor.copy_(checkpoint_tensor(source, prefix + name))
     return module
 
 

@@ -6,7 +6,7 @@ into place. Every stage saves its result in OUT.partial/work, so --resume contin
 import dataclasses
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -14,15 +14,14 @@ import transformers
 from tqdm import tqdm
 
 from bitsmoe_vllm.checkpoint import validate_checkpoint
-from bitsmoe_vllm.format import PROJECTIONS, LayerLayout, QuantConfig, expert_tensor_name, stored_bits
-from bitsmoe_vllm.reference import gather_layer
+from bitsmoe_vllm.format import BITS_DTYPE, PROJECTIONS, LayerLayout, QuantConfig, expert_tensor_name, stored_bits
+from bitsmoe_vllm.reference import dequantize_factor, gather_layer, moe_forward
 
 from . import gptq, guard, selection
 from .allocate import allocate_in_parts
 from .calibrate import Routed, embed, read_texts, token_sequences, walk_layers
 from .decompose import decompose
-from .dequantize import dense_weights
-from .encode import encode_layer
+from .encode import encode_factor, encode_layer
 from .export import copied_tensors, copy_side_files, shard_files, write_config, write_index, write_shard
 from .layer_cost import layer_costs, residual_energy, shared_bases
 from .modules import return_freed_memory, skeleton
@@ -235,11 +234,13 @@ def quantized_walk(
     when the MoE layers before it are already quantized: the walk runs each layer's experts as encoded."""
     encoded = {}
 
-    def replace(i: int, routed: Routed) -> dict[str, torch.Tensor]:
+    def replace(i: int, routed: Routed) -> Callable[[Routed], torch.Tensor]:
         layout, encoded[i] = encode_moe_layer(plan, run, i, bits[i], split_held_out(routed, held, tokens.shape[1])[0])
         cfg = plan.quant_config([layout])
-        dense = dense_weights(cfg, gather_layer(cfg, layout.module, encoded[i]))
-        return {p: w.to(routed.x.device) for p, w in dense.items()}
+        device = routed.x.device
+        layer = gather_layer(cfg, layout.module, {name: t.to(device) for name, t in encoded[i].items()})
+        # the layer as served (bitsmoe_vllm.reference), an expert's factors decoded at a time: no dense copy of it
+        return lambda r: moe_forward(r.x, r.weights, r.ids, layer)
 
     for i, _, _ in walk(plan, run, tokens, "quantized-hidden", replace, "quantized inputs"):
         if i in encoded:
@@ -260,9 +261,7 @@ def encode_moe_layer(
         bases = {p: (saved[p].to(device), saved[f"energy-{p}"].to(device)) for p in PROJECTIONS}
     decompositions = {p: decompose(weights[p], plan.rank, plan.basis_dtype, bases[p]) for p in PROJECTIONS}
     widths = dict(zip(PROJECTIONS, widths))
-    scales = None
-    if routed is not None:
-        decompositions, scales = feedback_rounding(plan, routed, weights, decompositions, widths)
+    encoded = None if routed is None else feedback_rounding(plan, routed, weights, decompositions, widths)
     biases = {p: weights[f"{p}_bias"].cpu() for p in PROJECTIONS if f"{p}_bias" in weights}  # float32, as stored
     del weights
     layout, encoded = encode_layer(
@@ -273,7 +272,7 @@ def encode_moe_layer(
         basis_dtype=plan.basis_dtype,
         projection_names=plan.source.architecture.projection_names,
         scale_steps=plan.options.scale_steps,
-        scales=scales,
+        encoded=encoded,
         odd=plan.odd_codes,
     )
     names = plan.source.architecture.projection_names
@@ -284,35 +283,46 @@ def encode_moe_layer(
 
 def feedback_rounding(
     plan: Plan, routed: Routed, weights: dict, decompositions: dict, widths: dict
-) -> tuple[dict, dict]:
-    """The layer's factors rounded with error feedback on the tokens `routed` to it (offline.gptq), and their
-    scales."""
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Projection -> each expert's factor rounded with error feedback on the tokens `routed` to it (offline.gptq), as
+    the codes and scales of offline.encode.encode_factor: a batch of experts is encoded as soon as it is rounded (a
+    big layer's rounded factors in float32 are GBs; the down projection's inputs decode the rounded gate and up an
+    expert at a time)."""
     bases = {p: decompositions[p].basis for p in ("gate", "up")}
-    rounded, scales = {}, {}
+    encoded = {}
     for p, dec in decompositions.items():  # gate and up before down
         towards_layer = p == "down" and plan.options.feedback_target == "layer"
-        done = {q: rounded[q].factors for q in ("gate", "up")} if towards_layer else None
-        # written a batch at a time, in place of the factors where nothing reads them again: the down projection's
-        # inputs are computed from the original gate and up weights, of which identity-basis factors are views
-        in_place = p == "down" or dec.basis is not None
-        factors = dec.factors if in_place else torch.empty(dec.factors.shape, device=dec.factors.device)
-        scales[p] = []
+        done = {q: Decoded(encoded[q], widths[q], plan) for q in ("gate", "up")} if towards_layer else None
+        encoded[p] = []
         for b in gptq.expert_batches(weights, bases, p):
             h = gptq.hessians(routed, weights, bases, (p,), b, done, plan.activation)
-            factors[b.start : b.stop], s = gptq.round_factors(
+            bits = widths[p][b.start : b.stop].to(dec.factors.device)
+            rounded, scales = gptq.round_factors(
                 p,
-                dec.factors[b.start : b.stop],
-                widths[p][b.start : b.stop].to(dec.factors.device),
+                dec.factors[b.start : b.stop].float(),
+                bits,
                 h.pop(p),  # only round_factors holds it: freed as it goes
                 plan.group_size,
                 plan.options.scale_steps,
                 plan.odd_codes,
                 (h.pop("down-deviation"), h.pop("down-tokens")) if towards_layer else None,
             )
-            scales[p].append(s)
-        rounded[p] = dec._replace(factors=factors)
-        scales[p] = torch.cat(scales[p])
-    return rounded, scales
+            encoded[p] += [
+                encode_factor(f, w, plan.group_size, row_scales=s, odd=plan.odd_codes)
+                for f, w, s in zip(rounded, bits, scales, strict=True)
+            ]
+    return encoded
+
+
+class Decoded:
+    """[e]: expert e's factor [R, I] float32 as feedback_rounding encoded it (the values it was rounded to)."""
+
+    def __init__(self, encoded: list[tuple[torch.Tensor, torch.Tensor]], widths: torch.Tensor, plan: Plan):
+        self.encoded, self.widths, self.plan = encoded, widths.to(BITS_DTYPE), plan
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        codes, scales = self.encoded[e]
+        return dequantize_factor(codes, scales, self.widths[e], self.plan.group_size, self.plan.odd_codes)
 
 
 def write_checkpoint(plan: Plan, run: RunDir, choice: torch.Tensor, files: list[str]) -> tuple[QuantConfig, list[str]]:

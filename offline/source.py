@@ -12,6 +12,9 @@ from .architectures import ARCHITECTURES, Architecture, architecture
 # Experts stacked in 3-D tensors, as transformers 5 holds them in memory and checkpoints it writes from such a model
 # store them: gate_up_proj [E, 2I, H] (each expert's gate rows, then its up rows) and down_proj [E, H, I].
 FUSED_EXPERTS = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}
+# expert weights read in one of these dtypes are kept in it (float32 holds each of their values exactly: the quantizer
+# converts a batch of experts at a time), others are read as float32
+EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -213,27 +216,34 @@ class SourceCheckpoint:
         return torch.stack([torch.cat([self.get(f"{module}.{e}.{n}.weight") for n in names]) for e in range(E)])
 
     def expert_weights(self, layer: int) -> dict[str, torch.Tensor]:
-        """Projection -> float32 [E, I, H] (gate and up as stored; down transposed from [E, H, I]), each made in one
-        allocation: a big layer's float32 experts are GBs, and a list of them stacked, or a copy transposed, twice
-        that. A family with expert biases also has "{p}_bias" (_gpt_oss_expert_weights)."""
+        """Projection -> [E, I, H] (gate and up as stored; down transposed from [E, H, I]) in the checkpoint's dtype
+        where that is float32, bfloat16 or float16 (a big layer's experts are GBs, twice that in float32: users of
+        them convert a batch of experts at a time), else float32; each made in one allocation, not a list stacked or
+        a copy transposed. A family with expert biases also has "{p}_bias" (_gpt_oss_expert_weights)."""
         module = self.architecture.experts_module.format(layer=layer)
         if self.architecture.fused_layout == "gpt_oss":
             return self._gpt_oss_expert_weights(module)
         if self.fused_experts(module):
             gate_up, down = self.stacked_experts(module, "gate_up_proj"), self.stacked_experts(module, "down_proj")
-            I = gate_up.shape[1] // 2
+            I, dtype = gate_up.shape[1] // 2, kept_dtype(gate_up)
             return {
-                "gate": gate_up[:, :I].to(torch.float32, copy=True),  # a copy even of float32: not a view of the map
-                "up": gate_up[:, I:].to(torch.float32, copy=True),
-                "down": torch.empty(down.shape[0], down.shape[2], down.shape[1]).copy_(down.transpose(1, 2)),
+                "gate": gate_up[:, :I].to(dtype, copy=True),  # a copy even in its own dtype: not a view of the map
+                "up": gate_up[:, I:].to(dtype, copy=True),
+                "down": torch.empty(down.shape[0], down.shape[2], down.shape[1], dtype=dtype).copy_(down.mT),
             }
         E, out = self.architecture.num_experts(self.config), {}
         for p, name in self.architecture.projection_names.items():
             for e in range(E):
-                w = self.get(f"{module}.{e}.{name}.weight", torch.float32)
+                stored = self.tensors[f"{module}.{e}.{name}.weight"]
+                w = stored if stored.dtype in EXACT_DTYPES else self.get(f"{module}.{e}.{name}.weight", torch.float32)
                 w = w.T if p == "down" else w
                 if e == 0:
-                    out[p] = torch.empty(E, *w.shape)
+                    out[p] = torch.empty(E, *w.shape, dtype=w.dtype)
+                elif w.dtype != out[p].dtype:
+                    raise ValueError(
+                        f"{module}.{e}.{name}.weight is {w.dtype} where expert 0's is {out[p].dtype}: BitsMoE reads "
+                        "a layer's experts in one dtype"
+                    )
                 out[p][e] = w
         return out
 
@@ -243,15 +253,22 @@ class SourceCheckpoint:
         gate_up = self.stacked_experts(module, "gate_up_proj")
         E, H, I = gate_up.shape[0], gate_up.shape[1], gate_up.shape[2] // 2
         bias = self.get(self.architecture.fused_name(module, "gate_up_proj") + "_bias")
+        dtype = kept_dtype(gate_up)
         out = {
-            "gate": torch.empty(E, I, H).copy_(gate_up[..., 0::2].transpose(1, 2)),
-            "up": torch.empty(E, I, H).copy_(gate_up[..., 1::2].transpose(1, 2)),
+            "gate": torch.empty(E, I, H, dtype=dtype).copy_(gate_up[..., 0::2].transpose(1, 2)),
+            "up": torch.empty(E, I, H, dtype=dtype).copy_(gate_up[..., 1::2].transpose(1, 2)),
             "gate_bias": bias[:, 0::2].float().contiguous(),  # strided: a copy, not a view of the map
             "up_bias": bias[:, 1::2].float().contiguous(),
         }
         del gate_up  # (dequantized from MXFP4 it is a tensor of its own: not held while down is read)
-        out["down"] = self.stacked_experts(module, "down_proj").to(torch.float32, copy=True)  # [E, I, H]: D_e^T
+        down = self.stacked_experts(module, "down_proj")
+        out["down"] = down.to(kept_dtype(down), copy=True)  # [E, I, H]: D_e^T
         out["down_bias"] = self.get(self.architecture.fused_name(module, "down_proj") + "_bias").to(
             torch.float32, copy=True
         )
         return out
+
+
+def kept_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype expert weights read as `t` are kept in (EXACT_DTYPES)."""
+    return t.dtype if t.dtype in EXACT_DTYPES else torch.float32

@@ -7,10 +7,11 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from bitsmoe_vllm.checkpoint import TensorFiles, load_layer, read_quant_config
 from bitsmoe_vllm.format import PROJECTIONS
-from bitsmoe_vllm.offline.calibrate import embed, read_texts, token_sequences, walk_layers
+from bitsmoe_vllm.offline.calibrate import embed, experts_output, read_texts, token_sequences, walk_layers
 from bitsmoe_vllm.offline.demo import ARCHITECTURES
 from bitsmoe_vllm.offline.modules import load_module, skeleton
 from bitsmoe_vllm.offline.source import SourceCheckpoint
@@ -94,10 +95,15 @@ def test_a_walk_with_each_layers_experts_replaced_runs_the_replacement(arch, tin
     plain = walk()
     seen, freed = [], []
 
-    def replacement(i: int, routed) -> dict[str, torch.Tensor]:
+    act = source.architecture.activation(source.config)
+
+    def experts(weights: dict[str, torch.Tensor]):
+        return lambda routed: experts_output(weights, routed, act)
+
+    def replacement(i: int, routed):
         seen.append(i)
         freed.append(all(t.is_meta for t in source.architecture.experts(net.model.layers[i]).parameters()))
-        return source.expert_weights(i)
+        return experts(source.expert_weights(i))
 
     same = walk(replacement)
     assert seen == sorted(moe)
@@ -105,12 +111,37 @@ def test_a_walk_with_each_layers_experts_replaced_runs_the_replacement(arch, tin
     for a, b in zip(plain, same):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
     halved = walk(
-        lambda i, routed: (
+        lambda i, routed: experts(
             {p: w / 2 for p, w in source.expert_weights(i).items()} if i == last else source.expert_weights(i)
         )
     )
     assert all(torch.equal(same[i], halved[i]) for i in range(last)), "a layer before the replaced one changed"
     assert (halved[last] - plain[last]).norm() > 0.01 * plain[last].norm()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])  # experts stored one by one; stacked, with biases
+def test_a_bfloat16_checkpoint_quantizes_as_its_values_in_float32(arch, tiny_model_dir, quantize_tiny, tmp_path):
+    """The experts stay in the checkpoint's bf16 (half the memory of float32) and every use converts them: the
+    result is, byte for byte, that of the same values stored in float32, and so are the costs (the allocation's
+    estimated loss: a cost computed in bf16 would change it, not always the codes)."""
+    model = tiny_model_dir(arch, **QUANT_SHAPE)
+    experts, loss = {}, {}
+    for dtype in (torch.bfloat16, torch.float32):
+        source = tmp_path / f"{arch}-{str(dtype)[6:]}"
+        shutil.copytree(model, source)
+        for shard in source.glob("*.safetensors"):
+            tensors = load_file(shard)
+            save_file({n: t.bfloat16().to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}, shard)
+        checkpoint = SourceCheckpoint(str(source))
+        assert checkpoint.expert_weights(checkpoint.moe_layers()[0])["gate"].dtype == dtype
+        out = quantize_tiny(source, tmp_path / f"out-{dtype}", 2.5, calib_tokens=2048)
+        modules = tuple(layer.module + "." for layer in read_quant_config(out).layers)
+        files = TensorFiles(out)
+        experts[dtype] = {n: files[n] for n in files if n.startswith(modules)}
+        loss[dtype] = json.loads((out / "quantization_report.json").read_text())["allocation"]["loss"]
+    assert loss[torch.bfloat16] == loss[torch.float32]
+    assert experts[torch.bfloat16].keys() == experts[torch.float32].keys()
+    assert all(torch.equal(t, experts[torch.float32][n]) for n, t in experts[torch.bfloat16].items())
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "qwen3_moe", "deepseek_v3"])
