@@ -182,6 +182,7 @@ def walk_layers(
         hook.remove()
         del experts.forward, weights  # before a replacement is built: one layer's experts in memory, not two
         routed = Routed(*(torch.cat([c[k].reshape(-1, c[k].shape[-1]) for c in captured]) for k in range(3)))
+        del captured  # the batches' inputs, now copied into routed
         if replace is not None:
             replaced = replace(i, routed)
             experts.forward = lambda x, ids, w, replaced=replaced: replaced(Routed(x, ids, w)).to(x.dtype)
