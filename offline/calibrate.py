@@ -6,6 +6,7 @@ the model whose experts are replaced layer by layer as they are quantized.
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -163,6 +164,14 @@ def walk_layers(
                 ).cpu()
         return out
 
+    def forward_with(i: int, layer: torch.nn.Module, experts: torch.nn.Module, run) -> torch.Tensor:
+        """forward(i, layer) with the experts' output computed by run(Routed) -> [N, H]."""
+        experts.forward = lambda x, ids, w: run(Routed(x, ids, w)).to(x.dtype)
+        try:
+            return forward(i, layer)
+        finally:
+            del experts.forward  # and with it `run` and what it holds
+
     act = source.architecture.activation(source.config)
     for i in tqdm(range(first_layer, len(layers)), desc=desc, unit="layer", initial=first_layer, total=len(layers)):
         experts = source.architecture.experts(layers[i]) if i in moe_layers else None
@@ -175,19 +184,15 @@ def walk_layers(
             continue
         weights = {p: w.to(device) for p, w in source.expert_weights(i).items()}
         source.tensors.close()
-        experts.forward = lambda x, ids, w, weights=weights: experts_output(weights, Routed(x, ids, w), act).to(x.dtype)
         captured: list[tuple] = []
         hook = experts.register_forward_pre_hook(lambda _m, args, c=captured: c.append(args[:3]))
-        out = forward(i, layer)
+        out = forward_with(i, layer, experts, partial(experts_output, weights, act=act))
         hook.remove()
-        del experts.forward, weights  # before a replacement is built: one layer's experts in memory, not two
+        del weights  # before a replacement is built: one layer's experts in memory, not two
         routed = Routed(*(torch.cat([c[k].reshape(-1, c[k].shape[-1]) for c in captured]) for k in range(3)))
         del captured  # the batches' inputs, now copied into routed
         if replace is not None:
-            replaced = replace(i, routed)
-            experts.forward = lambda x, ids, w, replaced=replaced: replaced(Routed(x, ids, w)).to(x.dtype)
-            out = forward(i, layer)
-            del experts.forward, replaced
+            out = forward_with(i, layer, experts, replace(i, routed))
         release(layer)
         hidden = out
         yield i, hidden, routed
