@@ -99,7 +99,9 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     bitsmoe = [str(ROOT / ".venv" / "bin" / "bitsmoe-quantize"), "--model", str(model), "--bits", str(a.bits)]
     bitsmoe += ["--calib", str(text), "--calib-tokens", str(calib_tokens), "--calib-seq-len", str(seq_len)]
-    bitsmoe += ["--out", str(out / f"bitsmoe-{name}"), "--overwrite", "--allow-high-error", *a.bitsmoe_args.split()]
+    slug = "".join(c if c.isalnum() else "-" for c in a.bitsmoe_args).strip("-")  # one directory per row
+    bitsmoe_out = out / "-".join(filter(None, ["bitsmoe", name, slug]))
+    bitsmoe += ["--out", str(bitsmoe_out), "--overwrite", "--allow-high-error", *a.bitsmoe_args.split()]
     gptq = [str(PEERS_PYTHON), "benchmarks/peers.py", "gptq", "--model", str(model), "--bits", "2"]
     gptq += ["--group-size", "128", "--calib", str(calib_file), "--out", str(out / f"gptq-{name}")]
     results = RESULTS / f"quantize_vs_gptq_{name}.json"
@@ -108,11 +110,11 @@ def main() -> None:
         if a.only not in (None, method):
             continue
         row = f"bitsmoe {a.bitsmoe_args}".strip() if method == "bitsmoe" else method
-        seconds, rss = run_measured(cmd, logs / f"{method}-{name}.log")
+        seconds, rss = run_measured(cmd, logs / f"{bitsmoe_out.name if method == 'bitsmoe' else 'gptq-' + name}.log")
         rows[row] = {"wall_s": round(seconds, 1), "peak_rss_mb": round(rss), "machine": machine.describe()}
         if method == "bitsmoe":
-            report = json.loads((out / f"bitsmoe-{name}" / "quantization_report.json").read_text())
-            rows[row] |= {"stages": report["stages"], "basis": report["basis"], "options": report["options"]}
+            report = json.loads((bitsmoe_out / "quantization_report.json").read_text())
+            rows[row] |= {k: report[k] for k in ("stages", "basis", "options", "workers") if k in report}
         print(row, rows[row]["wall_s"], "s", rows[row]["peak_rss_mb"], "MB", flush=True)
     gptq_row = rows.get("gptq", {})
     result = {

@@ -107,6 +107,13 @@ def parse(argv: list[str] | None) -> Options:
         help="columns per scale (default: 128, or the largest of 96/64/32 dividing I)",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that cost the MoE layers while the model is walked, each on an equal share of the threads "
+        "(the output is the same with any number; each holds a layer's experts in memory; default 1)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT.partial")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument(
@@ -121,7 +128,11 @@ def parse(argv: list[str] | None) -> Options:
         p.error(f"--candidate-bits {a.candidate_bits!r}: expected comma-separated integers such as 0,1,2,3,4,6,8")
     if a.rank != "auto" and not a.rank.isdigit():
         p.error(f"--rank {a.rank!r}: expected a positive integer or auto")
-    for flag, value in (("--calib-tokens", a.calib_tokens), ("--calib-seq-len", a.calib_seq_len)):
+    for flag, value in (
+        ("--calib-tokens", a.calib_tokens),
+        ("--calib-seq-len", a.calib_seq_len),
+        ("--workers", a.workers),
+    ):
         if value < 1:
             p.error(f"{flag} {value}: must be positive")
     return Options(
@@ -144,6 +155,7 @@ def parse(argv: list[str] | None) -> Options:
         format_version=a.format_version,
         group_size=a.group_size,
         device=a.device,
+        workers=a.workers,
         resume=a.resume,
         overwrite=a.overwrite,
         allow_high_error=a.allow_high_error,
@@ -168,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"bitsmoe-quantize: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # a full disk, a lost mount: what was done so far stays in OUT.partial
+    except OSError as err:  # a full disk, a lost mount, a worker killed: what was done so far stays in OUT.partial
         print(
-            f"bitsmoe-quantize: error: {err}; the run so far is kept in {options.out}.partial: fix the cause (free "
-            "disk space) and rerun the same command with --resume",
+            f"bitsmoe-quantize: error: {err}; the run so far is kept in {options.out}.partial: fix the cause and "
+            "rerun the same command with --resume",
             file=sys.stderr,
         )
         return 1

@@ -28,6 +28,7 @@ from bitsmoe_vllm.format import PROJECTIONS, factor_row_bits
 
 from .calibrate import Routed, pre_activations
 from .rounding import REFINE_STEPS, quantize_rows
+from .threads import factor_threads
 
 CHUNK_ENTRIES = 1 << 20  # factor entries rounded at once: bounds the cost model's temporaries
 PRIOR_TOKENS = 16  # an expert with fewer calibration tokens gets a prior from the layer's tokens (importance)
@@ -69,10 +70,12 @@ def importance(
             out[p][e - experts.start] += v
     counts = torch.bincount(ids.flatten(), minlength=E)
     sample = slice(0, PRIOR_SAMPLE)
+    with factor_threads():
+        mean_w2 = float((w**2).mean())
     for e in (counts < PRIOR_TOKENS).nonzero().flatten().tolist():
         if e not in experts:
             continue
-        w2 = torch.full((len(x[sample]),), float((w**2).mean()), device=device)
+        w2 = torch.full((len(x[sample]),), mean_w2, device=device)
         share = (1 - int(counts[e]) / PRIOR_TOKENS) * len(x) * ids.shape[1] / E / len(x[sample])
         ze = {q: z[q][sample] for q in z}
         for p, v in expert_statistics(weights, e, x[sample], ze, w2, tuple(out), act).items():

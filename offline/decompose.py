@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from .threads import factor_threads
+
 
 class Decomposition(NamedTuple):
     basis: torch.Tensor | None  # [R, H] float32, orthonormal rows (down stores it transposed); None: identity
@@ -27,7 +29,8 @@ def top_basis(weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     for w in weights:  # one expert at a time: float64 copies of a whole layer would not fit for large models
         w = w.to(torch.float64)
         gram += w.T @ w
-    energy, vectors = torch.linalg.eigh(gram)  # ascending
+    with factor_threads():
+        energy, vectors = torch.linalg.eigh(gram)  # ascending
     energy, vectors = energy.flip(0)[:rank], vectors.flip(1)[:, :rank]  # [R], [H, R]
     # eigh fixes a vector only up to sign: make each one's largest entry positive so results are reproducible.
     peak = vectors.abs().argmax(0)

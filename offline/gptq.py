@@ -29,6 +29,7 @@ from bitsmoe_vllm.packing import code_bounds, round_to_codes
 
 from .calibrate import Routed, pre_activations, with_biases
 from .rounding import quantize_mixed_rows, quantize_rows
+from .threads import factor_threads
 
 DAMP = 0.01  # of the mean diagonal, added to H (GPTQ's default)
 BLOCK = 128  # coordinates per block of updates deferred into one matrix product
@@ -231,7 +232,9 @@ def corrected(
     h = damped(hessian)
     h.diagonal(dim1=1, dim2=2).add_(mean * hessian.shape[-1] / tokens.double().clamp(min=1)[:, None])
     f = factors.double()
-    step = torch.linalg.solve(h, deviation.double().transpose(1, 2) @ f.transpose(1, 2))
+    rhs = deviation.double().transpose(1, 2) @ f.transpose(1, 2)
+    with factor_threads():  # h is positive definite; MKL's batched LU (solve) failed on two threads for I 512
+        step = torch.cholesky_solve(rhs, torch.linalg.cholesky(h))
     return (f + step.transpose(1, 2)).float()
 
 
@@ -252,7 +255,8 @@ def _compensation(projection: str, hessian: torch.Tensor) -> torch.Tensor:
     # U_ii^-2 is the Schur complement of the coordinates rounded after i: the squared diagonal of the Cholesky
     # factor of H with the order reversed (one factorisation instead of inverse_cholesky's three)
     later_first = take(take(h, order, 1), order, 2).flip(1, 2)
-    schur = torch.linalg.cholesky(later_first).diagonal(dim1=1, dim2=2).flip(1) ** 2
+    with factor_threads():
+        schur = torch.linalg.cholesky(later_first).diagonal(dim1=1, dim2=2).flip(1) ** 2
     share = schur / take(diag, order, 1)
     return put(share.clamp(max=1), order, 1).float()
 
@@ -272,9 +276,10 @@ def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
     and a triangular solve instead of a factorisation, an inverse and a second factorisation."""
 
     def factor(h: torch.Tensor) -> torch.Tensor:
-        low = torch.linalg.cholesky(damped(h.flip(1, 2))).float()
-        eye = torch.eye(h.shape[-1], device=h.device).expand_as(low)
-        return torch.linalg.solve_triangular(low, eye, upper=False).flip(1, 2)
+        with factor_threads():
+            low = torch.linalg.cholesky(damped(h.flip(1, 2))).float()
+            eye = torch.eye(h.shape[-1], device=h.device).expand_as(low)
+            return torch.linalg.solve_triangular(low, eye, upper=False).flip(1, 2)
 
     return by_experts(factor, hessian)
 

@@ -61,13 +61,14 @@ class Options:
     format_version: int = FORMAT_VERSION  # 1: even codes, for readers of version 1 (FORMAT.md section 9)
     group_size: int | None = None
     device: str = "cpu"
+    workers: int = 1  # processes costing (and, where layers are independent, exporting) layers side by side
     resume: bool = False
     overwrite: bool = False
 
     def run_identity(self) -> dict:
         """The options that decide the output; a resumed run must have the same ones."""
         d = asdict(self)
-        for key in ("resume", "overwrite", "out", "allow_high_error"):
+        for key in ("resume", "overwrite", "out", "allow_high_error", "workers"):
             d.pop(key)
         d["calib"] = [str(Path(p).resolve()) for p in self.calib]
         d["run_format"] = RUN_FORMAT  # what a run directory holds changes with the code, not only with the options

@@ -3,6 +3,7 @@ of them, export the checkpoint (each MoE layer rounded on the inputs the layers 
 index, files, validation), check every layer's error on held-out tokens, write the report and move the checkpoint
 into place. Every stage saves its result in OUT.partial/work, so --resume continues after a crash."""
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -28,6 +29,7 @@ from .modules import return_freed_memory, skeleton
 from .plan import Options, Plan, make_plan
 from .report import StageTimer, histograms, plot_allocation, write_report
 from .rundir import RunDir
+from .workers import Workers
 
 
 def quantize(options: Options) -> Path:
@@ -48,18 +50,26 @@ def quantize(options: Options) -> Path:
     held = guard.held_out_mask(len(tokens), held_out)  # [S]
     run = RunDir(Path(options.out), options.run_identity(), options.resume, options.overwrite)
     timer = StageTimer()
-    with timer("calibrate_and_cost"):
-        costs, routed_tokens, energy = calibrate_and_cost(plan, run, tokens, held)  # {name: [U, J] or [U]}, [L, E], [L]
-    with timer("allocate"):
-        plan, choice, stats = allocate_bits(plan, run, costs)
-    with timer("export"):
-        files = export_shards(plan, run, row_bits(plan, choice), tokens, held)
+    pool = Workers(options, run, options.workers) if options.workers > 1 else None
+    try:
+        with timer("calibrate_and_cost"):
+            # {name: [U, J] or [U]}, [L, E], [L]
+            costs, routed_tokens, energy = calibrate_and_cost(plan, run, tokens, held, pool)
+        with timer("allocate"):
+            plan, choice, stats = allocate_bits(plan, run, costs)
+        with timer("export"):
+            files = export_shards(plan, run, row_bits(plan, choice), tokens, held, pool)
+    finally:
+        if pool:
+            pool.close()
+    # the workers' memory is not the main process's: the largest of theirs, once they have ended
+    workers = {"count": options.workers} | ({"peak_rss_mb_largest": pool.peak_rss_mb} if pool else {})
     cfg, written = write_checkpoint(plan, run, choice, files)
     with timer("check"):
         records = {module: run.load(f"held-out-{i:05d}")[0] for i, module in module_of(plan).items()}
         errors = guard.relative_errors(run.checkpoint, records)
     losses = costs[f"loss-{plan.factor_kind}"]
-    summary = report(plan, cfg, choice, losses, routed_tokens, energy, stats, errors, timer)
+    summary = report(plan, cfg, choice, losses, routed_tokens, energy, stats, errors, timer) | {"workers": workers}
     write_report(run.checkpoint / "quantization_report.json", summary | {"files": written})
     if not options.allow_high_error:
         try:
@@ -70,55 +80,88 @@ def quantize(options: Options) -> Path:
     return run.finish()
 
 
+ROUTED_FIELDS = tuple(f.name for f in dataclasses.fields(Routed))
+
+
 def module_of(plan: Plan) -> dict[int, str]:
     return {i: plan.source.architecture.experts_module.format(layer=i) for i in plan.moe_layers}
 
 
 def calibrate_and_cost(
-    plan: Plan, run: RunDir, tokens: torch.Tensor, held: torch.Tensor
+    plan: Plan, run: RunDir, tokens: torch.Tensor, held: torch.Tensor, pool: Workers | None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Costs of every MoE layer (offline.layer_cost.layer_costs, concatenated over the layers), routed tokens per
     expert [L, E] and the residual energy [L], layer after layer from the sequences `tokens` [S, L] not `held` [S];
-    each layer's are saved as it completes, with the held-out sequences' record for the quality guard."""
-    device = torch.device(plan.options.device)
-    if any(run.load(f"layer-{i:05d}") is None for i in plan.moe_layers):
-        calib_tokens = int((~held).sum()) * tokens.shape[1]
-        for i, after, routed in walk(plan, run, tokens, "hidden"):
-            if routed is None:
-                continue
-            calib, held_out = split_held_out(routed, held, tokens.shape[1])
-            routed_tokens = torch.bincount(calib.ids.flatten().cpu(), minlength=plan.num_experts)  # [E]
-            if (routed_tokens == 0).any():
-                unused = (routed_tokens == 0).nonzero().flatten().tolist()
-                warning = (
-                    f"bitsmoe-quantize: warning: layer {i}: experts {unused} got no calibration token; their costs "
-                    "come from the layer's tokens (a prior); pass more calibration text to measure them"
-                )
-                print(warning, file=sys.stderr)
-            energy = residual_energy(after[~held])
-            weights = expert_weights(plan, i, device)
-            bases = shared_bases(plan, weights)
-            if bases:
-                run.save(f"basis-{i:05d}", {k: v.cpu() for k, v in bases.items()})
-            costs = {k: v / energy for k, v in layer_costs(plan, weights, calib, calib_tokens, bases).items()}
-            run.save(
-                f"held-out-{i:05d}",
-                {k: v.cpu() for k, v in guard.held_out_record(weights, held_out, plan.activation).items()},
-            )
-            if plan.options.rounding == "gptq" and not plan.feedback_on_quantized_inputs:
-                # bf16: the Hessians need no more, and a big model's are GBs
-                run.save(
-                    f"routed-{i:05d}",
-                    {"x": calib.x.bfloat16().cpu(), "ids": calib.ids.cpu(), "weights": calib.weights.cpu()},
-                )
-            del weights
-            costs |= {"routed_tokens": routed_tokens, "residual_energy": torch.tensor(energy, dtype=torch.float64)}
-            run.save(f"layer-{i:05d}", costs)
+    each layer's are saved as it completes, with the held-out sequences' record for the quality guard. With `pool`,
+    the workers cost the layers (cost_layer) while this process walks on."""
+    calib_tokens = int((~held).sum()) * tokens.shape[1]
+    missing = [i for i in plan.moe_layers if not run.has(f"layer-{i:05d}")]
+    for i in missing:  # walked before an interruption, not yet costed
+        if run.has(f"walked-{i:05d}"):
+            pool.submit(cost_layer, i, calib_tokens) if pool else cost_layer(plan, run, i, calib_tokens)
+    if missing:
+        with pool.main_share() if pool else contextlib.nullcontext():
+            for i, after, routed in walk(plan, run, tokens, "hidden"):
+                if routed is None:
+                    continue
+                calib, held_out = split_held_out(routed, held, tokens.shape[1])
+                routed_tokens = torch.bincount(calib.ids.flatten().cpu(), minlength=plan.num_experts)  # [E]
+                if (routed_tokens == 0).any():
+                    unused = (routed_tokens == 0).nonzero().flatten().tolist()
+                    warning = (
+                        f"bitsmoe-quantize: warning: layer {i}: experts {unused} got no calibration token; their "
+                        "costs come from the layer's tokens (a prior); pass more calibration text to measure them"
+                    )
+                    print(warning, file=sys.stderr)
+                walked = {
+                    **{f"calib-{k}": getattr(calib, k).cpu() for k in ROUTED_FIELDS},
+                    **{f"held-{k}": getattr(held_out, k).cpu() for k in ROUTED_FIELDS},
+                    "energy": torch.tensor(residual_energy(after[~held]), dtype=torch.float64),
+                }
+                if pool:  # the worker reads them from the run directory
+                    run.save(f"walked-{i:05d}", walked)
+                    pool.submit(cost_layer, i, calib_tokens)
+                else:
+                    cost_layer(plan, run, i, calib_tokens, walked)
+                del walked, calib, held_out
+            if pool:
+                pool.wait("cost")
     saved = [run.load(f"layer-{i:05d}")[0] for i in plan.moe_layers]
     costs = {
         k: torch.cat([s[k] for s in saved]) for k in saved[0] if k.startswith(("loss-", "nearest-", "basis_loss-"))
     }
     return costs, torch.stack([s["routed_tokens"] for s in saved]), torch.stack([s["residual_energy"] for s in saved])
+
+
+def cost_layer(plan: Plan, run: RunDir, i: int, calib_tokens: int, walked: dict | None = None) -> None:
+    """MoE layer i's costs, its shared bases and its held-out record, from what the walk gave it (`walked`, else
+    saved in the run as walked-i), saved in the run."""
+    saved = walked is None
+    walked = run.load(f"walked-{i:05d}")[0] if saved else walked
+    calib, held_out = (Routed(*(walked[f"{part}-{k}"] for k in ROUTED_FIELDS)) for part in ("calib", "held"))
+    energy = float(walked["energy"])
+    device = torch.device(plan.options.device)
+    weights = expert_weights(plan, i, device)
+    bases = shared_bases(plan, weights)
+    if bases:
+        run.save(f"basis-{i:05d}", {k: v.cpu() for k, v in bases.items()})
+    costs = {k: v / energy for k, v in layer_costs(plan, weights, calib, calib_tokens, bases).items()}
+    run.save(
+        f"held-out-{i:05d}",
+        {k: v.cpu() for k, v in guard.held_out_record(weights, held_out, plan.activation).items()},
+    )
+    if plan.options.rounding == "gptq" and not plan.feedback_on_quantized_inputs:
+        # bf16: the Hessians need no more, and a big model's are GBs
+        run.save(
+            f"routed-{i:05d}",
+            {"x": calib.x.bfloat16().cpu(), "ids": calib.ids.cpu(), "weights": calib.weights.cpu()},
+        )
+    del weights
+    routed_tokens = torch.bincount(calib.ids.flatten().cpu(), minlength=plan.num_experts)
+    costs |= {"routed_tokens": routed_tokens, "residual_energy": walked["energy"]}
+    run.save(f"layer-{i:05d}", costs)
+    if saved:
+        run.remove(f"walked-{i:05d}")
 
 
 def walk(plan: Plan, run: RunDir, tokens: torch.Tensor, saved_as: str, replace=None, desc="calibrate") -> Iterator:
@@ -191,40 +234,58 @@ def row_bits(plan: Plan, choice: torch.Tensor) -> dict[int, torch.Tensor]:
 
 
 def export_shards(
-    plan: Plan, run: RunDir, bits: dict[int, torch.Tensor], tokens: torch.Tensor, held: torch.Tensor
+    plan: Plan,
+    run: RunDir,
+    bits: dict[int, torch.Tensor],
+    tokens: torch.Tensor,
+    held: torch.Tensor,
+    pool: Workers | None,
 ) -> list[str]:
-    """Write each decoder layer's shard (BitsMoE tensors + its other tensors, unchanged) and the rest."""
-    arch, n_layers = plan.source.architecture, plan.source.config["num_hidden_layers"]
+    """Write each decoder layer's shard (BitsMoE tensors + its other tensors, unchanged) and the rest. With `pool`,
+    the workers encode the MoE layers whose rounding does not wait on the layers before them (export_layer)."""
+    n_layers = plan.source.config["num_hidden_layers"]
     files = shard_files(n_layers)
-    if plan.feedback_on_quantized_inputs:
-        walked = quantized_walk(plan, run, bits, tokens, held)
-
-        def encoded(i: int) -> dict[str, torch.Tensor]:
-            return next(tensors for j, tensors in walked if j == i)
-    else:
-
-        def encoded(i: int) -> dict[str, torch.Tensor]:
-            routed = None
-            if plan.options.rounding == "gptq":
-                saved = run.load(f"routed-{i:05d}")[0]  # gptq.hessians moves them to the weights' device, in float32
-                routed = Routed(saved["x"], saved["ids"], saved["weights"])
-            return encode_moe_layer(plan, run, i, bits[i], routed)[1]
-
+    walked = quantized_walk(plan, run, bits, tokens, held) if plan.feedback_on_quantized_inputs else None
     for i in tqdm(range(n_layers + 1), desc="export", unit="shard"):
-        path = run.checkpoint / files[i]
-        if path.is_file():
+        if (run.checkpoint / files[i]).is_file():
             continue
-        if i == n_layers:
-            write_shard(path, copied_tensors(plan.source, None, None))
-            continue
-        module = arch.experts_module.format(layer=i) if i in bits else None
-        tensors = copied_tensors(plan.source, f"model.layers.{i}.", module)
-        if module:
-            tensors |= encoded(i)
-        write_shard(path, tensors)
-        plan.source.tensors.close()
-        return_freed_memory()
+        if i not in bits:
+            write_layer(plan, run, i, {})
+        elif walked:
+            write_layer(plan, run, i, next(tensors for j, tensors in walked if j == i))
+        elif pool:
+            pool.submit(export_layer, i, bits[i], plan.basis, plan.rank)
+        else:
+            export_layer(plan, run, i, bits[i])
+    if pool:
+        pool.wait("export")
     return files
+
+
+def export_layer(plan: Plan, run: RunDir, i: int, widths: torch.Tensor, basis: str = "", rank: int = 0) -> None:
+    """MoE layer i encoded with the rows' `widths` [3, E, R] without the quantized walk (on the tokens the original
+    model routed to it, or to nearest) and its shard written; `basis` and `rank`: the allocation's, for a worker's
+    plan (made before it)."""
+    plan = plan.with_basis(basis).with_rank(rank) if basis else plan
+    routed = None
+    if plan.options.rounding == "gptq":
+        saved = run.load(f"routed-{i:05d}")[0]  # gptq.hessians moves them to the weights' device, in float32
+        routed = Routed(saved["x"], saved["ids"], saved["weights"])
+    write_layer(plan, run, i, encode_moe_layer(plan, run, i, widths, routed)[1])
+
+
+def write_layer(plan: Plan, run: RunDir, i: int, encoded: dict[str, torch.Tensor]) -> None:
+    """Decoder layer i's shard (i = the number of layers: the tensors outside the layers): its tensors as stored,
+    the routed experts' replaced by `encoded`."""
+    n_layers = plan.source.config["num_hidden_layers"]
+    path = run.checkpoint / shard_files(n_layers)[i]
+    if i == n_layers:
+        write_shard(path, copied_tensors(plan.source, None, None))
+        return
+    module = plan.source.architecture.experts_module.format(layer=i) if encoded else None
+    write_shard(path, copied_tensors(plan.source, f"model.layers.{i}.", module) | encoded)
+    plan.source.tensors.close()
+    return_freed_memory()
 
 
 def quantized_walk(

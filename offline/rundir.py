@@ -68,6 +68,12 @@ class RunDir:
         with safe_open(path, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
+    def has(self, name: str) -> bool:
+        return (self.work / f"{name}.safetensors").is_file()
+
+    def remove(self, name: str) -> None:
+        (self.work / f"{name}.safetensors").unlink(missing_ok=True)
+
     def discard(self) -> None:
         """Remove OUT.partial: the run is not to be resumed (its checkpoint was refused)."""
         shutil.rmtree(self.partial)

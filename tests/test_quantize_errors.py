@@ -68,6 +68,13 @@ def test_bad_options(run, extra, message):
     assert status == 2 and message in err, err
 
 
+@pytest.mark.parametrize("flag", ["--calib-tokens", "--calib-seq-len", "--workers"])
+def test_counts_below_one(run, flag, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run(flag, "0")
+    assert exit.value.code == 2 and f"{flag} 0: must be positive" in capsys.readouterr().err
+
+
 def test_missing_model_and_calibration(run, tmp_path):
     status, err = run(model=tmp_path / "nowhere")
     assert status == 2 and "is neither a directory nor a model id in the local Hugging Face cache" in err

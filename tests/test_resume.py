@@ -85,3 +85,46 @@ def test_resume_after_kill_gives_identical_bytes(kill_point, uninterrupted, cali
     subprocess.run(quantize_command(model, out, calib_file, "--resume"), check=True, capture_output=True)
     assert_same_checkpoint(out, expected)
     assert not (tmp_path / "killed.partial").exists()
+
+
+@pytest.mark.slow  # ~25 s
+def test_workers_give_the_bytes_of_one_process(uninterrupted, calib_file, tmp_path):
+    model, expected = uninterrupted
+    subprocess.run(
+        quantize_command(model, tmp_path / "w", calib_file, "--workers", "2"), check=True, capture_output=True
+    )
+    assert_same_checkpoint(tmp_path / "w", expected)
+
+
+@pytest.mark.slow  # two runs, ~20 s each
+def test_workers_export_independent_layers_with_the_bytes_of_one_process(uninterrupted, calib_file, tmp_path):
+    # on the original model's inputs the layers' rounding is independent: the workers export them too
+    model, _ = uninterrupted
+    for workers in ("1", "2"):
+        command = quantize_command(model, tmp_path / workers, calib_file, "--feedback-inputs", "original")
+        subprocess.run([*command, "--workers", workers], check=True, capture_output=True)
+    assert_same_checkpoint(tmp_path / "2", checkpoint_bytes(tmp_path / "1"))
+
+
+@pytest.mark.slow  # the workers killed while they cost, the run resumed in one process: ~30 s
+def test_a_run_whose_workers_are_killed_says_so_and_resumes_in_one_process(uninterrupted, calib_file, tmp_path):
+    model, expected = uninterrupted
+    out, work = tmp_path / "killed", tmp_path / "killed.partial" / "work"
+    command = quantize_command(model, out, calib_file)
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as f:
+        proc = subprocess.Popen([*command, "--workers", "2"], stdout=subprocess.DEVNULL, stderr=f)
+    deadline = time.monotonic() + 120
+    while not any(work.glob("walked-*.safetensors")):  # a layer walked, its costs not saved yet
+        assert proc.poll() is None and time.monotonic() < deadline, "the workers never got a layer"
+        time.sleep(0.005)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert workers, "no worker process found"
+    for pid in workers:  # not multiprocessing's resource tracker
+        os.kill(int(pid), signal.SIGKILL)
+    assert proc.wait(timeout=120) == 1
+    assert "a --workers process ended abruptly" in err.read_text()
+    assert not out.exists() and any(work.glob("walked-*.safetensors"))
+    subprocess.run([*command, "--resume"], check=True, capture_output=True)
+    assert_same_checkpoint(out, expected)
