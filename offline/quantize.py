@@ -62,7 +62,7 @@ def quantize(options: Options) -> Path:
     finally:
         if pool:
             pool.close()
-    # the workers' memory is not the main process's: the largest of theirs, once they have ended
+    # the workers' memory is not in the main process's peak: the largest of theirs (VmHWM after each job)
     workers = {"count": options.workers} | ({"peak_rss_mb_largest": pool.peak_rss_mb} if pool else {})
     cfg, written = write_checkpoint(plan, run, choice, files)
     with timer("check"):

@@ -22,7 +22,7 @@ def start_threads() -> int:
 
 
 @contextmanager
-def limited_threads(n: int):
+def on_threads(n: int):
     threads = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -32,4 +32,4 @@ def limited_threads(n: int):
 
 
 def factor_threads():
-    return limited_threads(_start_threads)
+    return on_threads(_start_threads)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .plan import Options, make_plan
 from .rundir import RunDir
-from .threads import limited_threads, set_start_threads, start_threads
+from .threads import on_threads, set_start_threads, start_threads
 
 _worker: dict = {}  # in a worker process: its plan and run directory
 
@@ -79,7 +79,7 @@ class Workers:
 
     def main_share(self):
         """The main process on one worker's share of the threads while the workers run beside it."""
-        return limited_threads(self.share)
+        return on_threads(self.share)
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
