@@ -96,9 +96,11 @@ def calibrate_and_cost(
     the workers cost the layers (cost_layer) while this process walks on."""
     calib_tokens = int((~held).sum()) * tokens.shape[1]
     missing = [i for i in plan.moe_layers if not run.has(f"layer-{i:05d}")]
-    for i in missing:  # walked before an interruption, not yet costed
-        if run.has(f"walked-{i:05d}"):
-            pool.submit(cost_layer, i, calib_tokens) if pool else cost_layer(plan, run, i, calib_tokens)
+    for i in (i for i in missing if run.has(f"walked-{i:05d}")):  # walked before an interruption, not costed
+        if pool:
+            pool.submit(cost_layer, i, calib_tokens)
+        else:
+            cost_layer(plan, run, i, calib_tokens)
     if missing:
         with pool.main_share() if pool else contextlib.nullcontext():
             for i, after, routed in walk(plan, run, tokens, "hidden"):
