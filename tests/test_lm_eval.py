@@ -63,7 +63,13 @@ def test_lm_eval_runs_a_local_task_through_vllm_on_a_bitsmoe_checkpoint(tiny_mod
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # vLLM's CPU engine sometimes aborts as the interpreter exits, after lm-eval has written everything (SIGABRT,
+    # "terminate called without an active exception": 3 runs in 12 on a 2-core AMD EPYC, 2026-12-05; none of this
+    # project's code starts a thread). Only that end is let through; the results are checked below either way.
+    aborted_at_exit = result.returncode == -6 and result.stderr.rstrip().endswith(
+        "terminate called without an active exception"
+    )
+    assert result.returncode == 0 or aborted_at_exit, result.stderr[-4000:]
     (results,) = (tmp_path / "out").rglob("results_*.json")
     metrics = json.loads(results.read_text())["results"]["bitsmoe_local"]
     assert metrics["alias"] == "bitsmoe_local" and 0 <= metrics["acc,none"] <= 1
