@@ -15,19 +15,20 @@ import transformers
 from tqdm import tqdm
 
 from bitsmoe_vllm.checkpoint import validate_checkpoint
-from bitsmoe_vllm.format import BITS_DTYPE, PROJECTIONS, LayerLayout, QuantConfig, expert_tensor_name, stored_bits
-from bitsmoe_vllm.reference import dequantize_factor, gather_layer, moe_forward
+from bitsmoe_vllm.format import PROJECTIONS, LayerLayout, QuantConfig, expert_tensor_name, stored_bits
+from bitsmoe_vllm.reference import gather_layer, moe_forward
 
-from . import gptq, guard, selection
+from . import guard, selection
 from .allocate import allocate_in_parts
 from .calibrate import Routed, embed, read_texts, token_sequences, walk_layers
 from .decompose import decompose
-from .encode import encode_factor, encode_layer
+from .encode import encode_layer
 from .export import copied_tensors, copy_side_files, shard_files, write_config, write_index, write_shard
+from .feedback import feedback_rounding
 from .layer_cost import layer_costs, residual_energy, shared_bases
 from .modules import return_freed_memory, skeleton
 from .plan import Options, Plan, make_plan
-from .report import StageTimer, histograms, plot_allocation, write_report
+from .report import StageTimer, plot_allocation, report, write_report
 from .rundir import RunDir
 from .workers import Workers
 
@@ -69,7 +70,9 @@ def quantize(options: Options) -> Path:
         records = {module: run.load(f"held-out-{i:05d}")[0] for i, module in module_of(plan).items()}
         errors = guard.relative_errors(run.checkpoint, records)
     losses = costs[f"loss-{plan.factor_kind}"]
-    summary = report(plan, cfg, choice, losses, routed_tokens, energy, stats, errors, timer) | {"workers": workers}
+    bits, modules = row_bits(plan, choice), list(module_of(plan).values())
+    summary = report(plan, cfg, choice, bits, modules, losses, routed_tokens, energy, stats, errors, timer)
+    summary |= {"workers": workers}
     write_report(run.checkpoint / "quantization_report.json", summary | {"files": written})
     if not options.allow_high_error:
         try:
@@ -344,50 +347,6 @@ def encode_moe_layer(
     return layout, {name: t.cpu() for name, t in encoded.items()}
 
 
-def feedback_rounding(
-    plan: Plan, routed: Routed, weights: dict, decompositions: dict, widths: dict
-) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Projection -> each expert's factor rounded with error feedback on the tokens `routed` to it (offline.gptq), as
-    the codes and scales of offline.encode.encode_factor: a batch of experts is encoded as soon as it is rounded (a
-    big layer's rounded factors in float32 are GBs; the down projection's inputs decode the rounded gate and up an
-    expert at a time)."""
-    bases = {p: decompositions[p].basis for p in ("gate", "up")}
-    encoded = {}
-    for p, dec in decompositions.items():  # gate and up before down
-        towards_layer = p == "down" and plan.options.feedback_target == "layer"
-        done = {q: Decoded(encoded[q], widths[q], plan) for q in ("gate", "up")} if towards_layer else None
-        encoded[p] = []
-        for b in gptq.expert_batches(weights, bases, p):
-            h = gptq.hessians(routed, weights, bases, (p,), b, done, plan.activation)
-            bits = widths[p][b.start : b.stop].to(dec.factors.device)
-            rounded, scales = gptq.round_factors(
-                p,
-                dec.factors[b.start : b.stop].float(),
-                bits,
-                h.pop(p),  # only round_factors holds it: freed as it goes
-                plan.group_size,
-                plan.options.scale_steps,
-                plan.odd_codes,
-                (h.pop("down-deviation"), h.pop("down-tokens")) if towards_layer else None,
-            )
-            encoded[p] += [
-                encode_factor(f, w, plan.group_size, row_scales=s, odd=plan.odd_codes)
-                for f, w, s in zip(rounded, bits, scales, strict=True)
-            ]
-    return encoded
-
-
-class Decoded:
-    """[e]: expert e's factor [R, I] float32 as feedback_rounding encoded it (the values it was rounded to)."""
-
-    def __init__(self, encoded: list[tuple[torch.Tensor, torch.Tensor]], widths: torch.Tensor, plan: Plan):
-        self.encoded, self.widths, self.plan = encoded, widths.to(BITS_DTYPE), plan
-
-    def __getitem__(self, e: int) -> torch.Tensor:
-        codes, scales = self.encoded[e]
-        return dequantize_factor(codes, scales, self.widths[e], self.plan.group_size, self.plan.odd_codes)
-
-
 def write_checkpoint(plan: Plan, run: RunDir, choice: torch.Tensor, files: list[str]) -> tuple[QuantConfig, list[str]]:
     """config.json, the index, tokenizer and other files, validation by re-reading, and the plots; the config and
     the files written besides the weights."""
@@ -407,51 +366,3 @@ def write_checkpoint(plan: Plan, run: RunDir, choice: torch.Tensor, files: list[
     copied = copy_side_files(plan.source, run.checkpoint)
     validate_checkpoint(run.checkpoint)
     return cfg, copied + plot_allocation(run.checkpoint, row_bits(plan, choice))
-
-
-def report(
-    plan: Plan,
-    cfg: QuantConfig,
-    choice: torch.Tensor,
-    losses: torch.Tensor,
-    routed_tokens: torch.Tensor,
-    energy: torch.Tensor,
-    stats: dict,
-    errors: dict[str, float],
-    timer: StageTimer,
-) -> dict:
-    """quantization_report.json: what was chosen, at what estimated and measured error, in what time."""
-    bits = row_bits(plan, choice)
-    relative = losses.gather(1, choice[:, None]).reshape(len(plan.moe_layers), len(PROJECTIONS), -1).sum(-1)  # [L, 3]
-    chosen = relative * energy[:, None].to(relative.dtype)  # squared output error per token
-    return {
-        "model": str(plan.source.dir),
-        "options": plan.options.run_identity(),
-        "bits": {
-            "budget": plan.options.bits,
-            "budget_scope": plan.options.budget_scope,
-            "achieved_all": cfg.achieved_bits["all"],
-            "achieved_factors": cfg.achieved_bits["factors"],
-            "routed_expert_weights": plan.total_weights,
-            "non_expert_params": non_expert_params(plan),
-        },
-        "basis": {"dtype": plan.basis_dtype, "rank": plan.rank},
-        "allocation": stats,
-        "layers": {
-            module: {
-                **{p: {"histogram": hist[p], "estimated_loss": float(chosen[k, j])} for j, p in enumerate(PROJECTIONS)},
-                "relative_error": errors[module],
-                "routed_tokens_per_expert": routed_tokens[k].tolist(),
-                "residual_energy": float(energy[k]),
-            }
-            for k, (module, hist) in enumerate(zip(module_of(plan).values(), histograms(bits, plan.widths).values()))
-        },
-        "worst_relative_error": max(errors.values()),
-        "stages": timer.stages,
-    }
-
-
-def non_expert_params(plan: Plan) -> int:
-    """Parameters BitsMoE leaves as they are (attention, router, shared experts, embeddings...)."""
-    experts = tuple(f"{plan.source.architecture.experts_module.format(layer=i)}." for i in plan.moe_layers)
-    return sum(plan.source.tensors.numel(n) for n in plan.source.tensor_names() if not n.startswith(experts))

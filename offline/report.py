@@ -12,7 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from bitsmoe_vllm.format import PROJECTIONS  # noqa: E402
+from bitsmoe_vllm.format import PROJECTIONS, QuantConfig  # noqa: E402
+
+from .plan import Plan  # noqa: E402
 
 
 class StageTimer:
@@ -67,3 +69,53 @@ def plot_allocation(directory: Path, bits: dict[int, torch.Tensor]) -> list[str]
     fig.savefig(directory / "bits_by_rank.png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return ["bits_heatmap.png", "bits_by_rank.png"]
+
+
+def report(
+    plan: Plan,
+    cfg: QuantConfig,
+    choice: torch.Tensor,
+    bits: dict[int, torch.Tensor],
+    modules: list[str],
+    losses: torch.Tensor,
+    routed_tokens: torch.Tensor,
+    energy: torch.Tensor,
+    stats: dict,
+    errors: dict[str, float],
+    timer: StageTimer,
+) -> dict:
+    """quantization_report.json: what was chosen (`choice`, the widths of every rank row `bits`: offline.quantize),
+    at what estimated and measured error, in what time; `modules`: the MoE layers' experts modules."""
+    relative = losses.gather(1, choice[:, None]).reshape(len(plan.moe_layers), len(PROJECTIONS), -1).sum(-1)  # [L, 3]
+    chosen = relative * energy[:, None].to(relative.dtype)  # squared output error per token
+    return {
+        "model": str(plan.source.dir),
+        "options": plan.options.run_identity(),
+        "bits": {
+            "budget": plan.options.bits,
+            "budget_scope": plan.options.budget_scope,
+            "achieved_all": cfg.achieved_bits["all"],
+            "achieved_factors": cfg.achieved_bits["factors"],
+            "routed_expert_weights": plan.total_weights,
+            "non_expert_params": non_expert_params(plan),
+        },
+        "basis": {"dtype": plan.basis_dtype, "rank": plan.rank},
+        "allocation": stats,
+        "layers": {
+            module: {
+                **{p: {"histogram": hist[p], "estimated_loss": float(chosen[k, j])} for j, p in enumerate(PROJECTIONS)},
+                "relative_error": errors[module],
+                "routed_tokens_per_expert": routed_tokens[k].tolist(),
+                "residual_energy": float(energy[k]),
+            }
+            for k, (module, hist) in enumerate(zip(modules, histograms(bits, plan.widths).values()))
+        },
+        "worst_relative_error": max(errors.values()),
+        "stages": timer.stages,
+    }
+
+
+def non_expert_params(plan: Plan) -> int:
+    """Parameters BitsMoE leaves as they are (attention, router, shared experts, embeddings...)."""
+    experts = tuple(f"{plan.source.architecture.experts_module.format(layer=i)}." for i in plan.moe_layers)
+    return sum(plan.source.tensors.numel(n) for n in plan.source.tensor_names() if not n.startswith(experts))
