@@ -58,10 +58,10 @@ def expert_gradients(tokens: torch.Tensor) -> tuple[float, list[dict], list[dict
     return nll, weights, gradients
 
 
-def first_order(checkpoint: str, unquantized: dict, gradients: list[dict]) -> dict[str, dict[int, float]]:
-    """Projection -> row width -> the summed g . delta of the rows of that width."""
+def factor_rows(checkpoint: str, unquantized: list[dict], gradients: list[dict]):
+    """Per layer, projection and expert of a checkpoint: (projection, the rows' widths [R], the unquantized factor F,
+    dNLL/dF and the quantized factor, [R, I] each), F in the checkpoint's basis."""
     cfg, files = read_quant_config(checkpoint), TensorFiles(checkpoint)
-    out = {p: {} for p in PROJECTIONS}
     for i, layout in enumerate(cfg.layers):
         layer = load_layer(files, cfg, layout.module)
         for p in PROJECTIONS:
@@ -71,14 +71,19 @@ def first_order(checkpoint: str, unquantized: dict, gradients: list[dict]) -> di
             for e in range(cfg.num_experts):
                 W, g = unquantized[i][p][e], gradients[i][p][e]
                 if p == "down":  # W [H, I] = B F
-                    contribution = (expert_factor(factors, e, cfg.group_size) - torch.linalg.solve(B, W)) * (B.T @ g)
+                    f, df = torch.linalg.solve(B, W), B.T @ g
                 else:  # W [I, H] = F^T B
-                    contribution = (expert_factor(factors, e, cfg.group_size) - torch.linalg.solve(B.T, W.T)) * (
-                        B @ g.T
-                    )
-                per_row, bits = contribution.sum(1), factors.bits[e].long()
-                for b in bits.unique().tolist():
-                    out[p][b] = out[p].get(b, 0.0) + float(per_row[bits == b].sum())
+                    f, df = torch.linalg.solve(B.T, W.T), B @ g.T
+                yield p, factors.bits[e].long(), f, df, expert_factor(factors, e, cfg.group_size)
+
+
+def first_order(checkpoint: str, unquantized: list[dict], gradients: list[dict]) -> dict[str, dict[int, float]]:
+    """Projection -> row width -> the summed g . delta of the rows of that width."""
+    out = {p: {} for p in PROJECTIONS}
+    for p, bits, f, df, quantized in factor_rows(checkpoint, unquantized, gradients):
+        per_row = ((quantized - f) * df).sum(1)
+        for b in bits.unique().tolist():
+            out[p][b] = out[p].get(b, 0.0) + float(per_row[bits == b].sum())
     return out
 
 
