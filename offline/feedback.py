@@ -6,7 +6,7 @@ import torch
 from bitsmoe_vllm.format import BITS_DTYPE
 from bitsmoe_vllm.reference import dequantize_factor
 
-from . import gptq
+from . import gptq, heap
 from .calibrate import Routed
 from .encode import encode_factor
 from .plan import Plan
@@ -42,6 +42,8 @@ def feedback_rounding(
                 encode_factor(f, w, plan.group_size, row_scales=s, odd=plan.odd_codes)
                 for f, w, s in zip(rounded, bits, scales, strict=True)
             ]
+            del h, rounded, scales
+            heap.release()
     return encoded
 
 

@@ -15,12 +15,16 @@ Every projection in the orientation of offline.decompose, factor F_e [R, I]:
   are rounded in order with the width of their row. By default (target "layer") its inputs are those of the gate
   and up as rounded, and it is rounded toward the factor whose output on them comes closest to the expert's
   original output (corrected): the down projection compensates the gate and up's errors as well as its own.
-An expert no calibration token reached has H = 0 and is rounded to nearest.
+An expert no calibration token reached has H = 0 and is rounded to nearest. A batch of experts whose busiest has at
+most half as many tokens as coordinates (Qwen3-30B-A3B's with a few thousand calibration tokens) takes
+offline.lowrank's path: the same rounding from each expert's tokens, without the d x d factorisations.
 
 Order: GPTQ's error goes only to the coordinates rounded after it, so the coarsest go first: the rank rows by
 ascending width (the dropped rows, width 0, first, the widest rows absorbing their error), ties and the down
 projection's columns by descending H_ii (GPTQ's activation order).
 """
+
+from functools import partial
 
 import torch
 
@@ -28,6 +32,8 @@ from bitsmoe_vllm.activation import SILU, Activation
 from bitsmoe_vllm.packing import code_bounds, round_to_codes
 
 from .calibrate import Routed, pre_activations, with_biases
+from .lowrank import FEW, Tokens, schur
+from .lowrank import feedback as few_tokens_feedback
 from .rounding import quantize_mixed_rows, quantize_rows
 from .threads import factor_threads
 
@@ -57,16 +63,25 @@ def hessians(
 ) -> dict[str, torch.Tensor]:
     """Per projection of `projections`, [E, n, n] float32: the Hessian of its rank-space inputs (gate, up: z = V x,
     n = R) or of the down projection's inputs (n = I), over each expert's routed tokens with squared routing
-    weights; of the experts `experts` only ([len(experts), n, n]; expert_batches), else of all.
+    weights; of the experts `experts` only ([len(experts), n, n]; expert_batches), else of all. When the batch's
+    busiest expert has at most n / lowrank.FEW tokens, the Hessians as their tokens' inputs times the routing weights
+    (lowrank.Tokens, [E, tokens, n]), which compensation and round_factors take as well.
 
     rounded: the gate and up factors [E, R, I] as rounded. The down projection's inputs u are then those of the
-    rounded gate and up, "down-deviation" [E, I, I] is sum w^2 (a - u) u^T, a the original gate and up's, and
-    "down-tokens" [E] the number of tokens (round_factors' target: the expert's original output)."""
+    rounded gate and up, "down-deviation" [E, I, I] is sum w^2 (a - u) u^T, a the original gate and up's (with
+    Tokens: w (a - u) per token, [E, tokens, I]), and "down-tokens" [E] the number of tokens (round_factors' target:
+    the expert's original output)."""
     experts = experts or range(weights["gate"].shape[0])
     device = weights["gate"].device
     x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
     size = {p: hessian_size(weights, bases, p) for p in projections}
-    out = {p: torch.zeros(len(experts), size[p], size[p], device=x.device) for p in projections}
+    counts = torch.bincount(ids.flatten(), minlength=experts.stop)[experts.start : experts.stop]
+    most = int(counts.max()) if len(counts) else 0
+    few = {p for p in projections if FEW * most <= size[p]}
+    out = {
+        p: torch.zeros(len(experts), *((most, size[p]) if p in few else (size[p], size[p])), device=x.device)
+        for p in projections
+    }
     towards_layer = rounded is not None and "down" in out
     if towards_layer:
         out["down-deviation"] = torch.zeros_like(out["down"])
@@ -77,11 +92,15 @@ def hessians(
         if e not in experts:
             continue
         token, slot = (ids == e).nonzero(as_tuple=True)
-        xe, w2 = x[token], w[token, slot] ** 2
+        xe, we, i, n = x[token], w[token, slot, None], e - experts.start, len(token)
+        w2 = we[:, 0] ** 2
         for p in ("gate", "up"):
             if p in out:
                 ze = z[p][token]
-                out[p][e - experts.start] = (ze * w2[:, None]).T @ ze
+                if p in few:
+                    out[p][i, :n] = ze * we
+                else:
+                    out[p][i] = (ze * w2[:, None]).T @ ze
         if "down" in out:
             a = act(*pre_activations(weights, e, xe))
             u = a
@@ -89,11 +108,16 @@ def hessians(
                 u = act(
                     *with_biases(weights, e, z["gate"][token] @ rounded["gate"][e], z["up"][token] @ rounded["up"][e])
                 )
-            out["down"][e - experts.start] = (u * w2[:, None]).T @ u
-            if towards_layer:
-                out["down-deviation"][e - experts.start] = ((a - u) * w2[:, None]).T @ u
-                out["down-tokens"][e - experts.start] = len(token)
-    return out
+                out["down-tokens"][i] = n
+            if "down" in few:
+                out["down"][i, :n] = u * we
+            else:
+                out["down"][i] = (u * w2[:, None]).T @ u
+            if towards_layer and "down" in few:
+                out["down-deviation"][i, :n] = (a - u) * we
+            elif towards_layer:
+                out["down-deviation"][i] = ((a - u) * w2[:, None]).T @ u
+    return {p: Tokens(h, counts.tolist()) if p in few else h for p, h in out.items()}
 
 
 def hessian_size(weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None], projection: str) -> int:
@@ -123,27 +147,37 @@ def round_factors(
     odd: bool = True,
     deviation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """factors [E, R, I], bits [E, R], hessian [E, n, n] -> the rounded factors [E, R, I] (codes times scales) and
-    their scales [E, R, I/G] (0 for rows of width 0); odd: format version 2's codes (bitsmoe_vllm.packing).
+    """factors [E, R, I], bits [E, R], hessian [E, n, n] or lowrank.Tokens -> the rounded factors [E, R, I] (codes
+    times scales) and their scales [E, R, I/G] (0 for rows of width 0); odd: format version 2's codes
+    (bitsmoe_vllm.packing).
 
-    deviation: (down only) hessians' "down-deviation" [E, I, I] and "down-tokens" [E]: the rounding aims at the
-    factors whose output on the inputs comes closest to the layer's original output (corrected), not at the
-    factors."""
+    deviation: (down only) hessians' "down-deviation" ([E, I, I]; with Tokens [E, n, I]) and "down-tokens" [E]: the
+    rounding aims at the factors whose output on the inputs comes closest to the layer's original output (corrected),
+    not at the factors."""
+    few = isinstance(hessian, Tokens)
     if deviation is not None:
-        factors = by_experts(lambda h, d, n, f: corrected(f, h, d, n), hessian, *deviation, factors)
-    busiest = hessian.diagonal(dim1=1, dim2=2).argsort(dim=1, descending=True, stable=True)  # [E, n]
+        if few:
+            factors = few_tokens_corrected(factors, hessian.z, *deviation)
+        else:
+            factors = by_experts(lambda h, d, n, f: corrected(f, h, d, n), hessian, *deviation, factors)
+    diag = hessian.diagonal(dim1=1, dim2=2).clone()  # not a view: the dense H is freed below
+    busiest = diag.argsort(dim=1, descending=True, stable=True)  # [E, n]
     order = busiest
     if projection != "down":
         order = busiest.gather(1, bits.gather(1, busiest).argsort(dim=1, stable=True))  # by width, then by H_ii
-    # one [E, n, n] at a time besides the result (a big layer's are GBs): the caller's H goes once reordered
-    reordered = take(take(hessian, order, 1), order, 2)
-    del hessian
-    u = inverse_cholesky(reordered)
-    del reordered
+    if few:
+        z = take(hessian.z, order, 2)
+        v, c = schur(z.double(), take(damping(diag), order, 1), hessian.tokens)
+        run = partial(few_tokens_feedback, z=z, v=v, c=c)
+    else:  # one [E, n, n] at a time besides the result (a big layer's are GBs): the caller's H goes once reordered
+        reordered = take(take(hessian, order, 1), order, 2)
+        del hessian
+        run = partial(feedback, u=inverse_cholesky(reordered))
+        del reordered
     if projection != "down":
-        rounded, scales = _round_rank_rows(take(factors, order, 1), bits.gather(1, order), u, group_size, steps, odd)
+        rounded, scales = _round_rank_rows(take(factors, order, 1), bits.gather(1, order), group_size, steps, odd, run)
         return put(rounded, order, 1), put(scales, order, 1)
-    rounded, scales = _round_columns(take(factors, order, 2), bits, u, group_size, steps, order, odd)
+    rounded, scales = _round_columns(take(factors, order, 2), bits, group_size, steps, order, odd, run)
     return put(rounded, order, 2), scales
 
 
@@ -162,10 +196,9 @@ def _index(t: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tensor:
     return order.view(shape).expand_as(t)
 
 
-def _round_rank_rows(
-    factors: torch.Tensor, bits: torch.Tensor, u: torch.Tensor, group_size: int, steps: int, odd: bool
-):
-    """round_factors of gate and up, the rank rows in the order to round them; u: inverse_cholesky of their H."""
+def _round_rank_rows(factors: torch.Tensor, bits: torch.Tensor, group_size: int, steps: int, odd: bool, run):
+    """round_factors of gate and up, the rank rows in the order to round them; run(w, quantize): feedback with
+    inverse_cholesky of their H, or lowrank.feedback."""
     E, R, I = factors.shape
     scales = torch.zeros(E, R, I // group_size, device=factors.device)
 
@@ -178,21 +211,15 @@ def _round_rank_rows(
             q[sel] = codes.float() * s.float().repeat_interleave(group_size, dim=1)
         return q
 
-    rounded = feedback(factors.transpose(1, 2), u, rows).transpose(1, 2)
+    rounded = run(factors.transpose(1, 2), quantize=rows).transpose(1, 2)
     return rounded.contiguous(), scales
 
 
 def _round_columns(
-    factors: torch.Tensor,
-    bits: torch.Tensor,
-    u: torch.Tensor,
-    group_size: int,
-    steps: int,
-    order: torch.Tensor,
-    odd: bool,
+    factors: torch.Tensor, bits: torch.Tensor, group_size: int, steps: int, order: torch.Tensor, odd: bool, run
 ):
-    """round_factors of down, the columns in the order order [E, I] to round them (u: inverse_cholesky of their H in
-    that order); the group scales are fitted to the columns in place, before any rounding."""
+    """round_factors of down, the columns in the order order [E, I] to round them (run: as _round_rank_rows'); the
+    group scales are fitted to the columns in place, before any rounding."""
     E, R, I = factors.shape
     scales = torch.zeros(E, R, I // group_size, device=factors.device)
     in_place = put(factors, order, 2)
@@ -209,7 +236,7 @@ def _round_columns(
         codes = round_to_codes(f / safe, bounds)
         return torch.where(s > 0, codes * s, torch.zeros_like(f))
 
-    return feedback(factors, u, columns), scales
+    return run(factors, quantize=columns), scales
 
 
 def by_experts(fn, hessian: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
@@ -238,13 +265,36 @@ def corrected(
     return (f + step.transpose(1, 2)).float()
 
 
+def few_tokens_corrected(
+    factors: torch.Tensor, z: torch.Tensor, deviation: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """corrected with H = Z^T Z and D = deviation^T Z (hessians' Tokens and token deviations [E, n, I]): with Lambda
+    the damping and P = Z Lambda^-1 Z^T [n, n], F D (H + Lambda)^-1 = F deviation^T (I + P)^-1 Z Lambda^-1."""
+    diag = z.double().square().sum(1)
+    lam = damping(diag) + diag.mean(1, keepdim=True) * z.shape[-1] / tokens.double().clamp(min=1)[:, None]
+    scaled = z.double() / lam[:, None, :]  # Z Lambda^-1
+    p = scaled @ z.double().transpose(1, 2)
+    p.diagonal(dim1=1, dim2=2).add_(1)
+    f = factors.double()
+    with factor_threads():
+        step = torch.cholesky_solve(deviation.double() @ f.transpose(1, 2), torch.linalg.cholesky(p))  # [E, n, R]
+    return (f + step.transpose(1, 2) @ scaled).float()
+
+
 def compensation(projection: str, hessian: torch.Tensor) -> torch.Tensor:
     """[E, n]: the share of each coordinate's rounding loss that the error feedback leaves, for the cost model.
     Rounding coordinate i after those before it in the order costs d^2 / U_ii^2 (the damped H's Schur complement of
     the coordinates not yet rounded, U_ii^-2 <= H_ii) against d^2 H_ii rounded to nearest. The order is
     round_factors': the down projection's columns by descending H_ii; the rank rows by ascending width, which the
     allocation has not chosen yet, so ascending H_ii stands in for it (the rows that matter least get the widths
-    that drop or coarsen them, and go first)."""
+    that drop or coarsen them, and go first). hessian: or lowrank.Tokens."""
+    if isinstance(hessian, Tokens):
+        diag = hessian.diagonal().double()
+        lam = damping(diag)
+        full = diag + lam  # damped's diagonal
+        order = full.argsort(dim=1, descending=projection == "down", stable=True)
+        share = schur(take(hessian.z.double(), order, 2), take(lam, order, 1), hessian.tokens)[1] / take(full, order, 1)
+        return put(share.clamp(max=1), order, 1).float()
     return by_experts(lambda h: _compensation(projection, h), hessian)
 
 
@@ -265,9 +315,15 @@ def damped(hessian: torch.Tensor) -> torch.Tensor:
     """[E, n, n] float64 H + DAMP * mean(H_ii) I; a coordinate no token excited gets H_ii = 1."""
     h = hessian.double().clone()
     diag = h.diagonal(dim1=1, dim2=2)
-    diag[diag <= 0] = 1.0
-    diag += DAMP * diag.mean(1, keepdim=True)
+    diag += damping(diag)
     return h
+
+
+def damping(diag: torch.Tensor) -> torch.Tensor:
+    """[E, n] H_ii -> [E, n] float64 lambda with damped(H) = H + diag(lambda)."""
+    none = diag <= 0
+    diag = torch.where(none, 1.0, diag.double())
+    return DAMP * diag.mean(1, keepdim=True) + none
 
 
 def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 
 from bitsmoe_vllm.offline import gptq, threads
 from bitsmoe_vllm.offline.decompose import top_basis
+from bitsmoe_vllm.offline.lowrank import Tokens
 
 
 @pytest.fixture
@@ -49,3 +50,24 @@ def test_the_error_feedback_is_the_same_in_a_worker(fn, as_worker):
     }[fn]
     main, worker = as_worker(call)
     assert torch.isfinite(main).all() and torch.equal(main, worker)
+
+
+@pytest.mark.parametrize("projection", ["up", "down"])
+def test_the_error_feedback_with_few_tokens_is_the_same_in_a_worker(projection, as_worker):
+    # offline.lowrank: 4 experts' 96-224 tokens of 512 coordinates (the busiest at most half of them)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 224, 512, generator=g)
+    counts = [224, 96, 160, 0]
+    for e, n in enumerate(counts):
+        z[e, n:] = 0
+    tokens = Tokens(z, counts)
+    rows = 64 if projection == "down" else 512  # factors [E, R, I]: the coordinates are I (down) or R (up)
+    factors, bits = torch.randn(4, rows, 512, generator=g), torch.randint(1, 5, (4, rows), generator=g)
+    deviation = (0.1 * z, torch.tensor(counts)) if projection == "down" else None
+
+    def call():
+        share = gptq.compensation(projection, tokens)
+        return share, *gptq.round_factors(projection, factors, bits, tokens, 32, 8, deviation=deviation)
+
+    main, worker = as_worker(call)
+    assert all(torch.isfinite(m).all() and torch.equal(m, w) for m, w in zip(main, worker, strict=True))
