@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from benchmarks import machine
 from benchmarks.bench_quality import BITSMOE
-from benchmarks.first_order import factor_rows
+from benchmarks.first_order import factor_rows, mean_nll
 from benchmarks.quality_metrics import compare, window_log_probs, windows
 from bitsmoe_vllm.offline.calibrate import read_texts, token_stream
 from bitsmoe_vllm.offline.evaluate import load_model
@@ -36,14 +36,6 @@ STEPS = (0.0003, 0.001, 0.003)
 QUANTIZED_STEPS = (0.0, 0.0003, 0.0006)
 
 
-def nll(model, tokens: torch.Tensor) -> float:
-    total = count = 0
-    for w in windows(tokens):
-        total -= float(torch.log_softmax(model(w[None]).logits[0, :-1], -1).gather(1, w[1:, None]).sum())
-        count += len(w) - 1
-    return total / count
-
-
 def gradients(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """dNLL/dW per token for the routed experts' fused gate_up_proj [E, 2I, H] and down_proj [E, H, I]."""
     experts = {n: p for n, p in model.named_parameters() if ".experts." in n}
@@ -51,10 +43,7 @@ def gradients(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         p.requires_grad_(False)
     for p in experts.values():
         p.requires_grad_(True)
-    count = 0
-    for w in windows(tokens):
-        (-torch.log_softmax(model(w[None]).logits[0, :-1], -1).gather(1, w[1:, None]).sum()).backward()
-        count += len(w) - 1
+    count = mean_nll(model, tokens, backward=True)[1]
     out = {n: p.grad / count for n, p in experts.items()}
     for p in experts.values():
         p.requires_grad_(False)
@@ -145,7 +134,7 @@ def main() -> None:
     original = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
     reference = window_log_probs(model, evaluation)
     with torch.no_grad():
-        base = {"calib": nll(model, calib), "eval": nll(model, evaluation)}
+        base = {"calib": mean_nll(model, calib)[0], "eval": mean_nll(model, evaluation)[0]}
     grads = gradients(model, calib)
     on_eval = gradients(model, evaluation)
     agreement = sum(float((grads[n] * on_eval[n]).sum()) for n in grads) / (norm(grads) * norm(on_eval))
@@ -157,7 +146,7 @@ def main() -> None:
             shift(model, original, direction, step)
             with torch.no_grad():
                 metrics = compare(model, evaluation, reference)
-                row = {"direction": name, "step": step, "calib_nll_change": nll(model, calib) - base["calib"]}
+                row = {"direction": name, "step": step, "calib_nll_change": mean_nll(model, calib)[0] - base["calib"]}
             row |= {"eval_nll_change": math.log(metrics["ppl_windows"]) - base["eval"], "kl": metrics["kl"]}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -92,15 +92,11 @@ def hessians(
         if e not in experts:
             continue
         token, slot = (ids == e).nonzero(as_tuple=True)
-        xe, we, i, n = x[token], w[token, slot, None], e - experts.start, len(token)
-        w2 = we[:, 0] ** 2
+        xe, we, i = x[token], w[token, slot], e - experts.start
         for p in ("gate", "up"):
             if p in out:
                 ze = z[p][token]
-                if p in few:
-                    out[p][i, :n] = ze * we
-                else:
-                    out[p][i] = (ze * w2[:, None]).T @ ze
+                _add_moment(out[p], i, ze, ze, we, p in few)
         if "down" in out:
             a = act(*pre_activations(weights, e, xe))
             u = a
@@ -108,16 +104,17 @@ def hessians(
                 u = act(
                     *with_biases(weights, e, z["gate"][token] @ rounded["gate"][e], z["up"][token] @ rounded["up"][e])
                 )
-                out["down-tokens"][i] = n
-            if "down" in few:
-                out["down"][i, :n] = u * we
-            else:
-                out["down"][i] = (u * w2[:, None]).T @ u
-            if towards_layer and "down" in few:
-                out["down-deviation"][i, :n] = (a - u) * we
-            elif towards_layer:
-                out["down-deviation"][i] = ((a - u) * w2[:, None]).T @ u
+                _add_moment(out["down-deviation"], i, a - u, u, we, "down" in few)
+                out["down-tokens"][i] = len(token)
+            _add_moment(out["down"], i, u, u, we, "down" in few)
     return {p: Tokens(h, counts.tolist()) if p in few else h for p, h in out.items()}
+
+
+def _add_moment(out: torch.Tensor, e: int, left: torch.Tensor, right: torch.Tensor, w: torch.Tensor, few: bool):
+    """out[e] = the sum over an expert's tokens of w^2 left^T right, or with few tokens (lowrank.Tokens) its first
+    rows the tokens' w left."""
+    moment = left * w[:, None] if few else (left * (w**2)[:, None]).T @ right
+    out[e, : len(moment)] = moment
 
 
 def hessian_size(weights: dict[str, torch.Tensor], bases: dict[str, torch.Tensor | None], projection: str) -> int:

@@ -81,8 +81,7 @@ def feedback(w: torch.Tensor, z: torch.Tensor, v: torch.Tensor, c: torch.Tensor,
     z = z.float()
     vc = (v / c[:, None, :]).float()
     s = torch.zeros(E, z.shape[1], rows, device=w.device)  # sum over the rounded coordinates of z_i (w0_i - q_i)^T
-    current = err = None  # one block's values and errors [E, rows, b], reused: blocks of MBs allocated anew each
-    # time fragmented the heap (offline.heap)
+    current = err = None  # one block's values and errors [E, rows, b], allocated once, not per block
     for start in range(0, d, BLOCK):
         end = min(start + BLOCK, d)
         if current is None or current.shape[2] != end - start:

@@ -97,7 +97,7 @@ def report(
             "achieved_all": cfg.achieved_bits["all"],
             "achieved_factors": cfg.achieved_bits["factors"],
             "routed_expert_weights": plan.total_weights,
-            "non_expert_params": non_expert_params(plan),
+            "non_expert_params": non_expert_params(plan, modules),
         },
         "basis": {"dtype": plan.basis_dtype, "rank": plan.rank},
         "allocation": stats,
@@ -115,7 +115,8 @@ def report(
     }
 
 
-def non_expert_params(plan: Plan) -> int:
-    """Parameters BitsMoE leaves as they are (attention, router, shared experts, embeddings...)."""
-    experts = tuple(f"{plan.source.architecture.experts_module.format(layer=i)}." for i in plan.moe_layers)
+def non_expert_params(plan: Plan, modules: list[str]) -> int:
+    """Parameters BitsMoE leaves as they are (attention, router, shared experts, embeddings...); `modules`: the MoE
+    layers' experts modules."""
+    experts = tuple(f"{module}." for module in modules)
     return sum(plan.source.tensors.numel(n) for n in plan.source.tensor_names() if not n.startswith(experts))
