@@ -106,6 +106,18 @@ def test_workers_export_independent_layers_with_the_bytes_of_one_process(uninter
     assert_same_checkpoint(tmp_path / "2", checkpoint_bytes(tmp_path / "1"))
 
 
+def spawned_children(pid: int) -> list[str]:
+    """pid's children started by multiprocessing's spawn (not its resource tracker)."""
+    found = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except FileNotFoundError:  # ended between the two reads
+            pass
+    return found
+
+
 @pytest.mark.slow  # the workers killed while they cost, the run resumed in one process: ~30 s
 def test_a_run_whose_workers_are_killed_says_so_and_resumes_in_one_process(uninterrupted, calib_file, tmp_path):
     model, expected = uninterrupted
@@ -114,14 +126,14 @@ def test_a_run_whose_workers_are_killed_says_so_and_resumes_in_one_process(unint
     err = tmp_path / "stderr.txt"
     with err.open("w") as f:
         proc = subprocess.Popen([*command, "--workers", "2"], stdout=subprocess.DEVNULL, stderr=f)
-    deadline = time.monotonic() + 120
-    while not any(work.glob("walked-*.safetensors")):  # a layer walked, its costs not saved yet
+    deadline, workers = time.monotonic() + 120, []
+    # a layer walked, its costs not saved yet, and the workers it was handed to started: the pool spawns them on
+    # the first job, just after the walked layer is saved, and a child's cmdline is its parent's until it execs
+    while not (workers and any(work.glob("walked-*.safetensors"))):
         assert proc.poll() is None and time.monotonic() < deadline, "the workers never got a layer"
         time.sleep(0.005)
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert workers, "no worker process found"
-    for pid in workers:  # not multiprocessing's resource tracker
+        workers = spawned_children(proc.pid)
+    for pid in workers:
         os.kill(int(pid), signal.SIGKILL)
     assert proc.wait(timeout=120) == 1
     assert "a --workers process ended abruptly" in err.read_text()
