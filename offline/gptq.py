@@ -39,6 +39,10 @@ from .threads import factor_threads
 
 DAMP = 0.01  # of the mean diagonal, added to H (GPTQ's default)
 BLOCK = 128  # coordinates per block of updates deferred into one matrix product
+# within a block, coordinates per sub-block: a coordinate's error moves the rest of its sub-block at once, the rest of
+# the block by one matrix product per sub-block (one update per coordinate over the whole block was a third of the
+# export's feedback time on a Qwen3-30B-A3B-shaped layer, benchmarks/README.md)
+SUB = 16
 # float64 bytes of one batch of the factorisations' operands: Qwen3-30B-A3B's 128 experts' rank-space Hessians
 # (2048 x 2048) factorised at once took 17 GB of temporaries and ran this 24 GB machine out of memory; each batch's
 # factorisation holds about five copies of it
@@ -340,17 +344,20 @@ def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
 def feedback(w: torch.Tensor, u: torch.Tensor, quantize) -> torch.Tensor:
     """GPTQ over the last dimension of w [E, rows, n] with u [E, n, n]; quantize(i, column [E, rows]) rounds
     coordinate i. Returns the rounded w."""
-    w = w.clone()
-    out = torch.zeros_like(w)
-    n = w.shape[2]
+    w = w.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # coordinate-major, as every update below
+    out = torch.empty_like(w)
+    n = w.shape[1]
     for start in range(0, n, BLOCK):
         end = min(start + BLOCK, n)
-        err = torch.zeros(w.shape[0], w.shape[1], end - start, device=w.device)
-        for i in range(start, end):
-            q = quantize(i, w[:, :, i])
-            out[:, :, i] = q
-            d = (w[:, :, i] - q) / u[:, i, i, None]
-            w[:, :, i + 1 : end].addcmul_(d[:, :, None], u[:, None, i, i + 1 : end], value=-1)  # no temporary
-            err[:, :, i - start] = d
-        w[:, :, end:] -= err @ u[:, start:end, end:]
-    return out
+        err = torch.empty(w.shape[0], end - start, w.shape[2], device=w.device)
+        for i0 in range(start, end, SUB):
+            i1 = min(i0 + SUB, end)
+            for i in range(i0, i1):
+                q = quantize(i, w[:, i])
+                out[:, i] = q
+                d = err[:, i - start]
+                torch.div(w[:, i] - q, u[:, i, i, None], out=d)
+                w[:, i + 1 : i1].addcmul_(u[:, i, i + 1 : i1, None], d[:, None], value=-1)  # no temporary
+            w[:, i1:end].baddbmm_(u[:, i0:i1, i1:end].transpose(1, 2), err[:, i0 - start : i1 - start], alpha=-1)
+        w[:, end:].baddbmm_(u[:, start:end, end:].transpose(1, 2), err, alpha=-1)
+    return out.transpose(1, 2)

@@ -25,7 +25,7 @@ import torch
 
 from .threads import factor_threads
 
-BLOCK = 128  # coordinates per block, as offline.gptq's
+BLOCK, SUB = 128, 16  # coordinates per block and per sub-block, as offline.gptq's
 # the path for a batch of experts whose busiest expert's tokens are at most 1/FEW of the coordinates: its rounding
 # then costs at most what the dense path's does, without the factorisations
 FEW = 2
@@ -77,22 +77,22 @@ def feedback(w: torch.Tensor, z: torch.Tensor, v: torch.Tensor, c: torch.Tensor,
     """offline.gptq.feedback for H = Z^T Z: w [E, rows, d], z [E, n, d] and schur's v, c, the coordinates in the order
     they are rounded; quantize(i, column [E, rows]) rounds coordinate i. Returns the rounded w."""
     E, rows, d = w.shape
-    out = torch.zeros_like(w)
+    out = torch.empty(E, d, rows, device=w.device)  # coordinate-major, as every update below
     z = z.float()
     vc = (v / c[:, None, :]).float()
     s = torch.zeros(E, z.shape[1], rows, device=w.device)  # sum over the rounded coordinates of z_i (w0_i - q_i)^T
-    current = err = None  # one block's values and errors [E, rows, b], allocated once, not per block
     for start in range(0, d, BLOCK):
         end = min(start + BLOCK, d)
-        if current is None or current.shape[2] != end - start:
-            current = torch.empty(E, rows, end - start, device=w.device)
-            err = torch.empty_like(current)
-        torch.baddbmm(w[:, :, start:end], s.transpose(1, 2), vc[:, :, start:end], out=current)
+        current = torch.baddbmm(w[:, :, start:end].transpose(1, 2), vc[:, :, start:end].transpose(1, 2), s)
+        err = torch.empty_like(current)
         within = vc[:, :, start:end].transpose(1, 2) @ z[:, :, start:end]  # [E, b, b]: v_j^T z_i / c_j
-        for k in range(end - start):
-            q = quantize(start + k, current[:, :, k])
-            out[:, :, start + k] = q
-            torch.sub(w[:, :, start + k], q, out=err[:, :, k])
-            current[:, :, k + 1 :].addcmul_(err[:, :, k, None], within[:, None, k + 1 :, k])
-        s.baddbmm_(z[:, :, start:end], err.transpose(1, 2))
-    return out
+        for k0 in range(0, end - start, SUB):
+            k1 = min(k0 + SUB, end - start)
+            for k in range(k0, k1):
+                q = quantize(start + k, current[:, k])
+                out[:, start + k] = q
+                torch.sub(w[:, :, start + k], q, out=err[:, k])
+                current[:, k + 1 : k1].addcmul_(within[:, k + 1 : k1, k, None], err[:, None, k])
+            current[:, k1:].baddbmm_(within[:, k1:, k0:k1], err[:, k0:k1])
+        s.baddbmm_(z[:, :, start:end], err)
+    return out.transpose(1, 2)

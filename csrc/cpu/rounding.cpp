@@ -80,12 +80,15 @@ template <bool Odd>
   }
   const float s = w.odd ? group_scale<true>(x, G, w, steps) : group_scale<false>(x, G, w, steps);
   const float safe = s > 0 ? s : 1.0f, on = s > 0 ? 1.0f : 0.0f;
-  if (w.odd) {
+  // a copy the stores to c cannot alias: through the reference GCC reloaded the bounds at every code, did not
+  // vectorise the loop, and branched on each code's rounding (two thirds of rounding_losses' time at 2 bits)
+  const Width k = w;
+  if (k.odd) {
 #pragma omp simd
-    for (int64_t i = 0; i < G; ++i) c[i] = code_of<true>(x[i] / safe * on, w);
+    for (int64_t i = 0; i < G; ++i) c[i] = code_of<true>(x[i] / safe * on, k);
   } else {
 #pragma omp simd
-    for (int64_t i = 0; i < G; ++i) c[i] = code_of<false>(x[i] / safe * on, w);
+    for (int64_t i = 0; i < G; ++i) c[i] = code_of<false>(x[i] / safe * on, k);
   }
   return s;
 }
