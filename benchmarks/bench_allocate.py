@@ -3,21 +3,35 @@
 Reports wall time and the optimality gap; writes JSON to benchmarks/results/.
 
     .venv/bin/python benchmarks/bench_allocate.py --unit-rows 64 32 16
+
+With --model (a checkpoint of Qwen3-30B-A3B's shape, e.g. benchmarks/work/qwen3-30b-a3b-l1 that
+bench_quantize_vs_gptq builds): bitsmoe-quantize's whole allocation stage (the choice of basis, then the
+allocation) for --layers such MoE layers, on synthetic costs of every kind the defaults measure (the identity
+basis one unit per rank row: 37.7M units at 48 layers), with its wall time and peak RSS.
+
+    .venv/bin/python benchmarks/bench_allocate.py --model benchmarks/work/qwen3-30b-a3b-l1 --layers 48
 """
 
 import argparse
+import dataclasses
 import json
+import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import describe  # noqa: E402
 from bitsmoe_vllm.offline.allocate import allocate  # noqa: E402
+from bitsmoe_vllm.offline.plan import Options, make_plan  # noqa: E402
+from bitsmoe_vllm.offline.quantize import allocate_bits  # noqa: E402
+from bitsmoe_vllm.offline.rundir import RunDir  # noqa: E402
 
 
 def qwen3_30b_instance(unit_rows: int, seed: int = 0):
@@ -34,11 +48,62 @@ def qwen3_30b_instance(unit_rows: int, seed: int = 0):
     return loss, cost, 2.5 * 48 * 3 * 128 * 2048 * 768
 
 
+def synthetic_losses(units_per_expert: int, experts: int, seed: int) -> torch.Tensor:
+    """[experts * units_per_expert, 7] losses at widths 0..8 shaped as qwen3_30b_instance's."""
+    rng = np.random.default_rng(seed)
+    relative = np.array([1.0, 0.36, 0.12, 0.035, 0.0095, 0.0006, 0.00004])
+    decay = np.exp(-4 * np.tile(np.arange(units_per_expert), experts) / units_per_expert)
+    energy = rng.lognormal(0, 1, experts * units_per_expert) * decay
+    loss = energy[:, None] * relative * rng.uniform(0.7, 1.3, (len(energy), len(relative)))
+    loss[:, 0] = energy
+    return torch.from_numpy(loss)
+
+
+def pipeline(model: Path, layers: int) -> dict:
+    """allocate_bits for `layers` MoE layers of model's shape, defaults (--bits 2.5, --basis-dtype auto)."""
+    plan = make_plan(Options(model=str(model), out="", bits=2.5, calib=()))
+    E, I, H = plan.num_experts, plan.intermediate_size, plan.hidden_size
+    plan = dataclasses.replace(plan, moe_layers=tuple(range(layers)), total_weights=layers * 3 * E * I * H)
+    experts = layers * 3 * E
+    costs = {}
+    for seed, kind in enumerate(sorted({plan.with_basis(b).factor_kind for b in plan.basis_candidates()})):
+        per_expert = len(plan.with_basis("identity" if kind == "identity" else "int8").unit_cost)
+        costs[f"loss-{kind}"] = synthetic_losses(per_expert, experts, seed)
+        costs[f"nearest-{kind}"] = costs[f"loss-{kind}"] * 1.5
+        if kind == "shared":
+            for b in plan.basis_candidates():
+                if b != "identity":
+                    costs[f"basis_loss-{b}"] = costs[f"loss-{kind}"][:, 0] * 0.01
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        final, _, stats = allocate_bits(plan, RunDir(Path(tmp) / "out", {}, False, False), costs)
+    return {
+        "model": str(model),
+        "layers": layers,
+        "units": {k: len(v) for k, v in costs.items() if k.startswith("loss-")},
+        "basis": final.basis,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "gap": stats["gap"],
+        "mip_status": stats["mip_status"],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--unit-rows", type=int, nargs="+", default=[64, 32, 16])
+    p.add_argument("--model", type=Path, help="the whole allocation stage for --layers MoE layers of this shape")
+    p.add_argument("--layers", type=int, default=48)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "allocate_qwen3_30b.json"))
     a = p.parse_args()
+    if a.model:
+        run = pipeline(a.model, a.layers)
+        print(json.dumps(run))
+        out = Path(a.out)
+        saved = json.loads(out.read_text()) if out.is_file() else {}
+        saved |= {"machine": describe(), "pipeline": run}
+        out.write_text(json.dumps(saved, indent=2) + "\n")
+        return
     runs = []
     for rows in a.unit_rows:
         loss, cost, budget = qwen3_30b_instance(unit_rows=rows)
@@ -57,7 +122,9 @@ def main() -> None:
             }
         )
         print(json.dumps(runs[-1]))
-    Path(a.out).write_text(json.dumps({"machine": describe(), "runs": runs}, indent=2) + "\n")
+    out = Path(a.out)
+    saved = json.loads(out.read_text()) if out.is_file() else {}
+    out.write_text(json.dumps(saved | {"machine": describe(), "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,16 @@ true optimality gap. Small problems are all core, and HiGHS solves them exactly.
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import highspy
 import numpy as np
 from highspy._core import _Highs
 
 CORE_STEPS = 4000  # hull steps on each side of the LP threshold whose units form the core
+# units whose [U, J] temporaries are built at once: Qwen3-30B-A3B with the identity basis has 37.7M units (one per
+# rank row), whose [U, J] float64 arrays are 2 GB each; unchunked, its allocation ran out of this VM's 24 GB
+CHUNK_UNITS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ def feasible_range(cost: np.ndarray) -> tuple[float, float]:
 def allocate(
     loss: np.ndarray, cost: np.ndarray, budget: float, *, core_steps: int = CORE_STEPS, time_limit: float = 300.0
 ) -> Allocation:
-    """loss, cost [U, J] float -> the allocation of least loss with sum of cost <= budget."""
+    """loss, cost [U, J] float -> the allocation of least loss with sum of cost <= budget. cost may be a broadcast
+    view (np.broadcast_to): units of one size share one row of costs."""
     start = time.perf_counter()
     loss, cost = np.asarray(loss, dtype=np.float64), np.asarray(cost, dtype=np.float64)
     low, high = feasible_range(cost)
@@ -51,14 +56,14 @@ def allocate(
             f"budget {budget:.6g} is below the cheapest allocation {low:.6g}; feasible range [{low:.6g}, {high:.6g}]"
         )
     keep = undominated(loss, cost)
-    steps, lp_choice, lp_bound, threshold = lp_relaxation(loss, cost, keep, budget)
-    core = core_units(steps, threshold, core_steps, len(loss))
-    choice, status = solve_core(loss, cost, keep, budget, lp_choice, core, time_limit)
+    lp = lp_relaxation(loss, cost, keep, budget, core_steps)
+    core = core_units(lp.near, core_steps, len(loss))
+    choice, status = solve_core(loss, cost, keep, budget, lp.choice, core, time_limit)
     units = np.arange(len(loss))
     total_loss, total_cost = float(loss[units, choice].sum()), float(cost[units, choice].sum())
-    gap = (total_loss - lp_bound) / total_loss if total_loss > 0 else 0.0
+    gap = (total_loss - lp.bound) / total_loss if total_loss > 0 else 0.0
     return Allocation(
-        choice, total_loss, total_cost, lp_bound, max(gap, 0.0), int(core.sum()), status, time.perf_counter() - start
+        choice, total_loss, total_cost, lp.bound, max(gap, 0.0), int(core.sum()), status, time.perf_counter() - start
     )
 
 
@@ -86,34 +91,63 @@ def lp_bound(loss: np.ndarray, cost: np.ndarray, budget: float) -> float:
     loss, cost = np.asarray(loss, dtype=np.float64), np.asarray(cost, dtype=np.float64)
     if feasible_range(cost)[0] > budget + 1e-9 * max(1.0, abs(budget)):
         return float("inf")
-    return lp_relaxation(loss, cost, undominated(loss, cost), budget)[2]
+    return lp_relaxation(loss, cost, undominated(loss, cost), budget, 0).bound
 
 
 def undominated(loss: np.ndarray, cost: np.ndarray) -> np.ndarray:
     """[U, J] bool: options not dominated by another option of the same unit (ties keep the first)."""
     U, J = loss.shape
     keep = np.ones((U, J), dtype=bool)
-    for j in range(J):
-        other_cheaper_or_equal = (cost <= cost[:, j : j + 1]) & (loss <= loss[:, j : j + 1])
-        strictly_better = (cost < cost[:, j : j + 1]) | (loss < loss[:, j : j + 1])
-        tie_first = (cost == cost[:, j : j + 1]) & (loss == loss[:, j : j + 1]) & (np.arange(J) < j)
-        keep[:, j] = ~((other_cheaper_or_equal & (strictly_better | tie_first)).any(1))
+    for s in range(0, U, CHUNK_UNITS):
+        l, c, k = loss[s : s + CHUNK_UNITS], cost[s : s + CHUNK_UNITS], keep[s : s + CHUNK_UNITS]
+        for j in range(J):
+            other_cheaper_or_equal = (c <= c[:, j : j + 1]) & (l <= l[:, j : j + 1])
+            strictly_better = (c < c[:, j : j + 1]) | (l < l[:, j : j + 1])
+            tie_first = (c == c[:, j : j + 1]) & (l == l[:, j : j + 1]) & (np.arange(J) < j)
+            k[:, j] = ~((other_cheaper_or_equal & (strictly_better | tie_first)).any(1))
     return keep
 
 
-def lp_relaxation(loss, cost, keep, budget):
-    """The exact LP optimum by the greedy over convex-hull steps.
+class Steps(NamedTuple):
+    """Every unit's convex-hull steps, units in order and each unit's steps in order: step i moves unit[i] to option
+    to[i] (its order[i]-th step), saving eff[i] loss per bit over dc[i] bits."""
 
-    Returns (steps, lp_choice, lp_bound, threshold): steps is a record array of hull steps sorted by
-    efficiency (loss saved per bit, descending); lp_choice [U] the LP solution with its fractional
-    step rounded down; threshold the position of the first step that does not fit.
-    """
+    unit: np.ndarray
+    eff: np.ndarray
+    dc: np.ndarray
+    to: np.ndarray
+    order: np.ndarray
+
+
+class LP(NamedTuple):
+    choice: np.ndarray  # [U] the LP solution with its fractional step rounded down
+    bound: float  # the LP optimum
+    near: np.ndarray  # units of the hull steps within core_steps positions of the first step that does not fit
+
+
+def hull_steps(loss: np.ndarray, cost: np.ndarray, keep: np.ndarray, base: np.ndarray) -> Steps:
+    """The hull steps of every unit from its cheapest undominated option base [U], a chunk of units at a time, each
+    step in 22 bytes (a big model has ~10^8)."""
+    dtypes = Steps(np.int32 if len(loss) < 2**31 else np.int64, np.float64, np.float64, np.int8, np.int8)
+    parts = []
+    for s in range(0, len(loss), CHUNK_UNITS):
+        e = s + CHUNK_UNITS
+        part = _hull_steps(loss[s:e], cost[s:e], keep[s:e], base[s:e], s)
+        parts.append([a.astype(t, copy=False) for a, t in zip(part, dtypes)])
+    fields = []
+    for f in range(len(dtypes)):  # a field at a time, the chunks' copies dropped as it is built
+        fields.append(np.concatenate([p[f] for p in parts]))
+        for p in parts:
+            p[f] = None
+    return Steps(*fields)
+
+
+def _hull_steps(loss, cost, keep, base, offset: int) -> Steps:
     U = len(loss)
     units = np.arange(U)
     big = np.inf
-    c = np.where(keep, cost, big)
-    current = c.argmin(1)  # cheapest undominated option
-    unit_list, eff_list, dc_list, dl_list, to_list, order_list = [], [], [], [], [], []
+    current = base
+    unit_list, eff_list, dc_list, to_list, order_list = [], [], [], [], []
     for order in range(loss.shape[1]):  # at most J - 1 hull steps per unit
         dc = np.where(keep, cost - cost[units, current][:, None], big)
         dl = loss[units, current][:, None] - loss  # loss saved
@@ -126,44 +160,67 @@ def lp_relaxation(loss, cost, keep, budget):
         if not len(moving):
             break
         target = far[moving]
-        unit_list.append(moving)
+        unit_list.append(moving + offset)
         eff_list.append(best[moving])
         dc_list.append(cost[moving, target] - cost[moving, current[moving]])
-        dl_list.append(loss[moving, current[moving]] - loss[moving, target])
         to_list.append(target)
         order_list.append(np.full(len(moving), order))
         current = current.copy()
         current[moving] = target
-    base = np.where(keep, cost, big).argmin(1)
-    columns = (unit_list, eff_list, dc_list, dl_list, to_list, order_list)
-    dtypes = (np.int64, np.float64, np.float64, np.float64, np.int64, np.int64)
-    steps = np.rec.fromarrays(
-        [np.concatenate(a).astype(t) if a else np.zeros(0, t) for a, t in zip(columns, dtypes)],
-        names="unit,eff,dc,dl,to,order",
+    if not unit_list:
+        return Steps(*(np.zeros(0) for _ in Steps._fields))
+    steps = Steps(*(np.concatenate(a) for a in (unit_list, eff_list, dc_list, to_list, order_list)))
+    by_unit = np.lexsort((steps.order, steps.unit))
+    return Steps(*(a[by_unit] for a in steps))
+
+
+def cheapest(cost: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """[U]: each unit's cheapest undominated option."""
+    return np.concatenate(
+        [
+            np.where(keep[s : s + CHUNK_UNITS], cost[s : s + CHUNK_UNITS], np.inf).argmin(1)
+            for s in range(0, len(cost), CHUNK_UNITS)
+        ]
     )
-    steps = steps[np.lexsort((steps.order, steps.unit, -steps.eff))]  # efficiency desc; a unit's steps in order
+
+
+def lp_relaxation(loss, cost, keep, budget, core_steps: int) -> LP:
+    """The exact LP optimum by the greedy over convex-hull steps, taken in order of efficiency (descending; ties by
+    unit, then step) while they fit."""
+    units = np.arange(len(loss))
+    base = cheapest(cost, keep)
+    steps = hull_steps(loss, cost, keep, base)
+    # a stable sort of the steps, which are in unit and step order: ties stay in that order
+    ranked = np.argsort(-steps.eff, kind="stable")
     room = budget - cost[units, base].sum()
-    fits = np.cumsum(steps.dc) <= room + 1e-9 * max(1.0, abs(budget))
-    threshold = int(fits.sum()) if fits.all() else int(np.argmin(fits))
-    taken = steps[:threshold]
-    last = np.lexsort((taken.order, taken.unit))  # by unit, then step order: each unit's last step ends its run
-    ends = last[np.r_[taken.unit[last][1:] != taken.unit[last][:-1], True]] if len(taken) else last
-    lp_choice = base.copy()
-    lp_choice[taken.unit[ends]] = taken.to[ends]
-    lp_loss = loss[units, lp_choice].sum()
-    if threshold < len(steps):
-        spare = room - taken.dc.sum()
-        lp_loss -= steps.dl[threshold] * spare / steps.dc[threshold]
-    return steps, lp_choice, float(lp_loss), threshold
+    spent = steps.dc[ranked]
+    np.cumsum(spent, out=spent)  # dc > 0: nondecreasing
+    threshold = int(np.searchsorted(spent, room + 1e-9 * max(1.0, abs(budget)), side="right"))
+    del spent
+    taken = np.zeros(len(ranked), dtype=bool)
+    taken[ranked[:threshold]] = True
+    taken = np.flatnonzero(taken)  # each unit's steps taken are the first of its steps, in step order
+    ends = taken[np.r_[steps.unit[taken][1:] != steps.unit[taken][:-1], True]] if len(taken) else taken
+    choice = base.copy()
+    choice[steps.unit[ends]] = steps.to[ends]
+    bound = loss[units, choice].sum()
+    if threshold < len(ranked):
+        spare = room - steps.dc[ranked[:threshold]].sum()
+        t = ranked[threshold]
+        u, to = steps.unit[t], steps.to[t]
+        was = steps.to[t - 1] if steps.order[t] > 0 else base[u]  # the unit's option before this step
+        bound -= (loss[u, was] - loss[u, to]) * spare / steps.dc[t]
+    near = steps.unit[ranked[max(threshold - core_steps, 0) : threshold + core_steps]]
+    return LP(choice, float(bound), near)
 
 
-def core_units(steps, threshold: int, core_steps: int, U: int) -> np.ndarray:
+def core_units(near: np.ndarray, core_steps: int, U: int) -> np.ndarray:
     """[U] bool: units with a hull step within core_steps positions of the LP threshold (all, if few)."""
     core = np.zeros(U, dtype=bool)
     if U <= 2 * core_steps:
         core[:] = True
     else:
-        core[steps.unit[max(threshold - core_steps, 0) : threshold + core_steps]] = True
+        core[near] = True
     return core
 
 

@@ -58,6 +58,10 @@ def quantize(options: Options) -> Path:
             costs, routed_tokens, energy = calibrate_and_cost(plan, run, tokens, held, pool)
         with timer("allocate"):
             plan, choice, stats = allocate_bits(plan, run, costs)
+            # each unit's loss at its width, for the report; the costs not held through the export (a big model's
+            # are GBs: 4.2 for Qwen3-30B-A3B's identity basis)
+            losses = costs[f"loss-{plan.factor_kind}"].gather(1, choice[:, None])[:, 0]
+            del costs
         with timer("export"):
             files = export_shards(plan, run, row_bits(plan, choice), tokens, held, pool)
     finally:
@@ -69,9 +73,8 @@ def quantize(options: Options) -> Path:
     with timer("check"):
         records = {module: run.load(f"held-out-{i:05d}")[0] for i, module in module_of(plan).items()}
         errors = guard.relative_errors(run.checkpoint, records)
-    losses = costs[f"loss-{plan.factor_kind}"]
     bits, modules = row_bits(plan, choice), list(module_of(plan).values())
-    summary = report(plan, cfg, choice, bits, modules, losses, routed_tokens, energy, stats, errors, timer)
+    summary = report(plan, cfg, bits, modules, losses, routed_tokens, energy, stats, errors, timer)
     summary |= {"workers": workers}
     write_report(run.checkpoint / "quantization_report.json", summary | {"files": written})
     if not options.allow_high_error:
@@ -132,9 +135,9 @@ def calibrate_and_cost(
             if pool:
                 pool.wait("cost")
     saved = [run.load(f"layer-{i:05d}")[0] for i in plan.moe_layers]
-    costs = {
-        k: torch.cat([s[k] for s in saved]) for k in saved[0] if k.startswith(("loss-", "nearest-", "basis_loss-"))
-    }
+    # a kind at a time, each layer's part dropped as it is copied: a big model's costs are GBs
+    kinds = [k for k in saved[0] if k.startswith(("loss-", "nearest-", "basis_loss-"))]
+    costs = {k: torch.cat([s.pop(k) for s in saved]) for k in kinds}
     return costs, torch.stack([s["routed_tokens"] for s in saved]), torch.stack([s["residual_energy"] for s in saved])
 
 
@@ -213,7 +216,7 @@ def allocate_bits(plan: Plan, run: RunDir, costs: dict[str, torch.Tensor]) -> tu
         losses, rank = costs[f"loss-{full.factor_kind}"], choice_info["rank"]
         kept = selection.kept_units(full, rank)
         final = full.with_rank(rank)
-        loss, cost = losses[kept].numpy(), selection.unit_costs_of(full)[kept].numpy()
+        loss, cost = (selection.kept(t, kept).numpy() for t in (losses, selection.unit_costs_of(full)))
         parts = 1 if plan.options.allocation == "global" else len(plan.moe_layers)
         result = allocate_in_parts(loss, cost, final.budget_bits, parts)
         choice = torch.zeros(len(losses), dtype=torch.long)  # plan.widths starts at 0 whenever rows are dropped

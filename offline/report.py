@@ -74,7 +74,6 @@ def plot_allocation(directory: Path, bits: dict[int, torch.Tensor]) -> list[str]
 def report(
     plan: Plan,
     cfg: QuantConfig,
-    choice: torch.Tensor,
     bits: dict[int, torch.Tensor],
     modules: list[str],
     losses: torch.Tensor,
@@ -84,9 +83,10 @@ def report(
     errors: dict[str, float],
     timer: StageTimer,
 ) -> dict:
-    """quantization_report.json: what was chosen (`choice`, the widths of every rank row `bits`: offline.quantize),
-    at what estimated and measured error, in what time; `modules`: the MoE layers' experts modules."""
-    relative = losses.gather(1, choice[:, None]).reshape(len(plan.moe_layers), len(PROJECTIONS), -1).sum(-1)  # [L, 3]
+    """quantization_report.json: what was chosen (the widths of every rank row `bits`: offline.quantize),
+    at what estimated and measured error, in what time; `modules`: the MoE layers' experts modules; `losses` [U]: each
+    unit's estimated loss at its chosen width."""
+    relative = losses.reshape(len(plan.moe_layers), len(PROJECTIONS), -1).sum(-1)  # [L, 3]
     chosen = relative * energy[:, None].to(relative.dtype)  # squared output error per token
     return {
         "model": str(plan.source.dir),
