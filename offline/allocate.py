@@ -24,6 +24,7 @@ CORE_STEPS = 4000  # hull steps on each side of the LP threshold whose units for
 # units whose [U, J] temporaries are built at once: Qwen3-30B-A3B with the identity basis has 37.7M units (one per
 # rank row), whose [U, J] float64 arrays are 2 GB each; unchunked, its allocation ran out of this VM's 24 GB
 CHUNK_UNITS = 1 << 20
+SAMPLE = 1 << 20  # hull steps sampled to find the LP's threshold without sorting every step (around_threshold)
 
 
 @dataclass(frozen=True)
@@ -184,33 +185,70 @@ def cheapest(cost: np.ndarray, keep: np.ndarray) -> np.ndarray:
     )
 
 
+class Band(NamedTuple):
+    """The hull steps around the LP's threshold in efficiency order: `before` steps, of total cost `spent`, come
+    first (every step more efficient than `above`), then `ranked` (indices into the steps)."""
+
+    before: int
+    spent: float
+    above: float
+    ranked: np.ndarray
+
+
+def around_threshold(eff: np.ndarray, dc: np.ndarray, limit: float, core_steps: int) -> Band:
+    """The steps in order of efficiency (descending; ties in unit and step order) around the first whose cumulative
+    cost exceeds `limit`, with core_steps positions on either side of it (or to the ends). Sorting every step costs
+    two index arrays as large as the steps (Qwen3-30B-A3B's identity basis: 3.6 GB); past 4 SAMPLE steps only those
+    between two efficiencies read off a sample are sorted, after one pass that sums the steps above them."""
+    if len(eff) <= 4 * SAMPLE:
+        return Band(0, 0.0, np.inf, np.argsort(-eff, kind="stable"))
+    stride = len(eff) // SAMPLE
+    order = np.argsort(-eff[::stride], kind="stable")
+    sample, estimate = eff[::stride][order], np.cumsum(dc[::stride][order]) * stride
+    at = int(np.searchsorted(estimate, limit, side="right"))
+    margin = core_steps // stride + 64  # in sampled steps
+    while True:
+        above = sample[at - margin] if at - margin >= 0 else np.inf
+        below = sample[at + margin] if at + margin < len(sample) else -np.inf
+        before, spent, band = 0, 0.0, []
+        for s in range(0, len(eff), CHUNK_UNITS):
+            e = eff[s : s + CHUNK_UNITS]
+            higher = e > above
+            before, spent = before + int(higher.sum()), spent + float(dc[s : s + CHUNK_UNITS][higher].sum())
+            band.append(np.flatnonzero(~higher & (e > below)) + s)
+        band = np.concatenate(band)
+        ranked = band[np.argsort(-eff[band], kind="stable")]
+        j = int(np.searchsorted(spent + np.cumsum(dc[ranked]), limit, side="right"))
+        if spent <= limit and (before == 0 or j >= core_steps) and (below == -np.inf or len(ranked) - j > core_steps):
+            return Band(before, spent, above, ranked)
+        margin *= 4
+
+
 def lp_relaxation(loss, cost, keep, budget, core_steps: int) -> LP:
     """The exact LP optimum by the greedy over convex-hull steps, taken in order of efficiency (descending; ties by
     unit, then step) while they fit."""
     units = np.arange(len(loss))
     base = cheapest(cost, keep)
     steps = hull_steps(loss, cost, keep, base)
-    # a stable sort of the steps, which are in unit and step order: ties stay in that order
-    ranked = np.argsort(-steps.eff, kind="stable")
     room = budget - cost[units, base].sum()
-    spent = steps.dc[ranked]
-    np.cumsum(spent, out=spent)  # dc > 0: nondecreasing
-    threshold = int(np.searchsorted(spent, room + 1e-9 * max(1.0, abs(budget)), side="right"))
-    del spent
-    taken = np.zeros(len(ranked), dtype=bool)
-    taken[ranked[:threshold]] = True
+    limit = room + 1e-9 * max(1.0, abs(budget))
+    band = around_threshold(steps.eff, steps.dc, limit, core_steps)
+    ranked = band.ranked
+    j = int(np.searchsorted(band.spent + np.cumsum(steps.dc[ranked]), limit, side="right"))  # dc > 0: nondecreasing
+    taken = steps.eff > band.above
+    taken[ranked[:j]] = True
     taken = np.flatnonzero(taken)  # each unit's steps taken are the first of its steps, in step order
     ends = taken[np.r_[steps.unit[taken][1:] != steps.unit[taken][:-1], True]] if len(taken) else taken
     choice = base.copy()
     choice[steps.unit[ends]] = steps.to[ends]
     bound = loss[units, choice].sum()
-    if threshold < len(ranked):
-        spare = room - steps.dc[ranked[:threshold]].sum()
-        t = ranked[threshold]
+    if j < len(ranked):
+        spare = room - (band.spent + steps.dc[ranked[:j]].sum())
+        t = ranked[j]
         u, to = steps.unit[t], steps.to[t]
         was = steps.to[t - 1] if steps.order[t] > 0 else base[u]  # the unit's option before this step
         bound -= (loss[u, was] - loss[u, to]) * spare / steps.dc[t]
-    near = steps.unit[ranked[max(threshold - core_steps, 0) : threshold + core_steps]]
+    near = steps.unit[ranked[max(j - core_steps, 0) : j + core_steps]]
     return LP(choice, float(bound), near)
 
 

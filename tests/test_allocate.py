@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
+from bitsmoe_vllm.offline import allocate as allocate_module
 from bitsmoe_vllm.offline.allocate import allocate, feasible_range, undominated
 
 
@@ -41,3 +42,22 @@ def test_budget_below_the_cheapest_allocation_names_the_range():
     cost = np.array([[2.0, 4.0], [3.0, 5.0]])
     with pytest.raises(ValueError, match=r"budget 4 is below the cheapest allocation 5; feasible range \[5, 9\]"):
         allocate(np.ones((2, 2)), cost, 4.0)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("share", [0.001, 0.3, 0.9, 1.0])
+def test_sorting_only_the_steps_around_the_threshold_changes_nothing(monkeypatch, ties, share):
+    """around_threshold sorts every hull step up to 4 SAMPLE of them, else a band read off a sample: the same
+    allocation, LP bound and core either way (ties in efficiency keep unit and step order)."""
+    rng = np.random.default_rng(int(ties))
+    U = 20000
+    loss = rng.integers(0, 6, (U, 7)).astype(float) if ties else np.sort(rng.lognormal(0, 1, (U, 7)), 1)[:, ::-1]
+    loss[:, 0] = loss.max()
+    cost = np.broadcast_to(np.array([0, 1, 2, 3, 4, 6, 8.0]) * 100, loss.shape)
+    budget = share * feasible_range(cost)[1]
+    whole = allocate(loss, cost, budget, core_steps=500)
+    monkeypatch.setattr(allocate_module, "SAMPLE", 4096)  # 20,000 units have ~10^5 steps: past 4 x 4096
+    banded = allocate(loss, cost, budget, core_steps=500)
+    assert (banded.choice == whole.choice).all() and banded.lp_bound == whole.lp_bound
+    assert banded.core_units == whole.core_units < U
+    assert allocate_module.lp_bound(loss, cost, budget) == whole.lp_bound
