@@ -187,12 +187,14 @@ def cheapest(cost: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 class Band(NamedTuple):
     """The hull steps around the LP's threshold in efficiency order: `before` steps, of total cost `spent`, come
-    first (every step more efficient than `above`), then `ranked` (indices into the steps)."""
+    first (every step more efficient than `above`), then `ranked` (indices into the steps), of which the first
+    `fit` fit the budget after them."""
 
     before: int
     spent: float
     above: float
     ranked: np.ndarray
+    fit: int
 
 
 def around_threshold(eff: np.ndarray, dc: np.ndarray, limit: float, core_steps: int) -> Band:
@@ -201,7 +203,8 @@ def around_threshold(eff: np.ndarray, dc: np.ndarray, limit: float, core_steps: 
     two index arrays as large as the steps (Qwen3-30B-A3B's identity basis: 3.6 GB); past 4 SAMPLE steps only those
     between two efficiencies read off a sample are sorted, after one pass that sums the steps above them."""
     if len(eff) <= 4 * SAMPLE:
-        return Band(0, 0.0, np.inf, np.argsort(-eff, kind="stable"))
+        ranked = np.argsort(-eff, kind="stable")
+        return Band(0, 0.0, np.inf, ranked, _fit(0.0, dc[ranked], limit))
     stride = len(eff) // SAMPLE
     order = np.argsort(-eff[::stride], kind="stable")
     sample, estimate = eff[::stride][order], np.cumsum(dc[::stride][order]) * stride
@@ -218,10 +221,15 @@ def around_threshold(eff: np.ndarray, dc: np.ndarray, limit: float, core_steps: 
             band.append(np.flatnonzero(~higher & (e > below)) + s)
         band = np.concatenate(band)
         ranked = band[np.argsort(-eff[band], kind="stable")]
-        j = int(np.searchsorted(spent + np.cumsum(dc[ranked]), limit, side="right"))
+        j = _fit(spent, dc[ranked], limit)
         if spent <= limit and (before == 0 or j >= core_steps) and (below == -np.inf or len(ranked) - j > core_steps):
-            return Band(before, spent, above, ranked)
+            return Band(before, spent, above, ranked, j)
         margin *= 4
+
+
+def _fit(spent: float, dc: np.ndarray, limit: float) -> int:
+    """How many of the steps of costs dc [n] (> 0) fit within limit after spent."""
+    return int(np.searchsorted(spent + np.cumsum(dc), limit, side="right"))
 
 
 def lp_relaxation(loss, cost, keep, budget, core_steps: int) -> LP:
@@ -233,8 +241,7 @@ def lp_relaxation(loss, cost, keep, budget, core_steps: int) -> LP:
     room = budget - cost[units, base].sum()
     limit = room + 1e-9 * max(1.0, abs(budget))
     band = around_threshold(steps.eff, steps.dc, limit, core_steps)
-    ranked = band.ranked
-    j = int(np.searchsorted(band.spent + np.cumsum(steps.dc[ranked]), limit, side="right"))  # dc > 0: nondecreasing
+    ranked, j = band.ranked, band.fit
     taken = steps.eff > band.above
     taken[ranked[:j]] = True
     taken = np.flatnonzero(taken)  # each unit's steps taken are the first of its steps, in step order
