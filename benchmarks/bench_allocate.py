@@ -99,10 +99,7 @@ def main() -> None:
     if a.model:
         run = pipeline(a.model, a.layers)
         print(json.dumps(run))
-        out = Path(a.out)
-        saved = json.loads(out.read_text()) if out.is_file() else {}
-        saved |= {"machine": describe(), "pipeline": run}
-        out.write_text(json.dumps(saved, indent=2) + "\n")
+        save(Path(a.out), pipeline=run)
         return
     runs = []
     for rows in a.unit_rows:
@@ -122,9 +119,13 @@ def main() -> None:
             }
         )
         print(json.dumps(runs[-1]))
-    out = Path(a.out)
+    save(Path(a.out), runs=runs)
+
+
+def save(out: Path, **results) -> None:
+    """The results into `out`, keeping its other keys (the --unit-rows runs and the --model run share one file)."""
     saved = json.loads(out.read_text()) if out.is_file() else {}
-    out.write_text(json.dumps(saved | {"machine": describe(), "runs": runs}, indent=2) + "\n")
+    out.write_text(json.dumps(saved | {"machine": describe(), **results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

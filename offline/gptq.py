@@ -256,14 +256,18 @@ def corrected(
     damping plus mean(H_ii) I / n for an expert's n tokens [E]: the fit is a regression of I coordinates on n tokens,
     which few tokens per coordinate overfit (on 16 experts of I 128 with 2,048 tokens, without it, the experts'
     error on other tokens rose; benchmarks/README.md); a coordinate few tokens excite stays near F, not near 0."""
-    mean = hessian.double().diagonal(dim1=1, dim2=2).mean(1, keepdim=True)
     h = damped(hessian)
-    h.diagonal(dim1=1, dim2=2).add_(mean * hessian.shape[-1] / tokens.double().clamp(min=1)[:, None])
+    h.diagonal(dim1=1, dim2=2).add_(fit_damping(hessian.double().diagonal(dim1=1, dim2=2), tokens))
     f = factors.double()
     rhs = deviation.double().transpose(1, 2) @ f.transpose(1, 2)
     with factor_threads():  # h is positive definite; MKL's batched LU (solve) failed on two threads for I 512
         step = torch.cholesky_solve(rhs, torch.linalg.cholesky(h))
     return (f + step.transpose(1, 2)).float()
+
+
+def fit_damping(diag: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[E, n] float64 H_ii, tokens [E] -> corrected's damping beyond GPTQ's: mean(H_ii) I / n for n tokens."""
+    return diag.mean(1, keepdim=True) * diag.shape[-1] / tokens.double().clamp(min=1)[:, None]
 
 
 def few_tokens_corrected(
@@ -272,7 +276,7 @@ def few_tokens_corrected(
     """corrected with H = Z^T Z and D = deviation^T Z (hessians' Tokens and token deviations [E, n, I]): with Lambda
     the damping and P = Z Lambda^-1 Z^T [n, n], F D (H + Lambda)^-1 = F deviation^T (I + P)^-1 Z Lambda^-1."""
     diag = z.double().square().sum(1)
-    lam = damping(diag) + diag.mean(1, keepdim=True) * z.shape[-1] / tokens.double().clamp(min=1)[:, None]
+    lam = damping(diag) + fit_damping(diag, tokens)
     scaled = z.double() / lam[:, None, :]  # Z Lambda^-1
     p = scaled @ z.double().transpose(1, 2)
     p.diagonal(dim1=1, dim2=2).add_(1)

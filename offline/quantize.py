@@ -216,7 +216,7 @@ def allocate_bits(plan: Plan, run: RunDir, costs: dict[str, torch.Tensor]) -> tu
         losses, rank = costs[f"loss-{full.factor_kind}"], choice_info["rank"]
         kept = selection.kept_units(full, rank)
         final = full.with_rank(rank)
-        loss, cost = (selection.kept(t, kept).numpy() for t in (losses, selection.unit_costs_of(full)))
+        loss, cost = (selection.masked(t, kept).numpy() for t in (losses, selection.unit_costs_of(full)))
         parts = 1 if plan.options.allocation == "global" else len(plan.moe_layers)
         result = allocate_in_parts(loss, cost, final.budget_bits, parts)
         choice = torch.zeros(len(losses), dtype=torch.long)  # plan.widths starts at 0 whenever rows are dropped

@@ -18,7 +18,7 @@ def unit_costs_of(plan: Plan) -> torch.Tensor:
     return plan.unit_cost[None].expand(n, *plan.unit_cost.shape).reshape(-1, plan.unit_cost.shape[1])
 
 
-def kept(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """t[mask], without a copy when every unit is kept."""
     return t if bool(mask.all()) else t[mask]
 
@@ -47,7 +47,7 @@ def estimated_loss(
     dropped rows and the basis's rounding loss over the kept ones."""
     units = kept_units(plan, rank)
     bound = lp_bound(
-        kept(losses, units).numpy(), kept(unit_costs_of(plan), units).numpy(), plan.with_rank(rank).budget_bits
+        masked(losses, units).numpy(), masked(unit_costs_of(plan), units).numpy(), plan.with_rank(rank).budget_bits
     )
     rounding = float(basis_loss[units].sum()) if basis_loss is not None else 0.0
     return bound + float(dropped[~units].sum()) + rounding
