@@ -19,15 +19,16 @@ or int8 bases, the group size the quantizer chooses (128; 96 for gpt-oss's I of 
 every row 2 bits, 2.5 = half 2 and half 3, 3.0 = every row 3 bits. The bf16 baseline gets the dense experts of the
 2.5-bit layer (B^T F per expert, in bf16; its time does not depend on the values) and its output is compared with
 BitsMoE's on that layer. Each timed call gets fresh routing and runs after the last-level cache has been flushed by
-reading 256 MiB (written once at the start: a never-written buffer reads as the one zero page, which evicts nothing, and
-runs before 2026-11-23 flushed that way), as in decoding a real model, where the next layer's weights are not in cache
-and the other layers' fill it. bf16 and the three widths take turns call by call (this VM's speed drifts), and the
-median of each is reported. "Bytes" are what must be read at least once: the codes, scales and bit widths of the
-selected experts, the bases, the activations; the bf16 baseline's are the selected experts' dense weights, and their
-ratio (`bytes_ratio_vs_bf16`) is the most BitsMoE can gain over bf16 when both read at the same rate. The bound is those
-bytes at the read bandwidth of the same minutes: the flush before each call is torch's sum of 256 MiB (same threads),
-timed, and the median over the calls of one T is that row's `read_GBps` (it moved between 30 and 64 GB/s from run to run
-here). torch's copy of 256 MiB (bytes read plus written) and its sum, measured once at the start, are printed beside it.
+reading twice its size, at least 256 MiB (written once at the start: a never-written buffer reads as the one zero
+page, which evicts nothing, and runs before 2026-11-23 flushed that way), as in decoding a real model, where the
+next layer's weights are not in cache and the other layers' fill it. bf16 and the three widths take turns call by
+call (this VM's speed drifts), and the median of each is reported. "Bytes" are what must be read at least once: the
+codes, scales and bit widths of the selected experts, the bases, the activations; the bf16 baseline's are the
+selected experts' dense weights, and their ratio (`bytes_ratio_vs_bf16`) is the most BitsMoE can gain over bf16 when
+both read at the same rate. The bound is those bytes at the read bandwidth of the same minutes: the flush before
+each call is torch's sum of that buffer (same threads), timed, and the median over the calls of one T is that row's
+`read_GBps` (it moved between 30 and 64 GB/s from run to run here). torch's copy of a buffer that size (bytes read
+plus written) and its sum, measured once at the start, are printed beside it.
 Both sides' weights are on huge pages: to_cpu_layer puts the integer path's there, and this script copies the bf16
 baseline's there too (torch.ops.bitsmoe.huge_page_copy), although vLLM serving bf16 leaves them on 4 KiB pages (unless
 started with THP_MEM_ALLOC_ENABLE=1); the float kernels read the canonical tensors, on 4 KiB pages."""
@@ -45,7 +46,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, last_level_cache_bytes  # noqa: E402
 from bitsmoe_vllm import ops  # noqa: E402
 from bitsmoe_vllm.activation import SILU, Activation  # noqa: E402
 from bitsmoe_vllm.backend import INT_PATH_ISAS  # noqa: E402
@@ -69,7 +70,9 @@ SHAPES = {  # H, I, E, top-k
 GPT_OSS = Activation("swigluoai", 1.702, 7.0)
 BITS = {2.0: (2,), 2.5: (2, 3), 3.0: (3,)}  # widths, each on an equal share of the rank rows
 GROUP = 128
-FLUSH = torch.ones(256 * 2**20 // 4)  # 8x this machine's last-level cache, written (see above)
+# written (see above); twice the last-level cache and at least 256 MiB: on the AMX Xeon's 480 MiB L3 a 256 MiB read
+# left a third of a 20 MiB layer in cache (read at 31.8 GB/s after it, 19.4 after 1 GiB)
+FLUSH = torch.ones(max(256 * 2**20, 2 * last_level_cache_bytes()) // 4)
 
 
 def random_factors(E: int, R: int, I: int, widths: tuple[int, ...], g: torch.Generator, group: int = GROUP) -> Factors:
@@ -114,7 +117,7 @@ def random_biases(E: int, I: int, H: int, g: torch.Generator) -> Biases:
 
 def median_ms(fns: dict, inputs: list, repeats: int) -> tuple[dict, float]:
     """Median ms per call of each function, the functions taking turns (this VM's speed drifts over minutes), and the
-    GB/s of the flushes before the calls (torch's sum of 256 MiB: the read bandwidth of the same minutes), median."""
+    GB/s of the flushes before the calls (torch's sum of FLUSH: the read bandwidth of the same minutes), median."""
     for fn in fns.values():
         fn(*inputs[0])  # warm-up
     times, flushes = {name: [] for name in fns}, []
@@ -132,9 +135,8 @@ def median_ms(fns: dict, inputs: list, repeats: int) -> tuple[dict, float]:
 
 
 def bandwidths() -> tuple[float, float]:
-    """GB/s of torch's copy of 256 MiB (bytes read plus written) and of its sum of 256 MiB (bytes read), medians
-    of 9."""
-    src, dst = torch.ones(64 * 2**20), torch.zeros(64 * 2**20)
+    """GB/s of torch's copy of FLUSH's size (bytes read plus written) and of its sum (bytes read), medians of 9."""
+    src, dst = torch.ones(FLUSH.numel()), torch.zeros(FLUSH.numel())
     copy, read = [], []
     for _ in range(9):
         start = time.perf_counter()

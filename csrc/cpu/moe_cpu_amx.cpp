@@ -100,8 +100,10 @@ void project_block(const CpuFactors& f, const float* z, const Tokens& tk, int64_
     for (int64_t k = 0; k < gc; ++k) {
       const int64_t c = g * gc + k;  // the chunk; its masks as moe_cpu_vnni.cpp's add_tile finds them
       const uint64_t* m = masks + ((c / tc) * n * tc + c % tc) * B;
-      for (int q = 0; q < n; ++q)
+      for (int q = 0; q < n; ++q) {
+        if (c % tc == 0) prefetch_ahead(m + q * tc * B, tc * B * 8);  // the tile's rows, once
         _mm512_storeu_si512(codes.p + (k * steps * kTile + q) * 64, decode_bytes<B>(m + q * tc * B));
+      }
     }
     for (int64_t k = 0; k < gc; ++k)
       for (int64_t t = 0; t < tiles; ++t) {
@@ -144,8 +146,10 @@ void down_group(const CpuFactors& d, const uint64_t* masks, int64_t row0, const 
   alignas(64) int32_t hi[kTile * kTile], lo[kTile * kTile];
   std::memset(total, 0, tk.n * 16 * sizeof(float));
   for (int64_t g = 0; g < d.groups; ++g) {
-    for (int64_t m = 0; m < d.group_chunks; ++m)
+    for (int64_t m = 0; m < d.group_chunks; ++m) {
+      prefetch_ahead(masks + (g * d.group_chunks + m) * B, B * 8);
       _mm512_storeu_si512(codes + m * 64, decode_bytes<B>(masks + (g * d.group_chunks + m) * B));
+    }
     const __m512 s =
         _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.scales + g * d.stored_rows + row0)));
     for (int64_t t = 0; t < tiles; ++t) {

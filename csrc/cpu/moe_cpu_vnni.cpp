@@ -36,7 +36,9 @@ inline void add_tile(const CpuFactors& f, const uint64_t* masks, int n, int64_t 
   for (int i = 0; i < NT * NC; ++i) hi[i / NC][i % NC] = lo[i / NC][i % NC] = _mm512_setzero_si512();
   // the tile holding chunk c0: per group, its tile_chunks chunks' planes one after the other
   const uint64_t* m = masks + ((c0 / f.tile_chunks) * n * f.tile_chunks + c0 % f.tile_chunks) * B;
+  const bool first_pass = c0 % f.tile_chunks == 0;  // of the passes over this tile, the one that prefetches
   for (int q = 0; q < n; ++q, m += f.tile_chunks * B) {
+    if (first_pass) prefetch_ahead(m, f.tile_chunks * B * 8);
     __m512i yh[NT], yl[NT];
 #pragma GCC unroll 4
     for (int j = 0; j < NT; ++j) {
@@ -230,6 +232,7 @@ void down_group(const CpuFactors& d, const uint64_t* masks, int64_t row0, const 
 #pragma GCC unroll 8
     for (int i = 0; i < NT * P; ++i) hi[i / P][i % P] = lo[i / P][i % P] = _mm512_setzero_si512();
     for (int64_t m = g * d.group_chunks; m < (g + 1) * d.group_chunks; m += P) {
+      prefetch_ahead(masks + m * B, P * B * 8);
 #pragma GCC unroll 4
       for (int c = 0; c < P; ++c) {
         const __m512i codes = decode_bytes<B>(masks + (m + c) * B);
