@@ -110,14 +110,16 @@ def undominated(loss: np.ndarray, cost: np.ndarray) -> np.ndarray:
 
 
 class Steps(NamedTuple):
-    """Every unit's convex-hull steps, units in order and each unit's steps in order: step i moves unit[i] to option
-    to[i] (its order[i]-th step), saving eff[i] loss per bit over dc[i] bits."""
+    """Every unit's convex-hull steps, units in order and each unit's steps in order: unit u's steps are start[u] to
+    start[u + 1] - 1; step i moves its unit to option to[i], saving eff[i] loss per bit over dc[i] bits."""
 
-    unit: np.ndarray
+    start: np.ndarray  # [U + 1]
     eff: np.ndarray
     dc: np.ndarray
     to: np.ndarray
-    order: np.ndarray
+
+    def unit_of(self, i: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.start, i, side="right") - 1
 
 
 class LP(NamedTuple):
@@ -128,22 +130,23 @@ class LP(NamedTuple):
 
 def hull_steps(loss: np.ndarray, cost: np.ndarray, keep: np.ndarray, base: np.ndarray) -> Steps:
     """The hull steps of every unit from its cheapest undominated option base [U], a chunk of units at a time, each
-    step in 22 bytes (a big model has ~10^8)."""
-    dtypes = Steps(np.int32 if len(loss) < 2**31 else np.int64, np.float64, np.float64, np.int8, np.int8)
-    parts = []
+    step in 17 bytes (a big model has ~10^8; each unit's place is in start, 8 bytes a unit)."""
+    counts, parts = [], []
     for s in range(0, len(loss), CHUNK_UNITS):
         e = s + CHUNK_UNITS
-        part = _hull_steps(loss[s:e], cost[s:e], keep[s:e], base[s:e], s)
-        parts.append([a.astype(t, copy=False) for a, t in zip(part, dtypes)])
+        count, *fields = _hull_steps(loss[s:e], cost[s:e], keep[s:e], base[s:e])
+        counts.append(count)
+        parts.append([a.astype(t, copy=False) for a, t in zip(fields, (np.float64, np.float64, np.int8))])
     fields = []
-    for f in range(len(dtypes)):  # a field at a time, the chunks' copies dropped as it is built
+    for f in range(3):  # a field at a time, the chunks' copies dropped as it is built
         fields.append(np.concatenate([p[f] for p in parts]))
         for p in parts:
             p[f] = None
-    return Steps(*fields)
+    return Steps(np.r_[0, np.cumsum(np.concatenate(counts))], *fields)
 
 
-def _hull_steps(loss, cost, keep, base, offset: int) -> Steps:
+def _hull_steps(loss, cost, keep, base) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """[U] steps per unit, then eff, dc, to of the steps, units in order and each unit's steps in order."""
     U = len(loss)
     units = np.arange(U)
     big = np.inf
@@ -161,7 +164,7 @@ def _hull_steps(loss, cost, keep, base, offset: int) -> Steps:
         if not len(moving):
             break
         target = far[moving]
-        unit_list.append(moving + offset)
+        unit_list.append(moving)
         eff_list.append(best[moving])
         dc_list.append(cost[moving, target] - cost[moving, current[moving]])
         to_list.append(target)
@@ -169,10 +172,10 @@ def _hull_steps(loss, cost, keep, base, offset: int) -> Steps:
         current = current.copy()
         current[moving] = target
     if not unit_list:
-        return Steps(*(np.zeros(0) for _ in Steps._fields))
-    steps = Steps(*(np.concatenate(a) for a in (unit_list, eff_list, dc_list, to_list, order_list)))
-    by_unit = np.lexsort((steps.order, steps.unit))
-    return Steps(*(a[by_unit] for a in steps))
+        return np.zeros(U, dtype=np.int64), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int8)
+    unit, order = np.concatenate(unit_list), np.concatenate(order_list)
+    by_unit = np.lexsort((order, unit))
+    return (np.bincount(unit, minlength=U), *(np.concatenate(a)[by_unit] for a in (eff_list, dc_list, to_list)))
 
 
 def cheapest(cost: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -244,19 +247,30 @@ def lp_relaxation(loss, cost, keep, budget, core_steps: int) -> LP:
     ranked, j = band.ranked, band.fit
     taken = steps.eff > band.above
     taken[ranked[:j]] = True
-    taken = np.flatnonzero(taken)  # each unit's steps taken are the first of its steps, in step order
-    ends = taken[np.r_[steps.unit[taken][1:] != steps.unit[taken][:-1], True]] if len(taken) else taken
+    counts = taken_per_unit(taken, steps.start)  # each unit's steps taken are the first of its steps
+    del taken
+    moved = np.flatnonzero(counts)
     choice = base.copy()
-    choice[steps.unit[ends]] = steps.to[ends]
+    choice[moved] = steps.to[steps.start[moved] + counts[moved] - 1]
     bound = loss[units, choice].sum()
     if j < len(ranked):
         spare = room - (band.spent + steps.dc[ranked[:j]].sum())
         t = ranked[j]
-        u, to = steps.unit[t], steps.to[t]
-        was = steps.to[t - 1] if steps.order[t] > 0 else base[u]  # the unit's option before this step
+        u, to = steps.unit_of(t), steps.to[t]
+        was = steps.to[t - 1] if t > steps.start[u] else base[u]  # the unit's option before this step
         bound -= (loss[u, was] - loss[u, to]) * spare / steps.dc[t]
-    near = steps.unit[ranked[max(j - core_steps, 0) : j + core_steps]]
+    near = steps.unit_of(ranked[max(j - core_steps, 0) : j + core_steps])
     return LP(choice, float(bound), near)
+
+
+def taken_per_unit(taken: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """[U]: how many of each unit's steps (start [U + 1]) are marked in taken, a chunk of units at a time."""
+    counts = np.empty(len(start) - 1, dtype=np.int64)
+    for s in range(0, len(counts), CHUNK_UNITS):
+        e = min(s + CHUNK_UNITS, len(counts))
+        running = np.r_[0, np.cumsum(taken[start[s] : start[e]])]
+        counts[s:e] = running[start[s + 1 : e + 1] - start[s]] - running[start[s:e] - start[s]]
+    return counts
 
 
 def core_units(near: np.ndarray, core_steps: int, U: int) -> np.ndarray:
