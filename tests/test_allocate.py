@@ -61,3 +61,14 @@ def test_sorting_only_the_steps_around_the_threshold_changes_nothing(monkeypatch
     assert (banded.choice == whole.choice).all() and banded.lp_bound == whole.lp_bound
     assert banded.core_units == whole.core_units < U
     assert allocate_module.lp_bound(loss, cost, budget) == whole.lp_bound
+
+
+def test_taken_steps_are_counted_per_unit_across_chunks_and_empty_units(monkeypatch):
+    monkeypatch.setattr(allocate_module, "CHUNK_UNITS", 3)  # chunk edges inside and between units' steps
+    rng = np.random.default_rng(0)
+    per_unit = rng.integers(0, 4, 20)  # some units without steps, the first and last included
+    per_unit[0] = per_unit[-1] = 0
+    start = np.r_[0, np.cumsum(per_unit)]
+    taken = rng.random(start[-1]) < 0.5
+    counts = allocate_module.taken_per_unit(taken, start)
+    assert counts.tolist() == [int(taken[start[u] : start[u + 1]].sum()) for u in range(len(per_unit))]
