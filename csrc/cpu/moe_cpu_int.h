@@ -35,7 +35,7 @@ inline __m512i decode_bytes(const uint64_t* m) {
 // The codes this many bytes ahead of [at, at + bytes) asked for into L2, by the kernels as they decode. The factors are
 // streams that the hardware prefetcher alone read at 12-15 GB/s of the AMX Xeon's ~22 (one token's gate/up and down
 // took 0.65 and 0.37 ms there, 0.47 and 0.26 ms with this; 2-8 KiB ahead all gave about that: benchmarks/README.md,
-// "Prefetching the factors").
+// "A Xeon with a 480 MiB L3").
 constexpr int kAheadBytes = 4096;
 inline void prefetch_ahead(const uint64_t* at, int bytes) {
   for (int b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(at) + kAheadBytes + b, _MM_HINT_T1);
