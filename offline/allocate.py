@@ -151,8 +151,8 @@ def _hull_steps(loss, cost, keep, base) -> tuple[np.ndarray, np.ndarray, np.ndar
     units = np.arange(U)
     big = np.inf
     current = base
-    unit_list, eff_list, dc_list, to_list, order_list = [], [], [], [], []
-    for order in range(loss.shape[1]):  # at most J - 1 hull steps per unit
+    unit_list, eff_list, dc_list, to_list = [], [], [], []
+    for _ in range(loss.shape[1]):  # at most J - 1 hull steps per unit; each round appends every unit's next step
         dc = np.where(keep, cost - cost[units, current][:, None], big)
         dl = loss[units, current][:, None] - loss  # loss saved
         eff = np.where((dc > 0) & (dc < big) & (dl > 0), dl / np.where(dc > 0, dc, 1), -1.0)
@@ -168,13 +168,12 @@ def _hull_steps(loss, cost, keep, base) -> tuple[np.ndarray, np.ndarray, np.ndar
         eff_list.append(best[moving])
         dc_list.append(cost[moving, target] - cost[moving, current[moving]])
         to_list.append(target)
-        order_list.append(np.full(len(moving), order))
         current = current.copy()
         current[moving] = target
     if not unit_list:
         return np.zeros(U, dtype=np.int64), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int8)
-    unit, order = np.concatenate(unit_list), np.concatenate(order_list)
-    by_unit = np.lexsort((order, unit))
+    unit = np.concatenate(unit_list)
+    by_unit = np.argsort(unit, kind="stable")  # the rounds' order kept: each unit's steps in order
     return (np.bincount(unit, minlength=U), *(np.concatenate(a)[by_unit] for a in (eff_list, dc_list, to_list)))
 
 
