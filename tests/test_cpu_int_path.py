@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_FLAGS = open("/proc/cpuinfo").read()
 HAS_INT_PATH = all(flag in CPU_FLAGS for flag in ("avx512_vnni", "avx512bw", "avx512vbmi", "gfni"))
 HAS_AMX = HAS_INT_PATH and all(flag in CPU_FLAGS for flag in ("amx_tile", "amx_int8"))
+HAS_AMX_BF16 = HAS_AMX and all(flag in CPU_FLAGS for flag in ("amx_bf16", "avx512_bf16"))
 
 # The kernel rounds activations to 16-bit integers (one scale per 128 rank rows and column group for gate/up, per
 # slot and column group for down, per token for int8 bases): about 2^-16 of the largest value each; 16-bit outputs
@@ -232,6 +233,50 @@ def test_amx_tiles_give_the_vnni_kernels_sums(monkeypatch, shape, basis_dtype):
         assert relative_error(out["avx512-amx"], out["avx512-vnni"]) < 1e-4
     else:
         assert torch.equal(out["avx512-amx"], out["avx512-vnni"])
+
+
+def bf16_tiles_against_vnni(monkeypatch, layer, shape, seed):
+    """(AMX, VNNI) relative errors against the float reference, and whether their outputs differ, for a bfloat16 input
+    of T tokens that gives every expert 16 or more."""
+    H, I, E, K, _, _ = shape
+    T = 40 * E // K + 3
+    w, ids = routing(T, E, K, seed=seed)
+    assert torch.bincount(ids.flatten(), minlength=E).min() >= 16
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(seed)).bfloat16()
+    cpu, ref = to_cpu_layer(layer), moe_forward(x.float(), w, ids, layer)
+    out = {}
+    for isa in ("avx512-vnni", "avx512-amx"):
+        force_isa(monkeypatch, isa)
+        out[isa] = ops.moe_layer(x, w, ids, layer, cpu)
+    amx, vnni = out["avx512-amx"], out["avx512-vnni"]
+    return relative_error(amx, ref), relative_error(vnni, ref), not torch.equal(amx, vnni)
+
+
+# A bfloat16 layer's experts with 6 tokens or more take gate/up on bfloat16 tiles (kAmxBf16, moe_cpu_amx_bf16.cpp):
+# z times the scales rounded to bfloat16, the codes' values exact. On these layers that adds 1.7-1.8x to the VNNI
+# kernels' error, which is the bfloat16 output's rounding alone (2.9e-3 against 1.6e-3).
+BF16_TILES_ERROR = 2.5
+
+
+@pytest.mark.skipif(not HAS_AMX_BF16, reason="this CPU lacks AMX-BF16 or AVX512-BF16")
+@pytest.mark.parametrize("width", WIDTHS)  # looked up in one register (1-4), two (6), or through float (8)
+@pytest.mark.parametrize("version", READABLE_VERSIONS)
+def test_amx_bf16_tiles_every_width(monkeypatch, width, version):
+    layer = layer_of(LAYERS[0], widths=(width,), seed=width, format_version=version)
+    amx, vnni, differ = bf16_tiles_against_vnni(monkeypatch, layer, LAYERS[0], seed=width)
+    assert differ, "the bfloat16 tiles ran"
+    assert amx < BF16_TILES_ERROR * vnni and amx < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.skipif(not HAS_AMX_BF16, reason="this CPU lacks AMX-BF16 or AVX512-BF16")
+@pytest.mark.parametrize("shape", AMX_LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-R{s[4][0]}-G{s[5]}")
+@pytest.mark.parametrize("basis_dtype", ["int8", "identity"])
+def test_amx_bf16_tiles_mixed_widths(monkeypatch, shape, basis_dtype):
+    """Blocks of every width in one part (their rows padded to 32), and tile_chunks 2 (G 32) and 4 (G 64)"""
+    layer = layer_of(shape, basis_dtype=basis_dtype, seed=7)
+    amx, vnni, differ = bf16_tiles_against_vnni(monkeypatch, layer, shape, seed=7)
+    assert differ, "the bfloat16 tiles ran"
+    assert amx < BF16_TILES_ERROR * vnni and amx < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="this CPU lacks AMX-TILE or AMX-INT8")

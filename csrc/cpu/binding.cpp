@@ -549,10 +549,14 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
   const Scratch<int8_t> bytes(2 * T * K * I);
   const QuantizedRows q{bytes.get(), bytes.get() + T * K * I, a_scale.get(), a_scale.get() + T * K * groups, I, groups};
   const auto tiles = [&](const Tokens& tk) { return amx && tk.n >= kAmx.min_tokens; };
+  // a bfloat16 layer's gate/up on bfloat16 tiles where it takes tiles: at its input's precision
+  const bool bf16 = amx && x.scalar_type() == at::kBFloat16 && amx_bf16_usable();
   run_experts(
       r, parts, I, R_d, T * K, out.get(),
       [&](int64_t e, const Tokens& tk, int64_t part, float* h) {
-        (tiles(tk) ? kAmx.gate_up_part : v.gate_up_part)(g.view, u.view, e, z_g, z_u, tk, part, parts, h);
+        (!tiles(tk) ? v.gate_up_part
+         : bf16     ? kAmxBf16.gate_up_part
+                    : kAmx.gate_up_part)(g.view, u.view, e, z_g, z_u, tk, part, parts, h);
       },
       [&](int64_t e, const float* h, const Tokens& tk) { v.activate(h, parts, tk, act.view, e, a.get(), q); },
       [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) {

@@ -165,4 +165,20 @@ extern const TileKernels kAmx;
 // arch_prctl(ARCH_REQ_XCOMP_PERM), as Linux requires before the first tile instruction).
 bool amx_usable();
 
+// ---- AMX-BF16 tiles for bfloat16 layers -------------------------------------------------------------------------
+//
+// gate/up with z and the weights (their scales applied) rounded to bfloat16 and float sums over all of a part's rank
+// rows (tdpbf16ps), in place of TileKernels::gate_up_part where the layer's input is bfloat16: its precision is the
+// input's. Same arguments and result as VnniKernels::gate_up_part, to bfloat16's precision.
+struct Bf16TileKernels {
+  const char* name;
+  void (*gate_up_part)(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u,
+                       const Tokens& tk, int64_t part, int64_t parts, float* h);
+};
+
+extern const Bf16TileKernels kAmxBf16;
+
+// amx_usable(), and the CPU has AMX-BF16 and AVX512-BF16
+bool amx_bf16_usable();
+
 }  // namespace bitsmoe::cpu

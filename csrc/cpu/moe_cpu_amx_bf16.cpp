@@ -1,0 +1,273 @@
+// The integer path's gate/up for bfloat16 layers on AMX-BF16 tiles (moe_cpu.h, Bf16TileKernels): binding.cpp runs it
+// in place of the int8 tiles (moe_cpu_amx.cpp) where the layer's input is bfloat16 and the CPU has AMX-BF16.
+//
+// The int8 tiles round each token's z to 16-bit integers once per (128 rank rows, column group), and add every 128
+// rows' sums to float accumulators: at a few dozen tokens an expert that rounding and those additions took most of
+// gate/up's time (benchmarks/README.md, "AMX tiles"). Here the codes' values (lowest + code * step, exact in
+// bfloat16) are decoded once per call and expert, z times the column group's scales is rounded to bfloat16 once per
+// (token, column group), and tdpbf16ps sums all of the part's rank rows in float: one tile store per 16 tokens x 16
+// columns. z carries bfloat16's 8 significant bits, as the layer's bfloat16 input already does.
+//
+// Tiles: 0-3 float sums (16 tokens x 16 columns: two tiles of tokens x two column chunks), 4, 5 z times the scales
+// (16 tokens x 32 rank rows), 6, 7 code values (16 pairs of rank rows x 16 columns x 2).
+// GCC 12 flags its own _mm512_undefined_* inside the intrinsics header (GCC bug 105593)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <cpuid.h>
+#include <immintrin.h>
+
+#include <cstring>
+#include <vector>
+
+#include "moe_cpu.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bf16,gfni,avx2,fma,f16c,amx-tile,amx-bf16")
+#define BITSMOE_AVX512 1
+#include "moe_cpu_impl.h"
+#include "moe_cpu_int.h"
+
+namespace {
+
+constexpr int kTile = 16;  // tokens of a tile, and columns
+constexpr int kStep = 32;  // rank rows one tdpbf16ps sums
+
+struct Tiles {
+  Tiles() {
+    struct alignas(64) {
+      uint8_t palette, start_row, reserved[14];
+      uint16_t colsb[16];
+      uint8_t rows[16];
+    } config{};
+    config.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+      config.rows[t] = kTile;
+      config.colsb[t] = 64;
+    }
+    _tile_loadconfig(&config);
+  }
+  ~Tiles() { _tile_release(); }
+};
+
+// A 64-byte aligned scratch array of this thread, kept between calls so that its pages are not faulted in again for
+// every expert
+template <class T, int kSlot>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> v;
+  if (static_cast<int64_t>(v.size()) < n + 64) v.resize(n + 64);
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
+}
+
+// The tile instructions take their tile as an immediate
+inline void zero_tile(int i) {
+  switch (i) {
+    case 0:
+      _tile_zero(0);
+      break;
+    case 1:
+      _tile_zero(1);
+      break;
+    case 2:
+      _tile_zero(2);
+      break;
+    default:
+      _tile_zero(3);
+  }
+}
+inline void store_tile(int i, float* out, int64_t stride) {
+  switch (i) {
+    case 0:
+      _tile_stored(0, out, stride * sizeof(float));
+      break;
+    case 1:
+      _tile_stored(1, out, stride * sizeof(float));
+      break;
+    case 2:
+      _tile_stored(2, out, stride * sizeof(float));
+      break;
+    default:
+      _tile_stored(3, out, stride * sizeof(float));
+  }
+}
+
+// One of the part's blocks (moe_cpu_int.h, for_groups) and its first row in the part's rank rows, K
+struct Block {
+  int b;
+  int64_t group0;
+  int n;
+  const uint64_t* masks;
+  int64_t k0;  // a multiple of kStep; the rows from k0 + 4n to the next multiple are zeros
+};
+
+// The values of a B-bit code, lowest + code * step, as bfloat16 words (exact: at most 8 significant bits): 64 words
+// in two registers, of which vpermw reads the first 32 (B <= 5) and vpermi2w all (B = 6)
+template <int B>
+struct CodeValues {
+  __m512i lo, hi;
+  explicit CodeValues(bool odd) {
+    const __m512 lane = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 v[4];
+    for (int k = 0; k < 4; ++k)
+      v[k] = _mm512_fmadd_ps(_mm512_add_ps(lane, _mm512_set1_ps(16.f * k)), _mm512_set1_ps(step_of_plane<B>(0, odd)),
+                             _mm512_set1_ps(lowest_code<B>(odd)));
+    lo = (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]);
+    hi = (__m512i)_mm512_cvtne2ps_pbh(v[3], v[2]);
+  }
+};
+
+// byte 2w (w = 2j + r) of a tile row: byte 4j + r of the decode, + 2 for the second row
+struct PairIndex {
+  alignas(64) int8_t v[64];
+  constexpr PairIndex() : v{} {
+    for (int i = 0; i < 64; ++i) v[i] = static_cast<int8_t>(2 * (i / 2) - (i / 2) % 2);
+  }
+};
+constexpr PairIndex kPairs{};
+
+// The 64 codes of a 4-row group's chunk (planes at m; byte 4j + r of the decode is column j, row r) as two tile rows
+// of their values in bfloat16, rows 0 and 1 (word 2j + r: column j, row r) then rows 2 and 3. Widths up to 6: the
+// codes' bytes spread to words, looked up in `values`; 8 bits: through float (256 values)
+template <int B>
+inline void decode_values(const uint64_t* m, const CodeValues<B>& values, uint16_t* out) {
+  const __m512i d = decode_bytes<B>(m), pairs = _mm512_load_si512(kPairs.v);
+  constexpr __mmask64 kEven = 0x5555555555555555ull;
+  for (int h = 0; h < 2; ++h) {
+    const __m512i index = _mm512_maskz_permutexvar_epi8(kEven, _mm512_add_epi8(pairs, _mm512_set1_epi8(2 * h)), d);
+    __m512i v;
+    if constexpr (B <= 5)
+      v = _mm512_permutexvar_epi16(index, values.lo);
+    else if constexpr (B == 6)
+      v = _mm512_permutex2var_epi16(values.lo, index, values.hi);
+    else {
+      const __m512 low = _mm512_set1_ps(lowest_code<B>(false));
+      const __m512 v0 = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(index))), low);
+      const __m512 v1 =
+          _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(index, 1))), low);
+      v = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
+    }
+    _mm512_store_si512(out + 32 * h, v);
+  }
+}
+
+// Tile t (tile_chunks chunks of 16 columns, within one column group) of a block's values into w: chunk k's rows of
+// the part at w + k * K * 16, as pairs of rank rows of 16 columns
+template <int B>
+void decode_block(const CpuFactors& f, const Block& bl, int64_t t, int64_t K, uint16_t* w) {
+  const int64_t tc = f.tile_chunks;
+  const CodeValues<B> values(f.odd);
+  const uint64_t* m = bl.masks + t * bl.n * tc * B;  // a block's masks: [tile, group, chunk in the tile, plane]
+  for (int q = 0; q < bl.n; ++q, m += tc * B) {
+    prefetch_ahead(m, tc * B * 8);
+    for (int64_t k = 0; k < tc; ++k) decode_values<B>(m + k * B, values, w + (k * K + bl.k0 + 4 * q) * 16);
+  }
+}
+
+// out [rows, 32] (rows at most 16 * NT, I apart) = NT tiles of 16 tokens' y (a, rows lda apart) times two column
+// chunks of code values (w, the second K * 16 after the first), over K rank rows: each y tile loaded (from L2) feeds
+// two products, each values tile NT
+template <int NT>
+inline void tile_products(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t K, int64_t rows, int64_t I,
+                          float* out) {
+  for (int i = 0; i < 2 * NT; ++i) zero_tile(i);
+  for (int64_t s = 0; s < K; s += kStep) {
+    _tile_loadd(6, w + s * 16, 64);
+    _tile_loadd(7, w + (K + s) * 16, 64);
+    _tile_loadd(4, a + s, lda * sizeof(uint16_t));
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (NT == 2) {
+      _tile_loadd(5, a + kTile * lda + s, lda * sizeof(uint16_t));
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  alignas(64) float part[2][kTile * kTile];
+  for (int i = 0; i < NT; ++i, rows -= kTile, out += kTile * I)
+    if (rows >= kTile) {
+      store_tile(2 * i, out, I);
+      store_tile(2 * i + 1, out + 16, I);
+    } else {
+      store_tile(2 * i, part[0], kTile);
+      store_tile(2 * i + 1, part[1], kTile);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(out + r * I, part[0] + r * kTile, 64);
+        std::memcpy(out + r * I + 16, part[1] + r * kTile, 64);
+      }
+    }
+}
+
+// acc [n, I] = the part's rows of F^T z for every token of the expert
+void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& tk, int64_t part, int64_t parts,
+                  float* acc) {
+  const int64_t I = 16 * f.chunks, tc = f.tile_chunks;
+  std::vector<Block> blocks;
+  int64_t K = 0;
+  for_groups(f, e, part, parts, kGroupsPerBlock, [&](int b, int64_t group0, int n, const uint64_t* masks) {
+    blocks.push_back({b, group0, n, masks, K});
+    K += (4 * n + kStep - 1) / kStep * kStep;
+  });
+  if (K == 0) {
+    std::memset(acc, 0, tk.n * I * sizeof(float));
+    return;
+  }
+  const int64_t tiles = (tk.n + kTile - 1) / kTile;
+  // y = z * s for one column group [tiles * 16, K] in bfloat16, rows past n and padding rows zero; rows `lda` apart,
+  // not a multiple of 4 KiB, which would put a tile's 16 rows in one set of L1
+  const int64_t lda = K + 32;
+  uint16_t* a = scratch<uint16_t, 0>(tiles * kTile * lda);
+  uint16_t* w = scratch<uint16_t, 1>(tc * K * 16);  // the code values of one tile of columns, [chunk, K / 2, 16, 2]
+  float* zr = scratch<float, 2>(tk.n * K);          // z of the part's rows, [n, K]
+  std::memset(a + tk.n * lda, 0, (tiles * kTile - tk.n) * lda * sizeof(uint16_t));
+  for (const Block& bl : blocks) {
+    const int rows = 4 * bl.n, padded = (rows + kStep - 1) / kStep * kStep;
+    for (int64_t k = 0; k < tc; ++k)
+      std::memset(w + (k * K + bl.k0 + rows) * 16, 0, (padded - rows) * 16 * sizeof(uint16_t));
+    for (int64_t j = 0; j < tk.n; ++j) gather_rows(f, z + tk.token[j] * f.R, 4 * bl.group0, rows, zr + j * K + bl.k0);
+  }
+  for (int64_t g = 0; g < f.groups; ++g) {
+    for (const Block& bl : blocks) {
+      const int rows = 4 * bl.n, padded = (rows + kStep - 1) / kStep * kStep;
+      const uint16_t* scales = f.scales + g * f.stored_rows + 4 * bl.group0;
+      for (int i = 0; i < padded; i += 16) {
+        const __mmask16 in = i < rows ? first_lanes(rows - i) : 0;
+        const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, scales + i));
+        for (int64_t j = 0; j < tk.n; ++j)
+          _mm256_store_si256(
+              reinterpret_cast<__m256i*>(a + j * lda + bl.k0 + i),
+              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_load_ps(in, zr + j * K + bl.k0 + i), s)));
+      }
+    }
+    for (int64_t t = g * f.group_chunks / tc; t < (g + 1) * f.group_chunks / tc; ++t) {
+      for (const Block& bl : blocks)
+        with_width(bl.b, [&](auto width) { decode_block<decltype(width)::kBits>(f, bl, t, K, w); });
+      for (int64_t k = 0; k < tc; k += 2)  // tile_chunks is 2, 4 or 8
+        for (int64_t tt = 0; tt < tiles; tt += 2)
+          if (tt + 1 < tiles)
+            tile_products<2>(a + tt * kTile * lda, lda, w + k * K * 16, K, tk.n - tt * kTile, I,
+                             acc + tt * kTile * I + 16 * (t * tc + k));
+          else
+            tile_products<1>(a + tt * kTile * lda, lda, w + k * K * 16, K, tk.n - tt * kTile, I,
+                             acc + tt * kTile * I + 16 * (t * tc + k));
+    }
+  }
+}
+
+void gate_up_part_bf16(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u,
+                       const Tokens& tk, int64_t part, int64_t parts, float* h) {
+  const Tiles tiles;
+  project_part(g, e, z_g, tk, part, parts, h);
+  project_part(u, e, z_u, tk, part, parts, h + tk.n * 16 * g.chunks);
+}
+
+}  // namespace
+
+bool bitsmoe::cpu::amx_bf16_usable() {
+  static const bool usable = [] {
+    constexpr unsigned kAmxBf16 = 1u << 22;  // CPUID (7, 0) EDX bit 22
+    unsigned eax, ebx, ecx, edx;
+    return amx_usable() && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & kAmxBf16) &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return usable;
+}
+
+const bitsmoe::cpu::Bf16TileKernels bitsmoe::cpu::kAmxBf16 = {"avx512-amx-bf16", &gate_up_part_bf16};
