@@ -558,8 +558,9 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
   const Scratch<int8_t> bytes(2 * T * K * I);
   const QuantizedRows q{bytes.get(), bytes.get() + T * K * I, a_scale.get(), a_scale.get() + T * K * groups, I, groups};
   const auto tiles = [&](const Tokens& tk) { return amx && tk.n >= kAmx.min_tokens; };
-  // a bfloat16 layer's gate/up on bfloat16 tiles where it takes tiles: at its input's precision
+  // a bfloat16 layer's experts on bfloat16 tiles where they take tiles: at its input's precision
   const bool bf16 = amx && x.scalar_type() == at::kBFloat16 && amx_bf16_usable();
+  const auto bf16_down = [&](const Tokens& tk) { return bf16 && tk.n >= kAmxBf16.min_down_tokens; };
   run_experts(
       r, parts, I, R_d, T * K, out.get(),
       [&](int64_t e, const Tokens& tk, int64_t part, float* h) {
@@ -567,9 +568,17 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
          : bf16     ? kAmxBf16.gate_up_part
                     : kAmx.gate_up_part)(g.view, u.view, e, z_g, z_u, tk, part, parts, h);
       },
-      [&](int64_t e, const float* h, const Tokens& tk) { v.activate(h, parts, tk, act.view, e, a.get(), q); },
+      [&](int64_t e, const float* h, const Tokens& tk) {
+        if (bf16_down(tk))  // which takes a in float
+          k.activate(h, parts, tk, I, act.view, e, a.get());
+        else
+          v.activate(h, parts, tk, act.view, e, a.get(), q);
+      },
       [&](int64_t e, const Tokens& tk, int64_t share, int64_t shares, float* dst) {
-        (tiles(tk) ? kAmx.down : v.down)(d.view, e, q, tk, share, shares, dst);
+        if (bf16_down(tk))
+          kAmxBf16.down(d.view, e, a.get(), tk, share, shares, dst);
+        else
+          (tiles(tk) ? kAmx.down : v.down)(d.view, e, q, tk, share, shares, dst);
       });
   return finish(product, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x, r, down_bias);
 }

@@ -172,8 +172,11 @@ bool amx_usable();
 // input's. Same arguments and result as VnniKernels::gate_up_part, to bfloat16's precision.
 struct Bf16TileKernels {
   const char* name;
+  int64_t min_down_tokens;  // the experts with fewer tokens (and at least TileKernels::min_tokens) run kAmx's down
   void (*gate_up_part)(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u,
                        const Tokens& tk, int64_t part, int64_t parts, float* h);
+  // As VnniKernels::down on Kernels::activate's float activations a [slots, I], rounded to bfloat16
+  void (*down)(const CpuFactors& d, int64_t e, const float* a, const Tokens& tk, int64_t part, int64_t parts, float* u);
 };
 
 extern const Bf16TileKernels kAmxBf16;

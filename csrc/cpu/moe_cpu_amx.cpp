@@ -5,7 +5,8 @@
 //
 // Tiles: 0, 1 the sums of the hi and lo bytes (16 tokens x 16 columns, int32), 2, 3 the activations' hi and lo bytes
 // (16 tokens x K), 4 the decoded codes (K / 4 rows of 16 columns x 4 codes: a decoded 64-byte chunk of the CPU layout
-// is one such row, for gate/up as for down). tdpbsud multiplies signed (activation) by unsigned (code) bytes.
+// is one such row, for gate/up as for down). tdpbsud multiplies signed (activation) by unsigned (code) bytes. The
+// int8 bases take two blocks of rows at a time: 5, 6 and 7 are the second block's sums and codes.
 // GCC 12 flags its own _mm512_undefined_* inside the intrinsics header (GCC bug 105593)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -16,6 +17,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <new>
 
 #include "moe_cpu.h"
@@ -38,12 +40,14 @@ struct Tiles {
       uint8_t rows[16];
     } config{};
     config.palette = 1;
-    for (int t = 0; t < 4; ++t) {
+    for (int t : {0, 1, 2, 3, 5, 6}) {
       config.rows[t] = kTile;
-      config.colsb[t] = t < 2 ? 64 : k_bytes;
+      config.colsb[t] = t == 2 || t == 3 ? k_bytes : 64;
     }
-    config.rows[4] = k_bytes / 4;
-    config.colsb[4] = 64;
+    for (int t : {4, 7}) {
+      config.rows[t] = k_bytes / 4;
+      config.colsb[t] = 64;
+    }
     _tile_loadconfig(&config);
   }
   ~Tiles() { _tile_release(); }
@@ -219,28 +223,40 @@ void int8_rows_amx(const Basis& b, const QuantizedRows& x, int64_t T, float* out
   Buffer<int8_t> codes(blocks * chunks * kTile * 64);  // [block of 16 rows, chunk of 64 columns] tiles
   for (int64_t k = 0; k < blocks; ++k)
     for (int64_t c = 0; c < chunks; ++c) basis_tile(b, r0 + kTile * k, 64 * c, codes.p + (k * chunks + c) * kTile * 64);
-  alignas(64) int32_t hi[kTile * kTile], lo[kTile * kTile];
+  alignas(64) int32_t hi[2][kTile * kTile], lo[2][kTile * kTile];
   for (int64_t t0 = 0; t0 < T; t0 += kPanelTokens)
-    for (int64_t k = 0; k < blocks; ++k) {
-      const int64_t r = r0 + kTile * k;
+    for (int64_t k = 0; k < blocks; k += 2) {
+      const bool two = k + 1 < blocks;  // two blocks of rows against each x tile: 4 tile loads for 4 products
       const int8_t* tile = codes.p + k * chunks * kTile * 64;
-      const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.scale + r)));
       for (int64_t t = t0; t < T && t < t0 + kPanelTokens; t += kTile) {
         _tile_zero(0);
         _tile_zero(1);
+        _tile_zero(5);
+        _tile_zero(6);
         for (int64_t c = 0; c < chunks; ++c) {
           _tile_loadd(2, x.hi + t * b.in + 64 * c, b.in);
           _tile_loadd(3, x.lo + t * b.in + 64 * c, b.in);
           _tile_loadd(4, tile + c * kTile * 64, 64);
           _tile_dpbssd(0, 2, 4);
           _tile_dpbssd(1, 3, 4);
+          if (two) {
+            _tile_loadd(7, tile + (chunks + c) * kTile * 64, 64);
+            _tile_dpbssd(5, 2, 7);
+            _tile_dpbssd(6, 3, 7);
+          }
         }
-        _tile_stored(0, hi, 64);
-        _tile_stored(1, lo, 64);
-        for (int64_t j = 0; j < kTile && t + j < T; ++j) {
-          const __m512 sums = combine(_mm512_load_si512(hi + j * kTile), _mm512_load_si512(lo + j * kTile));
-          _mm512_storeu_ps(out + (t + j) * b.n + r,
-                           _mm512_mul_ps(scale, _mm512_mul_ps(_mm512_set1_ps(x.scale[t + j]), sums)));
+        _tile_stored(0, hi[0], 64);
+        _tile_stored(1, lo[0], 64);
+        _tile_stored(5, hi[1], 64);
+        _tile_stored(6, lo[1], 64);
+        for (int i = 0; i < (two ? 2 : 1); ++i) {
+          const int64_t r = r0 + kTile * (k + i);
+          const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.scale + r)));
+          for (int64_t j = 0; j < kTile && t + j < T; ++j) {
+            const __m512 sums = combine(_mm512_load_si512(hi[i] + j * kTile), _mm512_load_si512(lo[i] + j * kTile));
+            _mm512_storeu_ps(out + (t + j) * b.n + r,
+                             _mm512_mul_ps(scale, _mm512_mul_ps(_mm512_set1_ps(x.scale[t + j]), sums)));
+          }
         }
       }
     }

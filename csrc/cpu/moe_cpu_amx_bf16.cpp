@@ -1,12 +1,15 @@
-// The integer path's gate/up for bfloat16 layers on AMX-BF16 tiles (moe_cpu.h, Bf16TileKernels): binding.cpp runs it
-// in place of the int8 tiles (moe_cpu_amx.cpp) where the layer's input is bfloat16 and the CPU has AMX-BF16.
+// The integer path's gate/up and down for bfloat16 layers on AMX-BF16 tiles (moe_cpu.h, Bf16TileKernels): binding.cpp
+// runs them in place of the int8 tiles (moe_cpu_amx.cpp) where the layer's input is bfloat16 and the CPU has AMX-BF16
+// (down from 24 tokens an expert: below that its decode, dearer than the int8 tiles', cost more than it saved).
 //
 // The int8 tiles round each token's z to 16-bit integers once per (128 rank rows, column group), and add every 128
 // rows' sums to float accumulators: at a few dozen tokens an expert that rounding and those additions took most of
 // gate/up's time (benchmarks/README.md, "AMX tiles"). Here the codes' values (lowest + code * step, exact in
 // bfloat16) are decoded once per call and expert, z times the column group's scales is rounded to bfloat16 once per
 // (token, column group), and tdpbf16ps sums all of the part's rank rows in float: one tile store per 16 tokens x 16
-// columns. z carries bfloat16's 8 significant bits, as the layer's bfloat16 input already does.
+// columns. z carries bfloat16's 8 significant bits, as the layer's bfloat16 input already does. down (further below)
+// takes the activations in bfloat16 once per call instead of 16-bit integers per (slot, column group), and one float
+// sum per column group where the int8 tiles take two (hi and lo bytes).
 //
 // Tiles: 0-3 float sums (16 tokens x 16 columns: two tiles of tokens x two column chunks), 4, 5 z times the scales
 // (16 tokens x 32 rank rows), 6, 7 code values (16 pairs of rank rows x 16 columns x 2).
@@ -258,6 +261,72 @@ void gate_up_part_bf16(const CpuFactors& g, const CpuFactors& u, int64_t e, cons
   project_part(u, e, z_u, tk, part, parts, h + tk.n * 16 * g.chunks);
 }
 
+// ---- down: u[slot, rank] = sum_c F_d[rank, c] a[slot, c] ------------------------------------------------------------
+
+// Columns [c0, c0 + G) of a 16-row group's code values (width B, masks [chunk of 4 columns, plane] at m) as G / 2 tile
+// rows of 16 rows x 2 columns (the decode's byte 4i + c is row i, column c of the chunk)
+template <int B>
+void decode_down(const uint64_t* m, int64_t c0, int64_t G, bool odd, uint16_t* w) {
+  const CodeValues<B> values(odd);
+  for (int64_t c = c0 / 4; c < (c0 + G) / 4; ++c) {
+    prefetch_ahead(m + c * B, B * 8);
+    decode_values<B>(m + c * B, values, w + (4 * c - c0) * 16);
+  }
+}
+
+// u [slots, d.R] for part `part` of `parts` of expert e's 16-row groups, two groups against every token at a time: per
+// column group the float sums of a (rounded to bfloat16) times the code values, times the group's scales (one per
+// row and column group, so not foldable into a) added to the rows' totals
+void down_bf16(const CpuFactors& d, int64_t e, const float* a, const Tokens& tk, int64_t part, int64_t parts,
+               float* u) {
+  const Tiles tile_config;
+  const int64_t I = 4 * d.chunks, G = I / d.groups, tiles = (tk.n + kTile - 1) / kTile, lda = I + 32;
+  uint16_t* ab = scratch<uint16_t, 0>(tiles * kTile * lda);  // the slots' a in bfloat16, rows past n zero
+  uint16_t* w = scratch<uint16_t, 1>(2 * G * 16);            // two groups' code values for one column group
+  float* sums = scratch<float, 2>(tiles * kTile * 32);       // [token, 2 groups x 16 rows] of one column group
+  float* total = scratch<float, 3>(tiles * kTile * 32);      // ... over all column groups
+  std::memset(ab + tk.n * lda, 0, (tiles * kTile - tk.n) * lda * sizeof(uint16_t));
+  for (int64_t j = 0; j < tk.n; ++j)
+    for (int64_t c = 0; c < I; c += 32) {  // I is a multiple of G, a multiple of 32 (binding.cpp checks)
+      const float* row = a + tk.slot[j] * I + c;
+      _mm512_store_si512(ab + j * lda + c,
+                         (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 16), _mm512_loadu_ps(row)));
+    }
+  for_groups(d, e, part, parts, 1, [&](int b, int64_t group0, int n, const uint64_t* masks) {
+    with_width(b, [&](auto width) {
+      constexpr int B = decltype(width)::kBits;
+      for (int q = 0; q < n; q += 2) {
+        const int pair = n - q >= 2 ? 2 : 1;
+        if (pair == 1) std::memset(w + G * 16, 0, G * 16 * sizeof(uint16_t));
+        std::memset(total, 0, tk.n * 32 * sizeof(float));
+        for (int64_t g = 0; g < d.groups; ++g) {
+          for (int h = 0; h < pair; ++h)
+            decode_down<B>(masks + (q + h) * B * d.chunks, g * G, G, d.odd, w + h * G * 16);
+          for (int64_t t = 0; t < tiles; t += 2)
+            if (t + 1 < tiles)
+              tile_products<2>(ab + t * kTile * lda + g * G, lda, w, G, tk.n - t * kTile, 32, sums + t * kTile * 32);
+            else
+              tile_products<1>(ab + t * kTile * lda + g * G, lda, w, G, tk.n - t * kTile, 32, sums + t * kTile * 32);
+          for (int h = 0; h < pair; ++h) {
+            const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(
+                reinterpret_cast<const __m256i*>(d.scales + g * d.stored_rows + 16 * (group0 + q + h))));
+            for (int64_t j = 0; j < tk.n; ++j) {
+              float* to = total + j * 32 + 16 * h;
+              _mm512_store_ps(to, _mm512_fmadd_ps(s, _mm512_load_ps(sums + j * 32 + 16 * h), _mm512_load_ps(to)));
+            }
+          }
+        }
+        for (int h = 0; h < pair; ++h) {
+          const __m512i rank = _mm512_loadu_si512(d.rows + 16 * (group0 + q + h));
+          const __mmask16 stored = _mm512_cmpge_epi32_mask(rank, _mm512_setzero_si512());  // padding rows: rank -1
+          for (int64_t j = 0; j < tk.n; ++j)
+            _mm512_mask_i32scatter_ps(u + tk.slot[j] * d.R, stored, rank, _mm512_load_ps(total + j * 32 + 16 * h), 4);
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
 bool bitsmoe::cpu::amx_bf16_usable() {
@@ -270,4 +339,4 @@ bool bitsmoe::cpu::amx_bf16_usable() {
   return usable;
 }
 
-const bitsmoe::cpu::Bf16TileKernels bitsmoe::cpu::kAmxBf16 = {"avx512-amx-bf16", &gate_up_part_bf16};
+const bitsmoe::cpu::Bf16TileKernels bitsmoe::cpu::kAmxBf16 = {"avx512-amx-bf16", 24, &gate_up_part_bf16, &down_bf16};
