@@ -224,21 +224,24 @@ void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& 
     const int rows = 4 * bl.n, padded = (rows + kStep - 1) / kStep * kStep;
     for (int64_t k = 0; k < tc; ++k)
       std::memset(w + (k * K + bl.k0 + rows) * 16, 0, (padded - rows) * 16 * sizeof(uint16_t));
-    for (int64_t j = 0; j < tk.n; ++j) gather_rows(f, z + tk.token[j] * f.R, 4 * bl.group0, rows, zr + j * K + bl.k0);
   }
+  // token by token, so that each token's row of z and zr is read once (at 128 tokens an expert, block by block took
+  // most of the kernel's time waiting for them)
+  for (int64_t j = 0; j < tk.n; ++j)
+    for (const Block& bl : blocks) gather_rows(f, z + tk.token[j] * f.R, 4 * bl.group0, 4 * bl.n, zr + j * K + bl.k0);
   for (int64_t g = 0; g < f.groups; ++g) {
-    for (const Block& bl : blocks) {
-      const int rows = 4 * bl.n, padded = (rows + kStep - 1) / kStep * kStep;
-      const uint16_t* scales = f.scales + g * f.stored_rows + 4 * bl.group0;
-      for (int i = 0; i < padded; i += 16) {
-        const __mmask16 in = i < rows ? first_lanes(rows - i) : 0;
-        const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, scales + i));
-        for (int64_t j = 0; j < tk.n; ++j)
+    for (int64_t j = 0; j < tk.n; ++j)
+      for (const Block& bl : blocks) {
+        const int rows = 4 * bl.n, padded = (rows + kStep - 1) / kStep * kStep;
+        const uint16_t* scales = f.scales + g * f.stored_rows + 4 * bl.group0;
+        for (int i = 0; i < padded; i += 16) {
+          const __mmask16 in = i < rows ? first_lanes(rows - i) : 0;
+          const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, scales + i));
           _mm256_store_si256(
               reinterpret_cast<__m256i*>(a + j * lda + bl.k0 + i),
               (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_load_ps(in, zr + j * K + bl.k0 + i), s)));
+        }
       }
-    }
     for (int64_t t = g * f.group_chunks / tc; t < (g + 1) * f.group_chunks / tc; ++t) {
       for (const Block& bl : blocks)
         with_width(bl.b, [&](auto width) { decode_block<decltype(width)::kBits>(f, bl, t, K, w); });
