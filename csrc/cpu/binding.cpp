@@ -7,9 +7,9 @@
 //
 // The instruction set is chosen at every call from the CPU's flags (AVX-512 where present, else AVX2; the integer
 // path where AVX-512 VNNI, BW, VBMI and GFNI are, with AMX tiles for the experts with many tokens where the CPU has
-// AMX-INT8 and the OS grants its tile state); the environment variable BITSMOE_CPU_ISA=avx512-amx|avx512-vnni|avx512|
-// avx2 forces one (tests run each; a CPU without it is refused; avx512-vnni turns the tiles off, avx512 and avx2 the
-// integer path).
+// AMX-INT8 and the OS grants its tile state, bfloat16 tiles for bfloat16 layers where it also has AMX-BF16); the
+// environment variable BITSMOE_CPU_ISA=avx512-amx|avx512-vnni|avx512|avx2 forces one (tests run each; a CPU without
+// it is refused; avx512-vnni turns the tiles off, avx512 and avx2 the integer path).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/CPUAllocator.h>
@@ -29,8 +29,8 @@ using namespace bitsmoe::cpu;
 
 constexpr int64_t kItemsPerThread = 4;  // gate/up: rank rows split in parts until there are this many items per thread
 constexpr int64_t kMinPartRows = 256;   // ... but no part smaller than this
-constexpr int64_t kBlockRows = 64;      // down work item: at least 64 rank rows of one expert ...
-constexpr int64_t kDownItemsPerThread = 16;  // ... and more where there are this many items per thread without
+constexpr int64_t kBlockRows = 64;      // down work item: 64 rank rows of one expert or more ...
+constexpr int64_t kDownItemsPerThread = 16;  // ... as few as give this many items a thread (down_shares)
 
 const char* forced_isa() {
   const char* isa = std::getenv("BITSMOE_CPU_ISA");

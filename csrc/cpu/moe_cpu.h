@@ -167,9 +167,10 @@ bool amx_usable();
 
 // ---- AMX-BF16 tiles for bfloat16 layers -------------------------------------------------------------------------
 //
-// gate/up with z and the weights (their scales applied) rounded to bfloat16 and float sums over all of a part's rank
-// rows (tdpbf16ps), in place of TileKernels::gate_up_part where the layer's input is bfloat16: its precision is the
-// input's. Same arguments and result as VnniKernels::gate_up_part, to bfloat16's precision.
+// In place of TileKernels' kernels where the layer's input is bfloat16 (its precision is the input's): gate/up with
+// z times the scales rounded to bfloat16, the codes' values exact, and float sums over all of a part's rank rows
+// (tdpbf16ps); down with the activations rounded to bfloat16 and one float sum per column group. Same arguments and
+// results as VnniKernels' gate_up_part and down, to bfloat16's precision.
 struct Bf16TileKernels {
   const char* name;
   int64_t min_down_tokens;  // the experts with fewer tokens (and at least TileKernels::min_tokens) run kAmx's down

@@ -17,7 +17,6 @@
 
 #include <cmath>
 #include <cstring>
-#include <initializer_list>
 #include <new>
 
 #include "moe_cpu.h"
@@ -26,6 +25,7 @@
 #define BITSMOE_AVX512 1
 #include "moe_cpu_impl.h"
 #include "moe_cpu_int.h"
+#include "moe_cpu_tiles.h"
 
 namespace {
 
@@ -34,21 +34,9 @@ constexpr int kTile = 16;  // rows of a tile: tokens (sums, activations) or grou
 // The tile shapes above with K = k_bytes, loaded into this thread's tile configuration for the scope.
 struct Tiles {
   explicit Tiles(int k_bytes) {
-    struct alignas(64) {
-      uint8_t palette, start_row, reserved[14];
-      uint16_t colsb[16];
-      uint8_t rows[16];
-    } config{};
-    config.palette = 1;
-    for (int t : {0, 1, 2, 3, 5, 6}) {
-      config.rows[t] = kTile;
-      config.colsb[t] = t == 2 || t == 3 ? k_bytes : 64;
-    }
-    for (int t : {4, 7}) {
-      config.rows[t] = k_bytes / 4;
-      config.colsb[t] = 64;
-    }
-    _tile_loadconfig(&config);
+    const auto k = static_cast<uint16_t>(k_bytes);
+    const auto q = static_cast<uint8_t>(k_bytes / 4);
+    load_tile_config({kTile, kTile, kTile, kTile, q, kTile, kTile, q}, {64, 64, k, k, 64, 64, 64, 64});
   }
   ~Tiles() { _tile_release(); }
 };

@@ -28,6 +28,7 @@
 #define BITSMOE_AVX512 1
 #include "moe_cpu_impl.h"
 #include "moe_cpu_int.h"
+#include "moe_cpu_tiles.h"
 
 namespace {
 
@@ -36,17 +37,7 @@ constexpr int kStep = 32;  // rank rows one tdpbf16ps sums
 
 struct Tiles {
   Tiles() {
-    struct alignas(64) {
-      uint8_t palette, start_row, reserved[14];
-      uint16_t colsb[16];
-      uint8_t rows[16];
-    } config{};
-    config.palette = 1;
-    for (int t = 0; t < 8; ++t) {
-      config.rows[t] = kTile;
-      config.colsb[t] = 64;
-    }
-    _tile_loadconfig(&config);
+    load_tile_config({kTile, kTile, kTile, kTile, kTile, kTile, kTile, kTile}, {64, 64, 64, 64, 64, 64, 64, 64});
   }
   ~Tiles() { _tile_release(); }
 };
