@@ -216,8 +216,8 @@ void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& 
     for (int64_t k = 0; k < tc; ++k)
       std::memset(w + (k * K + bl.k0 + rows) * 16, 0, (padded - rows) * 16 * sizeof(uint16_t));
   }
-  // token by token, so that each token's row of z and zr is read once (at 128 tokens an expert, block by block took
-  // most of the kernel's time waiting for them)
+  // token by token, so that each token's row of z and zr is read once (block by block re-read them: at 128 tokens an
+  // expert the gathering and scaling of z took 35 % of the call's samples that way, 25 % this way)
   for (int64_t j = 0; j < tk.n; ++j)
     for (const Block& bl : blocks) gather_rows(f, z + tk.token[j] * f.R, 4 * bl.group0, 4 * bl.n, zr + j * K + bl.k0);
   for (int64_t g = 0; g < f.groups; ++g) {
