@@ -172,7 +172,6 @@ bool amx_usable();
 // (tdpbf16ps); down with the activations rounded to bfloat16 and one float sum per column group. Same arguments and
 // results as VnniKernels' gate_up_part and down, to bfloat16's precision.
 struct Bf16TileKernels {
-  const char* name;
   int64_t min_down_tokens;  // the experts with fewer tokens (and at least TileKernels::min_tokens) run kAmx's down
   void (*gate_up_part)(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u,
                        const Tokens& tk, int64_t part, int64_t parts, float* h);

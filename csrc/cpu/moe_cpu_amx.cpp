@@ -31,6 +31,18 @@ namespace {
 
 constexpr int kTile = 16;  // rows of a tile: tokens (sums, activations) or groups of 4 codes (codes)
 
+// A zeroed, 64-byte aligned array freed on scope exit (the rounding helpers load zr with aligned loads).
+template <class T>
+struct Buffer {
+  explicit Buffer(int64_t n) : p(static_cast<T*>(::operator new[](n * sizeof(T), std::align_val_t{64}))) {
+    std::memset(p, 0, n * sizeof(T));
+  }
+  ~Buffer() { ::operator delete[](p, std::align_val_t{64}); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* p;
+};
+
 // The tile shapes above with K = k_bytes, loaded into this thread's tile configuration for the scope.
 struct Tiles {
   explicit Tiles(int k_bytes) {

@@ -4,28 +4,12 @@
 // `#pragma GCC target`; internal linkage only.
 #pragma once
 
-#include <cstring>
-#include <new>
-
 namespace {
 
 using bitsmoe::cpu::CpuFactors;
 using bitsmoe::cpu::kClassWidths;
 using bitsmoe::cpu::kGroupsPerBlock;
 using bitsmoe::cpu::QuantizedRows;
-
-// A zeroed, 64-byte aligned array freed on scope exit (the rounding helpers load zr with aligned loads; tile kernels'
-// scratch).
-template <class T>
-struct Buffer {
-  explicit Buffer(int64_t n) : p(static_cast<T*>(::operator new[](n * sizeof(T), std::align_val_t{64}))) {
-    std::memset(p, 0, n * sizeof(T));
-  }
-  ~Buffer() { ::operator delete[](p, std::align_val_t{64}); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  T* p;
-};
 
 constexpr float kQMax = 32639.f;  // 256 * 127 + 127: q = 256 hi + lo with hi, lo in [-127, 127]
 
