@@ -17,11 +17,13 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "moe_cpu.h"
+#include "scratch_pool.h"
 
 namespace {
 
@@ -143,13 +145,22 @@ BasisArg basis_arg(const char* name, const at::Tensor& weight, const std::option
   return b;
 }
 
-// Scratch memory of a call, from torch's CPU allocator but through no operator: a cold operator call (code and
-// tables out of cache after the weights streamed through) costs a visible share of a layer at T = 1
+// Scratch memory of a call through no operator (a cold operator call, code and tables out of cache after the weights
+// streamed through, costs a visible share of a layer at T = 1): from torch's CPU allocator below 2 MiB, above from
+// the pool that keeps its blocks between calls (scratch_pool.h)
 template <class T>
 struct Scratch {
+  static constexpr int64_t kPooledBytes = int64_t{1} << 21;
   c10::DataPtr data;
-  explicit Scratch(int64_t n) : data(c10::GetCPUAllocator()->allocate(std::max<int64_t>(n, 1) * sizeof(T))) {}
-  T* get() const { return static_cast<T*>(data.get()); }
+  std::unique_ptr<PooledBlock> pooled;
+  explicit Scratch(int64_t n) {
+    const int64_t bytes = std::max<int64_t>(n, 1) * sizeof(T);
+    if (bytes < kPooledBytes)
+      data = c10::GetCPUAllocator()->allocate(bytes);
+    else
+      pooled = std::make_unique<PooledBlock>(bytes);
+  }
+  T* get() const { return static_cast<T*>(pooled ? pooled->get() : data.get()); }
 };
 
 // One projection's factors, the tensors behind them, and each expert's first plane and stored row.
@@ -340,12 +351,14 @@ at::Tensor finish(Product product, const float* u, int64_t R_d, const at::Tensor
       topk_weights.scalar_type() == at::kFloat ? topk_weights.contiguous() : topk_weights.to(at::kFloat).contiguous();
   const float* w = w32.data_ptr<float>();
   const Scratch<float> t(T * R_d);
-  for (int64_t j = 0; j < T; ++j) {
-    float* tj = t.get() + j * R_d;
-    for (int64_t r = 0; r < R_d; ++r) tj[r] = w[j * K] * u[j * K * R_d + r];
-    for (int64_t k = 1; k < K; ++k)
-      for (int64_t r = 0; r < R_d; ++r) tj[r] += w[j * K + k] * u[(j * K + k) * R_d + r];
-  }
+  at::parallel_for(0, T, 16, [&](int64_t j0, int64_t j1) {  // u is T K R_d floats, read once: 134 MB at T = 2048
+    for (int64_t j = j0; j < j1; ++j) {
+      float* tj = t.get() + j * R_d;
+      for (int64_t r = 0; r < R_d; ++r) tj[r] = w[j * K] * u[j * K * R_d + r];
+      for (int64_t k = 1; k < K; ++k)
+        for (int64_t r = 0; r < R_d; ++r) tj[r] += w[j * K + k] * u[(j * K + k) * R_d + r];
+    }
+  });
   at::Tensor y = at::empty({T, H}, x.options());
   Scratch<float> y32(x.scalar_type() == at::kFloat ? 0 : T * H);
   float* out = x.scalar_type() == at::kFloat ? y.data_ptr<float>() : y32.get();
@@ -405,7 +418,7 @@ void run_experts(const Routing& r, int64_t parts, int64_t I, int64_t R_d, int64_
       activate(r.used[i], h.get() + r.start[r.used[i]] * parts * 2 * I, r.of(r.used[i]));
   });
   const int64_t row_blocks = down_shares(used_n, R_d);
-  std::fill_n(u, slots * R_d, 0.f);
+  at::parallel_for(0, slots, 64, [&](int64_t s0, int64_t s1) { std::fill(u + s0 * R_d, u + s1 * R_d, 0.f); });
   at::parallel_for(0, used_n * row_blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       down(r.used[i / row_blocks], r.of(r.used[i / row_blocks]), i % row_blocks, row_blocks, u);
@@ -553,13 +566,17 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
   const auto [z_g, z_u] = shared_projections(product, xf, T, H, gate_basis, up_basis, gate_basis_scale, up_basis_scale,
                                              z_gate.get(), z_up.get());
   const Routing r = route(topk_ids, E);
-  const int64_t parts = gate_up_parts(static_cast<int64_t>(r.used.size()), std::min(R_g, R_u)), groups = I / group_size;
+  const int64_t used = static_cast<int64_t>(r.used.size()), R_gu = std::min(R_g, R_u), groups = I / group_size;
+  // a bfloat16 layer's experts on bfloat16 tiles where they take tiles: at its input's precision
+  const bool bf16 = amx && x.scalar_type() == at::kBFloat16 && amx_bf16_usable();
+  int64_t parts = gate_up_parts(used, R_gu);
+  if (bf16 && used > 0)  // as many parts as keep an average expert's z within kAmxBf16.part_bytes
+    parts = std::clamp((r.start.back() / used * R_gu * 6 + kAmxBf16.part_bytes - 1) / kAmxBf16.part_bytes, parts,
+                       std::max(parts, R_gu / kMinPartRows));
   const Scratch<float> a(T * K * I), a_scale(2 * T * K * groups), out(T * K * R_d);
   const Scratch<int8_t> bytes(2 * T * K * I);
   const QuantizedRows q{bytes.get(), bytes.get() + T * K * I, a_scale.get(), a_scale.get() + T * K * groups, I, groups};
   const auto tiles = [&](const Tokens& tk) { return amx && tk.n >= kAmx.min_tokens; };
-  // a bfloat16 layer's experts on bfloat16 tiles where they take tiles: at its input's precision
-  const bool bf16 = amx && x.scalar_type() == at::kBFloat16 && amx_bf16_usable();
   const auto bf16_down = [&](const Tokens& tk) { return bf16 && tk.n >= kAmxBf16.min_down_tokens; };
   run_experts(
       r, parts, I, R_d, T * K, out.get(),

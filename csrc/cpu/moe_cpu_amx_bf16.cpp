@@ -209,7 +209,8 @@ void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& 
   const int64_t lda = K + 32;
   uint16_t* a = scratch<uint16_t, 0>(tiles * kTile * lda);
   uint16_t* w = scratch<uint16_t, 1>(tc * K * 16);  // the code values of one tile of columns, [chunk, K / 2, 16, 2]
-  float* zr = scratch<float, 2>(tk.n * K);          // z of the part's rows, [n, K]
+  float* zr = scratch<float, 2>(tk.n * K);          // z of the part's rows, [n, K], padding rows zero
+  float* s = scratch<float, 3>(K);                  // one column group's scales of the part's rows, padding rows zero
   std::memset(a + tk.n * lda, 0, (tiles * kTile - tk.n) * lda * sizeof(uint16_t));
   for (const Block& bl : blocks) {
     const int rows = 4 * bl.n, padded = (rows + kStep - 1) / kStep * kStep;
@@ -218,21 +219,28 @@ void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& 
   }
   // token by token, so that each token's row of z and zr is read once (block by block re-read them: at 128 tokens an
   // expert the gathering and scaling of z took 35 % of the call's samples that way, 25 % this way)
-  for (int64_t j = 0; j < tk.n; ++j)
-    for (const Block& bl : blocks) gather_rows(f, z + tk.token[j] * f.R, 4 * bl.group0, 4 * bl.n, zr + j * K + bl.k0);
+  for (int64_t j = 0; j < tk.n; ++j) {
+    if (j + 1 < tk.n) prefetch_row(z + tk.token[j + 1] * f.R, f.R);
+    for (const Block& bl : blocks) {
+      float* to = zr + j * K + bl.k0;
+      gather_rows(f, z + tk.token[j] * f.R, 4 * bl.group0, 4 * bl.n, to);  // whole vectors: to 16 rows past
+      if (bl.n % 8 != 0 && bl.n % 8 <= 4) _mm512_store_ps(to + (4 * bl.n + 15) / 16 * 16, _mm512_setzero_ps());
+    }
+  }
   for (int64_t g = 0; g < f.groups; ++g) {
+    for (const Block& bl : blocks) {
+      const int rows = 4 * bl.n, padded = (rows + kStep - 1) / kStep * kStep;
+      const uint16_t* scales = f.scales + g * f.stored_rows + 4 * bl.group0;
+      for (int i = 0; i < padded; i += 16)
+        _mm512_store_ps(s + bl.k0 + i,
+                        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(i < rows ? first_lanes(rows - i) : 0, scales + i)));
+    }
     for (int64_t j = 0; j < tk.n; ++j)
-      for (const Block& bl : blocks) {
-        const int rows = 4 * bl.n, padded = (rows + kStep - 1) / kStep * kStep;
-        const uint16_t* scales = f.scales + g * f.stored_rows + 4 * bl.group0;
-        for (int i = 0; i < padded; i += 16) {
-          const __mmask16 in = i < rows ? first_lanes(rows - i) : 0;
-          const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, scales + i));
-          _mm256_store_si256(
-              reinterpret_cast<__m256i*>(a + j * lda + bl.k0 + i),
-              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_load_ps(in, zr + j * K + bl.k0 + i), s)));
-        }
-      }
+      for (int64_t i = 0; i < K; i += 32)
+        _mm512_store_si512(
+            a + j * lda + i,
+            (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_load_ps(zr + j * K + i + 16), _mm512_load_ps(s + i + 16)),
+                                         _mm512_mul_ps(_mm512_load_ps(zr + j * K + i), _mm512_load_ps(s + i))));
     for (int64_t t = g * f.group_chunks / tc; t < (g + 1) * f.group_chunks / tc; ++t) {
       for (const Block& bl : blocks)
         with_width(bl.b, [&](auto width) { decode_block<decltype(width)::kBits>(f, bl, t, K, w); });
@@ -333,4 +341,4 @@ bool bitsmoe::cpu::amx_bf16_usable() {
   return usable;
 }
 
-const bitsmoe::cpu::Bf16TileKernels bitsmoe::cpu::kAmxBf16 = {24, &gate_up_part_bf16, &down_bf16};
+const bitsmoe::cpu::Bf16TileKernels bitsmoe::cpu::kAmxBf16 = {24, 1 << 20, &gate_up_part_bf16, &down_bf16};
