@@ -308,18 +308,26 @@ def test_int_path_no_tokens_gives_zeros_and_reruns_are_identical(int_path):
     assert ops.moe_layer(x[:0], w[:0], ids[:0], layer, cpu).shape == (0, H)
 
 
+# Rank 512 at ~750 tokens an expert: bfloat16 tiles split gate/up in 2 parts to keep z within part_bytes, and down
+# in shares. 32 experts of rank 64: down in one share, which writes its slots' rows of u whole, not zeroed first.
+POOLED = [
+    ((512, 64, 4, 2, (512, 512, 512), 32), (1500, 700, 1500)),
+    ((64, 64, 32, 2, (64, 64, 64), 32), (5000, 3000, 5000)),
+]
+
+
+@pytest.mark.parametrize("shape, sizes", POOLED, ids=["R512-E4", "R64-E32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int_path_large_calls_reuse_pooled_scratch(int_path, dtype):
+def test_int_path_large_calls_reuse_pooled_scratch(int_path, shape, sizes, dtype):
     """Calls whose scratch (MiBs here) comes from the pool that keeps it between calls (csrc/cpu/scratch_pool.h): a
-    smaller call on the blocks a larger one left, then the larger one again, bit for bit. Rank 512 at ~750 tokens an
-    expert: bfloat16 tiles split gate/up in 2 parts to keep z within part_bytes."""
-    shape = (512, 64, 4, 2, (512, 512, 512), 32)
+    smaller call on the blocks a larger one left, then the larger one again, bit for bit."""
+    H, _, E, K, _, _ = shape
     layer = layer_of(shape, basis_dtype="identity", seed=3)
     cpu = to_cpu_layer(layer)
     outputs = []
-    for T in (1500, 700, 1500):
-        w, ids = routing(T, 4, 2, seed=T)
-        x = torch.randn(T, 512, generator=torch.Generator().manual_seed(T)).to(dtype)
+    for T in sizes:
+        w, ids = routing(T, E, K, seed=T)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(dtype)
         outputs.append(ops.moe_layer(x, w, ids, layer, cpu))
         assert relative_error(outputs[-1], moe_forward(x.float(), w, ids, layer)) < TOLERANCE[dtype]
     assert torch.equal(outputs[0], outputs[2])

@@ -179,7 +179,8 @@ struct Bf16TileKernels {
   int64_t part_bytes;
   void (*gate_up_part)(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u,
                        const Tokens& tk, int64_t part, int64_t parts, float* h);
-  // As VnniKernels::down on Kernels::activate's float activations a [slots, I], rounded to bfloat16
+  // As VnniKernels::down on Kernels::activate's float activations a [slots, I], rounded to bfloat16; in one part
+  // (parts 1), every rank of the slots' rows of u, zeros where the expert stores no row (u need not be zeroed)
   void (*down)(const CpuFactors& d, int64_t e, const float* a, const Tokens& tk, int64_t part, int64_t parts, float* u);
 };
 
