@@ -280,6 +280,25 @@ def test_amx_bf16_tiles_mixed_widths(monkeypatch, shape, basis_dtype):
     assert amx < BF16_TILES_ERROR * vnni and amx < TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.skipif(not HAS_AMX_BF16, reason="this CPU lacks AMX-BF16 or AVX512-BF16")
+def test_amx_bf16_tiles_take_a_crowded_expert_in_blocks(monkeypatch):
+    """Two experts routed every token (as a router that has not learned to balance does with most of a prompt): their
+    6,000 tokens in blocks of gate/up (z of 6,000 x 64 rows: over 1 MiB) and of down (activations of 6,000 x 96
+    bfloat16: over 1 MiB)"""
+    shape = (64, 64, 4, 2, (64, 64, 64), 32)
+    layer = layer_of(shape, basis_dtype="identity", seed=11)
+    w, ids = routing(6000, 2, 2, seed=11)
+    x = torch.randn(6000, 64, generator=torch.Generator().manual_seed(11)).bfloat16()
+    cpu, ref = to_cpu_layer(layer), moe_forward(x.float(), w, ids, layer)
+    out = {}
+    for isa in ("avx512-vnni", "avx512-amx"):
+        force_isa(monkeypatch, isa)
+        out[isa] = ops.moe_layer(x, w, ids, layer, cpu)
+    amx, vnni = relative_error(out["avx512-amx"], ref), relative_error(out["avx512-vnni"], ref)
+    assert not torch.equal(out["avx512-amx"], out["avx512-vnni"]), "the bfloat16 tiles ran"
+    assert amx < BF16_TILES_ERROR * vnni and amx < TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.skipif(not HAS_AMX, reason="this CPU lacks AMX-TILE or AMX-INT8")
 def test_amx_forced_in_a_new_process_asks_the_os_for_the_tile_state():
     """Linux kills a process at its first tile instruction unless it asked for the tile state: also when

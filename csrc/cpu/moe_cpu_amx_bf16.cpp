@@ -19,6 +19,7 @@
 #include <cpuid.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -34,6 +35,15 @@ namespace {
 
 constexpr int kTile = 16;  // tokens of a tile, and columns
 constexpr int kStep = 32;  // rank rows one tdpbf16ps sums
+// What an expert's tokens keep in L2 at most: gate/up's z of a part's rows (float, and times the scales in bfloat16),
+// down's activations in bfloat16. binding.cpp splits gate/up's rank rows in more parts for the average expert
+// (kAmxBf16.part_bytes); the kernels below take an expert's tokens in blocks where one has more still (a router that
+// has not learned to balance gives a few experts most of a prompt's tokens: 1,000-1,500 of 2,048 on a random-weights
+// Qwen3-30B-A3B), decoding the values again for each block.
+constexpr int64_t kPartBytes = 1 << 20;
+
+// tokens [j0, j0 + n) of tk
+inline Tokens slice(const Tokens& tk, int64_t j0, int64_t n) { return {tk.token + j0, tk.slot + j0, n}; }
 
 struct Tiles {
   Tiles() {
@@ -203,6 +213,12 @@ void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& 
     std::memset(acc, 0, tk.n * I * sizeof(float));
     return;
   }
+  const int64_t most = std::max<int64_t>(2 * kTile, kPartBytes / (6 * K) / (2 * kTile) * (2 * kTile));
+  if (tk.n > most) {
+    for (int64_t j0 = 0; j0 < tk.n; j0 += most)
+      project_part(f, e, z, slice(tk, j0, std::min(most, tk.n - j0)), part, parts, acc + j0 * I);
+    return;
+  }
   const int64_t tiles = (tk.n + kTile - 1) / kTile;
   // y = z * s for one column group [tiles * 16, K] in bfloat16, rows past n and padding rows zero; rows `lda` apart,
   // not a multiple of 4 KiB, which would put a tile's 16 rows in one set of L1
@@ -284,8 +300,14 @@ void decode_down(const uint64_t* m, int64_t c0, int64_t G, bool odd, uint16_t* w
 // T = 2048 on Qwen3-30B-A3B's shape.
 void down_bf16(const CpuFactors& d, int64_t e, const float* a, const Tokens& tk, int64_t part, int64_t parts,
                float* u) {
-  const Tiles tile_config;
   const int64_t I = 4 * d.chunks, G = I / d.groups, tiles = (tk.n + kTile - 1) / kTile, lda = I + 32;
+  const int64_t most = std::max<int64_t>(2 * kTile, kPartBytes / (2 * lda) / (2 * kTile) * (2 * kTile));
+  if (tk.n > most) {
+    for (int64_t j0 = 0; j0 < tk.n; j0 += most)
+      down_bf16(d, e, a, slice(tk, j0, std::min(most, tk.n - j0)), part, parts, u);
+    return;
+  }
+  const Tiles tile_config;
   const bool whole = parts == 1;
   int64_t S = 0;  // the expert's stored rows
   for (int c = 0; c < 6; ++c) S += bitsmoe::cpu::kDownGroupRows * d.segs[e * 18 + 3 * c + 1];
@@ -378,4 +400,4 @@ bool bitsmoe::cpu::amx_bf16_usable() {
   return usable;
 }
 
-const bitsmoe::cpu::Bf16TileKernels bitsmoe::cpu::kAmxBf16 = {24, 1 << 20, &gate_up_part_bf16, &down_bf16};
+const bitsmoe::cpu::Bf16TileKernels bitsmoe::cpu::kAmxBf16 = {24, kPartBytes, &gate_up_part_bf16, &down_bf16};
