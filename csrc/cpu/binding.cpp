@@ -419,8 +419,9 @@ void run_experts(const Routing& r, int64_t parts, int64_t I, int64_t R_d, int64_
       activate(r.used[i], h.get() + r.start[r.used[i]] * parts * 2 * I, r.of(r.used[i]));
   });
   const int64_t row_blocks = down_shares(used_n, R_d);
-  std::vector<uint8_t> written(slots, 0);  // the rows down writes whole: not zeroed first (134 MB at T = 2048 on
-  if (row_blocks == 1)                     // Qwen3-30B-A3B's shape)
+  // the rows down writes whole are not zeroed first (u is 134 MB at T = 2048 on Qwen3-30B-A3B's shape)
+  std::vector<uint8_t> written(slots, 0);
+  if (row_blocks == 1)
     for (const int64_t e : r.used)
       if (whole_rows(r.of(e)))
         for (int64_t i = r.start[e]; i < r.start[e + 1]; ++i) written[r.slot[i]] = 1;
