@@ -47,8 +47,8 @@ at::Tensor huge_page_copy(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), "huge_page_copy: expected a CPU tensor, got one on ", t.device());
   const size_t bytes = t.numel() * t.element_size();
   if (bytes < kHugePage) return t.clone(at::MemoryFormat::Contiguous);
-  const size_t mapped = (bytes + kPage - 1) / kPage * kPage;
-  at::Tensor out = at::from_blob(map_huge(bytes), t.sizes(), [mapped](void* p) { munmap(p, mapped); }, t.options());
+  // munmap takes the length unrounded: it unmaps every page the range touches
+  at::Tensor out = at::from_blob(map_huge(bytes), t.sizes(), [bytes](void* p) { munmap(p, bytes); }, t.options());
   out.copy_(t);
   return out;
 }

@@ -42,6 +42,12 @@ constexpr int kStep = 32;  // rank rows one tdpbf16ps sums
 // Qwen3-30B-A3B), decoding the values again for each block.
 constexpr int64_t kPartBytes = 1 << 20;
 
+// The most tokens of an expert, in whole pairs of tiles, whose `bytes_per_token` stay within kPartBytes
+inline int64_t tokens_within(int64_t bytes_per_token) {
+  constexpr int64_t kPair = 2 * kTile;
+  return std::max<int64_t>(kPair, kPartBytes / bytes_per_token / kPair * kPair);
+}
+
 // tokens [j0, j0 + n) of tk
 inline Tokens slice(const Tokens& tk, int64_t j0, int64_t n) { return {tk.token + j0, tk.slot + j0, n}; }
 
@@ -213,7 +219,7 @@ void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& 
     std::memset(acc, 0, tk.n * I * sizeof(float));
     return;
   }
-  const int64_t most = std::max<int64_t>(2 * kTile, kPartBytes / (6 * K) / (2 * kTile) * (2 * kTile));
+  const int64_t most = tokens_within(6 * K);  // z of the part's rows in float and bfloat16
   if (tk.n > most) {
     for (int64_t j0 = 0; j0 < tk.n; j0 += most)
       project_part(f, e, z, slice(tk, j0, std::min(most, tk.n - j0)), part, parts, acc + j0 * I);
@@ -301,7 +307,7 @@ void decode_down(const uint64_t* m, int64_t c0, int64_t G, bool odd, uint16_t* w
 void down_bf16(const CpuFactors& d, int64_t e, const float* a, const Tokens& tk, int64_t part, int64_t parts,
                float* u) {
   const int64_t I = 4 * d.chunks, G = I / d.groups, tiles = (tk.n + kTile - 1) / kTile, lda = I + 32;
-  const int64_t most = std::max<int64_t>(2 * kTile, kPartBytes / (2 * lda) / (2 * kTile) * (2 * kTile));
+  const int64_t most = tokens_within(2 * lda);  // the activations in bfloat16
   if (tk.n > most) {
     for (int64_t j0 = 0; j0 < tk.n; j0 += most)
       down_bf16(d, e, a, slice(tk, j0, std::min(most, tk.n - j0)), part, parts, u);
@@ -369,17 +375,18 @@ void down_bf16(const CpuFactors& d, int64_t e, const float* a, const Tokens& tk,
     });
   });
   if (!whole) return;
-  // u's rows with streaming stores where whole vectors: read by nothing before finish() sums them over the slots
-  const bool stream = d.R % 16 == 0;
+  // u's rows with streaming stores where whole aligned vectors: read by nothing before finish() sums them over the
+  // slots
   for (int64_t j = 0; j < tk.n; ++j) {
     if (j + 1 < tk.n) prefetch_row(totals + (j + 1) * S, S);
     float* row = u + tk.slot[j] * d.R;
+    const bool stream = d.R % 16 == 0 && (reinterpret_cast<uintptr_t>(row) & 63) == 0;
     for (int64_t r = 0; r < d.R; r += 16) {
       const __mmask16 in = first_lanes(d.R - r);
       const __m512i from = _mm512_maskz_loadu_epi32(in, at + r);
       const __mmask16 stored = _mm512_mask_cmpge_epi32_mask(in, from, _mm512_setzero_si512());
       const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), stored, from, totals + j * S, 4);
-      if (stream && (reinterpret_cast<uintptr_t>(row) & 63) == 0)
+      if (stream)
         _mm512_stream_ps(row + r, v);
       else
         _mm512_mask_storeu_ps(row + r, in, v);
