@@ -20,6 +20,7 @@ token of a step picks the same experts, and the multi-stream figure measures 2 e
 """
 
 import argparse
+import asyncio
 import json
 import random
 import statistics
@@ -27,13 +28,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import torch
 import transformers
-from openai import OpenAI
+from openai import AsyncOpenAI, OpenAI
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -82,21 +82,30 @@ def server_rss_mb(url: str) -> float:
     raise RuntimeError(f"no process listens on port {port}")
 
 
-def decode_rate(client: OpenAI, model: str, streams: int, tokens: int, rounds: int) -> float:
+def decode_rate(url: str, model: str, streams: int, tokens: int, rounds: int) -> float:
     """Generated tokens per second with `streams` concurrent requests of `tokens` tokens (stream i prompted with
-    PROMPTS[i]), over `rounds` rounds."""
+    PROMPTS[i]), over `rounds` rounds. Each round's requests go out together from one event loop: from a pool of
+    threads they did not here (the server's worker holds one of the two cores, its engine and API server the other,
+    and the client's new threads started some requests only as others ended: the trained MoE's 8 streams decoded at
+    one stream's rate in some runs, bf16's and BitsMoE's alike)."""
 
-    def one(stream):
-        r = client.completions.create(
-            model=model, prompt=PROMPTS[stream], max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True}
-        )
-        return r.usage.completion_tokens
+    async def rounds_of_requests() -> float:
+        client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", timeout=900)
 
-    start, total = time.perf_counter(), 0
-    with ThreadPoolExecutor(streams) as pool:
+        async def one(stream: int) -> int:
+            r = await client.completions.create(
+                model=model, prompt=PROMPTS[stream], max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True}
+            )
+            return r.usage.completion_tokens
+
+        start, total = time.perf_counter(), 0
         for _ in range(rounds):
-            total += sum(pool.map(one, range(streams)))
-    return total / (time.perf_counter() - start)
+            total += sum(await asyncio.gather(*(one(s) for s in range(streams))))
+        elapsed = time.perf_counter() - start
+        await client.close()
+        return total / elapsed
+
+    return asyncio.run(rounds_of_requests())
 
 
 def first_token_seconds(client: OpenAI, model: str, prompt: list[int]) -> float:
@@ -114,11 +123,10 @@ def measure(model: Path, log: Path, tokens: int, vocab: int, seed: int) -> dict:
         startup = time.perf_counter() - start
         client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=900)
         for n in ROUNDS:  # warm-up: torch.compile's first calls at each batch size compile
-            decode_rate(client, str(model), n, 16, 1)
+            decode_rate(url, str(model), n, 16, 1)
         first_token_seconds(client, str(model), prompts[0])  # warm-up of the long-prompt shapes
         rates = {
-            f"tokens_per_s_{n}_streams": decode_rate(client, str(model), n, tokens, rounds)
-            for n, rounds in ROUNDS.items()
+            f"tokens_per_s_{n}_streams": decode_rate(url, str(model), n, tokens, rounds) for n, rounds in ROUNDS.items()
         }
         ttft = statistics.median(first_token_seconds(client, str(model), p) for p in prompts[1:])
         rss = server_rss_mb(url)
