@@ -1,11 +1,14 @@
 """What several test modules share: the one table of test shapes (awkward sizes on purpose: edges are where kernels
-break), random BitsMoE layers (orthonormal bases, random factors, random per-row widths), routings, error measures."""
+break), random BitsMoE layers (orthonormal bases, random factors, random per-row widths), routings, error measures, and
+for the CPU integer path the instruction sets this CPU has and how a test forces one."""
 
 import dataclasses
 import sys
 
+import pytest
 import torch
 
+from bitsmoe_vllm import ops
 from bitsmoe_vllm.format import FORMAT_VERSION, PROJECTIONS, QuantConfig, expert_tensor_name
 from bitsmoe_vllm.offline.architectures import STANDARD_NAMES
 from bitsmoe_vllm.offline.decompose import Decomposition
@@ -228,3 +231,28 @@ def mxfp4_copy(model_dir, out_dir, dequantized: bool = False):
         config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "self_attn"]}
         (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
+
+
+# ---- the CPU integer path ----
+
+CPU_FLAGS = open("/proc/cpuinfo").read()
+HAS_INT_PATH = all(flag in CPU_FLAGS for flag in ("avx512_vnni", "avx512bw", "avx512vbmi", "gfni"))
+HAS_AMX = HAS_INT_PATH and all(flag in CPU_FLAGS for flag in ("amx_tile", "amx_int8"))
+HAS_AMX_BF16 = HAS_AMX and all(flag in CPU_FLAGS for flag in ("amx_bf16", "avx512_bf16"))
+
+# The kernel rounds activations to 16-bit integers (one scale per 128 rank rows and column group for gate/up, per
+# slot and column group for down, per token for int8 bases): about 2^-16 of the largest value each; 16-bit outputs
+# add their own rounding.
+INT_PATH_TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def force_isa(monkeypatch, isa: str) -> None:
+    assert ops.CPU_KERNEL, (
+        "bitsmoe_vllm/_cpu*.so is not built: run `pip install --no-build-isolation -e .` (scripts/setup.sh does)"
+    )
+    if not HAS_INT_PATH:
+        pytest.skip("this CPU lacks one of AVX-512 VNNI, BW, VBMI and GFNI")
+    if isa == "avx512-amx" and not HAS_AMX:
+        pytest.skip("this CPU lacks AMX-TILE or AMX-INT8")
+    monkeypatch.setenv("BITSMOE_CPU_ISA", isa)
+    assert torch.ops.bitsmoe.cpu_isa() == isa

@@ -1,12 +1,7 @@
 """The CPU integer path (torch.ops.bitsmoe.moe_int on the CPU layout of bitsmoe_vllm/cpu_layout.py, AVX-512 VNNI, and
 AMX tiles for the experts with many tokens) against the reference, and the CPU layout against FORMAT.md read
-literally. Skipped on CPUs without AVX-512 VNNI, BW, VBMI and GFNI; the AMX runs on CPUs without AMX-TILE and
-AMX-INT8."""
-
-import os
-import subprocess
-import sys
-from pathlib import Path
+literally; the AMX tiles against the VNNI kernels are test_cpu_amx_tiles.py's. Skipped on CPUs without AVX-512 VNNI,
+BW, VBMI and GFNI; the AMX runs on CPUs without AMX-TILE and AMX-INT8."""
 
 import pytest
 import torch
@@ -24,30 +19,17 @@ from bitsmoe_vllm.cpu_layout import (
 from bitsmoe_vllm.format import READABLE_VERSIONS
 from bitsmoe_vllm.kernel_layout import CLASS_WIDTHS
 from bitsmoe_vllm.reference import expert_factor, moe_forward
-from tests.helpers import LAYERS, TOKENS, WIDTHS, dense_from_cpu_basis, layer_of, relative_error, routing
-
-ROOT = Path(__file__).resolve().parents[1]
-CPU_FLAGS = open("/proc/cpuinfo").read()
-HAS_INT_PATH = all(flag in CPU_FLAGS for flag in ("avx512_vnni", "avx512bw", "avx512vbmi", "gfni"))
-HAS_AMX = HAS_INT_PATH and all(flag in CPU_FLAGS for flag in ("amx_tile", "amx_int8"))
-HAS_AMX_BF16 = HAS_AMX and all(flag in CPU_FLAGS for flag in ("amx_bf16", "avx512_bf16"))
-
-# The kernel rounds activations to 16-bit integers (one scale per 128 rank rows and column group for gate/up, per
-# slot and column group for down, per token for int8 bases): about 2^-16 of the largest value each; 16-bit outputs
-# add their own rounding.
-TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-
-
-def force_isa(monkeypatch, isa: str) -> None:
-    assert ops.CPU_KERNEL, (
-        "bitsmoe_vllm/_cpu*.so is not built: run `pip install --no-build-isolation -e .` (scripts/setup.sh does)"
-    )
-    if not HAS_INT_PATH:
-        pytest.skip("this CPU lacks one of AVX-512 VNNI, BW, VBMI and GFNI")
-    if isa == "avx512-amx" and not HAS_AMX:
-        pytest.skip("this CPU lacks AMX-TILE or AMX-INT8")
-    monkeypatch.setenv("BITSMOE_CPU_ISA", isa)
-    assert torch.ops.bitsmoe.cpu_isa() == isa
+from tests.helpers import (
+    INT_PATH_TOLERANCE,
+    LAYERS,
+    TOKENS,
+    WIDTHS,
+    dense_from_cpu_basis,
+    force_isa,
+    layer_of,
+    relative_error,
+    routing,
+)
 
 
 # avx512-amx: the experts with 6 tokens or more, and the int8 bases of calls with 32 tokens or more, take the AMX tiles
@@ -145,7 +127,7 @@ def test_int_path_matches_reference_mixed_widths(int_path, shape, T, dtype):
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(dtype)
     y = ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer))
     assert y.dtype == dtype and y.shape == (T, H)
-    assert relative_error(y, moe_forward(x.float(), w, ids, layer)) < TOLERANCE[dtype]
+    assert relative_error(y, moe_forward(x.float(), w, ids, layer)) < INT_PATH_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}")
@@ -157,7 +139,7 @@ def test_int_path_runs_gpt_oss_biases_and_activation(int_path, shape, T):
     ids[1, 0] = -1  # a choice held by another expert-parallel rank: neither its output nor its bias
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
     y = ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer))
-    assert relative_error(y, moe_forward(x, w, ids, layer)) < TOLERANCE[torch.float32]
+    assert relative_error(y, moe_forward(x, w, ids, layer)) < INT_PATH_TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("shape", LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-E{s[2]}")
@@ -171,7 +153,7 @@ def test_int_path_int8_bases_on_rounded_tokens(int_path, shape, T):
     x[:, 1] *= 20
     assert (
         relative_error(ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer)), moe_forward(x, w, ids, layer))
-        < TOLERANCE[torch.float32]
+        < INT_PATH_TOLERANCE[torch.float32]
     )
 
 
@@ -185,7 +167,7 @@ def test_int_path_every_width_and_basis(int_path, width, basis_dtype, version):
     ids[3, 1] = -1  # a choice held by another expert-parallel rank
     x = torch.randn(17, H, generator=torch.Generator().manual_seed(width))
     y = ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer))
-    assert relative_error(y, moe_forward(x, w, ids, layer)) < TOLERANCE[torch.float32]
+    assert relative_error(y, moe_forward(x, w, ids, layer)) < INT_PATH_TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("basis_dtype", ["float16", "int8"])
@@ -203,116 +185,8 @@ def test_int_path_bases_with_partial_blocks_and_chunks(int_path, basis_dtype):
     x = torch.randn(5, 136, generator=torch.Generator().manual_seed(3))
     assert (
         relative_error(ops.moe_layer(x, w, ids, layer, to_cpu_layer(layer)), moe_forward(x, w, ids, layer))
-        < TOLERANCE[torch.float32]
+        < INT_PATH_TOLERANCE[torch.float32]
     )
-
-
-# + int8 bases of 70 rows (4 tiles of 16 rows on AMX, 6 rows on VNNI) and 128 columns (two 64-column tiles)
-AMX_LAYERS = LAYERS + ((128, 64, 4, 2, (70, 64, 128), 32),)
-
-
-@pytest.mark.parametrize("shape", AMX_LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-R{s[4][0]}-G{s[5]}")
-@pytest.mark.parametrize("basis_dtype", ["float16", "int8", "identity"])
-def test_amx_tiles_give_the_vnni_kernels_sums(monkeypatch, shape, basis_dtype):
-    """Every expert with 16 tokens or more (whole and partial 16-token tiles): the experts' integer sums and the float
-    steps around them are the VNNI kernels', so the same output bit for bit; the int8 bases' sums too, but not
-    their float steps (the 16-bit rounding of activations after them turns the difference into 2e-5)."""
-    H, I, E, K, _, _ = shape
-    layer = layer_of(shape, basis_dtype=basis_dtype, seed=5)
-    T = 40 * E // K + 3
-    w, ids = routing(T, E, K, seed=5)
-    assert torch.bincount(ids.flatten(), minlength=E).min() >= 16
-    x = torch.randn(T, H, generator=torch.Generator().manual_seed(5))
-    cpu, ref = to_cpu_layer(layer), moe_forward(x, w, ids, layer)
-    out = {}
-    for isa in ("avx512-vnni", "avx512-amx"):
-        force_isa(monkeypatch, isa)
-        out[isa] = ops.moe_layer(x, w, ids, layer, cpu)
-        assert relative_error(out[isa], ref) < TOLERANCE[torch.float32]
-    if basis_dtype == "int8":
-        assert relative_error(out["avx512-amx"], out["avx512-vnni"]) < 1e-4
-    else:
-        assert torch.equal(out["avx512-amx"], out["avx512-vnni"])
-
-
-def bf16_tiles_against_vnni(monkeypatch, layer, shape, seed):
-    """(AMX, VNNI) relative errors against the float reference, and whether their outputs differ, for a bfloat16 input
-    of T tokens that gives every expert 16 or more."""
-    H, I, E, K, _, _ = shape
-    T = 40 * E // K + 3
-    w, ids = routing(T, E, K, seed=seed)
-    assert torch.bincount(ids.flatten(), minlength=E).min() >= 16
-    x = torch.randn(T, H, generator=torch.Generator().manual_seed(seed)).bfloat16()
-    return tiles_against_vnni(monkeypatch, layer, x, w, ids)
-
-
-def tiles_against_vnni(monkeypatch, layer, x, w, ids):
-    """(AMX, VNNI) relative errors of the layer on x against the float reference, and whether their outputs differ"""
-    cpu, ref = to_cpu_layer(layer), moe_forward(x.float(), w, ids, layer)
-    out = {}
-    for isa in ("avx512-vnni", "avx512-amx"):
-        force_isa(monkeypatch, isa)
-        out[isa] = ops.moe_layer(x, w, ids, layer, cpu)
-    amx, vnni = out["avx512-amx"], out["avx512-vnni"]
-    return relative_error(amx, ref), relative_error(vnni, ref), not torch.equal(amx, vnni)
-
-
-# A bfloat16 layer's experts with 6 tokens or more take gate/up on bfloat16 tiles (kAmxBf16, moe_cpu_amx_bf16.cpp),
-# those with 24 or more down too (here most experts have ~40, some fewer): z times the scales and a rounded to
-# bfloat16, the codes' values exact. On these layers the error is 1.7-2.1x the VNNI kernels', which is the bfloat16
-# output's rounding alone (2.9e-3 to 3.5e-3 against 1.6e-3).
-BF16_TILES_ERROR = 2.5
-
-
-@pytest.mark.skipif(not HAS_AMX_BF16, reason="this CPU lacks AMX-BF16 or AVX512-BF16")
-@pytest.mark.parametrize("width", WIDTHS)  # looked up in one register (1-4), two (6), or through float (8)
-@pytest.mark.parametrize("version", READABLE_VERSIONS)
-def test_amx_bf16_tiles_every_width(monkeypatch, width, version):
-    layer = layer_of(LAYERS[0], widths=(width,), seed=width, format_version=version)
-    amx, vnni, differ = bf16_tiles_against_vnni(monkeypatch, layer, LAYERS[0], seed=width)
-    assert differ, "the bfloat16 tiles ran"
-    assert amx < BF16_TILES_ERROR * vnni and amx < TOLERANCE[torch.bfloat16]
-
-
-@pytest.mark.skipif(not HAS_AMX_BF16, reason="this CPU lacks AMX-BF16 or AVX512-BF16")
-@pytest.mark.parametrize("shape", AMX_LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-R{s[4][0]}-G{s[5]}")
-@pytest.mark.parametrize("basis_dtype", ["int8", "identity"])
-def test_amx_bf16_tiles_mixed_widths(monkeypatch, shape, basis_dtype):
-    """Blocks of every width in one part (their rows padded to 32), and tile_chunks 2 (G 32) and 4 (G 64)"""
-    layer = layer_of(shape, basis_dtype=basis_dtype, seed=7)
-    amx, vnni, differ = bf16_tiles_against_vnni(monkeypatch, layer, shape, seed=7)
-    assert differ, "the bfloat16 tiles ran"
-    assert amx < BF16_TILES_ERROR * vnni and amx < TOLERANCE[torch.bfloat16]
-
-
-@pytest.mark.skipif(not HAS_AMX_BF16, reason="this CPU lacks AMX-BF16 or AVX512-BF16")
-def test_amx_bf16_tiles_take_a_crowded_expert_in_blocks(monkeypatch):
-    """Two experts routed every token (as a router that has not learned to balance does with most of a prompt): their
-    6,000 tokens in blocks of gate/up (z of 6,000 x 64 rows: over 1 MiB) and of down (activations of 6,000 x 96
-    bfloat16: over 1 MiB)"""
-    shape = (64, 64, 4, 2, (64, 64, 64), 32)
-    layer = layer_of(shape, basis_dtype="identity", seed=11)
-    w, ids = routing(6000, 2, 2, seed=11)
-    x = torch.randn(6000, 64, generator=torch.Generator().manual_seed(11)).bfloat16()
-    amx, vnni, differ = tiles_against_vnni(monkeypatch, layer, x, w, ids)
-    assert differ, "the bfloat16 tiles ran"
-    assert amx < BF16_TILES_ERROR * vnni and amx < TOLERANCE[torch.bfloat16]
-
-
-@pytest.mark.skipif(not HAS_AMX, reason="this CPU lacks AMX-TILE or AMX-INT8")
-def test_amx_forced_in_a_new_process_asks_the_os_for_the_tile_state():
-    """Linux kills a process at its first tile instruction unless it asked for the tile state: also when
-    BITSMOE_CPU_ISA forces the tiles and nothing called cpu_isa() first"""
-    script = (
-        "import torch; from bitsmoe_vllm import ops; from bitsmoe_vllm.cpu_layout import to_cpu_layer; "
-        "from tests.helpers import LAYERS, layer_of, routing; "
-        "layer = layer_of(LAYERS[0], basis_dtype='int8'); w, ids = routing(64, 8, 2, seed=0); "
-        "print(float(ops.moe_layer(torch.randn(64, 64), w, ids, layer, to_cpu_layer(layer)).norm()))"
-    )
-    env = {**os.environ, "BITSMOE_CPU_ISA": "avx512-amx"}
-    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert float(run.stdout.split()[-1]) > 0
 
 
 def test_int_path_no_tokens_gives_zeros_and_reruns_are_identical(int_path):
@@ -348,7 +222,7 @@ def test_int_path_large_calls_reuse_pooled_scratch(int_path, shape, sizes, dtype
         w, ids = routing(T, E, K, seed=T)
         x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(dtype)
         outputs.append(ops.moe_layer(x, w, ids, layer, cpu))
-        assert relative_error(outputs[-1], moe_forward(x.float(), w, ids, layer)) < TOLERANCE[dtype]
+        assert relative_error(outputs[-1], moe_forward(x.float(), w, ids, layer)) < INT_PATH_TOLERANCE[dtype]
     assert torch.equal(outputs[0], outputs[2])
 
 

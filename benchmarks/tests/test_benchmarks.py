@@ -148,20 +148,32 @@ def test_cpu_moe_bench_gives_the_bf16_baseline_the_same_layer(gpt_oss):
         assert (out.float() - want).norm() > 5e-2 * want.norm()
 
 
-def test_serve_bench_gives_each_stream_a_prompt_of_its_own():
+def test_serve_bench_gives_each_stream_a_prompt_of_its_own(monkeypatch):
     """With one prompt for all, greedy decoding makes 8 copies of one sequence and every token of a step picks the
-    same experts: the 8-stream figure would measure 2 experts per layer."""
+    same experts: the 8-stream figure would measure 2 experts per layer. And a round's requests are all in flight at
+    once (from a pool of threads some started only as others ended)."""
+    import asyncio
     from types import SimpleNamespace
 
+    from benchmarks import bench_serve
     from benchmarks.bench_serve import PROMPTS, ROUNDS, decode_rate
 
-    prompts = []
+    prompts, in_flight, most = [], [0], [0]
 
-    def create(**kw):
+    async def create(**kw):
         prompts.append(kw["prompt"])
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        await asyncio.sleep(0.01)
+        in_flight[0] -= 1
         return SimpleNamespace(usage=SimpleNamespace(completion_tokens=kw["max_tokens"]))
 
-    client = SimpleNamespace(completions=SimpleNamespace(create=create))
-    assert decode_rate(client, "m", streams=8, tokens=5, rounds=2) > 0
+    async def close():
+        pass
+
+    client = SimpleNamespace(completions=SimpleNamespace(create=create), close=close)
+    monkeypatch.setattr(bench_serve, "AsyncOpenAI", lambda **kw: client)
+    assert decode_rate("http://server", "m", streams=8, tokens=5, rounds=2) > 0
     assert len(prompts) == 16 and len(set(prompts)) == 8
+    assert most[0] == 8
     assert len(set(PROMPTS)) == max(ROUNDS)  # one for each of the most streams measured

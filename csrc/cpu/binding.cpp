@@ -582,8 +582,9 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
   const bool bf16 = amx && x.scalar_type() == at::kBFloat16 && amx_bf16_usable();
   int64_t parts = gate_up_parts(used, R_gu);
   if (bf16 && used > 0)  // as many parts as keep an average expert's z within kAmxBf16.part_bytes
-    parts = std::clamp((r.start.back() / used * R_gu * 6 + kAmxBf16.part_bytes - 1) / kAmxBf16.part_bytes, parts,
-                       std::max(parts, R_gu / kMinPartRows));
+    parts =
+        std::clamp((r.start.back() / used * R_gu * kAmxBf16.z_bytes + kAmxBf16.part_bytes - 1) / kAmxBf16.part_bytes,
+                   parts, std::max(parts, R_gu / kMinPartRows));
   const Scratch<float> a(T * K * I), a_scale(2 * T * K * groups), out(T * K * R_d);
   const Scratch<int8_t> bytes(2 * T * K * I);
   const QuantizedRows q{bytes.get(), bytes.get() + T * K * I, a_scale.get(), a_scale.get() + T * K * groups, I, groups};

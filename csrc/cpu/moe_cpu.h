@@ -173,11 +173,11 @@ bool amx_usable();
 // results as VnniKernels' gate_up_part and down, to bfloat16's precision.
 struct Bf16TileKernels {
   int64_t min_down_tokens;  // the experts with fewer tokens (and at least TileKernels::min_tokens) run kAmx's down
-  // gate/up holds a part's z for every token of the expert twice (float, and times the scales in bfloat16): 6 bytes a
-  // token and rank row, kept under this many bytes by splitting the rank rows in more parts (at 128 tokens an expert
-  // on Qwen3-30B-A3B's shape, 1.5 MiB in one part spilled L2 and cost 10-20 % of gate/up); the kernels take the
-  // tokens of an expert with many more in blocks
-  int64_t part_bytes;
+  // gate/up holds a part's z for every token of the expert twice (float, and times the scales in bfloat16): z_bytes a
+  // token and rank row, kept under part_bytes by splitting the rank rows in more parts (at 128 tokens an expert on
+  // Qwen3-30B-A3B's shape, 1.5 MiB in one part spilled L2 and cost 10-20 % of gate/up); the kernels take the tokens
+  // of an expert with many more in blocks
+  int64_t part_bytes, z_bytes;
   void (*gate_up_part)(const CpuFactors& g, const CpuFactors& u, int64_t e, const float* z_g, const float* z_u,
                        const Tokens& tk, int64_t part, int64_t parts, float* h);
   // As VnniKernels::down on Kernels::activate's float activations a [slots, I], rounded to bfloat16; in one part

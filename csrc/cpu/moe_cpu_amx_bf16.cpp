@@ -41,6 +41,7 @@ constexpr int kStep = 32;  // rank rows one tdpbf16ps sums
 // has not learned to balance gives a few experts most of a prompt's tokens: 1,000-1,500 of 2,048 on a random-weights
 // Qwen3-30B-A3B), decoding the values again for each block.
 constexpr int64_t kPartBytes = 1 << 20;
+constexpr int64_t kZBytes = sizeof(float) + sizeof(uint16_t);  // a token and rank row of z, float and bfloat16
 
 // The most tokens of an expert, in whole pairs of tiles, whose `bytes_per_token` stay within kPartBytes
 inline int64_t tokens_within(int64_t bytes_per_token) {
@@ -219,7 +220,7 @@ void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& 
     std::memset(acc, 0, tk.n * I * sizeof(float));
     return;
   }
-  const int64_t most = tokens_within(6 * K);  // z of the part's rows in float and bfloat16
+  const int64_t most = tokens_within(kZBytes * K);  // z of the part's rows in float and bfloat16
   if (tk.n > most) {
     for (int64_t j0 = 0; j0 < tk.n; j0 += most)
       project_part(f, e, z, slice(tk, j0, std::min(most, tk.n - j0)), part, parts, acc + j0 * I);
@@ -407,4 +408,4 @@ bool bitsmoe::cpu::amx_bf16_usable() {
   return usable;
 }
 
-const bitsmoe::cpu::Bf16TileKernels bitsmoe::cpu::kAmxBf16 = {24, kPartBytes, &gate_up_part_bf16, &down_bf16};
+const bitsmoe::cpu::Bf16TileKernels bitsmoe::cpu::kAmxBf16 = {24, kPartBytes, kZBytes, &gate_up_part_bf16, &down_bf16};
