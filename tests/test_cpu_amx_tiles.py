@@ -56,6 +56,23 @@ def test_amx_tiles_give_the_vnni_kernels_sums(monkeypatch, shape, basis_dtype):
         assert torch.equal(out["avx512-amx"], out["avx512-vnni"])
 
 
+# T 100: x's hi and lo bytes within 1 MiB, the int8 bases' tiles made two 16-row blocks at a time (6 blocks of gate's
+# 96 rows: on two threads a strip of two and one of one); T 4200 over it: all of a thread's rows at once
+@pytest.mark.parametrize("T", [100, 4200])
+def test_amx_int8_bases_in_strips_give_the_vnni_kernels_sums(monkeypatch, T):
+    shape = (128, 64, 4, 2, (96, 64, 128), 32)
+    layer = layer_of(shape, basis_dtype="int8", seed=13)
+    w, ids = routing(T, 4, 2, seed=13)
+    x = torch.randn(T, 128, generator=torch.Generator().manual_seed(13))
+    cpu, ref = to_cpu_layer(layer), moe_forward(x, w, ids, layer)
+    out = {}
+    for isa in ("avx512-vnni", "avx512-amx"):
+        force_isa(monkeypatch, isa)
+        out[isa] = ops.moe_layer(x, w, ids, layer, cpu)
+        assert relative_error(out[isa], ref) < INT_PATH_TOLERANCE[torch.float32]
+    assert relative_error(out["avx512-amx"], out["avx512-vnni"]) < 1e-4
+
+
 def bf16_tiles_against_vnni(monkeypatch, layer, shape, seed):
     """(AMX, VNNI) relative errors against the float reference, and whether their outputs differ, for a bfloat16 input
     of T tokens that gives every expert 16 or more."""

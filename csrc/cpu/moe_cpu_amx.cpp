@@ -15,6 +15,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -212,54 +213,62 @@ inline void basis_tile(const Basis& b, int64_t r, int64_t c, int8_t* tile) {
 }
 
 constexpr int64_t kPanelTokens = 128;  // tokens whose activations (hi and lo, 2 x 256 KiB at H 2048) stay in L2
+constexpr int64_t kStripX = 1 << 20;   // x's hi and lo bytes up to which the tiles are made two blocks at a time
 
 // Rows [r0, r1) of out [T, b.n], r0 and r1 multiples of 16 within the basis' whole 4-row blocks, b.in a multiple of
 // 64; x's hi and lo rows readable up to the next multiple of 16 (the rows past T are never stored). The rows' tiles
-// are made once, then taken against each panel of tokens: row block by row block over the whole of x streamed x
-// from memory once per 16 rows (T = 2048: 1 GB a basis)
+// are made a strip of blocks at a time and taken against every panel of tokens before the next strip. Where x's hi
+// and lo stay in L2 (kStripX) a strip is two blocks, whose tiles stay in cache (all of them, 4 MiB a basis on one
+// thread, went out to memory and back: benchmarks/README.md, "The int8 bases' tiles in strips"). A larger x takes all
+// of the rows as one strip, made once: row block by row block over the whole of x streamed x from memory once per 16
+// rows (T = 2048: 1 GB a basis)
 void int8_rows_amx(const Basis& b, const QuantizedRows& x, int64_t T, float* out, int64_t r0, int64_t r1) {
   const Tiles tiles(64);
-  const int64_t chunks = b.in / 64, blocks = (r1 - r0) / kTile;
-  Buffer<int8_t> codes(blocks * chunks * kTile * 64);  // [block of 16 rows, chunk of 64 columns] tiles
-  for (int64_t k = 0; k < blocks; ++k)
-    for (int64_t c = 0; c < chunks; ++c) basis_tile(b, r0 + kTile * k, 64 * c, codes.p + (k * chunks + c) * kTile * 64);
+  const int64_t chunks = b.in / 64, blocks = (r1 - r0) / kTile, strip = 2 * T * b.in <= kStripX ? 2 : blocks;
+  int8_t* codes = scratch<int8_t, 0>(strip * chunks * kTile * 64);  // [block of 16 rows, chunk of 64 columns] tiles
   alignas(64) int32_t hi[2][kTile * kTile], lo[2][kTile * kTile];
-  for (int64_t t0 = 0; t0 < T; t0 += kPanelTokens)
-    for (int64_t k = 0; k < blocks; k += 2) {
-      const bool two = k + 1 < blocks;  // two blocks of rows against each x tile: 4 tile loads for 4 products
-      const int8_t* tile = codes.p + k * chunks * kTile * 64;
-      for (int64_t t = t0; t < T && t < t0 + kPanelTokens; t += kTile) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(5);
-        _tile_zero(6);
-        for (int64_t c = 0; c < chunks; ++c) {
-          _tile_loadd(2, x.hi + t * b.in + 64 * c, b.in);
-          _tile_loadd(3, x.lo + t * b.in + 64 * c, b.in);
-          _tile_loadd(4, tile + c * kTile * 64, 64);
-          _tile_dpbssd(0, 2, 4);
-          _tile_dpbssd(1, 3, 4);
-          if (two) {
-            _tile_loadd(7, tile + (chunks + c) * kTile * 64, 64);
-            _tile_dpbssd(5, 2, 7);
-            _tile_dpbssd(6, 3, 7);
+  for (int64_t k0 = 0; k0 < blocks; k0 += strip) {
+    const int64_t k1 = std::min(blocks, k0 + strip);
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t c = 0; c < chunks; ++c)
+        basis_tile(b, r0 + kTile * k, 64 * c, codes + ((k - k0) * chunks + c) * kTile * 64);
+    for (int64_t t0 = 0; t0 < T; t0 += kPanelTokens)
+      for (int64_t k = k0; k < k1; k += 2) {
+        const bool two = k + 1 < k1;  // two blocks of rows against each x tile: 4 tile loads for 4 products
+        const int8_t* tile = codes + (k - k0) * chunks * kTile * 64;
+        for (int64_t t = t0; t < T && t < t0 + kPanelTokens; t += kTile) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(5);
+          _tile_zero(6);
+          for (int64_t c = 0; c < chunks; ++c) {
+            _tile_loadd(2, x.hi + t * b.in + 64 * c, b.in);
+            _tile_loadd(3, x.lo + t * b.in + 64 * c, b.in);
+            _tile_loadd(4, tile + c * kTile * 64, 64);
+            _tile_dpbssd(0, 2, 4);
+            _tile_dpbssd(1, 3, 4);
+            if (two) {
+              _tile_loadd(7, tile + (chunks + c) * kTile * 64, 64);
+              _tile_dpbssd(5, 2, 7);
+              _tile_dpbssd(6, 3, 7);
+            }
           }
-        }
-        _tile_stored(0, hi[0], 64);
-        _tile_stored(1, lo[0], 64);
-        _tile_stored(5, hi[1], 64);
-        _tile_stored(6, lo[1], 64);
-        for (int i = 0; i < (two ? 2 : 1); ++i) {
-          const int64_t r = r0 + kTile * (k + i);
-          const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.scale + r)));
-          for (int64_t j = 0; j < kTile && t + j < T; ++j) {
-            const __m512 sums = combine(_mm512_load_si512(hi[i] + j * kTile), _mm512_load_si512(lo[i] + j * kTile));
-            _mm512_storeu_ps(out + (t + j) * b.n + r,
-                             _mm512_mul_ps(scale, _mm512_mul_ps(_mm512_set1_ps(x.scale[t + j]), sums)));
+          _tile_stored(0, hi[0], 64);
+          _tile_stored(1, lo[0], 64);
+          _tile_stored(5, hi[1], 64);
+          _tile_stored(6, lo[1], 64);
+          for (int i = 0; i < (two ? 2 : 1); ++i) {
+            const int64_t r = r0 + kTile * (k + i);
+            const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.scale + r)));
+            for (int64_t j = 0; j < kTile && t + j < T; ++j) {
+              const __m512 sums = combine(_mm512_load_si512(hi[i] + j * kTile), _mm512_load_si512(lo[i] + j * kTile));
+              _mm512_storeu_ps(out + (t + j) * b.n + r,
+                               _mm512_mul_ps(scale, _mm512_mul_ps(_mm512_set1_ps(x.scale[t + j]), sums)));
+            }
           }
         }
       }
-    }
+  }
 }
 
 }  // namespace

@@ -59,15 +59,6 @@ struct Tiles {
   ~Tiles() { _tile_release(); }
 };
 
-// A 64-byte aligned scratch array of this thread, kept between calls and not zeroed: the kernels clear only the rows
-// they read unwritten (zeroing a fresh 512 KiB of code values for every expert and projection is 128 MB at T = 512)
-template <class T, int kSlot>
-T* scratch(int64_t n) {
-  thread_local std::vector<T> v;
-  if (static_cast<int64_t>(v.size()) < n + 64) v.resize(n + 64);
-  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
-}
-
 // The tile instructions take their tile as an immediate
 inline void zero_tile(int i) {
   switch (i) {
