@@ -32,9 +32,9 @@ from tests.helpers import (
 )
 
 
-# avx512-amx: the experts with 6 tokens or more, and the int8 bases of calls with 32 tokens or more, take the AMX tiles
-# (kAmx, csrc/cpu/moe_cpu_amx.cpp), the rest the VNNI kernels; the tests' T = 17 and 65 give some experts more, some
-# fewer
+# avx512-amx: the experts with 6 tokens or more (down: 3), and the int8 bases of calls with 32 tokens or more, take the
+# AMX tiles (kAmx, csrc/cpu/moe_cpu_amx.cpp), the rest the VNNI kernels; the tests' T = 17 and 65 give some experts
+# more, some fewer
 @pytest.fixture(params=["avx512-vnni", "avx512-amx"])
 def int_path(request, monkeypatch):
     force_isa(monkeypatch, request.param)

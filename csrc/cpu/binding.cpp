@@ -607,7 +607,7 @@ at::Tensor moe_int(const at::Tensor& x, const at::Tensor& topk_weights, const at
         if (bf16_down(tk))
           kAmxBf16.down(d.view, e, a.get(), tk, share, shares, dst);
         else
-          (tiles(tk) ? kAmx.down : v.down)(d.view, e, q, tk, share, shares, dst);
+          (amx && tk.n >= kAmx.min_down_tokens ? kAmx.down : v.down)(d.view, e, q, tk, share, shares, dst);
       },
       bf16_down);
   return finish(product, out.get(), R_d, topk_weights, down_basis, down_basis_scale, H, x, r, down_bias);

@@ -147,7 +147,8 @@ extern const VnniKernels kAvx512Vnni;
 // the offsets, their order) are the VNNI kernels'.
 struct TileKernels {
   const char* name;
-  int64_t min_tokens;        // the experts with fewer tokens run the VNNI kernels
+  int64_t min_tokens;        // the experts with fewer tokens run the VNNI kernels' gate/up
+  int64_t min_down_tokens;   // ... and their down
   int64_t min_basis_tokens;  // the calls with fewer tokens multiply the int8 bases on VNNI
   // As VnniKernels::int8_rows for rows r0 to r1, multiples of 16 within the basis' whole blocks of 4 rows, where
   // b.in is a multiple of 64 and x's rows are readable up to the next multiple of 16 tokens

@@ -1,6 +1,6 @@
 // The integer path's gate/up, down and int8 bases on AMX tiles (moe_cpu.h, TileKernels): binding.cpp runs them where
-// amx_usable(), for the experts with at least kAmx.min_tokens tokens and the calls with at least
-// kAmx.min_basis_tokens. gate/up and down take the integer sums and the float steps of moe_cpu_vnni.cpp, in its
+// amx_usable(), for the experts with at least kAmx.min_tokens tokens (down: min_down_tokens) and the calls with at
+// least kAmx.min_basis_tokens. gate/up and down take the integer sums and the float steps of moe_cpu_vnni.cpp, in its
 // order, so their output is the same bit for bit; the bases' float steps differ (one conversion of the exact sums).
 //
 // Tiles: 0, 1 the sums of the hi and lo bytes (16 tokens x 16 columns, int32), 2, 3 the activations' hi and lo bytes
@@ -284,6 +284,7 @@ bool bitsmoe::cpu::amx_usable() {
   return usable;
 }
 
-// The thresholds where the tiles start to win, measured on the 2-core AMX Xeon (benchmarks/README.md, "AMX tiles")
-const bitsmoe::cpu::TileKernels bitsmoe::cpu::kAmx = {"avx512-amx",      6,        32, &int8_rows_amx,
+// The thresholds where the tiles start to win, measured on the 2-core AMX Xeon (benchmarks/README.md, "AMX tiles";
+// down's: "The int8 bases' tiles in strips")
+const bitsmoe::cpu::TileKernels bitsmoe::cpu::kAmx = {"avx512-amx",      6,        3, 32, &int8_rows_amx,
                                                       &gate_up_part_amx, &down_amx};
