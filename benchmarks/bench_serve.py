@@ -84,10 +84,9 @@ def server_rss_mb(url: str) -> float:
 
 def decode_rate(url: str, model: str, streams: int, tokens: int, rounds: int) -> float:
     """Generated tokens per second with `streams` concurrent requests of `tokens` tokens (stream i prompted with
-    PROMPTS[i]), over `rounds` rounds. Each round's requests go out together from one event loop: from a pool of
-    threads they did not here (the server's worker holds one of the two cores, its engine and API server the other,
-    and the client's new threads started some requests only as others ended: the trained MoE's 8 streams decoded at
-    one stream's rate in some runs, bf16's and BitsMoE's alike)."""
+    PROMPTS[i]), over `rounds` rounds. Each round's requests go out together from one event loop: a pool of threads
+    started some of them only as others ended here (up to 1.2 s late at 32 streams; the server's worker holds one of
+    the two cores, its engine, its API server and this client share the other)."""
 
     async def rounds_of_requests() -> float:
         client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", timeout=900)

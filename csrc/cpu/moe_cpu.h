@@ -173,7 +173,7 @@ bool amx_usable();
 // (tdpbf16ps); down with the activations rounded to bfloat16 and one float sum per column group. Same arguments and
 // results as VnniKernels' gate_up_part and down, to bfloat16's precision.
 struct Bf16TileKernels {
-  int64_t min_down_tokens;  // the experts with fewer tokens (and at least TileKernels::min_tokens) run kAmx's down
+  int64_t min_down_tokens;  // the experts with fewer tokens (and at least kAmx.min_down_tokens) run kAmx's down
   // gate/up holds a part's z for every token of the expert twice (float, and times the scales in bfloat16): z_bytes a
   // token and rank row, kept under part_bytes by splitting the rank rows in more parts (at 128 tokens an expert on
   // Qwen3-30B-A3B's shape, 1.5 MiB in one part spilled L2 and cost 10-20 % of gate/up); the kernels take the tokens
