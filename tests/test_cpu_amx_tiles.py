@@ -32,6 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 AMX_LAYERS = LAYERS + ((128, 64, 4, 2, (70, 64, 128), 32),)
 
 
+def outputs_on_each_isa(monkeypatch, layer, x, w, ids):
+    """The layer on x on the AMX tiles and on the VNNI kernels, and the float reference"""
+    cpu, ref = to_cpu_layer(layer), moe_forward(x.float(), w, ids, layer)
+    out = {}
+    for isa in ("avx512-vnni", "avx512-amx"):
+        force_isa(monkeypatch, isa)
+        out[isa] = ops.moe_layer(x, w, ids, layer, cpu)
+    return out["avx512-amx"], out["avx512-vnni"], ref
+
+
 @pytest.mark.parametrize("shape", AMX_LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-R{s[4][0]}-G{s[5]}")
 @pytest.mark.parametrize("basis_dtype", ["float16", "int8", "identity"])
 @pytest.mark.parametrize("per_expert", [40, 4])
@@ -47,16 +57,13 @@ def test_amx_tiles_give_the_vnni_kernels_sums(monkeypatch, shape, basis_dtype, p
     counts = torch.bincount(ids.flatten(), minlength=E)
     assert counts.min() >= 16 if per_expert == 40 else ((counts >= 3) & (counts < 6)).any()
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(5))
-    cpu, ref = to_cpu_layer(layer), moe_forward(x, w, ids, layer)
-    out = {}
-    for isa in ("avx512-vnni", "avx512-amx"):
-        force_isa(monkeypatch, isa)
-        out[isa] = ops.moe_layer(x, w, ids, layer, cpu)
-        assert relative_error(out[isa], ref) < INT_PATH_TOLERANCE[torch.float32]
+    amx, vnni, ref = outputs_on_each_isa(monkeypatch, layer, x, w, ids)
+    assert relative_error(vnni, ref) < INT_PATH_TOLERANCE[torch.float32]
+    assert relative_error(amx, ref) < INT_PATH_TOLERANCE[torch.float32]
     if basis_dtype == "int8":
-        assert relative_error(out["avx512-amx"], out["avx512-vnni"]) < 1e-4
+        assert relative_error(amx, vnni) < 1e-4
     else:
-        assert torch.equal(out["avx512-amx"], out["avx512-vnni"])
+        assert torch.equal(amx, vnni)
 
 
 # T 100: x's hi and lo bytes within 1 MiB, the int8 bases' tiles made two 16-row blocks at a time (6 blocks of gate's
@@ -67,13 +74,10 @@ def test_amx_int8_bases_in_strips_give_the_vnni_kernels_sums(monkeypatch, T):
     layer = layer_of(shape, basis_dtype="int8", seed=13)
     w, ids = routing(T, 4, 2, seed=13)
     x = torch.randn(T, 128, generator=torch.Generator().manual_seed(13))
-    cpu, ref = to_cpu_layer(layer), moe_forward(x, w, ids, layer)
-    out = {}
-    for isa in ("avx512-vnni", "avx512-amx"):
-        force_isa(monkeypatch, isa)
-        out[isa] = ops.moe_layer(x, w, ids, layer, cpu)
-        assert relative_error(out[isa], ref) < INT_PATH_TOLERANCE[torch.float32]
-    assert relative_error(out["avx512-amx"], out["avx512-vnni"]) < 1e-4
+    amx, vnni, ref = outputs_on_each_isa(monkeypatch, layer, x, w, ids)
+    assert relative_error(vnni, ref) < INT_PATH_TOLERANCE[torch.float32]
+    assert relative_error(amx, ref) < INT_PATH_TOLERANCE[torch.float32]
+    assert relative_error(amx, vnni) < 1e-4
 
 
 def bf16_tiles_against_vnni(monkeypatch, layer, shape, seed):
@@ -89,12 +93,7 @@ def bf16_tiles_against_vnni(monkeypatch, layer, shape, seed):
 
 def tiles_against_vnni(monkeypatch, layer, x, w, ids):
     """(AMX, VNNI) relative errors of the layer on x against the float reference, and whether their outputs differ"""
-    cpu, ref = to_cpu_layer(layer), moe_forward(x.float(), w, ids, layer)
-    out = {}
-    for isa in ("avx512-vnni", "avx512-amx"):
-        force_isa(monkeypatch, isa)
-        out[isa] = ops.moe_layer(x, w, ids, layer, cpu)
-    amx, vnni = out["avx512-amx"], out["avx512-vnni"]
+    amx, vnni, ref = outputs_on_each_isa(monkeypatch, layer, x, w, ids)
     return relative_error(amx, ref), relative_error(vnni, ref), not torch.equal(amx, vnni)
 
 
