@@ -1,4 +1,4 @@
-"""BitsMoE checkpoint format (versions 1 and 2): the executable twin of FORMAT.md.
+"""BitsMoE checkpoint format (versions 1 to 3): the executable twin of FORMAT.md.
 
 `QuantConfig.from_dict` reads and validates a checkpoint's `quantization_config`;
 `tensor_specs` gives every tensor's name, dtype, shape and tensor-parallel shard dimension;
@@ -15,8 +15,10 @@ from bitsmoe_vllm.activation import ACTIVATIONS, Activation
 from bitsmoe_vllm.packing import SUPPORTED_WIDTHS, WORD_BITS
 from bitsmoe_vllm.typed_json import Reader
 
-FORMAT_VERSION = 2  # what the quantizer writes
-READABLE_VERSIONS = (1, 2)  # version 1: codes with a zero level at every width above 1 (FORMAT.md section 9)
+FORMAT_VERSION = 2  # what the quantizer writes, unless it keeps fp8 linear weights (version 3)
+# version 1: codes with a zero level at every width above 1; version 3: fp8 linear weights kept (FORMAT.md section 9)
+READABLE_VERSIONS = (1, 2, 3)
+FP8_VERSION = 3  # the first version with `linear_quantization`
 QUANT_METHOD = "bitsmoe"
 BIT_WIDTHS = (0,) + SUPPORTED_WIDTHS
 PROJECTIONS = ("gate", "up", "down")
@@ -87,6 +89,8 @@ class QuantConfig:
     swiglu_alpha: float | None = None  # activation "swigluoai" only (gpt-oss)
     swiglu_limit: float | None = None
     expert_bias: bool = False  # every expert's gate, up and down carry a bias (gpt-oss)
+    # the source's quantization_config of the linear weights kept as it stored them (fp8 blocks, DeepSeek-V3)
+    linear_quantization: Mapping[str, Any] | None = None
 
     @property
     def odd_codes(self) -> bool:
@@ -127,6 +131,7 @@ class QuantConfig:
             layers=tuple(_read_layer(module, layers.child(module)) for module in layers.d),
             format_version=version,
             expert_bias=r.get("expert_bias", bool) if "expert_bias" in r.d else False,
+            linear_quantization=_read_linear_quantization(r) if "linear_quantization" in r.d else None,
             **swiglu,
         )
         cfg.validate()
@@ -147,6 +152,7 @@ class QuantConfig:
             "activation": self.activation,
             **extra,
             **({"expert_bias": True} if self.expert_bias else {}),
+            **({"linear_quantization": dict(self.linear_quantization)} if self.linear_quantization else {}),
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_experts": self.num_experts,
@@ -161,6 +167,12 @@ class QuantConfig:
         for key in ("swiglu_alpha", "swiglu_limit"):
             if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise ValueError(f"quantization_config.{key}: expected a positive number, found {getattr(self, key)}")
+        if (self.linear_quantization is not None) != (self.format_version >= FP8_VERSION):
+            raise ValueError(
+                f"quantization_config.linear_quantization: present in format version {FP8_VERSION} and only there; "
+                f"format_version is {self.format_version} and the key is "
+                f"{'present' if self.linear_quantization is not None else 'missing'}"
+            )
         if G % WORD_BITS or I % G:
             raise ValueError(
                 f"quantization_config.group_size: {G} must be a multiple of {WORD_BITS} that divides "
@@ -214,6 +226,18 @@ class QuantConfig:
             if layer.module == module:
                 return layer
         raise KeyError(f"no BitsMoE layer '{module}' in quantization_config.layers")
+
+
+def _read_linear_quantization(r: Reader) -> dict[str, Any]:
+    """fp8 block quantization as DeepSeek-V3 states it: quant_method "fp8", weight_block_size [rows, columns]; the
+    other keys (fmt, activation_scheme) are kept for vLLM's reader of that config."""
+    lq = r.child("linear_quantization")
+    if lq.get("quant_method", str) != "fp8" or lq.d.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(f"{lq.where}: expected fp8 (e4m3) block quantization, found {dict(lq.d)}")
+    block = lq.int_list("weight_block_size")
+    if len(block) != 2 or 0 in block:
+        raise ValueError(f"{lq.path('weight_block_size')}: expected two positive integers, found {block}")
+    return dict(lq.d)
 
 
 def expert_tensor_name(module: str, expert: int, checkpoint_projection: str, kind: str) -> str:

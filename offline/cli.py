@@ -95,10 +95,12 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument(
         "--format-version",
         type=int,
-        choices=[1, 2],
+        choices=[1, 2, 3],
         default=Options.format_version,
-        help="2 (default): odd codes up to 6 bits (no zero level: a finer grid at the same bits); 1: for readers "
-        "of version 1, whose codes include zero (FORMAT.md)",
+        help="default: 3 for a source with fp8 block-quantized linear weights (DeepSeek-V3), which keeps them as "
+        "stored, else 2 (odd codes up to 6 bits: no zero level, a finer grid at the same bits); 2 with an fp8 source: "
+        "its linear weights dequantized (for readers before version 3, and vLLM's CPU build without AMX); 1: for "
+        "readers of version 1, whose codes include zero (FORMAT.md)",
     )
     p.add_argument(
         "--group-size",

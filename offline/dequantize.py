@@ -39,7 +39,8 @@ def dequantize_checkpoint(bitsmoe_dir: str | Path, out_dir: str | Path, dtype: t
         total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
 
     quantized = tuple(layout.module + "." for layout in cfg.layers)
-    write(shard_names[0], {name: files[name] for name in files if not name.startswith(quantized)})
+    # fp8 linear weights kept as stored (format version 3) dequantized: the plain checkpoint has no quantization
+    write(shard_names[0], {n: source.get(n) for n in source.tensor_names() if not n.startswith(quantized)})
     for layout, shard in zip(cfg.layers, shard_names[1:]):
         layer = load_layer(files, cfg, layout.module)
         write(shard, dequantize_layer(cfg, layer, layout.module, dtype, source.architecture))

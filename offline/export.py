@@ -27,13 +27,17 @@ def shard_files(num_layers: int) -> list[str]:
     return [shard_name(i + 1, num_layers + 1) for i in range(num_layers + 1)]
 
 
-def copied_tensors(source: SourceCheckpoint, prefix: str | None, experts_module: str | None) -> dict[str, torch.Tensor]:
+def copied_tensors(
+    source: SourceCheckpoint, prefix: str | None, experts_module: str | None, keep_fp8: bool = False
+) -> dict[str, torch.Tensor]:
     """Source tensors kept unchanged: those under transformers' module path `prefix` (None: outside every decoder
-    layer), minus routed experts."""
+    layer), minus routed experts. fp8 weights with their scales as stored where `keep_fp8` (format version 3), else
+    dequantized to the checkpoint's dtype."""
     experts = source.expert_tensor_names(experts_module) if experts_module else set()
+    experts |= {f"{name}_scale_inv" for name in experts}  # an fp8 source's experts' scales
     prefix, layers = (source.architecture.checkpoint_name(p) if p else None for p in (prefix, "model.layers."))
     out = {}
-    for name in source.tensor_names():
+    for name in source.tensors if keep_fp8 else source.tensor_names():
         inside = name.startswith(prefix) if prefix else not name.startswith(layers)
         if not inside or name in experts:
             continue
@@ -42,7 +46,7 @@ def copied_tensors(source: SourceCheckpoint, prefix: str | None, experts_module:
                 f"tensor {name} under the routed experts is not one of their gate/up/down weights (per expert, or "
                 "stacked as gate_up_proj and down_proj); unsupported"
             )
-        out[name] = source.get(name)
+        out[name] = source.tensors[name] if keep_fp8 else source.get(name)
     return out
 
 
@@ -77,7 +81,10 @@ def copy_side_files(source: SourceCheckpoint, directory: Path) -> list[str]:
     return copied
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {
+    **{"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1},
+    **{"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1},
+}
 
 
 def _nbytes(dtype: str, shape: list[int]) -> int:

@@ -11,6 +11,7 @@ from bitsmoe_vllm.format import (
     BASIS_BITS,
     BIT_WIDTHS,
     FORMAT_VERSION,
+    FP8_VERSION,
     PROJECTIONS,
     READABLE_VERSIONS,
     LayerLayout,
@@ -58,7 +59,9 @@ class Options:
     # the gate and up as rounded (it compensates their errors); "projection": its own output on the original gate
     # and up's (GPTQ's objective, projection by projection)
     feedback_target: str = "layer"
-    format_version: int = FORMAT_VERSION  # 1: even codes, for readers of version 1 (FORMAT.md section 9)
+    # None: 3 where the source stores fp8 linear weights (kept as stored), else 2; 1: even codes, for readers of
+    # version 1; 2 with an fp8 source: its linear weights dequantized (FORMAT.md section 9)
+    format_version: int | None = None
     group_size: int | None = None
     device: str = "cpu"
     workers: int = 1  # processes costing (and, where layers are independent, exporting) layers side by side
@@ -114,6 +117,11 @@ class Plan:
     @property
     def odd_codes(self) -> bool:
         return odd_codes(self.options.format_version)
+
+    @property
+    def keeps_fp8(self) -> bool:
+        """The source's fp8 linear weights are written as stored, with their scales (format version 3)."""
+        return self.options.format_version >= FP8_VERSION
 
     @property
     def activation(self) -> Activation:
@@ -190,6 +198,7 @@ class Plan:
             projection_names=self.source.architecture.projection_names,
             layers=tuple(layouts),
             format_version=self.options.format_version,
+            linear_quantization=self.source.file_config["quantization_config"] if self.keeps_fp8 else None,
             swiglu_alpha=self.activation.alpha,
             swiglu_limit=self.activation.limit,
             expert_bias=self.source.architecture.expert_bias,
@@ -201,8 +210,8 @@ def make_plan(options: Options) -> Plan:
     source = SourceCheckpoint(options.model)
     arch, config = source.architecture, source.config
     mxfp4 = source.mxfp4 and arch.fused_layout == "gpt_oss"
-    if "quantization_config" in source.file_config and source.fp8_block is None and not mxfp4:
-        method = source.file_config["quantization_config"].get("quant_method", "unknown")
+    method = source.file_config.get("quantization_config", {}).get("quant_method", "unknown")
+    if "quantization_config" in source.file_config and (source.fp8_block is None or method != "fp8") and not mxfp4:
         raise ValueError(
             f"{source.dir} is already quantized (quant_method {method!r}); BitsMoE starts from the original weights, "
             "from fp8 block-quantized ones (DeepSeek-V3's quant_method 'fp8' with a weight_block_size) or from "
@@ -231,8 +240,15 @@ def make_plan(options: Options) -> Plan:
         raise ValueError(f"--rank {rank}: an identity basis has rank {H} (the hidden size); leave --rank out")
     if options.allocation not in ("global", "per-layer"):
         raise ValueError(f"--allocation {options.allocation}: expected global or per-layer")
+    if options.format_version is None:
+        options = replace(options, format_version=FP8_VERSION if source.fp8_block else FORMAT_VERSION)
     if options.format_version not in READABLE_VERSIONS:
         raise ValueError(f"--format-version {options.format_version}: expected one of {list(READABLE_VERSIONS)}")
+    if options.format_version >= FP8_VERSION and not source.fp8_block:
+        raise ValueError(
+            f"--format-version {options.format_version} keeps a source's fp8 linear weights as stored, and "
+            f"{source.dir} has none: leave the option out"
+        )
     if options.scale_steps < 0:
         raise ValueError(f"--scale-steps {options.scale_steps}: must be 0 or more")
     if options.unit_rows is not None and options.unit_rows < 1:

@@ -49,7 +49,7 @@ def quantize(options: Options) -> Path:
     held_out = guard.held_out_count(-(-options.calib_tokens // options.calib_seq_len))
     tokens = token_sequences(tokenizer, texts, options.calib_tokens, options.calib_seq_len, held_out)  # [S, L]
     held = guard.held_out_mask(len(tokens), held_out)  # [S]
-    run = RunDir(Path(options.out), options.run_identity(), options.resume, options.overwrite)
+    run = RunDir(Path(options.out), plan.options.run_identity(), options.resume, options.overwrite)
     timer = StageTimer()
     pool = Workers(options, run, options.workers) if options.workers > 1 else None
     try:
@@ -288,10 +288,10 @@ def write_layer(plan: Plan, run: RunDir, i: int, encoded: dict[str, torch.Tensor
     n_layers = plan.source.config["num_hidden_layers"]
     path = run.checkpoint / shard_files(n_layers)[i]
     if i == n_layers:
-        write_shard(path, copied_tensors(plan.source, None, None))
+        write_shard(path, copied_tensors(plan.source, None, None, plan.keeps_fp8))
         return
     module = plan.source.architecture.experts_module.format(layer=i) if encoded else None
-    write_shard(path, copied_tensors(plan.source, f"model.layers.{i}.", module) | encoded)
+    write_shard(path, copied_tensors(plan.source, f"model.layers.{i}.", module, plan.keeps_fp8) | encoded)
     plan.source.tensors.close()
     return_freed_memory()
 

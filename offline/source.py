@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from bitsmoe_vllm.checkpoint import TensorFiles
+from bitsmoe_vllm.format import QUANT_METHOD
 
 from .architectures import ARCHITECTURES, Architecture, architecture
 
@@ -36,8 +37,11 @@ def resolve_model_dir(model: str) -> Path:
 
 def fp8_weight_block(config: dict) -> tuple[int, int] | None:
     """[rows, columns] of the blocks of an fp8 block-quantized checkpoint (DeepSeek-V3's: float8_e4m3fn weights, each
-    block scaled by its entry of `{name}_scale_inv`); None for any other checkpoint."""
+    block scaled by its entry of `{name}_scale_inv`), or of a BitsMoE checkpoint that kept such weights; None for any
+    other checkpoint."""
     qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") == QUANT_METHOD:
+        qc = qc.get("linear_quantization") or {}
     block = qc.get("weight_block_size") or ()
     if qc.get("quant_method") == "fp8" and qc.get("fmt", "e4m3") == "e4m3" and len(block) == 2:
         return tuple(block)

@@ -33,8 +33,21 @@ def test_dict_round_trip_through_json(checkpoint, config_dict):
 
 
 def test_unknown_format_version_is_refused(config_dict):
-    config_dict["format_version"] = 3
-    refuse(config_dict, "format_version", "unknown version 3", "reads versions 1, 2")
+    config_dict["format_version"] = 4
+    refuse(config_dict, "format_version", "unknown version 4", "reads versions 1, 2, 3")
+
+
+def test_fp8_linear_weights_come_with_version_3_and_only_with_it(config_dict):
+    """DeepSeek-V3's fp8 block quantization of the weights outside the routed experts, kept as the source stored it:
+    a reader of version 2 would take their fp8 codes for the weights, so the version says it."""
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    d = config_dict | {"format_version": 3, "linear_quantization": fp8}
+    cfg = QuantConfig.from_dict(json.loads(json.dumps(d)))
+    assert cfg.linear_quantization == fp8 and cfg.to_dict() == d and cfg.odd_codes
+    refuse(d | {"format_version": 2}, "linear_quantization: present in format version 3 and only there")
+    refuse(config_dict | {"format_version": 3}, "format_version is 3 and the key is missing")
+    refuse(d | {"linear_quantization": fp8 | {"quant_method": "gptq"}}, "expected fp8 (e4m3) block quantization")
+    refuse(d | {"linear_quantization": fp8 | {"weight_block_size": [128]}}, "weight_block_size: expected two positive")
 
 
 def test_other_quant_method_is_refused(config_dict):

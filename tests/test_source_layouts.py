@@ -48,15 +48,60 @@ def test_stacked_experts_in_another_layout_are_refused_with_the_shapes(tiny_mode
 
 def test_fp8_block_quantized_weights_quantize_as_their_dequantized_values(tiny_model_dir, quantize_tiny, tmp_path):
     """DeepSeek-V3's fp8 checkpoints: each weight read as its codes times its block's scale (blocks of 32 x 48 here,
-    so that the last block of a row is cut short)."""
+    so that the last block of a row is cut short); with --format-version 2 the linear weights are written so."""
     original = tiny_model_dir("deepseek_v3", **SHAPE)
     fp8 = fp8_block_copy(original, tmp_path / "fp8", (32, 48))
     assert any(t.dtype == torch.float8_e4m3fn for t in load_file(fp8 / "model.safetensors").values())
     dequantized = fp8_block_copy(original, tmp_path / "dequantized", (32, 48), dequantized=True)
-    ours = quantize_tiny(fp8, tmp_path / "from-fp8", 2.5)
+    ours = quantize_tiny(fp8, tmp_path / "from-fp8", 2.5, format_version=2)
     theirs = quantize_tiny(dequantized, tmp_path / "from-dequantized", 2.5)
     assert checkpoint_bytes(ours) == checkpoint_bytes(theirs)
     assert not any(name.endswith("_scale_inv") for name in load_file(ours / "model-00001-of-00003.safetensors"))
+
+
+def all_tensors(directory) -> dict[str, torch.Tensor]:
+    return {name: t for path in sorted(directory.glob("*.safetensors")) for name, t in load_file(path).items()}
+
+
+def test_fp8_linear_weights_are_kept_as_stored_by_default(tiny_model_dir, quantize_tiny, tmp_path):
+    """Format version 3: the source's fp8 weights outside the routed experts and their scales are written as stored,
+    the fp8 quantization_config under linear_quantization; the experts are those of --format-version 2, byte for
+    byte, and so are the dequantized checkpoint and the reference forward's logits."""
+    fp8 = fp8_block_copy(tiny_model_dir("deepseek_v3", **SHAPE), tmp_path / "fp8", (32, 48))
+    kept = quantize_tiny(fp8, tmp_path / "kept", 2.5)
+    dequantized = quantize_tiny(fp8, tmp_path / "dequantized", 2.5, format_version=2)
+    config = json.loads((kept / "config.json").read_text())["quantization_config"]
+    assert config["format_version"] == 3
+    assert config["linear_quantization"] == json.loads((fp8 / "config.json").read_text())["quantization_config"]
+
+    source, ours, theirs = all_tensors(fp8), all_tensors(kept), all_tensors(dequantized)
+    experts = {name for name in source if ".mlp.experts." in name}
+    assert experts and any(name.endswith("_scale_inv") for name in experts)
+    outside = {name: t for name, t in source.items() if name not in experts}
+    assert sum(t.dtype == torch.float8_e4m3fn for t in outside.values()) >= 10  # attention, dense and shared MLPs
+    for name, t in outside.items():
+        assert ours[name].dtype == t.dtype and torch.equal(ours[name].view(torch.uint8), t.view(torch.uint8)), name
+    bitsmoe = {name for name in theirs if ".mlp.experts." in name}
+    assert bitsmoe and bitsmoe <= ours.keys() and set(ours) == bitsmoe | set(outside)
+    assert all(torch.equal(ours[name], theirs[name]) for name in bitsmoe)
+    assert checkpoint_bytes(dequantize_checkpoint(kept, tmp_path / "plain-kept")) == checkpoint_bytes(
+        dequantize_checkpoint(dequantized, tmp_path / "plain-dequantized")
+    )
+    tokens = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        logits = [load_model(str(d), torch.device("cpu"))(tokens).logits for d in (kept, dequantized)]
+    assert torch.equal(*logits)
+
+
+def test_format_version_3_needs_an_fp8_source_and_a_bitsmoe_one_is_refused(tiny_model_dir, quantize_tiny, tmp_path):
+    original = tiny_model_dir("deepseek_v3", **SHAPE)
+    with pytest.raises(
+        ValueError, match="--format-version 3 keeps a source's fp8 linear weights as stored, and .* has none"
+    ):
+        quantize_tiny(original, tmp_path / "out", 2.5, format_version=3)
+    kept = quantize_tiny(fp8_block_copy(original, tmp_path / "fp8", (32, 48)), tmp_path / "kept", 2.5)
+    with pytest.raises(ValueError, match="already quantized \\(quant_method 'bitsmoe'\\)"):
+        quantize_tiny(kept, tmp_path / "again", 2.5)
 
 
 def test_checkpoints_quantized_otherwise_are_refused(tiny_model_dir, quantize_tiny, tmp_path):

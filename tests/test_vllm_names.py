@@ -1,5 +1,7 @@
 """FORMAT.md's tensor names against vLLM's own per-expert name mapping (no model is loaded)."""
 
+import re
+
 import pytest
 
 from bitsmoe_vllm.format import tensor_specs
@@ -54,3 +56,38 @@ def test_gpt_oss_tensors_reach_their_parameters_through_the_wrapped_loader(basis
         assert match is not None and match["experts"] == module and int(match["expert"]) == int(expert), name
         assert (match["projection"] or "down", match["kind"] or match["w2"]) == (canonical, kind), name
     assert renamed == 12  # every down bias: the case the pattern's w2_bias is for
+
+
+def test_fp8_linear_weights_go_to_vllms_fp8_method_or_are_refused_with_the_fix(monkeypatch):
+    """Format version 3: the linear layers outside the experts get vLLM's fp8 method, with the fp8 config's 16-bit
+    activations; a CPU build without its fp8 kernel (no AMX) refuses the checkpoint naming the fix."""
+    import dataclasses
+
+    import torch
+    from vllm.model_executor.kernels.linear.scaled_mm.cpu import CPUFp8BlockScaledMMKernel
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from bitsmoe_vllm.config import BitsMoEConfig
+
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    cfg, _ = random_checkpoint(64, 64, 4, (64, 64, 64), 32)
+    cfg = dataclasses.replace(cfg, format_version=3, linear_quantization=fp8)
+    monkeypatch.setattr(CPUFp8BlockScaledMMKernel, "is_supported", classmethod(lambda cls, *a: (True, None)))
+    config = BitsMoEConfig(cfg)
+    assert torch.float32 not in config.get_supported_act_dtypes()
+    assert config.linear.weight_block_size == [128, 128]
+    config.packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+    # vLLM's fp8 config chooses the method (Fp8LinearMethod, whose construction needs a whole model config: the
+    # serving test runs it), seeing the model's fused layers
+    seen = []
+    fp8_config = type(config.linear)
+    monkeypatch.setattr(fp8_config, "get_quant_method", lambda self, layer, prefix: seen.append((self, prefix)) or 1)
+    prefix = "model.layers.0.mlp.gate_up_proj"
+    assert config.get_quant_method(LinearBase.__new__(LinearBase), prefix) == 1
+    assert seen == [(config.linear, prefix)] and config.linear.packed_modules_mapping == config.packed_modules_mapping
+    reason = "requires AMX tile support (Sapphire Rapids or newer)."
+    monkeypatch.setattr(CPUFp8BlockScaledMMKernel, "is_supported", classmethod(lambda cls, *a: (False, reason)))
+    with pytest.raises(
+        ValueError, match=f"keeps its source.s fp8 linear weights .* {re.escape(reason)} Quantize again with "
+    ):
+        BitsMoEConfig(cfg)

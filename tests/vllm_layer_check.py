@@ -1,7 +1,8 @@
 """One BitsMoE layer through vLLM's own MoE layer, with no model and no server: the plugin registers the method, vLLM's
 FusedMoEFactory builds the layer with BitsMoEConfig, the method creates the weights, vLLM's per-expert name mapping
 and the method's loaders fill them, the weights are processed, and the method's apply is compared with the reference
-forward on CPU tensors. Prints one line, `vllm VERSION: ...`, and exits non-zero on any difference.
+forward on CPU tensors, for a silu layer and for gpt-oss's (clamped SwiGLU, expert biases). Prints a line for each,
+`vllm VERSION: ...`, and exits non-zero on any difference.
 
 Runs beside any vLLM build that imports on this machine (tests/test_vllm_interfaces.py runs it with the suite's vLLM;
 `VENV/bin/python tests/vllm_layer_check.py` with another, bitsmoe-vllm installed in VENV)."""
@@ -39,45 +40,50 @@ def main() -> int:
     from tests.helpers import random_checkpoint
 
     plugin.register()
-    cfg, tensors = random_checkpoint(H, I, E, (48, 64, 40), 32, basis_dtype="int8", module=MODULE)
-    quant_config = get_quantization_config("bitsmoe").from_config(cfg.to_dict())
     # the device named: a CUDA build of vLLM on a machine without a GPU cannot infer it
     with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
         init_distributed_environment(1, 0, f"tcp://127.0.0.1:{free_port()}", 0, "gloo")
         initialize_model_parallel(1, 1)
-        runner = FusedMoEFactory(
-            num_experts=E,
-            top_k=K,
-            hidden_size=H,
-            intermediate_size=I,
-            params_dtype=torch.float32,
-            quant_config=quant_config,
-            prefix=MODULE,
-        )
-    layer = next(m for m in runner.modules() if isinstance(m, RoutedExperts))
-    params = dict(layer.named_parameters())
-    mapping = RoutedExperts.build_expert_params_mapping("gate_proj", "down_proj", "up_proj", num_experts=E)
-    for name, tensor in tensors.items():
-        # as a model's load_weights does: "experts.{e}.gate_proj." -> "experts.routed_experts.w13_", then the kind
-        param_name, _, expert, shard = next(m for m in mapping if m[1] in name)
-        param = params[param_name.rpartition(".")[2] + name.rpartition(".")[2]]
-        param.weight_loader(param, tensor, name, shard_id=shard, expert_id=expert)
-    layer.quant_method.process_weights_after_loading(layer)
+    failed = 0
+    for gpt_oss in (False, True):  # silu with an int8 basis; gpt-oss's clamped SwiGLU with expert biases
+        cfg, tensors = random_checkpoint(H, I, E, (48, 64, 40), 32, basis_dtype="int8", module=MODULE, gpt_oss=gpt_oss)
+        quant_config = get_quantization_config("bitsmoe").from_config(cfg.to_dict())
+        with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
+            runner = FusedMoEFactory(
+                num_experts=E,
+                top_k=K,
+                hidden_size=H,
+                intermediate_size=I,
+                params_dtype=torch.float32,
+                quant_config=quant_config,
+                prefix=MODULE,
+                **(dict(has_bias=True, activation="swigluoai") if gpt_oss else {}),
+            )
+        layer = next(m for m in runner.modules() if isinstance(m, RoutedExperts))
+        params = dict(layer.named_parameters())
+        mapping = RoutedExperts.build_expert_params_mapping("gate_proj", "down_proj", "up_proj", num_experts=E)
+        for name, tensor in tensors.items():
+            # as a model's load_weights does: "experts.{e}.gate_proj." -> "experts.routed_experts.w13_", then the kind
+            param_name, _, expert, shard = next(m for m in mapping if m[1] in name)
+            param = params[param_name.rpartition(".")[2] + name.rpartition(".")[2]]
+            param.weight_loader(param, tensor, name, shard_id=shard, expert_id=expert)
+        layer.quant_method.process_weights_after_loading(layer)
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(T, H, generator=g)
-    topk_weights = torch.rand(T, K, generator=g)
-    topk_ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    ours = layer.quant_method.apply(layer, x, topk_weights, topk_ids, None, None)
-    expected = moe_forward(x, topk_weights, topk_ids, gather_layer(cfg, MODULE, tensors))
-    error = ((ours - expected).norm() / expected.norm()).item()
-    kernel = layer.quant_method.kernel  # what the backend oracle chose: None is the C++ float kernel
-    kernel = "cpu-float" if kernel is None else type(kernel).__name__
-    print(
-        f"vllm {vllm.__version__}: BitsMoE layer built, loaded and run through vLLM's MoE layer ({kernel}); "
-        f"off the reference by {error:.1e}"
-    )
-    return 0 if error < TOLERANCE[torch.float32] else 1  # what the backend oracle allows a kernel
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(T, H, generator=g)
+        topk_weights = torch.rand(T, K, generator=g)
+        topk_ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        ours = layer.quant_method.apply(layer, x, topk_weights, topk_ids, None, None)
+        expected = moe_forward(x, topk_weights, topk_ids, gather_layer(cfg, MODULE, tensors))
+        error = ((ours - expected).norm() / expected.norm()).item()
+        kernel = layer.quant_method.kernel  # what the backend oracle chose: None is the C++ float kernel
+        kernel = "cpu-float" if kernel is None else type(kernel).__name__
+        print(
+            f"vllm {vllm.__version__}: BitsMoE layer ({cfg.activation}{', expert biases' if gpt_oss else ''}) built, "
+            f"loaded and run through vLLM's MoE layer ({kernel}); off the reference by {error:.1e}"
+        )
+        failed += not error < TOLERANCE[torch.float32]  # what the backend oracle allows a kernel
+    return int(failed > 0)
 
 
 if __name__ == "__main__":
