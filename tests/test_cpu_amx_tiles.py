@@ -29,7 +29,7 @@ from tests.helpers import (
 ROOT = Path(__file__).resolve().parents[1]
 
 # + int8 bases of 70 rows (4 tiles of 16 rows on AMX, 6 rows on VNNI) and 128 columns (two 64-column tiles)
-AMX_LAYERS = LAYERS + ((128, 64, 4, 2, (70, 64, 128), 32),)
+AMX_LAYERS = LAYERS + ((128, 64, 4, 2, (70, 64, 128), 32), (128, 128, 4, 2, (96, 64, 128), 128))
 
 
 def outputs_on_each_isa(monkeypatch, layer, x, w, ids):
@@ -118,9 +118,26 @@ def test_amx_bf16_tiles_every_width(monkeypatch, width, version):
 @pytest.mark.parametrize("shape", AMX_LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-R{s[4][0]}-G{s[5]}")
 @pytest.mark.parametrize("basis_dtype", ["int8", "identity"])
 def test_amx_bf16_tiles_mixed_widths(monkeypatch, shape, basis_dtype):
-    """Blocks of every width in one part (their rows padded to 32), and tile_chunks 2 (G 32) and 4 (G 64)"""
+    """Blocks of every width in one part (their rows padded to 32), and tile_chunks 2 (G 32), 4 (G 64) and 8 (G 128)"""
     layer = layer_of(shape, basis_dtype=basis_dtype, seed=7)
     amx, vnni, differ = bf16_tiles_against_vnni(monkeypatch, layer, shape, seed=7)
+    assert differ, "the bfloat16 tiles ran"
+    assert amx < BF16_TILES_ERROR * vnni and amx < INT_PATH_TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.skipif(not HAS_AMX_BF16, reason="this CPU lacks AMX-BF16 or AVX512-BF16")
+@pytest.mark.parametrize("shape", AMX_LAYERS, ids=lambda s: f"H{s[0]}-I{s[1]}-R{s[4][0]}-G{s[5]}")
+@pytest.mark.parametrize("per_expert", [6, 11, 16, 17])
+def test_amx_bf16_tiles_one_tile_of_tokens(monkeypatch, shape, per_expert):
+    """Experts of at most 16 tokens (one tile of them) take gate/up block by block (one_token_tile), in passes of 4
+    chunks of a tile of 8 (G 128), each block's rows padded to 32 with zeros; 17 tokens: two tiles (tile_products)"""
+    H, I, E, K, _, _ = shape
+    layer = layer_of(shape, basis_dtype="int8", seed=per_expert)
+    T = per_expert * E // K
+    ids = (torch.arange(T * K) % E).reshape(T, K)  # every expert per_expert tokens
+    w = torch.softmax(torch.randn(T, K, generator=torch.Generator().manual_seed(per_expert)), dim=-1)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(per_expert)).bfloat16()
+    amx, vnni, differ = tiles_against_vnni(monkeypatch, layer, x, w, ids)
     assert differ, "the bfloat16 tiles ran"
     assert amx < BF16_TILES_ERROR * vnni and amx < INT_PATH_TOLERANCE[torch.bfloat16]
 
