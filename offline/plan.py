@@ -210,7 +210,7 @@ def make_plan(options: Options) -> Plan:
     source = SourceCheckpoint(options.model)
     arch, config = source.architecture, source.config
     mxfp4 = source.mxfp4 and arch.fused_layout == "gpt_oss"
-    method = source.file_config.get("quantization_config", {}).get("quant_method", "unknown")
+    method = (source.file_config.get("quantization_config") or {}).get("quant_method", "unknown")
     if "quantization_config" in source.file_config and (source.fp8_block is None or method != "fp8") and not mxfp4:
         raise ValueError(
             f"{source.dir} is already quantized (quant_method {method!r}); BitsMoE starts from the original weights, "
