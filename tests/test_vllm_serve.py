@@ -169,10 +169,10 @@ def test_fp8_linear_weights_kept_as_stored_serve_through_vllms_fp8_method(
 ):
     """Format version 3, the default for an fp8 source: vLLM's own fp8 method runs the weights outside the experts as
     stored (on CPU: W8A16 on AMX tiles, bf16 activations), and the model matches the dequantized one in bf16 within
-    bf16's own error. On the reference MLA backend: vLLM's AMX MLA re-quantizes an fp8 kv_b_proj to one scale for
-    the whole tensor, as it does for the original checkpoint (measured here: 0.16 off the dequantized model in bf16,
-    against 0.016 on the reference backend; bf16's own error 0.03). Where vLLM's CPU build has no fp8 linear kernel
-    (no AMX) the checkpoint is refused at load, with the fix."""
+    bf16's own error. It runs on the reference MLA backend (CPU_MLA): vLLM's AMX MLA re-quantizes an fp8 kv_b_proj to
+    one scale for the whole tensor, as it does for the original checkpoint (measured here: 0.16 off the dequantized
+    model in bf16, against 0.016 on the reference backend; bf16's own error 0.03). Where vLLM's CPU build has no fp8
+    linear kernel (no AMX) the checkpoint is refused at load, with the fix."""
     from vllm.model_executor.kernels.linear.scaled_mm.cpu import CPUFp8BlockScaledMMKernel
 
     fp8 = checkpoints("deepseek_v3")
