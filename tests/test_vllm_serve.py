@@ -358,7 +358,7 @@ MODULE = "model.layers.1.mlp.experts"
             "wrong shape",
             f"tensor '{MODULE}.5.down_proj.codes' in model-00002-of-00003.safetensors: expected torch.int32",
         ),
-        ("unknown format version", "quantization_config.format_version: unknown version 3"),
+        ("unknown format version", "quantization_config.format_version: unknown version 4"),
         ("not a BitsMoE checkpoint", "--quantization bitsmoe needs a BitsMoE checkpoint"),
         ("truncated shard", "model-00002-of-00003.safetensors ("),
         ("missing shard", "shard model-00002-of-00003.safetensors named in"),
@@ -376,7 +376,7 @@ def test_bad_checkpoints_are_refused_at_load(case, message, checkpoints, tmp_pat
         "wrong shape": (lambda: edited_copy(bitsmoe, tmp_path, shorten(f"{MODULE}.5.down_proj.codes")), []),
         "unknown format version": (
             lambda: edited_copy(
-                bitsmoe, tmp_path, edit_config=lambda c: c["quantization_config"].update(format_version=3)
+                bitsmoe, tmp_path, edit_config=lambda c: c["quantization_config"].update(format_version=4)
             ),
             [],
         ),
