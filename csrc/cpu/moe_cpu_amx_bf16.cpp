@@ -91,6 +91,18 @@ inline void store_tile(int i, float* out, int64_t stride) {
   }
 }
 
+// The first `rows` rows (at most 16) of tile i (float sums) at out, rows `stride` apart: a partial tile goes through
+// a buffer, so that nothing past the last row is written
+inline void store_rows(int i, float* out, int64_t stride, int64_t rows) {
+  if (rows >= kTile) {
+    store_tile(i, out, stride);
+    return;
+  }
+  alignas(64) float part[kTile * kTile];
+  store_tile(i, part, kTile);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * stride, part + r * kTile, 64);
+}
+
 // One of the part's blocks (moe_cpu_int.h, for_groups) and its first row in the part's rank rows, K
 struct Block {
   int b;
@@ -192,16 +204,7 @@ void one_token_tile(const CpuFactors& f, const std::vector<Block>& blocks, int64
       }
     }
   }
-  alignas(64) float part[kTile * kTile];
-  for (int c = 0; c < CC; ++c) {
-    float* out = acc + 16 * (t * f.tile_chunks + c0 + c);
-    if (n == kTile) {
-      store_tile(c, out, I);
-    } else {
-      store_tile(c, part, kTile);
-      for (int64_t r = 0; r < n; ++r) std::memcpy(out + r * I, part + r * kTile, 64);
-    }
-  }
+  for (int c = 0; c < CC; ++c) store_rows(c, acc + 16 * (t * f.tile_chunks + c0 + c), I, n);
 }
 
 // out [rows, 32] (rows at most 16 * NT, I apart) = NT tiles of 16 tokens' y (a, rows lda apart) times two column
@@ -223,19 +226,10 @@ inline void tile_products(const uint16_t* a, int64_t lda, const uint16_t* w, int
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  alignas(64) float part[2][kTile * kTile];
-  for (int i = 0; i < NT; ++i, rows -= kTile, out += kTile * I)
-    if (rows >= kTile) {
-      store_tile(2 * i, out, I);
-      store_tile(2 * i + 1, out + 16, I);
-    } else {
-      store_tile(2 * i, part[0], kTile);
-      store_tile(2 * i + 1, part[1], kTile);
-      for (int64_t r = 0; r < rows; ++r) {
-        std::memcpy(out + r * I, part[0] + r * kTile, 64);
-        std::memcpy(out + r * I + 16, part[1] + r * kTile, 64);
-      }
-    }
+  for (int i = 0; i < NT; ++i, rows -= kTile, out += kTile * I) {
+    store_rows(2 * i, out, I, rows);
+    store_rows(2 * i + 1, out + 16, I, rows);
+  }
 }
 
 // acc [n, I] = the part's rows of F^T z for every token of the expert
@@ -267,11 +261,12 @@ void project_part(const CpuFactors& f, int64_t e, const float* z, const Tokens& 
   float* zr = scratch<float, 2>(tk.n * K);          // z of the part's rows, [n, K], padding rows zero
   float* s = scratch<float, 3>(K);                  // one column group's scales of the part's rows, padding rows zero
   std::memset(a + tk.n * lda, 0, (tiles * kTile - tk.n) * lda * sizeof(uint16_t));
-  for (const Block& bl : blocks) {
-    const int rows = 4 * bl.n, padded = (rows + kStep - 1) / kStep * kStep;
-    for (int64_t k = 0; k < tc; ++k)
-      std::memset(w + (k * K + bl.k0 + rows) * 16, 0, (padded - rows) * 16 * sizeof(uint16_t));
-  }
+  if (tiles > 1)  // (one tile of tokens: one_token_tile lays out and pads w itself)
+    for (const Block& bl : blocks) {
+      const int rows = 4 * bl.n, padded = (rows + kStep - 1) / kStep * kStep;
+      for (int64_t k = 0; k < tc; ++k)
+        std::memset(w + (k * K + bl.k0 + rows) * 16, 0, (padded - rows) * 16 * sizeof(uint16_t));
+    }
   // token by token, so that each token's row of z and zr is read once (block by block re-read them: at 128 tokens an
   // expert the gathering and scaling of z took 35 % of the call's samples that way, 25 % this way)
   for (int64_t j = 0; j < tk.n; ++j) {
