@@ -7,7 +7,8 @@ Reports wall time and the optimality gap; writes JSON to benchmarks/results/.
 With --model (a checkpoint of Qwen3-30B-A3B's shape, e.g. benchmarks/work/qwen3-30b-a3b-l1 that
 bench_quantize_vs_gptq builds): bitsmoe-quantize's whole allocation stage (the choice of basis, then the
 allocation) for --layers such MoE layers, on synthetic costs of every kind the defaults measure (the identity
-basis one unit per rank row: 37.7M units at 48 layers), with its wall time and peak RSS.
+basis one unit per rank row: 37.7M units at 48 layers) saved a layer at a time in a run directory as
+bitsmoe-quantize saves its measured ones, with its wall time and peak RSS.
 
     .venv/bin/python benchmarks/bench_allocate.py --model benchmarks/work/qwen3-30b-a3b-l1 --layers 48
 """
@@ -29,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import describe  # noqa: E402
 from bitsmoe_vllm.offline.allocate import allocate  # noqa: E402
+from bitsmoe_vllm.offline.cost_files import CostFiles  # noqa: E402
 from bitsmoe_vllm.offline.plan import Options, make_plan  # noqa: E402
 from bitsmoe_vllm.offline.quantize import allocate_bits  # noqa: E402
 from bitsmoe_vllm.offline.rundir import RunDir  # noqa: E402
@@ -48,7 +50,7 @@ def qwen3_30b_instance(unit_rows: int, seed: int = 0):
     return loss, cost, 2.5 * 48 * 3 * 128 * 2048 * 768
 
 
-def synthetic_losses(units_per_expert: int, experts: int, seed: int) -> torch.Tensor:
+def synthetic_losses(units_per_expert: int, experts: int, seed: int | tuple[int, ...]) -> torch.Tensor:
     """[experts * units_per_expert, 7] losses at widths 0..8 shaped as qwen3_30b_instance's."""
     rng = np.random.default_rng(seed)
     relative = np.array([1.0, 0.36, 0.12, 0.035, 0.0095, 0.0006, 0.00004])
@@ -60,29 +62,38 @@ def synthetic_losses(units_per_expert: int, experts: int, seed: int) -> torch.Te
 
 
 def pipeline(model: Path, layers: int) -> dict:
-    """allocate_bits for `layers` MoE layers of model's shape, defaults (--bits 2.5, --basis-dtype auto)."""
+    """allocate_bits for `layers` MoE layers of model's shape, defaults (--bits 2.5, --basis-dtype auto), on
+    synthetic costs saved a layer at a time as bitsmoe-quantize saves its measured ones."""
     plan = make_plan(Options(model=str(model), out="", bits=2.5, calib=()))
     E, I, H = plan.num_experts, plan.intermediate_size, plan.hidden_size
     plan = dataclasses.replace(plan, moe_layers=tuple(range(layers)), total_weights=layers * 3 * E * I * H)
-    experts = layers * 3 * E
-    costs = {}
-    for seed, kind in enumerate(sorted({plan.with_basis(b).factor_kind for b in plan.basis_candidates()})):
-        per_expert = len(plan.with_basis("identity" if kind == "identity" else "int8").unit_cost)
-        costs[f"loss-{kind}"] = synthetic_losses(per_expert, experts, seed)
-        costs[f"nearest-{kind}"] = costs[f"loss-{kind}"] * 1.5
-        if kind == "shared":
-            for b in plan.basis_candidates():
-                if b != "identity":
-                    costs[f"basis_loss-{b}"] = costs[f"loss-{kind}"][:, 0] * 0.01
-    start = time.perf_counter()
+    kinds = sorted({plan.with_basis(b).factor_kind for b in plan.basis_candidates()})
+    units = dict.fromkeys((f"loss-{k}" for k in kinds), 0)
     with tempfile.TemporaryDirectory() as tmp:
-        final, _, stats = allocate_bits(plan, RunDir(Path(tmp) / "out", {}, False, False), costs)
+        run = RunDir(Path(tmp) / "out", {}, False, False)
+        for layer in range(layers):
+            costs = {"routed_tokens": torch.ones(E), "residual_energy": torch.ones((), dtype=torch.float64)}
+            for seed, kind in enumerate(kinds):
+                per_expert = len(plan.with_basis("identity" if kind == "identity" else "int8").unit_cost)
+                loss = costs[f"loss-{kind}"] = synthetic_losses(per_expert, 3 * E, (seed, layer))
+                costs[f"nearest-{kind}"] = loss * 1.5
+                units[f"loss-{kind}"] += len(loss)
+                if kind == "shared":
+                    for b in plan.basis_candidates():
+                        if b != "identity":
+                            costs[f"basis_loss-{b}"] = loss[:, 0] * 0.01
+            run.save(f"layer-{layer:05d}", costs)
+            del costs, loss
+        costs = CostFiles([run.path(f"layer-{layer:05d}") for layer in range(layers)])
+        start = time.perf_counter()
+        final, _, stats = allocate_bits(plan, run, costs)
+        seconds = time.perf_counter() - start
     return {
         "model": str(model),
         "layers": layers,
-        "units": {k: len(v) for k, v in costs.items() if k.startswith("loss-")},
+        "units": units,
         "basis": final.basis,
-        "wall_seconds": round(time.perf_counter() - start, 1),
+        "wall_seconds": round(seconds, 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "gap": stats["gap"],
         "mip_status": stats["mip_status"],

@@ -14,7 +14,7 @@ true optimality gap. Small problems are all core, and HiGHS solves them exactly.
 
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import highspy
 import numpy as np
@@ -39,6 +39,12 @@ class Allocation:
     seconds: float
 
 
+def as_rows(a: np.ndarray) -> np.ndarray:
+    """a [U, J] as float64, C-contiguous unless every row is the first (a broadcast view, kept as it is)."""
+    a = np.asarray(a, dtype=np.float64)
+    return a if a.strides[0] == 0 and a.strides[1] == a.itemsize else np.ascontiguousarray(a)
+
+
 def feasible_range(cost: np.ndarray) -> tuple[float, float]:
     """Cheapest and dearest total cost: every unit at its cheapest option, every unit at its dearest."""
     return float(cost.min(1).sum()), float(cost.max(1).sum())
@@ -50,18 +56,16 @@ def allocate(
     """loss, cost [U, J] float -> the allocation of least loss with sum of cost <= budget. cost may be a broadcast
     view (np.broadcast_to): units of one size share one row of costs."""
     start = time.perf_counter()
-    loss, cost = np.asarray(loss, dtype=np.float64), np.asarray(cost, dtype=np.float64)
+    loss, cost = as_rows(loss), as_rows(cost)
     low, high = feasible_range(cost)
     if not low <= budget + 1e-9 * max(1.0, abs(low)):
         raise ValueError(
             f"budget {budget:.6g} is below the cheapest allocation {low:.6g}; feasible range [{low:.6g}, {high:.6g}]"
         )
-    keep = undominated(loss, cost)
-    lp = lp_relaxation(loss, cost, keep, budget, core_steps)
+    lp = lp_relaxation(hull_steps(loss, cost), budget, core_steps)
     core = core_units(lp.near, core_steps, len(loss))
-    choice, status = solve_core(loss, cost, keep, budget, lp.choice, core, time_limit)
-    units = np.arange(len(loss))
-    total_loss, total_cost = float(loss[units, choice].sum()), float(cost[units, choice].sum())
+    choice, status = solve_core(loss, cost, budget, lp.choice, core, time_limit)
+    total_loss, total_cost = chosen_sum(loss, choice), chosen_sum(cost, choice)
     gap = (total_loss - lp.bound) / total_loss if total_loss > 0 else 0.0
     return Allocation(
         choice, total_loss, total_cost, lp.bound, max(gap, 0.0), int(core.sum()), status, time.perf_counter() - start
@@ -89,10 +93,14 @@ def allocate_in_parts(loss: np.ndarray, cost: np.ndarray, budget: float, parts: 
 
 def lp_bound(loss: np.ndarray, cost: np.ndarray, budget: float) -> float:
     """The LP relaxation's optimum: no allocation within the budget has less loss (inf when none fits)."""
-    loss, cost = np.asarray(loss, dtype=np.float64), np.asarray(cost, dtype=np.float64)
-    if feasible_range(cost)[0] > budget + 1e-9 * max(1.0, abs(budget)):
+    return bound_of(hull_steps(as_rows(loss), as_rows(cost)), budget)
+
+
+def bound_of(steps: "Steps", budget: float) -> float:
+    """lp_bound over the units of steps (whose hulls may serve several budgets, or subsets of their units)."""
+    if feasible_range(steps.cost)[0] > budget + 1e-9 * max(1.0, abs(budget)):
         return float("inf")
-    return lp_relaxation(loss, cost, undominated(loss, cost), budget, 0).bound
+    return lp_relaxation(steps, budget, 0).bound
 
 
 def undominated(loss: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -109,123 +117,176 @@ def undominated(loss: np.ndarray, cost: np.ndarray) -> np.ndarray:
     return keep
 
 
-class Steps(NamedTuple):
-    """Every unit's convex-hull steps, units in order and each unit's steps in order: unit u's steps are start[u] to
-    start[u + 1] - 1; step i moves its unit to option to[i], saving eff[i] loss per bit over dc[i] bits."""
+def chosen_sum(a: np.ndarray, choice: np.ndarray, units: np.ndarray | None = None) -> float:
+    """sum of a[u, choice[u]] over the units u (where units [U] is true, if given), a chunk of units at a time: no
+    [U] array beside them (0.3 GB for Qwen3-30B-A3B's identity basis)."""
+    total = 0.0
+    for s in range(0, len(a), CHUNK_UNITS):
+        picked = np.take_along_axis(a[s : s + CHUNK_UNITS], choice[s : s + CHUNK_UNITS, None].astype(np.intp), 1)
+        total += float(picked[:, 0].sum() if units is None else picked[units[s : s + CHUNK_UNITS], 0].sum())
+    return total
 
-    start: np.ndarray  # [U + 1]
-    eff: np.ndarray
-    dc: np.ndarray
-    to: np.ndarray
+
+@dataclass(frozen=True)
+class Steps:
+    """Every unit's convex-hull steps from its cheapest undominated option base[u]: unit u's steps are start[u] to
+    start[u + 1] - 1, units in order and each unit's steps in order of falling efficiency; step i moves its unit to
+    option to[i]. A step's efficiency (loss saved per bit) and cost are computed again from loss and cost when read
+    (`at`, `chunks`), the same floats as when the hull was built: 6 bytes a unit and 1 a step are held (Qwen3-30B-A3B's
+    identity basis has ~2 x 10^8 steps, which took 3.8 GB as floats)."""
+
+    loss: np.ndarray  # [U, J]
+    cost: np.ndarray  # [U, J]
+    base: np.ndarray  # [U] int8
+    start: np.ndarray  # [U + 1] int32 (int64 past 2^31 steps)
+    to: np.ndarray  # [steps] int8
+
+    def __len__(self) -> int:
+        return int(self.start[-1])
 
     def unit_of(self, i: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.start, i, side="right") - 1
+        # i in start's dtype: numpy would otherwise convert all of start to i's for every search
+        return np.searchsorted(self.start, np.asarray(i).astype(self.start.dtype, copy=False), side="right") - 1
+
+    def at(self, i: np.ndarray, units: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Efficiency and cost in bits [n] of steps i [n] (of units `units`, if known)."""
+        dl, dc = self.deltas(i, units)
+        return dl / dc, dc
+
+    def deltas(self, i: np.ndarray, units: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Loss saved and bits added [n] by steps i [n]."""
+        u = self.unit_of(i) if units is None else units
+        first = i == self.start[u]
+        was = np.where(first, self.base[u], self.to[np.where(first, 0, i - 1)]).astype(np.intp)
+        to = self.to[i].astype(np.intp)
+        return _pick(self.loss, u, was) - _pick(self.loss, u, to), _pick(self.cost, u, to) - _pick(self.cost, u, was)
+
+    def subset(self, units: np.ndarray) -> "Steps":
+        """The steps of the units where units [U] (bool) is true: a unit's hull is its own."""
+        if units.all():
+            return self
+        counts = np.diff(self.start)
+        start = np.zeros(int(units.sum()) + 1, dtype=self.start.dtype)
+        np.cumsum(counts[units], out=start[1:])
+        steps = np.repeat(units, counts)
+        return Steps(_rows(self.loss, units), _rows(self.cost, units), self.base[units], start, self.to[steps])
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """(first step, units, efficiencies, costs) of CHUNK_UNITS steps at a time, in order."""
+        for s in range(0, len(self), CHUNK_UNITS):
+            e = min(s + CHUNK_UNITS, len(self))
+            u0, u1 = self.unit_of(np.array([s, e - 1]))
+            units = np.repeat(np.arange(u0, u1 + 1), np.diff(np.clip(self.start[u0 : u1 + 2], s, e)))
+            yield s, units, *self.at(np.arange(s, e), units)
 
 
-class LP(NamedTuple):
-    choice: np.ndarray  # [U] the LP solution with its fractional step rounded down
-    bound: float  # the LP optimum
-    near: np.ndarray  # units of the hull steps within core_steps positions of the first step that does not fit
+def _pick(a: np.ndarray, u: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """a[u, j] for a C-contiguous a, or one whose rows are all its first (a broadcast view): flat gathers, several
+    times faster than numpy's two-index gather."""
+    if a.strides[0] == 0:
+        return a[0].take(j)
+    return a.reshape(-1).take(u * a.shape[1] + j)
 
 
-def hull_steps(loss: np.ndarray, cost: np.ndarray, keep: np.ndarray, base: np.ndarray) -> Steps:
-    """The hull steps of every unit from its cheapest undominated option base [U], a chunk of units at a time, each
-    step in 17 bytes (a big model has ~10^8; each unit's place is in start, 8 bytes a unit)."""
-    counts, parts = [], []
-    for s in range(0, len(loss), CHUNK_UNITS):
-        e = s + CHUNK_UNITS
-        count, *fields = _hull_steps(loss[s:e], cost[s:e], keep[s:e], base[s:e])
-        counts.append(count)
-        parts.append([a.astype(t, copy=False) for a, t in zip(fields, (np.float64, np.float64, np.int8))])
-    fields = []
-    for f in range(3):  # a field at a time, the chunks' copies dropped as it is built
-        fields.append(np.concatenate([p[f] for p in parts]))
-        for p in parts:
-            p[f] = None
-    return Steps(np.r_[0, np.cumsum(np.concatenate(counts))], *fields)
+def _rows(a: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """a[units], a broadcast view kept as one."""
+    return np.broadcast_to(a[0], (int(units.sum()), a.shape[1])) if a.strides[0] == 0 else a[units]
 
 
-def _hull_steps(loss, cost, keep, base) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """[U] steps per unit, then eff, dc, to of the steps, units in order and each unit's steps in order."""
+def hull_steps(loss: np.ndarray, cost: np.ndarray) -> Steps:
+    """The hull steps of every unit, from its undominated options, a chunk of units at a time (loss and cost as
+    as_rows gives them)."""
+    U, J = loss.shape
+    if J > 128:
+        raise ValueError(f"{J} options per unit: the hull steps count options in int8")
+    # written in place, no chunk's part kept: small arrays that outlive the chunks' temporaries fragment the heap
+    # (48 Qwen3-shaped layers' hulls: 0.5 GB more RSS); pages past the last step are never touched
+    base, counts, to = np.empty(U, dtype=np.int8), np.empty(U, dtype=np.int8), np.empty(U * (J - 1), dtype=np.int8)
+    n = 0
+    for s in range(0, U, CHUNK_UNITS):
+        l, c = loss[s : s + CHUNK_UNITS], cost[s : s + CHUNK_UNITS]
+        keep = undominated(l, c)
+        base[s : s + CHUNK_UNITS] = chunk_base = np.where(keep, c, np.inf).argmin(1)
+        count, chunk_to = _hull_steps(l, c, keep, chunk_base)
+        counts[s : s + CHUNK_UNITS], to[n : n + len(chunk_to)] = count, chunk_to
+        n += len(chunk_to)
+    start = np.zeros(U + 1, dtype=np.int32 if U * (J - 1) < 2**31 else np.int64)
+    np.cumsum(counts, out=start[1:])
+    return Steps(loss, cost, base, start, to[:n])
+
+
+def _hull_steps(loss, cost, keep, base) -> tuple[np.ndarray, np.ndarray]:
+    """[U] steps per unit, then the option each step moves to, units in order and each unit's steps in order."""
     U = len(loss)
     units = np.arange(U)
     big = np.inf
     current = base
-    unit_list, eff_list, dc_list, to_list = [], [], [], []
+    unit_list, to_list = [], []
     for _ in range(loss.shape[1]):  # at most J - 1 hull steps per unit; each round appends every unit's next step
         dc = np.where(keep, cost - cost[units, current][:, None], big)
         dl = loss[units, current][:, None] - loss  # loss saved
         eff = np.where((dc > 0) & (dc < big) & (dl > 0), dl / np.where(dc > 0, dc, 1), -1.0)
-        nxt = eff.argmax(1)
-        best = eff[units, nxt]
+        best = eff[units, eff.argmax(1)]
         # among equally efficient options take the farthest, so hull steps stay strictly less efficient
         far = np.where(eff == best[:, None], cost, -big).argmax(1)
         moving = np.flatnonzero(best > 0)
         if not len(moving):
             break
-        target = far[moving]
         unit_list.append(moving)
-        eff_list.append(best[moving])
-        dc_list.append(cost[moving, target] - cost[moving, current[moving]])
-        to_list.append(target)
+        to_list.append(far[moving])
         current = current.copy()
-        current[moving] = target
+        current[moving] = far[moving]
     if not unit_list:
-        return np.zeros(U, dtype=np.int64), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int8)
+        return np.zeros(U, dtype=np.int64), np.zeros(0, dtype=np.int64)
     unit = np.concatenate(unit_list)
     by_unit = np.argsort(unit, kind="stable")  # the rounds' order kept: each unit's steps in order
-    return (np.bincount(unit, minlength=U), *(np.concatenate(a)[by_unit] for a in (eff_list, dc_list, to_list)))
-
-
-def cheapest(cost: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """[U]: each unit's cheapest undominated option."""
-    return np.concatenate(
-        [
-            np.where(keep[s : s + CHUNK_UNITS], cost[s : s + CHUNK_UNITS], np.inf).argmin(1)
-            for s in range(0, len(cost), CHUNK_UNITS)
-        ]
-    )
+    return np.bincount(unit, minlength=U), np.concatenate(to_list)[by_unit]
 
 
 class Band(NamedTuple):
     """The hull steps around the LP's threshold in efficiency order: `before` steps, of total cost `spent`, come
-    first (every step more efficient than `above`), then `ranked` (indices into the steps), of which the first
-    `fit` fit the budget after them."""
+    first (every step more efficient than `above`), then `ranked` (indices into the steps, of costs `dc`), of which
+    the first `fit` fit the budget after them."""
 
     before: int
     spent: float
     above: float
     ranked: np.ndarray
+    dc: np.ndarray
     fit: int
 
 
-def around_threshold(eff: np.ndarray, dc: np.ndarray, limit: float, core_steps: int) -> Band:
+def around_threshold(steps: Steps, limit: float, core_steps: int) -> Band:
     """The steps in order of efficiency (descending; ties in unit and step order) around the first whose cumulative
     cost exceeds `limit`, with core_steps positions on either side of it (or to the ends). Sorting every step costs
     two index arrays as large as the steps (Qwen3-30B-A3B's identity basis: 3.6 GB); past 4 SAMPLE steps only those
     between two efficiencies read off a sample are sorted, after one pass that sums the steps above them."""
-    if len(eff) <= 4 * SAMPLE:
+    n = len(steps)
+    if n <= 4 * SAMPLE:
+        eff, dc = steps.at(np.arange(n))
         ranked = np.argsort(-eff, kind="stable")
-        return Band(0, 0.0, np.inf, ranked, _fit(0.0, dc[ranked], limit))
-    stride = len(eff) // SAMPLE
-    order = np.argsort(-eff[::stride], kind="stable")
-    sample, estimate = eff[::stride][order], np.cumsum(dc[::stride][order]) * stride
+        return Band(0, 0.0, np.inf, ranked, dc[ranked], _fit(0.0, dc[ranked], limit))
+    stride = n // SAMPLE
+    eff, dc = steps.at(np.arange(0, n, stride))
+    order = np.argsort(-eff, kind="stable")
+    sample, estimate = eff[order], np.cumsum(dc[order]) * stride
     at = int(np.searchsorted(estimate, limit, side="right"))
     margin = core_steps // stride + 64  # in sampled steps
     while True:
         above = sample[at - margin] if at - margin >= 0 else np.inf
         below = sample[at + margin] if at + margin < len(sample) else -np.inf
         before, spent, band = 0, 0.0, []
-        for s in range(0, len(eff), CHUNK_UNITS):
-            e = eff[s : s + CHUNK_UNITS]
+        for s, _, e, d in steps.chunks():
             higher = e > above
-            before, spent = before + int(higher.sum()), spent + float(dc[s : s + CHUNK_UNITS][higher].sum())
+            before, spent = before + int(higher.sum()), spent + float(d[higher].sum())
             band.append(np.flatnonzero(~higher & (e > below)) + s)
         band = np.concatenate(band)
-        ranked = band[np.argsort(-eff[band], kind="stable")]
-        j = _fit(spent, dc[ranked], limit)
+        eff, dc = steps.at(band)
+        order = np.argsort(-eff, kind="stable")
+        ranked, dc = band[order], dc[order]
+        j = _fit(spent, dc, limit)
         if spent <= limit and (before == 0 or j >= core_steps) and (below == -np.inf or len(ranked) - j > core_steps):
-            return Band(before, spent, above, ranked, j)
+            return Band(before, spent, above, ranked, dc, j)
         margin *= 4
 
 
@@ -234,41 +295,46 @@ def _fit(spent: float, dc: np.ndarray, limit: float) -> int:
     return int(np.searchsorted(spent + np.cumsum(dc), limit, side="right"))
 
 
-def lp_relaxation(loss, cost, keep, budget, core_steps: int) -> LP:
+class LP(NamedTuple):
+    choice: np.ndarray  # [U] int8: the LP solution with its fractional step rounded down
+    bound: float  # the LP optimum
+    near: np.ndarray  # units of the hull steps within core_steps positions of the first step that does not fit
+
+
+def lp_relaxation(steps: Steps, budget: float, core_steps: int) -> LP:
     """The exact LP optimum by the greedy over convex-hull steps, taken in order of efficiency (descending; ties by
     unit, then step) while they fit."""
-    units = np.arange(len(loss))
-    base = cheapest(cost, keep)
-    steps = hull_steps(loss, cost, keep, base)
-    room = budget - cost[units, base].sum()
+    loss, cost = steps.loss, steps.cost
+    room = budget - chosen_sum(cost, steps.base)
     limit = room + 1e-9 * max(1.0, abs(budget))
-    band = around_threshold(steps.eff, steps.dc, limit, core_steps)
+    band = around_threshold(steps, limit, core_steps)
     ranked, j = band.ranked, band.fit
-    taken = steps.eff > band.above
-    taken[ranked[:j]] = True
-    counts = taken_per_unit(taken, steps.start)  # each unit's steps taken are the first of its steps
-    del taken
-    moved = np.flatnonzero(counts)
-    choice = base.copy()
-    choice[moved] = steps.to[steps.start[moved] + counts[moved] - 1]
-    bound = loss[units, choice].sum()
+    # each unit's taken steps are its first (their efficiencies fall): those above the band, then the band's first j
+    counts = taken_per_unit(steps, band.above)
+    np.add.at(counts, steps.unit_of(ranked[:j]), 1)
+    choice = steps.base.copy()
+    for s in range(0, len(choice), CHUNK_UNITS):  # a unit at its last step taken
+        moved = np.flatnonzero(counts[s : s + CHUNK_UNITS]) + s
+        choice[moved] = steps.to[steps.start[moved] + counts[moved] - 1]
+    del counts
+    bound = chosen_sum(loss, choice)
     if j < len(ranked):
-        spare = room - (band.spent + steps.dc[ranked[:j]].sum())
-        t = ranked[j]
-        u, to = steps.unit_of(t), steps.to[t]
-        was = steps.to[t - 1] if t > steps.start[u] else base[u]  # the unit's option before this step
-        bound -= (loss[u, was] - loss[u, to]) * spare / steps.dc[t]
+        spare = room - (band.spent + band.dc[:j].sum())
+        (dl,), (dc,) = steps.deltas(ranked[j : j + 1])
+        bound -= dl * spare / dc
     near = steps.unit_of(ranked[max(j - core_steps, 0) : j + core_steps])
     return LP(choice, float(bound), near)
 
 
-def taken_per_unit(taken: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """[U]: how many of each unit's steps (start [U + 1]) are marked in taken, a chunk of units at a time."""
-    counts = np.empty(len(start) - 1, dtype=np.int64)
-    for s in range(0, len(counts), CHUNK_UNITS):
-        e = min(s + CHUNK_UNITS, len(counts))
-        running = np.r_[0, np.cumsum(taken[start[s] : start[e]])]
-        counts[s:e] = running[start[s + 1 : e + 1] - start[s]] - running[start[s:e] - start[s]]
+def taken_per_unit(steps: Steps, above: float) -> np.ndarray:
+    """[U] int8: how many of each unit's steps are more efficient than `above`, a chunk of steps at a time."""
+    counts = np.zeros(len(steps.start) - 1, dtype=np.int8)
+    if above == np.inf:
+        return counts
+    for _, units, eff, _ in steps.chunks():
+        taken = units[eff > above]
+        if len(taken):
+            counts[taken[0] : taken[-1] + 1] += np.bincount(taken - taken[0]).astype(np.int8)
     return counts
 
 
@@ -282,15 +348,14 @@ def core_units(near: np.ndarray, core_steps: int, U: int) -> np.ndarray:
     return core
 
 
-def solve_core(loss, cost, keep, budget, lp_choice, core, time_limit) -> tuple[np.ndarray, str]:
-    """HiGHS MIP over the core units' undominated options; other units keep lp_choice."""
-    units = np.arange(len(loss))
+def solve_core(loss, cost, budget, lp_choice, core, time_limit) -> tuple[np.ndarray, str]:
+    """[U] int64: HiGHS MIP over the core units' undominated options; other units keep lp_choice."""
     core_idx = np.flatnonzero(core)
-    choice = lp_choice.copy()
+    choice = lp_choice.astype(np.int64)
     if not len(core_idx):
         return choice, "no core"
-    fixed_cost = cost[units[~core], lp_choice[~core]].sum()
-    u_of, j_of = np.nonzero(keep[core_idx])  # variables: (position in core, option)
+    fixed_cost = chosen_sum(cost, lp_choice, ~core)
+    u_of, j_of = np.nonzero(undominated(loss[core_idx], cost[core_idx]))  # variables: (position in core, option)
     c, l = cost[core_idx[u_of], j_of], loss[core_idx[u_of], j_of]
     scale_c = max(float(c.max()), 1e-30)
     scale_l = max(float(l.max()), 1e-30)

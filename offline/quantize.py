@@ -21,6 +21,7 @@ from bitsmoe_vllm.reference import gather_layer, moe_forward
 from . import guard, selection
 from .allocate import allocate_in_parts
 from .calibrate import Routed, embed, read_texts, token_sequences, walk_layers
+from .cost_files import CostFiles
 from .decompose import decompose
 from .encode import encode_layer
 from .export import copied_tensors, copy_side_files, shard_files, write_config, write_index, write_shard
@@ -54,14 +55,11 @@ def quantize(options: Options) -> Path:
     pool = Workers(options, run, options.workers) if options.workers > 1 else None
     try:
         with timer("calibrate_and_cost"):
-            # {name: [U, J] or [U]}, [L, E], [L]
+            # the layers' cost files, [L, E], [L]
             costs, routed_tokens, energy = calibrate_and_cost(plan, run, tokens, held, pool)
         with timer("allocate"):
             plan, choice, stats = allocate_bits(plan, run, costs)
-            # each unit's loss at its width, for the report; the costs not held through the export (a big model's
-            # are GBs: 4.2 for Qwen3-30B-A3B's identity basis)
-            losses = costs[f"loss-{plan.factor_kind}"].gather(1, choice[:, None])[:, 0]
-            del costs
+            losses = costs.chosen(f"loss-{plan.factor_kind}", choice)  # each unit's loss at its width, for the report
         with timer("export"):
             files = export_shards(plan, run, row_bits(plan, choice), tokens, held, pool)
     finally:
@@ -134,11 +132,8 @@ def calibrate_and_cost(
                 del walked, calib, held_out
             if pool:
                 pool.wait("cost")
-    saved = [run.load(f"layer-{i:05d}")[0] for i in plan.moe_layers]
-    # a kind at a time, each layer's part dropped as it is copied: a big model's costs are GBs
-    kinds = [k for k in saved[0] if k.startswith(("loss-", "nearest-", "basis_loss-"))]
-    costs = {k: torch.cat([s.pop(k) for s in saved]) for k in kinds}
-    return costs, torch.stack([s["routed_tokens"] for s in saved]), torch.stack([s["residual_energy"] for s in saved])
+    costs = CostFiles([run.path(f"layer-{i:05d}") for i in plan.moe_layers])
+    return costs, costs.stacked("routed_tokens"), costs.stacked("residual_energy")
 
 
 def cost_layer(plan: Plan, run: RunDir, i: int, calib_tokens: int, walked: dict | None = None) -> None:
@@ -207,19 +202,21 @@ def expert_weights(plan: Plan, layer: int, device: torch.device) -> dict[str, to
     return weights
 
 
-def allocate_bits(plan: Plan, run: RunDir, costs: dict[str, torch.Tensor]) -> tuple[Plan, torch.Tensor, dict]:
+def allocate_bits(plan: Plan, run: RunDir, costs: CostFiles) -> tuple[Plan, torch.Tensor, dict]:
     """The plan at its final basis and rank; the chosen option (index into plan.widths) of every unit of that
     basis's cost measurement [U] (units past the rank at width 0); and the solver's statistics."""
     saved = run.load("allocation")
     if saved is None:
         full, choice_info = selection.choose(plan, costs)
-        losses, rank = costs[f"loss-{full.factor_kind}"], choice_info["rank"]
+        rank = choice_info["rank"]
         kept = selection.kept_units(full, rank)
         final = full.with_rank(rank)
-        loss, cost = (selection.masked(t, kept).numpy() for t in (losses, selection.unit_costs_of(full)))
+        loss = selection.masked(costs[f"loss-{full.factor_kind}"], kept).numpy()
+        cost = selection.masked(selection.unit_costs_of(full), kept).numpy()
         parts = 1 if plan.options.allocation == "global" else len(plan.moe_layers)
         result = allocate_in_parts(loss, cost, final.budget_bits, parts)
-        choice = torch.zeros(len(losses), dtype=torch.long)  # plan.widths starts at 0 whenever rows are dropped
+        del loss, cost
+        choice = torch.zeros(len(kept), dtype=torch.long)  # plan.widths starts at 0 whenever rows are dropped
         choice[kept] = torch.from_numpy(result.choice)
         stats = {k: v for k, v in dataclasses.asdict(result).items() if k != "choice"}
         stats |= {

@@ -69,7 +69,10 @@ class RunDir:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
     def has(self, name: str) -> bool:
-        return (self.work / f"{name}.safetensors").is_file()
+        return self.path(name).is_file()
+
+    def path(self, name: str) -> Path:
+        return self.work / f"{name}.safetensors"
 
     def remove(self, name: str) -> None:
         (self.work / f"{name}.safetensors").unlink(missing_ok=True)

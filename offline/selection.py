@@ -7,15 +7,19 @@ import torch
 
 from bitsmoe_vllm.format import PROJECTIONS
 
-from .allocate import lp_bound
+from .allocate import Steps, as_rows, bound_of, hull_steps
+from .cost_files import CostFiles
 from .plan import Plan
 
 
 def unit_costs_of(plan: Plan) -> torch.Tensor:
-    """[U, J] bits of every unit of every layer, projection and expert, per width; a view when every unit of an
-    expert costs the same (the identity basis's 37.7M units of Qwen3-30B-A3B would be 2 GB)."""
+    """[U, J] bits of every unit of every layer, projection and expert, per width; a view when every unit costs the
+    same (the identity basis's 37.7M units of Qwen3-30B-A3B would be 2.1 GB)."""
     n = len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts
-    return plan.unit_cost[None].expand(n, *plan.unit_cost.shape).reshape(-1, plan.unit_cost.shape[1])
+    per_expert = plan.unit_cost
+    if bool((per_expert == per_expert[:1]).all()):
+        return per_expert[:1].expand(n * len(per_expert), per_expert.shape[1])
+    return per_expert[None].expand(n, *per_expert.shape).reshape(-1, per_expert.shape[1])
 
 
 def masked(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -25,62 +29,80 @@ def masked(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def kept_units(plan: Plan, rank: int) -> torch.Tensor:
     """[U] bool: the units (of plan's rank) whose rows lie below `rank`."""
-    per_expert = len(plan.unit_cost)
-    first_row = (
-        torch.arange(per_expert * len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts)
-        % per_expert
-        * plan.unit_rows
-    )
-    return first_row < rank
+    per_expert = torch.arange(len(plan.unit_cost)) * plan.unit_rows < rank
+    return per_expert.repeat(len(plan.moe_layers) * len(PROJECTIONS) * plan.num_experts)
 
 
-def dropped_loss(costs: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+def dropped_loss(costs: CostFiles, kind: str) -> torch.Tensor:
     """[U]: the whole loss of each unit, what it costs past the rank (width 0, the first of plan.widths whenever rows
     are dropped). Rounded to nearest: rows past the rank are not in the basis the error feedback works in."""
-    return costs.get(f"nearest-{kind}", costs[f"loss-{kind}"])[:, 0]
+    return costs.column(f"nearest-{kind}" if f"nearest-{kind}" in costs else f"loss-{kind}", 0)
 
 
-def estimated_loss(
-    plan: Plan, losses: torch.Tensor, dropped: torch.Tensor, basis_loss: torch.Tensor | None, rank: int
-) -> float:
-    """The least loss an allocation at `rank` can have: the LP bound over the kept units, plus the energy of the
-    dropped rows and the basis's rounding loss over the kept ones."""
+def fixed_loss(plan: Plan, dropped: torch.Tensor, basis_loss: torch.Tensor | None, rank: int) -> tuple[float, float]:
+    """What an allocation at `rank` loses whatever it chooses: the energy of the dropped rows, and the basis's rounding
+    loss over the kept ones."""
     units = kept_units(plan, rank)
-    bound = lp_bound(
-        masked(losses, units).numpy(), masked(unit_costs_of(plan), units).numpy(), plan.with_rank(rank).budget_bits
+    return float(dropped[~units].sum()), float(basis_loss[units].sum()) if basis_loss is not None else 0.0
+
+
+def estimated_loss(plan: Plan, steps: Steps, fixed: tuple[float, float], rank: int) -> float:
+    """The least loss an allocation at `rank` can have: the LP bound over the kept units (steps: the hulls of every
+    unit at full rank), plus its fixed loss."""
+    return (
+        bound_of(steps.subset(kept_units(plan, rank).numpy()), plan.with_rank(rank).budget_bits) + fixed[0] + fixed[1]
     )
-    rounding = float(basis_loss[units].sum()) if basis_loss is not None else 0.0
-    return bound + float(dropped[~units].sum()) + rounding
 
 
-def choose(plan: Plan, costs: dict[str, torch.Tensor]) -> tuple[Plan, dict]:
+def choose(plan: Plan, costs: CostFiles) -> tuple[Plan, dict]:
     """The plan at the chosen basis (full rank: its units are those of the costs) and what the choice saw:
-    {"basis", "rank", "estimated_loss": {basis: least over its ranks}, "rank_estimates": {rank: loss} of the chosen}."""
+    {"basis", "rank", "estimated_loss": {basis: least over its ranks}, "rank_estimates": {rank: loss} of the chosen}.
+    The bases that share a kind of costs (the shared int8 and fp16 bases) share its units' hulls, which serve every
+    rank; one kind of costs is held at a time."""
+    candidates = plan.basis_candidates()
+    by_kind: dict[str, list[Plan]] = {}
+    for basis in candidates:
+        by_kind.setdefault(plan.with_basis(basis).factor_kind, []).append(plan.with_basis(basis))
     best, estimates, compared = {}, {}, {}
-    for basis in plan.basis_candidates():
-        candidate = plan.with_basis(basis)
-        kind = candidate.factor_kind
-        losses, dropped, basis_loss = costs[f"loss-{kind}"], dropped_loss(costs, kind), costs.get(f"basis_loss-{basis}")
-        by_rank = {
-            rank: estimated_loss(candidate, losses, dropped, basis_loss, rank) for rank in candidate.rank_candidates()
-        }
-        best[basis] = min(by_rank, key=lambda r: (by_rank[r], r))
-        estimates[basis] = by_rank
+    for kind, bases in by_kind.items():
+        fixed, dropped = {}, dropped_loss(costs, kind)
+        for candidate in bases:
+            name = f"basis_loss-{candidate.basis}"
+            basis_loss = costs[name] if name in costs else None
+            fixed[candidate.basis] = {
+                r: fixed_loss(candidate, dropped, basis_loss, r) for r in candidate.rank_candidates()
+            }
+        del dropped
+        steps = hulls(costs, f"loss-{kind}", bases)
+        for candidate in bases:
+            by_rank = {r: estimated_loss(candidate, steps, f, r) for r, f in fixed[candidate.basis].items()}
+            best[candidate.basis] = min(by_rank, key=lambda r: (by_rank[r], r))
+            estimates[candidate.basis] = by_rank
+        del steps
         # The bases are compared rounded to nearest: the error feedback's share (offline.gptq.compensation) bounds
         # what it saves far more loosely for the identity's correlated channels than for a shared basis's rows (on
         # the trained MoE at 2.5 bits it rated the identity 1.6x below int8; measured, its error was 2x above).
-        nearest = costs.get(f"nearest-{kind}")
-        compared[basis] = (
-            by_rank[best[basis]]
-            if nearest is None
-            else estimated_loss(candidate, nearest, dropped, basis_loss, best[basis])
-        )
-    basis = min(best, key=lambda b: compared[b])
+        steps = hulls(costs, f"nearest-{kind}", bases) if f"nearest-{kind}" in costs else None
+        for candidate in bases:
+            b, rank = candidate.basis, best[candidate.basis]
+            compared[b] = (
+                estimates[b][rank] if steps is None else estimated_loss(candidate, steps, fixed[b][rank], rank)
+            )
+        del steps
+    basis = min(candidates, key=lambda b: compared[b])
     info = {
         "basis": basis,
         "rank": best[basis],
-        "estimated_loss": {b: estimates[b][best[b]] for b in best},
-        "estimated_loss_nearest": compared,
+        "estimated_loss": {b: estimates[b][best[b]] for b in candidates},
+        "estimated_loss_nearest": {b: compared[b] for b in candidates},
         "rank_estimates": {str(r): v for r, v in estimates[basis].items()},
     }
     return plan.with_basis(basis), info
+
+
+def hulls(costs: CostFiles, name: str, bases: list[Plan]) -> Steps:
+    """The hull steps of every unit of the costs `name`, at full rank, for bases whose units cost the same."""
+    unit_cost = bases[0].unit_cost
+    if any(not torch.equal(b.unit_cost, unit_cost) for b in bases):
+        raise ValueError(f"bases {[b.basis for b in bases]} share the costs {name} but not their units' bits")
+    return hull_steps(as_rows(costs[name].numpy()), as_rows(unit_costs_of(bases[0]).numpy()))

@@ -64,11 +64,19 @@ def test_sorting_only_the_steps_around_the_threshold_changes_nothing(monkeypatch
 
 
 def test_taken_steps_are_counted_per_unit_across_chunks_and_empty_units(monkeypatch):
-    monkeypatch.setattr(allocate_module, "CHUNK_UNITS", 3)  # chunk edges inside and between units' steps
+    """The hull keeps one byte a step and computes its efficiencies again in chunks of steps: the same as each
+    unit's steps read one at a time, with chunk edges inside and between units' steps."""
+    monkeypatch.setattr(allocate_module, "CHUNK_UNITS", 3)
     rng = np.random.default_rng(0)
-    per_unit = rng.integers(0, 4, 20)  # some units without steps, the first and last included
-    per_unit[0] = per_unit[-1] = 0
-    start = np.r_[0, np.cumsum(per_unit)]
-    taken = rng.random(start[-1]) < 0.5
-    counts = allocate_module.taken_per_unit(taken, start)
-    assert counts.tolist() == [int(taken[start[u] : start[u + 1]].sum()) for u in range(len(per_unit))]
+    loss = np.sort(rng.lognormal(0, 1, (20, 5)), 1)[:, ::-1].copy()
+    loss[[0, 7, 19]] = 1.0  # units without steps, the first and last included
+    cost = np.broadcast_to(np.array([0.0, 1, 2, 4, 8]), loss.shape)
+    steps = allocate_module.hull_steps(loss, cost)
+    per_step = [steps.at(np.array([i]))[0][0] for i in range(len(steps))]
+    above = float(np.median(per_step))
+    counts = allocate_module.taken_per_unit(steps, above)
+    expected = [sum(per_step[i] > above for i in range(steps.start[u], steps.start[u + 1])) for u in range(20)]
+    assert counts.tolist() == expected and counts[[0, 7, 19]].tolist() == [0, 0, 0]
+    assert 0 < sum(expected) < len(steps)
+    chunked = np.concatenate([eff for _, _, eff, _ in steps.chunks()])
+    assert chunked.tolist() == per_step
