@@ -46,8 +46,10 @@ def as_rows(a: np.ndarray) -> np.ndarray:
 
 
 def feasible_range(cost: np.ndarray) -> tuple[float, float]:
-    """Cheapest and dearest total cost: every unit at its cheapest option, every unit at its dearest."""
-    return float(cost.min(1).sum()), float(cost.max(1).sum())
+    """Cheapest and dearest total cost: every unit at its cheapest option, every unit at its dearest (a chunk of
+    units at a time)."""
+    chunks = [cost[s : s + CHUNK_UNITS] for s in range(0, len(cost), CHUNK_UNITS)]
+    return sum(float(c.min(1).sum()) for c in chunks), sum(float(c.max(1).sum()) for c in chunks)
 
 
 def allocate(
@@ -93,7 +95,7 @@ def allocate_in_parts(loss: np.ndarray, cost: np.ndarray, budget: float, parts: 
 
 def lp_bound(loss: np.ndarray, cost: np.ndarray, budget: float) -> float:
     """The LP relaxation's optimum: no allocation within the budget has less loss (inf when none fits)."""
-    return bound_of(hull_steps(as_rows(loss), as_rows(cost)), budget)
+    return bound_of(hull_steps(loss, cost), budget)
 
 
 def bound_of(steps: "Steps", budget: float) -> float:
@@ -127,12 +129,12 @@ def chosen_sum(a: np.ndarray, choice: np.ndarray, units: np.ndarray | None = Non
     return total
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Steps:
     """Every unit's convex-hull steps from its cheapest undominated option base[u]: unit u's steps are start[u] to
     start[u + 1] - 1, units in order and each unit's steps in order of falling efficiency; step i moves its unit to
     option to[i]. A step's efficiency (loss saved per bit) and cost are computed again from loss and cost when read
-    (`at`, `chunks`), the same floats as when the hull was built: 6 bytes a unit and 1 a step are held (Qwen3-30B-A3B's
+    (`deltas`), the same floats as when the hull was built: 5 bytes a unit and 1 a step are held (Qwen3-30B-A3B's
     identity basis has ~2 x 10^8 steps, which took 3.8 GB as floats)."""
 
     loss: np.ndarray  # [U, J]
@@ -172,7 +174,8 @@ class Steps:
         return Steps(_rows(self.loss, units), _rows(self.cost, units), self.base[units], start, self.to[steps])
 
     def chunks(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """(first step, units, efficiencies, costs) of CHUNK_UNITS steps at a time, in order."""
+        """(first step, units, efficiencies, costs) of CHUNK_UNITS steps at a time, in order (each unit has a few
+        steps, so a chunk's units are about as many as its steps)."""
         for s in range(0, len(self), CHUNK_UNITS):
             e = min(s + CHUNK_UNITS, len(self))
             u0, u1 = self.unit_of(np.array([s, e - 1]))
@@ -194,8 +197,8 @@ def _rows(a: np.ndarray, units: np.ndarray) -> np.ndarray:
 
 
 def hull_steps(loss: np.ndarray, cost: np.ndarray) -> Steps:
-    """The hull steps of every unit, from its undominated options, a chunk of units at a time (loss and cost as
-    as_rows gives them)."""
+    """The hull steps of every unit, from its undominated options, a chunk of units at a time."""
+    loss, cost = as_rows(loss), as_rows(cost)  # Steps reads them as flat arrays (_pick); no copy if they are
     U, J = loss.shape
     if J > 128:
         raise ValueError(f"{J} options per unit: the hull steps count options in int8")

@@ -7,7 +7,7 @@ import torch
 
 from bitsmoe_vllm.format import PROJECTIONS
 
-from .allocate import Steps, as_rows, bound_of, hull_steps
+from .allocate import Steps, bound_of, hull_steps
 from .cost_files import CostFiles
 from .plan import Plan
 
@@ -61,8 +61,8 @@ def choose(plan: Plan, costs: CostFiles) -> tuple[Plan, dict]:
     rank; one kind of costs is held at a time."""
     candidates = plan.basis_candidates()
     by_kind: dict[str, list[Plan]] = {}
-    for basis in candidates:
-        by_kind.setdefault(plan.with_basis(basis).factor_kind, []).append(plan.with_basis(basis))
+    for candidate in (plan.with_basis(b) for b in candidates):
+        by_kind.setdefault(candidate.factor_kind, []).append(candidate)
     best, estimates, compared = {}, {}, {}
     for kind, bases in by_kind.items():
         fixed, dropped = {}, dropped_loss(costs, kind)
@@ -105,4 +105,4 @@ def hulls(costs: CostFiles, name: str, bases: list[Plan]) -> Steps:
     unit_cost = bases[0].unit_cost
     if any(not torch.equal(b.unit_cost, unit_cost) for b in bases):
         raise ValueError(f"bases {[b.basis for b in bases]} share the costs {name} but not their units' bits")
-    return hull_steps(as_rows(costs[name].numpy()), as_rows(unit_costs_of(bases[0]).numpy()))
+    return hull_steps(costs[name].numpy(), unit_costs_of(bases[0]).numpy())
