@@ -225,7 +225,8 @@ def _hull_steps(loss, cost, keep, base) -> tuple[np.ndarray, np.ndarray]:
     big = np.inf
     current = base
     unit_list, to_list = [], []
-    for _ in range(loss.shape[1]):  # at most J - 1 hull steps per unit; each round appends every unit's next step
+    # each round appends every unit's next step; a step moves to a dearer option, so there are at most J - 1
+    for _ in range(loss.shape[1] - 1):
         dc = np.where(keep, cost - cost[units, current][:, None], big)
         dl = loss[units, current][:, None] - loss  # loss saved
         eff = np.where((dc > 0) & (dc < big) & (dl > 0), dl / np.where(dc > 0, dc, 1), -1.0)
