@@ -58,11 +58,11 @@ class RunDir:
             write_atomic(run_file, lambda tmp: tmp.write_text(json.dumps(identity, indent=2)))
 
     def save(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-        save_tensors(self.work / f"{name}.safetensors", tensors, metadata)
+        save_tensors(self.path(name), tensors, metadata)
 
     def load(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """A saved work file (tensors, metadata), or None if it was never completed."""
-        path = self.work / f"{name}.safetensors"
+        path = self.path(name)
         if not path.is_file():
             return None
         with safe_open(path, "pt") as f:
@@ -75,7 +75,7 @@ class RunDir:
         return self.work / f"{name}.safetensors"
 
     def remove(self, name: str) -> None:
-        (self.work / f"{name}.safetensors").unlink(missing_ok=True)
+        self.path(name).unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Remove OUT.partial: the run is not to be resumed (its checkpoint was refused)."""
