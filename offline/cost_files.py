@@ -22,22 +22,15 @@ class CostFiles:
 
     def __getitem__(self, kind: str) -> torch.Tensor:
         """[U, J] (or [U]): every layer's `kind`, the layers one after the other."""
-        return self.read(kind, lambda t: t)
+        return self.read(kind, lambda t, at: t)
 
     def column(self, kind: str, j: int) -> torch.Tensor:
         """[U]: column j of every layer's `kind`."""
-        return self.read(kind, lambda t: t[:, j])
+        return self.read(kind, lambda t, at: t[:, j])
 
     def chosen(self, kind: str, choice: torch.Tensor) -> torch.Tensor:
         """[U]: each unit's `kind` at its option choice [U]."""
-        at = 0
-
-        def gather(t: torch.Tensor) -> torch.Tensor:
-            nonlocal at
-            at += len(t)
-            return t.gather(1, choice[at - len(t) : at, None])[:, 0]
-
-        return self.read(kind, gather)
+        return self.read(kind, lambda t, at: t.gather(1, choice[at : at + len(t), None])[:, 0])
 
     def stacked(self, name: str) -> torch.Tensor:
         """[L, ...]: every layer's tensor `name` (a small one: routed tokens per expert, the residual energy)."""
@@ -48,7 +41,7 @@ class CostFiles:
         return torch.stack(parts)
 
     def read(self, kind: str, part) -> torch.Tensor:
-        """part(layer's tensor) of every layer, into one tensor (no list of parts beside it)."""
+        """part(layer's tensor, its first unit) of every layer, into one tensor (no list of parts beside it)."""
         if kind not in self:
             raise KeyError(f"{kind!r}: the run's cost files hold {self.kinds}")
         sizes = []
@@ -58,7 +51,7 @@ class CostFiles:
         out, at = None, 0
         for path, size in zip(self.paths, sizes):
             with safe_open(path, "pt") as f:
-                t = part(f.get_tensor(kind))
+                t = part(f.get_tensor(kind), at)
             if out is None:
                 out = torch.empty((sum(sizes), *t.shape[1:]), dtype=t.dtype)
             out[at : at + size] = t
