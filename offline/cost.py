@@ -26,7 +26,7 @@ from bitsmoe_vllm import ops
 from bitsmoe_vllm.activation import SILU, Activation
 from bitsmoe_vllm.format import PROJECTIONS, factor_row_bits
 
-from .calibrate import Routed, pre_activations
+from .calibrate import ByExpert, Routed, by_expert, pre_activations
 from .rounding import REFINE_STEPS, quantize_rows
 from .threads import factor_threads
 
@@ -36,7 +36,7 @@ PRIOR_SAMPLE = 4096  # layer tokens the prior is computed from
 
 
 def importance(
-    routed: Routed,
+    routed: Routed | ByExpert,
     weights: dict[str, torch.Tensor],
     bases: dict[str, torch.Tensor | None],
     n_tokens: int,
@@ -51,22 +51,23 @@ def importance(
     An expert that received fewer than PRIOR_TOKENS calibration tokens also gets, in proportion to the shortfall,
     a prior: its own weights applied to the layer's tokens, as if it received its balanced share (N K / E) of them
     with the layer's mean squared routing weight. Without it an expert no calibration token reached would cost
-    nothing at any width, and get 0 bits."""
+    nothing at any width, and get 0 bits. routed: a ByExpert shares its work with other calls on the layer."""
     E, I, _ = weights["gate"].shape
     experts = experts or range(E)
     device = weights["gate"].device
-    x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
-    # [N, R]: once, not once per expert
-    z = {p: x if bases[p] is None else x @ bases[p].T for p in ("gate", "up") if p in projections}
+    routed = by_expert(routed, weights)
+    x, ids, w = routed.x, routed.ids, routed.routing
+    z = {p: routed.z(bases[p]) for p in ("gate", "up") if p in projections}  # [N, R]
     out = {p: torch.zeros(len(experts), z[p].shape[1], I, device=device) for p in z}
     if "down" in projections:
         out["down"] = torch.zeros(len(experts), 1, I, device=device)
-    for e in ids.unique().tolist():
+    for e in routed.experts:
         if e not in experts:
             continue
-        token, slot = (ids == e).nonzero(as_tuple=True)
+        token, slot = routed.tokens(e)
         ze = {q: z[q][token] for q in z}
-        for p, v in expert_statistics(weights, e, x[token], ze, w[token, slot] ** 2, tuple(out), act).items():
+        stats = expert_statistics(weights, e, x[token], ze, w[token, slot] ** 2, tuple(out), act, routed.pre(e))
+        for p, v in stats.items():
             out[p][e - experts.start] += v
     counts = torch.bincount(ids.flatten(), minlength=E)
     sample = slice(0, PRIOR_SAMPLE)
@@ -91,10 +92,11 @@ def expert_statistics(
     w2: torch.Tensor,
     projections: tuple[str, ...] = PROJECTIONS,
     act: Activation = SILU,
+    pre: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Expert e's summed importance of `projections` over tokens xe [n, H] (their z [n, R] of the gate and up among
-    them) with squared routing weights w2 [n]."""
-    h_g, h_u = pre_activations(weights, e, xe)  # [n, I]
+    them) with squared routing weights w2 [n]; pre: their pre_activations, when already computed."""
+    h_g, h_u = pre_activations(weights, e, xe) if pre is None else pre  # [n, I]
     column = (weights["down"][e].float() ** 2).sum(1)  # |D_e[:, i]|^2
     sensitivity = dict(zip(("gate", "up"), act.derivatives(h_g, h_u)))  # [n, I] each
     out = {p: ((w2[:, None] * ze[p] ** 2).T @ s**2) * column for p, s in sensitivity.items() if p in projections}

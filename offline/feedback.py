@@ -7,7 +7,7 @@ from bitsmoe_vllm.format import BITS_DTYPE
 from bitsmoe_vllm.reference import dequantize_factor
 
 from . import gptq, heap
-from .calibrate import Routed
+from .calibrate import ByExpert, Routed
 from .encode import encode_factor
 from .plan import Plan
 
@@ -20,6 +20,7 @@ def feedback_rounding(
     big layer's rounded factors in float32 are GBs; the down projection's inputs decode the rounded gate and up an
     expert at a time)."""
     bases = {p: decompositions[p].basis for p in ("gate", "up")}
+    routed = ByExpert(routed, weights, keep_pre=False)  # the inputs in each basis once; a pre-activation is read once
     encoded = {}
     for p, dec in decompositions.items():  # gate and up before down
         towards_layer = p == "down" and plan.options.feedback_target == "layer"

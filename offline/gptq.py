@@ -31,7 +31,7 @@ import torch
 from bitsmoe_vllm.activation import SILU, Activation
 from bitsmoe_vllm.packing import code_bounds, round_to_codes
 
-from .calibrate import Routed, pre_activations, with_biases
+from .calibrate import ByExpert, Routed, by_expert, with_biases
 from .lowrank import FEW, Tokens, schur
 from .lowrank import feedback as few_tokens_feedback
 from .rounding import quantize_mixed_rows, quantize_rows
@@ -57,7 +57,7 @@ FACTOR_BATCH_BYTES = 1 << 27
 
 
 def hessians(
-    routed: Routed,
+    routed: Routed | ByExpert,
     weights: dict[str, torch.Tensor],
     bases: dict[str, torch.Tensor | None],
     projections: tuple[str, ...] = ("gate", "up", "down"),
@@ -74,35 +74,41 @@ def hessians(
     rounded: the gate and up factors [E, R, I] as rounded. The down projection's inputs u are then those of the
     rounded gate and up, "down-deviation" [E, I, I] is sum w^2 (a - u) u^T, a the original gate and up's (with
     Tokens: w (a - u) per token, [E, tokens, I]), and "down-tokens" [E] the number of tokens (round_factors' target:
-    the expert's original output)."""
+    the expert's original output); the down projection's are then Tokens whenever the busiest has fewer tokens than
+    I. routed: a ByExpert shares its work with other calls on the layer."""
     experts = experts or range(weights["gate"].shape[0])
-    device = weights["gate"].device
-    x, ids, w = routed.x.to(device).float(), routed.ids.to(device), routed.weights.to(device).float()
+    routed = by_expert(routed, weights)
+    x, ids, w = routed.x, routed.ids, routed.routing
     size = {p: hessian_size(weights, bases, p) for p in projections}
     counts = torch.bincount(ids.flatten(), minlength=experts.stop)[experts.start : experts.stop]
     most = int(counts.max()) if len(counts) else 0
     few = {p for p in projections if FEW * most <= size[p]}
+    towards_layer = rounded is not None and "down" in projections
+    if towards_layer and most < size["down"]:
+        # the target's fit from the tokens costs O(n^2 I + n I R) against the dense H's O(I^3 + I^2 R) (9 of a
+        # Qwen3-30B-A3B-shaped layer's 73 s of export, benchmarks/README.md); round_factors forms the dense H for the
+        # rounding where the batch's busiest expert has more than I / FEW tokens
+        few.add("down")
     out = {
         p: torch.zeros(len(experts), *((most, size[p]) if p in few else (size[p], size[p])), device=x.device)
         for p in projections
     }
-    towards_layer = rounded is not None and "down" in out
     if towards_layer:
         out["down-deviation"] = torch.zeros_like(out["down"])
         out["down-tokens"] = torch.zeros(len(experts), device=x.device)
     # every token's rank-space inputs once (N x H x R), not once per expert it is routed to (k times that)
-    z = {p: x if bases[p] is None else x @ bases[p].T for p in ("gate", "up") if p in out or towards_layer}
-    for e in ids.unique().tolist():
+    z = {p: routed.z(bases[p]) for p in ("gate", "up") if p in out or towards_layer}
+    for e in routed.experts:
         if e not in experts:
             continue
-        token, slot = (ids == e).nonzero(as_tuple=True)
-        xe, we, i = x[token], w[token, slot], e - experts.start
+        token, slot = routed.tokens(e)
+        we, i = w[token, slot], e - experts.start
         for p in ("gate", "up"):
             if p in out:
                 ze = z[p][token]
                 _add_moment(out[p], i, ze, ze, we, p in few)
         if "down" in out:
-            a = act(*pre_activations(weights, e, xe))
+            a = act(*routed.pre(e))
             u = a
             if towards_layer:
                 u = act(
@@ -157,10 +163,12 @@ def round_factors(
     not at the factors."""
     few = isinstance(hessian, Tokens)
     if deviation is not None:
-        if few:
-            factors = few_tokens_corrected(factors, hessian.z, *deviation)
+        if few:  # a batch of experts' float64 copies of the factors at once were 0.8 GB for Qwen3-30B-A3B's shapes
+            factors = by_experts(lambda z, d, n, f: few_tokens_corrected(f, z, d, n), hessian.z, *deviation, factors)
         else:
             factors = by_experts(lambda h, d, n, f: corrected(f, h, d, n), hessian, *deviation, factors)
+    if few and FEW * max(hessian.tokens) > hessian.z.shape[2]:  # the tokens were kept for the fit: round densely
+        hessian, few = hessian.z.transpose(1, 2) @ hessian.z, False
     diag = hessian.diagonal(dim1=1, dim2=2).clone()  # not a view: the dense H is freed below
     busiest = diag.argsort(dim=1, descending=True, stable=True)  # [E, n]
     order = busiest

@@ -8,7 +8,7 @@ from bitsmoe_vllm.format import PROJECTIONS
 from bitsmoe_vllm.reference import Basis, dequantize_basis
 
 from . import gptq
-from .calibrate import Routed
+from .calibrate import ByExpert, Routed
 from .cost import importance, unit_losses
 from .decompose import project, top_basis
 from .plan import BASIS_DTYPES, Plan
@@ -44,6 +44,7 @@ def layer_costs(
     [3 * E * units]; `layer_bases`: shared_bases. One projection's factors, importance and Hessians of a batch of
     experts (offline.gptq.expert_batches) in memory at a time: a whole layer's are GBs."""
     out = {}
+    routed = ByExpert(routed, weights)  # what every pass below reads, computed once
     for kind in sorted({plan.with_basis(b).factor_kind for b in plan.basis_candidates()}):
         p_plan = plan.with_basis("identity" if kind == "identity" else "int8")
         bases = {p: None if kind == "identity" else layer_bases[p] for p in PROJECTIONS}

@@ -127,6 +127,32 @@ def test_the_down_projection_with_few_tokens():
     assert error < 0.3 * output_error("down", nearest(want, bits) - want, h)
 
 
+def test_the_down_projections_target_from_the_tokens_where_its_rounding_is_dense():
+    """Fewer tokens than coordinates but more than half as many: hessians keeps the down projection's tokens for the
+    target's fit, and round_factors rounds on the dense H as from dense Hessians."""
+    torch.manual_seed(4)
+    E, H, I, N = 4, 64, 32, 44
+    x, ids, w = torch.randn(N, H), torch.randint(0, E, (N, 2)), torch.rand(N, 2)
+    ids[:, 1] = (ids[:, 0] + 1) % E
+    assert I < torch.bincount(ids.flatten()).max() * 2 and torch.bincount(ids.flatten()).max() < I
+    weights = {p: torch.randn(E, I, H) for p in ("gate", "up", "down")}
+    rounded = {p: weights[p].transpose(1, 2) + 0.1 * torch.randn(E, H, I) for p in ("gate", "up")}
+    got = gptq.hessians(Routed(x, ids, w), weights, {"gate": None, "up": None}, ("down",), rounded=rounded)
+    z, deviation, tokens = got["down"].z, got["down-deviation"], got["down-tokens"]
+    assert isinstance(got["down"], Tokens) and gptq.FEW * max(got["down"].tokens) > I
+    factors, bits = weights["down"].transpose(1, 2).contiguous(), torch.randint(1, 5, (E, H))
+    assert (gptq.few_tokens_corrected(factors, z, deviation, tokens) - factors).abs().max() > 0.01  # the target moved
+    target = gptq.corrected(factors, dense(z), deviation.transpose(1, 2) @ z, tokens)
+    from_tokens, _ = gptq.round_factors("down", factors, bits, got["down"], G, 8, deviation=(deviation, tokens))
+    from_dense, _ = gptq.round_factors(
+        "down", factors, bits, dense(z), G, 8, deviation=(deviation.transpose(1, 2) @ z, tokens)
+    )
+    h = dense(z)
+    error = output_error("down", from_tokens - target, h)
+    assert abs(error - output_error("down", from_dense - target, h)) < 0.05 * error
+    assert error < 0.6 * output_error("down", nearest(target, bits) - target, h)  # measured 0.44: the feedback ran
+
+
 def test_a_model_whose_experts_get_few_tokens(tiny_model_dir, quantize_tiny, calib_file, tmp_path, monkeypatch):
     """128 calibration tokens for 16 experts (top-2) with 128 coordinates in each projection: the busiest expert of
     one layer gets 57 (the path from the tokens), of the other 98 (the dense path). The checkpoint's experts are as
