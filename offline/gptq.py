@@ -163,8 +163,8 @@ def round_factors(
     not at the factors."""
     few = isinstance(hessian, Tokens)
     if deviation is not None:
-        if few:  # a batch of experts' float64 copies of the factors at once were 0.8 GB for Qwen3-30B-A3B's shapes
-            factors = by_experts(lambda z, d, n, f: few_tokens_corrected(f, z, d, n), hessian.z, *deviation, factors)
+        if few:
+            factors = few_tokens_fit(factors, hessian, *deviation)
         else:
             factors = by_experts(lambda h, d, n, f: corrected(f, h, d, n), hessian, *deviation, factors)
     if few and FEW * max(hessian.tokens) > hessian.z.shape[2]:  # the tokens were kept for the fit: round densely
@@ -276,6 +276,22 @@ def corrected(
 def fit_damping(diag: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """[E, n] float64 H_ii, tokens [E] -> corrected's damping beyond GPTQ's: mean(H_ii) I / n for n tokens."""
     return diag.mean(1, keepdim=True) * diag.shape[-1] / tokens.double().clamp(min=1)[:, None]
+
+
+def few_tokens_fit(
+    factors: torch.Tensor, hessian: Tokens, deviation: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """few_tokens_corrected an expert at a time on its own tokens: on a batch at once, every expert's products were
+    padded to the busiest's tokens (3x the mean's in Qwen3-30B-A3B's batches), and its float64 copies of the factors
+    took 0.8 GB. An expert without tokens keeps its factor (the fit's step is 0)."""
+    return torch.cat(
+        [
+            few_tokens_corrected(f[None], hessian.z[e : e + 1, :n], deviation[e : e + 1, :n], tokens[e : e + 1])
+            if n
+            else f[None]
+            for e, (f, n) in enumerate(zip(factors, hessian.tokens, strict=True))
+        ]
+    )
 
 
 def few_tokens_corrected(

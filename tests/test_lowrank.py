@@ -115,6 +115,13 @@ def test_the_down_projection_with_few_tokens():
     factors = torch.randn(E, 48, d)
     want = gptq.corrected(factors, dense(z), deviation.transpose(1, 2) @ z, tokens)
     torch.testing.assert_close(gptq.few_tokens_corrected(factors, z, deviation, tokens), want, rtol=1e-4, atol=1e-5)
+    # an expert at a time on its own tokens (expert 2 has none): the batch's, padded with rows of zeros
+    torch.testing.assert_close(
+        gptq.few_tokens_fit(factors, tokens_of(z), deviation, tokens),
+        gptq.few_tokens_corrected(factors, z, deviation, tokens),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert (want - factors).abs().max() > 0.01  # the target moved
     bits = torch.randint(1, 5, (E, 48))  # a dropped row (width 0) is dropped whatever the feedback
     got, _ = gptq.round_factors("down", factors, bits, tokens_of(z), G, 8, deviation=(deviation, tokens))
