@@ -1,7 +1,6 @@
 """quantization_report.json and its plots: what the quantizer chose and what it cost to choose it."""
 
 import json
-import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch  # noqa: E402
 
 from bitsmoe_vllm.format import PROJECTIONS, QuantConfig  # noqa: E402
 
+from .heap import peak_rss_mb  # noqa: E402
 from .plan import Plan  # noqa: E402
 
 
@@ -27,8 +27,7 @@ class StageTimer:
     def __call__(self, name: str):
         start = time.perf_counter()
         yield
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.stages[name] = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": round(peak_mb, 1)}
+        self.stages[name] = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def histograms(bits: dict[int, torch.Tensor], widths: tuple[int, ...]) -> dict[int, dict[str, dict[str, int]]]:

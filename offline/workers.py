@@ -6,15 +6,14 @@ their results to it, so resume works as in one process; the output is byte for b
 
 import concurrent.futures
 import multiprocessing
-import re
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .heap import peak_rss_mb
 from .plan import Options, make_plan
 from .rundir import RunDir
 from .threads import on_threads, set_start_threads, start_threads
@@ -29,11 +28,9 @@ def _start(options: Options, run: RunDir, threads: int, start: int) -> None:
 
 
 def _call(fn, *args) -> float:
-    """fn's job; the worker's peak RSS so far, in MB."""
+    """fn's job; the worker's peak RSS so far, in MiB."""
     fn(_worker["plan"], _worker["run"], *args)
-    # VmHWM, not getrusage: a spawned process's ru_maxrss counts its parent's RSS at the fork before its exec
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+    return peak_rss_mb()
 
 
 class Workers:
