@@ -104,12 +104,15 @@ class ByExpert:
     inputs in a shared basis (x V^T, [N, R]) and each expert's gate and up pre-activations (pre_activations; all
     experts' in one [2, N K, I] float32 tensor, 88 MB for Qwen3-30B-A3B's layer on 1,792 tokens: kept as a tensor
     per expert, they fragmented the heap by 1.5 GB). Each is computed as the passes computed it before, so the
-    results are the same bytes. keep_pre=False: for a single pass, which reads each expert's once."""
+    results are the same bytes. The pre-activations are kept only within PRE_BYTES (Qwen3-30B-A3B's on 16,384
+    tokens are 805 MB), and not with keep_pre=False: for a single pass, which reads each expert's once."""
+
+    PRE_BYTES = 1 << 28
 
     def __init__(self, routed: Routed, weights: dict[str, torch.Tensor], keep_pre: bool = True):
         device = weights["gate"].device
         self.x, self.ids = routed.x.to(device).float(), routed.ids.to(device)
-        self.weights, self.routing = weights, routed.weights.to(device).float()
+        self.expert_weights, self.routing = weights, routed.weights.to(device).float()
         self.experts = self.ids.unique().tolist()
         # each expert's (token, slot) pairs in the row-major order of (ids == e).nonzero()
         flat = self.ids.flatten()
@@ -118,6 +121,7 @@ class ByExpert:
         ends = torch.bincount(flat, minlength=max(self.experts, default=0) + 1).cumsum(0).tolist()
         self._span = {e: (ends[e - 1] if e else 0, ends[e]) for e in self.experts}
         I = weights["gate"].shape[1]
+        keep_pre = keep_pre and 2 * len(flat) * I * 4 <= self.PRE_BYTES
         self._pre = torch.empty(2, len(flat), I, device=device) if keep_pre else None
         self._computed, self._projected = set(), []
 
@@ -141,7 +145,7 @@ class ByExpert:
         start, stop = self._span[e]
         if e in self._computed:
             return self._pre[0, start:stop], self._pre[1, start:stop]
-        pre = pre_activations(self.weights, e, self.x[self.tokens(e)[0]])
+        pre = pre_activations(self.expert_weights, e, self.x[self.tokens(e)[0]])
         if self._pre is not None:
             self._pre[0, start:stop], self._pre[1, start:stop] = pre
             self._computed.add(e)
@@ -149,8 +153,12 @@ class ByExpert:
 
 
 def by_expert(routed: "Routed | ByExpert", weights: dict[str, torch.Tensor]) -> ByExpert:
-    """routed as a ByExpert (one call's: nothing kept for others)."""
-    return routed if isinstance(routed, ByExpert) else ByExpert(routed, weights, keep_pre=False)
+    """routed as a ByExpert (one call's: nothing kept for others); a ByExpert given must be of these weights."""
+    if isinstance(routed, ByExpert):
+        if routed.expert_weights is not weights:
+            raise ValueError("a ByExpert computes pre-activations from its own expert weights: pass the same dict")
+        return routed
+    return ByExpert(routed, weights, keep_pre=False)
 
 
 def experts_output(weights: dict[str, torch.Tensor], routed: Routed, act: Activation = SILU) -> torch.Tensor:

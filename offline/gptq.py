@@ -17,7 +17,8 @@ Every projection in the orientation of offline.decompose, factor F_e [R, I]:
   original output (corrected): the down projection compensates the gate and up's errors as well as its own.
 An expert no calibration token reached has H = 0 and is rounded to nearest. A batch of experts whose busiest has at
 most half as many tokens as coordinates (Qwen3-30B-A3B's with a few thousand calibration tokens) takes
-offline.lowrank's path: the same rounding from each expert's tokens, without the d x d factorisations.
+offline.lowrank's path: the same rounding from each expert's tokens, without the d x d factorisations; the down
+projection's target (toward the layer's output) comes from the tokens whenever they are fewer than its coordinates.
 
 Order: GPTQ's error goes only to the coordinates rounded after it, so the coarsest go first: the rank rows by
 ascending width (the dropped rows, width 0, first, the widest rows absorbing their error), ties and the down
@@ -54,6 +55,9 @@ HESSIAN_BYTES = 1 << 28
 # updated, rounded; float64 for the down projection's target), which for a whole projection (800 MB for Qwen3-30B-A3B)
 # set the export's peak memory
 FACTOR_BATCH_BYTES = 1 << 27
+# the down projection's target is fitted from the tokens (lowrank.Tokens) where its busiest expert has fewer than
+# I / FIT_FEW tokens, whatever path its rounding takes (hessians)
+FIT_FEW = 1
 
 
 def hessians(
@@ -84,7 +88,7 @@ def hessians(
     most = int(counts.max()) if len(counts) else 0
     few = {p for p in projections if FEW * most <= size[p]}
     towards_layer = rounded is not None and "down" in projections
-    if towards_layer and most < size["down"]:
+    if towards_layer and FIT_FEW * most < size["down"]:
         # the target's fit from the tokens costs O(n^2 I + n I R) against the dense H's O(I^3 + I^2 R) (9 of a
         # Qwen3-30B-A3B-shaped layer's 73 s of export, benchmarks/README.md); round_factors forms the dense H for the
         # rounding where the batch's busiest expert has more than I / FEW tokens
@@ -169,6 +173,7 @@ def round_factors(
             factors = by_experts(lambda h, d, n, f: corrected(f, h, d, n), hessian, *deviation, factors)
     if few and FEW * max(hessian.tokens) > hessian.z.shape[2]:  # the tokens were kept for the fit: round densely
         hessian, few = hessian.z.transpose(1, 2) @ hessian.z, False
+    deviation = None  # not held through the rounding
     diag = hessian.diagonal(dim1=1, dim2=2).clone()  # not a view: the dense H is freed below
     busiest = diag.argsort(dim=1, descending=True, stable=True)  # [E, n]
     order = busiest

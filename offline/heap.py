@@ -25,6 +25,7 @@ def peak_rss_mb() -> float:
     another (a notebook, a benchmark) inherits there its parent's RSS at the fork before its exec (a child of a
     process holding 2 GiB reported 2,062 MiB; a run of Qwen3-30B-A3B-shaped layers 4.5 GB instead of 3.4)."""
     status = Path("/proc/self/status")
-    if status.is_file():
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    found = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.is_file() else None
+    if found:
+        return int(found.group(1)) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux

@@ -162,14 +162,16 @@ def test_the_down_projections_target_from_the_tokens_where_its_rounding_is_dense
 
 def test_a_model_whose_experts_get_few_tokens(tiny_model_dir, quantize_tiny, calib_file, tmp_path, monkeypatch):
     """128 calibration tokens for 16 experts (top-2) with 128 coordinates in each projection: the busiest expert of
-    one layer gets 57 (the path from the tokens), of the other 98 (the dense path). The checkpoint's experts are as
-    close to the original as with the dense factorisations everywhere (the two differ by float rounding)."""
+    one layer gets 57 (the path from the tokens), of the other 98 (the dense path for the rounding; the down
+    projection's target from the tokens in both). The checkpoint's experts are as close to the original as with the
+    dense factorisations everywhere (the two differ by float rounding)."""
     model = tiny_model_dir("qwen3_moe", layers=2, experts=16, intermediate=128, hidden=128)
     calls = []
     monkeypatch.setattr(gptq, "schur", lambda *args: calls.append(args[0].shape[1]) or schur(*args))
     few = quantize_tiny(model, tmp_path / "few", 2.5, calib_tokens=128, allow_high_error=True)
     assert calls
     monkeypatch.setattr(gptq, "FEW", 10**9)  # every batch dense
+    monkeypatch.setattr(gptq, "FIT_FEW", 10**9)  # the down projection's target too
     calls.clear()
     dense_path = quantize_tiny(model, tmp_path / "dense", 2.5, calib_tokens=128, allow_high_error=True)
     assert not calls
