@@ -16,7 +16,6 @@ bitsmoe-quantize saves its measured ones, with its wall time and peak RSS.
 import argparse
 import dataclasses
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.machine import describe  # noqa: E402
 from bitsmoe_vllm.offline.allocate import allocate  # noqa: E402
 from bitsmoe_vllm.offline.cost_files import CostFiles  # noqa: E402
+from bitsmoe_vllm.offline.heap import peak_rss_mb  # noqa: E402
 from bitsmoe_vllm.offline.plan import Options, make_plan  # noqa: E402
 from bitsmoe_vllm.offline.quantize import allocate_bits  # noqa: E402
 from bitsmoe_vllm.offline.rundir import RunDir  # noqa: E402
@@ -94,7 +94,7 @@ def pipeline(model: Path, layers: int) -> dict:
         "units": units,
         "basis": final.basis,
         "wall_seconds": round(seconds, 1),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_rss_gb": round(peak_rss_mb() / 2**10, 2),
         "gap": stats["gap"],
         "mip_status": stats["mip_status"],
     }

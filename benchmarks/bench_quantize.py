@@ -21,8 +21,7 @@ from benchmarks.machine import describe  # noqa: E402
 
 
 def python(code: str) -> str:
-    """Run code in a fresh interpreter. This process stays small on purpose: Linux starts a child's peak
-    RSS at its parent's RSS, so building the model here would inflate every measurement."""
+    """Run code in a fresh interpreter, which holds no model this process built."""
     return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=REPO).stdout
 
 
@@ -30,8 +29,8 @@ def baseline_rss_mb() -> float:
     """Peak RSS of a process that only imports the quantizer (Python, torch, transformers)."""
     return float(
         python(
-            "import resource, bitsmoe_vllm.offline.quantize; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+            "import bitsmoe_vllm.offline.quantize; from bitsmoe_vllm.offline.heap import peak_rss_mb; "
+            "print(peak_rss_mb())"
         )
     )
 

@@ -52,7 +52,7 @@ def layer_costs(
         losses = {"loss": [], "nearest": [], **{b: [] for b in shared}}
         widths, rows = list(plan.widths), p_plan.unit_rows
         for p in PROJECTIONS:
-            ratios = {basis: rounding_ratio(bases[p], basis, p, routed.x).double() for basis in shared}  # [R]
+            ratios = {basis: rounding_ratio(bases[p], basis, p, routed).double() for basis in shared}  # [R]
             for b in gptq.expert_batches(weights, bases, p):
                 # once, for the kernels below
                 factors = project(weights[p][b.start : b.stop], bases[p]).float().contiguous()
@@ -81,15 +81,15 @@ def layer_costs(
     return out
 
 
-def rounding_ratio(basis: torch.Tensor, name: str, projection: str, x: torch.Tensor) -> torch.Tensor:
+def rounding_ratio(basis: torch.Tensor, name: str, projection: str, routed: ByExpert) -> torch.Tensor:
     """[R]: the output error of storing `basis` [R, H] as BASIS_DTYPES[name], per row, relative to the row's whole
     contribution (what dropping it costs). The gate and up bases act on the inputs: E[(e_k x)^2] / E[(v_k x)^2] over
-    the calibration inputs x [N, H]; the down basis writes the output: |e_k|^2 (its columns have unit norm)."""
+    the calibration inputs x [N, H] (routed's, and its v x); the down basis writes the output: |e_k|^2 (its columns
+    have unit norm)."""
     dtype = BASIS_DTYPES[name]
     stored = basis.T if projection == "down" else basis  # as offline.encode stores it
     rounded = dequantize_basis(Basis(*quantize_basis(stored, dtype)))
     error = (rounded.T if projection == "down" else rounded) - basis  # [R, H]
     if projection == "down":
         return error.pow(2).sum(1)
-    x = x.to(basis.device).float()
-    return (x @ error.T).pow(2).mean(0) / (x @ basis.T).pow(2).mean(0).clamp_min(1e-30)
+    return (routed.x @ error.T).pow(2).mean(0) / routed.z(basis).pow(2).mean(0).clamp_min(1e-30)
