@@ -1,0 +1,57 @@
+"""The error feedback's damping (offline.gptq.DAMP, a share of the mean diagonal added to every Hessian: the feedback,
+the cost model's shares and the down projection's fit) against quality, on a model of bench_quality.py with its
+calibration and evaluation text (run bench_quality once first: it writes them). Quantizes in this process with DAMP
+patched, evaluates as bench_quality does, and prints one JSON line per run.
+
+    .venv/bin/python -m benchmarks.sweep_damping trained-moe 0.001@2.5 0.003@2.14 ...   # DAMP@BITS[@CALIB_TOKENS]
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from benchmarks.quality_metrics import evaluate, window_log_probs
+from bitsmoe_vllm.offline import cli, gptq
+from bitsmoe_vllm.offline.calibrate import read_texts, token_stream
+from bitsmoe_vllm.offline.evaluate import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / "work"
+MODELS = {  # bench_quality's model and text directories
+    "trained-moe": (ROOT / "benchmarks" / "models" / "trained-moe", WORK / "text-mixed"),
+    "smollm2-moe": (WORK / "smollm2-moe-e8k6", WORK / "text"),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", choices=list(MODELS))
+    p.add_argument("runs", nargs="+", help="DAMP@BITS or DAMP@BITS@CALIB_TOKENS (default 16384)")
+    p.add_argument("--out", type=Path, default=Path("/tmp/sweep_damping"), help="where the checkpoints go")
+    a = p.parse_args()
+    model, text = MODELS[a.model]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+    tokens = torch.tensor(token_stream(tokenizer, read_texts([str(text / "eval.jsonl")]))[:8192])
+    reference = window_log_probs(load_model(str(model), torch.device("cpu")), tokens)
+    for run in a.runs:
+        damp, bits, *n = run.split("@")
+        n = n[0] if n else "16384"
+        gptq.DAMP = float(damp)
+        out = a.out / f"{a.model}-{damp}-{bits}-{n}"
+        args = ["--model", str(model), "--out", str(out), "--bits", bits, "--calib", str(text / "calib.jsonl")]
+        args += ["--calib-tokens", n, "--calib-seq-len", "512", "--overwrite", "--allow-high-error"]
+        start = time.time()
+        if cli.main(args):
+            raise SystemExit(f"bitsmoe-quantize {' '.join(args)} failed")
+        report = json.loads((out / "quantization_report.json").read_text())
+        row = {"model": a.model, "damp": float(damp), "bits": float(bits), "calib_tokens": int(n)}
+        row |= {"wall_s": round(time.time() - start, 1), "worst_relative_error": report["worst_relative_error"]}
+        print(json.dumps(row | evaluate(out, tokens, reference)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
