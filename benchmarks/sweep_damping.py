@@ -3,7 +3,7 @@ the cost model's shares and the down projection's fit) against quality, on a mod
 calibration and evaluation text (run bench_quality once first: it writes them). Quantizes in this process with DAMP
 patched, evaluates as bench_quality does, and prints one JSON line per run.
 
-    .venv/bin/python -m benchmarks.sweep_damping trained-moe 0.001@2.5 0.003@2.14 ...   # DAMP@BITS[@CALIB_TOKENS]
+    .venv/bin/python -m benchmarks.sweep_damping trained-moe 0.001@2.5 0.003@2.140625   # DAMP@BITS ...
 """
 
 import argparse
@@ -30,7 +30,7 @@ MODELS = {  # bench_quality's model and text directories
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", choices=list(MODELS))
-    p.add_argument("runs", nargs="+", help="DAMP@BITS or DAMP@BITS@CALIB_TOKENS (default 16384)")
+    p.add_argument("runs", nargs="+", help="DAMP@BITS")
     p.add_argument("--out", type=Path, default=Path("/tmp/sweep_damping"), help="where the checkpoints go")
     a = p.parse_args()
     model, text = MODELS[a.model]
@@ -38,17 +38,16 @@ def main() -> None:
     tokens = torch.tensor(token_stream(tokenizer, read_texts([str(text / "eval.jsonl")]))[:8192])
     reference = window_log_probs(load_model(str(model), torch.device("cpu")), tokens)
     for run in a.runs:
-        damp, bits, *n = run.split("@")
-        n = n[0] if n else "16384"
+        damp, bits = run.split("@")
         gptq.DAMP = float(damp)
-        out = a.out / f"{a.model}-{damp}-{bits}-{n}"
+        out = a.out / f"{a.model}-{damp}-{bits}"
         args = ["--model", str(model), "--out", str(out), "--bits", bits, "--calib", str(text / "calib.jsonl")]
-        args += ["--calib-tokens", n, "--calib-seq-len", "512", "--overwrite", "--allow-high-error"]
+        args += ["--calib-tokens", "16384", "--calib-seq-len", "512", "--overwrite", "--allow-high-error"]
         start = time.time()
         if cli.main(args):
             raise SystemExit(f"bitsmoe-quantize {' '.join(args)} failed")
         report = json.loads((out / "quantization_report.json").read_text())
-        row = {"model": a.model, "damp": float(damp), "bits": float(bits), "calib_tokens": int(n)}
+        row = {"model": a.model, "damp": float(damp), "bits": float(bits), "calib_tokens": 16384}
         row |= {"wall_s": round(time.time() - start, 1), "worst_relative_error": report["worst_relative_error"]}
         print(json.dumps(row | evaluate(out, tokens, reference)), flush=True)
 
