@@ -77,14 +77,15 @@ def rows(model: str) -> list[dict]:
         for b in sorted({2.5} | {b + (16 + b) / group for b in (2, 3)})
     ]
     # smaller groups than the default (the largest of 128, 96, 64, 32 that divides I): more scale bits, finer scales;
-    # on SmolLM2 (default 96) the peers' 64 where AutoRound's perplexity is below the defaults'
-    trained = model == "trained-moe"
+    # on SmolLM2 (default 96) the peers' 64 at 3 and 4 bits, where AutoRound's perplexity is below the defaults'
+    if model == "trained-moe":
+        groups, group_bits = (64, 32), {2.5} | {b + (16 + b) / group for b in (2, 3, 4)}
+    else:
+        groups, group_bits = (64,), {b + (16 + b) / group for b in (3, 4)}
     out += [
         {"name": f"bitsmoe-{b}-group-{g}", "family": f"bitsmoe-group-{g}", "bits": b, "args": ["--group-size", str(g)]}
-        for g in ((64, 32) if trained else (64,))
-        for b in sorted(
-            ({2.5} if trained else set()) | {b + (16 + b) / group for b in ((2, 3, 4) if trained else (3, 4))}
-        )
+        for g in groups
+        for b in sorted(group_bits)
     ]
     if model == "trained-moe":  # the paper's claim: the defaults (a shared int8 basis here) against the identity basis
         identity = ["--basis-dtype", "identity"]

@@ -1,6 +1,6 @@
 """The error feedback's damping (offline.gptq.DAMP, a share of the mean diagonal added to every Hessian: the feedback,
 the cost model's shares and the down projection's fit) against quality, on a model of bench_quality.py with its
-calibration and evaluation text (run bench_quality once first: it writes them). Quantizes in this process with DAMP
+calibration and evaluation text (bench_quality.prepare: built where missing). Quantizes in this process with DAMP
 patched, evaluates as bench_quality does, and prints one JSON line per run.
 
     .venv/bin/python -m benchmarks.sweep_damping trained-moe 0.001@2.5 0.003@2.140625   # DAMP@BITS ...
@@ -14,17 +14,13 @@ from pathlib import Path
 import torch
 import transformers
 
+from benchmarks.bench_quality import MODELS, prepare
 from benchmarks.quality_metrics import evaluate, window_log_probs
 from bitsmoe_vllm.offline import cli, gptq
 from bitsmoe_vllm.offline.calibrate import read_texts, token_stream
 from bitsmoe_vllm.offline.evaluate import load_model
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "benchmarks" / "work"
-MODELS = {  # bench_quality's model and text directories
-    "trained-moe": (ROOT / "benchmarks" / "models" / "trained-moe", WORK / "text-mixed"),
-    "smollm2-moe": (WORK / "smollm2-moe-e8k6", WORK / "text"),
-}
+WORK = Path(__file__).resolve().parent / "work"
 
 
 def main() -> None:
@@ -33,15 +29,15 @@ def main() -> None:
     p.add_argument("runs", nargs="+", help="DAMP@BITS")
     p.add_argument("--out", type=Path, default=Path("/tmp/sweep_damping"), help="where the checkpoints go")
     a = p.parse_args()
-    model, text = MODELS[a.model]
+    model, text, _ = prepare(a.model, WORK, argparse.Namespace(experts=8, top_k=6))  # bench_quality's defaults
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
-    tokens = torch.tensor(token_stream(tokenizer, read_texts([str(text / "eval.jsonl")]))[:8192])
+    tokens = torch.tensor(token_stream(tokenizer, read_texts([str(text["eval"])]))[:8192])
     reference = window_log_probs(load_model(str(model), torch.device("cpu")), tokens)
     for run in a.runs:
         damp, bits = run.split("@")
         gptq.DAMP = float(damp)
         out = a.out / f"{a.model}-{damp}-{bits}"
-        args = ["--model", str(model), "--out", str(out), "--bits", bits, "--calib", str(text / "calib.jsonl")]
+        args = ["--model", str(model), "--out", str(out), "--bits", bits, "--calib", str(text["calib"])]
         args += ["--calib-tokens", "16384", "--calib-seq-len", "512", "--overwrite", "--allow-high-error"]
         start = time.time()
         if cli.main(args):
