@@ -87,7 +87,19 @@ def rows(model: str) -> list[dict]:
         for g in groups
         for b in sorted(group_bits)
     ]
-    if model == "trained-moe":  # the paper's claim: the defaults (a shared int8 basis here) against the identity basis
+    if model == "trained-moe":
+        # rank rows per allocation unit of the shared basis the defaults take here, against their 8
+        out += [
+            {
+                "name": f"bitsmoe-{b}-unit-rows-{u}",
+                "family": f"bitsmoe-unit-rows-{u}",
+                "bits": b,
+                "args": ["--unit-rows", str(u)],
+            }
+            for u in (1, 4, 16, 32)
+            for b in (2.140625, 2.5)
+        ]
+        # the paper's claim: the defaults (a shared int8 basis here) against the identity basis
         identity = ["--basis-dtype", "identity"]
         out += [
             {"name": f"bitsmoe-{b}-identity", "family": "bitsmoe-identity", "bits": b, "args": identity}
@@ -116,7 +128,7 @@ def rows(model: str) -> list[dict]:
         for k, v in ablations.items()
     ]
     fp16, int8 = ["--basis-dtype", "fp16"], ["--basis-dtype", "int8"]
-    shared = {  # the method's shared basis (auto rank, 32 rows per unit)
+    shared = {  # the method's shared basis (auto rank, 8 rows per unit)
         "shared-basis": fp16,
         "shared-basis-int8": int8,
         "shared-basis-rank-128": fp16 + ["--rank", "128"],

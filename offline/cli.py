@@ -63,7 +63,7 @@ def parse(argv: list[str] | None) -> Options:
         "--unit-rows",
         type=int,
         default=None,
-        help="rank rows per allocation unit (default 32; 1 with --basis-dtype identity)",
+        help="rank rows per allocation unit (default 8; 1 with --basis-dtype identity)",
     )
     p.add_argument(
         "--scale-steps",

@@ -48,7 +48,7 @@ class Options:
     basis_dtype: str = "auto"  # or a key of BASIS_DTYPES
     rank: int | None = None  # None: chosen per run from Plan.rank_candidates
     candidate_bits: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8)
-    unit_rows: int | None = None  # None: 32 with a shared basis, 1 with an identity basis (Plan.unit_rows)
+    unit_rows: int | None = None  # None: 8 with a shared basis, 1 with an identity basis (Plan.unit_rows)
     allow_high_error: bool = False  # write the checkpoint even when a layer's measured error marks a broken model
     scale_steps: int = REFINE_STEPS
     rounding: str = "gptq"  # or "nearest": each factor row rounded on its own (offline.gptq)
@@ -136,8 +136,10 @@ class Plan:
     @property
     def unit_rows(self) -> int:
         """Rank rows per allocation unit. A shared basis orders its rows by energy, so neighbours are alike and
-        can share a width; the channels of an identity basis are in no order, so each row is its own unit."""
-        return self.options.unit_rows or (1 if self.basis == "identity" else 32)
+        can share a width: units of 8 rows lose little against one row each (an eighth of the units for the allocation
+        to solve), where units of 32 had 26-30 % more KL on the trained MoE (benchmarks/README.md); the
+        channels of an identity basis are in no order, so each row is its own unit."""
+        return self.options.unit_rows or (1 if self.basis == "identity" else 8)
 
     def full_rank_basis_bits(self) -> float:
         """Bits per routed-expert weight the three bases would cost at full rank: basis_bits * H / (E * I)."""
