@@ -78,10 +78,9 @@ def pipeline(model: Path, layers: int) -> dict:
                 loss = costs[f"loss-{kind}"] = synthetic_losses(per_expert, 3 * E, (seed, layer))
                 costs[f"nearest-{kind}"] = loss * 1.5
                 units[f"loss-{kind}"] += len(loss)
-                if kind == "shared":
-                    for b in plan.basis_candidates():
-                        if b != "identity":
-                            costs[f"basis_loss-{b}"] = loss[:, 0] * 0.01
+                for b in plan.basis_candidates():
+                    if kind != "identity" and plan.with_basis(b).factor_kind == kind:
+                        costs[f"basis_loss-{b}"] = loss[:, 0] * 0.01
             run.save(f"layer-{layer:05d}", costs)
             del costs, loss
         costs = CostFiles([run.path(f"layer-{layer:05d}") for layer in range(layers)])

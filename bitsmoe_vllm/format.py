@@ -34,6 +34,10 @@ def odd_codes(format_version: int) -> bool:
 # than H, a shared basis costs more bits than it saves).
 BASIS_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8, "identity": None}
 BASIS_BITS = {"float16": 16, "bfloat16": 16, "int8": 8, "identity": 0}
+# "projection": each projection of a layer has its own basis; "layer": one basis [R, H] per layer serves the gate and
+# up (as stored) and the down projection (transposed), all three reading and writing the same residual stream; int8
+# with the gate's scale per row, and down's one scale [1] for the transposed codes (FORMAT.md section 3)
+BASIS_SHARINGS = ("projection", "layer")
 CODES_DTYPE, SCALES_DTYPE, BITS_DTYPE, BIAS_DTYPE = torch.int32, torch.float16, torch.uint8, torch.float32
 SCALE_BITS, BITS_ENTRY_BITS, BIAS_BITS = 16, 8, 32
 BITS_TOLERANCE = 1e-6
@@ -91,6 +95,7 @@ class QuantConfig:
     expert_bias: bool = False  # every expert's gate, up and down carry a bias (gpt-oss)
     # the source's quantization_config of the linear weights kept as it stored them (fp8 blocks, DeepSeek-V3)
     linear_quantization: Mapping[str, Any] | None = None
+    basis_sharing: str = "projection"  # a key of BASIS_SHARINGS
 
     @property
     def odd_codes(self) -> bool:
@@ -132,6 +137,7 @@ class QuantConfig:
             format_version=version,
             expert_bias=r.get("expert_bias", bool) if "expert_bias" in r.d else False,
             linear_quantization=_read_linear_quantization(r) if "linear_quantization" in r.d else None,
+            basis_sharing=r.choice("basis_sharing", BASIS_SHARINGS) if "basis_sharing" in r.d else "projection",
             **swiglu,
         )
         cfg.validate()
@@ -149,6 +155,7 @@ class QuantConfig:
             "candidate_bits": list(self.candidate_bits),
             "group_size": self.group_size,
             "basis_dtype": self.basis_dtype,
+            **({"basis_sharing": self.basis_sharing} if self.basis_sharing != "projection" else {}),
             "activation": self.activation,
             **extra,
             **({"expert_bias": True} if self.expert_bias else {}),
@@ -186,6 +193,18 @@ class QuantConfig:
             )
         if not self.layers:
             raise ValueError("quantization_config.layers: no MoE layer listed")
+        if self.basis_sharing == "layer":
+            if self.basis_dtype == "identity":
+                raise ValueError(
+                    "quantization_config.basis_sharing: 'layer' shares a stored basis; basis_dtype is identity"
+                )
+            for layer in self.layers:
+                ranks = [layer.projection(p).rank for p in PROJECTIONS]
+                if len(set(ranks)) > 1:
+                    raise ValueError(
+                        f"quantization_config.layers[{layer.module!r}]: the gate, up and down ranks {ranks} differ, "
+                        "and basis_sharing 'layer' gives them one basis"
+                    )
         for layer in self.layers:
             for p in PROJECTIONS:
                 self._validate_projection(
@@ -255,18 +274,25 @@ def basis_scale_name(module: str, checkpoint_projection: str) -> str:
     return expert_tensor_name(module, 0, checkpoint_projection, "basis_scale")
 
 
+def stored_bases(cfg: QuantConfig) -> tuple[str, ...]:
+    """The projections whose basis is stored: all three, the gate's alone (one basis per layer), or none."""
+    if cfg.basis_dtype == "identity":
+        return ()
+    return ("gate",) if cfg.basis_sharing == "layer" else PROJECTIONS
+
+
 def layer_tensor_specs(cfg: QuantConfig, layer: LayerLayout) -> dict[str, TensorSpec]:
     """Name -> spec of every tensor of one MoE layer, in checkpoint order."""
     H, I, G = cfg.hidden_size, cfg.intermediate_size, cfg.group_size
     specs = {}
-    for p in PROJECTIONS:
+    for p in stored_bases(cfg):
         R, name = layer.projection(p).rank, cfg.projection_names[p]
-        if cfg.basis_dtype == "identity":
-            continue
         shape = (H, R) if p == "down" else (R, H)
         specs[basis_name(layer.module, name)] = TensorSpec(shape, BASIS_DTYPES[cfg.basis_dtype], None)
         if cfg.basis_dtype == "int8":
             specs[basis_scale_name(layer.module, name)] = TensorSpec((shape[0],), SCALES_DTYPE, None)
+    if cfg.basis_sharing == "layer" and cfg.basis_dtype == "int8":
+        specs[basis_scale_name(layer.module, cfg.projection_names["down"])] = TensorSpec((1,), SCALES_DTYPE, None)
     for e in range(cfg.num_experts):
         for p in PROJECTIONS:
             pl, name = layer.projection(p), cfg.projection_names[p]
@@ -305,9 +331,13 @@ def stored_bits(cfg: QuantConfig) -> dict[str, float]:
             pl = layer.projection(p)
             factor_bits = sum(pl.planes) * I + sum(pl.rows) * (I // G) * SCALE_BITS
             factors += factor_bits
-            everything += factor_bits + cfg.num_experts * pl.rank * BITS_ENTRY_BITS + pl.rank * H * basis_bits
-            if cfg.basis_dtype == "int8":
+            everything += factor_bits + cfg.num_experts * pl.rank * BITS_ENTRY_BITS
+            if p in stored_bases(cfg):
+                everything += pl.rank * H * basis_bits
+            if cfg.basis_dtype == "int8" and p in stored_bases(cfg):
                 everything += (H if p == "down" else pl.rank) * SCALE_BITS
+            elif cfg.basis_dtype == "int8" and p == "down" and cfg.basis_sharing == "layer":
+                everything += SCALE_BITS  # down's one scale
             if cfg.expert_bias:
                 everything += cfg.num_experts * (H if p == "down" else I) * BIAS_BITS
     weights = len(cfg.layers) * 3 * cfg.num_experts * I * H

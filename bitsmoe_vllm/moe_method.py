@@ -98,6 +98,9 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
                 "w13_bias": ((len(self.local), 2 * I_tp), BIAS_DTYPE),
                 "w2_bias": ((len(self.local), hidden_size), BIAS_DTYPE),
             }
+        if spec.basis_sharing == "layer":  # filled from the gate's basis: vLLM wants every parameter named in the file
+            shape, dtype = shapes.pop("w2_basis")
+            layer.w2_basis = torch.zeros(shape, dtype=dtype)
         for name, (shape, dtype) in shapes.items():
             param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
             layer.register_parameter(name, param)
@@ -181,6 +184,10 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         self._check(checkpoint_name, loaded_weight)
         if kind == "bits":
             check_bits(self.spec, checkpoint_name, loaded_weight, pl.rows[expert_id], pl.planes[expert_id])
+        if kind.startswith("basis") and self.spec.basis_sharing == "layer":  # the gate's serves all three
+            self._load_layer_basis(layer, kind, p, loaded_weight)
+            self.arrived.add(checkpoint_name)
+            return True if return_success else None
         if kind.startswith("basis"):  # the layer's, whatever experts this rank holds
             target = param.data if p == "down" else param.data[region.rank_at : region.rank_at + pl.rank]
         else:
@@ -202,6 +209,17 @@ class BitsMoEMoEMethod(FusedMoEMethodBase):
         target.copy_(loaded_weight)
         self.arrived.add(checkpoint_name)
         return True if return_success else None
+
+    def _load_layer_basis(self, layer, kind: str, projection: str, loaded: torch.Tensor) -> None:
+        """One basis per layer (basis_sharing "layer"): into the gate's and up's rows of w13 and, transposed, w2;
+        the gate's scales into both halves of w13's, down's one scale into every row of w2's (reference.layer_bases)."""
+        if kind == "basis":
+            layer.w13_basis.data.copy_(torch.cat([loaded, loaded]))
+            layer.w2_basis.data.copy_(loaded.T)
+        elif projection == "down":
+            layer.w2_basis_scale.data.copy_(loaded.expand_as(layer.w2_basis_scale))
+        else:
+            layer.w13_basis_scale.data.copy_(torch.cat([loaded, loaded]))
 
     def checkpoint_name(self, kind: str, projection: str, expert: int) -> str:
         name = self.spec.projection_names[projection]

@@ -42,6 +42,17 @@ class Basis:
     scale: torch.Tensor | None = None  # [rows of weight] float16, int8 only
 
 
+def layer_bases(
+    weight: torch.Tensor, scale: torch.Tensor | None, down_scale: torch.Tensor | None
+) -> tuple[Basis, Basis, Basis]:
+    """The gate's, up's and down's bases of a layer that stores one (basis_sharing "layer"): weight [R, H] with, int8,
+    the gate's scale per row [R]; down reads the codes transposed with its one scale [1] on every row (its factor rows
+    carry the per-row scales, FORMAT.md section 3). Down's is a copy, as the kernels take a stored down basis."""
+    H = weight.shape[1]
+    down = Basis(weight.T.contiguous(), None if down_scale is None else down_scale.expand(H).contiguous())
+    return Basis(weight, scale), Basis(weight, scale), down
+
+
 @dataclass(frozen=True)
 class Biases:
     """Every (local) expert's biases, float32: gate and up [E, I], down [E, H]."""
@@ -112,12 +123,17 @@ def gather_layer(cfg: QuantConfig, module: str, tensors: Mapping[str, torch.Tens
         scale = tensors[basis_scale_name(module, name)] if cfg.basis_dtype == "int8" else None
         return Basis(tensors[basis_name(module, name)], scale)
 
+    if cfg.basis_sharing == "layer":
+        down_scale = (
+            tensors[basis_scale_name(module, cfg.projection_names["down"])] if basis("gate").scale is not None else None
+        )
+        bases = layer_bases(basis("gate").weight, basis("gate").scale, down_scale)
+    else:
+        bases = None
     factors = {p: Factors(cat(p, "codes"), cat(p, "scales"), cat(p, "bits"), cfg.odd_codes) for p in PROJECTIONS}
     biases = Biases(*(cat(p, "bias") for p in PROJECTIONS)) if cfg.expert_bias else None
     return MoELayer(
-        basis("gate"),
-        basis("up"),
-        basis("down"),
+        *(bases or (basis("gate"), basis("up"), basis("down"))),
         **factors,
         group_size=cfg.group_size,
         activation=cfg.act,

@@ -47,8 +47,9 @@ def parse(argv: list[str] | None) -> Options:
         choices=["auto", *BASIS_DTYPES],
         default="auto",
         help=f"the basis: auto (default) takes whichever of {', '.join(AUTO_BASES)} has the least estimated "
-        "loss at this budget; int8 (one scale per row), fp16 or bf16: a shared basis stored so; identity: "
-        "no basis, each expert's weights are its factors",
+        "loss at this budget; int8 (one scale per row), fp16 or bf16: a shared basis per projection stored so; "
+        "int8-layer (one scale), fp16-layer, bf16-layer: one basis per layer that the gate, up and down projections "
+        "share; identity: no basis, each expert's weights are its factors",
     )
     p.add_argument(
         "--rank",
@@ -200,6 +201,7 @@ def summary(out: Path, seconds: float) -> str:
     before, after = (sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) / 1e6 for d in (r["model"], out))
     return (
         f"bitsmoe-quantize: wrote {out}: {r['bits']['achieved_all']:.3f} bits per routed-expert weight all-in, "
-        f"{r['basis']['dtype']} basis of rank {r['basis']['rank']}; weights {before:,.1f} MB -> {after:,.1f} MB; worst "
+        f"{r['basis']['dtype']} basis{' (one per layer)' * (r['basis'].get('sharing') == 'layer')} of rank "
+        f"{r['basis']['rank']}; weights {before:,.1f} MB -> {after:,.1f} MB; worst "
         f"layer error {r['layers'][worst]['relative_error']:.3f} ({worst}); {seconds:.0f} s"
     )

@@ -4,7 +4,9 @@ Every projection is handled in the orientation W_e [I, H] (gate and up as stored
 the basis V [R, H] is the top-R eigenvectors of sum_e W_e^T W_e (the right singular vectors of
 the stacked [E*I, H] matrix), and expert e's rank-major factor is F_e = V W_e^T [R, I], so that
 W_e = F_e^T V exactly when R = H. With an identity basis (none stored) V = I: F_e = W_e^T, and rank rows
-are the input channels (gate, up) or output channels (down).
+are the input channels (gate, up) or output channels (down). One basis per layer (basis_sharing "layer") is the
+top-R eigenvectors of the three projections' sums added: gate and up read the residual stream and down writes it, so
+one set of directions can serve all three.
 """
 
 from typing import NamedTuple
@@ -24,17 +26,28 @@ class Decomposition(NamedTuple):
 
 def top_basis(weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert weights [E, I, H] -> the shared basis [R, H] float32 (orthonormal rows) and its energy [R] float64."""
+    return top_eigenvectors(gram(weights), rank)
+
+
+def gram(weights: torch.Tensor) -> torch.Tensor:
+    """sum_e W_e^T W_e [H, H] float64 of expert weights [E, I, H]."""
     H = weights.shape[-1]
-    if not 1 <= rank <= H:
-        raise ValueError(f"shared_basis: rank must be in 1..{H} (hidden size), got {rank}")
-    gram = torch.zeros(H, H, dtype=torch.float64, device=weights.device)
+    out = torch.zeros(H, H, dtype=torch.float64, device=weights.device)
     # a batch of experts at a time, one float32 product each, summed in float64: an expert at a time in float64 took
     # 29 s of a Qwen3-30B-A3B-shaped layer's 340, twice float32's time here; a float64 copy of a whole layer would not
     # fit for large models
     step = max(1, GRAM_BYTES // (4 * weights[0].numel()))
     for start in range(0, len(weights), step):
         w = weights[start : start + step].float().reshape(-1, H)
-        gram += (w.T @ w).double()
+        out += (w.T @ w).double()
+    return out
+
+
+def top_eigenvectors(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top `rank` eigenvectors of a Gram matrix [H, H] as rows [R, H] float32, and their eigenvalues [R]."""
+    H = gram.shape[-1]
+    if not 1 <= rank <= H:
+        raise ValueError(f"shared_basis: rank must be in 1..{H} (hidden size), got {rank}")
     with factor_threads():
         energy, vectors = torch.linalg.eigh(gram)  # ascending
     energy, vectors = energy.flip(0)[:rank], vectors.flip(1)[:, :rank]  # [R], [H, R]

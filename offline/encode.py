@@ -64,6 +64,7 @@ def encode_layer(
     *,
     group_size: int,
     basis_dtype: str,
+    basis_sharing: str = "projection",
     projection_names: Mapping[str, str],
     scale_steps: int = REFINE_STEPS,
     encoded: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]] | None = None,
@@ -71,9 +72,10 @@ def encode_layer(
 ) -> tuple[LayerLayout, dict[str, torch.Tensor]]:
     """decompositions[p] of projection p; bits[p] [E, R] per-row widths -> (layout, name -> tensor). encoded[p]: each
     expert's codes and scales (encode_factor) where the factors were rounded already (offline.gptq), else they are
-    rounded here."""
+    rounded here. basis_sharing "layer": the three decompositions share one basis, stored once (FORMAT.md)."""
     tensors: dict[str, torch.Tensor] = {}
     layouts = {}
+    whole = basis_sharing == "layer"  # one basis [R, H] for the layer, stored with the gate's names
     for p in PROJECTIONS:
         dec, widths, name = decompositions[p], bits[p].to(torch.int64), projection_names[p]
         if (dec.basis is None) != (basis_dtype == "identity"):
@@ -81,16 +83,28 @@ def encode_layer(
                 f"encode_layer: {module} {p}: basis_dtype {basis_dtype} with a decomposition whose basis is "
                 f"{'the identity' if dec.basis is None else 'stored'}"
             )
-        if dec.basis is not None:
+        if whole and dec.basis is not None and not torch.equal(dec.basis, decompositions["gate"].basis):
+            raise ValueError(f"encode_layer: {module} {p}: basis_sharing layer with a basis other than the gate's")
+        if dec.basis is not None and (p == "gate" or not whole):
             basis = dec.basis.T if p == "down" else dec.basis  # down stores U_d = V^T [H, R]
             tensors[basis_name(module, name)], scale = quantize_basis(basis, basis_dtype)
             if scale is not None:
                 tensors[basis_scale_name(module, name)] = scale
+        # down reads a layer's int8 basis as its codes transposed times one scale t [1] (FORMAT.md section 3): its
+        # factor rows carry the basis rows' scales s, as s / t (the float16 rounding of each rescaled scale adds
+        # about 0.2 % to an 8-bit row's squared rounding error, nothing measurable to narrower rows')
+        to_down = whole and p == "down" and basis_dtype == "int8"
+        if to_down:
+            s = tensors[basis_scale_name(module, projection_names["gate"])].float()
+            t = s.max().half().reshape(1)
+            tensors[basis_scale_name(module, name)], row_factor = t, s / t.float()
         for e, factor in enumerate(dec.factors):
             if encoded is None:
                 codes, row_scales = encode_factor(factor, widths[e], group_size, scale_steps, odd=odd)
             else:
                 codes, row_scales = encoded[p][e]
+            if to_down:
+                row_scales = (row_scales.float() * row_factor[widths[e] > 0, None]).half()
             tensors[expert_tensor_name(module, e, name, "codes")] = codes
             tensors[expert_tensor_name(module, e, name, "scales")] = row_scales
             tensors[expert_tensor_name(module, e, name, "bits")] = widths[e].to(BITS_DTYPE)

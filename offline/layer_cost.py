@@ -1,6 +1,7 @@
 """What one MoE layer's calibration yields for the allocation: the unit losses of its factors for every kind of
-basis the run may choose (shared, identity), and for each shared basis dtype the estimated loss of rounding the
-basis itself, all relative to the residual energy after the layer (offline.cost has the model behind them)."""
+basis the run may choose (a basis per projection, one per layer, identity), and for each shared basis dtype the
+estimated loss of rounding the basis itself, all relative to the residual energy after the layer (offline.cost has the
+model behind them)."""
 
 import torch
 
@@ -10,7 +11,7 @@ from bitsmoe_vllm.reference import Basis, dequantize_basis
 from . import gptq
 from .calibrate import ByExpert, Routed
 from .cost import importance, unit_losses
-from .decompose import project, top_basis
+from .decompose import gram, project, top_eigenvectors
 from .plan import BASIS_DTYPES, Plan
 from .rounding import quantize_basis
 
@@ -23,16 +24,25 @@ def residual_energy(hidden: torch.Tensor) -> float:
 
 
 def shared_bases(plan: Plan, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The layer's shared bases, computed once for the costs and the export: "{p}" [R, H] and "energy-{p}" [R] of
-    offline.decompose.top_basis per projection at the rank the costs measure (--rank, else full); empty when no
-    shared basis is a candidate."""
-    if all(b == "identity" for b in plan.basis_candidates()):
+    """The layer's shared bases, computed once for the costs and the export, at the rank the costs measure (--rank,
+    else full): "{p}" [R, H] and "energy-{p}" [R] per projection where a basis per projection is a candidate, and
+    "layer" and "energy-layer" (offline.decompose) where one per layer is; empty when only the identity is."""
+    kinds = {plan.with_basis(b).factor_kind for b in plan.basis_candidates()}
+    if kinds == {"identity"}:
         return {}
     rank = plan.with_basis("int8").rank
-    out = {}
-    for p in PROJECTIONS:
-        out[p], out[f"energy-{p}"] = top_basis(weights[p], rank)
+    grams, out = {p: gram(weights[p]) for p in PROJECTIONS}, {}
+    if "shared" in kinds:
+        for p in PROJECTIONS:
+            out[p], out[f"energy-{p}"] = top_eigenvectors(grams[p], rank)
+    if "layer" in kinds:
+        out["layer"], out["energy-layer"] = top_eigenvectors(sum(grams.values()), rank)
     return out
+
+
+def kind_bases(kind: str, layer_bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """Each projection's basis [R, H] (None: the identity) for a kind of factors (Plan.factor_kind)."""
+    return {p: None if kind == "identity" else layer_bases["layer" if kind == "layer" else p] for p in PROJECTIONS}
 
 
 def layer_costs(
@@ -46,9 +56,9 @@ def layer_costs(
     out = {}
     routed = ByExpert(routed, weights)  # what every pass below reads, computed once
     for kind in sorted({plan.with_basis(b).factor_kind for b in plan.basis_candidates()}):
-        p_plan = plan.with_basis("identity" if kind == "identity" else "int8")
-        bases = {p: None if kind == "identity" else layer_bases[p] for p in PROJECTIONS}
-        shared = [b for b in plan.basis_candidates() if b != "identity"] if kind == "shared" else []
+        shared = [b for b in plan.basis_candidates() if kind != "identity" and plan.with_basis(b).factor_kind == kind]
+        p_plan = plan.with_basis(shared[0] if shared else "identity")
+        bases = kind_bases(kind, layer_bases)
         losses = {"loss": [], "nearest": [], **{b: [] for b in shared}}
         widths, rows = list(plan.widths), p_plan.unit_rows
         for p in PROJECTIONS:
@@ -86,10 +96,11 @@ def rounding_ratio(basis: torch.Tensor, name: str, projection: str, routed: ByEx
     contribution (what dropping it costs). The gate and up bases act on the inputs: E[(e_k x)^2] / E[(v_k x)^2] over
     the calibration inputs x [N, H] (routed's, and its v x); the down basis writes the output: |e_k|^2 (its columns
     have unit norm)."""
-    dtype = BASIS_DTYPES[name]
-    stored = basis.T if projection == "down" else basis  # as offline.encode stores it
+    # as offline.encode stores it: down's own basis transposed, a layer's one basis [R, H] with a scale per row
+    dtype, own = BASIS_DTYPES[name], projection == "down" and not name.endswith("-layer")
+    stored = basis.T if own else basis
     rounded = dequantize_basis(Basis(*quantize_basis(stored, dtype)))
-    error = (rounded.T if projection == "down" else rounded) - basis  # [R, H]
+    error = (rounded.T if own else rounded) - basis  # [R, H]
     if projection == "down":
         return error.pow(2).sum(1)
     return (routed.x @ error.T).pow(2).mean(0) / routed.z(basis).pow(2).mean(0).clamp_min(1e-30)

@@ -25,11 +25,15 @@ from .cost import unit_costs
 from .rounding import REFINE_STEPS
 from .source import SourceCheckpoint
 
-RUN_FORMAT = 3  # 2: the costs carry "nearest-*" (the cost model counting the error feedback); 3: "basis-*" files
+# 2: the costs carry "nearest-*" (the cost model counting the error feedback); 3: "basis-*" files; 4: the costs of
+# one basis per layer ("loss-layer")
+RUN_FORMAT = 4
 
+# a basis per projection, or (-layer) one per layer that the gate, up and down projections share (FORMAT.md section 3)
 BASIS_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8", "identity": "identity"}
+BASIS_DTYPES |= {f"{k}-layer": v for k, v in BASIS_DTYPES.items() if k != "identity"}
 # what --basis-dtype auto chooses from (bf16 rounds a basis, whose entries are below 1, coarser than fp16)
-AUTO_BASES = ("int8", "fp16", "identity")
+AUTO_BASES = ("int8-layer", "fp16-layer", "int8", "fp16", "identity")
 GROUP_SIZES = (128, 96, 64, 32)  # tried in this order when --group-size is not given
 
 
@@ -100,9 +104,15 @@ class Plan:
         return BASIS_DTYPES[self.basis]
 
     @property
+    def basis_sharing(self) -> str:
+        """ "layer": one basis per layer for the gate, up and down projections; "projection": one each."""
+        return "layer" if self.basis.endswith("-layer") else "projection"
+
+    @property
     def factor_kind(self) -> str:
-        """ "identity" or "shared": the factors' cost measurements, which every shared basis dtype has in common."""
-        return "identity" if self.basis == "identity" else "shared"
+        """ "identity", "shared" (a basis per projection) or "layer" (one per layer): the factors' cost measurements,
+        which every basis dtype of a kind has in common."""
+        return "identity" if self.basis == "identity" else "layer" if self.basis_sharing == "layer" else "shared"
 
     def basis_candidates(self) -> tuple[str, ...]:
         """The bases --basis-dtype allows; an identity basis has full rank, so not with a lower --rank."""
@@ -142,8 +152,10 @@ class Plan:
         return self.options.unit_rows or (1 if self.basis == "identity" else 8)
 
     def full_rank_basis_bits(self) -> float:
-        """Bits per routed-expert weight the three bases would cost at full rank: basis_bits * H / (E * I)."""
-        return BASIS_BITS[self.basis_dtype] * self.hidden_size / (self.num_experts * self.intermediate_size)
+        """Bits per routed-expert weight the bases would cost at full rank: basis_bits * H / (E * I) for three, a
+        third of it for one per layer."""
+        bases = 1 if self.basis_sharing == "layer" else len(PROJECTIONS)
+        return BASIS_BITS[self.basis_dtype] * self.hidden_size * bases / (3 * self.num_experts * self.intermediate_size)
 
     def feasible_bits(self) -> tuple[float, float]:
         """The feasible --bits over every rank this plan may choose."""
@@ -193,6 +205,7 @@ class Plan:
             candidate_bits=self.widths,
             group_size=self.group_size,
             basis_dtype=self.basis_dtype,
+            basis_sharing=self.basis_sharing,
             activation=self.activation.name,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -279,7 +292,7 @@ def make_plan(options: Options) -> Plan:
     low, high = min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
     if not low - 1e-9 <= options.bits <= high + 1e-9:
         ranks = f"rank {rank}" if options.rank else f"ranks {min(plan.rank_candidates())}-{H}"
-        bases = " or ".join(f"{BASIS_DTYPES[b]}" for b in ranges)
+        bases = " or ".join(ranges)
         raise ValueError(
             f"--bits {options.bits} is outside the feasible range [{low:.4f}, {high:.4f}] ({options.budget_scope} "
             f"bits per routed-expert weight) for this model with {ranks}, group size {group_size}, {bases} bases "

@@ -322,9 +322,10 @@ def encode_moe_layer(
     device = torch.device(plan.options.device)
     weights = expert_weights(plan, layer, device)
     bases = dict.fromkeys(PROJECTIONS)
-    if plan.factor_kind == "shared":
+    if plan.factor_kind != "identity":
         saved = run.load(f"basis-{layer:05d}")[0]
-        bases = {p: (saved[p].to(device), saved[f"energy-{p}"].to(device)) for p in PROJECTIONS}
+        key = {p: "layer" if plan.factor_kind == "layer" else p for p in PROJECTIONS}
+        bases = {p: (saved[key[p]].to(device), saved[f"energy-{key[p]}"].to(device)) for p in PROJECTIONS}
     decompositions = {p: decompose(weights[p], plan.rank, plan.basis_dtype, bases[p]) for p in PROJECTIONS}
     widths = dict(zip(PROJECTIONS, widths))
     encoded = None if routed is None else feedback_rounding(plan, routed, weights, decompositions, widths)
@@ -336,6 +337,7 @@ def encode_moe_layer(
         widths,
         group_size=plan.group_size,
         basis_dtype=plan.basis_dtype,
+        basis_sharing=plan.basis_sharing,
         projection_names=plan.source.architecture.projection_names,
         scale_steps=plan.options.scale_steps,
         encoded=encoded,

@@ -98,7 +98,7 @@ def report(
             "routed_expert_weights": plan.total_weights,
             "non_expert_params": non_expert_params(plan, modules),
         },
-        "basis": {"dtype": plan.basis_dtype, "rank": plan.rank},
+        "basis": {"dtype": plan.basis_dtype, "sharing": plan.basis_sharing, "rank": plan.rank},
         "allocation": stats,
         "layers": {
             module: {

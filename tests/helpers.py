@@ -40,18 +40,22 @@ def random_checkpoint(
     *,
     widths=ALLOCATION_WIDTHS,
     basis_dtype: str = "float16",
+    basis_sharing: str = "projection",
     seed: int = 0,
     module: str = MODULE,
     names: dict[str, str] = STANDARD_NAMES,
     gpt_oss: bool = False,
 ) -> tuple[QuantConfig, dict[str, torch.Tensor]]:
     """A one-layer checkpoint (config, name -> tensor) with every width of `widths` in use; `gpt_oss`: with expert
-    biases and gpt-oss's activation (swigluoai, alpha 1.702, a limit of 1.5 that clamps many entries)."""
+    biases and gpt-oss's activation (swigluoai, alpha 1.702, a limit of 1.5 that clamps many entries);
+    basis_sharing "layer": the gate's basis serves all three (their ranks must be equal)."""
     g = torch.Generator().manual_seed(seed)
     decompositions, bits = {}, {}
     for p, R in zip(PROJECTIONS, ranks):
         if basis_dtype == "identity":
             basis = None  # R must be H
+        elif basis_sharing == "layer" and p != "gate":
+            basis = decompositions["gate"].basis
         else:
             basis = torch.linalg.qr(torch.randn(H, R, generator=g)).Q.T.contiguous()  # [R, H], orthonormal rows
         factors = torch.randn(E, R, I, generator=g) / I**0.5  # [E, R, I]
@@ -59,7 +63,13 @@ def random_checkpoint(
         choice = torch.randint(0, len(widths), (E, R), generator=g)
         bits[p] = torch.tensor(widths)[choice]  # [E, R]
     layout, tensors = encode_layer(
-        module, decompositions, bits, group_size=G, basis_dtype=basis_dtype, projection_names=names
+        module,
+        decompositions,
+        bits,
+        group_size=G,
+        basis_dtype=basis_dtype,
+        basis_sharing=basis_sharing,
+        projection_names=names,
     )
     cfg = build_quant_config(
         [layout],
@@ -68,6 +78,7 @@ def random_checkpoint(
         candidate_bits=tuple(sorted(set(widths) | {0})),
         group_size=G,
         basis_dtype=basis_dtype,
+        basis_sharing=basis_sharing,
         activation="swigluoai" if gpt_oss else "silu",
         hidden_size=H,
         intermediate_size=I,
@@ -92,12 +103,30 @@ def routing(T: int, E: int, K: int, seed: int, used_experts: int | None = None):
     return weights, ids
 
 
-def layer_of(shape, widths=(0,) + WIDTHS, basis_dtype="float16", seed=0, format_version=FORMAT_VERSION, gpt_oss=False):
-    """A random layer; format_version 1 reads the same stored bits as version 1's codes."""
+def layer_of(
+    shape,
+    widths=(0,) + WIDTHS,
+    basis_dtype="float16",
+    seed=0,
+    format_version=FORMAT_VERSION,
+    gpt_oss=False,
+    basis_sharing="projection",
+):
+    """A random layer; format_version 1 reads the same stored bits as version 1's codes; basis_sharing "layer": one
+    basis for all three projections, at the gate's rank."""
     H, I, E, K, ranks, G = shape
-    ranks = (H, H, H) if basis_dtype == "identity" else ranks
+    ranks = (H, H, H) if basis_dtype == "identity" else (ranks[0],) * 3 if basis_sharing == "layer" else ranks
     cfg, tensors = random_checkpoint(
-        H, I, E, ranks, G, widths=widths, basis_dtype=basis_dtype, seed=seed, gpt_oss=gpt_oss
+        H,
+        I,
+        E,
+        ranks,
+        G,
+        widths=widths,
+        basis_dtype=basis_dtype,
+        seed=seed,
+        gpt_oss=gpt_oss,
+        basis_sharing=basis_sharing,
     )
     return gather_layer(dataclasses.replace(cfg, format_version=format_version), MODULE, tensors)
 

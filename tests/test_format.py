@@ -244,3 +244,36 @@ def test_gpt_oss_layers_store_their_biases_and_activation():
     without_biases = dataclasses.replace(cfg, expert_bias=False)
     with pytest.raises(ValueError, match=f"unexpected tensor '{MODULE}.0.gate_proj.bias'"):
         check_tensors(without_biases, tensors)
+
+
+def test_one_basis_per_layer_is_stored_once_and_counted_once():
+    """basis_sharing "layer": the gate's int8 basis [R, H] and its row scales serve the three projections, down with
+    one scale of its own."""
+    cfg, tensors = random_checkpoint(
+        64, 64, 2, (40, 40, 40), 32, widths=(2,), basis_dtype="int8", basis_sharing="layer"
+    )
+    bases = {n: tuple(t.shape) for n, t in tensors.items() if ".basis" in n}
+    assert bases == {
+        f"{MODULE}.0.gate_proj.basis": (40, 64),
+        f"{MODULE}.0.gate_proj.basis_scale": (40,),
+        f"{MODULE}.0.down_proj.basis_scale": (1,),
+    }
+    assert set(tensor_specs(cfg)) == set(tensors)
+    check_tensors(cfg, tensors)
+    factors = 3 * 2 * (40 * 2 * 64 + 40 * 2 * 16)
+    everything = factors + 3 * 2 * 40 * 8 + 40 * 64 * 8 + 41 * 16  # + bits tensors + one int8 basis, 41 scales
+    assert stored_bits(cfg) == pytest.approx(
+        {"all": everything / (3 * 2 * 64 * 64), "factors": factors / (3 * 2 * 64 * 64)}
+    )
+    d = cfg.to_dict()
+    assert d["basis_sharing"] == "layer" and QuantConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    assert "basis_sharing" not in random_checkpoint(64, 64, 2, (40, 40, 40), 32)[0].to_dict()  # older readers' dicts
+    refuse(d | {"basis_sharing": "model"}, "quantization_config.basis_sharing", "'model'")
+    uneven = copy.deepcopy(d)
+    uneven["layers"][MODULE]["down"]["rank"] = 64
+    refuse(uneven, f"layers['{MODULE}']", "ranks [40, 40, 64] differ", "basis_sharing 'layer'")
+    refuse(d | {"basis_dtype": "identity"}, "basis_sharing: 'layer' shares a stored basis; basis_dtype is identity")
+    with pytest.raises(ValueError, match="missing tensor .*down_proj.basis_scale"):
+        check_tensors(cfg, {n: t for n, t in tensors.items() if not n.endswith("down_proj.basis_scale")})
+    with pytest.raises(ValueError, match="unexpected tensor .*up_proj.basis"):
+        check_tensors(cfg, tensors | {f"{MODULE}.0.up_proj.basis": tensors[f"{MODULE}.0.gate_proj.basis"]})

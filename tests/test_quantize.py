@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,39 +205,76 @@ def test_auto_basis_takes_the_identity_when_a_shared_basis_must_be_cut(
     assert errors["identity"] < 0.5 * errors["shared"], errors
 
 
-def test_auto_basis_takes_a_shared_basis_when_the_experts_share_few_directions(
-    tiny_model_dir, quantize_tiny, calib_file, tmp_path
-):
-    """Experts whose weights all lie in the same 16 of 64 input (gate, up) and output (down) directions: a shared
-    basis of rank 16 holds them exactly and spends the budget on 16 rows, the identity on 64 channels."""
-    from safetensors.torch import load_file, save_file
+SPECTRUM = torch.linspace(4, 2, 16)
 
-    model = tmp_path / "low-rank"
-    shutil.copytree(tiny_model_dir("qwen3_moe", **QUANT_SHAPE), model)
+
+def low_rank_model(tiny_model_dir, path: Path, per_layer: bool) -> Path:
+    """Experts whose weights all lie in the same 16 of 64 directions, with energies falling along them: one set per
+    layer and projection kind (gate and up's inputs, down's outputs), or with per_layer one set for all three."""
+    shutil.copytree(tiny_model_dir("qwen3_moe", **QUANT_SHAPE), path)
     g = torch.Generator().manual_seed(0)
-    for shard in model.glob("*.safetensors"):
+    for shard in path.glob("*.safetensors"):
         tensors = load_file(shard)
         directions = {}
         for name, t in tensors.items():
             if ".mlp.experts." in name:
                 kind, layer = name.rsplit(".", 2)[-2], name.split(".mlp.")[0]
                 down = kind == "down_proj"
-                shared = directions.setdefault(
-                    (layer, down), torch.linalg.qr(torch.randn(64, 16, generator=g))[0]
-                )  # [H, 16]
-                own = torch.randn(t.shape[1 if down else 0], 16, generator=g) / 2  # [I, 16]
+                key = layer if per_layer else (layer, down)
+                shared = directions.setdefault(key, torch.linalg.qr(torch.randn(64, 16, generator=g))[0])  # [H, 16]
+                # [I, 16]: orthonormal columns scaled alike in every expert and projection, so that every sum of
+                # W^T W has the same eigenvectors
+                own = torch.linalg.qr(torch.randn(t.shape[1 if down else 0], 16, generator=g))[0] * SPECTRUM
                 tensors[name] = (shared @ own.T) if down else (own @ shared.T)
         save_file(tensors, shard, metadata={"format": "pt"})
+    return path
+
+
+def test_auto_basis_takes_a_shared_basis_when_the_experts_share_few_directions(
+    tiny_model_dir, quantize_tiny, calib_file, tmp_path
+):
+    """A shared basis of rank 16 holds such experts exactly and spends the budget on 16 rows, the identity on 64
+    channels; the gate/up and down directions differ, so one basis per layer would need 32 rows and a basis per
+    projection is taken."""
+    model = low_rank_model(tiny_model_dir, tmp_path / "low-rank", per_layer=False)
     auto = quantize_tiny(model, tmp_path / "auto", 2.5)
     identity = quantize_tiny(model, tmp_path / "identity", 2.5, basis_dtype="identity")
     report = json.loads((auto / "quantization_report.json").read_text())
-    assert read_quant_config(auto).basis_dtype in ("int8", "float16") and report["basis"]["rank"] < 64, report["basis"]
+    cfg = read_quant_config(auto)
+    assert cfg.basis_dtype in ("int8", "float16") and report["basis"]["rank"] < 64, report["basis"]
+    assert cfg.basis_sharing == "projection", report["allocation"]["estimated_loss_nearest"]
     estimated = report["allocation"]["estimated_loss"]
-    assert estimated[report["allocation"]["basis"]] == min(estimated.values()) < estimated["identity"]
+    assert estimated[report["allocation"]["basis"]] < estimated["identity"]
     errors = {
         name: sum(layer_errors(model, d, calib_file).values()) for name, d in (("auto", auto), ("identity", identity))
     }
     assert errors["auto"] < 0.5 * errors["identity"], errors
+
+
+def test_auto_basis_takes_one_basis_per_layer_when_the_projections_share_their_directions(
+    tiny_model_dir, quantize_tiny, calib_file, tmp_path
+):
+    """Gate, up and down in the same 16 directions: one basis per layer holds all three and costs a third of three
+    bases, which the default takes; it is stored once per layer and beats three bases of its dtype at the same bits,
+    in int8 too (the gate's row scales and down's one scale stored)."""
+    model = low_rank_model(tiny_model_dir, tmp_path / "low-rank", per_layer=True)
+    auto = quantize_tiny(model, tmp_path / "auto", 2.0)
+    report = json.loads((auto / "quantization_report.json").read_text())
+    cfg = read_quant_config(auto)
+    assert cfg.basis_sharing == "layer", report["allocation"]["estimated_loss_nearest"]
+    assert report["basis"] == {"dtype": cfg.basis_dtype, "sharing": "layer", "rank": report["allocation"]["rank"]}
+    assert sorted(n.split(".experts.0.")[1] for n in TensorFiles(auto) if ".basis" in n) == ["gate_proj.basis"] * 4
+    stored, weights = expert_bits_on_disk(auto)
+    assert stored / weights == pytest.approx(cfg.achieved_bits["all"], rel=1e-9) and stored / weights <= 2.0
+    runs = {"auto": auto, "int8-layer": quantize_tiny(model, tmp_path / "int8-layer", 2.0, basis_dtype="int8-layer")}
+    for basis in ("fp16", "int8"):
+        runs[basis] = quantize_tiny(model, tmp_path / basis, 2.0, basis_dtype=basis)
+    bases = sorted(n.split(".experts.0.")[1] for n in TensorFiles(runs["int8-layer"]) if ".basis" in n)
+    assert bases == sorted(["gate_proj.basis", "gate_proj.basis_scale", "down_proj.basis_scale"] * 4)
+    errors = {name: sum(layer_errors(model, d, calib_file).values()) for name, d in runs.items()}
+    # one basis per layer beats three of its dtype: the int8 one reaches down through its factor rows' scales
+    assert errors["auto"] < errors["fp16" if cfg.basis_dtype == "float16" else "int8"], errors
+    assert errors["int8-layer"] < errors["int8"], errors
 
 
 def test_per_layer_allocation_keeps_every_layer_within_its_share(tiny_model_dir, quantize_tiny, tmp_path):

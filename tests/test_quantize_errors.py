@@ -53,8 +53,8 @@ def run(tiny_model_dir, calib_file, tmp_path, capsys):
         ),
         (
             ("--bits", "9"),
-            "--bits 9.0 is outside the feasible range [0.0423, 8.6875] (all bits per routed-expert weight) for this "
-            "model with ranks 8-64, group size 128, int8 or float16 or identity bases",
+            "--bits 9.0 is outside the feasible range [0.0186, 8.6875] (all bits per routed-expert weight) for this "
+            "model with ranks 8-64, group size 128, int8-layer or fp16-layer or int8 or fp16 or identity bases",
         ),
         (("--rank", "65"), "--rank 65: must be between 1 and the hidden size 64"),
         (("--basis-dtype", "identity", "--rank", "32"), "--rank 32: an identity basis has rank 64 (the hidden size)"),

@@ -180,3 +180,26 @@ def test_the_forward_does_not_depend_on_torchs_default_dtype(monkeypatch):
         assert torch.equal(moe_forward(x, w.bfloat16(), ids, layer), expected)
     finally:
         torch.set_default_dtype(default)
+
+
+@pytest.mark.parametrize("basis_dtype", ["int8", "float16"])
+def test_one_basis_per_layer_serves_gate_and_up_as_stored_and_down_transposed(basis_dtype):
+    """basis_sharing "layer": with C the stored basis [R, H], s its row scales and t down's one scale (int8; else
+    s = t = 1), G_e = F_g^T diag(s) C, U_e = F_u^T diag(s) C and D_e = t C^T F_d, from the stored tensors alone."""
+    H, I, E, R, G = 48, 64, 5, 40, 32
+    cfg, tensors = random_checkpoint(H, I, E, (R, R, R), G, basis_dtype=basis_dtype, basis_sharing="layer")
+    layer = gather_layer(cfg, MODULE, tensors)
+    C = tensors[f"{MODULE}.0.gate_proj.basis"].double()
+    V, B_d = C, C.T
+    if basis_dtype == "int8":
+        V = C * tensors[f"{MODULE}.0.gate_proj.basis_scale"].double()[:, None]
+        B_d = C.T * float(tensors[f"{MODULE}.0.down_proj.basis_scale"])
+    x = torch.randn(7, H, dtype=torch.float64)
+    topk_weights, topk_ids = routing(7, E, 2, seed=3)
+    y = torch.zeros_like(x)
+    for t in range(7):
+        for w, e in zip(topk_weights[t].tolist(), topk_ids[t].tolist()):
+            F_g, F_u, F_d = (expert_factor(f, e, G).double() for f in (layer.gate, layer.up, layer.down))
+            y[t] += w * ((B_d @ F_d) @ (torch.nn.functional.silu(F_g.T @ V @ x[t]) * (F_u.T @ V @ x[t])))
+    ours = moe_forward(x.float(), topk_weights, topk_ids, layer).double()
+    assert (ours - y).norm() / y.norm() < 1e-5

@@ -13,6 +13,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from bitsmoe_vllm.checkpoint import read_quant_config
 from bitsmoe_vllm.local_server import FAST_AND_STRICT, get, post, run_to_exit, server_env, stream, vllm_server
 from bitsmoe_vllm.offline.demo import ARCHITECTURES
 from bitsmoe_vllm.offline.dequantize import dequantize_checkpoint
@@ -266,10 +267,13 @@ def test_offline_llm_api(checkpoints, tmp_path):
     assert "TOKENS 8" in result.stdout
 
 
-def test_identity_basis_matches_the_dequantized_weights(tiny_model_dir, quantize_tiny, tmp_path):
-    """basis_dtype identity: no basis parameters, z = x and y = t in the op."""
-    bitsmoe = quantize_tiny(tiny_model_dir("qwen3_moe", **SHAPE), tmp_path / "bitsmoe", 3.0, basis_dtype="identity")
-    with vllm_server(bitsmoe, *EXACT, log=tmp_path / "identity.log") as url:
+@pytest.mark.parametrize("basis", ["identity", "int8-layer"])
+def test_other_bases_match_the_dequantized_weights(basis, tiny_model_dir, quantize_tiny, tmp_path):
+    """identity: no basis parameters, z = x and y = t in the op; int8-layer: one basis per layer, which the loader puts
+    into the gate's and up's basis parameters and, transposed with down's one scale, into down's."""
+    bitsmoe = quantize_tiny(tiny_model_dir("qwen3_moe", **SHAPE), tmp_path / "bitsmoe", 3.0, basis_dtype=basis)
+    assert read_quant_config(bitsmoe).basis_sharing == ("layer" if basis == "int8-layer" else "projection")
+    with vllm_server(bitsmoe, *EXACT, log=tmp_path / f"{basis}.log") as url:
         served = prompt_logprobs(url, bitsmoe)
     reference = transformers_logprobs(dequantize_checkpoint(bitsmoe, tmp_path / "dequantized"))
     assert max_difference(served, reference) < LOGPROB_TOLERANCE

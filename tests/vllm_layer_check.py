@@ -1,7 +1,8 @@
 """One BitsMoE layer through vLLM's own MoE layer, with no model and no server: the plugin registers the method, vLLM's
 FusedMoEFactory builds the layer with BitsMoEConfig, the method creates the weights, vLLM's per-expert name mapping
 and the method's loaders fill them, the weights are processed, and the method's apply is compared with the reference
-forward on CPU tensors, for a silu layer and for gpt-oss's (clamped SwiGLU, expert biases). Prints a line for each,
+forward on CPU tensors, for a silu layer (with an int8 basis per projection, and with one per layer) and for
+gpt-oss's (clamped SwiGLU, expert biases). Prints a line for each,
 `vllm VERSION: ...`, and exits non-zero on any difference.
 
 Runs beside any vLLM build that imports on this machine (tests/test_vllm_interfaces.py runs it with the suite's vLLM;
@@ -45,8 +46,12 @@ def main() -> int:
         init_distributed_environment(1, 0, f"tcp://127.0.0.1:{free_port()}", 0, "gloo")
         initialize_model_parallel(1, 1)
     failed = 0
-    for gpt_oss in (False, True):  # silu with an int8 basis; gpt-oss's clamped SwiGLU with expert biases
-        cfg, tensors = random_checkpoint(H, I, E, (48, 64, 40), 32, basis_dtype="int8", module=MODULE, gpt_oss=gpt_oss)
+    # silu with int8 bases per projection and one per layer; gpt-oss's clamped SwiGLU with expert biases
+    for gpt_oss, sharing in ((False, "projection"), (False, "layer"), (True, "projection")):
+        ranks = (48, 48, 48) if sharing == "layer" else (48, 64, 40)
+        cfg, tensors = random_checkpoint(
+            H, I, E, ranks, 32, basis_dtype="int8", basis_sharing=sharing, module=MODULE, gpt_oss=gpt_oss
+        )
         quant_config = get_quantization_config("bitsmoe").from_config(cfg.to_dict())
         with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
             runner = FusedMoEFactory(
@@ -79,7 +84,8 @@ def main() -> int:
         kernel = layer.quant_method.kernel  # what the backend oracle chose: None is the C++ float kernel
         kernel = "cpu-float" if kernel is None else type(kernel).__name__
         print(
-            f"vllm {vllm.__version__}: BitsMoE layer ({cfg.activation}{', expert biases' if gpt_oss else ''}) built, "
+            f"vllm {vllm.__version__}: BitsMoE layer ({cfg.activation}{', expert biases' if gpt_oss else ''}, "
+            f"a basis per {sharing}) built, "
             f"loaded and run through vLLM's MoE layer ({kernel}); off the reference by {error:.1e}"
         )
         failed += not error < TOLERANCE[torch.float32]  # what the backend oracle allows a kernel
