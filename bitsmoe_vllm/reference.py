@@ -42,15 +42,14 @@ class Basis:
     scale: torch.Tensor | None = None  # [rows of weight] float16, int8 only
 
 
-def layer_bases(
-    weight: torch.Tensor, scale: torch.Tensor | None, down_scale: torch.Tensor | None
-) -> tuple[Basis, Basis, Basis]:
-    """The gate's, up's and down's bases of a layer that stores one (basis_sharing "layer"): weight [R, H] with, int8,
-    the gate's scale per row [R]; down reads the codes transposed with its one scale [1] on every row (its factor rows
-    carry the per-row scales, FORMAT.md section 3). Down's is a copy, as the kernels take a stored down basis."""
-    H = weight.shape[1]
-    down = Basis(weight.T.contiguous(), None if down_scale is None else down_scale.expand(H).contiguous())
-    return Basis(weight, scale), Basis(weight, scale), down
+def layer_bases(gate: Basis, down_scale: torch.Tensor | None) -> tuple[Basis, Basis, Basis]:
+    """The gate's, up's and down's bases of a layer that stores one (basis_sharing "layer"): the gate's [R, H] (int8:
+    with its scale per row [R]) serves up too; down reads its codes transposed with its own one scale [1] on every row
+    (its factor rows carry the per-row scales, FORMAT.md section 3). Down's is a copy, as the kernels take a stored
+    down basis."""
+    H = gate.weight.shape[1]
+    down = Basis(gate.weight.T.contiguous(), None if down_scale is None else down_scale.expand(H).contiguous())
+    return gate, gate, down
 
 
 @dataclass(frozen=True)
@@ -124,16 +123,14 @@ def gather_layer(cfg: QuantConfig, module: str, tensors: Mapping[str, torch.Tens
         return Basis(tensors[basis_name(module, name)], scale)
 
     if cfg.basis_sharing == "layer":
-        down_scale = (
-            tensors[basis_scale_name(module, cfg.projection_names["down"])] if basis("gate").scale is not None else None
-        )
-        bases = layer_bases(basis("gate").weight, basis("gate").scale, down_scale)
+        down_scale = basis_scale_name(module, cfg.projection_names["down"])
+        bases = layer_bases(basis("gate"), tensors[down_scale] if cfg.basis_dtype == "int8" else None)
     else:
-        bases = None
+        bases = (basis("gate"), basis("up"), basis("down"))
     factors = {p: Factors(cat(p, "codes"), cat(p, "scales"), cat(p, "bits"), cfg.odd_codes) for p in PROJECTIONS}
     biases = Biases(*(cat(p, "bias") for p in PROJECTIONS)) if cfg.expert_bias else None
     return MoELayer(
-        *(bases or (basis("gate"), basis("up"), basis("down"))),
+        *bases,
         **factors,
         group_size=cfg.group_size,
         activation=cfg.act,

@@ -40,9 +40,14 @@ def shared_bases(plan: Plan, weights: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
+def basis_key(kind: str, projection: str) -> str:
+    """The key of shared_bases that holds a projection's basis for a shared kind of factors (Plan.factor_kind)."""
+    return "layer" if kind == "layer" else projection
+
+
 def kind_bases(kind: str, layer_bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
     """Each projection's basis [R, H] (None: the identity) for a kind of factors (Plan.factor_kind)."""
-    return {p: None if kind == "identity" else layer_bases["layer" if kind == "layer" else p] for p in PROJECTIONS}
+    return {p: None if kind == "identity" else layer_bases[basis_key(kind, p)] for p in PROJECTIONS}
 
 
 def layer_costs(

@@ -26,7 +26,7 @@ from .decompose import decompose
 from .encode import encode_layer
 from .export import copied_tensors, copy_side_files, shard_files, write_config, write_index, write_shard
 from .feedback import feedback_rounding
-from .layer_cost import layer_costs, residual_energy, shared_bases
+from .layer_cost import basis_key, layer_costs, residual_energy, shared_bases
 from .modules import return_freed_memory, skeleton
 from .plan import Options, Plan, make_plan
 from .report import StageTimer, plot_allocation, report, write_report
@@ -324,7 +324,7 @@ def encode_moe_layer(
     bases = dict.fromkeys(PROJECTIONS)
     if plan.factor_kind != "identity":
         saved = run.load(f"basis-{layer:05d}")[0]
-        key = {p: "layer" if plan.factor_kind == "layer" else p for p in PROJECTIONS}
+        key = {p: basis_key(plan.factor_kind, p) for p in PROJECTIONS}
         bases = {p: (saved[key[p]].to(device), saved[f"energy-{key[p]}"].to(device)) for p in PROJECTIONS}
     decompositions = {p: decompose(weights[p], plan.rank, plan.basis_dtype, bases[p]) for p in PROJECTIONS}
     widths = dict(zip(PROJECTIONS, widths))

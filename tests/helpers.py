@@ -103,30 +103,12 @@ def routing(T: int, E: int, K: int, seed: int, used_experts: int | None = None):
     return weights, ids
 
 
-def layer_of(
-    shape,
-    widths=(0,) + WIDTHS,
-    basis_dtype="float16",
-    seed=0,
-    format_version=FORMAT_VERSION,
-    gpt_oss=False,
-    basis_sharing="projection",
-):
-    """A random layer; format_version 1 reads the same stored bits as version 1's codes; basis_sharing "layer": one
-    basis for all three projections, at the gate's rank."""
+def layer_of(shape, widths=(0,) + WIDTHS, basis_dtype="float16", seed=0, format_version=FORMAT_VERSION, gpt_oss=False):
+    """A random layer; format_version 1 reads the same stored bits as version 1's codes."""
     H, I, E, K, ranks, G = shape
-    ranks = (H, H, H) if basis_dtype == "identity" else (ranks[0],) * 3 if basis_sharing == "layer" else ranks
+    ranks = (H, H, H) if basis_dtype == "identity" else ranks
     cfg, tensors = random_checkpoint(
-        H,
-        I,
-        E,
-        ranks,
-        G,
-        widths=widths,
-        basis_dtype=basis_dtype,
-        seed=seed,
-        gpt_oss=gpt_oss,
-        basis_sharing=basis_sharing,
+        H, I, E, ranks, G, widths=widths, basis_dtype=basis_dtype, seed=seed, gpt_oss=gpt_oss
     )
     return gather_layer(dataclasses.replace(cfg, format_version=format_version), MODULE, tensors)
 
