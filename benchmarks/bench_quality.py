@@ -38,6 +38,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 BITSMOE = [str(ROOT / ".venv" / "bin" / "bitsmoe-quantize")]
 PEERS = ("rtn", "gptq", "hqq", "autoround")
+MAIN = ("unquantized", *PEERS, "bitsmoe", "bitsmoe-identity", "bitsmoe-nearest")  # --main: the headline's rows
 AUTOROUND_ITERS = 50  # a quarter of its default 200 tuning iterations per block, affordable on 2 cores
 MODELS = {  # peers' group size: the usual 128 where it divides H and I; SmolLM2's H 576 and I/E 192 need 64
     "smollm2-moe": {"group": 64, "results": "quality"},
@@ -284,6 +285,9 @@ def main() -> None:
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--only", nargs="*", help="rows to (re)run by name")
+    p.add_argument(
+        "--main", action="store_true", help="only the main rows: unquantized, peers, defaults, identity, nearest"
+    )
     p.add_argument("--force", action="store_true", help="rerun every row")
     p.add_argument("--results", help="results file name in benchmarks/results (default: the model's)")
     a = p.parse_args()
@@ -304,6 +308,8 @@ def main() -> None:
     todo = [r for r in rows(a.model) if a.force or r["name"] not in done or (a.only and r["name"] in a.only)]
     if a.only:
         todo = [r for r in todo if r["name"] in a.only]
+    if a.main:
+        todo = [r for r in todo if r["family"] in MAIN]
     print(f"{len(todo)} rows to run: {[r['name'] for r in todo]}", flush=True)
     if any(r["family"] in PEERS for r in todo) and not PEERS_PYTHON.exists():
         raise SystemExit(f"{PEERS_PYTHON} is missing: run `bash scripts/setup_peers.sh` first")

@@ -191,10 +191,28 @@ def expert_factor(
     return dequantize_factor(codes, scales, factors.bits[expert], group_size, factors.odd)
 
 
-def moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: MoELayer) -> torch.Tensor:
+def expert_factors(layer: MoELayer) -> dict[str, list[torch.Tensor]]:
+    """Every expert's dequantized factors {projection: [[R, I]] per expert}: moe_forward's, computed once for a caller
+    that runs many forwards of one layer (evaluation: 5x faster on the trained MoE)."""
+    out = {}
+    for p in PROJECTIONS:
+        f = getattr(layer, p)
+        offsets = expert_offsets(f.bits)
+        out[p] = [expert_factor(f, e, layer.group_size, offsets) for e in range(f.bits.shape[0])]
+    return out
+
+
+def moe_forward(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    layer: MoELayer,
+    dequantized: dict[str, list[torch.Tensor]] | None = None,
+) -> torch.Tensor:
     """BitsMoE routed-expert output. x [T, H]; topk_weights [T, K]; topk_ids [T, K] -> [T, H] in x.dtype.
 
-    Expert ids index the layer's experts; negative ids (experts held elsewhere) contribute nothing.
+    Expert ids index the layer's experts; negative ids (experts held elsewhere) contribute nothing. `dequantized`:
+    expert_factors(layer), if at hand.
     """
     xf = x.float()
     z_gate = xf if layer.gate_basis is None else xf @ dequantize_basis(layer.gate_basis).T  # [T, R_gate]
@@ -204,6 +222,8 @@ def moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     offsets = {p: expert_offsets(f.bits) for p, f in factors.items()}
 
     def factor(p: str, e: int) -> torch.Tensor:
+        if dequantized is not None:
+            return dequantized[p][e]
         return expert_factor(factors[p], e, layer.group_size, offsets[p])  # [R_p, I]
 
     b = layer.biases

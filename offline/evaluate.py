@@ -11,7 +11,7 @@ import transformers
 from tqdm import tqdm
 
 from bitsmoe_vllm.checkpoint import TensorFiles, load_layer, read_quant_config
-from bitsmoe_vllm.reference import MoELayer, moe_forward
+from bitsmoe_vllm.reference import MoELayer, expert_factors, moe_forward
 
 from .calibrate import read_texts, token_stream
 from .modules import load_module, skeleton
@@ -24,11 +24,12 @@ class ReferenceExperts(torch.nn.Module):
     def __init__(self, layer: MoELayer):
         super().__init__()
         self.layer = layer
+        self.dequantized = expert_factors(layer)  # once, not at every forward
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        return moe_forward(hidden_states, top_k_weights, top_k_index, self.layer)
+        return moe_forward(hidden_states, top_k_weights, top_k_index, self.layer, self.dequantized)
 
 
 def load_model(model: str, device: torch.device) -> transformers.PreTrainedModel:

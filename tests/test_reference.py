@@ -11,6 +11,7 @@ from bitsmoe_vllm.reference import (
     dequantize_basis,
     dequantize_factor,
     expert_factor,
+    expert_factors,
     gather_layer,
     moe_forward,
 )
@@ -46,6 +47,8 @@ def test_forward_matches_dense_math_with_mixed_widths(shape, T):
     w, ids = routing(T, E, K, seed=T, used_experts=E - 1)  # the last expert gets no tokens
     expected = dense_moe(x, w, ids, layer)
     torch.testing.assert_close(moe_forward(x, w, ids, layer).double(), expected, rtol=1e-4, atol=1e-5)
+    # the factors dequantized once (evaluation's path) give the same output, bit for bit
+    assert torch.equal(moe_forward(x, w, ids, layer, expert_factors(layer)), moe_forward(x, w, ids, layer))
 
 
 @pytest.mark.parametrize("dtype", ACT_DTYPES)
