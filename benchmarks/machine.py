@@ -4,16 +4,25 @@ import os
 import platform
 from pathlib import Path
 
+EXTENSIONS = (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))  # widest first
+
+
+def cpuinfo(field: str) -> str:
+    """cpu0's `field` in /proc/cpuinfo ("" where there is none)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.split(":", 1)[0].strip() == field:
+            return line.split(":", 1)[1].strip()
+    return ""
+
 
 def describe() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.machine(),
-    )
+    """VMs of one name differ (an "AMD EPYC" was a Zen 4 with AVX-512 one day, a Zen 3 with AVX2 the next), and the
+    kernels pick their code by the vector extensions: the line names the CPU's family, model and widest extension."""
+    flags = set(cpuinfo("flags").split())
+    isa = next((name for flag, name in EXTENSIONS if flag in flags), "no AVX2")
+    cpu = cpuinfo("model name") or platform.machine()
+    if cpuinfo("cpu family"):
+        cpu += f" (family {cpuinfo('cpu family')} model {cpuinfo('model')}, {isa})"
     mem = next(
         (
             int(line.split()[1]) / 2**20
