@@ -67,20 +67,19 @@ def pipeline(model: Path, layers: int) -> dict:
     plan = make_plan(Options(model=str(model), out="", bits=2.5, calib=()))
     E, I, H = plan.num_experts, plan.intermediate_size, plan.hidden_size
     plan = dataclasses.replace(plan, moe_layers=tuple(range(layers)), total_weights=layers * 3 * E * I * H)
-    kinds = sorted({plan.with_basis(b).factor_kind for b in plan.basis_candidates()})
-    units = dict.fromkeys((f"loss-{k}" for k in kinds), 0)
+    kinds = sorted(plan.candidates_by_kind().items())
+    units = {f"loss-{k}": 0 for k, _ in kinds}
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(Path(tmp) / "out", {}, False, False)
         for layer in range(layers):
             costs = {"routed_tokens": torch.ones(E), "residual_energy": torch.ones((), dtype=torch.float64)}
-            for seed, kind in enumerate(kinds):
-                per_expert = len(plan.with_basis("identity" if kind == "identity" else "int8").unit_cost)
+            for seed, (kind, of_kind) in enumerate(kinds):
+                per_expert = len(plan.with_basis(of_kind[0]).unit_cost)
                 loss = costs[f"loss-{kind}"] = synthetic_losses(per_expert, 3 * E, (seed, layer))
                 costs[f"nearest-{kind}"] = loss * 1.5
                 units[f"loss-{kind}"] += len(loss)
-                for b in plan.basis_candidates():
-                    if kind != "identity" and plan.with_basis(b).factor_kind == kind:
-                        costs[f"basis_loss-{b}"] = loss[:, 0] * 0.01
+                for b in of_kind if kind != "identity" else ():
+                    costs[f"basis_loss-{b}"] = loss[:, 0] * 0.01
             run.save(f"layer-{layer:05d}", costs)
             del costs, loss
         costs = CostFiles([run.path(f"layer-{layer:05d}") for layer in range(layers)])

@@ -7,22 +7,25 @@ from pathlib import Path
 EXTENSIONS = (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))  # widest first
 
 
-def cpuinfo(field: str) -> str:
-    """cpu0's `field` in /proc/cpuinfo ("" where there is none)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.split(":", 1)[0].strip() == field:
-            return line.split(":", 1)[1].strip()
-    return ""
+def cpuinfo() -> dict[str, str]:
+    """cpu0's fields in /proc/cpuinfo (empty where there is none)."""
+    fields = {}
+    for line in Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0].splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            fields[key.strip()] = value.strip()
+    return fields
 
 
 def describe() -> str:
     """VMs of one name differ (an "AMD EPYC" was a Zen 4 with AVX-512 one day, a Zen 3 with AVX2 the next), and the
     kernels pick their code by the vector extensions: the line names the CPU's family, model and widest extension."""
-    flags = set(cpuinfo("flags").split())
+    info = cpuinfo()
+    flags = set(info.get("flags", "").split())
     isa = next((name for flag, name in EXTENSIONS if flag in flags), "no AVX2")
-    cpu = cpuinfo("model name") or platform.machine()
-    if cpuinfo("cpu family"):
-        cpu += f" (family {cpuinfo('cpu family')} model {cpuinfo('model')}, {isa})"
+    cpu = info.get("model name") or platform.machine()
+    if "cpu family" in info:
+        cpu += f" (family {info['cpu family']} model {info.get('model', '?')}, {isa})"
     mem = next(
         (
             int(line.split()[1]) / 2**20

@@ -219,7 +219,7 @@ def moe_forward(
     z_up = xf if layer.up_basis is None else xf @ dequantize_basis(layer.up_basis).T  # [T, R_up]
     t = torch.zeros(x.shape[0], layer.down.bits.shape[1], dtype=torch.float32, device=x.device)  # [T, R_down]
     factors = {p: getattr(layer, p) for p in PROJECTIONS}
-    offsets = {p: expert_offsets(f.bits) for p, f in factors.items()}
+    offsets = {p: expert_offsets(f.bits) for p, f in factors.items()} if dequantized is None else {}
 
     def factor(p: str, e: int) -> torch.Tensor:
         if dequantized is not None:

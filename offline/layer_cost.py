@@ -27,7 +27,7 @@ def shared_bases(plan: Plan, weights: dict[str, torch.Tensor]) -> dict[str, torc
     """The layer's shared bases, computed once for the costs and the export, at the rank the costs measure (--rank,
     else full): "{p}" [R, H] and "energy-{p}" [R] per projection where a basis per projection is a candidate, and
     "layer" and "energy-layer" (offline.decompose) where one per layer is; empty when only the identity is."""
-    kinds = {plan.with_basis(b).factor_kind for b in plan.basis_candidates()}
+    kinds = set(plan.candidates_by_kind())
     if kinds == {"identity"}:
         return {}
     rank = plan.with_basis("int8").rank
@@ -60,9 +60,9 @@ def layer_costs(
     experts (offline.gptq.expert_batches) in memory at a time: a whole layer's are GBs."""
     out = {}
     routed = ByExpert(routed, weights)  # what every pass below reads, computed once
-    for kind in sorted({plan.with_basis(b).factor_kind for b in plan.basis_candidates()}):
-        shared = [b for b in plan.basis_candidates() if kind != "identity" and plan.with_basis(b).factor_kind == kind]
-        p_plan = plan.with_basis(shared[0] if shared else "identity")
+    for kind, of_kind in sorted(plan.candidates_by_kind().items()):
+        shared = [] if kind == "identity" else list(of_kind)
+        p_plan = plan.with_basis(of_kind[0])
         bases = kind_bases(kind, layer_bases)
         losses = {"loss": [], "nearest": [], **{b: [] for b in shared}}
         widths, rows = list(plan.widths), p_plan.unit_rows

@@ -120,6 +120,14 @@ class Plan:
             return (self.options.basis_dtype,)
         return tuple(b for b in AUTO_BASES if b != "identity" or self.options.rank in (None, self.hidden_size))
 
+    def candidates_by_kind(self) -> dict[str, tuple[str, ...]]:
+        """basis_candidates() grouped by factor_kind (the cost measurements they share), each in its order."""
+        out: dict[str, tuple[str, ...]] = {}
+        for b in self.basis_candidates():
+            kind = self.with_basis(b).factor_kind
+            out[kind] = (*out.get(kind, ()), b)
+        return out
+
     def with_basis(self, basis: str) -> "Plan":
         """This plan storing `basis`, at --rank or full rank (--rank auto chooses at allocation)."""
         return replace(self, basis=basis).with_rank(self.options.rank or self.hidden_size)

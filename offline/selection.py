@@ -60,9 +60,7 @@ def choose(plan: Plan, costs: CostFiles) -> tuple[Plan, dict]:
     The bases that share a kind of costs (the shared int8 and fp16 bases) share its units' hulls, which serve every
     rank; one kind of costs is held at a time."""
     candidates = plan.basis_candidates()
-    by_kind: dict[str, list[Plan]] = {}
-    for candidate in (plan.with_basis(b) for b in candidates):
-        by_kind.setdefault(candidate.factor_kind, []).append(candidate)
+    by_kind = {kind: [plan.with_basis(b) for b in bases] for kind, bases in plan.candidates_by_kind().items()}
     best, estimates, compared = {}, {}, {}
     for kind, bases in by_kind.items():
         fixed, dropped = {}, dropped_loss(costs, kind)
