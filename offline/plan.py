@@ -26,8 +26,8 @@ from .rounding import REFINE_STEPS
 from .source import SourceCheckpoint
 
 # 2: the costs carry "nearest-*" (the cost model counting the error feedback); 3: "basis-*" files; 4: the costs of
-# one basis per layer ("loss-layer")
-RUN_FORMAT = 4
+# one basis per layer ("loss-layer"); 5: the layers after the first costed for its kind of basis only ("screen")
+RUN_FORMAT = 5
 
 # a basis per projection, or (-layer) one per layer that the gate, up and down projections share (FORMAT.md section 3)
 BASIS_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8", "identity": "identity"}
@@ -35,6 +35,12 @@ BASIS_DTYPES |= {f"{k}-layer": v for k, v in BASIS_DTYPES.items() if k != "ident
 # what --basis-dtype auto chooses from (bf16 rounds a basis, whose entries are below 1, coarser than fp16)
 AUTO_BASES = ("int8-layer", "fp16-layer", "int8", "fp16", "identity")
 GROUP_SIZES = (128, 96, 64, 32)  # tried in this order when --group-size is not given
+
+
+def factor_kind(basis: str) -> str:
+    """ "identity", "shared" (a basis per projection) or "layer" (one per layer): the factors' cost measurements,
+    which every basis dtype of a kind has in common."""
+    return "identity" if basis == "identity" else "layer" if basis.endswith("-layer") else "shared"
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ class Plan:
     fixed_bits: float  # bits stored whatever the allocation (bases, bits tensors) in the budget's scope
     total_weights: int  # original routed-expert weights
     budget_bits: float  # for the factors' codes and scales: what the allocation may spend
+    kinds: tuple[str, ...] | None = None  # the kinds of factors --basis-dtype auto keeps (selection.screen); None: all
 
     @property
     def basis_dtype(self) -> str:
@@ -110,27 +117,35 @@ class Plan:
 
     @property
     def factor_kind(self) -> str:
-        """ "identity", "shared" (a basis per projection) or "layer" (one per layer): the factors' cost measurements,
-        which every basis dtype of a kind has in common."""
-        return "identity" if self.basis == "identity" else "layer" if self.basis_sharing == "layer" else "shared"
+        return factor_kind(self.basis)
 
     def basis_candidates(self) -> tuple[str, ...]:
         """The bases --basis-dtype allows; an identity basis has full rank, so not with a lower --rank."""
         if self.options.basis_dtype != "auto":
             return (self.options.basis_dtype,)
-        return tuple(b for b in AUTO_BASES if b != "identity" or self.options.rank in (None, self.hidden_size))
+        full_rank = self.options.rank in (None, self.hidden_size)
+        kept = tuple(b for b in AUTO_BASES if self.kinds is None or factor_kind(b) in self.kinds)
+        return tuple(b for b in kept if b != "identity" or full_rank)
 
     def candidates_by_kind(self) -> dict[str, tuple[str, ...]]:
         """basis_candidates() grouped by factor_kind (the cost measurements they share), each in its order."""
         out: dict[str, tuple[str, ...]] = {}
         for b in self.basis_candidates():
-            kind = self.with_basis(b).factor_kind
-            out[kind] = (*out.get(kind, ()), b)
+            out[factor_kind(b)] = (*out.get(factor_kind(b), ()), b)
         return out
 
     def with_basis(self, basis: str) -> "Plan":
         """This plan storing `basis`, at --rank or full rank (--rank auto chooses at allocation)."""
         return replace(self, basis=basis).with_rank(self.options.rank or self.hidden_size)
+
+    def with_kinds(self, kinds: tuple[str, ...]) -> "Plan":
+        """This plan choosing among the bases of these kinds of factors only."""
+        return replace(self, kinds=kinds)
+
+    def for_layers(self, layers: tuple[int, ...]) -> "Plan":
+        """This plan over some of its MoE layers, at their share of the budget."""
+        weights = self.total_weights // len(self.moe_layers) * len(layers)
+        return replace(self, moe_layers=tuple(layers), total_weights=weights).with_rank(self.rank)
 
     @property
     def odd_codes(self) -> bool:

@@ -58,7 +58,7 @@ def quantize(options: Options) -> Path:
             # the layers' cost files, [L, E], [L]
             costs, routed_tokens, energy = calibrate_and_cost(plan, run, tokens, held, pool)
         with timer("allocate"):
-            plan, choice, stats = allocate_bits(plan, run, costs)
+            plan, choice, stats = allocate_bits(screened(plan, run), run, costs)
             losses = costs.chosen(f"loss-{plan.factor_kind}", choice)  # each unit's loss at its width, for the report
         with timer("export"):
             files = export_shards(plan, run, row_bits(plan, choice), tokens, held, pool)
@@ -100,11 +100,15 @@ def calibrate_and_cost(
     the workers cost the layers (cost_layer) while this process walks on."""
     calib_tokens = int((~held).sum()) * tokens.shape[1]
     missing = [i for i in plan.moe_layers if not run.has(f"layer-{i:05d}")]
-    for i in (i for i in missing if run.has(f"walked-{i:05d}")):  # walked before an interruption, not costed
-        if pool:
+
+    def cost(i: int, walked: dict | None = None) -> None:
+        if pool and not (screens(plan) and i == plan.moe_layers[0]):
             pool.submit(cost_layer, i, calib_tokens)
-        else:
-            cost_layer(plan, run, i, calib_tokens)
+        else:  # the first layer in this process when it screens the kinds of basis: the later layers wait on it
+            cost_layer(plan, run, i, calib_tokens, walked)
+
+    for i in (i for i in missing if run.has(f"walked-{i:05d}")):  # walked before an interruption, not costed
+        cost(i)
     if missing:
         with pool.main_share() if pool else contextlib.nullcontext():
             for i, after, routed in walk(plan, run, tokens, "hidden"):
@@ -124,11 +128,9 @@ def calibrate_and_cost(
                     **{f"held-{k}": getattr(held_out, k).cpu() for k in ROUTED_FIELDS},
                     "energy": torch.tensor(residual_energy(after[~held]), dtype=torch.float64),
                 }
-                if pool:  # the worker reads them from the run directory
+                if pool:  # a worker reads them from the run directory
                     run.save(f"walked-{i:05d}", walked)
-                    pool.submit(cost_layer, i, calib_tokens)
-                else:
-                    cost_layer(plan, run, i, calib_tokens, walked)
+                cost(i, None if pool else walked)
                 del walked, calib, held_out
             if pool:
                 pool.wait("cost")
@@ -141,6 +143,7 @@ def cost_layer(plan: Plan, run: RunDir, i: int, calib_tokens: int, walked: dict 
     saved in the run as walked-i), saved in the run."""
     saved = walked is None
     walked = run.load(f"walked-{i:05d}")[0] if saved else walked
+    plan = screened(plan, run) if i != plan.moe_layers[0] else plan
     calib, held_out = (Routed(*(walked[f"{part}-{k}"] for k in ROUTED_FIELDS)) for part in ("calib", "held"))
     energy = float(walked["energy"])
     device = torch.device(plan.options.device)
@@ -165,6 +168,29 @@ def cost_layer(plan: Plan, run: RunDir, i: int, calib_tokens: int, walked: dict 
     run.save(f"layer-{i:05d}", costs)
     if saved:
         run.remove(f"walked-{i:05d}")
+    if i == plan.moe_layers[0]:
+        screened(plan, run)
+
+
+def screens(plan: Plan) -> bool:
+    """Whether the MoE layers after the first are costed only for the kind of basis the first one's costs choose
+    (offline.selection.screen)."""
+    return len(plan.candidates_by_kind()) > 1 and len(plan.moe_layers) > 1
+
+
+def screened(plan: Plan, run: RunDir) -> Plan:
+    """plan, keeping only the kind of basis screened on the first MoE layer's costs (saved in the run as "screen"
+    once they are), where it screens."""
+    if not screens(plan):
+        return plan
+    if not run.has("screen"):
+        info = selection.screen(plan, CostFiles([run.path(f"layer-{plan.moe_layers[0]:05d}")]))
+        run.save("screen", {}, {"screen": json.dumps(info)})
+    return plan.with_kinds((screen_info(run)["kind"],))
+
+
+def screen_info(run: RunDir) -> dict:
+    return json.loads(run.load("screen")[1]["screen"])
 
 
 def walk(plan: Plan, run: RunDir, tokens: torch.Tensor, saved_as: str, replace=None, desc="calibrate") -> Iterator:
@@ -225,6 +251,8 @@ def allocate_bits(plan: Plan, run: RunDir, costs: CostFiles) -> tuple[Plan, torc
             "budget_bits": final.budget_bits,
             "dropped_rows_loss": float(selection.dropped_loss(costs, full.factor_kind)[~kept].sum()),
         } | choice_info
+        if plan.kinds is not None:  # what the first layer's costs chose, for the report
+            stats["screen"] = screen_info(run)
         run.save("allocation", {"choice": choice}, {"stats": json.dumps(stats)})
         saved = run.load("allocation")
     stats = json.loads(saved[1]["stats"])

@@ -9,7 +9,7 @@ from bitsmoe_vllm.format import PROJECTIONS
 
 from .allocate import Steps, bound_of, hull_steps
 from .cost_files import CostFiles
-from .plan import Plan
+from .plan import Plan, factor_kind
 
 
 def unit_costs_of(plan: Plan) -> torch.Tensor:
@@ -97,6 +97,15 @@ def choose(plan: Plan, costs: CostFiles) -> tuple[Plan, dict]:
         "rank_estimates": {str(r): v for r, v in estimates[basis].items()},
     }
     return plan.with_basis(basis), info
+
+
+def screen(plan: Plan, first: CostFiles) -> dict:
+    """Which kind of factors the MoE layers after the first are costed for: that of the basis choose() picks on the
+    first layer's costs alone (`first`), at that layer's share of the budget. The shared kinds' costs are most of the
+    cost stage (two thirds of it on Qwen3-30B-A3B's shape, where the identity wins), and on the trained MoE every
+    layer alone picks the kind that all six pick (benchmarks/README.md)."""
+    _, info = choose(plan.for_layers(plan.moe_layers[:1]), first)
+    return {"layer": plan.moe_layers[0], "kind": factor_kind(info["basis"])} | info
 
 
 def pick(kinds: list[list[str]], feedback: dict[str, float], nearest: dict[str, float]) -> str:

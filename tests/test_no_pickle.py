@@ -64,8 +64,14 @@ def assert_no_pickles(directory: Path) -> int:
         # (x.safetensors.tmp: an atomic write the kill interrupted, offline/rundir.py; x.safetensors is untouched)
         suffix = Path(path.stem).suffix if path.suffix == ".tmp" else path.suffix
         assert suffix in ALLOWED_SUFFIXES, f"{path}: not safetensors, JSON or a plot"
-        with path.open("rb") as f:
-            assert not f.read(4).startswith(PICKLE_MAGIC), f"{path} is a pickle"
+        head = path.read_bytes()[:9]
+        if suffix == ".safetensors" and head:
+            # a safetensors file opens with its JSON header's length (8 bytes, little-endian) and the header: that
+            # length may itself start with a pickle's bytes (a header of 0x480 bytes: 80 04 00 00 ...)
+            assert head[8:9] == b"{", f"{path} is not a safetensors file"
+            assert int.from_bytes(head[:8], "little") < path.stat().st_size, f"{path} is not a safetensors file"
+        else:
+            assert not head.startswith(PICKLE_MAGIC), f"{path} is a pickle"
     return len(files)
 
 

@@ -243,7 +243,7 @@ def test_auto_basis_takes_a_shared_basis_when_the_experts_share_few_directions(
     cfg = read_quant_config(auto)
     assert cfg.basis_dtype in ("int8", "float16") and report["basis"]["rank"] < 64, report["basis"]
     assert cfg.basis_sharing == "projection", report["allocation"]["estimated_loss_nearest"]
-    estimated = report["allocation"]["estimated_loss"]
+    estimated = report["allocation"]["screen"]["estimated_loss"]  # every kind, on the first layer's costs
     assert estimated[report["allocation"]["basis"]] < estimated["identity"]
     errors = {
         name: sum(layer_errors(model, d, calib_file).values()) for name, d in (("auto", auto), ("identity", identity))
@@ -275,6 +275,31 @@ def test_auto_basis_takes_one_basis_per_layer_when_the_projections_share_their_d
     # one basis per layer beats three of its dtype: the int8 one reaches down through its factor rows' scales
     assert errors["auto"] < errors["fp16" if cfg.basis_dtype == "float16" else "int8"], errors
     assert errors["int8-layer"] < errors["int8"], errors
+
+
+def test_the_layers_after_the_first_are_costed_for_the_kind_of_basis_the_first_chooses(
+    tiny_model_dir, quantize_tiny, tmp_path, monkeypatch
+):
+    """The first MoE layer is costed for every kind of basis and chooses one on its own share of the budget; the
+    later layers are costed for that kind only, and where it is the kind all layers choose, the checkpoint is the
+    same, byte for byte, as costing every kind on every layer."""
+    from bitsmoe_vllm.offline import quantize as quantize_module
+
+    model = low_rank_model(tiny_model_dir, tmp_path / "low-rank", per_layer=False)
+    screened = quantize_tiny(model, tmp_path / "screened", 2.5)
+    allocation = json.loads((screened / "quantization_report.json").read_text())["allocation"]
+    assert allocation["screen"]["layer"] == 0 and allocation["screen"]["kind"] == "shared", allocation["screen"]
+    assert set(allocation["screen"]["estimated_loss"]) == {"int8-layer", "fp16-layer", "int8", "fp16", "identity"}
+    assert set(allocation["estimated_loss"]) == {"int8", "fp16"}  # the other kinds were not costed past layer 0
+    monkeypatch.setattr(quantize_module, "screens", lambda plan: False)
+    every = quantize_tiny(model, tmp_path / "every", 2.5)
+    report = json.loads((every / "quantization_report.json").read_text())
+    assert "screen" not in report["allocation"] and len(report["allocation"]["estimated_loss"]) == 5
+    assert report["basis"]["sharing"] == "projection"
+    files = sorted(p.name for p in screened.glob("*.safetensors"))
+    assert files == sorted(p.name for p in every.glob("*.safetensors")) and files
+    for name in [*files, "config.json"]:
+        assert (screened / name).read_bytes() == (every / name).read_bytes(), name
 
 
 def test_per_layer_allocation_keeps_every_layer_within_its_share(tiny_model_dir, quantize_tiny, tmp_path):
