@@ -4,11 +4,14 @@ every layer (the run stopped before the allocation), then runs the choice on all
 its share of the budget.
 
     .venv/bin/python -m benchmarks.bench_screen --bits 2.5 3.15 4.0
+    .venv/bin/python -m benchmarks.bench_screen --model benchmarks/work/qwen3-30b-a3b-l2 \
+        --calib benchmarks/work/demo-text.txt --calib-tokens 2048 --calib-seq-len 128 --bits 2.5
 """
 
 import argparse
 import json
 import shutil
+import time
 from pathlib import Path
 
 from benchmarks import machine
@@ -39,8 +42,11 @@ def per_layer_choices(argv: list[str]) -> dict:
     files = [work / "work" / f"layer-{i:05d}.safetensors" for i in plan.moe_layers]
 
     def row(p, costs):
+        start = time.perf_counter()
         info = selection.choose(p, CostFiles(costs))[1]
-        return {"basis": info["basis"], "kind": factor_kind(info["basis"]), "nearest": info["estimated_loss_nearest"]}
+        seconds = round(time.perf_counter() - start, 1)
+        nearest = info["estimated_loss_nearest"]
+        return {"basis": info["basis"], "kind": factor_kind(info["basis"]), "nearest": nearest, "seconds": seconds}
 
     out = {"all": row(plan, files)}
     out |= {str(i): row(plan.for_layers((i,)), [f]) for i, f in zip(plan.moe_layers, files)}
@@ -52,16 +58,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "benchmarks" / "models" / "trained-moe")
     p.add_argument("--calib", type=Path, default=ROOT / "benchmarks" / "work" / "text-mixed" / "calib.jsonl")
+    p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.15, 4.0])
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "screen")
     a = p.parse_args()
     rows = {}
     for bits in a.bits:
-        argv = ["--model", str(a.model), "--bits", str(bits), "--calib", str(a.calib), "--calib-tokens", "16384"]
-        argv += ["--calib-seq-len", "512", "--out", str(a.work / f"{bits}"), "--overwrite", "--allow-high-error"]
+        argv = ["--model", str(a.model), "--bits", str(bits), "--calib", str(a.calib)]
+        argv += ["--calib-tokens", str(a.calib_tokens), "--calib-seq-len", str(a.calib_seq_len)]
+        argv += ["--out", str(a.work / f"{bits}"), "--overwrite", "--allow-high-error"]
         rows[str(bits)] = per_layer_choices(argv)
         print(bits, {layer: r["basis"] for layer, r in rows[str(bits)].items()}, flush=True)
-    result = {"model": str(a.model.relative_to(ROOT)), "machine": machine.describe(), "bits": rows}
+    model = a.model.resolve().relative_to(ROOT)
+    result = {"model": str(model), "calib_tokens": a.calib_tokens, "machine": machine.describe(), "bits": rows}
     (RESULTS / f"basis_screen_{a.model.name.replace('-', '_')}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
