@@ -12,7 +12,7 @@ from . import gptq
 from .calibrate import ByExpert, Routed
 from .cost import importance, unit_losses
 from .decompose import gram, project, top_eigenvectors
-from .plan import BASIS_DTYPES, Plan
+from .plan import BASIS_DTYPES, Plan, factor_kind
 from .rounding import quantize_basis
 
 
@@ -102,7 +102,7 @@ def rounding_ratio(basis: torch.Tensor, name: str, projection: str, routed: ByEx
     the calibration inputs x [N, H] (routed's, and its v x); the down basis writes the output: |e_k|^2 (its columns
     have unit norm)."""
     # as offline.encode stores it: down's own basis transposed, a layer's one basis [R, H] with a scale per row
-    dtype, own = BASIS_DTYPES[name], projection == "down" and not name.endswith("-layer")
+    dtype, own = BASIS_DTYPES[name], projection == "down" and factor_kind(name) != "layer"
     stored = basis.T if own else basis
     rounded = dequantize_basis(Basis(*quantize_basis(stored, dtype)))
     error = (rounded.T if own else rounded) - basis  # [R, H]

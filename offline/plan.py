@@ -113,7 +113,7 @@ class Plan:
     @property
     def basis_sharing(self) -> str:
         """ "layer": one basis per layer for the gate, up and down projections; "projection": one each."""
-        return "layer" if self.basis.endswith("-layer") else "projection"
+        return "layer" if factor_kind(self.basis) == "layer" else "projection"
 
     @property
     def factor_kind(self) -> str:
