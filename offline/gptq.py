@@ -217,13 +217,9 @@ def _round_rank_rows(factors: torch.Tensor, bits: torch.Tensor, group_size: int,
     scales = torch.zeros(E, R, I // group_size, device=factors.device)
 
     def rows(k: int, f: torch.Tensor) -> torch.Tensor:  # f [E, I]: rank row k of every expert
-        q = torch.zeros_like(f)
-        sel = (bits[:, k] > 0).nonzero().flatten()
-        if len(sel):
-            codes, s = quantize_mixed_rows(f[sel], bits[sel, k], group_size, steps, odd)
-            scales[sel, k] = s.float()
-            q[sel] = codes.float() * s.float().repeat_interleave(group_size, dim=1)
-        return q
+        codes, s = quantize_mixed_rows(f, bits[:, k], group_size, steps, odd)  # rows of width 0: 0
+        scales[:, k] = s.float()
+        return codes.float() * scales[:, k].repeat_interleave(group_size, dim=1)
 
     rounded = run(factors.transpose(1, 2), quantize=rows).transpose(1, 2)
     return rounded.contiguous(), scales
@@ -241,14 +237,15 @@ def _round_columns(
         if b:
             e, k = (bits == b).nonzero(as_tuple=True)
             scales[e, k] = quantize_rows(in_place[e, k], b, group_size, steps, odd)[1].float()
-    step = take(scales.repeat_interleave(group_size, dim=2), order, 2)  # [E, R, I]: each column's scale, in order
+    # [E, I, R]: each column's scales, in order, coordinate-major as the feedback reads them (a strided column of
+    # [E, R, I] made each read a gather)
+    step = take(scales.repeat_interleave(group_size, dim=2), order, 2).transpose(1, 2).contiguous()
     bounds = code_bounds(bits.clamp(min=1), odd)  # width-0 rows have no scale: zero below
 
     def columns(i: int, f: torch.Tensor) -> torch.Tensor:  # f [E, R]: column i of every expert
-        s = step[:, :, i]
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        codes = round_to_codes(f / safe, bounds)
-        return torch.where(s > 0, codes * s, torch.zeros_like(f))
+        s = step[:, i]
+        on = s > 0
+        return torch.where(on, round_to_codes(f / torch.where(on, s, 1.0), bounds) * s, 0.0)
 
     return run(factors, quantize=columns), scales
 

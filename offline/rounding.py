@@ -25,9 +25,10 @@ def quantize_rows(
 def quantize_mixed_rows(
     rows: torch.Tensor, bits: torch.Tensor, group_size: int, steps: int = REFINE_STEPS, odd: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_rows with a width per row, bits [N] in 1..8, in one pass (offline.gptq rounds a coordinate of every
-    expert at once): the same codes and scales as quantize_rows on each width's rows. On the CPU by the kernel
-    torch.ops.bitsmoe.round_rows (csrc/cpu/rounding.cpp), elsewhere by rounded_rows, its reference."""
+    """quantize_rows with a width per row, bits [N] (0 or a supported width), in one pass (offline.gptq rounds a
+    coordinate of every expert at once): the same codes and scales as quantize_rows on each width's rows, and codes
+    and scales 0 for a row of width 0 (dropped). On the CPU by the kernel torch.ops.bitsmoe.round_rows
+    (csrc/cpu/rounding.cpp), elsewhere by rounded_rows, its reference."""
     N, I = rows.shape
     if I % group_size:
         raise ValueError(f"quantize_rows: group size {group_size} does not divide the row length {I}")
@@ -42,7 +43,8 @@ def rounded_rows(
     """quantize_mixed_rows in tensor code, on any device."""
     N, I = rows.shape
     x = rows.float().reshape(N, I // group_size, group_size)
-    b = bits.to(device=rows.device, dtype=torch.int64)[:, None, None]
+    dropped = bits.to(device=rows.device, dtype=torch.int64)[:, None, None] == 0
+    b = bits.to(device=rows.device, dtype=torch.int64)[:, None, None].clamp(min=1)
     sign = b == 1
     bounds = code_bounds(b, odd)
     scale = _fp16(torch.where(sign, x.abs().mean(-1, keepdim=True), x.abs().amax(-1, keepdim=True) / bounds[2]))
@@ -56,6 +58,7 @@ def rounded_rows(
         qq = (codes * codes).sum(-1, keepdim=True)
         scale = _fp16(torch.where(qq > 0, (codes * x).sum(-1, keepdim=True) / qq.clamp_min(1), scale))
     codes = torch.where(sign, signs, _round(x, best_scale, bounds))
+    codes, best_scale = torch.where(dropped, 0, codes), torch.where(dropped, 0, best_scale)
     return codes.reshape(N, I).to(torch.int8), best_scale.squeeze(-1).half()
 
 

@@ -141,12 +141,18 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void rows_rounded(c
                                                                                int64_t end, int64_t I, int64_t G,
                                                                                int64_t steps) {
   std::vector<float> c(G);
-  for (int64_t row = begin; row < end; ++row)
+  for (int64_t row = begin; row < end; ++row) {
+    if (bp[row] == 0) {  // dropped: codes and scales 0
+      std::fill(cp + row * I, cp + (row + 1) * I, int8_t{0});
+      std::fill(sp + row * (I / G), sp + (row + 1) * (I / G), at::Half(0.0f));
+      continue;
+    }
     for (int64_t g0 = 0; g0 < I; g0 += G) {
       const float s = round_group(xp + row * I + g0, G, bp[row], kinds[bp[row]], steps, c.data());
       sp[(row * I + g0) / G] = static_cast<at::Half>(s);  // exact: the scale is a float16 value
       for (int64_t i = 0; i < G; ++i) cp[row * I + g0 + i] = static_cast<int8_t>(c[i]);
     }
+  }
 }
 
 // factors [E, R, I] float32, weights [V, E, R or 1, I] float32, widths [J] -> [V, E, R, J] float64: row (e, r)'s
@@ -179,8 +185,8 @@ at::Tensor rounding_losses(const at::Tensor& factors, const at::Tensor& weights,
   return out;
 }
 
-// rows [N, I] float32, bits [N] int64 in 1..8 -> codes [N, I] int8 and scales [N, I / group_size] float16 of
-// offline/rounding.py: quantize_mixed_rows
+// rows [N, I] float32, bits [N] int64 (0 or a supported width) -> codes [N, I] int8 and scales [N, I / group_size]
+// float16 of offline/rounding.py: quantize_mixed_rows (a row of width 0: codes and scales 0)
 std::tuple<at::Tensor, at::Tensor> round_rows(const at::Tensor& rows, const at::Tensor& bits, int64_t group_size,
                                               int64_t steps, bool odd_codes) {
   TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kFloat, "round_rows: rows must be float32 [N, I], got ",
@@ -193,8 +199,8 @@ std::tuple<at::Tensor, at::Tensor> round_rows(const at::Tensor& rows, const at::
   const at::Tensor b = bits.contiguous(), x = rows.contiguous();
   const int64_t* bp = b.data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n)
-    TORCH_CHECK(bp[n] == 1 || bp[n] == 2 || bp[n] == 3 || bp[n] == 4 || bp[n] == 6 || bp[n] == 8, "round_rows: row ", n,
-                " has width ", bp[n], ", not a supported width (1, 2, 3, 4, 6, 8)");
+    TORCH_CHECK(bp[n] == 0 || bp[n] == 1 || bp[n] == 2 || bp[n] == 3 || bp[n] == 4 || bp[n] == 6 || bp[n] == 8,
+                "round_rows: row ", n, " has width ", bp[n], ", not 0 or a supported width (1, 2, 3, 4, 6, 8)");
   std::vector<Width> kinds(9);
   for (const int64_t w : {1, 2, 3, 4, 6, 8}) kinds[w] = width_of(w, odd_codes);
   at::Tensor codes = at::empty({N, I}, rows.options().dtype(at::kChar));
