@@ -83,7 +83,8 @@ def feedback(w: torch.Tensor, z: torch.Tensor, v: torch.Tensor, c: torch.Tensor,
     s = torch.zeros(E, z.shape[1], rows, device=w.device)  # sum over the rounded coordinates of z_i (w0_i - q_i)^T
     for start in range(0, d, BLOCK):
         end = min(start + BLOCK, d)
-        current = torch.baddbmm(w[:, :, start:end].transpose(1, 2), vc[:, :, start:end].transpose(1, 2), s)
+        block = w[:, :, start:end].transpose(1, 2).contiguous()  # coordinate-major: a coordinate's rows are one read
+        current = torch.baddbmm(block, vc[:, :, start:end].transpose(1, 2), s)
         err = torch.empty_like(current)
         within = vc[:, :, start:end].transpose(1, 2) @ z[:, :, start:end]  # [E, b, b]: v_j^T z_i / c_j
         for k0 in range(0, end - start, SUB):
@@ -91,7 +92,7 @@ def feedback(w: torch.Tensor, z: torch.Tensor, v: torch.Tensor, c: torch.Tensor,
             for k in range(k0, k1):
                 q = quantize(start + k, current[:, k])
                 out[:, start + k] = q
-                torch.sub(w[:, :, start + k], q, out=err[:, k])
+                torch.sub(block[:, k], q, out=err[:, k])
                 current[:, k + 1 : k1].addcmul_(within[:, k + 1 : k1, k, None], err[:, None, k])
             current[:, k1:].baddbmm_(within[:, k1:, k0:k1], err[:, k0:k1])
         s.baddbmm_(z[:, :, start:end], err)
