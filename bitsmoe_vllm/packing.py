@@ -96,12 +96,12 @@ def unpack(words: torch.Tensor, bits: int, n: int, odd: bool = True) -> torch.Te
     if words.shape[-1] != words_per_plane(n):
         raise ValueError(f"unpack: {n} codes need {words_per_plane(n)} words per plane, found {words.shape[-1]}")
     column_bit = torch.arange(WORD_BITS, device=words.device, dtype=torch.int32)
-    # int32 shifts are arithmetic, but "& 1" keeps exactly the bit asked for
-    plane_bits = ((words.unsqueeze(-1) >> column_bit) & 1).to(torch.uint8)  # [..., bits, W, 32]
-    u = plane_bits[..., 0, :, :].clone()
+    # int32 shifts are arithmetic, but "& 1" keeps exactly the bit asked for; each plane's bits go straight into u
+    # (all planes' bits as uint8 first, then combined: 1.1-2.6x slower)
+    u = (words[..., 0, :, None] >> column_bit) & 1  # [..., W, 32]
     for p in range(1, bits):
-        u |= plane_bits[..., p, :, :] << p
-    u = u.flatten(-2)[..., :n].to(torch.int16)  # [..., n] in [0, 2^bits)
+        u |= ((words[..., p, :, None] >> column_bit) & 1) << p
+    u = u.flatten(-2)[..., :n]  # [..., n] in [0, 2^bits)
     lo, hi = code_range(bits, odd)
     q = 2 * u - hi if is_odd(bits, odd) else u + lo
     return q.to(torch.int8)
