@@ -43,8 +43,8 @@ def rounded_rows(
     """quantize_mixed_rows in tensor code, on any device."""
     N, I = rows.shape
     x = rows.float().reshape(N, I // group_size, group_size)
-    dropped = bits.to(device=rows.device, dtype=torch.int64)[:, None, None] == 0
-    b = bits.to(device=rows.device, dtype=torch.int64)[:, None, None].clamp(min=1)
+    b = bits.to(device=rows.device, dtype=torch.int64)[:, None, None]
+    dropped, b = b == 0, b.clamp(min=1)  # a dropped row is rounded as a 1-bit one, then zeroed
     sign = b == 1
     bounds = code_bounds(b, odd)
     scale = _fp16(torch.where(sign, x.abs().mean(-1, keepdim=True), x.abs().amax(-1, keepdim=True) / bounds[2]))
