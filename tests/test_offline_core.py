@@ -10,7 +10,7 @@ from bitsmoe_vllm.offline.decompose import shared_basis
 from bitsmoe_vllm.offline.encode import encode_factor
 from bitsmoe_vllm.offline.rounding import codes_for, quantize_basis, quantize_mixed_rows, quantize_rows
 from bitsmoe_vllm.packing import code_range, nearest_codes, pack, unpack
-from tests.helpers import WIDTHS
+from tests.helpers import ALLOCATION_WIDTHS, WIDTHS
 
 
 @pytest.fixture(params=["kernel", "reference"])
@@ -93,8 +93,7 @@ def test_rows_of_mixed_widths_round_as_each_width_alone(rounding):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(40, 128, generator=g) * torch.rand(40, 1, generator=g) * 3
     x[5] = 0
-    widths = (0, *WIDTHS)
-    bits = torch.tensor(widths)[torch.randint(0, len(widths), (40,), generator=g)]
+    bits = torch.tensor(ALLOCATION_WIDTHS)[torch.randint(0, len(ALLOCATION_WIDTHS), (40,), generator=g)]
     codes, scales = quantize_mixed_rows(x, bits, 32)
     assert (bits == 0).sum() >= 3 and not codes[bits == 0].any() and not scales[bits == 0].any()
     for b in bits[bits > 0].unique().tolist():

@@ -31,6 +31,9 @@ struct Width {
   float bottom, top;
 };
 
+// a width a row can have: 0 (dropped) or a packed width (packing.SUPPORTED_WIDTHS)
+bool allocatable(int64_t b) { return b == 0 || b == 1 || b == 2 || b == 3 || b == 4 || b == 6 || b == 8; }
+
 Width width_of(int64_t bits, bool odd_codes) {
   const bool odd = bits == 1 || (odd_codes && bits != 8);  // packing.ODD_WIDTHS: every width but 8
   const float top = odd ? static_cast<float>((1 << bits) - 1) : static_cast<float>((1 << (bits - 1)) - 1);
@@ -172,8 +175,7 @@ at::Tensor rounding_losses(const at::Tensor& factors, const at::Tensor& weights,
   TORCH_CHECK(steps >= 0, "rounding_losses: steps must be >= 0, got ", steps);
   std::vector<Width> kinds;
   for (const int64_t b : widths) {
-    TORCH_CHECK(b == 0 || b == 1 || b == 2 || b == 3 || b == 4 || b == 6 || b == 8, "rounding_losses: width ", b,
-                " is not 0 or a supported width (1, 2, 3, 4, 6, 8)");
+    TORCH_CHECK(allocatable(b), "rounding_losses: width ", b, " is not 0 or a supported width (1, 2, 3, 4, 6, 8)");
     kinds.push_back(b >= 1 ? width_of(b, odd_codes) : Width{false, 0, 0});
   }
   const at::Tensor f = factors.contiguous(), w = weights.contiguous();
@@ -199,8 +201,8 @@ std::tuple<at::Tensor, at::Tensor> round_rows(const at::Tensor& rows, const at::
   const at::Tensor b = bits.contiguous(), x = rows.contiguous();
   const int64_t* bp = b.data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n)
-    TORCH_CHECK(bp[n] == 0 || bp[n] == 1 || bp[n] == 2 || bp[n] == 3 || bp[n] == 4 || bp[n] == 6 || bp[n] == 8,
-                "round_rows: row ", n, " has width ", bp[n], ", not 0 or a supported width (1, 2, 3, 4, 6, 8)");
+    TORCH_CHECK(allocatable(bp[n]), "round_rows: row ", n, " has width ", bp[n],
+                ", not 0 or a supported width (1, 2, 3, 4, 6, 8)");
   std::vector<Width> kinds(9);
   for (const int64_t w : {1, 2, 3, 4, 6, 8}) kinds[w] = width_of(w, odd_codes);
   at::Tensor codes = at::empty({N, I}, rows.options().dtype(at::kChar));
