@@ -8,9 +8,10 @@ Signed codes and offset codes (u is what the bits hold), FORMAT.md section 4:
     odd codes (b <= 6; format version 1: b = 1 only):  q odd in [-(2^b - 1), 2^b - 1],  u = (q + 2^b - 1) / 2
     other codes (b = 8; format version 1: b >= 2):     q in [-2^(b-1), 2^(b-1) - 1],    u = q + 2^(b-1)
 
-Pure torch; works on any device.
+Torch on any device; numpy packs on the CPU.
 """
 
+import numpy as np
 import torch
 
 WORD_BITS = 32
@@ -69,23 +70,39 @@ def pack(codes: torch.Tensor, bits: int, odd: bool = True) -> torch.Tensor:
         raise ValueError(f"pack: codes must be an integer tensor [..., n], got {codes.dtype} {list(codes.shape)}")
     lo, hi = code_range(bits, odd)
     odd_b = is_odd(bits, odd)
-    q = codes.to(torch.int64)
-    if q.numel() and (q.min() < lo or q.max() > hi or (odd_b and (q % 2 == 0).any())):
-        kind = "odd codes in" if odd_b else "codes in"
-        even = ", an even code" if odd_b and (q % 2 == 0).any() else ""
-        raise ValueError(
-            f"pack: codes outside the {bits}-bit range ({kind} [{lo}, {hi}]): found min {int(q.min())}, "
-            f"max {int(q.max())}{even}"
-        )
-    u = ((q + hi) // 2 if odd_b else q - lo).to(torch.int32)  # [..., n]
+    if codes.numel():  # checked in the codes' own dtype: a narrower one could wrap a code into the range
+        low, high = (int(v) for v in torch.aminmax(codes))
+        even = odd_b and bool(((codes & 1) == 0).any())
+        if low < lo or high > hi or even:
+            kind = "odd codes in" if odd_b else "codes in"
+            raise ValueError(
+                f"pack: codes outside the {bits}-bit range ({kind} [{lo}, {hi}]): found min {low}, max {high}"
+                + (", an even code" if even else "")
+            )
+    q = codes.to(torch.int32)
+    u = (q + hi) >> 1 if odd_b else q - lo  # [..., n] in [0, 2^bits)
     n = u.shape[-1]
-    width = words_per_plane(n)
-    u = torch.nn.functional.pad(u, (0, width * WORD_BITS - n)).unflatten(-1, (width, WORD_BITS))  # [..., W, 32]
+    u = torch.nn.functional.pad(u, (0, words_per_plane(n) * WORD_BITS - n))
+    return _words_numpy(u, bits) if u.device.type == "cpu" else _words_torch(u, bits)
+
+
+def _words_torch(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Offset codes u [..., 32 W] (int32) -> their bit planes' words [..., bits, W], on any device."""
+    u = u.unflatten(-1, (-1, WORD_BITS))  # [..., W, 32]
     plane = torch.arange(bits, device=u.device, dtype=torch.int32)[:, None, None]
     column_bit = torch.arange(WORD_BITS, device=u.device, dtype=torch.int32)
     # every plane at once, in int32: the bits are distinct, so their sum is their OR and never overflows (bit 31 is
     # the sign, as the stored word has it); int64 words a plane at a time took 3-5x as long at 2 and 3 bits
     return (((u.unsqueeze(-3) >> plane) & 1) << column_bit).sum(-1, dtype=torch.int32)  # [..., bits, W]
+
+
+def _words_numpy(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """_words_torch on the CPU by numpy.packbits, 5-9x faster (the export packs every expert's factor): code j's
+    bit goes to bit j % 8 of byte j // 8, so the little-endian int32 word j // 32 holds it at bit j % 32."""
+    plane = torch.arange(bits, dtype=torch.uint8)[:, None]
+    planes = (u.to(torch.uint8).unsqueeze(-2) >> plane) & 1  # [..., bits, 32 W]
+    packed = np.packbits(planes.numpy(), axis=-1, bitorder="little")  # [..., bits, 4 W]
+    return torch.from_numpy(packed.view("<i4").astype(np.int32, copy=False))  # a copy only on big-endian hosts
 
 
 def unpack(words: torch.Tensor, bits: int, n: int, odd: bool = True) -> torch.Tensor:

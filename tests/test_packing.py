@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bitsmoe_vllm import packing
 from bitsmoe_vllm.packing import code_range, is_odd, nearest_codes, pack, unpack, words_per_plane
 from tests.helpers import PACK_LENGTHS, WIDTHS
 
@@ -17,6 +18,16 @@ def random_codes(bits: int, shape: tuple[int, ...], seed: int = 0, odd: bool = T
     if is_odd(bits, odd):
         return torch.randint(0, 1 << bits, shape, generator=g) * 2 + lo
     return torch.randint(lo, hi + 1, shape, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 64), (5, 32), (96,), (0, 32), (2, 0)])
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_the_cpus_words_are_those_of_the_path_other_devices_take(bits, shape):
+    """pack's numpy path (the CPU's) against its torch path (any other device's), bit for bit."""
+    u = torch.randint(0, 1 << bits, shape, generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
+    words = packing._words_numpy(u, bits)
+    assert words.dtype == torch.int32 and words.shape == (*shape[:-1], bits, shape[-1] // 32)
+    assert torch.equal(words, packing._words_torch(u, bits))
 
 
 @pytest.mark.parametrize("odd", [True, False], ids=["version-2", "version-1"])
