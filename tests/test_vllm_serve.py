@@ -101,7 +101,7 @@ def served_logprobs(checkpoints, tmp_path_factory):
 def float32_logprobs(checkpoints, served_logprobs):
     """(arch, checkpoint) -> the prompt's float32 log-probabilities: transformers' run (it agrees with vLLM's run
     of the same weights within 2e-6 on every such tiny model, measured, and takes a second where a vLLM start takes
-    30 s), or for MLA models vLLM's on its reference MLA backend (the tiny DeepSeeks' transformers runs are far from
+    30 s), or for MLA models vLLM's on its reference MLA backend (transformers' run of the tiny DeepSeek-V3 is 2.1 from
     vLLM's: test_vllm_tensor_parallel.py)."""
     done = {}
 
