@@ -47,6 +47,12 @@ SCHEMAS = {
     "-> Tensor",
     # the quantizer's rounding (offline/rounding.py): codes and float16 scales of rows at a width each
     "round_rows": "(Tensor rows, Tensor bits, int group_size, int steps, bool odd_codes) -> (Tensor, Tensor)",
+    # the quantizer's error feedback (offline/coordinates.py): a sub-block of coordinates rounded in order, each one's
+    # error spread over the later ones; x, q, err (and scales) written
+    "feedback_rank_rows": "(Tensor(a!) x, Tensor? src, Tensor coef, Tensor? divisor, Tensor(b!) q, Tensor(c!) err, "
+    "Tensor bits, Tensor(d!) scales, int group_size, int steps, bool odd_codes) -> ()",
+    "feedback_columns": "(Tensor(a!) x, Tensor? src, Tensor coef, Tensor? divisor, Tensor(b!) q, Tensor(c!) err, "
+    "Tensor bits, Tensor step, bool odd_codes) -> ()",
     # CUDA, on the kernel layout (bitsmoe_vllm/cuda.py); factors: gate, up, down as codes, scales, rows, segs
     "moe_decode": _CUDA.format(""),
     "moe_prefill": _CUDA.format(_TILES),

@@ -30,12 +30,12 @@ from functools import partial
 import torch
 
 from bitsmoe_vllm.activation import SILU, Activation
-from bitsmoe_vllm.packing import code_bounds, round_to_codes
 
 from .calibrate import ByExpert, Routed, by_expert, with_biases
+from .coordinates import Columns, RankRows, sub_block
 from .lowrank import FEW, Tokens, schur
 from .lowrank import feedback as few_tokens_feedback
-from .rounding import quantize_mixed_rows, quantize_rows
+from .rounding import quantize_rows
 from .threads import factor_threads
 
 DAMP = 0.01  # of the mean diagonal, added to H (GPTQ's default)
@@ -215,13 +215,7 @@ def _round_rank_rows(factors: torch.Tensor, bits: torch.Tensor, group_size: int,
     inverse_cholesky of their H, or lowrank.feedback."""
     E, R, I = factors.shape
     scales = torch.zeros(E, R, I // group_size, device=factors.device)
-
-    def rows(k: int, f: torch.Tensor) -> torch.Tensor:  # f [E, I]: rank row k of every expert
-        codes, s = quantize_mixed_rows(f, bits[:, k], group_size, steps, odd)  # rows of width 0: 0
-        scales[:, k] = s.float()
-        return codes.float() * scales[:, k].repeat_interleave(group_size, dim=1)
-
-    rounded = run(factors.transpose(1, 2), quantize=rows).transpose(1, 2)
+    rounded = run(factors.transpose(1, 2), quantize=RankRows(bits, scales, group_size, steps, odd)).transpose(1, 2)
     return rounded.contiguous(), scales
 
 
@@ -240,14 +234,7 @@ def _round_columns(
     # [E, I, R]: each column's scales, in order, coordinate-major as the feedback reads them (a strided column of
     # [E, R, I] made each read a gather)
     step = take(scales.repeat_interleave(group_size, dim=2), order, 2).transpose(1, 2).contiguous()
-    bounds = code_bounds(bits.clamp(min=1), odd)  # width-0 rows have no scale: zero below
-
-    def columns(i: int, f: torch.Tensor) -> torch.Tensor:  # f [E, R]: column i of every expert
-        s = step[:, i]
-        on = s > 0
-        return torch.where(on, round_to_codes(f / torch.where(on, s, 1.0), bounds) * s, 0.0)
-
-    return run(factors, quantize=columns), scales
+    return run(factors, quantize=Columns(bits, step, odd)), scales
 
 
 def by_experts(fn, hessian: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
@@ -382,12 +369,9 @@ def feedback(w: torch.Tensor, u: torch.Tensor, quantize) -> torch.Tensor:
         err = torch.empty(w.shape[0], end - start, w.shape[2], device=w.device)
         for i0 in range(start, end, SUB):
             i1 = min(i0 + SUB, end)
-            for i in range(i0, i1):
-                q = quantize(i, w[:, i])
-                out[:, i] = q
-                d = err[:, i - start]
-                torch.div(w[:, i] - q, u[:, i, i, None], out=d)
-                w[:, i + 1 : i1].addcmul_(u[:, i, i + 1 : i1, None], d[:, None], value=-1)  # no temporary
+            ui = u[:, i0:i1, i0:i1]  # coordinate i's error d = (w_i - q_i) / U_ii moves w_j by -d U_ij
+            coef, divisor, e = -ui.transpose(1, 2), ui.diagonal(dim1=1, dim2=2), err[:, i0 - start : i1 - start]
+            sub_block(quantize, i0, w[:, i0:i1], None, coef, divisor, out[:, i0:i1], e)
             w[:, i1:end].baddbmm_(u[:, i0:i1, i1:end].transpose(1, 2), err[:, i0 - start : i1 - start], alpha=-1)
         w[:, end:].baddbmm_(u[:, start:end, end:].transpose(1, 2), err, alpha=-1)
     return out.transpose(1, 2)

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from .coordinates import sub_block
 from .threads import factor_threads
 
 BLOCK, SUB = 128, 16  # coordinates per block and per sub-block, as offline.gptq's
@@ -89,11 +90,8 @@ def feedback(w: torch.Tensor, z: torch.Tensor, v: torch.Tensor, c: torch.Tensor,
         within = vc[:, :, start:end].transpose(1, 2) @ z[:, :, start:end]  # [E, b, b]: v_j^T z_i / c_j
         for k0 in range(0, end - start, SUB):
             k1 = min(k0 + SUB, end - start)
-            for k in range(k0, k1):
-                q = quantize(start + k, current[:, k])
-                out[:, start + k] = q
-                torch.sub(block[:, k], q, out=err[:, k])
-                current[:, k + 1 : k1].addcmul_(within[:, k + 1 : k1, k, None], err[:, None, k])
+            k, q = slice(k0, k1), out[:, start + k0 : start + k1]  # an error: the original value less the rounded
+            sub_block(quantize, start + k0, current[:, k], block[:, k], within[:, k, k], None, q, err[:, k])
             current[:, k1:].baddbmm_(within[:, k1:, k0:k1], err[:, k0:k1])
         s.baddbmm_(z[:, :, start:end], err)
     return out.transpose(1, 2)
