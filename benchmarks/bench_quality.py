@@ -88,6 +88,12 @@ def rows(model: str) -> list[dict]:
         for g in groups
         for b in sorted(group_bits)
     ]
+    # no factor row dropped (width 0), where the peers' perplexity is below the defaults' (benchmarks/README.md)
+    no_zero = ["--candidate-bits", "1,2,3,4,6,8"]
+    out += [
+        {"name": f"bitsmoe-{b}-no-width-0", "family": "bitsmoe-no-width-0", "bits": b, "args": no_zero}
+        for b in ((2.140625, 2.5) if model == "trained-moe" else (3.296875, 4.3125))
+    ]
     if model == "trained-moe":
         # rank rows per allocation unit of the shared basis the defaults take here, against their 8
         out += [

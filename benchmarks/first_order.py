@@ -6,6 +6,8 @@ unquantized ones, split by projection and by the width of the factor rows (each 
 increase well above the KL is first order: the errors are aligned with the loss's gradient.
 
     .venv/bin/python -m benchmarks.first_order eval CKPT ...    # or calib; writes results/first_order_trained_moe.json
+
+A peer's checkpoint (dense experts) is split by projection only.
 """
 
 import json
@@ -87,6 +89,18 @@ def first_order(checkpoint: str, unquantized: list[dict], gradients: list[dict])
     return out
 
 
+def dense_first_order(model, unquantized: list[dict], gradients: list[dict]) -> dict[str, float]:
+    """A peer's checkpoint (dense experts, as transformers loads them): projection -> the summed g . delta."""
+    out = dict.fromkeys(PROJECTIONS, 0.0)
+    for layer, w, g in zip(model.model.layers, unquantized, gradients, strict=True):
+        experts = layer.mlp.experts
+        I = experts.down_proj.shape[-1]
+        quantized = {"gate": experts.gate_up_proj[:, :I], "up": experts.gate_up_proj[:, I:], "down": experts.down_proj}
+        for p in PROJECTIONS:
+            out[p] += float(((quantized[p].float() - w[p]) * g[p]).sum())
+    return out
+
+
 def main() -> None:
     split, checkpoints = sys.argv[1], sys.argv[2:]
     tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL)
@@ -94,20 +108,29 @@ def main() -> None:
     nll, unquantized, gradients = expert_gradients(tokens)
     rows = []
     for c in checkpoints:
-        increase = mean_nll(load_model(c, torch.device("cpu")), tokens)[0] - nll
-        by_width = first_order(c, unquantized, gradients)
-        linear = sum(v for w in by_width.values() for v in w.values())
-        rows.append({"checkpoint": Path(c).name, "nll_increase": increase, "first_order": linear, "by_width": by_width})
-        widths = "; ".join(
-            f"{p} " + " ".join(f"{b}:{v:+.5f}" for b, v in sorted(w.items())) for p, w in by_width.items()
-        )
-        print(f"{Path(c).name}: NLL increase {increase:+.5f}, g . delta {linear:+.5f} ({widths})", flush=True)
+        model = load_model(c, torch.device("cpu"))
+        increase = mean_nll(model, tokens)[0] - nll
+        row = {"checkpoint": Path(c).name, "machine": machine.describe(), "nll_increase": increase}
+        if (Path(c) / "quantization_report.json").is_file():  # BitsMoE: split by the rows' widths too
+            row["by_width"] = first_order(c, unquantized, gradients)
+            row["by_projection"] = {p: sum(w.values()) for p, w in row["by_width"].items()}
+        else:
+            row["by_projection"] = dense_first_order(model, unquantized, gradients)
+        row["first_order"] = sum(row["by_projection"].values())
+        rows.append(row)
+        projections = " ".join(f"{p} {v:+.5f}" for p, v in row["by_projection"].items())
+        print(f"{row['checkpoint']}: NLL increase {increase:+.5f}, g . delta {row['first_order']:+.5f} ({projections})")
     out = ROOT / "benchmarks/results/first_order_trained_moe.json"
-    done = json.loads(out.read_text()) if out.is_file() else {"runs": []}
-    done["runs"] = [r for r in done["runs"] if r["split"] != split] + [
-        {"split": split, "tokens": len(tokens), "machine": machine.describe(), "nll": nll, "rows": rows}
-    ]
-    out.write_text(json.dumps(done, indent=2) + "\n")
+    done = {r["split"]: r for r in json.loads(out.read_text())["runs"]} if out.is_file() else {}
+    run = done.get(split, {"split": split, "tokens": len(tokens), "nll": nll, "rows": []})
+    if run["tokens"] != len(tokens) or abs(run["nll"] - nll) > 1e-6 * nll:
+        raise SystemExit(f"{out}: its {split} rows were measured on other tokens; move it away to start anew")
+    # the first-order change of the NLL per unit of growth of every expert, W -> (1 + t) W
+    run["g_dot_w"] = {p: sum(float((w[p] * g[p]).sum()) for w, g in zip(unquantized, gradients)) for p in PROJECTIONS}
+    measured = {r["checkpoint"] for r in rows}
+    run["rows"] = [r for r in run["rows"] if r["checkpoint"] not in measured] + rows
+    done[split] = run
+    out.write_text(json.dumps({"runs": list(done.values())}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
