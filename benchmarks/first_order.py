@@ -7,7 +7,7 @@ increase well above the KL is first order: the errors are aligned with the loss'
 
     .venv/bin/python -m benchmarks.first_order eval CKPT ...    # or calib; writes results/first_order_trained_moe.json
 
-A peer's checkpoint (dense experts) is split by projection only.
+A peer's checkpoint (dense experts) is split by projection only. A checkpoint measured again replaces its row.
 """
 
 import json
@@ -119,7 +119,10 @@ def main() -> None:
         row["first_order"] = sum(row["by_projection"].values())
         rows.append(row)
         projections = " ".join(f"{p} {v:+.5f}" for p, v in row["by_projection"].items())
-        print(f"{row['checkpoint']}: NLL increase {increase:+.5f}, g . delta {row['first_order']:+.5f} ({projections})")
+        print(
+            f"{row['checkpoint']}: NLL increase {increase:+.5f}, g . delta {row['first_order']:+.5f} ({projections})",
+            flush=True,
+        )
     out = ROOT / "benchmarks/results/first_order_trained_moe.json"
     done = {r["split"]: r for r in json.loads(out.read_text())["runs"]} if out.is_file() else {}
     run = done.get(split, {"split": split, "tokens": len(tokens), "nll": nll, "rows": []})
