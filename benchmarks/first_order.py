@@ -51,13 +51,15 @@ def expert_gradients(tokens: torch.Tensor) -> tuple[float, list[dict], list[dict
     weights, gradients = [], []
     for layer in model.model.layers:
         experts = layer.mlp.experts
-        I = experts.down_proj.shape[-1]
-        for out, gate_up, down in (
-            (weights, experts.gate_up_proj.detach(), experts.down_proj.detach()),
-            (gradients, experts.gate_up_proj.grad / count, experts.down_proj.grad / count),
-        ):
-            out.append({"gate": gate_up[:, :I], "up": gate_up[:, I:], "down": down})
+        weights.append(projections(experts.gate_up_proj.detach(), experts.down_proj.detach()))
+        gradients.append(projections(experts.gate_up_proj.grad / count, experts.down_proj.grad / count))
     return nll, weights, gradients
+
+
+def projections(gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers' stacked experts (gate_up [E, 2 I, H], down [E, H, I]) as gate and up [E, I, H], down [E, H, I]."""
+    I = down.shape[-1]
+    return {"gate": gate_up[:, :I], "up": gate_up[:, I:], "down": down}
 
 
 def factor_rows(checkpoint: str, unquantized: list[dict], gradients: list[dict]):
@@ -93,9 +95,7 @@ def dense_first_order(model, unquantized: list[dict], gradients: list[dict]) -> 
     """A peer's checkpoint (dense experts, as transformers loads them): projection -> the summed g . delta."""
     out = dict.fromkeys(PROJECTIONS, 0.0)
     for layer, w, g in zip(model.model.layers, unquantized, gradients, strict=True):
-        experts = layer.mlp.experts
-        I = experts.down_proj.shape[-1]
-        quantized = {"gate": experts.gate_up_proj[:, :I], "up": experts.gate_up_proj[:, I:], "down": experts.down_proj}
+        quantized = projections(layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj)
         for p in PROJECTIONS:
             out[p] += float(((quantized[p].float() - w[p]) * g[p]).sum())
     return out
